@@ -1,0 +1,1 @@
+//! Throughput and latency harness (feature `bench`). Placeholder until the harness lands.

@@ -1,0 +1,175 @@
+//! Stream and group configuration.
+
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Per-stream configuration, stored in the registry.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = pgtide::StreamConfig::default()
+///     .lease(Duration::from_secs(60))
+///     .max_deliver(10)
+///     .retention(Duration::from_secs(3 * 86_400));
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct StreamConfig {
+    /// Visibility timeout: how long a fetched delivery stays invisible to the rest of its group.
+    /// Defaults to 30 s.
+    pub lease: Duration,
+    /// Deliveries of one message to one group before it becomes a dead letter. Defaults to 5.
+    pub max_deliver: u32,
+    /// Delay before retry after a nack without explicit delay.
+    /// Defaults to the schedule 1 s, 5 s, 15 s, 30 s, 60 s with ±10 % jitter.
+    pub backoff: Backoff,
+    /// How long messages are kept (whole partitions are dropped after that). Defaults to 7 days.
+    pub retention: Duration,
+    /// Width of one storage partition. Defaults to 1 day.
+    pub partition_interval: Duration,
+    /// How long a dedupe key is remembered. Defaults to 1 hour; zero turns dedupe off.
+    pub dedupe_window: Duration,
+    /// Largest payload accepted, in bytes. Defaults to 1 MiB.
+    pub max_payload: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            lease: Duration::from_secs(30),
+            max_deliver: 5,
+            backoff: Backoff::default(),
+            retention: Duration::from_secs(7 * 86_400),
+            partition_interval: Duration::from_secs(86_400),
+            dedupe_window: Duration::from_secs(3600),
+            max_payload: 1 << 20,
+        }
+    }
+}
+
+impl StreamConfig {
+    /// Sets [`StreamConfig::lease`].
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+    /// Sets [`StreamConfig::max_deliver`].
+    pub fn max_deliver(mut self, n: u32) -> Self {
+        self.max_deliver = n;
+        self
+    }
+    /// Sets [`StreamConfig::backoff`].
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+    /// Sets [`StreamConfig::retention`].
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+    /// Sets [`StreamConfig::partition_interval`].
+    pub fn partition_interval(mut self, width: Duration) -> Self {
+        self.partition_interval = width;
+        self
+    }
+    /// Sets [`StreamConfig::dedupe_window`].
+    pub fn dedupe_window(mut self, window: Duration) -> Self {
+        self.dedupe_window = window;
+        self
+    }
+    /// Sets [`StreamConfig::max_payload`].
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidConfig(m.to_owned()));
+        if self.lease < Duration::from_millis(1) {
+            return bad("lease must be at least 1 ms");
+        }
+        if self.max_deliver == 0 || self.max_deliver > i32::MAX as u32 {
+            return bad("max_deliver must be at least 1");
+        }
+        if self.retention.is_zero() {
+            return bad("retention must be positive");
+        }
+        if self.partition_interval < Duration::from_secs(60) {
+            return bad("partition_interval must be at least 1 minute");
+        }
+        if self.max_payload == 0 || self.max_payload > i32::MAX as usize {
+            return bad("max_payload must be between 1 and 2^31-1 bytes");
+        }
+        if self.backoff.schedule.is_empty() {
+            return bad("backoff needs at least one step");
+        }
+        if !(0.0..=1.0).contains(&self.backoff.jitter) {
+            return bad("backoff jitter must be between 0 and 1");
+        }
+        Ok(())
+    }
+}
+
+/// Retry delay after a failed attempt: attempt `n` waits `schedule[n-1]` (the last step repeats),
+/// scaled by a random factor in `1 ± jitter`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff {
+    /// Delay per attempt.
+    pub schedule: Vec<Duration>,
+    /// Relative jitter, 0.0 to 1.0.
+    pub jitter: f32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::schedule([1, 5, 15, 30, 60].map(Duration::from_secs)).jitter(0.1)
+    }
+}
+
+impl Backoff {
+    /// A fixed schedule without jitter.
+    pub fn schedule(steps: impl IntoIterator<Item = Duration>) -> Self {
+        Backoff {
+            schedule: steps.into_iter().collect(),
+            jitter: 0.0,
+        }
+    }
+
+    /// Exponential: `base * factor^(n-1)`, capped at `max`, for `steps` steps.
+    pub fn exponential(base: Duration, factor: f64, max: Duration, steps: usize) -> Self {
+        let schedule = (0..steps.max(1))
+            .map(|i| base.mul_f64(factor.max(1.0).powi(i as i32)).min(max))
+            .collect();
+        Backoff {
+            schedule,
+            jitter: 0.0,
+        }
+    }
+
+    /// Sets the relative jitter (clamped to 0.0..=1.0).
+    pub fn jitter(mut self, jitter: f32) -> Self {
+        self.jitter = jitter.clamp(0.0, 1.0);
+        self
+    }
+}
+
+/// Where a new group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupStart {
+    /// Only messages published after the group is created. The default.
+    #[default]
+    New,
+    /// Every retained message of the stream, then new ones.
+    Oldest,
+}
+
+impl GroupStart {
+    pub(crate) fn as_sql(self) -> &'static str {
+        match self {
+            GroupStart::New => "new",
+            GroupStart::Oldest => "oldest",
+        }
+    }
+}

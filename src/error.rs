@@ -1,0 +1,172 @@
+//! The one error type of pgtide.
+
+use uuid::Uuid;
+
+/// Everything that can go wrong in pgtide.
+///
+/// Messages say what to do. [`Error::is_retryable`] tells transient failures (connection lost,
+/// pool exhausted, serialization conflicts) from ones that will fail again unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A stream, group or consumer name does not follow the naming rule.
+    #[error("{kind} name {name:?} is invalid: use 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit")]
+    InvalidName {
+        /// What was being named: `"stream"`, `"group"` or `"consumer"`.
+        kind: &'static str,
+        /// The rejected name.
+        name: String,
+    },
+    /// The namespace (schema) name is not a plain lower-case identifier.
+    #[error(
+        "namespace {0:?} is invalid: use 1-63 of a-z, 0-9, '_', starting with a letter or '_'"
+    )]
+    InvalidNamespace(String),
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The stream does not exist in this namespace.
+    #[error("stream {0:?} does not exist: create it with create_stream/ensure_stream")]
+    StreamNotFound(String),
+    /// The group does not exist on the stream.
+    #[error("group {group:?} does not exist on stream {stream:?}: create it with create_group/ensure_group")]
+    GroupNotFound {
+        /// The stream.
+        stream: String,
+        /// The missing group.
+        group: String,
+    },
+    /// `create_stream` found the stream already there (use `ensure_stream` to accept that).
+    #[error("stream {0:?} already exists")]
+    StreamExists(String),
+    /// `create_group` found the group already there (use `ensure_group` to accept that).
+    #[error("group {group:?} already exists on stream {stream:?}")]
+    GroupExists {
+        /// The stream.
+        stream: String,
+        /// The existing group.
+        group: String,
+    },
+    /// The payload is larger than the stream's `max_payload`. Nothing was published.
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes of stream {stream:?}: raise StreamConfig::max_payload or store the body elsewhere")]
+    PayloadTooLarge {
+        /// The stream.
+        stream: String,
+        /// Size of the rejected payload in bytes.
+        size: usize,
+        /// The stream's limit in bytes.
+        limit: usize,
+    },
+    /// The delivery's lease lapsed and another consumer claimed it (or it was already settled):
+    /// this settle changed nothing.
+    #[error("lease lost on message {id}: it was settled already or claimed again after the lease expired; extend leases (in_progress) for long handlers")]
+    LeaseLost {
+        /// The message whose settle was refused.
+        id: Uuid,
+    },
+    /// A payload could not be encoded or decoded as JSON.
+    #[error("payload is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The namespace is not installed or older than this library: run `migrate()`.
+    #[error(
+        "namespace {0:?} is not installed or out of date: run migrate() (or `pgtide migrate`)"
+    )]
+    NotMigrated(String),
+    /// An error from PostgreSQL or the connection to it.
+    #[error("postgres: {0}")]
+    Postgres(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No connection could be taken from the pool.
+    #[error("connection pool: {0}")]
+    Pool(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Installing or upgrading the namespace failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    /// True when trying again later may succeed (lost connection, pool timeout, serialization
+    /// failure, deadlock); false for bad input and missing objects.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Pool(_) => true,
+            Error::Postgres(source) => {
+                if let Some(e) = source.downcast_ref::<tokio_postgres::Error>() {
+                    if e.is_closed() {
+                        return true;
+                    }
+                    match e.code() {
+                        Some(code) => {
+                            let c = code.code();
+                            c.starts_with("08")
+                                || c == "40001"
+                                || c == "40P01"
+                                || c.starts_with("57P")
+                        }
+                        None => true,
+                    }
+                } else {
+                    true
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A `Result` with pgtide's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Context used to turn database errors raised by pgtide's SQL into typed errors.
+#[derive(Default)]
+pub(crate) struct Ctx<'a> {
+    pub stream: Option<&'a str>,
+    pub group: Option<&'a str>,
+}
+
+impl Error {
+    pub(crate) fn from_pg(e: tokio_postgres::Error, ctx: Ctx<'_>) -> Error {
+        if let Some(db) = e.as_db_error() {
+            let stream = ctx.stream.unwrap_or_default().to_owned();
+            let group = ctx.group.unwrap_or_default().to_owned();
+            match db.code().code() {
+                "PT002" => return Error::StreamNotFound(stream),
+                "PT003" => return Error::GroupNotFound { stream, group },
+                "PT005" => return Error::StreamExists(stream),
+                "PT006" => return Error::GroupExists { stream, group },
+                "42P01" | "42883" | "3F000" => {
+                    return Error::NotMigrated(db.schema().unwrap_or_default().to_owned())
+                }
+                _ => {}
+            }
+        }
+        Error::Postgres(Box::new(e))
+    }
+
+    pub(crate) fn from_sqlx(e: sqlx::Error, ctx: Ctx<'_>) -> Error {
+        if let sqlx::Error::Database(db) = &e {
+            let stream = ctx.stream.unwrap_or_default().to_owned();
+            let group = ctx.group.unwrap_or_default().to_owned();
+            match db.code().as_deref() {
+                Some("PT002") => return Error::StreamNotFound(stream),
+                Some("PT003") => return Error::GroupNotFound { stream, group },
+                _ => {}
+            }
+        }
+        Error::Postgres(Box::new(e))
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Error::from_pg(e, Ctx::default())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => Error::from(e),
+            other => Error::Pool(Box::new(other)),
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! # pgtide
+//!
+//! Durable streams with consumer groups in the PostgreSQL you already run.
+//!
+//! * **Streams and groups**: every group of a stream receives every message (fan-out); inside a
+//!   group, consumers compete and each delivery is leased to one of them at a time.
+//! * **Transactional publish**: [`PgBackend::publish_in`] (tokio-postgres) and
+//!   [`PgBackend::publish_sqlx`] write inside your transaction; the message exists iff you commit.
+//! * **At-least-once, explicit settle**: ack, nack (retry with backoff), term (dead letter),
+//!   in_progress (extend the lease); settles are fenced by the attempt number.
+//! * **Everything in SQL**: `pgtide.publish(...)`, `pgtide.read(...)`, `pgtide.ack(...)`, and the
+//!   views `stream_stats`, `deliveries`, `dead_letters`.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use pgtide::{GroupStart, OutgoingMessage, PgBackend, StreamConfig};
+//!
+//! # async fn demo() -> pgtide::Result<()> {
+//! let pg = PgBackend::connect("postgres://postgres@127.0.0.1/postgres").await?;
+//! pg.migrate().await?;
+//! pg.ensure_stream("orders", StreamConfig::default()).await?;
+//! pg.ensure_group("orders", "billing", GroupStart::New).await?;
+//!
+//! let receipt = pg.publish("orders", OutgoingMessage::json(&serde_json::json!({"id": 1}))?).await?;
+//!
+//! let consumer = pg.consumer("orders", "billing", "worker-1").await?;
+//! for delivery in consumer.fetch(10, Duration::from_secs(1)).await? {
+//!     let order: serde_json::Value = delivery.json()?;
+//!     println!("{} {order}", delivery.id());
+//!     consumer.ack(&delivery).await?;
+//! }
+//! # let _ = receipt;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod error;
+mod message;
+mod names;
+mod postgres;
+
+pub mod dev;
+
+#[cfg(feature = "bench")]
+pub mod bench;
+
+pub use crate::config::{Backoff, GroupStart, StreamConfig};
+pub use crate::error::{Error, Result};
+pub use crate::message::{Headers, Message, OutgoingMessage, PublishReceipt};
+pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
+pub use crate::postgres::{
+    migration_sql, Consumer, DeadLetter, Delivery, GroupInfo, GroupStats, MaintenanceReport,
+    PgBackend, PgBackendBuilder, SettleReport, StreamInfo, DEFAULT_NAMESPACE,
+};

@@ -1,0 +1,433 @@
+//! Consumers: fetch (claim with `FOR UPDATE SKIP LOCKED`) and settle (ack, nack, term,
+//! in_progress, release), one delivery or many per statement.
+//!
+//! Every settle is fenced by the attempt number the fetch returned: a consumer whose lease lapsed
+//! and whose delivery was claimed again gets [`Error::LeaseLost`] and changes nothing.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use super::{micros, PgBackend};
+use crate::error::Ctx;
+use crate::message::{headers_from_json, uuid_time};
+use crate::names::validate_name;
+use crate::{Error, Message, Result};
+
+/// One message handed to one consumer of one group, leased until `lease_expires_at`.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// The group it was delivered to.
+    pub group: String,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// When the lease ends and the delivery becomes visible to the group again.
+    pub lease_expires_at: DateTime<Utc>,
+    pub(crate) group_id: i32,
+}
+
+impl Delivery {
+    /// The message id.
+    pub fn id(&self) -> Uuid {
+        self.message.id
+    }
+}
+
+impl std::ops::Deref for Delivery {
+    type Target = Message;
+    fn deref(&self) -> &Message {
+        &self.message
+    }
+}
+
+/// Result of a batched settle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettleReport {
+    /// Deliveries settled.
+    pub settled: Vec<Uuid>,
+    /// Deliveries that went to the dead letters instead (nack on the last allowed attempt).
+    pub dead_lettered: Vec<Uuid>,
+    /// Deliveries whose lease was lost (settled already or claimed again): nothing changed.
+    pub lost: Vec<Uuid>,
+}
+
+impl SettleReport {
+    fn from_parts(requested: &[&Delivery], settled: Vec<Uuid>, dead_lettered: Vec<Uuid>) -> Self {
+        let lost = requested
+            .iter()
+            .map(|d| d.id())
+            .filter(|id| !settled.contains(id) && !dead_lettered.contains(id))
+            .collect();
+        SettleReport {
+            settled,
+            dead_lettered,
+            lost,
+        }
+    }
+
+    fn single(self, id: Uuid) -> Result<()> {
+        if self.lost.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::LeaseLost { id })
+        }
+    }
+}
+
+/// A named consumer of one group. Cheap to clone. Several consumers of the same group compete:
+/// each delivery goes to one of them at a time.
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    pg: PgBackend,
+    stream: String,
+    group: String,
+    name: String,
+    group_id: i32,
+    lease: Option<Duration>,
+}
+
+impl PgBackend {
+    /// A consumer named `name` on `group` of `stream`. Fails if the group does not exist.
+    pub async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<Consumer> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        validate_name("consumer", name)?;
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &format!("SELECT \"{}\".group_id($1, $2)", self.namespace()),
+                &[&stream, &group],
+            )
+            .await
+            .map_err(|e| {
+                Error::from_pg(
+                    e,
+                    Ctx {
+                        stream: Some(stream),
+                        group: Some(group),
+                    },
+                )
+            })?;
+        Ok(Consumer {
+            pg: self.clone(),
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            name: name.to_owned(),
+            group_id: row.get(0),
+            lease: None,
+        })
+    }
+}
+
+fn ids_attempts(ds: &[&Delivery]) -> (Vec<Uuid>, Vec<i32>) {
+    (
+        ds.iter().map(|d| d.id()).collect(),
+        ds.iter().map(|d| d.attempt as i32).collect(),
+    )
+}
+
+/// Groups deliveries by group id (settles run per group); in practice one group.
+fn by_group<'a>(ds: &[&'a Delivery]) -> Vec<(i32, Vec<&'a Delivery>)> {
+    let mut out: Vec<(i32, Vec<&Delivery>)> = vec![];
+    for d in ds {
+        match out.iter_mut().find(|(g, _)| *g == d.group_id) {
+            Some((_, v)) => v.push(d),
+            None => out.push((d.group_id, vec![d])),
+        }
+    }
+    out
+}
+
+impl Consumer {
+    /// Overrides the stream's lease for deliveries this consumer fetches.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// The stream.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The consumer name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The backend handle.
+    pub fn backend(&self) -> &PgBackend {
+        &self.pg
+    }
+
+    /// Claims up to `max` ready deliveries without waiting; returns an empty vector when there
+    /// are none. Deliveries past `max_deliver` are moved to the dead letters on the way.
+    ///
+    /// Cancel safety: if dropped after the claim committed, the claimed deliveries become visible
+    /// again when their lease expires; nothing is lost.
+    pub async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
+        let max = max.clamp(1, 10_000) as i32;
+        let client = self.pg.client().await?;
+        let stmt = client.prepare_cached(&self.pg.inner.sql.claim).await?;
+        let lease = self.lease.map(micros);
+        let rows = client
+            .query(&stmt, &[&self.group_id, &max, &self.name, &lease])
+            .await
+            .map_err(|e| {
+                Error::from_pg(
+                    e,
+                    Ctx {
+                        stream: Some(&self.stream),
+                        group: Some(&self.group),
+                    },
+                )
+            })?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let id: Uuid = r.get(0);
+                let payload: Vec<u8> = r.get(3);
+                Delivery {
+                    message: Message {
+                        id,
+                        stream: self.stream.clone(),
+                        payload: payload.into(),
+                        is_json: r.get(4),
+                        headers: headers_from_json(r.get(5)),
+                        published_at: uuid_time(&id),
+                    },
+                    group: self.group.clone(),
+                    attempt: r.get::<_, i32>(1) as u32,
+                    lease_expires_at: r.get(2),
+                    group_id: self.group_id,
+                }
+            })
+            .collect())
+    }
+
+    /// Claims up to `max` deliveries, waiting up to `timeout` for the first one (polling with a
+    /// short backoff). Returns an empty vector on timeout.
+    ///
+    /// Cancel safety: as [`Consumer::try_fetch`].
+    pub async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let batch = self.try_fetch(max).await?;
+            let now = tokio::time::Instant::now();
+            if !batch.is_empty() || now >= deadline {
+                return Ok(batch);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    async fn run_settle<C, S>(
+        &self,
+        client: &C,
+        sql: &S,
+        ds: &[&Delivery],
+        extra: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>>
+    where
+        C: GenericClient + Sync,
+        S: tokio_postgres::ToStatement + ?Sized + Sync + Send,
+    {
+        let mut rows = vec![];
+        for (gid, group) in by_group(ds) {
+            let (ids, attempts) = ids_attempts(&group);
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&gid, &ids, &attempts];
+            params.extend_from_slice(extra);
+            rows.extend(client.query(sql, &params).await.map_err(|e| {
+                Error::from_pg(
+                    e,
+                    Ctx {
+                        stream: Some(&self.stream),
+                        group: Some(&self.group),
+                    },
+                )
+            })?);
+        }
+        Ok(rows)
+    }
+
+    /// Acknowledges many deliveries in one statement. Deliveries whose lease was lost are listed
+    /// in [`SettleReport::lost`].
+    pub async fn ack_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
+        let client = self.pg.client().await?;
+        let stmt = client.prepare_cached(&self.pg.inner.sql.ack).await?;
+        let rows = self.run_settle(&**client, &stmt, ds, &[]).await?;
+        Ok(SettleReport::from_parts(
+            ds,
+            rows.iter().map(|r| r.get(0)).collect(),
+            vec![],
+        ))
+    }
+
+    /// [`Consumer::ack_batch`] inside the caller's transaction: the acks commit with the
+    /// caller's own writes (exactly-once effects in the same database).
+    pub async fn ack_batch_in<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        ds: &[&Delivery],
+    ) -> Result<SettleReport> {
+        let rows = self
+            .run_settle(client, self.pg.inner.sql.ack.as_str(), ds, &[])
+            .await?;
+        Ok(SettleReport::from_parts(
+            ds,
+            rows.iter().map(|r| r.get(0)).collect(),
+            vec![],
+        ))
+    }
+
+    /// Acknowledges one delivery: done, never delivered to this group again.
+    /// Fails with [`Error::LeaseLost`] if the lease lapsed and the delivery was claimed again.
+    pub async fn ack(&self, d: &Delivery) -> Result<()> {
+        self.ack_batch(&[d]).await?.single(d.id())
+    }
+
+    /// [`Consumer::ack`] inside the caller's tokio-postgres transaction.
+    pub async fn ack_in<C: GenericClient + Sync>(&self, client: &C, d: &Delivery) -> Result<()> {
+        self.ack_batch_in(client, &[d]).await?.single(d.id())
+    }
+
+    /// [`Consumer::ack`] inside the caller's sqlx transaction (`&mut *tx`).
+    pub async fn ack_sqlx(&self, conn: &mut sqlx::PgConnection, d: &Delivery) -> Result<()> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(&self.pg.inner.sql.ack)
+            .bind(d.group_id)
+            .bind(vec![d.id()])
+            .bind(vec![d.attempt as i32])
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| {
+                Error::from_sqlx(
+                    e,
+                    Ctx {
+                        stream: Some(&self.stream),
+                        group: Some(&self.group),
+                    },
+                )
+            })?;
+        if ids.is_empty() {
+            return Err(Error::LeaseLost { id: d.id() });
+        }
+        Ok(())
+    }
+
+    /// Negative-acknowledges many deliveries: each becomes visible again after `delay`, or after
+    /// the stream's backoff for its attempt when `delay` is `None`. A delivery on its last
+    /// allowed attempt goes to the dead letters instead, with `error` as the last error.
+    pub async fn nack_batch(
+        &self,
+        ds: &[&Delivery],
+        delay: Option<Duration>,
+        error: Option<&str>,
+    ) -> Result<SettleReport> {
+        let client = self.pg.client().await?;
+        let delays: Option<Vec<Option<i64>>> = delay.map(|d| vec![Some(micros(d)); ds.len()]);
+        let errors: Option<Vec<Option<&str>>> = error.map(|e| vec![Some(e); ds.len()]);
+        let stmt = client.prepare_cached(&self.pg.inner.sql.nack).await?;
+        let rows = self
+            .run_settle(&**client, &stmt, ds, &[&delays, &errors])
+            .await?;
+        let (mut settled, mut dead) = (vec![], vec![]);
+        for r in rows {
+            if r.get::<_, bool>(1) {
+                dead.push(r.get(0));
+            } else {
+                settled.push(r.get(0));
+            }
+        }
+        Ok(SettleReport::from_parts(ds, settled, dead))
+    }
+
+    /// Negative-acknowledges one delivery (retry later). See [`Consumer::nack_batch`].
+    pub async fn nack(
+        &self,
+        d: &Delivery,
+        delay: Option<Duration>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.nack_batch(&[d], delay, error).await?.single(d.id())
+    }
+
+    /// Terminates deliveries: dead letters now, with `reason`, whatever the attempt.
+    pub async fn term_batch(&self, ds: &[&Delivery], reason: &str) -> Result<SettleReport> {
+        let client = self.pg.client().await?;
+        let reasons = vec![reason; ds.len()];
+        let rows = self
+            .run_settle(&**client, self.pg.inner.sql.term.as_str(), ds, &[&reasons])
+            .await?;
+        Ok(SettleReport::from_parts(
+            ds,
+            vec![],
+            rows.iter().map(|r| r.get(0)).collect(),
+        ))
+    }
+
+    /// Terminates one delivery: dead letter now, with `reason`.
+    pub async fn term(&self, d: &Delivery, reason: &str) -> Result<()> {
+        self.term_batch(&[d], reason).await?.single(d.id())
+    }
+
+    /// Extends the lease of deliveries still being worked on, to `lease` from now (the stream's
+    /// lease when `None`). Updates each delivery's `lease_expires_at`.
+    pub async fn in_progress_batch(
+        &self,
+        ds: &mut [&mut Delivery],
+        lease: Option<Duration>,
+    ) -> Result<SettleReport> {
+        let client = self.pg.client().await?;
+        let lease = lease.or(self.lease).map(micros);
+        let refs: Vec<&Delivery> = ds.iter().map(|d| &**d).collect();
+        let rows = self
+            .run_settle(
+                &**client,
+                self.pg.inner.sql.extend.as_str(),
+                &refs,
+                &[&lease],
+            )
+            .await?;
+        let report =
+            SettleReport::from_parts(&refs, rows.iter().map(|r| r.get(0)).collect(), vec![]);
+        for r in &rows {
+            let id: Uuid = r.get(0);
+            if let Some(d) = ds.iter_mut().find(|d| d.id() == id) {
+                d.lease_expires_at = r.get(1);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Extends one delivery's lease (see [`Consumer::in_progress_batch`]).
+    pub async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
+        let id = d.id();
+        self.in_progress_batch(&mut [d], lease).await?.single(id)
+    }
+
+    /// Hands deliveries back unprocessed: visible to the group again at once, and the attempt
+    /// does not count. For shutdown.
+    pub async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
+        let client = self.pg.client().await?;
+        let rows = self
+            .run_settle(&**client, self.pg.inner.sql.release.as_str(), ds, &[])
+            .await?;
+        Ok(SettleReport::from_parts(
+            ds,
+            rows.iter().map(|r| r.get(0)).collect(),
+            vec![],
+        ))
+    }
+}

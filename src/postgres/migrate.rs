@@ -1,0 +1,132 @@
+//! Installing and upgrading a namespace.
+//!
+//! Migrations are plain SQL files rendered for the namespace and run by sqlx's migrator on one
+//! connection whose `search_path` is the namespace alone, so sqlx's bookkeeping table lands in
+//! the namespace (`<ns>._sqlx_migrations`), never in the host application's. A per-namespace
+//! advisory lock makes concurrent `migrate()` calls from several processes safe.
+
+use std::borrow::Cow;
+
+use futures_util::future::BoxFuture;
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use std::str::FromStr;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+
+use super::{render, PgBackend};
+use crate::{Error, Result};
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "core", include_str!("../../migrations/0001_core.sql")),
+    (
+        2,
+        "delivery",
+        include_str!("../../migrations/0002_delivery.sql"),
+    ),
+];
+
+/// The SQL that installs the namespace from scratch, for a DBA to review and apply by hand.
+pub fn migration_sql(namespace: &str) -> Result<String> {
+    crate::names::validate_namespace(namespace)?;
+    let mut out = format!("CREATE SCHEMA IF NOT EXISTS \"{namespace}\";\n");
+    for (version, name, sql) in MIGRATIONS {
+        out.push_str(&format!("\n-- migration {version}: {name}\n"));
+        out.push_str(&render(sql, namespace));
+    }
+    Ok(out)
+}
+
+#[derive(Debug)]
+struct Source(String);
+
+impl MigrationSource<'static> for Source {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async move {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|(version, name, sql)| {
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(*name),
+                        MigrationType::Simple,
+                        Cow::Owned(render(sql, &self.0)),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+fn migrate_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Migrate(Box::new(e))
+}
+
+impl PgBackend {
+    /// Installs or upgrades the namespace. Idempotent and safe to call from many processes at
+    /// once (they queue on an advisory lock). Needs the right to create a schema and tables.
+    ///
+    /// Cancel safety: each migration runs in its own transaction; dropping this future leaves the
+    /// namespace at the last completed migration and the next call continues from there.
+    pub async fn migrate(&self) -> Result<()> {
+        let ns = self.namespace();
+        // The lock is held on a pooled connection of our own; the migrations run on a separate
+        // sqlx connection whose search_path is the namespace alone.
+        let client = self.client().await?;
+        let key = format!("pgtide.migrate.{ns}");
+        client
+            .execute("SELECT pg_advisory_lock(hashtext($1))", &[&key])
+            .await?;
+        let result = async {
+            client
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{ns}\""))
+                .await?;
+            let options = PgConnectOptions::from_str(self.url())
+                .map_err(migrate_err)?
+                .options([("search_path", format!("\"{ns}\""))]);
+            let mut conn = PgConnection::connect_with(&options)
+                .await
+                .map_err(migrate_err)?;
+            let mut migrator = Migrator::new(Source(ns.to_owned()))
+                .await
+                .map_err(migrate_err)?;
+            migrator.set_locking(false);
+            // run_direct: `run` makes this future !Send (a higher-ranked lifetime limitation).
+            let result = migrator.run_direct(&mut conn).await.map_err(migrate_err);
+            let _ = conn.close().await;
+            result
+        }
+        .await;
+        // Always unlock; if this fails the pooled connection is poisoned and its close frees it.
+        if client
+            .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&key])
+            .await
+            .is_err()
+        {
+            let _ = deadpool_postgres::Object::take(client);
+        }
+        result
+    }
+
+    /// True when the namespace is installed with every migration this library knows.
+    pub async fn is_migrated(&self) -> Result<bool> {
+        let client = self.client().await?;
+        let table = format!("\"{}\"._sqlx_migrations", self.namespace());
+        let exists: Option<String> = client
+            .query_one("SELECT to_regclass($1)::text", &[&table])
+            .await?
+            .get(0);
+        if exists.is_none() {
+            return Ok(false);
+        }
+        let applied: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE success AND version <= $1"),
+                &[&(MIGRATIONS.len() as i64)],
+            )
+            .await?
+            .get(0);
+        Ok(applied == MIGRATIONS.len() as i64)
+    }
+}

@@ -1,0 +1,256 @@
+//! Publishing: one message, a batch in one round trip, and inside the caller's transaction
+//! (tokio-postgres or sqlx). Messages without a dedupe key take a single prepared statement
+//! (`sql/publish.sql`); messages with one go through `_publish()`, which owns the dedupe rule.
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use super::{micros, PgBackend};
+use crate::error::Ctx;
+use crate::message::headers_to_json;
+use crate::names::validate_name;
+use crate::{Error, OutgoingMessage, PublishReceipt, Result};
+
+/// Column arrays for `sql/publish.sql`.
+#[derive(Default)]
+struct Columns {
+    ids: Vec<Uuid>,
+    payloads: Vec<Vec<u8>>,
+    is_json: Vec<bool>,
+    headers: Vec<Option<serde_json::Value>>,
+    deliver_at: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    delay_us: Vec<Option<i64>>,
+    priority: Vec<i32>,
+}
+
+impl Columns {
+    fn push(&mut self, id: Uuid, m: &OutgoingMessage) {
+        self.ids.push(id);
+        self.payloads.push(m.payload.to_vec());
+        self.is_json.push(m.is_json);
+        self.headers.push(headers_to_json(&m.headers));
+        self.deliver_at.push(m.deliver_at);
+        self.delay_us.push(m.delay.map(micros));
+        self.priority.push(m.priority);
+    }
+}
+
+/// A batch split into the fast path and the dedupe-keyed messages, with ids assigned.
+struct Plan {
+    receipts: Vec<PublishReceipt>,
+    fast: Columns,
+    keyed: Vec<(usize, Uuid)>,
+}
+
+fn plan(msgs: &[OutgoingMessage]) -> Plan {
+    let mut plan = Plan {
+        receipts: Vec::with_capacity(msgs.len()),
+        fast: Columns::default(),
+        keyed: vec![],
+    };
+    for (i, m) in msgs.iter().enumerate() {
+        let id = Uuid::now_v7();
+        plan.receipts.push(PublishReceipt {
+            id,
+            duplicate: false,
+        });
+        if m.dedupe_key.is_some() {
+            plan.keyed.push((i, id));
+        } else {
+            plan.fast.push(id, m);
+        }
+    }
+    plan
+}
+
+impl PgBackend {
+    /// Checks names and payload sizes before anything is written.
+    async fn check_publish(&self, stream: &str, msgs: &[OutgoingMessage]) -> Result<()> {
+        validate_name("stream", stream)?;
+        let info = self.cached_stream(stream).await?;
+        let limit = info.config.max_payload;
+        if let Some(m) = msgs.iter().find(|m| m.payload.len() > limit) {
+            return Err(Error::PayloadTooLarge {
+                stream: stream.to_owned(),
+                size: m.payload.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Publishes one message to every group of `stream`. Returns its id, or for a duplicate
+    /// (same dedupe key inside the window) the original id with `duplicate: true`.
+    ///
+    /// The message is committed when this returns. Cancel safety: if the future is dropped, the
+    /// message may or may not have been committed; publish with a dedupe key to retry safely.
+    pub async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
+        let mut receipts = self
+            .publish_batch(stream, std::slice::from_ref(&msg))
+            .await?;
+        Ok(receipts.remove(0))
+    }
+
+    /// Publishes many messages atomically in one round trip (all or none). Receipts are in input
+    /// order.
+    pub async fn publish_batch(
+        &self,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        if msgs.is_empty() {
+            return Ok(vec![]);
+        }
+        self.check_publish(stream, msgs).await?;
+        let mut client = self.client().await?;
+        if msgs.iter().all(|m| m.dedupe_key.is_none()) {
+            let stmt = client.prepare_cached(&self.inner.sql.publish).await?;
+            return self.run_publish(&**client, &stmt, stream, msgs).await;
+        }
+        let tx = client.transaction().await?;
+        let receipts = self
+            .run_publish(&*tx, self.inner.sql.publish.as_str(), stream, msgs)
+            .await?;
+        tx.commit().await?;
+        Ok(receipts)
+    }
+
+    /// Publishes inside the caller's tokio-postgres transaction (or any `GenericClient`): the
+    /// messages exist if and only if the caller commits. Works with a deadpool-postgres
+    /// transaction through `&*tx`.
+    pub async fn publish_in<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        if msgs.is_empty() {
+            return Ok(vec![]);
+        }
+        self.check_publish(stream, msgs).await?;
+        self.run_publish(client, self.inner.sql.publish.as_str(), stream, msgs)
+            .await
+    }
+
+    async fn run_publish<C, S>(
+        &self,
+        client: &C,
+        fast_stmt: &S,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>>
+    where
+        C: GenericClient + Sync,
+        S: tokio_postgres::ToStatement + ?Sized + Sync + Send,
+    {
+        let ctx = || Ctx {
+            stream: Some(stream),
+            group: None,
+        };
+        let mut plan = plan(msgs);
+        if !plan.fast.ids.is_empty() {
+            let f = &plan.fast;
+            let params: [&(dyn ToSql + Sync); 8] = [
+                &stream,
+                &f.ids,
+                &f.payloads,
+                &f.is_json,
+                &f.headers,
+                &f.deliver_at,
+                &f.delay_us,
+                &f.priority,
+            ];
+            let n: i64 = client
+                .query_one(fast_stmt, &params)
+                .await
+                .map_err(|e| Error::from_pg(e, ctx()))?
+                .get(0);
+            if n == 0 {
+                self.forget_stream(stream);
+                return Err(Error::StreamNotFound(stream.to_owned()));
+            }
+        }
+        for (i, id) in &plan.keyed {
+            let m = &msgs[*i];
+            let row = client
+                .query_one(
+                    self.inner.sql.publish_one.as_str(),
+                    &[
+                        &stream,
+                        id,
+                        &m.payload.as_ref(),
+                        &m.is_json,
+                        &headers_to_json(&m.headers),
+                        &m.deliver_at,
+                        &m.delay.map(micros),
+                        &m.dedupe_key,
+                        &m.priority,
+                    ],
+                )
+                .await
+                .map_err(|e| Error::from_pg(e, ctx()))?;
+            plan.receipts[*i] = PublishReceipt {
+                id: row.get(0),
+                duplicate: row.get(1),
+            };
+        }
+        Ok(plan.receipts)
+    }
+
+    /// Publishes inside the caller's sqlx transaction (`&mut *tx`): the messages exist if and
+    /// only if the caller commits.
+    pub async fn publish_sqlx(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        if msgs.is_empty() {
+            return Ok(vec![]);
+        }
+        self.check_publish(stream, msgs).await?;
+        let ctx = || Ctx {
+            stream: Some(stream),
+            group: None,
+        };
+        let mut plan = plan(msgs);
+        if !plan.fast.ids.is_empty() {
+            let f = &plan.fast;
+            let n: i64 = sqlx::query_scalar(&self.inner.sql.publish)
+                .bind(stream)
+                .bind(&f.ids)
+                .bind(&f.payloads)
+                .bind(&f.is_json)
+                .bind(&f.headers)
+                .bind(&f.deliver_at)
+                .bind(&f.delay_us)
+                .bind(&f.priority)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|e| Error::from_sqlx(e, ctx()))?;
+            if n == 0 {
+                self.forget_stream(stream);
+                return Err(Error::StreamNotFound(stream.to_owned()));
+            }
+        }
+        for (i, id) in &plan.keyed {
+            let m = &msgs[*i];
+            let (id, duplicate): (Uuid, bool) = sqlx::query_as(&self.inner.sql.publish_one)
+                .bind(stream)
+                .bind(id)
+                .bind(m.payload.as_ref())
+                .bind(m.is_json)
+                .bind(headers_to_json(&m.headers))
+                .bind(m.deliver_at)
+                .bind(m.delay.map(micros))
+                .bind(&m.dedupe_key)
+                .bind(m.priority)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|e| Error::from_sqlx(e, ctx()))?;
+            plan.receipts[*i] = PublishReceipt { id, duplicate };
+        }
+        Ok(plan.receipts)
+    }
+}

@@ -1,0 +1,207 @@
+//! Inspection (stats, dead letters) and maintenance.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::PgBackend;
+use crate::error::Ctx;
+use crate::message::headers_from_json;
+use crate::names::validate_name;
+use crate::{Error, Headers, Result};
+
+/// Depth of one group (or of a stream without groups, with `group: None`).
+///
+/// Counts come from counters and the non-ready part of the claim index: reading them never
+/// walks the ready backlog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupStats {
+    /// Stream name.
+    pub stream: String,
+    /// Group name; `None` for a stream that has no group yet.
+    pub group: Option<String>,
+    /// Deliveries that can be fetched now.
+    pub ready: i64,
+    /// Deliveries waiting for their delay or retry backoff.
+    pub delayed: i64,
+    /// Deliveries leased to a consumer.
+    pub in_flight: i64,
+    /// Dead letters.
+    pub dead: i64,
+    /// Age of the oldest ready delivery (its time since publish), if any is ready.
+    pub oldest_ready_age: Option<Duration>,
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MaintenanceReport {
+    /// Partitions created ahead.
+    pub partitions_created: i32,
+    /// Partitions dropped by retention.
+    pub partitions_dropped: i32,
+    /// Expired dedupe keys removed.
+    pub dedupe_removed: i32,
+}
+
+/// A dead letter: a message one group gave up on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// Stream name.
+    pub stream: String,
+    /// Group name.
+    pub group: String,
+    /// Message id.
+    pub id: Uuid,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why: `max_deliver`, or the reason given to `term`.
+    pub reason: String,
+    /// The last error reported by a nack, if any.
+    pub error: Option<String>,
+    /// When it became a dead letter.
+    pub dead_at: DateTime<Utc>,
+    /// Payload (absent if retention already dropped the message).
+    pub payload: Option<Vec<u8>>,
+    /// Headers.
+    pub headers: Headers,
+}
+
+impl PgBackend {
+    /// Depth of every group of every stream in the namespace.
+    pub async fn stats(&self) -> Result<Vec<GroupStats>> {
+        let client = self.client().await?;
+        let rows = client.query(&self.inner.sql.stats, &[]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| GroupStats {
+                stream: r.get(0),
+                group: r.get(1),
+                ready: r.get(2),
+                delayed: r.get(3),
+                in_flight: r.get(4),
+                dead: r.get(5),
+                oldest_ready_age: r
+                    .get::<_, Option<f64>>(6)
+                    .map(|s| Duration::from_secs_f64(s.max(0.0))),
+            })
+            .collect())
+    }
+
+    /// Depth of one group.
+    pub async fn group_stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        self.stats()
+            .await?
+            .into_iter()
+            .find(|s| s.stream == stream && s.group.as_deref() == Some(group))
+            .ok_or_else(|| Error::GroupNotFound {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+            })
+    }
+
+    /// One maintenance pass: creates partitions ahead, drops partitions past retention, removes
+    /// expired dedupe keys and folds counters. The scout runs this; it is safe to call by hand.
+    pub async fn maintain(&self) -> Result<MaintenanceReport> {
+        self.maintain_at(Utc::now()).await
+    }
+
+    /// [`PgBackend::maintain`] as if the time were `at` (for retention tests and backfills).
+    pub async fn maintain_at(&self, at: DateTime<Utc>) -> Result<MaintenanceReport> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &format!("SELECT * FROM \"{}\".maintain($1)", self.namespace()),
+                &[&at],
+            )
+            .await?;
+        Ok(MaintenanceReport {
+            partitions_created: row.get(0),
+            partitions_dropped: row.get(1),
+            dedupe_removed: row.get(2),
+        })
+    }
+
+    /// Dead letters of a group, oldest first, at most `limit`.
+    pub async fn dead_letters(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT message_id, attempts, reason, error, dead_at, payload_bytes, headers \
+                     FROM \"{}\".dead_letters WHERE stream = $1 AND \"group\" = $2 ORDER BY dead_at, message_id LIMIT $3",
+                    self.namespace()
+                ),
+                &[&stream, &group, &(limit.min(i64::MAX as usize) as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+                id: r.get(0),
+                attempts: r.get::<_, i32>(1) as u32,
+                reason: r.get(2),
+                error: r.get(3),
+                dead_at: r.get(4),
+                payload: r.get(5),
+                headers: headers_from_json(r.get(6)),
+            })
+            .collect())
+    }
+
+    /// Puts dead letters back into their group with a fresh attempt count: the given ids, or all
+    /// of the group's when `ids` is `None`. Returns how many were replayed.
+    pub async fn replay_dead(
+        &self,
+        stream: &str,
+        group: &str,
+        ids: Option<&[Uuid]>,
+    ) -> Result<u64> {
+        self.dead_op("replay_dead", stream, group, ids).await
+    }
+
+    /// Deletes dead letters: the given ids, or all of the group's when `ids` is `None`.
+    pub async fn purge_dead(&self, stream: &str, group: &str, ids: Option<&[Uuid]>) -> Result<u64> {
+        self.dead_op("purge_dead", stream, group, ids).await
+    }
+
+    async fn dead_op(
+        &self,
+        func: &str,
+        stream: &str,
+        group: &str,
+        ids: Option<&[Uuid]>,
+    ) -> Result<u64> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        let client = self.client().await?;
+        let ids: Option<Vec<Uuid>> = ids.map(|i| i.to_vec());
+        let row = client
+            .query_one(
+                &format!("SELECT \"{}\".{func}($1, $2, $3)::int8", self.namespace()),
+                &[&stream, &group, &ids],
+            )
+            .await
+            .map_err(|e| {
+                Error::from_pg(
+                    e,
+                    Ctx {
+                        stream: Some(stream),
+                        group: Some(group),
+                    },
+                )
+            })?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+}

@@ -1,0 +1,4 @@
+//! pgtide integration tests: one binary, every test in its own namespace, against real servers.
+
+mod common;
+mod postgres;

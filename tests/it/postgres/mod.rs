@@ -1,0 +1,4 @@
+mod consume;
+mod publish;
+mod registry;
+mod sql_surface;
