@@ -11,6 +11,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use super::wake::Wake;
 use super::{micros, PgBackend};
 use crate::error::Ctx;
 use crate::message::{headers_from_json, uuid_time};
@@ -215,21 +216,27 @@ impl Consumer {
             .collect())
     }
 
-    /// Claims up to `max` deliveries, waiting up to `timeout` for the first one (polling with a
-    /// short backoff). Returns an empty vector on timeout.
+    /// Claims up to `max` deliveries, waiting up to `timeout` for the first one. While waiting it
+    /// sleeps until a notification for this stream arrives (or, in poll-only mode or when
+    /// notifications are missed, until the fallback poll interval passes). Returns an empty
+    /// vector on timeout.
     ///
     /// Cancel safety: as [`Consumer::try_fetch`].
     pub async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(5);
+        // Subscribe before the first claim so a publish between the claim and the wait still wakes us.
+        let mut wakes = self.pg.subscribe();
         loop {
             let batch = self.try_fetch(max).await?;
             let now = tokio::time::Instant::now();
             if !batch.is_empty() || now >= deadline {
                 return Ok(batch);
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(250));
+            let poll_at = (now + self.pg.poll_interval()).min(deadline);
+            match wakes.as_mut() {
+                Some(rx) => wait_for_stream(rx, &self.stream, poll_at).await,
+                None => tokio::time::sleep_until(poll_at).await,
+            }
         }
     }
 
@@ -342,6 +349,13 @@ impl Consumer {
         let rows = self
             .run_settle(&**client, &stmt, ds, &[&delays, &errors])
             .await?;
+        if !rows.is_empty() {
+            // A retry comes due later: let the scout recompute its next due time.
+            self.pg.poke(match delay {
+                Some(d) if d.is_zero() => Wake::Stream(self.stream.as_str().into()),
+                _ => Wake::Due(0),
+            });
+        }
         let (mut settled, mut dead) = (vec![], vec![]);
         for r in rows {
             if r.get::<_, bool>(1) {
@@ -424,10 +438,36 @@ impl Consumer {
         let rows = self
             .run_settle(&**client, self.pg.inner.sql.release.as_str(), ds, &[])
             .await?;
+        if !rows.is_empty() {
+            self.pg.poke(Wake::Stream(self.stream.as_str().into()));
+        }
         Ok(SettleReport::from_parts(
             ds,
             rows.iter().map(|r| r.get(0)).collect(),
             vec![],
         ))
+    }
+}
+
+/// Waits until `rx` reports work for `stream` (or anything that calls for a catch-up), or `until`.
+pub(crate) async fn wait_for_stream(
+    rx: &mut tokio::sync::broadcast::Receiver<Wake>,
+    stream: &str,
+    until: tokio::time::Instant,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return,
+            wake = rx.recv() => match wake {
+                Ok(Wake::Stream(s)) if &*s == stream => return,
+                Ok(Wake::All) | Err(RecvError::Lagged(_)) => return,
+                Err(RecvError::Closed) => {
+                    tokio::time::sleep_until(until).await;
+                    return;
+                }
+                Ok(_) => {}
+            },
+        }
     }
 }

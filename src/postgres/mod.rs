@@ -9,17 +9,24 @@ mod consumer;
 mod migrate;
 mod publish;
 mod registry;
+mod scout;
 mod stats;
+mod wake;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub use consumer::{Consumer, Delivery, SettleReport};
 pub use migrate::migration_sql;
 pub use registry::{GroupInfo, StreamInfo};
+pub use scout::ScoutStatus;
+pub use wake::ListenerStatus;
 pub use stats::{DeadLetter, GroupStats, MaintenanceReport};
 
 use crate::names::validate_namespace;
@@ -51,6 +58,32 @@ pub(crate) struct Inner {
     pub(crate) namespace: String,
     pub(crate) sql: Statements,
     pub(crate) streams: Mutex<HashMap<String, (StreamInfo, Instant)>>,
+    pub(crate) options: Options,
+    /// Connection settings for the listener (without the pool's `pgtide.notify = off`).
+    pub(crate) listen_config: tokio_postgres::Config,
+    pub(crate) bus: broadcast::Sender<wake::Wake>,
+    pub(crate) notifier: Arc<wake::Notifier>,
+    pub(crate) listener_status: Arc<Mutex<ListenerStatus>>,
+    pub(crate) scout_status: Arc<Mutex<ScoutStatus>>,
+    pub(crate) token: CancellationToken,
+    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
+    notifier_started: OnceLock<()>,
+    listener_started: OnceLock<()>,
+    scout_started: OnceLock<()>,
+}
+
+/// Wake-up settings chosen on the builder.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub notifications: bool,
+    pub poll_interval: Duration,
+    pub scout: scout::ScoutConfig,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
 }
 
 /// How long stream metadata (payload limit) is cached before it is read again.
@@ -71,6 +104,9 @@ pub struct PgBackendBuilder {
     namespace: String,
     pool_size: usize,
     connect_timeout: Duration,
+    notifications: bool,
+    poll_interval: Option<Duration>,
+    scout: scout::ScoutConfig,
 }
 
 impl PgBackendBuilder {
@@ -92,13 +128,55 @@ impl PgBackendBuilder {
         self
     }
 
+    /// Whether consumers are woken by LISTEN/NOTIFY. Defaults to true. Turn it off behind a
+    /// pooler in transaction mode (poll-only mode): consumers then poll every
+    /// [`PgBackendBuilder::poll_interval`].
+    pub fn notifications(mut self, enabled: bool) -> Self {
+        self.notifications = enabled;
+        self
+    }
+
+    /// How often a waiting consumer fetches without having been woken: the fallback poller
+    /// that catches missed notifications. Defaults to 30 s with notifications, 1 s without.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = Some(interval.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// TTL of the scout lease; the scout renews it every third of it, and another process takes
+    /// over at most this long after the scout dies. Defaults to 10 s.
+    pub fn scout_ttl(mut self, ttl: Duration) -> Self {
+        self.scout.ttl = ttl.max(Duration::from_millis(300));
+        self
+    }
+
+    /// Longest time the scout sleeps between due checks. Defaults to 1 s.
+    pub fn scout_max_interval(mut self, interval: Duration) -> Self {
+        self.scout.max_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How often the scout runs maintenance (partitions, retention, dedupe window, counters).
+    /// Defaults to 60 s.
+    pub fn maintenance_interval(mut self, interval: Duration) -> Self {
+        self.scout.maintenance_interval = interval.max(Duration::from_millis(100));
+        self
+    }
+
     /// Builds the handle. Connects lazily: the first operation opens the first connection.
     pub fn build(self) -> Result<PgBackend> {
         validate_namespace(&self.namespace)?;
-        let pg_config: tokio_postgres::Config = self
+        let listen_config: tokio_postgres::Config = self
             .url
             .parse()
             .map_err(|e| Error::InvalidConfig(format!("database URL: {e}")))?;
+        // Publishes from the pool poke the coalescing notifier instead of firing the trigger.
+        let mut pg_config = listen_config.clone();
+        let options = match listen_config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c pgtide.notify=off"),
+            _ => "-c pgtide.notify=off".to_owned(),
+        };
+        pg_config.options(&options);
         let manager = Manager::from_config(
             pg_config,
             tokio_postgres::NoTls,
@@ -113,6 +191,11 @@ impl PgBackendBuilder {
             .create_timeout(Some(self.connect_timeout))
             .build()
             .map_err(|e| Error::InvalidConfig(format!("pool: {e}")))?;
+        let poll_interval = self.poll_interval.unwrap_or(if self.notifications {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(1)
+        });
         Ok(PgBackend {
             inner: Arc::new(Inner {
                 pool,
@@ -120,6 +203,17 @@ impl PgBackendBuilder {
                 sql: Statements::render(&self.namespace),
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
+                options: Options { notifications: self.notifications, poll_interval, scout: self.scout },
+                listen_config,
+                bus: broadcast::channel(1024).0,
+                notifier: Arc::default(),
+                listener_status: Arc::default(),
+                scout_status: Arc::default(),
+                token: CancellationToken::new(),
+                tasks: Mutex::new(vec![]),
+                notifier_started: OnceLock::new(),
+                listener_started: OnceLock::new(),
+                scout_started: OnceLock::new(),
             }),
         })
     }
@@ -133,6 +227,13 @@ impl PgBackend {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             pool_size: 16,
             connect_timeout: Duration::from_secs(30),
+            notifications: true,
+            poll_interval: None,
+            scout: scout::ScoutConfig {
+                ttl: Duration::from_secs(10),
+                max_interval: Duration::from_secs(1),
+                maintenance_interval: Duration::from_secs(60),
+            },
         }
     }
 
@@ -155,6 +256,133 @@ impl PgBackend {
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
         Ok(self.inner.pool.get().await?)
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task);
+        if let Ok(mut tasks) = self.inner.tasks.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(handle);
+        }
+    }
+
+    /// Tells local waiters and other processes about new work (coalesced NOTIFY).
+    pub(crate) fn poke(&self, wake: wake::Wake) {
+        if !self.inner.options.notifications || self.inner.token.is_cancelled() {
+            return;
+        }
+        self.inner.notifier_started.get_or_init(|| {
+            let channel = wake::channel(self.namespace());
+            let notifier = self.inner.notifier.clone();
+            self.spawn(notifier.run(self.inner.pool.clone(), channel, self.inner.token.child_token()));
+        });
+        self.inner.notifier.poke(wake);
+    }
+
+    /// Subscribes to wake-ups, starting the listener (and the scout candidate) on first use.
+    pub(crate) fn subscribe(&self) -> Option<broadcast::Receiver<wake::Wake>> {
+        self.start_scout();
+        if !self.inner.options.notifications {
+            return None;
+        }
+        let rx = self.inner.bus.subscribe();
+        self.inner.listener_started.get_or_init(|| {
+            self.spawn(wake::run_listener(
+                self.inner.listen_config.clone(),
+                wake::channel(self.namespace()),
+                self.inner.bus.clone(),
+                self.inner.listener_status.clone(),
+                self.inner.token.child_token(),
+            ));
+        });
+        Some(rx)
+    }
+
+    /// Makes this process a scout candidate (idempotent). Consumers and workers do this on
+    /// their own when they first wait; call it in processes that only publish or only run
+    /// maintenance. Needs a tokio runtime.
+    pub fn start_scout(&self) {
+        self.inner.scout_started.get_or_init(|| {
+            let holder = format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "pgtide".to_owned()),
+                uuid::Uuid::now_v7().simple()
+            );
+            if let Ok(mut s) = self.inner.scout_status.lock() {
+                s.holder_id = holder.clone();
+            }
+            let scout = scout::Scout {
+                pool: self.inner.pool.clone(),
+                ns: self.namespace().to_owned(),
+                config: self.inner.options.scout.clone(),
+                bus: self.inner.bus.clone(),
+                notifier: self.inner.notifier.clone(),
+                status: self.inner.scout_status.clone(),
+                holder,
+            };
+            // The scout notifies through the notifier, so make sure it runs.
+            self.inner.notifier_started.get_or_init(|| {
+                let notifier = self.inner.notifier.clone();
+                self.spawn(notifier.run(
+                    self.inner.pool.clone(),
+                    wake::channel(self.namespace()),
+                    self.inner.token.child_token(),
+                ));
+            });
+            self.spawn(scout.run(self.inner.token.child_token()));
+        });
+        if !self.inner.options.notifications {
+            return;
+        }
+        // A scout that is not listening would miss `!scout` and `@due` hints: start the listener.
+        self.inner.listener_started.get_or_init(|| {
+            self.spawn(wake::run_listener(
+                self.inner.listen_config.clone(),
+                wake::channel(self.namespace()),
+                self.inner.bus.clone(),
+                self.inner.listener_status.clone(),
+                self.inner.token.child_token(),
+            ));
+        });
+    }
+
+    /// State of this handle's LISTEN connection.
+    pub fn listener_status(&self) -> ListenerStatus {
+        self.inner.listener_status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// What this process knows of the scout role (who leads is in SQL: `<ns>.scout`).
+    pub fn scout_status(&self) -> ScoutStatus {
+        self.inner.scout_status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops the background tasks gracefully: the scout resigns (another process takes over at
+    /// once), pending notifications are flushed, the listener disconnects. Waits for them.
+    pub async fn shutdown(&self) {
+        self.inner.token.cancel();
+        let tasks: Vec<JoinHandle<()>> = match self.inner.tasks.lock() {
+            Ok(mut t) => std::mem::take(&mut *t),
+            Err(_) => vec![],
+        };
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Stops the background tasks abruptly, as a crash would: no resign, no flush. For failover
+    /// drills and tests.
+    pub fn abort_background(&self) {
+        if let Ok(mut tasks) = self.inner.tasks.lock() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+        }
+        self.inner.token.cancel();
+    }
+
+    /// The fallback poll interval (see [`PgBackendBuilder::poll_interval`]).
+    pub(crate) fn poll_interval(&self) -> Duration {
+        self.inner.options.poll_interval
     }
 }
 

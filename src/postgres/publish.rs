@@ -6,6 +6,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use super::wake::Wake;
 use super::{micros, PgBackend};
 use crate::error::Ctx;
 use crate::message::headers_to_json;
@@ -104,16 +105,48 @@ impl PgBackend {
         }
         self.check_publish(stream, msgs).await?;
         let mut client = self.client().await?;
-        if msgs.iter().all(|m| m.dedupe_key.is_none()) {
+        let receipts = if msgs.iter().all(|m| m.dedupe_key.is_none()) {
             let stmt = client.prepare_cached(&self.inner.sql.publish).await?;
-            return self.run_publish(&**client, &stmt, stream, msgs).await;
-        }
-        let tx = client.transaction().await?;
-        let receipts = self
-            .run_publish(&*tx, self.inner.sql.publish.as_str(), stream, msgs)
-            .await?;
-        tx.commit().await?;
+            self.run_publish(&**client, &stmt, stream, msgs).await?
+        } else {
+            let tx = client.transaction().await?;
+            let receipts = self
+                .run_publish(&*tx, self.inner.sql.publish.as_str(), stream, msgs)
+                .await?;
+            tx.commit().await?;
+            receipts
+        };
+        drop(client);
+        // Our pool's connections do not fire the NOTIFY trigger: wake consumers after commit.
+        self.wake_after_publish(msgs, stream, &receipts);
         Ok(receipts)
+    }
+
+    fn wake_after_publish(&self, msgs: &[OutgoingMessage], stream: &str, receipts: &[PublishReceipt]) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut ready = false;
+        let mut due: Option<i64> = None;
+        for (m, r) in msgs.iter().zip(receipts) {
+            if r.duplicate {
+                continue;
+            }
+            let at = match (m.deliver_at, m.delay) {
+                (Some(at), _) => at.timestamp_millis(),
+                (None, Some(d)) => now_ms + micros(d) / 1000,
+                (None, None) => now_ms,
+            };
+            if at > now_ms {
+                due = Some(due.map_or(at, |d: i64| d.min(at)));
+            } else {
+                ready = true;
+            }
+        }
+        if ready {
+            self.poke(Wake::Stream(stream.into()));
+        }
+        if let Some(ms) = due {
+            self.poke(Wake::Due(ms));
+        }
     }
 
     /// Publishes inside the caller's tokio-postgres transaction (or any `GenericClient`): the
