@@ -38,6 +38,7 @@ mod error;
 mod message;
 mod names;
 mod postgres;
+mod worker;
 
 pub mod dev;
 
@@ -49,6 +50,10 @@ pub use crate::error::{Error, Result};
 pub use crate::message::{Headers, Message, OutgoingMessage, PublishReceipt};
 pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
 pub use crate::postgres::{
-    migration_sql, Consumer, DeadLetter, Delivery, GroupInfo, GroupStats, MaintenanceReport,
-    PgBackend, PgBackendBuilder, SettleReport, StreamInfo, DEFAULT_NAMESPACE,
+    migration_sql, Consumer, DeadLetter, Delivery, GroupInfo, GroupStats, ListenerStatus,
+    MaintenanceReport, PgBackend, PgBackendBuilder, ScoutStatus, SettleReport, StreamInfo,
+    DEFAULT_NAMESPACE,
 };
+pub use crate::worker::{HandlerResult, Outcome, Worker, WorkerConfig, WorkerHook, WorkerReport};
+/// Re-exported: stops workers and background tasks.
+pub use tokio_util::sync::CancellationToken;

@@ -24,7 +24,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "delivery",
         include_str!("../../migrations/0002_delivery.sql"),
     ),
-    (3, "wakeups", include_str!("../../migrations/0003_wakeups.sql")),
+    (
+        3,
+        "wakeups",
+        include_str!("../../migrations/0003_wakeups.sql"),
+    ),
 ];
 
 /// The SQL that installs the namespace from scratch, for a DBA to review and apply by hand.

@@ -26,8 +26,8 @@ pub use consumer::{Consumer, Delivery, SettleReport};
 pub use migrate::migration_sql;
 pub use registry::{GroupInfo, StreamInfo};
 pub use scout::ScoutStatus;
-pub use wake::ListenerStatus;
 pub use stats::{DeadLetter, GroupStats, MaintenanceReport};
+pub use wake::ListenerStatus;
 
 use crate::names::validate_namespace;
 use crate::{Error, Result};
@@ -203,7 +203,11 @@ impl PgBackendBuilder {
                 sql: Statements::render(&self.namespace),
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
-                options: Options { notifications: self.notifications, poll_interval, scout: self.scout },
+                options: Options {
+                    notifications: self.notifications,
+                    poll_interval,
+                    scout: self.scout,
+                },
                 listen_config,
                 bus: broadcast::channel(1024).0,
                 notifier: Arc::default(),
@@ -274,7 +278,11 @@ impl PgBackend {
         self.inner.notifier_started.get_or_init(|| {
             let channel = wake::channel(self.namespace());
             let notifier = self.inner.notifier.clone();
-            self.spawn(notifier.run(self.inner.pool.clone(), channel, self.inner.token.child_token()));
+            self.spawn(notifier.run(
+                self.inner.pool.clone(),
+                channel,
+                self.inner.token.child_token(),
+            ));
         });
         self.inner.notifier.poke(wake);
     }
@@ -348,12 +356,20 @@ impl PgBackend {
 
     /// State of this handle's LISTEN connection.
     pub fn listener_status(&self) -> ListenerStatus {
-        self.inner.listener_status.lock().map(|s| s.clone()).unwrap_or_default()
+        self.inner
+            .listener_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     /// What this process knows of the scout role (who leads is in SQL: `<ns>.scout`).
     pub fn scout_status(&self) -> ScoutStatus {
-        self.inner.scout_status.lock().map(|s| s.clone()).unwrap_or_default()
+        self.inner
+            .scout_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     /// Stops the background tasks gracefully: the scout resigns (another process takes over at

@@ -122,7 +122,12 @@ impl PgBackend {
         Ok(receipts)
     }
 
-    fn wake_after_publish(&self, msgs: &[OutgoingMessage], stream: &str, receipts: &[PublishReceipt]) {
+    fn wake_after_publish(
+        &self,
+        msgs: &[OutgoingMessage],
+        stream: &str,
+        receipts: &[PublishReceipt],
+    ) {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut ready = false;
         let mut due: Option<i64> = None;

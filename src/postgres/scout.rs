@@ -63,7 +63,10 @@ impl Scout {
         let client = self.pool.get().await?;
         let row = client
             .query_one(
-                &format!("SELECT \"{}\"._scout_acquire($1, $2, $3::int8 * interval '1 microsecond')", self.ns),
+                &format!(
+                    "SELECT \"{}\"._scout_acquire($1, $2, $3::int8 * interval '1 microsecond')",
+                    self.ns
+                ),
                 &[&self.holder, &term, &super::micros(self.config.ttl)],
             )
             .await?;
@@ -73,19 +76,32 @@ impl Scout {
     async fn resign(&self, term: i64) -> DbResult<()> {
         let client = self.pool.get().await?;
         client
-            .execute(&format!("SELECT \"{}\"._scout_resign($1, $2)", self.ns), &[&self.holder, &term])
+            .execute(
+                &format!("SELECT \"{}\"._scout_resign($1, $2)", self.ns),
+                &[&self.holder, &term],
+            )
             .await?;
         Ok(())
     }
 
     /// Streams that came due since `since`, the next due time and the database's now.
-    async fn due(&self, since: DateTime<Utc>) -> DbResult<(Vec<String>, Option<DateTime<Utc>>, DateTime<Utc>)> {
+    async fn due(
+        &self,
+        since: DateTime<Utc>,
+    ) -> DbResult<(Vec<String>, Option<DateTime<Utc>>, DateTime<Utc>)> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached(&format!("SELECT due_streams, next_due, checked_at FROM \"{}\"._scout_due($1)", self.ns))
+            .prepare_cached(&format!(
+                "SELECT due_streams, next_due, checked_at FROM \"{}\"._scout_due($1)",
+                self.ns
+            ))
             .await?;
         let row = client.query_one(&stmt, &[&since]).await?;
-        Ok((row.get::<_, Option<Vec<String>>>(0).unwrap_or_default(), row.get(1), row.get(2)))
+        Ok((
+            row.get::<_, Option<Vec<String>>>(0).unwrap_or_default(),
+            row.get(1),
+            row.get(2),
+        ))
     }
 
     async fn maintain(&self, term: i64) -> DbResult<()> {
@@ -184,12 +200,20 @@ impl Scout {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "pgtide scout: maintenance failed");
-                            next_maintenance = Instant::now() + self.config.maintenance_interval.min(Duration::from_secs(30));
+                            next_maintenance = Instant::now()
+                                + self
+                                    .config
+                                    .maintenance_interval
+                                    .min(Duration::from_secs(30));
                         }
                     }
                 }
             }
-            let deadline = if term.is_some() { next_renew.min(next_check).min(next_maintenance) } else { next_renew };
+            let deadline = if term.is_some() {
+                next_renew.min(next_check).min(next_maintenance)
+            } else {
+                next_renew
+            };
             tokio::select! {
                 biased;
                 _ = token.cancelled() => break,

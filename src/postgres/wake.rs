@@ -111,6 +111,8 @@ async fn listen_once(
     token: &CancellationToken,
     first: bool,
 ) -> Result<(), tokio_postgres::Error> {
+    let mut config = config.clone();
+    config.application_name("pgtide-listener");
     let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     // The connection must be polled while LISTEN runs, so it is driven by a task of its own that
@@ -184,7 +186,12 @@ impl Notifier {
     }
 
     /// Sends pending notifications until `token` is cancelled, then flushes what is left.
-    pub(crate) async fn run(self: Arc<Self>, pool: Pool, channel: String, token: CancellationToken) {
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        pool: Pool,
+        channel: String,
+        token: CancellationToken,
+    ) {
         let mut backoff = Duration::from_millis(20);
         loop {
             let cancelled = tokio::select! {
@@ -226,7 +233,9 @@ impl Notifier {
 
 async fn send(pool: &Pool, channel: &str, payloads: &[String]) -> crate::Result<()> {
     let client = pool.get().await?;
-    let stmt = client.prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p").await?;
+    let stmt = client
+        .prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+        .await?;
     client.execute(&stmt, &[&channel, &payloads]).await?;
     Ok(())
 }

@@ -2,3 +2,5 @@ mod consume;
 mod publish;
 mod registry;
 mod sql_surface;
+mod wakeups;
+mod worker;

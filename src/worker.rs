@@ -1,0 +1,495 @@
+//! The worker runtime: runs an async handler for every delivery of one group, with a cap on
+//! in-flight handlers, prefetch, automatic lease extension, batched acks, retries with the
+//! stream's backoff, dead-lettering, hooks around the handler, and graceful shutdown.
+//!
+//! Invariants: a delivery is settled exactly once by the worker (ack, nack, term or release);
+//! a panicking handler is caught and its delivery retried; on shutdown, handlers still running at
+//! the deadline are aborted and their deliveries released (visible again at once).
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{Consumer, Delivery, Result};
+
+/// What a handler decided about a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: acknowledge.
+    Ack,
+    /// Try again: after the given delay, or the stream's backoff when `None`.
+    Retry {
+        /// Delay before the next attempt.
+        after: Option<Duration>,
+    },
+    /// Give up now: dead letter with this reason.
+    DeadLetter {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How a handler invocation ended, as hooks see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerResult {
+    /// The handler returned an outcome.
+    Outcome(Outcome),
+    /// The handler returned an error (retried with the stream's backoff).
+    Failed(String),
+    /// The handler panicked (retried with the stream's backoff).
+    Panicked(String),
+}
+
+/// Hooks around every handler call: metrics, logging, tracing. The worker already runs each
+/// handler inside a `pgtide.handle` tracing span carrying stream, group, message id and attempt.
+pub trait WorkerHook: Send + Sync + 'static {
+    /// Called before the handler runs.
+    fn before(&self, _delivery: &Delivery) {}
+    /// Called after the handler finished, with how it ended and how long it took.
+    fn after(&self, _delivery: &Delivery, _result: &HandlerResult, _elapsed: Duration) {}
+}
+
+impl<T: WorkerHook> WorkerHook for Arc<T> {
+    fn before(&self, delivery: &Delivery) {
+        (**self).before(delivery)
+    }
+    fn after(&self, delivery: &Delivery, result: &HandlerResult, elapsed: Duration) {
+        (**self).after(delivery, result, elapsed)
+    }
+}
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerConfig {
+    /// Most handlers running at once. Defaults to 16.
+    pub concurrency: usize,
+    /// Most deliveries claimed per fetch. Defaults to the concurrency.
+    pub prefetch: Option<usize>,
+    /// Extend leases of handlers still running, every half lease. Defaults to true.
+    pub extend_leases: bool,
+    /// How long shutdown waits for running handlers before releasing their deliveries.
+    /// Defaults to 30 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            concurrency: 16,
+            prefetch: None,
+            extend_leases: true,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counts from one [`Worker::run`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    /// Deliveries handed to the handler.
+    pub handled: u64,
+    /// Acknowledged.
+    pub acked: u64,
+    /// Retried (handler asked, failed or panicked).
+    pub retried: u64,
+    /// Dead-lettered (handler asked, or retries exhausted).
+    pub dead_lettered: u64,
+    /// Handlers that panicked.
+    pub panicked: u64,
+    /// Released unfinished at shutdown.
+    pub released: u64,
+    /// Settles refused because the lease was lost.
+    pub lease_lost: u64,
+}
+
+type BoxHandler = Arc<
+    dyn Fn(
+            Delivery,
+        )
+            -> futures_util::future::BoxFuture<'static, std::result::Result<Outcome, String>>
+        + Send
+        + Sync,
+>;
+
+/// Runs a handler over one group. Build with [`Worker::new`], then [`Worker::run`].
+///
+/// ```no_run
+/// # async fn demo(pg: pgtide::PgBackend) -> pgtide::Result<()> {
+/// use pgtide::{Outcome, Worker};
+/// use pgtide::CancellationToken;
+///
+/// let consumer = pg.consumer("orders", "billing", "billing-1").await?;
+/// let worker = Worker::new(consumer, |delivery: pgtide::Delivery| async move {
+///     let order: serde_json::Value = delivery.json().map_err(|e| e.to_string())?;
+///     println!("billing {order}");
+///     Ok::<_, String>(Outcome::Ack)
+/// });
+/// let token = CancellationToken::new();
+/// let report = worker.run(token.clone()).await?;
+/// # let _ = report; Ok(()) }
+/// ```
+pub struct Worker {
+    consumer: Consumer,
+    handler: BoxHandler,
+    config: WorkerConfig,
+    hooks: Vec<Arc<dyn WorkerHook>>,
+}
+
+enum Settle {
+    Ack(Delivery),
+    Nack(Delivery, Option<Duration>, Option<String>),
+    Term(Delivery, String),
+}
+
+#[derive(Default)]
+struct Counters {
+    report: Mutex<WorkerReport>,
+}
+
+impl Counters {
+    fn add(&self, f: impl FnOnce(&mut WorkerReport)) {
+        if let Ok(mut r) = self.report.lock() {
+            f(&mut r);
+        }
+    }
+}
+
+impl Worker {
+    /// A worker running `handler` for every delivery of `consumer`'s group. The handler returns
+    /// an [`Outcome`], or an error (shown in the dead letter if retries run out) to retry with
+    /// the stream's backoff.
+    pub fn new<F, Fut, E>(consumer: Consumer, handler: F) -> Worker
+    where
+        F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Outcome, E>> + Send + 'static,
+        E: Display + 'static,
+    {
+        let handler: BoxHandler =
+            Arc::new(move |d| handler(d).map(|r| r.map_err(|e| e.to_string())).boxed());
+        Worker {
+            consumer,
+            handler,
+            config: WorkerConfig::default(),
+            hooks: vec![],
+        }
+    }
+
+    /// Sets the most handlers running at once (default 16).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n.max(1);
+        self
+    }
+
+    /// Sets the most deliveries claimed per fetch (default: the concurrency).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.config.prefetch = Some(n.max(1));
+        self
+    }
+
+    /// Sets how long shutdown waits for running handlers (default 30 s).
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace = grace;
+        self
+    }
+
+    /// Turns automatic lease extension on or off (default on).
+    pub fn extend_leases(mut self, on: bool) -> Self {
+        self.config.extend_leases = on;
+        self
+    }
+
+    /// Adds a hook around every handler call.
+    pub fn hook(mut self, hook: impl WorkerHook) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Runs until `token` is cancelled, then shuts down gracefully: stops fetching, lets running
+    /// handlers finish within the grace period, releases the deliveries of those that did not,
+    /// and flushes pending settles. Returns the counts.
+    ///
+    /// Errors while fetching or settling are logged and retried with backoff; `run` itself fails
+    /// only if the group disappears.
+    pub async fn run(self, token: CancellationToken) -> Result<WorkerReport> {
+        let concurrency = self.config.concurrency;
+        let prefetch = self.config.prefetch.unwrap_or(concurrency);
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let counters = Arc::new(Counters::default());
+        let in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>> = Arc::default();
+        let (settle_tx, settle_rx) = mpsc::channel::<Settle>(concurrency * 4);
+        let settler = tokio::spawn(run_settler(
+            self.consumer.clone(),
+            settle_rx,
+            counters.clone(),
+        ));
+        let mut handlers: JoinSet<()> = JoinSet::new();
+        let lease = self.lease().await;
+        let mut failures = 0u32;
+        let mut fatal = None;
+
+        'fetching: loop {
+            // Wait for a free slot before claiming anything.
+            let first = tokio::select! {
+                biased;
+                _ = token.cancelled() => break 'fetching,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'fetching },
+            };
+            let want = (permits.available_permits() + 1).min(prefetch);
+            let fetched = tokio::select! {
+                biased;
+                _ = token.cancelled() => break 'fetching,
+                r = self.consumer.fetch(want, Duration::from_secs(3600)) => r,
+            };
+            let batch = match fetched {
+                Ok(b) => {
+                    failures = 0;
+                    b
+                }
+                Err(e) if e.is_retryable() => {
+                    failures += 1;
+                    tracing::warn!(error = %e, stream = self.consumer.stream(), group = self.consumer.group(), "pgtide worker: fetch failed; retrying");
+                    drop(first);
+                    tokio::select! {
+                        biased;
+                        _ = token.cancelled() => break 'fetching,
+                        _ = tokio::time::sleep(backoff(failures)) => continue 'fetching,
+                    }
+                }
+                Err(e) => {
+                    fatal = Some(e);
+                    break 'fetching;
+                }
+            };
+            let mut first = Some(first);
+            for delivery in batch {
+                let permit = match first.take() {
+                    Some(p) => p,
+                    // The batch never exceeds the free permits plus one, so this does not wait long.
+                    None => match permits.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                counters.add(|r| r.handled += 1);
+                if let Ok(mut m) = in_flight.lock() {
+                    m.insert(delivery.id(), delivery.clone());
+                }
+                let job = Job {
+                    consumer: self.consumer.clone(),
+                    handler: self.handler.clone(),
+                    hooks: self.hooks.clone(),
+                    settle: settle_tx.clone(),
+                    counters: counters.clone(),
+                    in_flight: in_flight.clone(),
+                    extend_every: if self.config.extend_leases {
+                        lease.map(|l| l / 2)
+                    } else {
+                        None
+                    },
+                };
+                handlers.spawn(async move {
+                    job.run(delivery).await;
+                    drop(permit);
+                });
+            }
+            while handlers.try_join_next().is_some() {}
+        }
+
+        // Shutdown: let running handlers finish within the grace period.
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
+        while !handlers.is_empty() {
+            match tokio::time::timeout_at(deadline, handlers.join_next()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    handlers.abort_all();
+                    while handlers.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        drop(settle_tx);
+        let _ = settler.await;
+        // Whatever is still marked in flight was aborted: hand it back at once.
+        let leftover: Vec<Delivery> = match in_flight.lock() {
+            Ok(mut m) => m.drain().map(|(_, d)| d).collect(),
+            Err(_) => vec![],
+        };
+        if !leftover.is_empty() {
+            let refs: Vec<&Delivery> = leftover.iter().collect();
+            match self.consumer.release_batch(&refs).await {
+                Ok(r) => counters.add(|c| c.released += r.settled.len() as u64),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pgtide worker: release at shutdown failed; leases will expire")
+                }
+            }
+        }
+        if let Some(e) = fatal {
+            return Err(e);
+        }
+        let report = counters.report.lock().map(|r| *r).unwrap_or_default();
+        Ok(report)
+    }
+
+    async fn lease(&self) -> Option<Duration> {
+        match self.consumer.backend().stream(self.consumer.stream()).await {
+            Ok(Some(info)) => Some(info.config.lease),
+            _ => None,
+        }
+    }
+}
+
+struct Job {
+    consumer: Consumer,
+    handler: BoxHandler,
+    hooks: Vec<Arc<dyn WorkerHook>>,
+    settle: mpsc::Sender<Settle>,
+    counters: Arc<Counters>,
+    in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>>,
+    extend_every: Option<Duration>,
+}
+
+impl Job {
+    async fn run(self, mut delivery: Delivery) {
+        let span = tracing::info_span!(
+            "pgtide.handle",
+            stream = %delivery.message.stream,
+            group = %delivery.group,
+            message_id = %delivery.id(),
+            attempt = delivery.attempt,
+        );
+        for h in &self.hooks {
+            h.before(&delivery);
+        }
+        let started = Instant::now();
+        let work = AssertUnwindSafe((self.handler)(delivery.clone()))
+            .catch_unwind()
+            .instrument(span);
+        tokio::pin!(work);
+        let result = loop {
+            let extend = async {
+                match self.extend_every {
+                    Some(every) => tokio::time::sleep(every).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = &mut work => break r,
+                _ = extend => {
+                    if let Err(e) = self.consumer.in_progress(&mut delivery, None).await {
+                        tracing::warn!(error = %e, message_id = %delivery.id(), "pgtide worker: lease extension failed");
+                    }
+                }
+            }
+        };
+        let result = match result {
+            Ok(Ok(outcome)) => HandlerResult::Outcome(outcome),
+            Ok(Err(e)) => HandlerResult::Failed(e),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "handler panicked".to_owned());
+                self.counters.add(|r| r.panicked += 1);
+                HandlerResult::Panicked(msg)
+            }
+        };
+        for h in &self.hooks {
+            h.after(&delivery, &result, started.elapsed());
+        }
+        if let Ok(mut m) = self.in_flight.lock() {
+            m.remove(&delivery.id());
+        }
+        let settle = match result {
+            HandlerResult::Outcome(Outcome::Ack) => Settle::Ack(delivery),
+            HandlerResult::Outcome(Outcome::Retry { after }) => Settle::Nack(delivery, after, None),
+            HandlerResult::Outcome(Outcome::DeadLetter { reason }) => {
+                Settle::Term(delivery, reason)
+            }
+            HandlerResult::Failed(e) => Settle::Nack(delivery, None, Some(e)),
+            HandlerResult::Panicked(msg) => {
+                Settle::Nack(delivery, None, Some(format!("handler panicked: {msg}")))
+            }
+        };
+        // The settler only stops after every job is done, so this cannot fail in practice.
+        let _ = self.settle.send(settle).await;
+    }
+}
+
+/// Settles deliveries as handlers finish: acks that arrive together go in one statement.
+async fn run_settler(consumer: Consumer, mut rx: mpsc::Receiver<Settle>, counters: Arc<Counters>) {
+    let mut acks: Vec<Delivery> = vec![];
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(s) = next.take() {
+            match s {
+                Settle::Ack(d) => acks.push(d),
+                Settle::Nack(d, after, error) => {
+                    match consumer.nack_batch(&[&d], after, error.as_deref()).await {
+                        Ok(r) => counters.add(|c| {
+                            c.retried += r.settled.len() as u64;
+                            c.dead_lettered += r.dead_lettered.len() as u64;
+                            c.lease_lost += r.lost.len() as u64;
+                        }),
+                        Err(e) => {
+                            tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: nack failed; the lease will expire")
+                        }
+                    }
+                }
+                Settle::Term(d, reason) => match consumer.term_batch(&[&d], &reason).await {
+                    Ok(r) => counters.add(|c| {
+                        c.dead_lettered += r.dead_lettered.len() as u64;
+                        c.lease_lost += r.lost.len() as u64;
+                    }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: term failed; the lease will expire")
+                    }
+                },
+            }
+            if acks.len() < 1000 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !acks.is_empty() {
+            let refs: Vec<&Delivery> = acks.iter().collect();
+            let mut failures = 0;
+            loop {
+                match consumer.ack_batch(&refs).await {
+                    Ok(r) => {
+                        counters.add(|c| {
+                            c.acked += r.settled.len() as u64;
+                            c.lease_lost += r.lost.len() as u64;
+                        });
+                        break;
+                    }
+                    Err(e) if e.is_retryable() && failures < 5 => {
+                        failures += 1;
+                        tracing::warn!(error = %e, "pgtide worker: ack failed; retrying");
+                        tokio::time::sleep(backoff(failures)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, count = refs.len(), "pgtide worker: ack failed; deliveries will be redelivered");
+                        break;
+                    }
+                }
+            }
+            acks.clear();
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(5))
+}
