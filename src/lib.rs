@@ -34,6 +34,7 @@
 //! ```
 
 mod config;
+mod delivery;
 mod error;
 mod message;
 mod names;
@@ -46,13 +47,13 @@ pub mod dev;
 pub mod bench;
 
 pub use crate::config::{Backoff, GroupStart, StreamConfig};
+pub use crate::delivery::{Delivery, SettleReport};
 pub use crate::error::{Error, Result};
 pub use crate::message::{Headers, Message, OutgoingMessage, PublishReceipt};
 pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
 pub use crate::postgres::{
-    migration_sql, Consumer, DeadLetter, Delivery, GroupInfo, GroupStats, ListenerStatus,
-    MaintenanceReport, PgBackend, PgBackendBuilder, ScoutStatus, SettleReport, StreamInfo,
-    DEFAULT_NAMESPACE,
+    migration_sql, Consumer, DeadLetter, GroupInfo, GroupStats, ListenerStatus, MaintenanceReport,
+    PgBackend, PgBackendBuilder, ScoutStatus, StreamInfo, DEFAULT_NAMESPACE,
 };
 pub use crate::worker::{HandlerResult, Outcome, Worker, WorkerConfig, WorkerHook, WorkerReport};
 /// Re-exported: stops workers and background tasks.

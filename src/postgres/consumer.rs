@@ -6,79 +6,17 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::wake::Wake;
 use super::{micros, PgBackend};
+use crate::delivery::{Delivery, SettleReport};
 use crate::error::Ctx;
 use crate::message::{headers_from_json, uuid_time};
 use crate::names::validate_name;
 use crate::{Error, Message, Result};
-
-/// One message handed to one consumer of one group, leased until `lease_expires_at`.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    /// The message.
-    pub message: Message,
-    /// The group it was delivered to.
-    pub group: String,
-    /// Attempt number, from 1.
-    pub attempt: u32,
-    /// When the lease ends and the delivery becomes visible to the group again.
-    pub lease_expires_at: DateTime<Utc>,
-    pub(crate) group_id: i32,
-}
-
-impl Delivery {
-    /// The message id.
-    pub fn id(&self) -> Uuid {
-        self.message.id
-    }
-}
-
-impl std::ops::Deref for Delivery {
-    type Target = Message;
-    fn deref(&self) -> &Message {
-        &self.message
-    }
-}
-
-/// Result of a batched settle.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SettleReport {
-    /// Deliveries settled.
-    pub settled: Vec<Uuid>,
-    /// Deliveries that went to the dead letters instead (nack on the last allowed attempt).
-    pub dead_lettered: Vec<Uuid>,
-    /// Deliveries whose lease was lost (settled already or claimed again): nothing changed.
-    pub lost: Vec<Uuid>,
-}
-
-impl SettleReport {
-    fn from_parts(requested: &[&Delivery], settled: Vec<Uuid>, dead_lettered: Vec<Uuid>) -> Self {
-        let lost = requested
-            .iter()
-            .map(|d| d.id())
-            .filter(|id| !settled.contains(id) && !dead_lettered.contains(id))
-            .collect();
-        SettleReport {
-            settled,
-            dead_lettered,
-            lost,
-        }
-    }
-
-    fn single(self, id: Uuid) -> Result<()> {
-        if self.lost.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::LeaseLost { id })
-        }
-    }
-}
 
 /// A named consumer of one group. Cheap to clone. Several consumers of the same group compete:
 /// each delivery goes to one of them at a time.
@@ -130,18 +68,6 @@ fn ids_attempts(ds: &[&Delivery]) -> (Vec<Uuid>, Vec<i32>) {
         ds.iter().map(|d| d.id()).collect(),
         ds.iter().map(|d| d.attempt as i32).collect(),
     )
-}
-
-/// Groups deliveries by group id (settles run per group); in practice one group.
-fn by_group<'a>(ds: &[&'a Delivery]) -> Vec<(i32, Vec<&'a Delivery>)> {
-    let mut out: Vec<(i32, Vec<&Delivery>)> = vec![];
-    for d in ds {
-        match out.iter_mut().find(|(g, _)| *g == d.group_id) {
-            Some((_, v)) => v.push(d),
-            None => out.push((d.group_id, vec![d])),
-        }
-    }
-    out
 }
 
 impl Consumer {
@@ -210,7 +136,8 @@ impl Consumer {
                     group: self.group.clone(),
                     attempt: r.get::<_, i32>(1) as u32,
                     lease_expires_at: r.get(2),
-                    group_id: self.group_id,
+                    consumer: self.name.clone(),
+                    token: None,
                 }
             })
             .collect())
@@ -252,9 +179,9 @@ impl Consumer {
         S: tokio_postgres::ToStatement + ?Sized + Sync + Send,
     {
         let mut rows = vec![];
-        for (gid, group) in by_group(ds) {
-            let (ids, attempts) = ids_attempts(&group);
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&gid, &ids, &attempts];
+        {
+            let (ids, attempts) = ids_attempts(ds);
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.group_id, &ids, &attempts];
             params.extend_from_slice(extra);
             rows.extend(client.query(sql, &params).await.map_err(|e| {
                 Error::from_pg(
@@ -313,7 +240,7 @@ impl Consumer {
     /// [`Consumer::ack`] inside the caller's sqlx transaction (`&mut *tx`).
     pub async fn ack_sqlx(&self, conn: &mut sqlx::PgConnection, d: &Delivery) -> Result<()> {
         let ids: Vec<Uuid> = sqlx::query_scalar(&self.pg.inner.sql.ack)
-            .bind(d.group_id)
+            .bind(self.group_id)
             .bind(vec![d.id()])
             .bind(vec![d.attempt as i32])
             .fetch_all(&mut *conn)

@@ -17,18 +17,13 @@ use sqlx::{Connection, PgConnection};
 use super::{render, PgBackend};
 use crate::{Error, Result};
 
+#[rustfmt::skip]
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "core", include_str!("../../migrations/0001_core.sql")),
-    (
-        2,
-        "delivery",
-        include_str!("../../migrations/0002_delivery.sql"),
-    ),
-    (
-        3,
-        "wakeups",
-        include_str!("../../migrations/0003_wakeups.sql"),
-    ),
+    (2, "delivery", include_str!("../../migrations/0002_delivery.sql")),
+    (3, "wakeups", include_str!("../../migrations/0003_wakeups.sql")),
+    (4, "purge", include_str!("../../migrations/0004_purge.sql")),
+    (5, "operations", include_str!("../../migrations/0005_operations.sql")),
 ];
 
 /// The SQL that installs the namespace from scratch, for a DBA to review and apply by hand.

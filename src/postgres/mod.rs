@@ -7,6 +7,7 @@
 
 mod consumer;
 mod migrate;
+mod ops;
 mod publish;
 mod registry;
 mod scout;
@@ -22,7 +23,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use consumer::{Consumer, Delivery, SettleReport};
+pub use consumer::Consumer;
 pub use migrate::migration_sql;
 pub use registry::{GroupInfo, StreamInfo};
 pub use scout::ScoutStatus;

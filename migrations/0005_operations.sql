@@ -1,0 +1,2 @@
+-- pgtide operations: functions behind the CLI's group reset, trim, grant and health commands.
+SELECT 1;

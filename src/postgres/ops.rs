@@ -1,0 +1,1 @@
+//! Operations used by the CLI: group reset, trim, grants, health.

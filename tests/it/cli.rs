@@ -1,0 +1,1 @@
+//! The `pgtide` binary, driven end to end as a user would.
