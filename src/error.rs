@@ -64,6 +64,25 @@ pub enum Error {
         /// The message whose settle was refused.
         id: Uuid,
     },
+    /// The backend cannot do this (see its [`crate::Capabilities`]).
+    #[error("{backend} backend does not support {what}")]
+    Unsupported {
+        /// The backend.
+        backend: &'static str,
+        /// The operation or option.
+        what: &'static str,
+    },
+    /// An error from a broker backend (NATS, Redis, RabbitMQ) or its connection.
+    #[error("{backend}: {source}")]
+    Broker {
+        /// The backend.
+        backend: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// Whether trying again may succeed.
+        retryable: bool,
+    },
     /// A payload could not be encoded or decoded as JSON.
     #[error("payload is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -89,6 +108,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Pool(_) => true,
+            Error::Broker { retryable, .. } => *retryable,
             Error::Postgres(source) => {
                 if let Some(e) = source.downcast_ref::<tokio_postgres::Error>() {
                     if e.is_closed() {

@@ -33,12 +33,21 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "amqp")]
+mod amqp;
+mod any;
+mod backend;
 mod config;
 mod delivery;
 mod error;
+mod memory;
 mod message;
 mod names;
+#[cfg(feature = "nats")]
+mod nats;
 mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
 mod worker;
 
 pub mod dev;
@@ -46,15 +55,24 @@ pub mod dev;
 #[cfg(feature = "bench")]
 pub mod bench;
 
+#[cfg(feature = "amqp")]
+pub use crate::amqp::{AmqpBackend, AmqpConsumer};
+pub use crate::any::{AnyBackend, AnyConsumer};
+pub use crate::backend::{Capabilities, Queue, QueueConsumer};
 pub use crate::config::{Backoff, GroupStart, StreamConfig};
 pub use crate::delivery::{Delivery, SettleReport};
 pub use crate::error::{Error, Result};
+pub use crate::memory::{MemoryBackend, MemoryConsumer};
 pub use crate::message::{Headers, Message, OutgoingMessage, PublishReceipt};
 pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
+#[cfg(feature = "nats")]
+pub use crate::nats::{NatsBackend, NatsConsumer};
 pub use crate::postgres::{
     migration_sql, Consumer, DeadLetter, GroupInfo, GroupStats, ListenerStatus, MaintenanceReport,
     PgBackend, PgBackendBuilder, ScoutStatus, StreamInfo, DEFAULT_NAMESPACE,
 };
+#[cfg(feature = "redis")]
+pub use crate::redis::{RedisBackend, RedisConsumer};
 pub use crate::worker::{HandlerResult, Outcome, Worker, WorkerConfig, WorkerHook, WorkerReport};
 /// Re-exported: stops workers and background tasks.
 pub use tokio_util::sync::CancellationToken;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::backend::QueueConsumer;
 use crate::{Consumer, Delivery, Result};
 
 /// What a handler decided about a delivery.
@@ -139,8 +140,8 @@ type BoxHandler = Arc<
 /// let report = worker.run(token.clone()).await?;
 /// # let _ = report; Ok(()) }
 /// ```
-pub struct Worker {
-    consumer: Consumer,
+pub struct Worker<C: QueueConsumer = Consumer> {
+    consumer: C,
     handler: BoxHandler,
     config: WorkerConfig,
     hooks: Vec<Arc<dyn WorkerHook>>,
@@ -165,11 +166,11 @@ impl Counters {
     }
 }
 
-impl Worker {
+impl<C: QueueConsumer> Worker<C> {
     /// A worker running `handler` for every delivery of `consumer`'s group. The handler returns
     /// an [`Outcome`], or an error (shown in the dead letter if retries run out) to retry with
     /// the stream's backoff.
-    pub fn new<F, Fut, E>(consumer: Consumer, handler: F) -> Worker
+    pub fn new<F, Fut, E>(consumer: C, handler: F) -> Worker<C>
     where
         F: Fn(Delivery) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<Outcome, E>> + Send + 'static,
@@ -343,15 +344,12 @@ impl Worker {
     }
 
     async fn lease(&self) -> Option<Duration> {
-        match self.consumer.backend().stream(self.consumer.stream()).await {
-            Ok(Some(info)) => Some(info.config.lease),
-            _ => None,
-        }
+        self.consumer.lease().await
     }
 }
 
-struct Job {
-    consumer: Consumer,
+struct Job<C: QueueConsumer> {
+    consumer: C,
     handler: BoxHandler,
     hooks: Vec<Arc<dyn WorkerHook>>,
     settle: mpsc::Sender<Settle>,
@@ -360,7 +358,7 @@ struct Job {
     extend_every: Option<Duration>,
 }
 
-impl Job {
+impl<C: QueueConsumer> Job<C> {
     async fn run(self, mut delivery: Delivery) {
         let span = tracing::info_span!(
             "pgtide.handle",
@@ -429,7 +427,11 @@ impl Job {
 }
 
 /// Settles deliveries as handlers finish: acks that arrive together go in one statement.
-async fn run_settler(consumer: Consumer, mut rx: mpsc::Receiver<Settle>, counters: Arc<Counters>) {
+async fn run_settler<C: QueueConsumer>(
+    consumer: C,
+    mut rx: mpsc::Receiver<Settle>,
+    counters: Arc<Counters>,
+) {
     let mut acks: Vec<Delivery> = vec![];
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);

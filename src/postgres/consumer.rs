@@ -97,6 +97,17 @@ impl Consumer {
         &self.pg
     }
 
+    /// The lease this consumer's fetches grant: its override, else the stream's.
+    pub async fn lease(&self) -> Option<Duration> {
+        if self.lease.is_some() {
+            return self.lease;
+        }
+        match self.pg.cached_stream(&self.stream).await {
+            Ok(info) => Some(info.config.lease),
+            Err(_) => None,
+        }
+    }
+
     /// Claims up to `max` ready deliveries without waiting; returns an empty vector when there
     /// are none. Deliveries past `max_deliver` are moved to the dead letters on the way.
     ///

@@ -9,6 +9,7 @@ mod consumer;
 mod migrate;
 mod ops;
 mod publish;
+mod queue;
 mod registry;
 mod scout;
 mod stats;
@@ -24,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use consumer::Consumer;
+
 pub use migrate::migration_sql;
 pub use registry::{GroupInfo, StreamInfo};
 pub use scout::ScoutStatus;

@@ -1,1 +1,212 @@
-//! Operations used by the CLI: group reset, trim, grants, health.
+//! Operations used by the CLI and by operators' own tooling: grants for a runtime role, group
+//! reset (replay from a point), trim, releasing a consumer's leases, and cheap inspection (scout
+//! holder, publish counts, one dead letter).
+//!
+//! Each goes through a function of the namespace (`migrations/0005_operations.sql`), so psql users
+//! get the same behaviour. None of them walks a group's backlog except reset and trim, which are
+//! admin operations that touch what they change.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::wake::Wake;
+use super::{micros, PgBackend};
+use crate::error::Ctx;
+use crate::message::headers_from_json;
+use crate::names::validate_name;
+use crate::{DeadLetter, Error, Result};
+
+fn ctx<'a>(stream: &'a str, group: Option<&'a str>) -> Ctx<'a> {
+    Ctx {
+        stream: Some(stream),
+        group,
+    }
+}
+
+impl PgBackend {
+    /// Grants `role` exactly what running needs in this namespace: USAGE on the schema (no
+    /// CREATE), SELECT/INSERT/UPDATE/DELETE where publish, fetch, settle, the scout and stats need
+    /// them, SELECT on the views and EXECUTE on the functions. Creating streams and groups,
+    /// partition maintenance, retention and trim still work under such a role: those functions
+    /// are `SECURITY DEFINER`. Idempotent; run it after every [`PgBackend::migrate`] as the owner.
+    ///
+    /// Fails with [`Error::InvalidConfig`] if the role does not exist.
+    pub async fn grant_runtime(&self, role: &str) -> Result<()> {
+        if role.is_empty() || role.len() > 63 || role.contains('\0') {
+            return Err(Error::InvalidConfig(format!(
+                "role name {role:?} is invalid: use 1-63 bytes"
+            )));
+        }
+        let client = self.client().await?;
+        let sql = format!("SELECT \"{}\".grant_runtime($1)", self.namespace());
+        match client.execute(&sql, &[&role]).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code().map(|c| c.code()) == Some("PT007") => {
+                Err(Error::InvalidConfig(format!(
+                    "role {role:?} does not exist: create it first (CREATE ROLE \"{role}\" LOGIN)"
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replays a group from a point in time: deliveries of messages published before `from` are
+    /// dropped from the group (skipped), and every retained message published at or after it that
+    /// is not pending in the group is queued again, dead letters included. `None` replays every
+    /// retained message. Deliveries already pending keep their state (delay, attempts, lease).
+    ///
+    /// Returns `(skipped, queued)`. Consumers of the group are woken.
+    pub async fn reset_group(
+        &self,
+        stream: &str,
+        group: &str,
+        from: Option<DateTime<Utc>>,
+    ) -> Result<(u64, u64)> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT skipped, queued FROM \"{}\".reset_group($1, $2, $3)",
+                    self.namespace()
+                ),
+                &[&stream, &group, &from],
+            )
+            .await
+            .map_err(|e| Error::from_pg(e, ctx(stream, Some(group))))?;
+        let (skipped, queued): (i64, i64) = (row.get(0), row.get(1));
+        if queued > 0 {
+            self.poke(Wake::Stream(stream.into()));
+        }
+        Ok((skipped as u64, queued as u64))
+    }
+
+    /// Removes the stream's oldest messages with their deliveries and dead letters in every
+    /// group: those published more than `max_age` ago, and those beyond the newest `max_len`.
+    /// Whole partitions are dropped, the rest deleted. Returns how many messages were removed.
+    ///
+    /// Fails with [`Error::InvalidConfig`] when both limits are `None`.
+    pub async fn trim_stream(
+        &self,
+        stream: &str,
+        max_age: Option<Duration>,
+        max_len: Option<u64>,
+    ) -> Result<u64> {
+        validate_name("stream", stream)?;
+        if max_age.is_none() && max_len.is_none() {
+            return Err(Error::InvalidConfig(
+                "trim needs a maximum age or a maximum length".to_owned(),
+            ));
+        }
+        let max_len = max_len.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT \"{}\".trim_stream($1, $2::int8 * interval '1 microsecond', $3)",
+                    self.namespace()
+                ),
+                &[&stream, &max_age.map(micros), &max_len],
+            )
+            .await
+            .map_err(|e| Error::from_pg(e, ctx(stream, None)))?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
+    /// Hands back every delivery still leased to the consumer named `consumer` in the group:
+    /// visible again at once, the attempt not counted. Returns how many were released.
+    ///
+    /// For a process that stops without knowing exactly what an interrupted fetch claimed. It
+    /// assumes the consumer name is used by this process alone: another process's deliveries
+    /// under the same name would be released too (and redelivered).
+    pub async fn release_consumer(&self, stream: &str, group: &str, consumer: &str) -> Result<u64> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        validate_name("consumer", consumer)?;
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT \"{}\".release_consumer($1, $2, $3)",
+                    self.namespace()
+                ),
+                &[&stream, &group, &consumer],
+            )
+            .await
+            .map_err(|e| Error::from_pg(e, ctx(stream, Some(group))))?;
+        let n: i64 = row.get(0);
+        if n > 0 {
+            self.poke(Wake::Stream(stream.into()));
+        }
+        Ok(n as u64)
+    }
+
+    /// The id of the process holding the scout lease, or `None` when no scout holds it (none
+    /// running, or the last one died and its lease expired).
+    pub async fn scout_holder(&self) -> Result<Option<String>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT holder FROM \"{}\".scout WHERE active",
+                    self.namespace()
+                ),
+                &[],
+            )
+            .await?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// Messages inserted per stream, `(stream, count)` by name, from PostgreSQL's cumulative
+    /// table statistics: no scan, but approximate (backends flush them about once a second, a
+    /// statistics reset or a dropped partition lowers them). Sample it twice for a publish rate.
+    pub async fn publish_counts(&self) -> Result<Vec<(String, i64)>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT stream, published FROM \"{}\".publish_counts()",
+                    self.namespace()
+                ),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// One dead letter of a group, or `None` if the message is not dead in that group.
+    pub async fn dead_letter(
+        &self,
+        stream: &str,
+        group: &str,
+        id: Uuid,
+    ) -> Result<Option<DeadLetter>> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT message_id, attempts, reason, error, dead_at, payload_bytes, headers \
+                     FROM \"{}\".dead_letters WHERE stream = $1 AND \"group\" = $2 AND message_id = $3",
+                    self.namespace()
+                ),
+                &[&stream, &group, &id],
+            )
+            .await?;
+        Ok(row.map(|r| DeadLetter {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            id: r.get(0),
+            attempts: r.get::<_, i32>(1) as u32,
+            reason: r.get(2),
+            error: r.get(3),
+            dead_at: r.get(4),
+            payload: r.get(5),
+            headers: headers_from_json(r.get(6)),
+        }))
+    }
+}

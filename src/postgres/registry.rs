@@ -176,6 +176,29 @@ impl PgBackend {
         Ok(row.get(0))
     }
 
+    /// Removes every message of the stream and every pending delivery and dead letter of its
+    /// groups; the stream and its groups stay. Returns how many deliveries were dropped.
+    pub async fn purge_stream(&self, name: &str) -> Result<u64> {
+        validate_name("stream", name)?;
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &format!("SELECT \"{}\".purge_stream($1)", self.namespace()),
+                &[&name],
+            )
+            .await
+            .map_err(|e| {
+                Error::from_pg(
+                    e,
+                    Ctx {
+                        stream: Some(name),
+                        group: None,
+                    },
+                )
+            })?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
     /// Reads one stream, or `None` if it does not exist.
     pub async fn stream(&self, name: &str) -> Result<Option<StreamInfo>> {
         validate_name("stream", name)?;

@@ -1,0 +1,182 @@
+//! The backend-neutral queue traits.
+//!
+//! [`Queue`] is a handle to one backend (publish, admin, stats); [`QueueConsumer`] is one named
+//! consumer of one group (fetch and settle). Handlers written against [`crate::Delivery`] and the
+//! [`crate::Worker`] run unchanged on every backend. Where backends differ, [`Capabilities`] says
+//! so; the conformance suite checks each promise on every backend.
+//!
+//! The methods return `impl Future + Send` (no `async-trait` boxing).
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::{
+    DeadLetter, Delivery, GroupStart, GroupStats, OutgoingMessage, PublishReceipt, Result,
+    SettleReport, StreamConfig,
+};
+
+/// What a backend can do natively. Operations a backend lacks either are emulated (documented
+/// per backend) or fail with [`crate::Error::Unsupported`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Delayed publish (`OutgoingMessage::delay` / `deliver_at`).
+    pub delay: bool,
+    /// Delay is native to the server (not emulated by pgtide).
+    pub native_delay: bool,
+    /// Dedupe keys are honoured.
+    pub dedupe: bool,
+    /// Nack with an explicit delay.
+    pub nack_delay: bool,
+    /// `in_progress` extends a lease.
+    pub lease_extension: bool,
+    /// Publish inside the caller's database transaction.
+    pub transactional_publish: bool,
+    /// Priority ordering.
+    pub priority: bool,
+    /// Exact per-group depth (ready / in-flight / dead) in `stats`.
+    pub exact_stats: bool,
+    /// A new group can start at the oldest retained message.
+    pub group_start_oldest: bool,
+    /// Settles are fenced: a consumer whose lease lapsed and was re-claimed gets `LeaseLost`.
+    pub fenced_settle: bool,
+}
+
+/// A handle to one backend: publish, administer, inspect, and make consumers. Cheap to clone.
+pub trait Queue: Clone + Send + Sync + 'static {
+    /// The consumer type of this backend.
+    type Consumer: QueueConsumer;
+
+    /// What this backend supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates the stream unless it exists. Returns true if it was created.
+    fn ensure_stream(
+        &self,
+        stream: &str,
+        config: &StreamConfig,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Deletes a stream with everything in it. Returns false if it did not exist.
+    fn delete_stream(&self, stream: &str) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Creates the group unless it exists. Returns true if it was created.
+    fn ensure_group(
+        &self,
+        stream: &str,
+        group: &str,
+        start: GroupStart,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Deletes a group. Returns false if it did not exist.
+    fn delete_group(&self, stream: &str, group: &str) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Removes every message of the stream and every pending delivery and dead letter of its
+    /// groups; the stream and groups stay.
+    fn purge(&self, stream: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// Depth of one group.
+    fn stats(&self, stream: &str, group: &str) -> impl Future<Output = Result<GroupStats>> + Send;
+
+    /// Dead letters of a group, oldest first.
+    fn dead_letters(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>>> + Send;
+
+    /// Publishes one message to every group of the stream.
+    fn publish(
+        &self,
+        stream: &str,
+        msg: OutgoingMessage,
+    ) -> impl Future<Output = Result<PublishReceipt>> + Send;
+
+    /// Publishes many messages; receipts in input order.
+    fn publish_batch(
+        &self,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> impl Future<Output = Result<Vec<PublishReceipt>>> + Send;
+
+    /// A consumer named `name` of `group`.
+    fn consumer(
+        &self,
+        stream: &str,
+        group: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Self::Consumer>> + Send;
+}
+
+/// One named consumer of one group. Cheap to clone.
+pub trait QueueConsumer: Clone + Send + Sync + 'static {
+    /// The stream.
+    fn stream(&self) -> &str;
+    /// The group.
+    fn group(&self) -> &str;
+    /// The consumer name.
+    fn name(&self) -> &str;
+
+    /// The lease a fetch grants, if known (the worker extends leases at half of it).
+    fn lease(&self) -> impl Future<Output = Option<Duration>> + Send;
+
+    /// Claims up to `max` ready deliveries without waiting.
+    fn try_fetch(&self, max: usize) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
+
+    /// Claims up to `max` deliveries, waiting up to `timeout` for the first.
+    fn fetch(
+        &self,
+        max: usize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
+
+    /// Acknowledges deliveries.
+    fn ack_batch(&self, ds: &[&Delivery]) -> impl Future<Output = Result<SettleReport>> + Send;
+
+    /// Retries deliveries after `delay` (the stream's backoff when `None`); on the last allowed
+    /// attempt they become dead letters.
+    fn nack_batch(
+        &self,
+        ds: &[&Delivery],
+        delay: Option<Duration>,
+        error: Option<&str>,
+    ) -> impl Future<Output = Result<SettleReport>> + Send;
+
+    /// Dead-letters deliveries now, with `reason`.
+    fn term_batch(
+        &self,
+        ds: &[&Delivery],
+        reason: &str,
+    ) -> impl Future<Output = Result<SettleReport>> + Send;
+
+    /// Extends a delivery's lease (`lease` from now, or the stream's lease).
+    fn in_progress(
+        &self,
+        d: &mut Delivery,
+        lease: Option<Duration>,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Hands deliveries back unprocessed, visible again at once.
+    fn release_batch(&self, ds: &[&Delivery]) -> impl Future<Output = Result<SettleReport>> + Send;
+
+    /// Acknowledges one delivery; [`crate::Error::LeaseLost`] if the lease was lost.
+    fn ack(&self, d: &Delivery) -> impl Future<Output = Result<()>> + Send {
+        async move { self.ack_batch(&[d]).await?.single(d.id()) }
+    }
+
+    /// Retries one delivery (see [`QueueConsumer::nack_batch`]).
+    fn nack(
+        &self,
+        d: &Delivery,
+        delay: Option<Duration>,
+        error: Option<&str>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move { self.nack_batch(&[d], delay, error).await?.single(d.id()) }
+    }
+
+    /// Dead-letters one delivery now.
+    fn term(&self, d: &Delivery, reason: &str) -> impl Future<Output = Result<()>> + Send {
+        async move { self.term_batch(&[d], reason).await?.single(d.id()) }
+    }
+}

@@ -1,0 +1,495 @@
+//! The conformance cases: each promise of the queue traits, written once, generic over the
+//! backend. A case a backend cannot pass must be declared by its `Capabilities`, and then the
+//! case checks that the backend says so (typed `Unsupported` error) instead of skipping.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgtide::{
+    CancellationToken, Delivery, Error, GroupStart, Outcome, OutgoingMessage, Queue, QueueConsumer,
+    StreamConfig, Worker,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn msg(v: serde_json::Value) -> OutgoingMessage {
+    OutgoingMessage::json(&v).unwrap()
+}
+
+async fn setup<Q: Queue>(q: &Q, stream: &str, config: StreamConfig, groups: &[&str]) {
+    assert!(q.ensure_stream(stream, &config).await.unwrap());
+    assert!(
+        !q.ensure_stream(stream, &config).await.unwrap(),
+        "ensure_stream is idempotent"
+    );
+    for g in groups {
+        assert!(q.ensure_group(stream, g, GroupStart::New).await.unwrap());
+        assert!(
+            !q.ensure_group(stream, g, GroupStart::New).await.unwrap(),
+            "ensure_group is idempotent"
+        );
+    }
+}
+
+/// Fetches until `n` deliveries arrived (or WAIT passes).
+async fn fetch_n<C: QueueConsumer>(c: &C, n: usize) -> Vec<Delivery> {
+    let deadline = Instant::now() + WAIT;
+    let mut out = vec![];
+    while out.len() < n && Instant::now() < deadline {
+        out.extend(
+            c.fetch(n - out.len(), Duration::from_secs(1))
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+pub async fn publish_fetch_ack<Q: Queue>(q: Q) {
+    setup(&q, "basic", StreamConfig::default(), &["g"]).await;
+    let r = q
+        .publish("basic", msg(serde_json::json!({"n": 1})).header("k", "v"))
+        .await
+        .unwrap();
+    assert!(!r.duplicate);
+    let c = q.consumer("basic", "g", "c1").await.unwrap();
+    let got = fetch_n(&c, 1).await;
+    assert_eq!(got.len(), 1);
+    let d = &got[0];
+    assert_eq!(d.id(), r.id);
+    assert_eq!(d.attempt, 1);
+    assert_eq!(
+        d.json::<serde_json::Value>().unwrap(),
+        serde_json::json!({"n": 1})
+    );
+    assert_eq!(d.headers.get("k").map(String::as_str), Some("v"));
+    assert_eq!(d.stream, "basic");
+    assert_eq!(d.group, "g");
+    c.ack(d).await.unwrap();
+    assert!(
+        c.fetch(10, Duration::from_millis(300))
+            .await
+            .unwrap()
+            .is_empty(),
+        "acked message came back"
+    );
+}
+
+pub async fn fan_out_to_two_groups<Q: Queue>(q: Q) {
+    setup(&q, "fan", StreamConfig::default(), &["a", "b"]).await;
+    let ids: Vec<_> = q
+        .publish_batch(
+            "fan",
+            &(0..5)
+                .map(|i| msg(serde_json::json!(i)))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let a = q.consumer("fan", "a", "c").await.unwrap();
+    let b = q.consumer("fan", "b", "c").await.unwrap();
+    let got_a = fetch_n(&a, 5).await;
+    assert_eq!(
+        got_a.iter().map(|d| d.id()).collect::<HashSet<_>>(),
+        ids.iter().copied().collect()
+    );
+    a.ack_batch(&got_a.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    // Group b is independent: acking in a changed nothing for b.
+    let got_b = fetch_n(&b, 5).await;
+    assert_eq!(
+        got_b.iter().map(|d| d.id()).collect::<HashSet<_>>(),
+        ids.iter().copied().collect()
+    );
+    b.ack_batch(&got_b.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+}
+
+pub async fn competing_consumers_never_share<Q: Queue>(q: Q) {
+    setup(&q, "compete", StreamConfig::default(), &["g"]).await;
+    let n = 200;
+    q.publish_batch(
+        "compete",
+        &(0..n)
+            .map(|i| msg(serde_json::json!(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let seen: Arc<Mutex<HashMap<uuid::Uuid, usize>>> = Arc::default();
+    let mut tasks = vec![];
+    for i in 0..4 {
+        let c = q.consumer("compete", "g", &format!("c{i}")).await.unwrap();
+        let seen = seen.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let batch = c.fetch(7, Duration::from_millis(500)).await.unwrap();
+                if batch.is_empty() {
+                    return;
+                }
+                for d in &batch {
+                    *seen.lock().unwrap().entry(d.id()).or_default() += 1;
+                }
+                let report = c
+                    .ack_batch(&batch.iter().collect::<Vec<_>>())
+                    .await
+                    .unwrap();
+                assert!(report.lost.is_empty(), "{report:?}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), n);
+    assert!(
+        seen.values().all(|&k| k == 1),
+        "a delivery went to two consumers"
+    );
+}
+
+pub async fn nack_with_delay<Q: Queue>(q: Q) {
+    setup(&q, "nack", StreamConfig::default(), &["g"]).await;
+    let r = q
+        .publish("nack", msg(serde_json::json!("retry me")))
+        .await
+        .unwrap();
+    let c = q.consumer("nack", "g", "c").await.unwrap();
+    let d = fetch_n(&c, 1).await.remove(0);
+    let nacked = Instant::now();
+    c.nack(&d, Some(Duration::from_millis(700)), Some("try later"))
+        .await
+        .unwrap();
+    let again = fetch_n(&c, 1).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].id(), again[0].attempt), (r.id, 2));
+    if q.capabilities().nack_delay {
+        assert!(
+            nacked.elapsed() >= Duration::from_millis(650),
+            "redelivered after {:?}",
+            nacked.elapsed()
+        );
+    }
+    c.ack(&again[0]).await.unwrap();
+}
+
+pub async fn lease_expiry_redelivers<Q: Queue>(q: Q) {
+    setup(
+        &q,
+        "lease",
+        StreamConfig::default().lease(Duration::from_secs(1)),
+        &["g"],
+    )
+    .await;
+    let r = q.publish("lease", msg(serde_json::json!(1))).await.unwrap();
+    let a = q.consumer("lease", "g", "a").await.unwrap();
+    let b = q.consumer("lease", "g", "b").await.unwrap();
+    let first = fetch_n(&a, 1).await.remove(0);
+    assert_eq!(first.attempt, 1);
+    let second = fetch_n(&b, 1).await;
+    assert_eq!(second.len(), 1, "not redelivered after the lease expired");
+    assert_eq!((second[0].id(), second[0].attempt), (r.id, 2));
+    if q.capabilities().fenced_settle {
+        assert!(matches!(a.ack(&first).await, Err(Error::LeaseLost { .. })));
+    }
+    b.ack(&second[0]).await.unwrap();
+}
+
+pub async fn in_progress_keeps_the_lease<Q: Queue>(q: Q) {
+    setup(
+        &q,
+        "progress",
+        StreamConfig::default().lease(Duration::from_secs(1)),
+        &["g"],
+    )
+    .await;
+    q.publish("progress", msg(serde_json::json!(1)))
+        .await
+        .unwrap();
+    let a = q.consumer("progress", "g", "a").await.unwrap();
+    let b = q.consumer("progress", "g", "b").await.unwrap();
+    let mut d = fetch_n(&a, 1).await.remove(0);
+    let result = a.in_progress(&mut d, Some(Duration::from_secs(30))).await;
+    if !q.capabilities().lease_extension {
+        assert!(
+            matches!(result, Err(Error::Unsupported { .. })),
+            "{result:?}"
+        );
+        return;
+    }
+    result.unwrap();
+    // Keep extending past the original lease; b must see nothing meanwhile.
+    let until = Instant::now() + Duration::from_millis(2000);
+    while Instant::now() < until {
+        assert!(
+            b.fetch(1, Duration::from_millis(400))
+                .await
+                .unwrap()
+                .is_empty(),
+            "lease lapsed"
+        );
+        a.in_progress(&mut d, None).await.unwrap();
+    }
+    a.ack(&d).await.unwrap();
+}
+
+pub async fn term_dead_letters_with_reason<Q: Queue>(q: Q) {
+    setup(&q, "term", StreamConfig::default(), &["g"]).await;
+    let r = q
+        .publish("term", msg(serde_json::json!({"bad": true})))
+        .await
+        .unwrap();
+    let c = q.consumer("term", "g", "c").await.unwrap();
+    let d = fetch_n(&c, 1).await.remove(0);
+    c.term(&d, "unprocessable").await.unwrap();
+    assert!(c
+        .fetch(1, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+    let dead = dead_letters(&q, "term", "g", 1).await;
+    assert_eq!(dead[0].id, r.id);
+    assert_eq!(dead[0].reason, "unprocessable");
+    assert_eq!(dead[0].payload.as_deref(), Some(&br#"{"bad":true}"#[..]));
+}
+
+async fn dead_letters<Q: Queue>(
+    q: &Q,
+    stream: &str,
+    group: &str,
+    n: usize,
+) -> Vec<pgtide::DeadLetter> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let dead = q.dead_letters(stream, group, 100).await.unwrap();
+        if dead.len() >= n || Instant::now() > deadline {
+            assert_eq!(dead.len(), n, "dead letters");
+            return dead;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn max_deliver_dead_letters<Q: Queue>(q: Q) {
+    let config = StreamConfig::default()
+        .max_deliver(2)
+        .backoff(pgtide::Backoff::schedule([Duration::from_millis(50)]));
+    setup(&q, "poison", config, &["g"]).await;
+    let r = q
+        .publish("poison", msg(serde_json::json!("poison")))
+        .await
+        .unwrap();
+    let c = q.consumer("poison", "g", "c").await.unwrap();
+    for attempt in 1..=2 {
+        let d = fetch_n(&c, 1).await;
+        assert_eq!(d.len(), 1, "attempt {attempt}");
+        assert_eq!(d[0].attempt, attempt);
+        c.nack(
+            &d[0],
+            Some(Duration::from_millis(50)),
+            Some(&format!("boom {attempt}")),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(
+        c.fetch(1, Duration::from_millis(500))
+            .await
+            .unwrap()
+            .is_empty(),
+        "delivered past max_deliver"
+    );
+    let dead = dead_letters(&q, "poison", "g", 1).await;
+    assert_eq!((dead[0].id, dead[0].reason.as_str()), (r.id, "max_deliver"));
+    assert_eq!(dead[0].error.as_deref(), Some("boom 2"));
+}
+
+pub async fn dedupe<Q: Queue>(q: Q) {
+    setup(&q, "dedupe", StreamConfig::default(), &["g"]).await;
+    let first = q
+        .publish("dedupe", msg(serde_json::json!(1)).dedupe_key("k"))
+        .await;
+    if !q.capabilities().dedupe {
+        assert!(matches!(first, Err(Error::Unsupported { .. })), "{first:?}");
+        return;
+    }
+    let first = first.unwrap();
+    let second = q
+        .publish("dedupe", msg(serde_json::json!(2)).dedupe_key("k"))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    assert!(second.duplicate);
+    assert_eq!(first.id, second.id);
+    let c = q.consumer("dedupe", "g", "c").await.unwrap();
+    let got = fetch_n(&c, 1).await;
+    assert_eq!(got[0].json::<i32>().unwrap(), 1);
+    assert!(c
+        .fetch(1, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn delayed_publish<Q: Queue>(q: Q) {
+    setup(&q, "delay", StreamConfig::default(), &["g"]).await;
+    let published = Instant::now();
+    let r = q
+        .publish(
+            "delay",
+            msg(serde_json::json!("later")).delay(Duration::from_millis(800)),
+        )
+        .await;
+    if !q.capabilities().delay {
+        assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+        return;
+    }
+    let r = r.unwrap();
+    let c = q.consumer("delay", "g", "c").await.unwrap();
+    let got = fetch_n(&c, 1).await;
+    assert_eq!(got[0].id(), r.id);
+    assert!(
+        published.elapsed() >= Duration::from_millis(750),
+        "delivered after {:?}",
+        published.elapsed()
+    );
+}
+
+pub async fn batch_publish<Q: Queue>(q: Q) {
+    setup(&q, "batch", StreamConfig::default(), &["g"]).await;
+    let receipts = q
+        .publish_batch(
+            "batch",
+            &(0..100)
+                .map(|i| msg(serde_json::json!(i)))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(receipts.len(), 100);
+    assert_eq!(
+        receipts.iter().map(|r| r.id).collect::<HashSet<_>>().len(),
+        100
+    );
+    let c = q.consumer("batch", "g", "c").await.unwrap();
+    let got = fetch_n(&c, 100).await;
+    let mut values: Vec<i32> = got.iter().map(|d| d.json().unwrap()).collect();
+    values.sort();
+    assert_eq!(values, (0..100).collect::<Vec<_>>());
+}
+
+pub async fn stats<Q: Queue>(q: Q) {
+    setup(&q, "stats", StreamConfig::default(), &["g"]).await;
+    q.publish_batch(
+        "stats",
+        &(0..6)
+            .map(|i| msg(serde_json::json!(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let c = q.consumer("stats", "g", "c").await.unwrap();
+    let got = fetch_n(&c, 2).await;
+    c.ack(&got[0]).await.unwrap();
+    c.term(&got[1], "x").await.unwrap();
+    let inflight = fetch_n(&c, 1).await;
+    let s = q.stats("stats", "g").await.unwrap();
+    assert_eq!(s.stream, "stats");
+    assert_eq!(s.group.as_deref(), Some("g"));
+    if q.capabilities().exact_stats {
+        assert_eq!((s.ready, s.in_flight, s.dead), (3, 1, 1), "{s:?}");
+    } else {
+        assert_eq!(s.ready + s.in_flight, 4, "{s:?}");
+    }
+    c.ack(&inflight[0]).await.unwrap();
+}
+
+pub async fn bad_names_are_typed_errors<Q: Queue>(q: Q) {
+    for bad in ["", "Bad", "a b", "-x", "a*", &"x".repeat(65)] {
+        assert!(
+            matches!(
+                q.ensure_stream(bad, &StreamConfig::default()).await,
+                Err(Error::InvalidName { .. })
+            ),
+            "{bad}"
+        );
+        assert!(
+            matches!(
+                q.publish(bad, msg(serde_json::json!(1))).await,
+                Err(Error::InvalidName { .. })
+            ),
+            "{bad}"
+        );
+    }
+    setup(&q, "names", StreamConfig::default(), &[]).await;
+    assert!(matches!(
+        q.ensure_group("names", "Bad Group", GroupStart::New).await,
+        Err(Error::InvalidName { .. })
+    ));
+    assert!(matches!(
+        q.consumer("names", "g", "c").await,
+        Err(Error::GroupNotFound { .. })
+    ));
+    assert!(matches!(
+        q.publish("missing", msg(serde_json::json!(1))).await,
+        Err(Error::StreamNotFound(_))
+    ));
+}
+
+pub async fn worker_runs_the_same_handler<Q: Queue>(q: Q) {
+    setup(
+        &q,
+        "work",
+        StreamConfig::default().backoff(pgtide::Backoff::schedule([Duration::from_millis(50)])),
+        &["g"],
+    )
+    .await;
+    let n = 40;
+    q.publish_batch(
+        "work",
+        &(0..n)
+            .map(|i| msg(serde_json::json!(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let done: Arc<Mutex<HashSet<i64>>> = Arc::default();
+    let c = q.consumer("work", "g", "w").await.unwrap();
+    let worker = Worker::new(c, {
+        let done = done.clone();
+        move |d: Delivery| {
+            let done = done.clone();
+            async move {
+                let i: i64 = d.json().map_err(|e| e.to_string())?;
+                if i % 10 == 0 && d.attempt == 1 {
+                    return Err(format!("first attempt of {i} fails"));
+                }
+                done.lock().unwrap().insert(i);
+                Ok(Outcome::Ack)
+            }
+        }
+    })
+    .concurrency(8);
+    let token = CancellationToken::new();
+    let run = tokio::spawn(worker.run(token.clone()));
+    let deadline = Instant::now() + WAIT;
+    while done.lock().unwrap().len() < n as usize {
+        assert!(
+            Instant::now() < deadline,
+            "worker handled {} of {n}",
+            done.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    token.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.acked, n as u64);
+    assert_eq!(report.retried, 4);
+}

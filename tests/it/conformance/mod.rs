@@ -1,0 +1,53 @@
+//! The conformance suite, instantiated for every backend. Each backend gets a fresh, isolated
+//! instance per test (its own Postgres namespace, or its own broker-side prefix).
+
+mod cases;
+
+/// Generates one `#[tokio::test]` per case for a backend made by `$make` (an async fn).
+macro_rules! conformance {
+    ($backend:ident, $make:path) => {
+        mod $backend {
+            conformance!(@cases $make;
+                publish_fetch_ack, fan_out_to_two_groups, competing_consumers_never_share, nack_with_delay,
+                lease_expiry_redelivers, in_progress_keeps_the_lease, term_dead_letters_with_reason,
+                max_deliver_dead_letters, dedupe, delayed_publish, batch_publish, stats,
+                bad_names_are_typed_errors, worker_runs_the_same_handler);
+        }
+    };
+    (@cases $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (queue, _guard) = $make().await;
+                crate::conformance::cases::$case(queue).await;
+            }
+        )*
+    };
+}
+
+mod backends {
+    use crate::common::{namespace, TestNs};
+
+    pub async fn postgres() -> (pgtide::PgBackend, TestNs) {
+        let ns = namespace().await;
+        (ns.pg.clone(), ns)
+    }
+
+    pub async fn memory() -> (pgtide::MemoryBackend, ()) {
+        (pgtide::MemoryBackend::new(), ())
+    }
+
+    /// Through `AnyBackend`, so URL dispatch is exercised too.
+    pub async fn any_memory() -> (pgtide::AnyBackend, ()) {
+        (
+            pgtide::AnyBackend::connect("memory://", "conformance")
+                .await
+                .unwrap(),
+            (),
+        )
+    }
+}
+
+conformance!(postgres, crate::conformance::backends::postgres);
+conformance!(memory, crate::conformance::backends::memory);
+conformance!(any_memory, crate::conformance::backends::any_memory);
