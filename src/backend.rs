@@ -28,6 +28,8 @@ pub struct Capabilities {
     pub dedupe: bool,
     /// Nack with an explicit delay.
     pub nack_delay: bool,
+    /// A delivery left unsettled past its lease is redelivered (to any consumer of the group).
+    pub lease_timeout: bool,
     /// `in_progress` extends a lease.
     pub lease_extension: bool,
     /// Publish inside the caller's database transaction.

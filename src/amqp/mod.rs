@@ -51,6 +51,7 @@ impl Queue for AmqpBackend {
             native_delay: false,
             dedupe: false,
             nack_delay: false,
+            lease_timeout: false,
             lease_extension: false,
             transactional_publish: false,
             priority: false,

@@ -29,6 +29,7 @@ pub(crate) const MEMORY_CAPABILITIES: Capabilities = Capabilities {
     native_delay: true,
     dedupe: true,
     nack_delay: true,
+    lease_timeout: true,
     lease_extension: true,
     transactional_publish: false,
     priority: true,

@@ -15,6 +15,7 @@ pub(crate) const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
     native_delay: true,
     dedupe: true,
     nack_delay: true,
+    lease_timeout: true,
     lease_extension: true,
     transactional_publish: true,
     priority: true,

@@ -51,3 +51,10 @@ mod backends {
 conformance!(postgres, crate::conformance::backends::postgres);
 conformance!(memory, crate::conformance::backends::memory);
 conformance!(any_memory, crate::conformance::backends::any_memory);
+
+#[cfg(feature = "amqp")]
+mod amqp;
+#[cfg(feature = "nats")]
+mod nats;
+#[cfg(feature = "redis")]
+mod redis;
