@@ -99,7 +99,12 @@ $$;
 
 CREATE FUNCTION @ns@._claim(p_group integer, p_limit integer, p_consumer text, p_lease interval DEFAULT NULL)
 RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
+-- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
+-- backlog would make claims O(backlog)).
+SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
+AS $$
 #variable_conflict use_column
 DECLARE
     sid     integer;
@@ -151,7 +156,10 @@ END $$;
 
 CREATE FUNCTION @ns@._ack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql AS $$
+LANGUAGE sql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
     WITH done AS (
         DELETE FROM @ns@.delivery_state d USING unnest(p_ids, p_attempts) AS u(id, attempt)
         WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
@@ -169,7 +177,10 @@ $$;
 CREATE FUNCTION @ns@._nack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                            p_delays interval[] DEFAULT NULL, p_errors text[] DEFAULT NULL)
 RETURNS TABLE (id uuid, dead boolean)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
 #variable_conflict use_column
 DECLARE
     v_max     integer;
@@ -217,7 +228,10 @@ END $$;
 CREATE FUNCTION @ns@._term(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                            p_reasons text[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql AS $$
+LANGUAGE sql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
     WITH gone AS (
         DELETE FROM @ns@.delivery_state d
         USING unnest(p_ids, p_attempts, p_reasons) AS u(id, attempt, reason)
@@ -239,7 +253,10 @@ $$;
 CREATE FUNCTION @ns@._extend(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                              p_lease interval DEFAULT NULL)
 RETURNS TABLE (id uuid, lease_expires_at timestamptz)
-LANGUAGE sql AS $$
+LANGUAGE sql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
     UPDATE @ns@.delivery_state d
     SET visible_at = now() + coalesce(p_lease, (SELECT s.lease FROM @ns@.groups g
                                                 JOIN @ns@.streams s ON s.id = g.stream_id
@@ -253,7 +270,10 @@ $$;
 -- Hand deliveries back unprocessed (shutdown): visible at once, and the attempt does not count.
 CREATE FUNCTION @ns@._release(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql AS $$
+LANGUAGE sql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
     UPDATE @ns@.delivery_state d
     SET visible_at = now(), consumer = NULL, attempts = greatest(d.attempts - 1, 0)
     FROM unnest(p_ids, p_attempts) AS u(id, attempt)

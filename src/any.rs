@@ -229,6 +229,13 @@ impl QueueConsumer for AnyConsumer {
     async fn ack_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         dispatch!(AnyConsumer, self, c => QueueConsumer::ack_batch(c, ds).await)
     }
+    async fn ack_and_fetch(
+        &self,
+        done: &[&Delivery],
+        max: usize,
+    ) -> Result<(SettleReport, Vec<Delivery>)> {
+        dispatch!(AnyConsumer, self, c => QueueConsumer::ack_and_fetch(c, done, max).await)
+    }
     async fn nack_batch(
         &self,
         ds: &[&Delivery],

@@ -162,6 +162,23 @@ pub trait QueueConsumer: Clone + Send + Sync + 'static {
     /// Hands deliveries back unprocessed, visible again at once.
     fn release_batch(&self, ds: &[&Delivery]) -> impl Future<Output = Result<SettleReport>> + Send;
 
+    /// Acknowledges `done`, then claims up to `max` new deliveries without waiting. Backends
+    /// that can do both in one round trip (Postgres: one statement, one commit) override this.
+    fn ack_and_fetch(
+        &self,
+        done: &[&Delivery],
+        max: usize,
+    ) -> impl Future<Output = Result<(SettleReport, Vec<Delivery>)>> + Send {
+        async move {
+            let report = if done.is_empty() {
+                SettleReport::default()
+            } else {
+                self.ack_batch(done).await?
+            };
+            Ok((report, self.try_fetch(max).await?))
+        }
+    }
+
     /// Acknowledges one delivery; [`crate::Error::LeaseLost`] if the lease was lost.
     fn ack(&self, d: &Delivery) -> impl Future<Output = Result<()>> + Send {
         async move { self.ack_batch(&[d]).await?.single(d.id()) }

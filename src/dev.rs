@@ -2,10 +2,13 @@
 //! throwaway one.
 //!
 //! [`database_url`] returns, in order: `DATABASE_URL`; the server listening on 127.0.0.1:5432;
-//! or a throwaway cluster it starts under `target/pgtide-postgres` (port 54329, trust auth, fsync
-//! off) from the PostgreSQL server binaries on `PATH` or in `/usr/lib/postgresql/*/bin`. The
-//! throwaway cluster keeps running after the process exits and is reused by the next run; stop it
-//! with `pg_ctl -D target/pgtide-postgres stop`.
+//! or a throwaway cluster it starts under `target/pgtide-postgres` (as root, under the system
+//! temp directory instead, since the `postgres` user that must own the cluster usually cannot
+//! enter root's home) from the PostgreSQL server binaries on `PATH` or in
+//! `/usr/lib/postgresql/*/bin`: port 54329, TCP only, trust auth, fsync off. Concurrent processes
+//! (one per test under nextest) agree through a lock file: one starts it, the others wait. The
+//! cluster keeps running after the process exits and is reused by the next run; stop it with
+//! `pg_ctl -D target/pgtide-postgres stop`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,15 +111,31 @@ fn run(bin: &Path, args: &[&str], as_postgres: bool) -> Result<()> {
 
 fn start_throwaway() -> Result<String> {
     let url = format!("postgres://postgres@127.0.0.1:{THROWAWAY_PORT}/postgres");
-    if std::net::TcpStream::connect(("127.0.0.1", THROWAWAY_PORT)).is_ok() {
+    if port_open() {
         return Ok(url);
     }
     let bin = server_bin_dir()
         .ok_or_else(|| fail("no initdb/pg_ctl on PATH or in /usr/lib/postgresql/*/bin"))?;
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".to_owned());
-    let dir = std::path::absolute(Path::new(&target).join("pgtide-postgres"))
-        .map_err(|e| fail(e.to_string()))?;
     let root = is_root();
+    let dir = cluster_dir(root)?;
+    // Several test processes may start at once: one starts the cluster, the others wait for it.
+    let lock = dir.with_extension("lock");
+    let _guard = match LockFile::acquire(&lock)? {
+        Some(guard) => guard,
+        None => {
+            return if wait_for_port(Duration::from_secs(60)) {
+                Ok(url)
+            } else {
+                Err(fail(format!(
+                    "another process holds {} but the server never came up",
+                    lock.display()
+                )))
+            };
+        }
+    };
+    if port_open() {
+        return Ok(url);
+    }
     let data = dir.to_string_lossy().to_string();
     if !dir.join("PG_VERSION").is_file() {
         std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{data}: {e}")))?;
@@ -143,20 +162,97 @@ fn start_throwaway() -> Result<String> {
             root,
         )?;
     }
-    let opts = format!("-p {THROWAWAY_PORT} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200");
-    run(
+    // TCP only: a Unix socket path inside a deep directory can exceed the kernel's limit.
+    let opts = format!(
+        "-p {THROWAWAY_PORT} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off -c max_connections=200"
+    );
+    let log = format!("{data}/server.log");
+    if let Err(e) = run(
         &bin.join("pg_ctl"),
-        &[
-            "-D",
-            &data,
-            "-o",
-            &opts,
-            "-l",
-            &format!("{data}/server.log"),
-            "-w",
-            "start",
-        ],
+        &["-D", &data, "-o", &opts, "-l", &log, "-w", "start"],
         root,
-    )?;
+    ) {
+        let tail = std::fs::read_to_string(&log)
+            .map(|t| {
+                t.lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            })
+            .unwrap_or_default();
+        return Err(fail(format!("{e}; server log {log}: {tail}")));
+    }
     Ok(url)
+}
+
+fn port_open() -> bool {
+    std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], THROWAWAY_PORT).into(),
+        Duration::from_millis(500),
+    )
+    .is_ok()
+}
+
+fn wait_for_port(limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if port_open() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// `target/pgtide-postgres`, or under the system temp dir when running as root (the `postgres`
+/// user that runs the server usually cannot enter root's home).
+fn cluster_dir(root: bool) -> Result<PathBuf> {
+    if root {
+        return Ok(std::env::temp_dir().join("pgtide-postgres"));
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".to_owned());
+    std::path::absolute(Path::new(&target).join("pgtide-postgres")).map_err(|e| fail(e.to_string()))
+}
+
+/// An exclusive lock file, removed on drop. A lock older than two minutes is stale.
+struct LockFile(PathBuf);
+
+impl LockFile {
+    fn acquire(path: &Path) -> Result<Option<LockFile>> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| fail(format!("{}: {e}", parent.display())))?;
+        }
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(_) => return Ok(Some(LockFile(path.to_owned()))),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let stale = std::fs::metadata(path)
+                        .and_then(|m| m.modified())
+                        .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(120))
+                        .unwrap_or(false);
+                    if !stale {
+                        return Ok(None);
+                    }
+                    let _ = std::fs::remove_file(path);
+                }
+                Err(e) => return Err(fail(format!("{}: {e}", path.display()))),
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

@@ -92,7 +92,7 @@ pub enum Error {
     )]
     NotMigrated(String),
     /// An error from PostgreSQL or the connection to it.
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", describe(.0.as_ref()))]
     Postgres(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// No connection could be taken from the pool.
     #[error("connection pool: {0}")]
@@ -133,6 +133,22 @@ impl Error {
     }
 }
 
+/// The error and its causes on one line: drivers often display only "db error" and keep the
+/// server's message in the source.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
 /// A `Result` with pgtide's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -149,6 +165,7 @@ impl Error {
             let stream = ctx.stream.unwrap_or_default().to_owned();
             let group = ctx.group.unwrap_or_default().to_owned();
             match db.code().code() {
+                "PT001" => return Error::InvalidConfig(db.message().to_owned()),
                 "PT002" => return Error::StreamNotFound(stream),
                 "PT003" => return Error::GroupNotFound { stream, group },
                 "PT005" => return Error::StreamExists(stream),
@@ -167,8 +184,11 @@ impl Error {
             let stream = ctx.stream.unwrap_or_default().to_owned();
             let group = ctx.group.unwrap_or_default().to_owned();
             match db.code().as_deref() {
+                Some("PT001") => return Error::InvalidConfig(db.message().to_owned()),
                 Some("PT002") => return Error::StreamNotFound(stream),
                 Some("PT003") => return Error::GroupNotFound { stream, group },
+                Some("PT005") => return Error::StreamExists(stream),
+                Some("PT006") => return Error::GroupExists { stream, group },
                 _ => {}
             }
         }

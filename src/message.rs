@@ -82,9 +82,9 @@ impl OutgoingMessage {
         self
     }
 
-    /// Priority: a message with priority `p > 0` is claimed before messages that became ready up to
-    /// `p` seconds after it. It orders the first delivery only (retries use the backoff). Delayed
-    /// messages ignore it. Defaults to 0.
+    /// Priority: a message with priority `p > 0` counts as ready `p` seconds before it was
+    /// published, so it overtakes messages that became ready up to `p` seconds earlier. It orders
+    /// the first delivery only (retries use the backoff); delayed messages ignore it. Defaults to 0.
     pub fn priority(mut self, priority: i32) -> Self {
         self.priority = priority.max(0);
         self

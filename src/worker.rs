@@ -148,7 +148,6 @@ pub struct Worker<C: QueueConsumer = Consumer> {
 }
 
 enum Settle {
-    Ack(Delivery),
     Nack(Delivery, Option<Duration>, Option<String>),
     Term(Delivery, String),
 }
@@ -229,6 +228,8 @@ impl<C: QueueConsumer> Worker<C> {
         let counters = Arc::new(Counters::default());
         let in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>> = Arc::default();
         let (settle_tx, settle_rx) = mpsc::channel::<Settle>(concurrency * 4);
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Delivery>();
+        let mut pending_acks: Vec<Delivery> = vec![];
         let settler = tokio::spawn(run_settler(
             self.consumer.clone(),
             settle_rx,
@@ -247,10 +248,41 @@ impl<C: QueueConsumer> Worker<C> {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'fetching },
             };
             let want = (permits.available_permits() + 1).min(prefetch);
-            let fetched = tokio::select! {
-                biased;
-                _ = token.cancelled() => break 'fetching,
-                r = self.consumer.fetch(want, Duration::from_secs(3600)) => r,
+            // Acks of finished handlers ride along with the next claim (one round trip, one
+            // commit on Postgres). When nothing is ready, wait for work and flush acks that
+            // arrive meanwhile on their own.
+            pending_acks.extend(std::iter::from_fn(|| ack_rx.try_recv().ok()));
+            let fetched = match self
+                .consumer
+                .ack_and_fetch(&pending_acks.iter().collect::<Vec<_>>(), want)
+                .await
+            {
+                Ok((report, batch)) => {
+                    counters.add(|c| {
+                        c.acked += report.settled.len() as u64;
+                        c.lease_lost += report.lost.len() as u64;
+                    });
+                    pending_acks.clear();
+                    if batch.is_empty() {
+                        let wait = self.consumer.fetch(want, Duration::from_secs(3600));
+                        tokio::pin!(wait);
+                        loop {
+                            tokio::select! {
+                                biased;
+                                _ = token.cancelled() => break 'fetching,
+                                r = &mut wait => break r,
+                                Some(d) = ack_rx.recv() => {
+                                    let mut acks = vec![d];
+                                    acks.extend(std::iter::from_fn(|| ack_rx.try_recv().ok()));
+                                    flush_acks(&self.consumer, acks, &counters).await;
+                                }
+                            }
+                        }
+                    } else {
+                        Ok(batch)
+                    }
+                }
+                Err(e) => Err(e),
             };
             let batch = match fetched {
                 Ok(b) => {
@@ -291,6 +323,7 @@ impl<C: QueueConsumer> Worker<C> {
                     handler: self.handler.clone(),
                     hooks: self.hooks.clone(),
                     settle: settle_tx.clone(),
+                    acks: ack_tx.clone(),
                     counters: counters.clone(),
                     in_flight: in_flight.clone(),
                     extend_every: if self.config.extend_leases {
@@ -321,6 +354,9 @@ impl<C: QueueConsumer> Worker<C> {
             }
         }
         drop(settle_tx);
+        drop(ack_tx);
+        pending_acks.extend(std::iter::from_fn(|| ack_rx.try_recv().ok()));
+        flush_acks(&self.consumer, pending_acks, &counters).await;
         let _ = settler.await;
         // Whatever is still marked in flight was aborted: hand it back at once.
         let leftover: Vec<Delivery> = match in_flight.lock() {
@@ -353,6 +389,7 @@ struct Job<C: QueueConsumer> {
     handler: BoxHandler,
     hooks: Vec<Arc<dyn WorkerHook>>,
     settle: mpsc::Sender<Settle>,
+    acks: mpsc::UnboundedSender<Delivery>,
     counters: Arc<Counters>,
     in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>>,
     extend_every: Option<Duration>,
@@ -411,7 +448,11 @@ impl<C: QueueConsumer> Job<C> {
             m.remove(&delivery.id());
         }
         let settle = match result {
-            HandlerResult::Outcome(Outcome::Ack) => Settle::Ack(delivery),
+            HandlerResult::Outcome(Outcome::Ack) => {
+                // The fetch loop acks it with its next claim.
+                let _ = self.acks.send(delivery);
+                return;
+            }
             HandlerResult::Outcome(Outcome::Retry { after }) => Settle::Nack(delivery, after, None),
             HandlerResult::Outcome(Outcome::DeadLetter { reason }) => {
                 Settle::Term(delivery, reason)
@@ -426,68 +467,64 @@ impl<C: QueueConsumer> Job<C> {
     }
 }
 
-/// Settles deliveries as handlers finish: acks that arrive together go in one statement.
+/// Settles retries and dead letters as handlers finish (acks go with the next claim).
 async fn run_settler<C: QueueConsumer>(
     consumer: C,
     mut rx: mpsc::Receiver<Settle>,
     counters: Arc<Counters>,
 ) {
-    let mut acks: Vec<Delivery> = vec![];
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(s) = next.take() {
-            match s {
-                Settle::Ack(d) => acks.push(d),
-                Settle::Nack(d, after, error) => {
-                    match consumer.nack_batch(&[&d], after, error.as_deref()).await {
-                        Ok(r) => counters.add(|c| {
-                            c.retried += r.settled.len() as u64;
-                            c.dead_lettered += r.dead_lettered.len() as u64;
-                            c.lease_lost += r.lost.len() as u64;
-                        }),
-                        Err(e) => {
-                            tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: nack failed; the lease will expire")
-                        }
-                    }
-                }
-                Settle::Term(d, reason) => match consumer.term_batch(&[&d], &reason).await {
+    while let Some(settle) = rx.recv().await {
+        match settle {
+            Settle::Nack(d, after, error) => {
+                match consumer.nack_batch(&[&d], after, error.as_deref()).await {
                     Ok(r) => counters.add(|c| {
+                        c.retried += r.settled.len() as u64;
                         c.dead_lettered += r.dead_lettered.len() as u64;
                         c.lease_lost += r.lost.len() as u64;
                     }),
                     Err(e) => {
-                        tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: term failed; the lease will expire")
-                    }
-                },
-            }
-            if acks.len() < 1000 {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !acks.is_empty() {
-            let refs: Vec<&Delivery> = acks.iter().collect();
-            let mut failures = 0;
-            loop {
-                match consumer.ack_batch(&refs).await {
-                    Ok(r) => {
-                        counters.add(|c| {
-                            c.acked += r.settled.len() as u64;
-                            c.lease_lost += r.lost.len() as u64;
-                        });
-                        break;
-                    }
-                    Err(e) if e.is_retryable() && failures < 5 => {
-                        failures += 1;
-                        tracing::warn!(error = %e, "pgtide worker: ack failed; retrying");
-                        tokio::time::sleep(backoff(failures)).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, count = refs.len(), "pgtide worker: ack failed; deliveries will be redelivered");
-                        break;
+                        tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: nack failed; the lease will expire")
                     }
                 }
             }
-            acks.clear();
+            Settle::Term(d, reason) => match consumer.term_batch(&[&d], &reason).await {
+                Ok(r) => counters.add(|c| {
+                    c.dead_lettered += r.dead_lettered.len() as u64;
+                    c.lease_lost += r.lost.len() as u64;
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: term failed; the lease will expire")
+                }
+            },
+        }
+    }
+}
+
+/// Acks a batch, retrying transient failures a few times; what still fails is redelivered later.
+async fn flush_acks<C: QueueConsumer>(consumer: &C, acks: Vec<Delivery>, counters: &Counters) {
+    if acks.is_empty() {
+        return;
+    }
+    let refs: Vec<&Delivery> = acks.iter().collect();
+    let mut failures = 0;
+    loop {
+        match consumer.ack_batch(&refs).await {
+            Ok(r) => {
+                counters.add(|c| {
+                    c.acked += r.settled.len() as u64;
+                    c.lease_lost += r.lost.len() as u64;
+                });
+                return;
+            }
+            Err(e) if e.is_retryable() && failures < 5 => {
+                failures += 1;
+                tracing::warn!(error = %e, "pgtide worker: ack failed; retrying");
+                tokio::time::sleep(backoff(failures)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, count = refs.len(), "pgtide worker: ack failed; deliveries will be redelivered");
+                return;
+            }
         }
     }
 }

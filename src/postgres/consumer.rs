@@ -121,37 +121,71 @@ impl Consumer {
         let rows = client
             .query(&stmt, &[&self.group_id, &max, &self.name, &lease])
             .await
-            .map_err(|e| {
-                Error::from_pg(
-                    e,
-                    Ctx {
-                        stream: Some(&self.stream),
-                        group: Some(&self.group),
-                    },
-                )
-            })?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let id: Uuid = r.get(0);
-                let payload: Vec<u8> = r.get(3);
-                Delivery {
-                    message: Message {
-                        id,
-                        stream: self.stream.clone(),
-                        payload: payload.into(),
-                        is_json: r.get(4),
-                        headers: headers_from_json(r.get(5)),
-                        published_at: uuid_time(&id),
-                    },
-                    group: self.group.clone(),
-                    attempt: r.get::<_, i32>(1) as u32,
-                    lease_expires_at: r.get(2),
-                    consumer: self.name.clone(),
-                    token: None,
-                }
-            })
-            .collect())
+            .map_err(|e| self.error(e))?;
+        Ok(rows.iter().map(|r| self.delivery(r, 0)).collect())
+    }
+
+    /// Acknowledges `done` and claims up to `max` new deliveries in one round trip and one
+    /// commit: the cheapest way to consume. Does not wait.
+    ///
+    /// Cancel safety: as [`Consumer::try_fetch`]; if dropped, the acks may or may not have been
+    /// applied (an unapplied ack means a redelivery, never a loss).
+    pub async fn ack_and_fetch(
+        &self,
+        done: &[&Delivery],
+        max: usize,
+    ) -> Result<(SettleReport, Vec<Delivery>)> {
+        let max = max.clamp(1, 10_000) as i32;
+        let (ids, attempts) = ids_attempts(done);
+        let client = self.pg.client().await?;
+        let stmt = client.prepare_cached(&self.pg.inner.sql.ack_claim).await?;
+        let lease = self.lease.map(micros);
+        let rows = client
+            .query(
+                &stmt,
+                &[&self.group_id, &ids, &attempts, &max, &self.name, &lease],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let acked: Vec<Uuid> = rows.first().map(|r| r.get(0)).unwrap_or_default();
+        let batch = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<Uuid>>(1).is_some())
+            .map(|r| self.delivery(r, 1))
+            .collect();
+        Ok((SettleReport::from_parts(done, acked, vec![]), batch))
+    }
+
+    fn error(&self, e: tokio_postgres::Error) -> Error {
+        Error::from_pg(
+            e,
+            Ctx {
+                stream: Some(&self.stream),
+                group: Some(&self.group),
+            },
+        )
+    }
+
+    /// A delivery from a claim row whose columns start at `at`: id, attempt, lease end,
+    /// payload, is_json, headers.
+    fn delivery(&self, r: &tokio_postgres::Row, at: usize) -> Delivery {
+        let id: Uuid = r.get(at);
+        let payload: Vec<u8> = r.get(at + 3);
+        Delivery {
+            message: Message {
+                id,
+                stream: self.stream.clone(),
+                payload: payload.into(),
+                is_json: r.get(at + 4),
+                headers: headers_from_json(r.get(at + 5)),
+                published_at: uuid_time(&id),
+            },
+            group: self.group.clone(),
+            consumer: self.name.clone(),
+            attempt: r.get::<_, i32>(at + 1) as u32,
+            lease_expires_at: r.get(at + 2),
+            token: None,
+        }
     }
 
     /// Claims up to `max` deliveries, waiting up to `timeout` for the first one. While waiting it

@@ -144,6 +144,13 @@ impl PgBackend {
         Ok(n as u64)
     }
 
+    /// Wakes the consumers of `stream` in every process (one coalesced NOTIFY after the
+    /// pending ones), e.g. after replaying dead letters or changing delivery state in plain SQL.
+    /// Does nothing in poll-only mode. Needs a tokio runtime; [`PgBackend::shutdown`] flushes it.
+    pub fn wake(&self, stream: &str) {
+        self.poke(Wake::Stream(stream.into()));
+    }
+
     /// The id of the process holding the scout lease, or `None` when no scout holds it (none
     /// running, or the last one died and its lease expired).
     pub async fn scout_holder(&self) -> Result<Option<String>> {

@@ -108,6 +108,14 @@ impl QueueConsumer for Consumer {
         Consumer::ack_batch(self, ds).await
     }
 
+    async fn ack_and_fetch(
+        &self,
+        done: &[&Delivery],
+        max: usize,
+    ) -> Result<(SettleReport, Vec<Delivery>)> {
+        Consumer::ack_and_fetch(self, done, max).await
+    }
+
     async fn nack_batch(
         &self,
         ds: &[&Delivery],
