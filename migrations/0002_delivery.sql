@@ -144,9 +144,14 @@ BEGIN
         WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts < v_max
         RETURNING d.message_id, d.attempts, d.visible_at
     )
+    -- LATERAL ... LIMIT 1: one primary-key lookup per claimed row, never a join strategy that
+    -- walks the stream's messages.
     SELECT c.message_id, c.attempts, c.visible_at, m.payload, m.is_json, m.headers
-    FROM claimed c JOIN @ns@.messages m ON m.stream_id = sid AND m.id = c.message_id
-    ORDER BY c.message_id;
+    FROM claimed c
+    CROSS JOIN LATERAL (
+        SELECT mm.payload, mm.is_json, mm.headers FROM @ns@.messages mm
+        WHERE mm.stream_id = sid AND mm.id = c.message_id LIMIT 1
+    ) m;
 END $$;
 
 ---------------------------------------------------------------------------------------------------
