@@ -125,8 +125,7 @@ impl Group {
 
     fn bury(
         &mut self,
-        stream: &str,
-        group: &str,
+        (stream, group): (&str, &str),
         msg: Option<&Stored>,
         id: Uuid,
         attempts: u32,
@@ -468,8 +467,7 @@ impl MemoryConsumer {
                         .last_error
                         .or_else(|| Some(format!("lease expired on attempt {}", p.attempts)));
                     g.bury(
-                        stream,
-                        group,
+                        (stream, group),
                         Some(&msg),
                         id,
                         p.attempts,
@@ -613,8 +611,7 @@ impl QueueConsumer for MemoryConsumer {
             let attempts = g.pending.get(&d.id()).map_or(d.attempt, |p| p.attempts);
             if attempts >= config.max_deliver {
                 g.bury(
-                    &stream,
-                    &group,
+                    (&stream, &group),
                     msg.as_deref(),
                     d.id(),
                     attempts,
@@ -650,8 +647,7 @@ impl QueueConsumer for MemoryConsumer {
             if let Some(g) = s.groups.get_mut(&group) {
                 let last = g.pending.get(&d.id()).and_then(|p| p.last_error.clone());
                 g.bury(
-                    &stream,
-                    &group,
+                    (&stream, &group),
                     msg.as_deref(),
                     d.id(),
                     d.attempt,
