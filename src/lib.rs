@@ -66,7 +66,7 @@ pub use crate::memory::{MemoryBackend, MemoryConsumer};
 pub use crate::message::{Headers, Message, OutgoingMessage, PublishReceipt};
 pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
 #[cfg(feature = "nats")]
-pub use crate::nats::{NatsBackend, NatsConsumer};
+pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
 pub use crate::postgres::{
     migration_sql, Consumer, DeadLetter, GroupInfo, GroupStats, ListenerStatus, MaintenanceReport,
     PgBackend, PgBackendBuilder, ScoutStatus, StreamInfo, DEFAULT_NAMESPACE,

@@ -1,138 +1,345 @@
-//! NATS JetStream backend (feature `nats`): work in progress.
+//! NATS JetStream backend (feature `nats`), written for NATS 2.9 and later.
+//!
+//! # Layout on the server
+//!
+//! Every name is derived from the namespace and the pgtide name (see `naming.rs`; `.` is
+//! encoded as `_D` because JetStream forbids it in names):
+//!
+//! * a JetStream stream `PGTIDE-<ns>-<stream>` per pgtide stream, with two subjects:
+//!   `pgtide.<ns>.<stream>.ready` (deliverable messages) and `pgtide.<ns>.<stream>.delayed`
+//!   (messages waiting for their due time). Limits retention, `max_age` = the stream's
+//!   retention, `duplicate_window` = its dedupe window, file storage, [`NatsOptions::replicas`]
+//!   replicas. The pgtide settings JetStream has no field for (lease, max_deliver, backoff, ...)
+//!   are kept as JSON in the stream description.
+//! * a durable pull consumer per group, named after the group, filtered on the ready subject:
+//!   explicit ack, `ack_wait` = the stream's lease, unlimited `max_deliver` and
+//!   `max_ack_pending`, deliver policy `all` ([`GroupStart::Oldest`]) or `new`. Every group sees
+//!   every message (fan-out); consumers of one group compete for its deliveries.
+//! * a dead-letter stream `PGTIDE-<ns>-<stream>-DEAD` with one subject per group,
+//!   `pgtide.<ns>.<stream>.dead.<group>`.
+//!
+//! # Semantics
+//!
+//! * **Identity**: each message gets a UUID v7 at publish, carried in the `Pgtide-Id` header,
+//!   so a delivery's id is the same on every redelivery and in every group.
+//! * **Attempts** are JetStream's delivery count. pgtide enforces `max_deliver` itself (the
+//!   consumer's is unlimited so that JetStream never drops a message silently): a delivery
+//!   whose count exceeds `max_deliver` (its last lease expired), or a nack on the last allowed
+//!   attempt, is copied into the dead-letter stream with its reason and error, then termed.
+//! * **Settles** are acks with a reply (`+ACK`, `-NAK {"delay": ..}`, `+WPI`, `+TERM`), so a
+//!   settle returns once the server has it; a settle whose consumer is gone reports the
+//!   delivery as lost.
+//! * **Dedupe** uses `Nats-Msg-Id` and the stream's duplicate window. A duplicate publish is
+//!   answered with the original's stream sequence, which is read back for its pgtide id.
+//! * **Delayed publish is emulated** (NATS 2.9 has neither message schedules nor per-message
+//!   TTL): the message is stored on the delayed subject with a `Pgtide-Deliver-At` header.
+//!   A mover (a durable consumer `PGTIDE-MOVER` on the delayed subject, run as a background
+//!   task by every process that consumes or publishes delayed messages on the stream) naks
+//!   each message with a delay until it is due, then publishes a copy to the ready subject
+//!   (with `Nats-Msg-Id: m:<id>`, so a retried move is dropped as a duplicate inside the
+//!   dedupe window) and acks it. Groups only ever see due messages, so their delivery counts
+//!   (attempts) and fan-out stay exact; the price is one extra write per delayed message. A
+//!   delayed message reaches the groups that exist when it comes due.
+//! * **Stats** come from consumer info: `ready` = not yet delivered, `in_flight` = delivered
+//!   and unacked (which on JetStream includes nacked deliveries waiting for their retry delay
+//!   and expired leases not yet redelivered), `delayed` = messages waiting for the mover
+//!   (stream-wide), `dead` = the group's dead letters.
+//!
+//! # Limits (see [`Capabilities`])
+//!
+//! * Settles are not fenced: JetStream acks by stream sequence, so a late ack from a consumer
+//!   whose lease expired acks the redelivery another consumer holds.
+//! * `in_progress` resets the lease to the group's `ack_wait`; its `lease` argument cannot be
+//!   honoured and is ignored (call it again, as the worker does every half lease).
+//! * `release` is a nak without delay: JetStream counts the release as an attempt.
+//! * Priority is ignored (JetStream delivers in stream order).
+//! * A handle caches each stream's pgtide settings on first use; a stream deleted and recreated
+//!   with other settings by another process is seen with the old ones until this handle
+//!   finds it missing.
+//! * A fetch future dropped while its pull request is pending may leave messages the server
+//!   sends afterwards unacknowledged until `ack_wait` passes; they are then redelivered with
+//!   the next attempt number. Nothing is lost.
 
+mod admin;
+mod api;
+mod codec;
+mod consumer;
+mod mover;
+mod naming;
+mod publish;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::backend::{Capabilities, Queue, QueueConsumer};
+use async_nats::jetstream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::{Capabilities, Queue};
 use crate::{
-    DeadLetter, Delivery, Error, GroupStart, GroupStats, OutgoingMessage, PublishReceipt, Result,
-    SettleReport, StreamConfig,
+    DeadLetter, Error, GroupStart, GroupStats, OutgoingMessage, PublishReceipt, Result,
+    StreamConfig,
 };
 
-const NAME: &str = "nats";
+pub use self::consumer::NatsConsumer;
+use self::naming::Names;
 
-fn todo<T>() -> Result<T> {
-    Err(Error::Unsupported {
-        backend: NAME,
-        what: "anything yet",
-    })
-}
+/// What the NATS backend supports.
+pub(crate) const NATS_CAPABILITIES: Capabilities = Capabilities {
+    delay: true,
+    native_delay: false,
+    dedupe: true,
+    nack_delay: true,
+    lease_timeout: true,
+    lease_extension: true,
+    transactional_publish: false,
+    priority: false,
+    exact_stats: false,
+    group_start_oldest: true,
+    fenced_settle: false,
+};
 
-/// NATS JetStream backend handle.
+/// Options of a [`NatsBackend`].
+///
+/// ```
+/// let options = pgtide::NatsOptions::default().replicas(3);
+/// # let _ = options;
+/// ```
 #[derive(Debug, Clone)]
-pub struct NatsBackend {
-    _url: String,
-    _namespace: String,
+#[non_exhaustive]
+pub struct NatsOptions {
+    /// Replicas of the JetStream streams (and their consumers) this handle creates: 1, or 3 or
+    /// 5 in a JetStream cluster. Defaults to 1.
+    pub replicas: usize,
+    /// Timeout of one JetStream API request, publish acknowledgement or settle.
+    /// Defaults to 5 s.
+    pub request_timeout: Duration,
+    /// Timeout of the initial connection. Defaults to 5 s.
+    pub connect_timeout: Duration,
 }
 
-impl NatsBackend {
-    /// Connects to `url`; every server-side name is prefixed by `namespace`.
-    pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
-        crate::names::validate_namespace(namespace)?;
-        Ok(Self {
-            _url: url.to_owned(),
-            _namespace: namespace.to_owned(),
-        })
+impl Default for NatsOptions {
+    fn default() -> Self {
+        NatsOptions {
+            replicas: 1,
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
     }
 }
 
-/// A consumer of the NATS JetStream backend.
-#[derive(Debug, Clone)]
-pub struct NatsConsumer {
-    stream: String,
-    group: String,
-    name: String,
+impl NatsOptions {
+    /// Sets [`NatsOptions::replicas`].
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
+    }
+    /// Sets [`NatsOptions::request_timeout`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+    /// Sets [`NatsOptions::connect_timeout`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+}
+
+/// A stream's names and config, as recorded on the server.
+#[derive(Debug)]
+struct StreamMeta {
+    names: Names,
+    config: StreamConfig,
+}
+
+struct Inner {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    namespace: String,
+    options: NatsOptions,
+    streams: Mutex<HashMap<String, Arc<StreamMeta>>>,
+    movers: Arc<Mutex<HashSet<String>>>,
+    tracker: TaskTracker,
+    token: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: stop the movers.
+        self.token.cancel();
+        self.tracker.close();
+    }
+}
+
+/// NATS JetStream backend handle. Cheap to clone; clones share one connection.
+///
+/// ```no_run
+/// # async fn demo() -> pgtide::Result<()> {
+/// use pgtide::{NatsBackend, Queue, StreamConfig};
+/// let nats = NatsBackend::connect("nats://127.0.0.1:4222", "shop").await?;
+/// nats.ensure_stream("orders", &StreamConfig::default()).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct NatsBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NatsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBackend")
+            .field("namespace", &self.inner.namespace)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps guarded here stay consistent across a panic (single inserts and removes).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl NatsBackend {
+    /// Connects to `url` (`nats://host:port`, or several comma-separated for a cluster);
+    /// every server-side name is prefixed by `namespace`. Uses [`NatsOptions::default`].
+    pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
+        Self::connect_with(url, namespace, NatsOptions::default()).await
+    }
+
+    /// Connects with explicit options. Fails with a retryable [`Error::Broker`] if no server
+    /// answers; once connected, the client reconnects on its own (to any server of the
+    /// cluster) and operations fail with retryable errors meanwhile.
+    pub async fn connect_with(url: &str, namespace: &str, options: NatsOptions) -> Result<Self> {
+        crate::names::validate_namespace(namespace)?;
+        if !(1..=5).contains(&options.replicas) {
+            return Err(Error::InvalidConfig(format!(
+                "NATS replicas must be 1 to 5, not {}",
+                options.replicas
+            )));
+        }
+        let servers = url
+            .split(',')
+            .map(|s| s.trim().parse::<async_nats::ServerAddr>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::InvalidConfig(format!("NATS URL {url:?}: {e}")))?;
+        let client = async_nats::ConnectOptions::new()
+            .name("pgtide")
+            .connection_timeout(options.connect_timeout)
+            .request_timeout(Some(options.request_timeout))
+            .connect(servers)
+            .await
+            .map_err(|e| api::broker(e, true))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(options.request_timeout)
+            .build(client.clone());
+        Ok(NatsBackend {
+            inner: Arc::new(Inner {
+                client,
+                js,
+                namespace: namespace.to_owned(),
+                options,
+                streams: Mutex::default(),
+                movers: Arc::default(),
+                tracker: TaskTracker::new(),
+                token: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// The namespace (prefix of every server-side name).
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    fn names(&self, stream: &str) -> Names {
+        Names::new(&self.inner.namespace, stream)
+    }
+
+    /// The stream's names and config: cached, else read from the server.
+    async fn meta(&self, stream: &str) -> Result<Arc<StreamMeta>> {
+        crate::names::validate_name("stream", stream)?;
+        if let Some(m) = lock(&self.inner.streams).get(stream) {
+            return Ok(m.clone());
+        }
+        let names = self.names(stream);
+        let info = api::stream_info(&self.inner.js, &names.stream, None)
+            .await?
+            .ok_or_else(|| Error::StreamNotFound(stream.to_owned()))?;
+        let config = codec::config_of(info.config.description.as_deref()).ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "JetStream stream {:?} was not created by pgtide: pick another stream name or namespace",
+                names.stream
+            ))
+        })?;
+        let meta = Arc::new(StreamMeta { names, config });
+        lock(&self.inner.streams).insert(stream.to_owned(), meta.clone());
+        Ok(meta)
+    }
+
+    /// Drops the cached meta of a stream (deleted, or found missing).
+    fn forget(&self, stream: &str) {
+        lock(&self.inner.streams).remove(stream);
+    }
 }
 
 impl Queue for NatsBackend {
     type Consumer = NatsConsumer;
-    fn capabilities(&self) -> Capabilities {
-        crate::backend::Capabilities {
-            delay: false,
-            native_delay: false,
-            dedupe: false,
-            nack_delay: false,
-            lease_timeout: false,
-            lease_extension: false,
-            transactional_publish: false,
-            priority: false,
-            exact_stats: false,
-            group_start_oldest: false,
-            fenced_settle: false,
-        }
-    }
-    async fn ensure_stream(&self, _: &str, _: &StreamConfig) -> Result<bool> {
-        todo()
-    }
-    async fn delete_stream(&self, _: &str) -> Result<bool> {
-        todo()
-    }
-    async fn ensure_group(&self, _: &str, _: &str, _: GroupStart) -> Result<bool> {
-        todo()
-    }
-    async fn delete_group(&self, _: &str, _: &str) -> Result<bool> {
-        todo()
-    }
-    async fn purge(&self, _: &str) -> Result<()> {
-        todo()
-    }
-    async fn stats(&self, _: &str, _: &str) -> Result<GroupStats> {
-        todo()
-    }
-    async fn dead_letters(&self, _: &str, _: &str, _: usize) -> Result<Vec<DeadLetter>> {
-        todo()
-    }
-    async fn publish(&self, _: &str, _: OutgoingMessage) -> Result<PublishReceipt> {
-        todo()
-    }
-    async fn publish_batch(&self, _: &str, _: &[OutgoingMessage]) -> Result<Vec<PublishReceipt>> {
-        todo()
-    }
-    async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<NatsConsumer> {
-        Ok(NatsConsumer {
-            stream: stream.into(),
-            group: group.into(),
-            name: name.into(),
-        })
-    }
-}
 
-impl QueueConsumer for NatsConsumer {
-    fn stream(&self) -> &str {
-        &self.stream
+    fn capabilities(&self) -> Capabilities {
+        NATS_CAPABILITIES
     }
-    fn group(&self) -> &str {
-        &self.group
+
+    async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
+        self.create_stream(stream, config).await
     }
-    fn name(&self) -> &str {
-        &self.name
+
+    async fn delete_stream(&self, stream: &str) -> Result<bool> {
+        self.remove_stream(stream).await
     }
-    async fn lease(&self) -> Option<Duration> {
-        None
+
+    async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
+        self.create_group(stream, group, start).await
     }
-    async fn try_fetch(&self, _: usize) -> Result<Vec<Delivery>> {
-        todo()
+
+    async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
+        self.remove_group(stream, group).await
     }
-    async fn fetch(&self, _: usize, _: Duration) -> Result<Vec<Delivery>> {
-        todo()
+
+    async fn purge(&self, stream: &str) -> Result<()> {
+        self.purge_stream(stream).await
     }
-    async fn ack_batch(&self, _: &[&Delivery]) -> Result<SettleReport> {
-        todo()
+
+    async fn stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
+        self.group_stats(stream, group).await
     }
-    async fn nack_batch(
+
+    async fn dead_letters(
         &self,
-        _: &[&Delivery],
-        _: Option<Duration>,
-        _: Option<&str>,
-    ) -> Result<SettleReport> {
-        todo()
+        stream: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        self.read_dead_letters(stream, group, limit).await
     }
-    async fn term_batch(&self, _: &[&Delivery], _: &str) -> Result<SettleReport> {
-        todo()
+
+    async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
+        let mut receipts = self.publish_all(stream, std::slice::from_ref(&msg)).await?;
+        receipts
+            .pop()
+            .ok_or_else(|| api::broker("publish returned no receipt", false))
     }
-    async fn in_progress(&self, _: &mut Delivery, _: Option<Duration>) -> Result<()> {
-        todo()
+
+    async fn publish_batch(
+        &self,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        self.publish_all(stream, msgs).await
     }
-    async fn release_batch(&self, _: &[&Delivery]) -> Result<SettleReport> {
-        todo()
+
+    async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<NatsConsumer> {
+        NatsConsumer::open(self, stream, group, name).await
     }
 }
