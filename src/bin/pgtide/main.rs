@@ -1,6 +1,259 @@
-//! The `pgtide` command-line tool (work in progress).
+//! The `pgtide` command-line tool: provisioning (migrate, grant), streams and groups, publish and
+//! consume from a shell, stats, dead letters, trim, health, the scout, and the bench harness.
+//!
+//! Every failure prints one line on stderr and exits with a documented code (see `error.rs`);
+//! data goes to stdout, everything else (progress, logs) to stderr.
 
-fn main() {
-    eprintln!("pgtide: the CLI is not built yet");
-    std::process::exit(2);
+mod admin;
+mod bench;
+mod cli;
+mod consume;
+mod dead;
+mod error;
+mod human;
+mod publish;
+mod stats;
+mod telemetry;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use pgtide::{CancellationToken, PgBackend};
+
+use crate::cli::{Cli, Command, Global, LogFormat};
+use crate::error::{CliError, CliResult};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgtide: cannot start the async runtime: {e}");
+            return ExitCode::from(error::RUNTIME);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    // Background tasks (listener, notifier) were shut down by the commands; do not wait for
+    // stragglers such as a blocked stdin reader.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("pgtide: {e}");
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// Prints clap's help or version as is, and a usage error as one line (exit 2).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                error::USAGE
+            } else {
+                error::OK
+            },
+        );
+    }
+    let rendered = e.render().to_string();
+    let mut parts = vec![];
+    let mut usage = None;
+    for line in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Some(u) = line.strip_prefix("Usage: ") {
+            usage = Some(u.to_owned());
+        } else if !line.starts_with("For more information") {
+            parts.push(line.trim_start_matches("error: ").to_owned());
+        }
+    }
+    let mut message = parts.join(" ");
+    if let Some(u) = usage {
+        message.push_str(&format!("; usage: {u} (see --help)"));
+    }
+    eprintln!("pgtide: {message}");
+    ExitCode::from(error::USAGE)
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    // Long-running commands report leadership and shutdown at info; one-shot commands stay quiet.
+    let long_running = matches!(
+        &cli.command,
+        Command::Scout(_) | Command::Consume(cli::ConsumeArgs { follow: true, .. })
+    );
+    let default = if long_running { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("PGTIDE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cli.global.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
+}
+
+async fn run(cli: Cli) -> CliResult<u8> {
+    let global = cli.global;
+    pgtide::validate_namespace(&global.namespace).map_err(CliError::from)?;
+    let _ = error::NAMESPACE.set(global.namespace.clone());
+    telemetry::install(global.metrics_listen)?;
+    match cli.command {
+        Command::Migrate { print_sql: true } => admin::print_sql(&global.namespace),
+        Command::Bench(args) => bench::run(&database_url(&global)?, args).await,
+        Command::Health { json, max_lag } => stats::health(&global, json, max_lag).await,
+        command => {
+            let pg = backend(&global, &command)?;
+            let result = dispatch(&pg, command).await;
+            // Flushes pending wake-ups (publish, replay) and resigns a scout role.
+            pg.shutdown().await;
+            result.map(|()| error::OK)
+        }
+    }
+}
+
+async fn dispatch(pg: &PgBackend, command: Command) -> CliResult {
+    match command {
+        Command::Migrate { .. } => admin::migrate(pg).await,
+        Command::Grant { role } => admin::grant(pg, &role).await,
+        Command::Stream(c) => admin::stream(pg, c).await,
+        Command::Group(c) => admin::group(pg, c).await,
+        Command::Trim {
+            stream,
+            max_age,
+            max_len,
+        } => admin::trim(pg, &stream, max_age, max_len).await,
+        Command::Publish(args) => publish::run(pg, args).await,
+        Command::Consume(args) => consume::run(pg, args).await,
+        Command::Stats(args) => stats::run(pg, args).await,
+        Command::Dead(c) => dead::run(pg, c).await,
+        Command::Scout(args) => stats::scout(pg, args).await,
+        Command::Health { .. } | Command::Bench(_) => unreachable!("handled before connecting"),
+    }
+}
+
+/// The database URL: `--backend` when given (postgres only for now), else `--database-url`.
+pub fn database_url(global: &Global) -> CliResult<String> {
+    let url = match (&global.backend, &global.database_url) {
+        (Some(b), _) => {
+            let scheme = b.split("://").next().unwrap_or_default();
+            if !b.contains("://") || !matches!(scheme, "postgres" | "postgresql") {
+                return Err(CliError::usage(format!(
+                    "backend {:?} is not supported by this pgtide CLI: only postgres:// URLs for now (nats://, redis://, amqp:// come with their backends)",
+                    human::redact_url(b)
+                )));
+            }
+            b.clone()
+        }
+        (None, Some(url)) if !url.is_empty() => url.clone(),
+        _ => {
+            return Err(CliError::usage(
+                "no database: set DATABASE_URL or pass --database-url postgres://user@host:5432/db",
+            ))
+        }
+    };
+    let _ = error::URL.set(human::redact_url(&url));
+    Ok(url)
+}
+
+fn backend(global: &Global, command: &Command) -> CliResult<PgBackend> {
+    let url = database_url(global)?;
+    let mut builder = PgBackend::builder(url)
+        .namespace(global.namespace.clone())
+        .connect_timeout(Duration::from_secs(10));
+    match command {
+        // One connection: after an interrupted fetch, the release that follows runs after the
+        // claim on the same connection, so nothing stays leased to a consumer that is gone.
+        Command::Consume(_) => builder = builder.pool_size(1),
+        Command::Scout(args) => {
+            builder = builder
+                .pool_size(4)
+                .scout_ttl(args.ttl)
+                .maintenance_interval(args.maintenance_interval)
+        }
+        _ => builder = builder.pool_size(4),
+    }
+    Ok(builder.build()?)
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM. A second signal exits at once (code 130).
+/// The handlers are installed before this returns, so no signal is missed after it.
+pub fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    let mut signals = Signals::install();
+    tokio::spawn(async move {
+        signals.recv().await;
+        tracing::info!("pgtide: shutting down (signal again to exit at once)");
+        cancel.cancel();
+        signals.recv().await;
+        eprintln!("pgtide: interrupted");
+        std::process::exit(i32::from(error::INTERRUPTED));
+    });
+    token
+}
+
+#[cfg(unix)]
+struct Signals {
+    interrupt: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    async fn recv(&mut self) {
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        tokio::select! {
+            _ = next(&mut self.interrupt) => {}
+            _ = next(&mut self.terminate) => {}
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> Signals {
+        Signals
+    }
+
+    async fn recv(&mut self) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

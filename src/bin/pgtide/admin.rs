@@ -1,0 +1,391 @@
+//! Provisioning and registry commands: migrate, grant, stream, group, trim.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use pgtide::{Backoff, GroupStart, PgBackend, StreamConfig, StreamInfo};
+use serde_json::json;
+
+use crate::cli::{GroupCommand, StreamCommand, StreamOptions};
+use crate::error::{CliError, CliResult};
+use crate::human::{format_age, format_duration, parse_point, print_table, Point};
+
+/// Dollar-quote tag for migration texts inside the printed script.
+const TAG: &str = "$pgtide_migration$";
+
+/// `migrate --print-sql`: the install script, plus sqlx's bookkeeping rows so that the library
+/// (`is_migrated`, `migrate`) sees a namespace installed by hand as current.
+pub fn print_sql(namespace: &str) -> CliResult<u8> {
+    let sql = pgtide::migration_sql(namespace)?;
+    let mut out = format!(
+        "-- pgtide: install namespace \"{namespace}\". Apply with: psql -v ON_ERROR_STOP=1 -f FILE\n\
+         -- Runs in one transaction; the owner of the objects is the user applying it.\n\
+         BEGIN;\n{sql}\n\n\
+         -- Bookkeeping: the migrations applied, so that `pgtide migrate` and the library see this\n\
+         -- namespace as current (checksums as sqlx computes them: SHA-384 of each migration).\n\
+         CREATE TABLE \"{namespace}\"._sqlx_migrations (\n    \
+             version BIGINT PRIMARY KEY,\n    description TEXT NOT NULL,\n    \
+             installed_on TIMESTAMPTZ NOT NULL DEFAULT now(),\n    success BOOLEAN NOT NULL,\n    \
+             checksum BYTEA NOT NULL,\n    execution_time BIGINT NOT NULL\n);\n"
+    );
+    for (version, name, text) in split_migrations(&sql)? {
+        out.push_str(&format!(
+            "INSERT INTO \"{namespace}\"._sqlx_migrations (version, description, success, checksum, execution_time)\n\
+             VALUES ({version}, '{name}', true, sha384(convert_to({TAG}{text}{TAG}, 'UTF8')), 0);\n"
+        ));
+    }
+    out.push_str("COMMIT;\n");
+    print!("{out}");
+    Ok(crate::error::OK)
+}
+
+/// Splits `migration_sql`'s output back into `(version, name, rendered sql)` at its
+/// `\n-- migration N: name\n` markers.
+fn split_migrations(sql: &str) -> CliResult<Vec<(i64, String, &str)>> {
+    const MARK: &str = "\n-- migration ";
+    let broken = || CliError::runtime("cannot split the migration script (unexpected format)");
+    let mut out = vec![];
+    let mut rest = sql.find(MARK).map(|i| &sql[i..]).ok_or_else(broken)?;
+    while let Some(after) = rest.strip_prefix(MARK) {
+        let eol = after.find('\n').ok_or_else(broken)?;
+        let (version, name) = after[..eol].split_once(": ").ok_or_else(broken)?;
+        let version: i64 = version.parse().map_err(|_| broken())?;
+        let body_and_rest = &after[eol + 1..];
+        let end = body_and_rest.find(MARK).unwrap_or(body_and_rest.len());
+        let body = &body_and_rest[..end];
+        if body.contains(TAG) || name.contains('\'') {
+            return Err(broken());
+        }
+        out.push((version, name.to_owned(), body));
+        rest = &body_and_rest[end..];
+    }
+    Ok(out)
+}
+
+/// `migrate`.
+pub async fn migrate(pg: &PgBackend) -> CliResult {
+    pg.migrate().await?;
+    println!("namespace {:?} is up to date", pg.namespace());
+    Ok(())
+}
+
+/// `grant ROLE`.
+pub async fn grant(pg: &PgBackend, role: &str) -> CliResult {
+    pg.grant_runtime(role).await?;
+    println!(
+        "granted role {role:?} the runtime privileges on namespace {:?} (no DDL)",
+        pg.namespace()
+    );
+    Ok(())
+}
+
+fn apply(mut config: StreamConfig, o: &StreamOptions) -> CliResult<StreamConfig> {
+    if let Some(v) = o.lease {
+        config = config.lease(v);
+    }
+    if let Some(v) = o.max_deliver {
+        config = config.max_deliver(v);
+    }
+    if let Some(steps) = &o.backoff {
+        let jitter = config.backoff.jitter;
+        config = config.backoff(Backoff::schedule(steps.clone()).jitter(jitter));
+    }
+    if let Some(j) = o.backoff_jitter {
+        if !(0.0..=1.0).contains(&j) {
+            return Err(CliError::usage(format!(
+                "--backoff-jitter {j} is out of range: use 0 to 1"
+            )));
+        }
+        let steps = config.backoff.schedule.clone();
+        config = config.backoff(Backoff::schedule(steps).jitter(j));
+    }
+    if let Some(v) = o.retention {
+        config = config.retention(v);
+    }
+    if let Some(v) = o.partition_interval {
+        config = config.partition_interval(v);
+    }
+    if let Some(v) = o.dedupe_window {
+        config = config.dedupe_window(v);
+    }
+    if let Some(v) = o.max_payload {
+        config = config.max_payload(v);
+    }
+    Ok(config)
+}
+
+fn stream_json(s: &StreamInfo) -> serde_json::Value {
+    let c = &s.config;
+    json!({
+        "name": s.name,
+        "lease_secs": c.lease.as_secs_f64(),
+        "max_deliver": c.max_deliver,
+        "backoff_secs": c.backoff.schedule.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+        "backoff_jitter": c.backoff.jitter,
+        "retention_secs": c.retention.as_secs_f64(),
+        "partition_interval_secs": c.partition_interval.as_secs_f64(),
+        "dedupe_window_secs": c.dedupe_window.as_secs_f64(),
+        "max_payload": c.max_payload,
+        "created_at": s.created_at,
+    })
+}
+
+fn not_found_stream(name: &str) -> CliError {
+    CliError::from(pgtide::Error::StreamNotFound(name.to_owned()))
+}
+
+/// `stream ...`.
+pub async fn stream(pg: &PgBackend, command: StreamCommand) -> CliResult {
+    match command {
+        StreamCommand::Create {
+            name,
+            options,
+            if_not_exists,
+        } => {
+            let config = apply(StreamConfig::default(), &options)?;
+            if if_not_exists {
+                if pg.ensure_stream(&name, config).await? {
+                    println!("created stream {name:?}");
+                } else {
+                    println!("stream {name:?} exists; left unchanged");
+                }
+            } else {
+                pg.create_stream(&name, config).await?;
+                println!("created stream {name:?}");
+            }
+        }
+        StreamCommand::Update { name, options } => {
+            let current = pg
+                .stream(&name)
+                .await?
+                .ok_or_else(|| not_found_stream(&name))?;
+            pg.update_stream(&name, apply(current.config, &options)?)
+                .await?;
+            println!("updated stream {name:?}");
+        }
+        StreamCommand::List { json } => {
+            let streams = pg.streams().await?;
+            if json {
+                let list: Vec<_> = streams.iter().map(stream_json).collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                let rows: Vec<Vec<String>> = streams
+                    .iter()
+                    .map(|s| {
+                        let c = &s.config;
+                        vec![
+                            s.name.clone(),
+                            format_duration(c.lease),
+                            c.max_deliver.to_string(),
+                            format_duration(c.retention),
+                            format_duration(c.partition_interval),
+                            format_duration(c.dedupe_window),
+                            c.max_payload.to_string(),
+                            s.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "STREAM",
+                        "LEASE",
+                        "MAX_DELIVER",
+                        "RETENTION",
+                        "PARTITION",
+                        "DEDUPE",
+                        "MAX_PAYLOAD",
+                        "CREATED",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        StreamCommand::Show { name, json } => show_stream(pg, &name, json).await?,
+        StreamCommand::Delete { name } => {
+            if !pg.delete_stream(&name).await? {
+                return Err(not_found_stream(&name));
+            }
+            println!("deleted stream {name:?} with its groups, messages and dead letters");
+        }
+    }
+    Ok(())
+}
+
+async fn show_stream(pg: &PgBackend, name: &str, json: bool) -> CliResult {
+    let info = pg
+        .stream(name)
+        .await?
+        .ok_or_else(|| not_found_stream(name))?;
+    let stats: Vec<_> = pg
+        .stats()
+        .await?
+        .into_iter()
+        .filter(|s| s.stream == name && s.group.is_some())
+        .collect();
+    if json {
+        let mut v = stream_json(&info);
+        v["groups"] = stats
+            .iter()
+            .map(|s| {
+                json!({
+                    "group": s.group, "ready": s.ready, "delayed": s.delayed,
+                    "in_flight": s.in_flight, "dead": s.dead,
+                    "oldest_ready_age_secs": s.oldest_ready_age.map(|d| d.as_secs_f64()),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    let c = &info.config;
+    let backoff: Vec<String> = c
+        .backoff
+        .schedule
+        .iter()
+        .map(|d| format_duration(*d))
+        .collect();
+    println!("stream:             {}", info.name);
+    println!("lease:              {}", format_duration(c.lease));
+    println!("max deliver:        {}", c.max_deliver);
+    println!(
+        "backoff:            {} (jitter {})",
+        backoff.join(","),
+        c.backoff.jitter
+    );
+    println!("retention:          {}", format_duration(c.retention));
+    println!(
+        "partition interval: {}",
+        format_duration(c.partition_interval)
+    );
+    println!("dedupe window:      {}", format_duration(c.dedupe_window));
+    println!("max payload:        {} bytes", c.max_payload);
+    println!("created:            {}", info.created_at.to_rfc3339());
+    println!();
+    let rows: Vec<Vec<String>> = stats
+        .iter()
+        .map(|s| {
+            vec![
+                s.group.clone().unwrap_or_default(),
+                s.ready.to_string(),
+                s.delayed.to_string(),
+                s.in_flight.to_string(),
+                s.dead.to_string(),
+                s.oldest_ready_age
+                    .map(format_age)
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(
+        &["GROUP", "READY", "DELAYED", "IN_FLIGHT", "DEAD", "OLDEST"],
+        &rows,
+    );
+    Ok(())
+}
+
+fn point_text(point: Point) -> String {
+    match point {
+        Point::Beginning => "the beginning".to_owned(),
+        Point::Now => "now".to_owned(),
+        Point::At(t) => t.to_rfc3339(),
+    }
+}
+
+/// `group ...`.
+pub async fn group(pg: &PgBackend, command: GroupCommand) -> CliResult {
+    match command {
+        GroupCommand::Create {
+            stream,
+            group,
+            from,
+            if_not_exists,
+        } => {
+            let point = parse_point(&from).map_err(CliError::usage)?;
+            let start = match point {
+                Point::Beginning => GroupStart::Oldest,
+                Point::Now | Point::At(_) => GroupStart::New,
+            };
+            let created = if if_not_exists {
+                pg.ensure_group(&stream, &group, start).await?
+            } else {
+                pg.create_group(&stream, &group, start).await?;
+                true
+            };
+            if !created {
+                println!("group {group:?} exists on stream {stream:?}; left unchanged");
+                return Ok(());
+            }
+            if let Point::At(t) = point {
+                pg.reset_group(&stream, &group, Some(t)).await?;
+            }
+            println!(
+                "created group {group:?} on stream {stream:?}, starting from {}",
+                point_text(point)
+            );
+        }
+        GroupCommand::List { stream, json } => {
+            if let Some(s) = &stream {
+                pg.stream(s).await?.ok_or_else(|| not_found_stream(s))?;
+            }
+            let groups = pg.groups(stream.as_deref()).await?;
+            if json {
+                let list: Vec<_> = groups
+                    .iter()
+                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": g.created_at}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                let rows: Vec<Vec<String>> = groups
+                    .iter()
+                    .map(|g| {
+                        vec![
+                            g.stream.clone(),
+                            g.name.clone(),
+                            g.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["STREAM", "GROUP", "CREATED"], &rows);
+            }
+        }
+        GroupCommand::Delete { stream, group } => {
+            if !pg.delete_group(&stream, &group).await? {
+                return Err(CliError::from(pgtide::Error::GroupNotFound {
+                    stream,
+                    group,
+                }));
+            }
+            println!("deleted group {group:?} of stream {stream:?}");
+        }
+        GroupCommand::Reset {
+            stream,
+            group,
+            from,
+        } => {
+            let point = parse_point(&from).map_err(CliError::usage)?;
+            let at = match point {
+                Point::Beginning => None,
+                Point::Now => Some(Utc::now()),
+                Point::At(t) => Some(t),
+            };
+            let (skipped, queued) = pg.reset_group(&stream, &group, at).await?;
+            println!(
+                "reset group {group:?} of stream {stream:?} to {}: {skipped} deliveries skipped, {queued} messages queued again",
+                point_text(point)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `trim STREAM`.
+pub async fn trim(
+    pg: &PgBackend,
+    stream: &str,
+    max_age: Option<Duration>,
+    max_len: Option<u64>,
+) -> CliResult {
+    let removed = pg.trim_stream(stream, max_age, max_len).await?;
+    println!("trimmed {removed} messages from stream {stream:?}");
+    Ok(())
+}

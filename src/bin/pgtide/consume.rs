@@ -1,0 +1,175 @@
+//! `consume`: fetch deliveries, print one JSON object per line, then acknowledge them.
+//!
+//! Order of effects per batch: print, flush, ack. A crash between flush and ack redelivers (at
+//! least once); nothing is acknowledged that was not written. On SIGINT/SIGTERM the command stops
+//! fetching, finishes the batch in hand, and hands back whatever an interrupted fetch claimed
+//! (the backend runs on one connection, so that release runs after the claim), so nothing stays
+//! leased to a process that is gone.
+
+use std::io::Write;
+use std::time::Duration;
+
+use pgtide::{Consumer, Delivery, PgBackend};
+use serde_json::json;
+
+use crate::cli::ConsumeArgs;
+use crate::error::{CliError, CliResult};
+use crate::human::payload_json;
+use crate::telemetry;
+
+/// One delivery as a JSON line.
+pub fn delivery_json(d: &Delivery) -> serde_json::Value {
+    let (payload, encoding) = payload_json(&d.payload, Some(d.is_json));
+    json!({
+        "id": d.id(),
+        "stream": d.stream,
+        "group": d.group,
+        "consumer": d.consumer,
+        "attempt": d.attempt,
+        "published_at": d.published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "lease_expires_at": d.lease_expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "headers": d.headers,
+        "payload": payload,
+        "payload_encoding": encoding,
+    })
+}
+
+fn default_consumer_name() -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("cli-{}-{}", std::process::id(), &id[id.len() - 8..])
+}
+
+async fn fetch(c: &Consumer, args: &ConsumeArgs, want: usize) -> pgtide::Result<Vec<Delivery>> {
+    if args.follow {
+        c.fetch(want, Duration::from_secs(3600)).await
+    } else if args.wait.is_zero() {
+        c.try_fetch(want).await
+    } else {
+        c.fetch(want, args.wait).await
+    }
+}
+
+/// `consume STREAM --group G`.
+pub async fn run(pg: &PgBackend, args: ConsumeArgs) -> CliResult {
+    let name = args.consumer.clone().unwrap_or_else(default_consumer_name);
+    let mut consumer = pg.consumer(&args.stream, &args.group, &name).await?;
+    if let Some(lease) = args.lease {
+        consumer = consumer.with_lease(lease);
+    }
+    let limit = args.count.unwrap_or(if args.follow { u64::MAX } else { 1 });
+    let token = crate::shutdown_signal();
+    telemetry::spawn_group_gauges(pg, Duration::from_secs(15), token.clone());
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let mut held: Vec<Delivery> = vec![];
+    let mut seen = 0u64;
+    let mut interrupted = false;
+    let mut failures = 0u32;
+    let result: CliResult = loop {
+        if seen >= limit {
+            break Ok(());
+        }
+        let want = (limit - seen).min(u64::from(args.batch)) as usize;
+        let fetched = tokio::select! {
+            biased;
+            _ = token.cancelled() => {
+                interrupted = true;
+                break Ok(());
+            }
+            r = fetch(&consumer, &args, want) => r,
+        };
+        let batch = match fetched {
+            Ok(b) => {
+                failures = 0;
+                b
+            }
+            Err(e) if args.follow && e.is_retryable() => {
+                failures += 1;
+                tracing::warn!(error = %e, stream = %args.stream, group = %args.group, "pgtide consume: fetch failed; retrying");
+                let pause = Duration::from_millis(100 << failures.min(6));
+                tokio::select! {
+                    _ = token.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(pause) => continue,
+                }
+            }
+            Err(e) => break Err(e.into()),
+        };
+        if batch.is_empty() {
+            if args.follow {
+                continue;
+            }
+            break Ok(());
+        }
+        telemetry::delivered(&args.stream, &args.group, batch.len() as u64);
+        let written = batch
+            .iter()
+            .try_for_each(|d| writeln!(out, "{}", delivery_json(d)))
+            .and_then(|()| out.flush());
+        let refs: Vec<&Delivery> = batch.iter().collect();
+        if let Err(e) = written {
+            // Not written, so not acknowledged: hand the batch back for someone else.
+            let _ = consumer.release_batch(&refs).await;
+            break Err(CliError::runtime(format!(
+                "cannot write to stdout ({e}); the unprinted deliveries were released"
+            )));
+        }
+        seen += batch.len() as u64;
+        if args.no_ack {
+            held.extend(batch);
+            continue;
+        }
+        let settled = if args.nack {
+            consumer
+                .nack_batch(
+                    &refs,
+                    args.nack_delay,
+                    Some("nacked by pgtide consume --nack"),
+                )
+                .await
+        } else {
+            consumer.ack_batch(&refs).await
+        };
+        match settled {
+            Ok(report) => {
+                let n = report.settled.len() as u64;
+                if args.nack {
+                    telemetry::nacked(&args.stream, &args.group, n);
+                    let dead = report.dead_lettered.len() as u64;
+                    telemetry::dead_lettered(&args.stream, &args.group, dead);
+                } else {
+                    telemetry::acked(&args.stream, &args.group, n);
+                }
+                if !report.lost.is_empty() {
+                    tracing::warn!(
+                        count = report.lost.len(),
+                        "pgtide consume: leases expired before the settle; those deliveries will be redelivered"
+                    );
+                }
+            }
+            Err(e) => {
+                break Err(CliError::from(e)
+                    .prefixed("printed deliveries could not be settled and will be redelivered"))
+            }
+        }
+    };
+    if !held.is_empty() {
+        let refs: Vec<&Delivery> = held.iter().collect();
+        if let Err(e) = consumer.release_batch(&refs).await {
+            tracing::warn!(error = %e, "pgtide consume: release failed; the leases will expire");
+        }
+    }
+    if interrupted {
+        // A fetch was dropped; it may have claimed a batch we never saw.
+        match pg.release_consumer(&args.stream, &args.group, &name).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                released = n,
+                "pgtide consume: released what the interrupted fetch had claimed"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "pgtide consume: release at shutdown failed; the leases will expire")
+            }
+        }
+        tracing::info!(consumed = seen, "pgtide consume: stopped");
+    }
+    result
+}

@@ -1,0 +1,152 @@
+//! `dead list|show|replay|purge`: dead letters of one group, or of every group of a stream.
+
+use pgtide::{DeadLetter, PgBackend};
+use serde_json::json;
+
+use crate::cli::{DeadCommand, DeadSelection};
+use crate::error::{CliError, CliResult};
+use crate::human::{payload_json, print_table};
+
+/// The groups a command applies to: the one given (checked), or every group of the stream.
+async fn groups_of(pg: &PgBackend, stream: &str, group: Option<&str>) -> CliResult<Vec<String>> {
+    pgtide::validate_name("stream", stream)?;
+    if pg.stream(stream).await?.is_none() {
+        return Err(pgtide::Error::StreamNotFound(stream.to_owned()).into());
+    }
+    let all: Vec<String> = pg
+        .groups(Some(stream))
+        .await?
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
+    match group {
+        None => Ok(all),
+        Some(g) if all.iter().any(|x| x == g) => Ok(vec![g.to_owned()]),
+        Some(g) => {
+            pgtide::validate_name("group", g)?;
+            Err(pgtide::Error::GroupNotFound {
+                stream: stream.to_owned(),
+                group: g.to_owned(),
+            }
+            .into())
+        }
+    }
+}
+
+fn dead_json(d: &DeadLetter) -> serde_json::Value {
+    let (payload, encoding) = match &d.payload {
+        Some(bytes) => {
+            let (v, e) = payload_json(bytes, None);
+            (v, Some(e))
+        }
+        None => (serde_json::Value::Null, None),
+    };
+    json!({
+        "id": d.id,
+        "stream": d.stream,
+        "group": d.group,
+        "attempts": d.attempts,
+        "reason": d.reason,
+        "error": d.error,
+        "dead_at": d.dead_at,
+        "headers": d.headers,
+        "payload": payload,
+        "payload_encoding": encoding,
+    })
+}
+
+/// `dead ...`.
+pub async fn run(pg: &PgBackend, command: DeadCommand) -> CliResult {
+    match command {
+        DeadCommand::List {
+            stream,
+            group,
+            limit,
+            json,
+        } => {
+            let mut rows = vec![];
+            for g in groups_of(pg, &stream, group.as_deref()).await? {
+                for d in pg.dead_letters(&stream, &g, limit).await? {
+                    if json {
+                        println!("{}", dead_json(&d));
+                    } else {
+                        rows.push(vec![
+                            d.group.clone(),
+                            d.id.to_string(),
+                            d.attempts.to_string(),
+                            d.reason.clone(),
+                            d.dead_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                            d.error.clone().unwrap_or_default().replace('\n', " "),
+                        ]);
+                    }
+                }
+            }
+            if !json {
+                print_table(
+                    &["GROUP", "ID", "ATTEMPTS", "REASON", "DEAD_AT", "ERROR"],
+                    &rows,
+                );
+            }
+        }
+        DeadCommand::Show { stream, group, id } => {
+            let mut found = false;
+            for g in groups_of(pg, &stream, group.as_deref()).await? {
+                if let Some(d) = pg.dead_letter(&stream, &g, id).await? {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&dead_json(&d)).unwrap_or_default()
+                    );
+                    found = true;
+                }
+            }
+            if !found {
+                return Err(CliError::not_found(format!(
+                    "message {id} is not a dead letter of stream {stream:?}{}: list them with `pgtide dead list {stream}`",
+                    group.map(|g| format!(" group {g:?}")).unwrap_or_default()
+                )));
+            }
+        }
+        DeadCommand::Replay(sel) => settle(pg, sel, true).await?,
+        DeadCommand::Purge(sel) => settle(pg, sel, false).await?,
+    }
+    Ok(())
+}
+
+/// Replays (`replay`) or purges the selected dead letters.
+async fn settle(pg: &PgBackend, sel: DeadSelection, replay: bool) -> CliResult {
+    let ids = if sel.all {
+        None
+    } else {
+        Some(sel.ids.as_slice())
+    };
+    let mut total = 0;
+    for g in groups_of(pg, &sel.stream, sel.group.as_deref()).await? {
+        let n = if replay {
+            pg.replay_dead(&sel.stream, &g, ids).await?
+        } else {
+            pg.purge_dead(&sel.stream, &g, ids).await?
+        };
+        if n > 0 {
+            println!(
+                "{} {n} dead letters of group {g:?}",
+                if replay { "replayed" } else { "purged" }
+            );
+        }
+        total += n;
+    }
+    if replay && total > 0 {
+        pg.wake(&sel.stream);
+    }
+    if total == 0 && ids.is_some() {
+        return Err(CliError::not_found(format!(
+            "no dead letter with the given id(s) in stream {:?}{}: list them with `pgtide dead list {}`",
+            sel.stream,
+            sel.group.map(|g| format!(" group {g:?}")).unwrap_or_default(),
+            sel.stream
+        )));
+    }
+    if total == 0 {
+        println!("no dead letters");
+    }
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! `stats`, `health` and `scout`: watching a namespace and keeping it running.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use pgtide::{GroupStats, PgBackend};
+use serde_json::json;
+
+use crate::cli::{Global, ScoutArgs, StatsArgs};
+use crate::error::{CliError, CliResult};
+use crate::human::{format_age, format_duration, print_table};
+
+struct Sample {
+    at: Instant,
+    wall: DateTime<Utc>,
+    groups: Vec<GroupStats>,
+    published: HashMap<String, i64>,
+}
+
+/// Messages per second in (published, per stream) and out (settled: acked or dead-lettered, per
+/// group), from two samples: out = in - growth of the group's pending deliveries.
+struct Rates {
+    publish: HashMap<String, f64>,
+    settle: HashMap<(String, String), f64>,
+}
+
+async fn sample(pg: &PgBackend, only: Option<&str>) -> CliResult<Sample> {
+    let groups = pg
+        .stats()
+        .await?
+        .into_iter()
+        .filter(|g| only.map_or(true, |s| g.stream == s))
+        .collect();
+    let published = pg.publish_counts().await?.into_iter().collect();
+    Ok(Sample {
+        at: Instant::now(),
+        wall: Utc::now(),
+        groups,
+        published,
+    })
+}
+
+fn pending(g: &GroupStats) -> i64 {
+    g.ready + g.delayed + g.in_flight
+}
+
+fn rates(prev: &Sample, cur: &Sample) -> Rates {
+    let secs = cur.at.duration_since(prev.at).as_secs_f64().max(1e-3);
+    let publish: HashMap<String, f64> = cur
+        .published
+        .iter()
+        .map(|(s, n)| {
+            let before = prev.published.get(s).copied().unwrap_or(*n);
+            (s.clone(), ((n - before) as f64 / secs).max(0.0))
+        })
+        .collect();
+    let mut settle = HashMap::new();
+    for g in &cur.groups {
+        let Some(name) = &g.group else { continue };
+        let Some(p) = prev
+            .groups
+            .iter()
+            .find(|p| p.stream == g.stream && p.group.as_ref() == Some(name))
+        else {
+            continue;
+        };
+        let growth = (pending(g) - pending(p)) as f64 / secs;
+        let incoming = publish.get(&g.stream).copied().unwrap_or(0.0);
+        settle.insert(
+            (g.stream.clone(), name.clone()),
+            (incoming - growth).max(0.0),
+        );
+    }
+    Rates { publish, settle }
+}
+
+fn print_sample(pg: &PgBackend, s: &Sample, r: Option<&Rates>, json: bool) {
+    let rate = |v: Option<f64>| v.map(|x| (x * 10.0).round() / 10.0);
+    if json {
+        let groups: Vec<_> = s
+            .groups
+            .iter()
+            .map(|g| {
+                let mut v = json!({
+                    "stream": g.stream, "group": g.group, "ready": g.ready, "delayed": g.delayed,
+                    "in_flight": g.in_flight, "dead": g.dead,
+                    "oldest_ready_age_secs": g.oldest_ready_age.map(|d| d.as_secs_f64()),
+                });
+                if let Some(r) = r {
+                    v["publish_rate"] = json!(rate(r.publish.get(&g.stream).copied()));
+                    v["settle_rate"] =
+                        json!(rate(g.group.as_ref().and_then(|n| {
+                            r.settle.get(&(g.stream.clone(), n.clone())).copied()
+                        })));
+                }
+                v
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"at": s.wall, "namespace": pg.namespace(), "groups": groups})
+        );
+        return;
+    }
+    let fmt_rate = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"));
+    let rows: Vec<Vec<String>> = s
+        .groups
+        .iter()
+        .map(|g| {
+            let mut row = vec![
+                g.stream.clone(),
+                g.group.clone().unwrap_or_else(|| "(no group)".into()),
+                g.ready.to_string(),
+                g.delayed.to_string(),
+                g.in_flight.to_string(),
+                g.dead.to_string(),
+                g.oldest_ready_age
+                    .map(format_age)
+                    .unwrap_or_else(|| "-".into()),
+            ];
+            if let Some(r) = r {
+                row.push(fmt_rate(r.publish.get(&g.stream).copied()));
+                row.push(fmt_rate(g.group.as_ref().and_then(|n| {
+                    r.settle.get(&(g.stream.clone(), n.clone())).copied()
+                })));
+            }
+            row
+        })
+        .collect();
+    let mut header = vec![
+        "STREAM",
+        "GROUP",
+        "READY",
+        "DELAYED",
+        "IN_FLIGHT",
+        "DEAD",
+        "OLDEST",
+    ];
+    if r.is_some() {
+        header.extend(["IN/S", "OUT/S"]);
+    }
+    print_table(&header, &rows);
+}
+
+/// `stats [STREAM] [--json] [--watch [INTERVAL]]`.
+pub async fn run(pg: &PgBackend, args: StatsArgs) -> CliResult {
+    if let Some(s) = &args.stream {
+        if pg.stream(s).await?.is_none() {
+            return Err(pgtide::Error::StreamNotFound(s.clone()).into());
+        }
+    }
+    let Some(interval) = args.watch else {
+        let s = sample(pg, args.stream.as_deref()).await?;
+        print_sample(pg, &s, None, args.json);
+        return Ok(());
+    };
+    let interval = interval.max(Duration::from_millis(100));
+    let token = crate::shutdown_signal();
+    let clear = !args.json && std::io::stdout().is_terminal();
+    let mut prev: Option<Sample> = None;
+    loop {
+        let s = sample(pg, args.stream.as_deref()).await?;
+        let r = prev.as_ref().map(|p| rates(p, &s));
+        if clear {
+            print!("\x1b[2J\x1b[H");
+            println!(
+                "pgtide stats: namespace {:?}, {} (every {}, Ctrl-C to stop)\n",
+                pg.namespace(),
+                s.wall.format("%H:%M:%S"),
+                format_duration(interval)
+            );
+        } else if !args.json {
+            println!("# {}", s.wall.to_rfc3339());
+        }
+        print_sample(pg, &s, r.as_ref(), args.json);
+        if !args.json && !clear {
+            println!();
+        }
+        prev = Some(s);
+        tokio::select! {
+            _ = token.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+/// `health`: exit 0 when the database answers, the namespace is current, a scout holds the
+/// lease and (with `--max-lag`) no group lags more; exit 4 with the reasons otherwise.
+pub async fn health(global: &Global, json: bool, max_lag: Option<Duration>) -> CliResult<u8> {
+    let url = crate::database_url(global)?;
+    let pg = PgBackend::builder(url)
+        .namespace(global.namespace.clone())
+        .pool_size(1)
+        .connect_timeout(Duration::from_secs(5))
+        .build()?;
+    let ns = pg.namespace().to_owned();
+    let mut checks = vec![];
+    let mut check = |name, ok, detail: String| checks.push(Check { name, ok, detail });
+    match pg.is_migrated().await {
+        Err(e) => check("database", false, CliError::from(e).message),
+        Ok(migrated) => {
+            check("database", true, "reachable".to_owned());
+            if migrated {
+                check("migrations", true, format!("namespace {ns:?} is current"));
+            } else {
+                check(
+                    "migrations",
+                    false,
+                    format!(
+                        "namespace {ns:?} is not installed or out of date: run `pgtide migrate`"
+                    ),
+                );
+            }
+            if migrated {
+                match pg.scout_holder().await {
+                    Ok(Some(holder)) => check("scout", true, format!("{holder} holds the lease")),
+                    Ok(None) => check(
+                        "scout",
+                        false,
+                        "no scout holds the lease: run `pgtide scout` or a consuming process (delayed messages and expired leases wait for the fallback poll)".to_owned(),
+                    ),
+                    Err(e) => check("scout", false, CliError::from(e).message),
+                }
+                if let Some(max) = max_lag {
+                    match pg.stats().await {
+                        Ok(stats) => {
+                            let lagging: Vec<String> = stats
+                                .iter()
+                                .filter_map(|g| {
+                                    let age = g.oldest_ready_age?;
+                                    (age > max).then(|| {
+                                        format!(
+                                            "{}/{} lags {}",
+                                            g.stream,
+                                            g.group.as_deref().unwrap_or("-"),
+                                            format_age(age)
+                                        )
+                                    })
+                                })
+                                .collect();
+                            if lagging.is_empty() {
+                                check(
+                                    "lag",
+                                    true,
+                                    format!("no group lags more than {}", format_duration(max)),
+                                );
+                            } else {
+                                check(
+                                    "lag",
+                                    false,
+                                    format!(
+                                        "{} (max {})",
+                                        lagging.join(", "),
+                                        format_duration(max)
+                                    ),
+                                );
+                            }
+                        }
+                        Err(e) => check("lag", false, CliError::from(e).message),
+                    }
+                }
+            }
+        }
+    }
+    pg.shutdown().await;
+    let healthy = checks.iter().all(|c| c.ok);
+    if json {
+        let list: Vec<_> = checks
+            .iter()
+            .map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail}))
+            .collect();
+        println!(
+            "{}",
+            json!({"healthy": healthy, "namespace": ns, "checks": list})
+        );
+    } else {
+        for c in &checks {
+            println!(
+                "{:<4}  {:<10}  {}",
+                if c.ok { "ok" } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+        }
+    }
+    if healthy {
+        Ok(crate::error::OK)
+    } else {
+        if !json {
+            eprintln!("pgtide: namespace {ns:?} is unhealthy");
+        }
+        Ok(crate::error::UNHEALTHY)
+    }
+}
+
+/// `scout`: be a scout candidate until SIGINT/SIGTERM, then resign (done by the caller's
+/// shutdown) so another process takes over at once.
+pub async fn scout(pg: &PgBackend, args: ScoutArgs) -> CliResult {
+    if !pg.is_migrated().await? {
+        return Err(pgtide::Error::NotMigrated(pg.namespace().to_owned()).into());
+    }
+    let token = crate::shutdown_signal();
+    pg.start_scout();
+    crate::telemetry::spawn_group_gauges(pg, args.stats_interval, token.clone());
+    tracing::info!(
+        namespace = pg.namespace(),
+        candidate = %pg.scout_status().holder_id,
+        "pgtide scout: candidate started"
+    );
+    token.cancelled().await;
+    tracing::info!("pgtide scout: stopping; resigning the lease");
+    Ok(())
+}
