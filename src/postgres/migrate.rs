@@ -26,14 +26,38 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "operations", include_str!("../../migrations/0005_operations.sql")),
 ];
 
-/// The SQL that installs the namespace from scratch, for a DBA to review and apply by hand.
+/// Dollar-quote tag for migration texts inside the bookkeeping inserts.
+const TAG: &str = "$pgtide_migration$";
+
+/// The SQL script that installs the namespace from scratch, for a DBA to review and apply by
+/// hand (`psql -v ON_ERROR_STOP=1 -f FILE`). It runs in one transaction and also records the
+/// migrations in the namespace's bookkeeping table (checksums as sqlx computes them), so
+/// `migrate()` and `is_migrated()` see a namespace installed this way as current.
 pub fn migration_sql(namespace: &str) -> Result<String> {
     crate::names::validate_namespace(namespace)?;
-    let mut out = format!("CREATE SCHEMA IF NOT EXISTS \"{namespace}\";\n");
-    for (version, name, sql) in MIGRATIONS {
-        out.push_str(&format!("\n-- migration {version}: {name}\n"));
-        out.push_str(&render(sql, namespace));
+    let mut out = format!(
+        "-- pgtide: install namespace \"{namespace}\". Apply with: psql -v ON_ERROR_STOP=1 -f FILE\n\
+         -- The objects belong to the user applying it.\nBEGIN;\nCREATE SCHEMA IF NOT EXISTS \"{namespace}\";\n"
+    );
+    let rendered: Vec<(i64, &str, String)> =
+        MIGRATIONS.iter().map(|(v, name, sql)| (*v, *name, render(sql, namespace))).collect();
+    for (version, name, sql) in &rendered {
+        out.push_str(&format!("\n-- migration {version}: {name}\n{sql}"));
     }
+    out.push_str(&format!(
+        "\n-- bookkeeping: the migrations above, as sqlx records them\n\
+         CREATE TABLE \"{namespace}\"._sqlx_migrations (\n    version BIGINT PRIMARY KEY,\n    \
+         description TEXT NOT NULL,\n    installed_on TIMESTAMPTZ NOT NULL DEFAULT now(),\n    \
+         success BOOLEAN NOT NULL,\n    checksum BYTEA NOT NULL,\n    execution_time BIGINT NOT NULL\n);\n"
+    ));
+    for (version, name, sql) in &rendered {
+        debug_assert!(!sql.contains(TAG));
+        out.push_str(&format!(
+            "INSERT INTO \"{namespace}\"._sqlx_migrations (version, description, success, checksum, execution_time)\n\
+             VALUES ({version}, '{name}', true, sha384(convert_to({TAG}{sql}{TAG}, 'UTF8')), 0);\n"
+        ));
+    }
+    out.push_str("COMMIT;\n");
     Ok(out)
 }
 

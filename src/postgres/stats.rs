@@ -168,7 +168,12 @@ impl PgBackend {
         group: &str,
         ids: Option<&[Uuid]>,
     ) -> Result<u64> {
-        self.dead_op("replay_dead", stream, group, ids).await
+        let n = self.dead_op("replay_dead", stream, group, ids).await?;
+        if n > 0 {
+            // Replayed deliveries are ready now: wake consumers in every process.
+            self.wake(stream);
+        }
+        Ok(n)
     }
 
     /// Deletes dead letters: the given ids, or all of the group's when `ids` is `None`.

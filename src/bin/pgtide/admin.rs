@@ -10,56 +10,11 @@ use crate::cli::{GroupCommand, StreamCommand, StreamOptions};
 use crate::error::{CliError, CliResult};
 use crate::human::{format_age, format_duration, parse_point, print_table, Point};
 
-/// Dollar-quote tag for migration texts inside the printed script.
-const TAG: &str = "$pgtide_migration$";
-
-/// `migrate --print-sql`: the install script, plus sqlx's bookkeeping rows so that the library
+/// `migrate --print-sql`: the install script, bookkeeping included, so that the library
 /// (`is_migrated`, `migrate`) sees a namespace installed by hand as current.
 pub fn print_sql(namespace: &str) -> CliResult<u8> {
-    let sql = pgtide::migration_sql(namespace)?;
-    let mut out = format!(
-        "-- pgtide: install namespace \"{namespace}\". Apply with: psql -v ON_ERROR_STOP=1 -f FILE\n\
-         -- Runs in one transaction; the owner of the objects is the user applying it.\n\
-         BEGIN;\n{sql}\n\n\
-         -- Bookkeeping: the migrations applied, so that `pgtide migrate` and the library see this\n\
-         -- namespace as current (checksums as sqlx computes them: SHA-384 of each migration).\n\
-         CREATE TABLE \"{namespace}\"._sqlx_migrations (\n    \
-             version BIGINT PRIMARY KEY,\n    description TEXT NOT NULL,\n    \
-             installed_on TIMESTAMPTZ NOT NULL DEFAULT now(),\n    success BOOLEAN NOT NULL,\n    \
-             checksum BYTEA NOT NULL,\n    execution_time BIGINT NOT NULL\n);\n"
-    );
-    for (version, name, text) in split_migrations(&sql)? {
-        out.push_str(&format!(
-            "INSERT INTO \"{namespace}\"._sqlx_migrations (version, description, success, checksum, execution_time)\n\
-             VALUES ({version}, '{name}', true, sha384(convert_to({TAG}{text}{TAG}, 'UTF8')), 0);\n"
-        ));
-    }
-    out.push_str("COMMIT;\n");
-    print!("{out}");
+    print!("{}", pgtide::migration_sql(namespace)?);
     Ok(crate::error::OK)
-}
-
-/// Splits `migration_sql`'s output back into `(version, name, rendered sql)` at its
-/// `\n-- migration N: name\n` markers.
-fn split_migrations(sql: &str) -> CliResult<Vec<(i64, String, &str)>> {
-    const MARK: &str = "\n-- migration ";
-    let broken = || CliError::runtime("cannot split the migration script (unexpected format)");
-    let mut out = vec![];
-    let mut rest = sql.find(MARK).map(|i| &sql[i..]).ok_or_else(broken)?;
-    while let Some(after) = rest.strip_prefix(MARK) {
-        let eol = after.find('\n').ok_or_else(broken)?;
-        let (version, name) = after[..eol].split_once(": ").ok_or_else(broken)?;
-        let version: i64 = version.parse().map_err(|_| broken())?;
-        let body_and_rest = &after[eol + 1..];
-        let end = body_and_rest.find(MARK).unwrap_or(body_and_rest.len());
-        let body = &body_and_rest[..end];
-        if body.contains(TAG) || name.contains('\'') {
-            return Err(broken());
-        }
-        out.push((version, name.to_owned(), body));
-        rest = &body_and_rest[end..];
-    }
-    Ok(out)
 }
 
 /// `migrate`.

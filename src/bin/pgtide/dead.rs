@@ -134,9 +134,6 @@ async fn settle(pg: &PgBackend, sel: DeadSelection, replay: bool) -> CliResult {
         }
         total += n;
     }
-    if replay && total > 0 {
-        pg.wake(&sel.stream);
-    }
     if total == 0 && ids.is_some() {
         return Err(CliError::not_found(format!(
             "no dead letter with the given id(s) in stream {:?}{}: list them with `pgtide dead list {}`",
