@@ -1,0 +1,122 @@
+//! The connection to RabbitMQ: one lapin connection per backend handle, reopened when it is
+//! lost, plus the shared publisher channel (publisher confirms on). Channels that a server
+//! error closed are not reused: callers ask again and get a fresh one.
+
+use std::sync::Arc;
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
+use tokio::sync::Mutex;
+
+use crate::{Error, Result};
+
+/// The backend's name in errors.
+pub(crate) const NAME: &str = "amqp";
+
+/// A lazily (re)opened connection and the publisher channel on it.
+pub(crate) struct Conn {
+    url: String,
+    connection: Mutex<Option<Arc<Connection>>>,
+    publisher: Mutex<Option<Channel>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    pub(crate) fn new(url: &str) -> Self {
+        Conn {
+            url: url.to_owned(),
+            connection: Mutex::new(None),
+            publisher: Mutex::new(None),
+        }
+    }
+
+    /// The open connection, reconnecting if it was lost.
+    pub(crate) async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut slot = self.connection.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if c.status().connected() {
+                return Ok(c.clone());
+            }
+        }
+        let props = ConnectionProperties::default().with_connection_name("pgtide".into());
+        let c = Arc::new(
+            Connection::connect(&self.url, props)
+                .await
+                .map_err(broker)?,
+        );
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A new channel. The caller owns it; it closes when the last clone drops.
+    pub(crate) async fn channel(&self) -> Result<Channel> {
+        let c = self.connection().await?;
+        match c.create_channel().await {
+            Ok(ch) => Ok(ch),
+            // The connection may have died between the status check and now: one more try.
+            Err(_) => self
+                .connection()
+                .await?
+                .create_channel()
+                .await
+                .map_err(broker),
+        }
+    }
+
+    /// The shared channel for publishes (publisher confirms on).
+    pub(crate) async fn publisher(&self) -> Result<Channel> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(ch) = slot.as_ref() {
+            if ch.status().connected() {
+                return Ok(ch.clone());
+            }
+        }
+        let ch = self.channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(broker)?;
+        *slot = Some(ch.clone());
+        Ok(ch)
+    }
+}
+
+/// Wraps a lapin error. Lost connections and closed channels are retryable; refusals by the
+/// server (access, argument mismatch, missing objects) are not.
+pub(crate) fn broker(e: lapin::Error) -> Error {
+    let retryable = match e.kind() {
+        ErrorKind::ProtocolError(a) => matches!(
+            a.kind(),
+            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)
+                | AMQPErrorKind::Hard(AMQPHardError::RESOURCEERROR)
+                | AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED)
+        ),
+        ErrorKind::InvalidProtocolVersion(_) | ErrorKind::AuthProviderError(_) => false,
+        _ => true,
+    };
+    Error::Broker {
+        backend: NAME,
+        source: Box::new(e),
+        retryable,
+    }
+}
+
+/// A pgtide-level broker error with a message.
+pub(crate) fn broker_msg(msg: impl Into<String>, retryable: bool) -> Error {
+    Error::Broker {
+        backend: NAME,
+        source: msg.into().into(),
+        retryable,
+    }
+}
+
+/// True if the server answered 404 NOT_FOUND (the channel is closed by now).
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(a)
+        if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
