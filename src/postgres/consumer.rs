@@ -122,7 +122,9 @@ impl Consumer {
             .query(&stmt, &[&self.group_id, &max, &self.name, &lease])
             .await
             .map_err(|e| self.error(e))?;
-        Ok(rows.iter().map(|r| self.delivery(r, 0)).collect())
+        let mut batch: Vec<Delivery> = rows.iter().map(|r| self.delivery(r, 0)).collect();
+        batch.sort_by_key(|d| d.message.id);
+        Ok(batch)
     }
 
     /// Acknowledges `done` and claims up to `max` new deliveries in one round trip and one
@@ -148,11 +150,12 @@ impl Consumer {
             .await
             .map_err(|e| self.error(e))?;
         let acked: Vec<Uuid> = rows.first().map(|r| r.get(0)).unwrap_or_default();
-        let batch = rows
+        let mut batch: Vec<Delivery> = rows
             .iter()
             .filter(|r| r.get::<_, Option<Uuid>>(1).is_some())
             .map(|r| self.delivery(r, 1))
             .collect();
+        batch.sort_by_key(|d| d.message.id);
         Ok((SettleReport::from_parts(done, acked, vec![]), batch))
     }
 
