@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgtide::{
-    AnyBackend, Backoff, CancellationToken, Delivery, GroupStart, OutgoingMessage, Outcome, PgBackend, Queue,
-    StreamConfig, Worker,
+    AnyBackend, Backoff, CancellationToken, Delivery, GroupStart, Outcome, OutgoingMessage,
+    PgBackend, Queue, StreamConfig, Worker,
 };
 
 const STREAM: &str = "example.payments";
@@ -31,21 +31,29 @@ async fn main() -> pgtide::Result<()> {
     let queue = match std::env::var("PGTIDE_BACKEND") {
         Ok(url) if !url.starts_with("postgres") => AnyBackend::connect(&url, &namespace).await?,
         _ => {
-            let pg = PgBackend::builder(pgtide::dev::database_url().await?).namespace(&namespace).build()?;
+            let pg = PgBackend::builder(pgtide::dev::database_url().await?)
+                .namespace(&namespace)
+                .build()?;
             pg.migrate().await?;
             AnyBackend::Postgres(pg)
         }
     };
     println!("backend: {}, namespace {namespace:?}", queue.kind());
 
-    let config = StreamConfig::default().max_deliver(3).backoff(Backoff::schedule([Duration::from_millis(100)]));
+    let config = StreamConfig::default()
+        .max_deliver(3)
+        .backoff(Backoff::schedule([Duration::from_millis(100)]));
     queue.ensure_stream(STREAM, &config).await?;
     queue.ensure_group(STREAM, GROUP, GroupStart::New).await?;
     queue.purge(STREAM).await?;
 
     let payments: Vec<OutgoingMessage> = (0..COUNT)
         .map(|i| {
-            let amount = if i % 100 == 99 { -1 } else { (i as i64 % 50) + 1 };
+            let amount = if i % 100 == 99 {
+                -1
+            } else {
+                (i as i64 % 50) + 1
+            };
             OutgoingMessage::json(&serde_json::json!({ "payment": i, "amount": amount }))
         })
         .collect::<Result<_, _>>()?;
@@ -63,7 +71,9 @@ async fn main() -> pgtide::Result<()> {
                 let id = payment["payment"].as_u64().unwrap_or_default();
                 if payment["amount"].as_i64().unwrap_or(0) <= 0 {
                     settled.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Outcome::DeadLetter { reason: format!("payment {id}: amount must be positive") });
+                    return Ok(Outcome::DeadLetter {
+                        reason: format!("payment {id}: amount must be positive"),
+                    });
                 }
                 if id % 7 == 0 && delivery.attempt == 1 {
                     // Returned errors are retried with the stream's backoff.
@@ -76,7 +86,9 @@ async fn main() -> pgtide::Result<()> {
     };
 
     let consumer = queue.consumer(STREAM, GROUP, "example-worker").await?;
-    let worker = Worker::new(consumer, handler).concurrency(16).shutdown_grace(Duration::from_secs(5));
+    let worker = Worker::new(consumer, handler)
+        .concurrency(16)
+        .shutdown_grace(Duration::from_secs(5));
     let token = CancellationToken::new();
     let started = Instant::now();
     let run = tokio::spawn(worker.run(token.clone()));
@@ -95,7 +107,9 @@ async fn main() -> pgtide::Result<()> {
         }
     }
     token.cancel();
-    let report = run.await.map_err(|e| pgtide::Error::InvalidConfig(format!("worker task: {e}")))??;
+    let report = run
+        .await
+        .map_err(|e| pgtide::Error::InvalidConfig(format!("worker task: {e}")))??;
     println!(
         "handled {} deliveries in {:.2?}: {} acked, {} retried, {} dead-lettered",
         report.handled,
@@ -105,7 +119,10 @@ async fn main() -> pgtide::Result<()> {
         report.dead_lettered
     );
     let stats = queue.stats(STREAM, GROUP).await?;
-    println!("group {GROUP:?}: ready {} in flight {} dead {}", stats.ready, stats.in_flight, stats.dead);
+    println!(
+        "group {GROUP:?}: ready {} in flight {} dead {}",
+        stats.ready, stats.in_flight, stats.dead
+    );
     if let AnyBackend::Postgres(pg) = &queue {
         pg.shutdown().await;
     }

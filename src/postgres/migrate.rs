@@ -39,8 +39,10 @@ pub fn migration_sql(namespace: &str) -> Result<String> {
         "-- pgtide: install namespace \"{namespace}\". Apply with: psql -v ON_ERROR_STOP=1 -f FILE\n\
          -- The objects belong to the user applying it.\nBEGIN;\nCREATE SCHEMA IF NOT EXISTS \"{namespace}\";\n"
     );
-    let rendered: Vec<(i64, &str, String)> =
-        MIGRATIONS.iter().map(|(v, name, sql)| (*v, *name, render(sql, namespace))).collect();
+    let rendered: Vec<(i64, &str, String)> = MIGRATIONS
+        .iter()
+        .map(|(v, name, sql)| (*v, *name, render(sql, namespace)))
+        .collect();
     for (version, name, sql) in &rendered {
         out.push_str(&format!("\n-- migration {version}: {name}\n{sql}"));
     }
