@@ -46,6 +46,7 @@ mod names;
 #[cfg(feature = "nats")]
 mod nats;
 mod postgres;
+mod relay;
 #[cfg(feature = "redis")]
 mod redis;
 mod worker;
@@ -73,6 +74,7 @@ pub use crate::postgres::{
 };
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisBackend, RedisConsumer};
+pub use crate::relay::{Relay, RelayReport, Tee, TeeMode, SOURCE_ID_HEADER};
 pub use crate::worker::{HandlerResult, Outcome, Worker, WorkerConfig, WorkerHook, WorkerReport};
 /// Re-exported: stops workers and background tasks.
 pub use tokio_util::sync::CancellationToken;

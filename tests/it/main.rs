@@ -4,3 +4,4 @@ mod cli;
 mod common;
 mod conformance;
 mod postgres;
+mod relay;

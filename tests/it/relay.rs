@@ -1,0 +1,177 @@
+//! The outbox relay and the tee, on real Postgres with the memory backend as the other side.
+
+use std::time::Duration;
+
+use pgtide::{
+    CancellationToken, GroupStart, MemoryBackend, OutgoingMessage, Queue, QueueConsumer, Relay,
+    StreamConfig, Tee, TeeMode, SOURCE_ID_HEADER,
+};
+
+use crate::common::{json, namespace, WAIT};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_relay_forwards_committed_messages_once() {
+    let ns = namespace().await;
+    ns.stream_with_groups("outbox.orders", StreamConfig::default(), &["relay"])
+        .await;
+    let sink = MemoryBackend::new();
+    Queue::ensure_stream(&sink, "orders", &StreamConfig::default())
+        .await
+        .unwrap();
+    Queue::ensure_group(&sink, "orders", "billing", GroupStart::New)
+        .await
+        .unwrap();
+
+    // The application publishes into its outbox inside its own transactions; one rolls back.
+    let mut raw = ns.raw().await;
+    let mut committed = vec![];
+    for i in 0..30 {
+        let tx = raw.transaction().await.unwrap();
+        let r = ns
+            .publish_in(
+                &tx,
+                "outbox.orders",
+                &[json(serde_json::json!({"order": i})).header("k", "v")],
+            )
+            .await
+            .unwrap();
+        if i == 7 {
+            tx.rollback().await.unwrap();
+        } else {
+            tx.commit().await.unwrap();
+            committed.push(r[0].id);
+        }
+    }
+    // A copy of the first message already reached the sink (a relay that crashed before its ack).
+    sink.publish(
+        "orders",
+        OutgoingMessage::bytes("x").dedupe_key(committed[0].to_string()),
+    )
+    .await
+    .unwrap();
+
+    let outbox = ns
+        .consumer("outbox.orders", "relay", "relay-1")
+        .await
+        .unwrap();
+    let token = CancellationToken::new();
+    let relay = tokio::spawn(
+        Relay::new(outbox, sink.clone(), "orders")
+            .batch(8)
+            .run(token.clone()),
+    );
+
+    let billing = Queue::consumer(&sink, "orders", "billing", "b")
+        .await
+        .unwrap();
+    let mut got = vec![];
+    let deadline = std::time::Instant::now() + WAIT;
+    while got.len() < committed.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relayed {} of {}",
+            got.len(),
+            committed.len()
+        );
+        let batch = billing
+            .fetch(100, Duration::from_millis(200))
+            .await
+            .unwrap();
+        billing
+            .ack_batch(&batch.iter().collect::<Vec<_>>())
+            .await
+            .unwrap();
+        got.extend(batch);
+    }
+    token.cancel();
+    let report = relay.await.unwrap().unwrap();
+    assert_eq!(report.relayed, committed.len() as u64);
+    assert_eq!(
+        report.duplicates, 1,
+        "the earlier copy absorbed the relay of message 0"
+    );
+    // Every committed message arrived once (the pre-existing copy stands for message 0).
+    let mut sources: Vec<String> = got
+        .iter()
+        .filter_map(|d| d.headers.get(SOURCE_ID_HEADER).cloned())
+        .collect();
+    sources.sort();
+    let mut want: Vec<String> = committed[1..].iter().map(|id| id.to_string()).collect();
+    want.sort();
+    assert_eq!(sources, want);
+    assert!(got
+        .iter()
+        .filter(|d| d.headers.contains_key(SOURCE_ID_HEADER))
+        .all(|d| d.is_json && d.headers["k"] == "v"));
+    assert_eq!(
+        ns.group_stats("outbox.orders", "relay")
+            .await
+            .unwrap()
+            .ready,
+        0,
+        "outbox drained"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tee_writes_to_both_and_reads_from_the_primary() {
+    let ns = namespace().await;
+    let secondary = MemoryBackend::new();
+    let tee = Tee::new(ns.pg.clone(), secondary.clone(), TeeMode::Strict);
+    assert!(tee
+        .ensure_stream("events", &StreamConfig::default())
+        .await
+        .unwrap());
+    assert!(tee
+        .ensure_group("events", "g", GroupStart::New)
+        .await
+        .unwrap());
+    let receipts = tee
+        .publish_batch(
+            "events",
+            &(0..5)
+                .map(|i| json(serde_json::json!(i)))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let dup = tee
+        .publish("events", json(serde_json::json!("d")).dedupe_key("k"))
+        .await
+        .unwrap();
+    let again = tee
+        .publish("events", json(serde_json::json!("d")).dedupe_key("k"))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(dup.id, again.id);
+
+    let primary = tee.consumer("events", "g", "c").await.unwrap();
+    assert_eq!(primary.try_fetch(100).await.unwrap().len(), 6);
+    let copy = Queue::consumer(&secondary, "events", "g", "c")
+        .await
+        .unwrap();
+    let copies = copy.try_fetch(100).await.unwrap();
+    assert_eq!(
+        copies.len(),
+        6,
+        "the duplicate publish was not copied twice"
+    );
+    let sources: std::collections::HashSet<String> = copies
+        .iter()
+        .map(|d| d.headers[SOURCE_ID_HEADER].clone())
+        .collect();
+    assert!(receipts.iter().all(|r| sources.contains(&r.id.to_string())));
+
+    // A failing secondary fails the call in strict mode, not in best-effort mode.
+    Queue::delete_stream(&secondary, "events").await.unwrap();
+    assert!(tee
+        .publish("events", json(serde_json::json!(1)))
+        .await
+        .is_err());
+    let lenient = Tee::new(ns.pg.clone(), secondary, TeeMode::BestEffort);
+    lenient
+        .publish("events", json(serde_json::json!(2)))
+        .await
+        .unwrap();
+}
