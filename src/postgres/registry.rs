@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
 
 use super::{micros, PgBackend, STREAM_CACHE_TTL};
 use crate::config::{GroupStart, StreamConfig};
@@ -37,6 +38,47 @@ const STREAM_COLUMNS: &str = "name, extract(epoch FROM lease)::float8, max_deliv
     (SELECT array_agg(extract(epoch FROM b)::float8 ORDER BY i) FROM unnest(backoff) WITH ORDINALITY AS x (b, i)), \
     backoff_jitter, extract(epoch FROM retention)::float8, extract(epoch FROM partition_interval)::float8, \
     extract(epoch FROM dedupe_window)::float8, max_payload, created_at";
+
+/// A stream configuration as SQL parameters $2..$9 (durations in microseconds), after the name.
+struct ConfigParams {
+    lease: i64,
+    max_deliver: i32,
+    backoff: Vec<i64>,
+    retention: i64,
+    dedupe_window: i64,
+    max_payload: i32,
+    partition_interval: i64,
+    jitter: f32,
+}
+
+impl ConfigParams {
+    fn new(c: &StreamConfig) -> Self {
+        ConfigParams {
+            lease: micros(c.lease),
+            max_deliver: c.max_deliver as i32,
+            backoff: c.backoff.schedule.iter().map(|d| micros(*d)).collect(),
+            retention: micros(c.retention),
+            dedupe_window: micros(c.dedupe_window),
+            max_payload: c.max_payload as i32,
+            partition_interval: micros(c.partition_interval),
+            jitter: c.backoff.jitter,
+        }
+    }
+
+    fn values<'a>(&'a self, name: &'a &'a str) -> Vec<&'a (dyn ToSql + Sync)> {
+        vec![
+            name,
+            &self.lease,
+            &self.max_deliver,
+            &self.backoff,
+            &self.retention,
+            &self.dedupe_window,
+            &self.max_payload,
+            &self.partition_interval,
+            &self.jitter,
+        ]
+    }
+}
 
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
@@ -72,7 +114,6 @@ impl PgBackend {
         validate_name("stream", name)?;
         config.validate()?;
         let client = self.client().await?;
-        let backoff: Vec<i64> = config.backoff.schedule.iter().map(|d| micros(*d)).collect();
         let sql = format!(
             "SELECT \"{ns}\".create_stream($1, $2::int8 * interval '1 microsecond', $3, \
              (SELECT array_agg(b * interval '1 microsecond' ORDER BY i) FROM unnest($4::int8[]) WITH ORDINALITY AS x (b, i)), \
@@ -80,32 +121,18 @@ impl PgBackend {
              $8::int8 * interval '1 microsecond', $9::float4, $10)",
             ns = self.namespace()
         );
-        let row = client
-            .query_one(
-                &sql,
-                &[
-                    &name,
-                    &micros(config.lease),
-                    &(config.max_deliver as i32),
-                    &backoff,
-                    &micros(config.retention),
-                    &micros(config.dedupe_window),
-                    &(config.max_payload as i32),
-                    &micros(config.partition_interval),
-                    &config.backoff.jitter,
-                    &if_not_exists,
-                ],
+        let params = ConfigParams::new(config);
+        let mut values = params.values(&name);
+        values.push(&if_not_exists);
+        let row = client.query_one(&sql, &values).await.map_err(|e| {
+            Error::from_pg(
+                e,
+                Ctx {
+                    stream: Some(name),
+                    group: None,
+                },
             )
-            .await
-            .map_err(|e| {
-                Error::from_pg(
-                    e,
-                    Ctx {
-                        stream: Some(name),
-                        group: None,
-                    },
-                )
-            })?;
+        })?;
         self.forget_stream(name);
         Ok(row.get(0))
     }
@@ -129,7 +156,6 @@ impl PgBackend {
         validate_name("stream", name)?;
         config.validate()?;
         let client = self.client().await?;
-        let backoff: Vec<i64> = config.backoff.schedule.iter().map(|d| micros(*d)).collect();
         let sql = format!(
             "UPDATE \"{ns}\".streams SET lease = $2::int8 * interval '1 microsecond', max_deliver = $3, \
              backoff = (SELECT array_agg(b * interval '1 microsecond' ORDER BY i) FROM unnest($4::int8[]) WITH ORDINALITY AS x (b, i)), \
@@ -138,22 +164,8 @@ impl PgBackend {
              WHERE name = $1",
             ns = self.namespace()
         );
-        let n = client
-            .execute(
-                &sql,
-                &[
-                    &name,
-                    &micros(config.lease),
-                    &(config.max_deliver as i32),
-                    &backoff,
-                    &micros(config.retention),
-                    &micros(config.dedupe_window),
-                    &(config.max_payload as i32),
-                    &micros(config.partition_interval),
-                    &config.backoff.jitter,
-                ],
-            )
-            .await?;
+        let params = ConfigParams::new(&config);
+        let n = client.execute(&sql, &params.values(&name)).await?;
         self.forget_stream(name);
         if n == 0 {
             return Err(Error::StreamNotFound(name.to_owned()));
