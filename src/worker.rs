@@ -5,6 +5,11 @@
 //! Invariants: a delivery is settled exactly once by the worker (ack, nack, term or release);
 //! a panicking handler is caught and its delivery retried; on shutdown, handlers still running at
 //! the deadline are aborted and their deliveries released (visible again at once).
+//!
+//! With the cargo feature `metrics`, the worker records through the `metrics` facade, on every
+//! backend: `pgtide_handler_duration_seconds` (labels stream, group, outcome) and, as the
+//! backend confirms settles, `pgtide_acked_total`, `pgtide_nacked_total` (put back for a retry)
+//! and `pgtide_dead_lettered_total` (labels stream, group).
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -21,7 +26,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::backend::QueueConsumer;
-use crate::{Consumer, Delivery, Result};
+use crate::{Consumer, Delivery, Result, SettleReport};
 
 /// What a handler decided about a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,15 +157,114 @@ enum Settle {
     Term(Delivery, String),
 }
 
-#[derive(Default)]
+/// The run's report, and its metrics with the feature `metrics`.
 struct Counters {
     report: Mutex<WorkerReport>,
+    #[cfg(feature = "metrics")]
+    metrics: WorkerMetrics,
 }
 
 impl Counters {
+    fn new<C: QueueConsumer>(_consumer: &C) -> Self {
+        Counters {
+            report: Mutex::default(),
+            #[cfg(feature = "metrics")]
+            metrics: WorkerMetrics::new(_consumer.stream(), _consumer.group()),
+        }
+    }
+
     fn add(&self, f: impl FnOnce(&mut WorkerReport)) {
         if let Ok(mut r) = self.report.lock() {
             f(&mut r);
+        }
+    }
+
+    /// What an ack did.
+    fn acked(&self, r: &SettleReport) {
+        self.add(|c| {
+            c.acked += r.settled.len() as u64;
+            c.lease_lost += r.lost.len() as u64;
+        });
+        #[cfg(feature = "metrics")]
+        self.metrics.acked.increment(r.settled.len() as u64);
+    }
+
+    /// What a nack did: retries, and dead letters on the last attempt.
+    fn nacked(&self, r: &SettleReport) {
+        self.add(|c| {
+            c.retried += r.settled.len() as u64;
+            c.dead_lettered += r.dead_lettered.len() as u64;
+            c.lease_lost += r.lost.len() as u64;
+        });
+        #[cfg(feature = "metrics")]
+        {
+            self.metrics.nacked.increment(r.settled.len() as u64);
+            self.metrics
+                .dead_lettered
+                .increment(r.dead_lettered.len() as u64);
+        }
+    }
+
+    /// What a term did.
+    fn termed(&self, r: &SettleReport) {
+        self.add(|c| {
+            c.dead_lettered += r.dead_lettered.len() as u64;
+            c.lease_lost += r.lost.len() as u64;
+        });
+        #[cfg(feature = "metrics")]
+        self.metrics
+            .dead_lettered
+            .increment(r.dead_lettered.len() as u64);
+    }
+
+    /// How long a handler took, by how it ended.
+    fn handled(&self, _result: &HandlerResult, _elapsed: Duration) {
+        #[cfg(feature = "metrics")]
+        self.metrics.handler[WorkerMetrics::outcome(_result)].record(_elapsed);
+    }
+}
+
+/// Metric handles made once per run, so that the hot path does not build labels. They belong to
+/// the recorder installed when [`Worker::run`] started.
+#[cfg(feature = "metrics")]
+struct WorkerMetrics {
+    acked: metrics::Counter,
+    nacked: metrics::Counter,
+    dead_lettered: metrics::Counter,
+    /// `pgtide_handler_duration_seconds` per outcome, in the order of [`WorkerMetrics::OUTCOMES`].
+    handler: [metrics::Histogram; 5],
+}
+
+#[cfg(feature = "metrics")]
+impl WorkerMetrics {
+    /// The `outcome` label: the handler's [`Outcome`], or `error` / `panic`.
+    const OUTCOMES: [&'static str; 5] = ["ack", "retry", "dead_letter", "error", "panic"];
+
+    fn new(stream: &str, group: &str) -> Self {
+        let labels = [("stream", stream.to_owned()), ("group", group.to_owned())];
+        WorkerMetrics {
+            acked: metrics::counter!("pgtide_acked_total", &labels),
+            nacked: metrics::counter!("pgtide_nacked_total", &labels),
+            dead_lettered: metrics::counter!("pgtide_dead_lettered_total", &labels),
+            handler: Self::OUTCOMES.map(|outcome| {
+                metrics::histogram!(
+                    "pgtide_handler_duration_seconds",
+                    "stream" => stream.to_owned(),
+                    "group" => group.to_owned(),
+                    "outcome" => outcome
+                )
+            }),
+        }
+    }
+
+    /// Index of the result's outcome in [`WorkerMetrics::OUTCOMES`].
+    fn outcome(result: &HandlerResult) -> usize {
+        match result {
+            HandlerResult::Outcome(Outcome::Ack) => 0,
+            HandlerResult::Outcome(Outcome::Retry { .. }) => 1,
+            HandlerResult::Outcome(Outcome::DeadLetter { .. }) => 2,
+            HandlerResult::Failed(_) => 3,
+            HandlerResult::Panicked(_) => 4,
         }
     }
 }
@@ -225,7 +329,7 @@ impl<C: QueueConsumer> Worker<C> {
         let concurrency = self.config.concurrency;
         let prefetch = self.config.prefetch.unwrap_or(concurrency);
         let permits = Arc::new(Semaphore::new(concurrency));
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::new(&self.consumer));
         let in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>> = Arc::default();
         let (settle_tx, settle_rx) = mpsc::channel::<Settle>(concurrency * 4);
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Delivery>();
@@ -258,10 +362,7 @@ impl<C: QueueConsumer> Worker<C> {
                 .await
             {
                 Ok((report, batch)) => {
-                    counters.add(|c| {
-                        c.acked += report.settled.len() as u64;
-                        c.lease_lost += report.lost.len() as u64;
-                    });
+                    counters.acked(&report);
                     pending_acks.clear();
                     if batch.is_empty() {
                         let wait = self.consumer.fetch(want, Duration::from_secs(3600));
@@ -441,8 +542,10 @@ impl<C: QueueConsumer> Job<C> {
                 HandlerResult::Panicked(msg)
             }
         };
+        let elapsed = started.elapsed();
+        self.counters.handled(&result, elapsed);
         for h in &self.hooks {
-            h.after(&delivery, &result, started.elapsed());
+            h.after(&delivery, &result, elapsed);
         }
         if let Ok(mut m) = self.in_flight.lock() {
             m.remove(&delivery.id());
@@ -477,21 +580,14 @@ async fn run_settler<C: QueueConsumer>(
         match settle {
             Settle::Nack(d, after, error) => {
                 match consumer.nack_batch(&[&d], after, error.as_deref()).await {
-                    Ok(r) => counters.add(|c| {
-                        c.retried += r.settled.len() as u64;
-                        c.dead_lettered += r.dead_lettered.len() as u64;
-                        c.lease_lost += r.lost.len() as u64;
-                    }),
+                    Ok(r) => counters.nacked(&r),
                     Err(e) => {
                         tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: nack failed; the lease will expire")
                     }
                 }
             }
             Settle::Term(d, reason) => match consumer.term_batch(&[&d], &reason).await {
-                Ok(r) => counters.add(|c| {
-                    c.dead_lettered += r.dead_lettered.len() as u64;
-                    c.lease_lost += r.lost.len() as u64;
-                }),
+                Ok(r) => counters.termed(&r),
                 Err(e) => {
                     tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: term failed; the lease will expire")
                 }
@@ -510,10 +606,7 @@ async fn flush_acks<C: QueueConsumer>(consumer: &C, acks: Vec<Delivery>, counter
     loop {
         match consumer.ack_batch(&refs).await {
             Ok(r) => {
-                counters.add(|c| {
-                    c.acked += r.settled.len() as u64;
-                    c.lease_lost += r.lost.len() as u64;
-                });
+                counters.acked(&r);
                 return;
             }
             Err(e) if e.is_retryable() && failures < 5 => {

@@ -3,6 +3,11 @@
 //!
 //! Every settle is fenced by the attempt number the fetch returned: a consumer whose lease lapsed
 //! and whose delivery was claimed again gets [`Error::LeaseLost`] and changes nothing.
+//!
+//! With the cargo feature `metrics`, every claim records `pgtide_fetch_duration_seconds`,
+//! `pgtide_delivered_total` and `pgtide_redeliveries_total` (labels stream, group) through the
+//! `metrics` facade. A redelivery is a delivery with an attempt above 1: the claim cannot tell
+//! an expired lease from a nack, so lease expiries are not counted apart.
 
 use std::time::Duration;
 
@@ -28,6 +33,39 @@ pub struct Consumer {
     name: String,
     group_id: i32,
     lease: Option<Duration>,
+    #[cfg(feature = "metrics")]
+    metrics: ClaimMetrics,
+}
+
+/// Handles made once per consumer, so that a claim does not build labels (feature `metrics`).
+/// They belong to the recorder installed when the consumer was made.
+#[cfg(feature = "metrics")]
+#[derive(Debug, Clone)]
+struct ClaimMetrics {
+    duration: metrics::Histogram,
+    delivered: metrics::Counter,
+    redeliveries: metrics::Counter,
+}
+
+#[cfg(feature = "metrics")]
+impl ClaimMetrics {
+    fn new(stream: &str, group: &str) -> Self {
+        let labels = [("stream", stream.to_owned()), ("group", group.to_owned())];
+        ClaimMetrics {
+            duration: metrics::histogram!("pgtide_fetch_duration_seconds", &labels),
+            delivered: metrics::counter!("pgtide_delivered_total", &labels),
+            redeliveries: metrics::counter!("pgtide_redeliveries_total", &labels),
+        }
+    }
+
+    fn record(&self, started: std::time::Instant, batch: &[Delivery]) {
+        self.duration.record(started.elapsed());
+        self.delivered.increment(batch.len() as u64);
+        let again = batch.iter().filter(|d| d.attempt > 1).count();
+        if again > 0 {
+            self.redeliveries.increment(again as u64);
+        }
+    }
 }
 
 impl PgBackend {
@@ -59,6 +97,8 @@ impl PgBackend {
             name: name.to_owned(),
             group_id: row.get(0),
             lease: None,
+            #[cfg(feature = "metrics")]
+            metrics: ClaimMetrics::new(stream, group),
         })
     }
 }
@@ -114,6 +154,8 @@ impl Consumer {
     /// Cancel safety: if dropped after the claim committed, the claimed deliveries become visible
     /// again when their lease expires; nothing is lost.
     pub async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
         let max = max.clamp(1, 10_000) as i32;
         let client = self.pg.client().await?;
         let stmt = client.prepare_cached(&self.pg.inner.sql.claim).await?;
@@ -124,6 +166,8 @@ impl Consumer {
             .map_err(|e| self.error(e))?;
         let mut batch: Vec<Delivery> = rows.iter().map(|r| self.delivery(r, 0)).collect();
         batch.sort_by_key(|d| d.message.id);
+        #[cfg(feature = "metrics")]
+        self.metrics.record(started, &batch);
         Ok(batch)
     }
 
@@ -137,6 +181,8 @@ impl Consumer {
         done: &[&Delivery],
         max: usize,
     ) -> Result<(SettleReport, Vec<Delivery>)> {
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
         let max = max.clamp(1, 10_000) as i32;
         let (ids, attempts) = ids_attempts(done);
         let client = self.pg.client().await?;
@@ -156,6 +202,8 @@ impl Consumer {
             .map(|r| self.delivery(r, 1))
             .collect();
         batch.sort_by_key(|d| d.message.id);
+        #[cfg(feature = "metrics")]
+        self.metrics.record(started, &batch);
         Ok((SettleReport::from_parts(done, acked, vec![]), batch))
     }
 

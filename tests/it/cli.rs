@@ -2,7 +2,10 @@
 //! (dropped at the end), arguments and environment in, stdout/stderr/exit code out.
 #![cfg(feature = "cli")]
 
+mod backends;
 mod flow;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod operations;
 
 use std::process::Stdio;

@@ -1,11 +1,15 @@
 //! Provisioning and registry commands: migrate, grant, stream, group, trim.
+//!
+//! On backends other than Postgres, streams and groups are created, deleted and purged through
+//! the `Queue` traits; listing, showing, updating and resetting need the Postgres registry.
 
 use std::time::Duration;
 
 use chrono::Utc;
-use pgtide::{Backoff, GroupStart, PgBackend, StreamConfig, StreamInfo};
+use pgtide::{Backoff, GroupStart, PgBackend, Queue, StreamConfig, StreamInfo};
 use serde_json::json;
 
+use crate::backend::Target;
 use crate::cli::{GroupCommand, StreamCommand, StreamOptions};
 use crate::error::{CliError, CliResult};
 use crate::human::{format_age, format_duration, parse_point, print_table, Point};
@@ -90,7 +94,7 @@ fn not_found_stream(name: &str) -> CliError {
 }
 
 /// `stream ...`.
-pub async fn stream(pg: &PgBackend, command: StreamCommand) -> CliResult {
+pub async fn stream<B: Target>(b: &B, command: StreamCommand) -> CliResult {
     match command {
         StreamCommand::Create {
             name,
@@ -98,18 +102,45 @@ pub async fn stream(pg: &PgBackend, command: StreamCommand) -> CliResult {
             if_not_exists,
         } => {
             let config = apply(StreamConfig::default(), &options)?;
-            if if_not_exists {
-                if pg.ensure_stream(&name, config).await? {
-                    println!("created stream {name:?}");
-                } else {
-                    println!("stream {name:?} exists; left unchanged");
+            match b.postgres() {
+                Some(pg) if !if_not_exists => pg.create_stream(&name, config).await?,
+                // Other backends create idempotently: an existing stream is reported, not changed.
+                _ => {
+                    if !Queue::ensure_stream(b, &name, &config).await? {
+                        if !if_not_exists {
+                            return Err(CliError::new(
+                                crate::error::EXISTS,
+                                format!("stream {name:?} already exists: use --if-not-exists to accept that"),
+                            ));
+                        }
+                        println!("stream {name:?} exists; left unchanged");
+                        return Ok(());
+                    }
                 }
-            } else {
-                pg.create_stream(&name, config).await?;
-                println!("created stream {name:?}");
+            }
+            println!("created stream {name:?}");
+        }
+        StreamCommand::Delete { name } => {
+            if !Queue::delete_stream(b, &name).await? {
+                return Err(not_found_stream(&name));
+            }
+            println!("deleted stream {name:?} with its groups, messages and dead letters");
+        }
+        StreamCommand::Purge { name } => {
+            pgtide::validate_name("stream", &name)?;
+            match b.postgres() {
+                Some(pg) => {
+                    let n = pg.purge_stream(&name).await?;
+                    println!("purged stream {name:?}: {n} pending deliveries dropped, with its messages and dead letters; its groups stay");
+                }
+                None => {
+                    Queue::purge(b, &name).await?;
+                    println!("purged stream {name:?}; its groups stay");
+                }
             }
         }
         StreamCommand::Update { name, options } => {
+            let pg = b.require_postgres("stream update")?;
             let current = pg
                 .stream(&name)
                 .await?
@@ -119,49 +150,50 @@ pub async fn stream(pg: &PgBackend, command: StreamCommand) -> CliResult {
             println!("updated stream {name:?}");
         }
         StreamCommand::List { json } => {
-            let streams = pg.streams().await?;
-            if json {
-                let list: Vec<_> = streams.iter().map(stream_json).collect();
-                println!("{}", serde_json::Value::Array(list));
-            } else {
-                let rows: Vec<Vec<String>> = streams
-                    .iter()
-                    .map(|s| {
-                        let c = &s.config;
-                        vec![
-                            s.name.clone(),
-                            format_duration(c.lease),
-                            c.max_deliver.to_string(),
-                            format_duration(c.retention),
-                            format_duration(c.partition_interval),
-                            format_duration(c.dedupe_window),
-                            c.max_payload.to_string(),
-                            s.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "STREAM",
-                        "LEASE",
-                        "MAX_DELIVER",
-                        "RETENTION",
-                        "PARTITION",
-                        "DEDUPE",
-                        "MAX_PAYLOAD",
-                        "CREATED",
-                    ],
-                    &rows,
-                );
-            }
+            list_streams(b.require_postgres("stream list")?, json).await?
         }
-        StreamCommand::Show { name, json } => show_stream(pg, &name, json).await?,
-        StreamCommand::Delete { name } => {
-            if !pg.delete_stream(&name).await? {
-                return Err(not_found_stream(&name));
-            }
-            println!("deleted stream {name:?} with its groups, messages and dead letters");
+        StreamCommand::Show { name, json } => {
+            show_stream(b.require_postgres("stream show")?, &name, json).await?
         }
+    }
+    Ok(())
+}
+
+async fn list_streams(pg: &PgBackend, json: bool) -> CliResult {
+    let streams = pg.streams().await?;
+    if json {
+        let list: Vec<_> = streams.iter().map(stream_json).collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        let rows: Vec<Vec<String>> = streams
+            .iter()
+            .map(|s| {
+                let c = &s.config;
+                vec![
+                    s.name.clone(),
+                    format_duration(c.lease),
+                    c.max_deliver.to_string(),
+                    format_duration(c.retention),
+                    format_duration(c.partition_interval),
+                    format_duration(c.dedupe_window),
+                    c.max_payload.to_string(),
+                    s.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "STREAM",
+                "LEASE",
+                "MAX_DELIVER",
+                "RETENTION",
+                "PARTITION",
+                "DEDUPE",
+                "MAX_PAYLOAD",
+                "CREATED",
+            ],
+            &rows,
+        );
     }
     Ok(())
 }
@@ -247,7 +279,7 @@ fn point_text(point: Point) -> String {
 }
 
 /// `group ...`.
-pub async fn group(pg: &PgBackend, command: GroupCommand) -> CliResult {
+pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
     match command {
         GroupCommand::Create {
             stream,
@@ -260,25 +292,46 @@ pub async fn group(pg: &PgBackend, command: GroupCommand) -> CliResult {
                 Point::Beginning => GroupStart::Oldest,
                 Point::Now | Point::At(_) => GroupStart::New,
             };
-            let created = if if_not_exists {
-                pg.ensure_group(&stream, &group, start).await?
-            } else {
-                pg.create_group(&stream, &group, start).await?;
-                true
+            let created = match b.postgres() {
+                Some(pg) if !if_not_exists => {
+                    pg.create_group(&stream, &group, start).await?;
+                    true
+                }
+                _ => {
+                    if let Point::At(_) = point {
+                        b.require_postgres("group create --from <time or age>")?;
+                    }
+                    Queue::ensure_group(b, &stream, &group, start).await?
+                }
             };
             if !created {
+                if !if_not_exists {
+                    return Err(pgtide::Error::GroupExists { stream, group }.into());
+                }
                 println!("group {group:?} exists on stream {stream:?}; left unchanged");
                 return Ok(());
             }
             if let Point::At(t) = point {
-                pg.reset_group(&stream, &group, Some(t)).await?;
+                b.require_postgres("group create --from <time or age>")?
+                    .reset_group(&stream, &group, Some(t))
+                    .await?;
             }
             println!(
                 "created group {group:?} on stream {stream:?}, starting from {}",
                 point_text(point)
             );
         }
+        GroupCommand::Delete { stream, group } => {
+            if !Queue::delete_group(b, &stream, &group).await? {
+                return Err(CliError::from(pgtide::Error::GroupNotFound {
+                    stream,
+                    group,
+                }));
+            }
+            println!("deleted group {group:?} of stream {stream:?}");
+        }
         GroupCommand::List { stream, json } => {
+            let pg = b.require_postgres("group list")?;
             if let Some(s) = &stream {
                 pg.stream(s).await?.ok_or_else(|| not_found_stream(s))?;
             }
@@ -303,20 +356,12 @@ pub async fn group(pg: &PgBackend, command: GroupCommand) -> CliResult {
                 print_table(&["STREAM", "GROUP", "CREATED"], &rows);
             }
         }
-        GroupCommand::Delete { stream, group } => {
-            if !pg.delete_group(&stream, &group).await? {
-                return Err(CliError::from(pgtide::Error::GroupNotFound {
-                    stream,
-                    group,
-                }));
-            }
-            println!("deleted group {group:?} of stream {stream:?}");
-        }
         GroupCommand::Reset {
             stream,
             group,
             from,
         } => {
+            let pg = b.require_postgres("group reset")?;
             let point = parse_point(&from).map_err(CliError::usage)?;
             let at = match point {
                 Point::Beginning => None,

@@ -43,7 +43,9 @@ pub struct Global {
         default_value = "pgtide"
     )]
     pub namespace: String,
-    /// Backend URL; overrides --database-url. Only postgres:// (and postgresql://) for now.
+    /// Backend URL: postgres://, nats://, redis://, amqp:// or memory://; overrides
+    /// --database-url. On backends other than Postgres: stream create|delete|purge, group
+    /// create|delete, publish, consume, stats STREAM --group G and dead list --group G.
     #[arg(long, env = "PGTIDE_BACKEND", global = true, hide_env_values = true)]
     pub backend: Option<String>,
     /// Log format on stderr. Filter with PGTIDE_LOG or RUST_LOG (e.g. `debug`).
@@ -186,6 +188,12 @@ pub enum StreamCommand {
         /// Stream name.
         name: String,
     },
+    /// Remove every message, pending delivery and dead letter of a stream; the stream and its
+    /// groups stay.
+    Purge {
+        /// Stream name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -310,6 +318,9 @@ pub struct ConsumeArgs {
 pub struct StatsArgs {
     /// Only this stream.
     pub stream: Option<String>,
+    /// Only this group of the stream (required on backends other than Postgres).
+    #[arg(long, short, requires = "stream")]
+    pub group: Option<String>,
     /// Print JSON (one object per line with --watch).
     #[arg(long)]
     pub json: bool,

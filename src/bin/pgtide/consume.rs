@@ -5,13 +5,18 @@
 //! fetching, finishes the batch in hand, and hands back whatever an interrupted fetch claimed
 //! (the backend runs on one connection, so that release runs after the claim), so nothing stays
 //! leased to a process that is gone.
+//!
+//! Other backends cannot hand back what a dropped fetch claimed, so there a fetch is never
+//! dropped: it waits at most [`FETCH_SLICE`] at a time, the signal is noticed between slices, and
+//! whatever the last fetch returned after it is released.
 
 use std::io::Write;
 use std::time::Duration;
 
-use pgtide::{Consumer, Delivery, PgBackend};
+use pgtide::{Delivery, QueueConsumer};
 use serde_json::json;
 
+use crate::backend::Target;
 use crate::cli::ConsumeArgs;
 use crate::error::{CliError, CliResult};
 use crate::human::payload_json;
@@ -39,7 +44,14 @@ fn default_consumer_name() -> String {
     format!("cli-{}-{}", std::process::id(), &id[id.len() - 8..])
 }
 
-async fn fetch(c: &Consumer, args: &ConsumeArgs, want: usize) -> pgtide::Result<Vec<Delivery>> {
+/// Longest single wait of a fetch on backends whose fetches must not be dropped.
+const FETCH_SLICE: Duration = Duration::from_secs(1);
+
+async fn fetch<C: QueueConsumer>(
+    c: &C,
+    args: &ConsumeArgs,
+    want: usize,
+) -> pgtide::Result<Vec<Delivery>> {
     if args.follow {
         c.fetch(want, Duration::from_secs(3600)).await
     } else if args.wait.is_zero() {
@@ -49,16 +61,44 @@ async fn fetch(c: &Consumer, args: &ConsumeArgs, want: usize) -> pgtide::Result<
     }
 }
 
-/// `consume STREAM --group G`.
-pub async fn run(pg: &PgBackend, args: ConsumeArgs) -> CliResult {
-    let name = args.consumer.clone().unwrap_or_else(default_consumer_name);
-    let mut consumer = pg.consumer(&args.stream, &args.group, &name).await?;
-    if let Some(lease) = args.lease {
-        consumer = consumer.with_lease(lease);
+/// As [`fetch`], in waits of at most [`FETCH_SLICE`], returning early once `token` is cancelled.
+async fn fetch_in_slices<C: QueueConsumer>(
+    c: &C,
+    args: &ConsumeArgs,
+    want: usize,
+    token: &pgtide::CancellationToken,
+) -> pgtide::Result<Vec<Delivery>> {
+    if !args.follow && args.wait.is_zero() {
+        return c.try_fetch(want).await;
     }
+    let deadline = (!args.follow).then(|| tokio::time::Instant::now() + args.wait);
+    loop {
+        let slice = deadline.map_or(FETCH_SLICE, |d| {
+            d.saturating_duration_since(tokio::time::Instant::now())
+                .min(FETCH_SLICE)
+        });
+        let batch = c.fetch(want, slice).await?;
+        let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if !batch.is_empty() || expired || token.is_cancelled() {
+            return Ok(batch);
+        }
+    }
+}
+
+/// `consume STREAM --group G`.
+pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
+    let name = args.consumer.clone().unwrap_or_else(default_consumer_name);
+    let consumer = b
+        .open_consumer(&args.stream, &args.group, &name, args.lease)
+        .await?;
     let limit = args.count.unwrap_or(if args.follow { u64::MAX } else { 1 });
     let token = crate::shutdown_signal();
-    telemetry::spawn_group_gauges(pg, Duration::from_secs(15), token.clone());
+    telemetry::spawn_group_gauges(
+        b,
+        Some((&args.stream, &args.group)),
+        Duration::from_secs(15),
+        token.clone(),
+    );
     let mut out = std::io::BufWriter::new(std::io::stdout());
     let mut held: Vec<Delivery> = vec![];
     let mut seen = 0u64;
@@ -69,13 +109,29 @@ pub async fn run(pg: &PgBackend, args: ConsumeArgs) -> CliResult {
             break Ok(());
         }
         let want = (limit - seen).min(u64::from(args.batch)) as usize;
-        let fetched = tokio::select! {
-            biased;
-            _ = token.cancelled() => {
+        let fetched = if b.postgres().is_some() {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => {
+                    interrupted = true;
+                    break Ok(());
+                }
+                r = fetch(&consumer, &args, want) => r,
+            }
+        } else {
+            if token.is_cancelled() {
                 interrupted = true;
                 break Ok(());
             }
-            r = fetch(&consumer, &args, want) => r,
+            match fetch_in_slices(&consumer, &args, want, &token).await {
+                // Claimed after the signal: hand it back unprinted.
+                Ok(batch) if token.is_cancelled() => {
+                    held.extend(batch);
+                    interrupted = true;
+                    break Ok(());
+                }
+                r => r,
+            }
         };
         let batch = match fetched {
             Ok(b) => {
@@ -99,7 +155,7 @@ pub async fn run(pg: &PgBackend, args: ConsumeArgs) -> CliResult {
             }
             break Ok(());
         }
-        telemetry::delivered(&args.stream, &args.group, batch.len() as u64);
+        telemetry::delivered(b, &args.stream, &args.group, batch.len() as u64);
         let written = batch
             .iter()
             .try_for_each(|d| writeln!(out, "{}", delivery_json(d)))
@@ -158,15 +214,17 @@ pub async fn run(pg: &PgBackend, args: ConsumeArgs) -> CliResult {
         }
     }
     if interrupted {
-        // A fetch was dropped; it may have claimed a batch we never saw.
-        match pg.release_consumer(&args.stream, &args.group, &name).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                released = n,
-                "pgtide consume: released what the interrupted fetch had claimed"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "pgtide consume: release at shutdown failed; the leases will expire")
+        // On Postgres a fetch was dropped; it may have claimed a batch we never saw.
+        if let Some(pg) = b.postgres() {
+            match pg.release_consumer(&args.stream, &args.group, &name).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    released = n,
+                    "pgtide consume: released what the interrupted fetch had claimed"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pgtide consume: release at shutdown failed; the leases will expire")
+                }
             }
         }
         tracing::info!(consumed = seen, "pgtide consume: stopped");

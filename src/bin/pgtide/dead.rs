@@ -1,8 +1,12 @@
 //! `dead list|show|replay|purge`: dead letters of one group, or of every group of a stream.
+//!
+//! On backends other than Postgres, `dead list --group G` reads one group through
+//! `Queue::dead_letters`; the rest needs the Postgres registry and SQL.
 
-use pgtide::{DeadLetter, PgBackend};
+use pgtide::{DeadLetter, PgBackend, Queue};
 use serde_json::json;
 
+use crate::backend::{unsupported, Target};
 use crate::cli::{DeadCommand, DeadSelection};
 use crate::error::{CliError, CliResult};
 use crate::human::{payload_json, print_table};
@@ -56,7 +60,7 @@ fn dead_json(d: &DeadLetter) -> serde_json::Value {
 }
 
 /// `dead ...`.
-pub async fn run(pg: &PgBackend, command: DeadCommand) -> CliResult {
+pub async fn run<B: Target>(b: &B, command: DeadCommand) -> CliResult {
     match command {
         DeadCommand::List {
             stream,
@@ -64,9 +68,16 @@ pub async fn run(pg: &PgBackend, command: DeadCommand) -> CliResult {
             limit,
             json,
         } => {
+            let groups = match (b.postgres(), group) {
+                (Some(pg), group) => groups_of(pg, &stream, group.as_deref()).await?,
+                (None, Some(g)) => vec![g],
+                (None, None) => {
+                    return Err(unsupported("`pgtide dead list` without --group", b.kind()))
+                }
+            };
             let mut rows = vec![];
-            for g in groups_of(pg, &stream, group.as_deref()).await? {
-                for d in pg.dead_letters(&stream, &g, limit).await? {
+            for g in groups {
+                for d in Queue::dead_letters(b, &stream, &g, limit).await? {
                     if json {
                         println!("{}", dead_json(&d));
                     } else {
@@ -89,6 +100,7 @@ pub async fn run(pg: &PgBackend, command: DeadCommand) -> CliResult {
             }
         }
         DeadCommand::Show { stream, group, id } => {
+            let pg = b.require_postgres("dead show")?;
             let mut found = false;
             for g in groups_of(pg, &stream, group.as_deref()).await? {
                 if let Some(d) = pg.dead_letter(&stream, &g, id).await? {
@@ -106,8 +118,8 @@ pub async fn run(pg: &PgBackend, command: DeadCommand) -> CliResult {
                 )));
             }
         }
-        DeadCommand::Replay(sel) => settle(pg, sel, true).await?,
-        DeadCommand::Purge(sel) => settle(pg, sel, false).await?,
+        DeadCommand::Replay(sel) => settle(b.require_postgres("dead replay")?, sel, true).await?,
+        DeadCommand::Purge(sel) => settle(b.require_postgres("dead purge")?, sel, false).await?,
     }
     Ok(())
 }

@@ -182,7 +182,8 @@ impl From<pgtide::Error> for CliError {
             | E::InvalidNamespace(_)
             | E::InvalidConfig(_)
             | E::Json(_)
-            | E::PayloadTooLarge { .. }) => CliError::usage(e.to_string()),
+            | E::PayloadTooLarge { .. }
+            | E::Unsupported { .. }) => CliError::usage(e.to_string()),
             other => CliError::runtime(other.to_string()),
         }
     }

@@ -1,10 +1,13 @@
 //! The `pgtide` command-line tool: provisioning (migrate, grant), streams and groups, publish and
 //! consume from a shell, stats, dead letters, trim, health, the scout, and the bench harness.
+//! Every command runs on Postgres; the ones the `Queue` traits cover also run on the other
+//! backends (see `backend.rs`).
 //!
 //! Every failure prints one line on stderr and exits with a documented code (see `error.rs`);
 //! data goes to stdout, everything else (progress, logs) to stderr.
 
 mod admin;
+mod backend;
 mod bench;
 mod cli;
 mod consume;
@@ -21,6 +24,7 @@ use std::time::Duration;
 use clap::Parser;
 use pgtide::{CancellationToken, PgBackend};
 
+use crate::backend::{BackendUrl, Target};
 use crate::cli::{Cli, Command, Global, LogFormat};
 use crate::error::{CliError, CliResult};
 
@@ -97,7 +101,14 @@ fn init_logging(cli: &Cli) {
         &cli.command,
         Command::Scout(_) | Command::Consume(cli::ConsumeArgs { follow: true, .. })
     );
-    let default = if long_running { "info" } else { "warn" };
+    // lapin logs failures the amqp backend handles or reports itself (a passive declare of a
+    // missing queue closes its channel) at ERROR: keep them off the one line an error gets.
+    // async-nats logs every connection event at INFO.
+    let default = if long_running {
+        "info,lapin=off,async_nats=warn"
+    } else {
+        "warn,lapin=off"
+    };
     let filter = EnvFilter::try_from_env("PGTIDE_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new(default));
@@ -119,65 +130,49 @@ async fn run(cli: Cli) -> CliResult<u8> {
     telemetry::install(global.metrics_listen)?;
     match cli.command {
         Command::Migrate { print_sql: true } => admin::print_sql(&global.namespace),
-        Command::Bench(args) => bench::run(&database_url(&global)?, args).await,
+        Command::Bench(args) => bench::run(&backend::postgres_url(&global, "bench")?, args).await,
         Command::Health { json, max_lag } => stats::health(&global, json, max_lag).await,
         command => {
-            let pg = backend(&global, &command)?;
-            let result = dispatch(&pg, command).await;
-            // Flushes pending wake-ups (publish, replay) and resigns a scout role.
-            pg.shutdown().await;
-            result.map(|()| error::OK)
+            let url = backend::backend_url(&global)?;
+            if url.is_postgres() {
+                let pg = postgres(&global, &command, &url)?;
+                let result = dispatch(&pg, command).await;
+                // Flushes pending wake-ups (publish, replay) and resigns a scout role.
+                pg.shutdown().await;
+                return result.map(|()| error::OK);
+            }
+            // Refused before connecting: nothing to do on the server.
+            if let Some(what) = backend::postgres_only(&command) {
+                return Err(backend::needs_postgres(what, &url));
+            }
+            let queue = backend::connect(&url, &global.namespace).await?;
+            dispatch(&queue, command).await.map(|()| error::OK)
         }
     }
 }
 
-async fn dispatch(pg: &PgBackend, command: Command) -> CliResult {
+async fn dispatch<B: Target>(b: &B, command: Command) -> CliResult {
     match command {
-        Command::Migrate { .. } => admin::migrate(pg).await,
-        Command::Grant { role } => admin::grant(pg, &role).await,
-        Command::Stream(c) => admin::stream(pg, c).await,
-        Command::Group(c) => admin::group(pg, c).await,
+        Command::Migrate { .. } => admin::migrate(b.require_postgres("migrate")?).await,
+        Command::Grant { role } => admin::grant(b.require_postgres("grant")?, &role).await,
+        Command::Stream(c) => admin::stream(b, c).await,
+        Command::Group(c) => admin::group(b, c).await,
         Command::Trim {
             stream,
             max_age,
             max_len,
-        } => admin::trim(pg, &stream, max_age, max_len).await,
-        Command::Publish(args) => publish::run(pg, args).await,
-        Command::Consume(args) => consume::run(pg, args).await,
-        Command::Stats(args) => stats::run(pg, args).await,
-        Command::Dead(c) => dead::run(pg, c).await,
-        Command::Scout(args) => stats::scout(pg, args).await,
+        } => admin::trim(b.require_postgres("trim")?, &stream, max_age, max_len).await,
+        Command::Publish(args) => publish::run(b, args).await,
+        Command::Consume(args) => consume::run(b, args).await,
+        Command::Stats(args) => stats::run(b, args).await,
+        Command::Dead(c) => dead::run(b, c).await,
+        Command::Scout(args) => stats::scout(b.require_postgres("scout")?, args).await,
         Command::Health { .. } | Command::Bench(_) => unreachable!("handled before connecting"),
     }
 }
 
-/// The database URL: `--backend` when given (postgres only for now), else `--database-url`.
-pub fn database_url(global: &Global) -> CliResult<String> {
-    let url = match (&global.backend, &global.database_url) {
-        (Some(b), _) => {
-            let scheme = b.split("://").next().unwrap_or_default();
-            if !b.contains("://") || !matches!(scheme, "postgres" | "postgresql") {
-                return Err(CliError::usage(format!(
-                    "backend {:?} is not supported by this pgtide CLI: only postgres:// URLs for now (nats://, redis://, amqp:// come with their backends)",
-                    human::redact_url(b)
-                )));
-            }
-            b.clone()
-        }
-        (None, Some(url)) if !url.is_empty() => url.clone(),
-        _ => {
-            return Err(CliError::usage(
-                "no database: set DATABASE_URL or pass --database-url postgres://user@host:5432/db",
-            ))
-        }
-    };
-    let _ = error::URL.set(human::redact_url(&url));
-    Ok(url)
-}
-
-fn backend(global: &Global, command: &Command) -> CliResult<PgBackend> {
-    let url = database_url(global)?;
-    let mut builder = PgBackend::builder(url)
+fn postgres(global: &Global, command: &Command, url: &BackendUrl) -> CliResult<PgBackend> {
+    let mut builder = PgBackend::builder(url.url.clone())
         .namespace(global.namespace.clone())
         .connect_timeout(Duration::from_secs(10));
     match command {

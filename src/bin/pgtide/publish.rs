@@ -5,15 +5,20 @@
 //! published atomically. A bad line (malformed JSON, payload over the stream's limit) stops the
 //! run before its batch: the error names the line and says exactly which lines were published.
 //! `--file --lines` checks the whole file before publishing anything.
+//!
+//! On Postgres an unknown stream fails before any input is read and batches commit whole. Other
+//! backends check the stream and the payload sizes with the first batch (before sending it), and
+//! a broker may keep part of a batch that fails half-way: the error then says which lines may be in.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pgtide::{Headers, OutgoingMessage, PgBackend};
+use pgtide::{Headers, OutgoingMessage, Queue};
 use tokio::sync::mpsc;
 
+use crate::backend::Target;
 use crate::cli::PublishArgs;
 use crate::error::{CliError, CliResult};
 use crate::telemetry;
@@ -24,16 +29,16 @@ struct Template {
     raw: bool,
     headers: Headers,
     delay: Option<Duration>,
-    max_payload: usize,
+    /// The stream's limit when known up front (Postgres); other backends check it on publish.
+    max_payload: Option<usize>,
 }
 
 impl Template {
     fn message(&self, payload: Vec<u8>) -> Result<OutgoingMessage, String> {
-        if payload.len() > self.max_payload {
+        if let Some(max) = self.max_payload.filter(|max| payload.len() > *max) {
             return Err(format!(
-                "payload of {} bytes exceeds the stream's max_payload of {} bytes (raise it with `pgtide stream update STREAM --max-payload ...`)",
+                "payload of {} bytes exceeds the stream's max_payload of {max} bytes (raise it with `pgtide stream update STREAM --max-payload ...`)",
                 payload.len(),
-                self.max_payload
             ));
         }
         let mut msg = if self.raw {
@@ -71,19 +76,25 @@ fn parse_headers(pairs: &[String]) -> CliResult<Headers> {
 }
 
 /// `publish STREAM`.
-pub async fn run(pg: &PgBackend, args: PublishArgs) -> CliResult {
+pub async fn run<B: Target>(b: &B, args: PublishArgs) -> CliResult {
     pgtide::validate_name("stream", &args.stream)?;
     let headers = parse_headers(&args.headers)?;
-    // An unknown stream fails before any input is read.
-    let info = pg
-        .stream(&args.stream)
-        .await?
-        .ok_or_else(|| CliError::from(pgtide::Error::StreamNotFound(args.stream.clone())))?;
+    let max_payload = match b.postgres() {
+        // An unknown stream fails before any input is read.
+        Some(pg) => Some(
+            pg.stream(&args.stream)
+                .await?
+                .ok_or_else(|| CliError::from(pgtide::Error::StreamNotFound(args.stream.clone())))?
+                .config
+                .max_payload,
+        ),
+        None => None,
+    };
     let template = Template {
         raw: args.raw,
         headers,
         delay: args.delay,
-        max_payload: info.config.max_payload,
+        max_payload,
     };
     let single =
         match (&args.data, &args.file) {
@@ -107,7 +118,7 @@ pub async fn run(pg: &PgBackend, args: PublishArgs) -> CliResult {
             );
             return Ok(());
         }
-        let receipt = pg.publish(&args.stream, msg).await?;
+        let receipt = Queue::publish(b, &args.stream, msg).await?;
         if receipt.duplicate {
             eprintln!(
                 "duplicate: dedupe key {:?} matched message {} inside the stream's dedupe window; nothing new was published",
@@ -115,7 +126,7 @@ pub async fn run(pg: &PgBackend, args: PublishArgs) -> CliResult {
                 receipt.id
             );
         } else {
-            telemetry::published(&args.stream, 1);
+            telemetry::published(b, &args.stream, 1);
         }
         if !args.quiet {
             println!("{}", receipt.id);
@@ -128,7 +139,7 @@ pub async fn run(pg: &PgBackend, args: PublishArgs) -> CliResult {
         ));
     }
     let run = LineRun {
-        pg,
+        backend: b,
         args: &args,
         template: &template,
         token: crate::shutdown_signal(),
@@ -257,15 +268,55 @@ fn progress_bar(enabled: bool) -> Option<ProgressBar> {
     Some(pb)
 }
 
+/// A failed batch of `lines`: the error, and which lines are in, may be in, or are not.
+fn batch_failed<B: Target>(
+    b: &B,
+    e: pgtide::Error,
+    (first_line, last_line): (u64, u64),
+    done_through: u64,
+    published: u64,
+) -> CliError {
+    // Errors found before sending (unknown stream, bad input) publish nothing on every backend;
+    // a broker failing half-way may keep part of the batch.
+    let whole = b.postgres().is_some()
+        || b.kind() == "memory"
+        || matches!(
+            e,
+            pgtide::Error::StreamNotFound(_)
+                | pgtide::Error::PayloadTooLarge { .. }
+                | pgtide::Error::InvalidName { .. }
+                | pgtide::Error::Unsupported { .. }
+        );
+    let e = CliError::from(e);
+    let partly = format!(
+        "lines {first_line}-{last_line} may be partly published (the {} backend does not publish a batch atomically), nothing after line {last_line}",
+        b.kind()
+    );
+    let done = match (published, whole) {
+        (0, true) => "nothing was published".to_owned(),
+        (0, false) => partly,
+        (_, true) => format!(
+            "lines 1-{done_through} ({published} messages) were published, nothing from line {first_line} on"
+        ),
+        (_, false) => {
+            format!("lines 1-{done_through} ({published} messages) were published, {partly}")
+        }
+    };
+    CliError::new(
+        e.code,
+        format!("lines {first_line}-{last_line}: {e}; {done}"),
+    )
+}
+
 /// One line-mode publish.
-struct LineRun<'a> {
-    pg: &'a PgBackend,
+struct LineRun<'a, B> {
+    backend: &'a B,
     args: &'a PublishArgs,
     template: &'a Template,
     token: pgtide::CancellationToken,
 }
 
-impl LineRun<'_> {
+impl<B: Target> LineRun<'_, B> {
     /// Publishes (or with `dry_run`, checks) one message per line of `reader`.
     async fn lines(
         &self,
@@ -273,7 +324,7 @@ impl LineRun<'_> {
         dry_run: bool,
         silent: bool,
     ) -> CliResult {
-        let (pg, args, token) = (self.pg, self.args, &self.token);
+        let (b, args, token) = (self.backend, self.args, &self.token);
         let (tx, mut rx) = mpsc::channel(1);
         spawn_reader(reader, self.template.clone(), args.batch_size as usize, tx);
         let bar = progress_bar(!dry_run);
@@ -315,22 +366,22 @@ impl LineRun<'_> {
                         done_through = last_line;
                         continue;
                     }
-                    // Never cancelled half-way: a batch commits or fails as a whole.
-                    let receipts = match pg.publish_batch(&args.stream, &msgs).await {
+                    // Never cancelled half-way: a batch is sent whole (on Postgres: committed or not).
+                    let receipts = match Queue::publish_batch(b, &args.stream, &msgs).await {
                         Ok(r) => r,
                         Err(e) => {
-                            let e = CliError::from(e);
-                            break Err(CliError::new(
-                            e.code,
-                            format!(
-                                "lines {first_line}-{last_line}: {e}; lines 1-{done_through} ({published} messages) were published, nothing from line {first_line} on"
-                            ),
-                        ));
+                            break Err(batch_failed(
+                                b,
+                                e,
+                                (first_line, last_line),
+                                done_through,
+                                published,
+                            ))
                         }
                     };
                     published += receipts.len() as u64;
                     done_through = last_line;
-                    telemetry::published(&args.stream, receipts.len() as u64);
+                    telemetry::published(b, &args.stream, receipts.len() as u64);
                     if let Some(pb) = &bar {
                         pb.inc(receipts.len() as u64);
                         let secs = pb.elapsed().as_secs_f64().max(1e-3);

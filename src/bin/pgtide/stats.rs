@@ -1,13 +1,18 @@
 //! `stats`, `health` and `scout`: watching a namespace and keeping it running.
+//!
+//! On backends other than Postgres, `stats STREAM --group G` shows that one group through
+//! `Queue::stats` (without rates: brokers keep no publish counts); `health` and `scout` are
+//! Postgres only.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use pgtide::{GroupStats, PgBackend};
+use pgtide::{GroupStats, PgBackend, Queue};
 use serde_json::json;
 
+use crate::backend::Target;
 use crate::cli::{Global, ScoutArgs, StatsArgs};
 use crate::error::{CliError, CliResult};
 use crate::human::{format_age, format_duration, print_table};
@@ -16,7 +21,8 @@ struct Sample {
     at: Instant,
     wall: DateTime<Utc>,
     groups: Vec<GroupStats>,
-    published: HashMap<String, i64>,
+    /// Messages published so far per stream (Postgres only), for rates.
+    published: Option<HashMap<String, i64>>,
 }
 
 /// Messages per second in (published, per stream) and out (settled: acked or dead-lettered, per
@@ -26,14 +32,36 @@ struct Rates {
     settle: HashMap<(String, String), f64>,
 }
 
-async fn sample(pg: &PgBackend, only: Option<&str>) -> CliResult<Sample> {
-    let groups = pg
-        .stats()
-        .await?
-        .into_iter()
-        .filter(|g| only.map_or(true, |s| g.stream == s))
-        .collect();
-    let published = pg.publish_counts().await?.into_iter().collect();
+async fn sample<B: Target>(b: &B, args: &StatsArgs) -> CliResult<Sample> {
+    let (groups, published) = match (b.postgres(), &args.stream, &args.group) {
+        (Some(pg), stream, group) => {
+            let groups: Vec<GroupStats> = pg
+                .stats()
+                .await?
+                .into_iter()
+                .filter(|g| stream.as_ref().map_or(true, |s| &g.stream == s))
+                .filter(|g| group.is_none() || g.group == *group)
+                .collect();
+            if let (Some(stream), Some(group)) = (stream, group) {
+                if groups.is_empty() {
+                    return Err(pgtide::Error::GroupNotFound {
+                        stream: stream.clone(),
+                        group: group.clone(),
+                    }
+                    .into());
+                }
+            }
+            let published = pg.publish_counts().await?.into_iter().collect();
+            (groups, Some(published))
+        }
+        (None, Some(stream), Some(group)) => (vec![Queue::stats(b, stream, group).await?], None),
+        (None, _, _) => {
+            return Err(crate::backend::unsupported(
+                "`pgtide stats` without STREAM --group GROUP",
+                b.kind(),
+            ))
+        }
+    };
     Ok(Sample {
         at: Instant::now(),
         wall: Utc::now(),
@@ -46,13 +74,14 @@ fn pending(g: &GroupStats) -> i64 {
     g.ready + g.delayed + g.in_flight
 }
 
-fn rates(prev: &Sample, cur: &Sample) -> Rates {
+/// Rates between two samples, when both carry publish counts.
+fn rates(prev: &Sample, cur: &Sample) -> Option<Rates> {
+    let (before, now) = (prev.published.as_ref()?, cur.published.as_ref()?);
     let secs = cur.at.duration_since(prev.at).as_secs_f64().max(1e-3);
-    let publish: HashMap<String, f64> = cur
-        .published
+    let publish: HashMap<String, f64> = now
         .iter()
         .map(|(s, n)| {
-            let before = prev.published.get(s).copied().unwrap_or(*n);
+            let before = before.get(s).copied().unwrap_or(*n);
             (s.clone(), ((n - before) as f64 / secs).max(0.0))
         })
         .collect();
@@ -73,10 +102,10 @@ fn rates(prev: &Sample, cur: &Sample) -> Rates {
             (incoming - growth).max(0.0),
         );
     }
-    Rates { publish, settle }
+    Some(Rates { publish, settle })
 }
 
-fn print_sample(pg: &PgBackend, s: &Sample, r: Option<&Rates>, json: bool) {
+fn print_sample(namespace: &str, s: &Sample, r: Option<&Rates>, json: bool) {
     let rate = |v: Option<f64>| v.map(|x| (x * 10.0).round() / 10.0);
     if json {
         let groups: Vec<_> = s
@@ -100,7 +129,7 @@ fn print_sample(pg: &PgBackend, s: &Sample, r: Option<&Rates>, json: bool) {
             .collect();
         println!(
             "{}",
-            json!({"at": s.wall, "namespace": pg.namespace(), "groups": groups})
+            json!({"at": s.wall, "namespace": namespace, "groups": groups})
         );
         return;
     }
@@ -144,16 +173,25 @@ fn print_sample(pg: &PgBackend, s: &Sample, r: Option<&Rates>, json: bool) {
     print_table(&header, &rows);
 }
 
-/// `stats [STREAM] [--json] [--watch [INTERVAL]]`.
-pub async fn run(pg: &PgBackend, args: StatsArgs) -> CliResult {
-    if let Some(s) = &args.stream {
+/// `stats [STREAM [--group G]] [--json] [--watch [INTERVAL]]`.
+pub async fn run<B: Target>(b: &B, args: StatsArgs) -> CliResult {
+    let namespace = crate::error::NAMESPACE
+        .get()
+        .map_or("pgtide", String::as_str);
+    if let (Some(pg), Some(s)) = (b.postgres(), &args.stream) {
         if pg.stream(s).await?.is_none() {
             return Err(pgtide::Error::StreamNotFound(s.clone()).into());
         }
     }
+    if !b.capabilities().exact_stats {
+        eprintln!(
+            "note: the {} backend's counts are approximate (see the README, Backends)",
+            b.kind()
+        );
+    }
     let Some(interval) = args.watch else {
-        let s = sample(pg, args.stream.as_deref()).await?;
-        print_sample(pg, &s, None, args.json);
+        let s = sample(b, &args).await?;
+        print_sample(namespace, &s, None, args.json);
         return Ok(());
     };
     let interval = interval.max(Duration::from_millis(100));
@@ -161,20 +199,19 @@ pub async fn run(pg: &PgBackend, args: StatsArgs) -> CliResult {
     let clear = !args.json && std::io::stdout().is_terminal();
     let mut prev: Option<Sample> = None;
     loop {
-        let s = sample(pg, args.stream.as_deref()).await?;
-        let r = prev.as_ref().map(|p| rates(p, &s));
+        let s = sample(b, &args).await?;
+        let r = prev.as_ref().and_then(|p| rates(p, &s));
         if clear {
             print!("\x1b[2J\x1b[H");
             println!(
-                "pgtide stats: namespace {:?}, {} (every {}, Ctrl-C to stop)\n",
-                pg.namespace(),
+                "pgtide stats: namespace {namespace:?}, {} (every {}, Ctrl-C to stop)\n",
                 s.wall.format("%H:%M:%S"),
                 format_duration(interval)
             );
         } else if !args.json {
             println!("# {}", s.wall.to_rfc3339());
         }
-        print_sample(pg, &s, r.as_ref(), args.json);
+        print_sample(namespace, &s, r.as_ref(), args.json);
         if !args.json && !clear {
             println!();
         }
@@ -195,7 +232,7 @@ struct Check {
 /// `health`: exit 0 when the database answers, the namespace is current, a scout holds the
 /// lease and (with `--max-lag`) no group lags more; exit 4 with the reasons otherwise.
 pub async fn health(global: &Global, json: bool, max_lag: Option<Duration>) -> CliResult<u8> {
-    let url = crate::database_url(global)?;
+    let url = crate::backend::postgres_url(global, "health")?;
     let pg = PgBackend::builder(url)
         .namespace(global.namespace.clone())
         .pool_size(1)
@@ -309,7 +346,7 @@ pub async fn scout(pg: &PgBackend, args: ScoutArgs) -> CliResult {
     }
     let token = crate::shutdown_signal();
     pg.start_scout();
-    crate::telemetry::spawn_group_gauges(pg, args.stats_interval, token.clone());
+    crate::telemetry::spawn_group_gauges(pg, None, args.stats_interval, token.clone());
     tracing::info!(
         namespace = pg.namespace(),
         candidate = %pg.scout_status().holder_id,

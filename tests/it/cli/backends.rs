@@ -1,0 +1,402 @@
+//! The CLI on backends other than Postgres (`--backend URL`): the commands the `Queue` traits
+//! cover run end to end against the local brokers (`REDIS_URL`, `NATS_URL`, `AMQP_URL`, with
+//! loopback defaults), each test in a namespace of its own; the rest is refused before
+//! connecting, with exit code 2.
+
+use std::process::Stdio;
+
+use super::run_with;
+use crate::common::unique;
+
+/// `pgtide --backend URL` in namespace `ns`, without Postgres in the environment.
+fn command(url: &str, ns: &str, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtide"));
+    c.arg("--backend")
+        .arg(url)
+        .args(args)
+        .env("PGTIDE_NAMESPACE", ns)
+        .env_remove("DATABASE_URL")
+        .env_remove("PGTIDE_BACKEND")
+        .env_remove("PGTIDE_METRICS_LISTEN")
+        .env_remove("PGTIDE_LOG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// Postgres-only commands are refused before connecting: exit 2, one line naming the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_backend_postgres_only_commands_say_so() {
+    // Nothing listens on port 1: a refusal that tried to connect would fail differently.
+    for url in [
+        "memory://",
+        "redis://127.0.0.1:1",
+        "nats://127.0.0.1:1",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+    ] {
+        let kind = url.split("://").next().unwrap();
+        let cases: &[&[&str]] = &[
+            &["migrate"],
+            &["grant", "app"],
+            &["trim", "s", "--max-len", "1"],
+            &["health"],
+            &["scout"],
+            &["bench", "--quick"],
+            &["stream", "list"],
+            &["stream", "show", "s"],
+            &["stream", "update", "s", "--lease", "1m"],
+            &["group", "list"],
+            &["group", "reset", "s", "g", "--from", "now"],
+            &["group", "create", "s", "g", "--from", "1h"],
+            &["dead", "list", "s"],
+            &["dead", "replay", "s", "--all"],
+            &["dead", "purge", "s", "--all"],
+            &["stats"],
+            &["stats", "s"],
+            &["consume", "s", "-g", "g", "--lease", "5s"],
+        ];
+        for args in cases {
+            let r = run_with(command(url, &unique("t"), args), None).await;
+            assert_eq!(r.code, 2, "{url} {args:?}: {r:?}");
+            assert_eq!(r.stderr.lines().count(), 1, "{url} {args:?}: {r:?}");
+            assert!(
+                r.stderr
+                    .contains(&format!("is not supported by the {kind} backend"))
+                    && r.stderr.contains("needs a postgres:// backend"),
+                "{url} {args:?}: {r:?}"
+            );
+        }
+    }
+}
+
+/// memory:// runs the trait commands in the process (and keeps nothing after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_backend_memory_is_accepted() {
+    let r = run_with(command("memory://", "t", &["stream", "create", "s"]), None)
+        .await
+        .ok();
+    assert_eq!(r.stdout.trim(), r#"created stream "s""#);
+    assert!(r.stderr.contains("nothing is kept"), "{r:?}");
+    let r = run_with(
+        command("memory://", "t", &["publish", "s", "--data", "1"]),
+        None,
+    )
+    .await;
+    assert_eq!(r.code, 3, "a new process, a new memory backend: {r:?}");
+}
+
+/// A backend whose cargo feature is not built in gets the library's error (exit 2).
+#[cfg(not(all(feature = "nats", feature = "redis", feature = "amqp")))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_backend_not_built_in_names_the_feature() {
+    let missing = [
+        (cfg!(feature = "nats"), "nats", "nats://127.0.0.1:4222"),
+        (cfg!(feature = "redis"), "redis", "redis://127.0.0.1:6379"),
+        (cfg!(feature = "amqp"), "amqp", "amqp://127.0.0.1:5672"),
+    ];
+    for (_, feature, url) in missing.iter().filter(|(built, ..)| !built) {
+        let r = run_with(command(url, "t", &["stream", "create", "s"]), None).await;
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(
+            r.stderr.contains(&format!("cargo feature \"{feature}\"")),
+            "{r:?}"
+        );
+    }
+}
+
+/// The trait commands end to end on the brokers built in.
+#[cfg(any(feature = "nats", feature = "redis", feature = "amqp"))]
+mod brokers {
+    use std::collections::HashSet;
+
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    use super::command;
+    use crate::cli::{run_with, terminate, Run};
+    use crate::common::{unique, WAIT};
+
+    /// Deletes the test's stream through the library when the test ends, also after a failure.
+    struct DeleteStream {
+        url: String,
+        ns: String,
+        stream: String,
+    }
+
+    impl Drop for DeleteStream {
+        fn drop(&mut self) {
+            let (url, ns, stream) = (self.url.clone(), self.ns.clone(), self.stream.clone());
+            // Drop cannot await: a runtime on a thread of its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    if let Ok(q) = pgtide::AnyBackend::connect(&url, &ns).await {
+                        let _ = pgtide::Queue::delete_stream(&q, &stream).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    /// One broker under test: its URL and a fresh namespace.
+    struct Broker {
+        url: String,
+        ns: String,
+    }
+
+    impl Broker {
+        fn new(url: String) -> Broker {
+            Broker {
+                url,
+                ns: unique("t"),
+            }
+        }
+
+        fn command(&self, args: &[&str]) -> tokio::process::Command {
+            command(&self.url, &self.ns, args)
+        }
+
+        async fn run(&self, args: &[&str]) -> Run {
+            run_with(self.command(args), None).await
+        }
+
+        async fn run_stdin(&self, args: &[&str], stdin: impl Into<Vec<u8>>) -> Run {
+            run_with(self.command(args), Some(stdin.into())).await
+        }
+
+        fn cleanup(&self, stream: &str) -> DeleteStream {
+            DeleteStream {
+                url: self.url.clone(),
+                ns: self.ns.clone(),
+                stream: stream.to_owned(),
+            }
+        }
+
+        /// `(ready, delayed, in_flight, dead)` from `pgtide stats STREAM --group G --json`.
+        async fn depth(&self, stream: &str, group: &str) -> (i64, i64, i64, i64) {
+            let stats = self
+                .run(&["stats", stream, "--group", group, "--json"])
+                .await
+                .ok()
+                .json();
+            let g = &stats["groups"][0];
+            assert_eq!(g["group"], group, "{stats}");
+            let n = |k: &str| g[k].as_i64().unwrap();
+            (n("ready"), n("delayed"), n("in_flight"), n("dead"))
+        }
+    }
+
+    /// Message ids from `consume` output.
+    fn ids(run: &Run) -> Vec<String> {
+        run.lines()
+            .iter()
+            .map(|l| {
+                let d: serde_json::Value = serde_json::from_str(l).unwrap();
+                d["id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    /// Stream and group, stdin publish, consume --count, stats, --no-ack, --nack to the dead
+    /// letters, `dead list`, SIGTERM to `consume --follow` losing nothing, purge and delete.
+    async fn flow(url: String) {
+        let b = Broker::new(url);
+        let _cleanup = (b.cleanup("orders"), b.cleanup("poison"));
+        b.run(&["stream", "create", "orders", "--lease", "30s"])
+            .await
+            .ok();
+        let again = b.run(&["stream", "create", "orders"]).await;
+        assert_eq!(again.code, 5, "{again:?}");
+        b.run(&["stream", "create", "orders", "--if-not-exists"])
+            .await
+            .ok();
+        b.run(&["group", "create", "orders", "billing"]).await.ok();
+        assert_eq!(
+            b.run(&["group", "create", "orders", "billing"]).await.code,
+            5
+        );
+
+        // stdin, one message per line, in several batches
+        let input: String = (0..120).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+        let published = b
+            .run_stdin(&["publish", "orders", "--batch-size", "50"], input)
+            .await
+            .ok();
+        let all: HashSet<String> = published.lines().iter().map(|s| s.to_string()).collect();
+        assert_eq!(all.len(), 120, "{published:?}");
+        let one = b
+            .run(&[
+                "publish",
+                "orders",
+                "--data",
+                r#"{"n":-1}"#,
+                "--header",
+                "k=v",
+            ])
+            .await
+            .ok();
+        assert_eq!(one.lines().len(), 1);
+        assert_eq!(b.depth("orders", "billing").await.0, 121);
+
+        // --count, with the JSON of each delivery
+        let first = b
+            .run(&[
+                "consume", "orders", "-g", "billing", "--count", "20", "--wait", "5s",
+            ])
+            .await
+            .ok();
+        assert_eq!(first.lines().len(), 20, "{first:?}");
+        let d: serde_json::Value = serde_json::from_str(first.lines()[0]).unwrap();
+        assert_eq!(d["payload"], serde_json::json!({"n": 0}));
+        assert_eq!(d["attempt"], 1);
+        assert_eq!(d["group"], "billing");
+        let (ready, _, in_flight, _) = b.depth("orders", "billing").await;
+        assert_eq!((ready, in_flight), (101, 0));
+
+        // --no-ack hands its deliveries back
+        let peeked = b
+            .run(&[
+                "consume", "orders", "-g", "billing", "--no-ack", "--wait", "5s",
+            ])
+            .await
+            .ok();
+        assert_eq!(peeked.lines().len(), 1);
+
+        // --nack on the only allowed attempt: a dead letter (a stream of its own, as a release
+        // counts as an attempt on NATS)
+        b.run(&["stream", "create", "poison", "--max-deliver", "1"])
+            .await
+            .ok();
+        b.run(&["group", "create", "poison", "g"]).await.ok();
+        b.run(&["publish", "poison", "--data", r#"{"bad":true}"#])
+            .await
+            .ok();
+        let nacked = b
+            .run(&["consume", "poison", "-g", "g", "--nack", "--wait", "5s"])
+            .await
+            .ok();
+        let dead_id = ids(&nacked)[0].clone();
+        let dead = b
+            .run(&["dead", "list", "poison", "--group", "g", "--json"])
+            .await
+            .ok();
+        assert_eq!(dead.lines().len(), 1, "{dead:?}");
+        assert_eq!(dead.json()["id"], dead_id.as_str());
+        assert_eq!(b.depth("poison", "g").await.3, 1);
+        b.run(&["stream", "delete", "poison"]).await.ok();
+
+        // SIGTERM to a following consumer: every printed delivery acked, the rest consumable.
+        let mut follow = b
+            .command(&[
+                "consume", "orders", "-g", "billing", "--follow", "--batch", "5",
+            ])
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(follow.stdout.take().unwrap()).lines();
+        let mut printed = HashSet::new();
+        while printed.len() < 30 {
+            let line = tokio::time::timeout(WAIT, out.next_line())
+                .await
+                .expect("the consumer prints")
+                .unwrap()
+                .expect("the consumer is running");
+            let d: serde_json::Value = serde_json::from_str(&line).unwrap();
+            printed.insert(d["id"].as_str().unwrap().to_owned());
+        }
+        terminate(follow.id().unwrap()).await;
+        while let Some(line) = tokio::time::timeout(WAIT, out.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            let d: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert!(printed.insert(d["id"].as_str().unwrap().to_owned()));
+        }
+        let status = tokio::time::timeout(WAIT, follow.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        let left = 121 - 20 - printed.len();
+        let rest = b
+            .run(&[
+                "consume",
+                "orders",
+                "-g",
+                "billing",
+                "--count",
+                &left.to_string(),
+                "--wait",
+                "5s",
+            ])
+            .await
+            .ok();
+        let rest: HashSet<String> = ids(&rest).into_iter().collect();
+        assert_eq!(
+            rest.len(),
+            left,
+            "nothing stayed leased to the stopped consumer"
+        );
+        assert!(rest.is_disjoint(&printed));
+        // At-least-once: a broker may hand a message out again (e.g. one the stopped consumer's
+        // connection still held when it closed), but nothing unseen may turn up.
+        let again = b
+            .run(&["consume", "orders", "-g", "billing", "--wait", "200ms"])
+            .await
+            .ok();
+        for id in ids(&again) {
+            assert!(
+                printed.contains(&id) || rest.contains(&id),
+                "a message nobody had seen turned up late: {id}"
+            );
+        }
+
+        // purge keeps the stream and group; delete removes them
+        b.run(&["publish", "orders", "--data", "1"]).await.ok();
+        b.run(&["stream", "purge", "orders"]).await.ok();
+        let empty = b
+            .run(&["consume", "orders", "-g", "billing", "--wait", "200ms"])
+            .await
+            .ok();
+        assert_eq!(empty.stdout, "");
+        b.run(&["group", "delete", "orders", "billing"]).await.ok();
+        assert_eq!(
+            b.run(&["group", "delete", "orders", "billing"]).await.code,
+            3
+        );
+        b.run(&["stream", "delete", "orders"]).await.ok();
+        let gone = b.run(&["publish", "orders", "--data", "1"]).await;
+        assert_eq!(gone.code, 3, "{gone:?}");
+        assert_eq!(gone.stdout, "");
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_backend_redis_stream_publish_consume_stats() {
+        flow(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()))
+            .await;
+    }
+
+    #[cfg(feature = "nats")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_backend_nats_stream_publish_consume_stats() {
+        flow(std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()))
+            .await;
+    }
+
+    #[cfg(feature = "amqp")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_backend_amqp_stream_publish_consume_stats() {
+        flow(
+            std::env::var("AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+        )
+        .await;
+    }
+}
