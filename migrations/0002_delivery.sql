@@ -98,7 +98,8 @@ $$;
 -- claim
 
 CREATE FUNCTION @ns@._claim(p_group integer, p_limit integer, p_consumer text, p_lease interval DEFAULT NULL)
-RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb)
+RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
+               lease_expired boolean)
 LANGUAGE plpgsql
 -- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
@@ -118,7 +119,7 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH picked AS MATERIALIZED (
-        SELECT d.message_id, d.attempts FROM @ns@.delivery_state d
+        SELECT d.message_id, d.attempts, d.consumer FROM @ns@.delivery_state d
         WHERE d.group_id = p_group AND d.visible_at <= now()
         ORDER BY d.visible_at
         LIMIT p_limit
@@ -142,11 +143,12 @@ BEGIN
         SET attempts = d.attempts + 1, visible_at = now() + v_lease, consumer = p_consumer
         FROM picked p
         WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts < v_max
-        RETURNING d.message_id, d.attempts, d.visible_at
+        -- a claimed row that still names a consumer was never settled: its lease expired
+        RETURNING d.message_id, d.attempts, d.visible_at, p.consumer IS NOT NULL AS expired
     )
     -- LATERAL ... LIMIT 1: one primary-key lookup per claimed row, never a join strategy that
     -- walks the stream's messages.
-    SELECT c.message_id, c.attempts, c.visible_at, m.payload, m.is_json, m.headers
+    SELECT c.message_id, c.attempts, c.visible_at, m.payload, m.is_json, m.headers, c.expired
     FROM claimed c
     CROSS JOIN LATERAL (
         SELECT mm.payload, mm.is_json, mm.headers FROM @ns@.messages mm

@@ -5,9 +5,9 @@
 //! and whose delivery was claimed again gets [`Error::LeaseLost`] and changes nothing.
 //!
 //! With the cargo feature `metrics`, every claim records `pgtide_fetch_duration_seconds`,
-//! `pgtide_delivered_total` and `pgtide_redeliveries_total` (labels stream, group) through the
-//! `metrics` facade. A redelivery is a delivery with an attempt above 1: the claim cannot tell
-//! an expired lease from a nack, so lease expiries are not counted apart.
+//! `pgtide_delivered_total`, `pgtide_redeliveries_total` (attempt above 1) and
+//! `pgtide_lease_expiries_total` (claimed again after a lease ran out unsettled; labels stream,
+//! group) through the `metrics` facade.
 
 use std::time::Duration;
 
@@ -45,6 +45,7 @@ struct ClaimMetrics {
     duration: metrics::Histogram,
     delivered: metrics::Counter,
     redeliveries: metrics::Counter,
+    lease_expiries: metrics::Counter,
 }
 
 #[cfg(feature = "metrics")]
@@ -55,17 +56,29 @@ impl ClaimMetrics {
             duration: metrics::histogram!("pgtide_fetch_duration_seconds", &labels),
             delivered: metrics::counter!("pgtide_delivered_total", &labels),
             redeliveries: metrics::counter!("pgtide_redeliveries_total", &labels),
+            lease_expiries: metrics::counter!("pgtide_lease_expiries_total", &labels),
         }
     }
 
-    fn record(&self, started: std::time::Instant, batch: &[Delivery]) {
+    fn record(&self, started: std::time::Instant, batch: &[Delivery], expired: usize) {
         self.duration.record(started.elapsed());
+        if expired > 0 {
+            self.lease_expiries.increment(expired as u64);
+        }
         self.delivered.increment(batch.len() as u64);
         let again = batch.iter().filter(|d| d.attempt > 1).count();
         if again > 0 {
             self.redeliveries.increment(again as u64);
         }
     }
+}
+
+/// How many claimed rows report a lease that had expired unsettled (column `at`).
+#[cfg(feature = "metrics")]
+fn expired(rows: &[tokio_postgres::Row], at: usize) -> usize {
+    rows.iter()
+        .filter(|r| r.get::<_, Option<bool>>(at).unwrap_or(false))
+        .count()
 }
 
 impl PgBackend {
@@ -167,7 +180,7 @@ impl Consumer {
         let mut batch: Vec<Delivery> = rows.iter().map(|r| self.delivery(r, 0)).collect();
         batch.sort_by_key(|d| d.message.id);
         #[cfg(feature = "metrics")]
-        self.metrics.record(started, &batch);
+        self.metrics.record(started, &batch, expired(&rows, 6));
         Ok(batch)
     }
 
@@ -203,7 +216,7 @@ impl Consumer {
             .collect();
         batch.sort_by_key(|d| d.message.id);
         #[cfg(feature = "metrics")]
-        self.metrics.record(started, &batch);
+        self.metrics.record(started, &batch, expired(&rows, 7));
         Ok((SettleReport::from_parts(done, acked, vec![]), batch))
     }
 

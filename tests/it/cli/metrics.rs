@@ -205,3 +205,48 @@ async fn cli_metrics_consume_counts_each_delivery_once() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_expiries_are_counted_apart_from_nacks() {
+    let handle = recorder();
+    let ns = namespace().await;
+    let stream = unique("lease");
+    ns.stream_with_groups(&stream, StreamConfig::default(), &["g"])
+        .await;
+    ns.publish_batch(
+        &stream,
+        &[json(serde_json::json!(1)), json(serde_json::json!(2))],
+    )
+    .await
+    .unwrap();
+    let short = ns
+        .consumer(&stream, "g", "short")
+        .await
+        .unwrap()
+        .with_lease(Duration::from_millis(200));
+    let other = ns.consumer(&stream, "g", "other").await.unwrap();
+    let first = short.try_fetch(2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    // One is nacked (a retry, not an expiry); the other's lease is left to run out.
+    short
+        .nack(&first[0], Some(Duration::ZERO), None)
+        .await
+        .unwrap();
+    let mut again = other.fetch(2, WAIT).await.unwrap();
+    if again.len() < 2 {
+        again.extend(other.fetch(1, WAIT).await.unwrap());
+    }
+    assert_eq!(again.len(), 2);
+    assert!(again.iter().all(|d| d.attempt == 2));
+    let body = handle.render();
+    let labels = [("stream", stream.as_str()), ("group", "g")];
+    assert_eq!(
+        value(&body, "pgtide_lease_expiries_total", &labels),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "pgtide_redeliveries_total", &labels),
+        Some(2.0)
+    );
+}
