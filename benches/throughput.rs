@@ -5,16 +5,22 @@
 //! ```
 //!
 //! Environment: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
-//! `PGTIDE_BENCH_QUICK=1` for a short run, `PGTIDE_BENCH_JSON` for the JSON report path (default
-//! `target/pgtide-bench.json`). The run works in a fresh `bench_<random>` namespace and drops it.
-//! The cases and caveats are documented in `pgtide::bench`.
+//! `PGTIDE_BENCH_QUICK=1` for a short run, `PGTIDE_BENCH_BACKENDS=1` / `=0` to measure the
+//! backends comparison or not (default: only in a full run; brokers at `NATS_URL`, `REDIS_URL`,
+//! `AMQP_URL` when built with their feature), `PGTIDE_BENCH_JSON` for the JSON report path
+//! (default `target/pgtide-bench.json`). The run works in a fresh `bench_<random>` namespace and
+//! drops it. The worker case starts this executable twice more as worker processes (see
+//! `pgtide::bench::run_worker_process`). The cases and caveats are documented in `pgtide::bench`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use pgtide::bench::{run, BenchConfig};
+use pgtide::bench::{run, run_worker_process, worker_process_requested, BenchConfig};
 
 fn main() -> ExitCode {
+    if worker_process_requested() {
+        return worker_process();
+    }
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let quick = matches!(
@@ -26,6 +32,13 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| PathBuf::from("target/pgtide-bench.json"));
     let mut config = BenchConfig::new(url, quick);
     config.progress = true;
+    // Started again with no arguments, this executable runs a worker process (see above).
+    config.worker_args = Some(vec![]);
+    match std::env::var("PGTIDE_BENCH_BACKENDS").as_deref() {
+        Ok("1" | "true" | "yes") => config.backends = true,
+        Ok("0" | "false" | "no") => config.backends = false,
+        _ => {}
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -53,4 +66,25 @@ fn main() -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// One worker process of the worker case, talking to the parent bench over stdin/stdout.
+fn worker_process() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("pgtide bench worker: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_worker_process()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgtide bench worker failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

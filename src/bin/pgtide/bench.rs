@@ -9,7 +9,13 @@ use crate::error::{CliError, CliResult};
 
 /// `bench [--quick] [--phase D] [--json PATH] [--check]`.
 pub async fn run(url: &str, args: BenchArgs) -> CliResult<u8> {
+    // The worker case starts `pgtide bench --quiet` again as its worker processes.
+    if pgtide::bench::worker_process_requested() {
+        pgtide::bench::run_worker_process().await?;
+        return Ok(crate::error::OK);
+    }
     let mut config = BenchConfig::new(url, args.quick);
+    config.worker_args = Some(vec!["bench".to_owned(), "--quiet".to_owned()]);
     if let Some(phase) = args.phase {
         config.phase = phase;
     }
@@ -22,9 +28,9 @@ pub async fn run(url: &str, args: BenchArgs) -> CliResult<u8> {
         eprintln!(
             "pgtide bench: namespace {namespace}, {} run; progress below, the table at the end",
             if args.quick {
-                "quick (about a minute)"
+                "quick (about a minute and a half)"
             } else {
-                "full (several minutes)"
+                "full (about five minutes)"
             }
         );
     }

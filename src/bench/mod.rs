@@ -1,0 +1,365 @@
+//! Throughput and latency harness (feature `bench`), used by `benches/throughput.rs` and
+//! `pgtide bench`.
+//!
+//! One [`run`] measures raw PostgreSQL baselines and pgtide against them in the same process, on
+//! the same database, so that the ratios say what the engine costs on this machine whatever the
+//! hardware. Every message is a 200-byte JSON payload; every stream has one group.
+//!
+//! Each comparison runs its sides in alternating rounds (raw, pgtide, pgtide, raw, …; see
+//! [`BenchConfig::rounds`]) adding up to a fixed measured window per side, after one warm-up per
+//! side: a machine whose load changes during the run (a build, a checkpoint, autovacuum) skews
+//! every side alike instead of one.
+//!
+//! | case | what runs |
+//! |---|---|
+//! | raw INSERT 1/txn | `INSERT (uuid, jsonb)` per autocommit transaction, 1 / 4 / 16 clients |
+//! | raw INSERT 100/stmt | 100 rows per `INSERT … SELECT unnest(…)`, 1 client |
+//! | raw DELETE SKIP LOCKED | 4 clients looping `DELETE … WHERE id IN (SELECT … ORDER BY id LIMIT 10 FOR UPDATE SKIP LOCKED) RETURNING *`, once against each consume case |
+//! | publish | [`PgBackend::publish`], 1 / 4 / 16 publishers, against raw INSERT 1/txn |
+//! | publish_batch | 100 messages per call, 1 client, against raw INSERT 100/stmt |
+//! | trigger cost | 1 and 16 publishers, three sides: the engine's publish statement on raw connections with `SET pgtide.notify = off` (the floor: no wake-up at all), [`PgBackend::publish`] (trigger off, coalescing notifier on), and the same statement with the NOTIFY trigger on (what SQL publishers get); a raw LISTEN on the namespace channel counts the notifications |
+//! | consume | 4 consumers looping `ack_and_fetch(previous batch, B)` (acks ride with the next claim, as in the worker), B = 10 and 100, against raw DELETE |
+//! | worker | a [`crate::Worker`] (no-op handler, concurrency 16) in each of 2 processes (or, without [`BenchConfig::worker_args`], 2 independent handles in this one) draining a backlog, against the consume figures |
+//! | claim latency | `try_fetch(10)` + `ack_batch` round trips, 1 consumer, on a group with a backlog of 10 000 against one with 1 000 000 (100 000 when quick), both kept constant by re-publishing what was acked (untimed) |
+//! | peak RSS | `VmHWM` of `/proc/self/status` around draining the large backlog with 4 consumers, batch 100 (at most [`BenchConfig::drain_cap`]) |
+//! | publish → handler start | 500 msg/s published from one handle, a worker (no-op handler, concurrency 16) on another handle of this process woken through NOTIFY → listener; alternating with the raw NOTIFY round trip at the same rate (the floor) |
+//! | delayed lateness | 50 msg/s due 1 s after publish; handler start − due time |
+//! | backends | with [`BenchConfig::backends`]: publish (1 per call; 100 per call), consume (4 consumers, `ack_and_fetch` of 100) and publish → fetch latency through [`crate::AnyBackend`] on Postgres, memory, and NATS / Redis / RabbitMQ when built with their feature and their server answers |
+//!
+//! Raw baselines use tokio-postgres directly with prepared statements, one connection per
+//! client; pgtide goes through its pool. Backlogs are filled with `publish_batch` of 1000 from 4
+//! concurrent tasks. Consume backlogs and the raw queue leave room for 100 000 messages/s; a side
+//! that runs out reports the rate up to its last batch, with a note.
+//!
+//! Isolation: a run creates its own namespace (`bench_<random>`; an existing one is refused),
+//! keeps the raw tables in that schema too, uses it as the prefix of every broker-side name, and
+//! drops it with `DROP SCHEMA … CASCADE` at the end, also when a phase fails (broker streams
+//! are deleted with [`crate::Queue::delete_stream`]).
+//!
+//! Caveats: the bench client shares the CPUs with the server when both run on one machine (as it
+//! does for the baselines). The peak RSS is that of the whole bench process (runtime, pool,
+//! buffers), not of the consumers alone; its high-water mark is reset through
+//! `/proc/self/clear_refs` before the drain when the kernel allows it, so earlier phases do not
+//! count. The worker and backend cases run once each, not alternated with a baseline.
+
+mod backends;
+mod harness;
+mod latency;
+mod postgres;
+mod raw;
+mod render;
+mod report;
+mod trigger;
+mod workers;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_postgres::Client;
+
+use self::harness::{joined, Failure, Step, Throughput};
+use crate::{
+    validate_namespace, Error, GroupStart, OutgoingMessage, PgBackend, Result, StreamConfig,
+};
+
+pub use self::report::{
+    BackendRow, BenchReport, Case, Latency, Machine, Rss, Target, Timing, Unit,
+};
+pub use self::workers::{run_worker_process, worker_process_requested, WORKER_PROCESS_ENV};
+
+/// Size of every payload, in bytes of JSON text.
+pub const PAYLOAD_BYTES: usize = 200;
+
+/// Messages per `publish_batch` when filling a backlog.
+const FILL_BATCH: usize = 1000;
+/// Concurrent tasks filling a backlog.
+const FILL_TASKS: usize = 4;
+/// Consumers of the consume and drain cases, and clients of the raw DELETE loop.
+const CONSUMERS: usize = 4;
+
+const GROUP: &str = "g";
+
+/// What [`run`] measures and where.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct BenchConfig {
+    /// Database URL (`postgres://user@host:port/db`).
+    pub url: String,
+    /// Namespace (schema) to create, bench in and drop. It must not exist yet. Defaults to
+    /// `bench_<random>`.
+    pub namespace: Option<String>,
+    /// Short run (smaller phases and large backlog). Defaults to false.
+    pub quick: bool,
+    /// Measured window of each throughput and latency case. Defaults to 5 s (2 s when quick).
+    pub phase: Duration,
+    /// Rounds each comparison alternates its sides in (raw, pgtide, pgtide, raw, …), each
+    /// side running `phase / rounds` per round. Defaults to 10 (4 when quick): half-second
+    /// rounds, because commit latency on shared or virtual disks swings within seconds.
+    pub rounds: u32,
+    /// Warm-up before each measured window, not counted. Defaults to 0.5 s (0.25 s when quick).
+    pub warmup: Duration,
+    /// Backlog of the large claim-latency case and of the peak-RSS drain. Defaults to 1 000 000
+    /// (100 000 when quick).
+    pub large_backlog: u64,
+    /// Longest the peak-RSS drain (and the worker drain) may run; a drain cut short is noted in
+    /// the report. Defaults to 120 s (60 s when quick).
+    pub drain_cap: Duration,
+    /// Connections in the pgtide pool; at least 16 for the 16-publisher case. Defaults to 20.
+    pub pool_size: usize,
+    /// Measure the backends comparison (Postgres, memory, and the brokers built in whose server
+    /// answers at `NATS_URL`, `REDIS_URL`, `AMQP_URL`). Defaults to true, false when quick.
+    pub backends: bool,
+    /// Arguments that make the current executable ([`std::env::current_exe`]) run one bench
+    /// worker process, i.e. call [`run_worker_process`] when [`worker_process_requested`]; the
+    /// worker case then runs its two workers as two OS processes. `None` runs them as two
+    /// independent handles in this process. Defaults to `None`.
+    pub worker_args: Option<Vec<String>>,
+    /// Print one line per phase to stderr while running. Defaults to false.
+    pub progress: bool,
+}
+
+impl BenchConfig {
+    /// The defaults of a full run, or of a short one when `quick`.
+    pub fn new(url: impl Into<String>, quick: bool) -> Self {
+        BenchConfig {
+            url: url.into(),
+            namespace: None,
+            quick,
+            phase: Duration::from_millis(if quick { 2000 } else { 5000 }),
+            warmup: Duration::from_millis(if quick { 250 } else { 500 }),
+            rounds: if quick { 4 } else { 10 },
+            large_backlog: if quick { 100_000 } else { 1_000_000 },
+            drain_cap: Duration::from_secs(if quick { 60 } else { 120 }),
+            pool_size: 20,
+            backends: !quick,
+            worker_args: None,
+            progress: false,
+        }
+    }
+}
+
+/// Runs every case in a fresh namespace and drops the namespace afterwards (also on failure).
+///
+/// Takes about five minutes for a full run (about one and a half with `quick`). Needs the right
+/// to create and drop a schema. Fails if the configured namespace already exists, so that it can
+/// never drop data it did not create. A panic in a bench task is resumed here after the
+/// namespace is dropped.
+///
+/// Cancel safety: if this future is dropped, the namespace (and broker streams named after it)
+/// are left behind; drop it by hand (`DROP SCHEMA bench_… CASCADE`). Worker processes started by
+/// the run are killed when it is dropped.
+pub async fn run(config: BenchConfig) -> Result<BenchReport> {
+    let ns = match &config.namespace {
+        Some(ns) => ns.clone(),
+        None => format!("bench_{:08x}", rand::random::<u32>()),
+    };
+    validate_namespace(&ns)?;
+    let admin = raw::connect(&config.url).await?;
+    let exists: bool = admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&ns],
+        )
+        .await?
+        .get(0);
+    if exists {
+        return Err(Error::InvalidConfig(format!(
+            "bench namespace {ns:?} already exists: the bench drops its namespace at the end, so give it a new one"
+        )));
+    }
+    let outcome = Bench::measure(&config, &ns, &admin).await;
+    let dropped = admin
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{ns}\" CASCADE"))
+        .await;
+    match outcome {
+        Ok(report) => {
+            dropped?;
+            Ok(report)
+        }
+        Err(Failure::Error(e)) => Err(e),
+        Err(Failure::Panic(panic)) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// One run: its settings, namespace, engine handle and payload.
+struct Bench<'a> {
+    config: &'a BenchConfig,
+    ns: &'a str,
+    pg: PgBackend,
+    value: Arc<serde_json::Value>,
+    msg: OutgoingMessage,
+    started: Instant,
+}
+
+/// Streams every run creates (one group each); the backends case makes its own.
+const STREAMS: [&str; 10] = [
+    postgres::PUBLISH,
+    postgres::BATCH,
+    postgres::CONSUME_10,
+    postgres::CONSUME_100,
+    postgres::CLAIM_SMALL,
+    postgres::CLAIM_LARGE,
+    trigger::TRIGGER,
+    workers::WORKERS,
+    latency::E2E,
+    latency::DELAYED,
+];
+
+impl<'a> Bench<'a> {
+    async fn measure(config: &BenchConfig, ns: &str, admin: &Client) -> Step<BenchReport> {
+        let started_at = chrono::Utc::now();
+        let started = Instant::now();
+        let machine = machine(admin).await?;
+        let pg = PgBackend::builder(config.url.clone())
+            .namespace(ns)
+            .pool_size(config.pool_size)
+            .build()?;
+        pg.migrate().await?;
+        for stream in STREAMS {
+            pg.ensure_stream(stream, StreamConfig::default()).await?;
+            pg.ensure_group(stream, GROUP, GroupStart::New).await?;
+        }
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE \"{ns}\".raw_insert (id uuid PRIMARY KEY, payload jsonb NOT NULL);
+                 CREATE TABLE \"{ns}\".raw_batch (id uuid PRIMARY KEY, payload jsonb NOT NULL);
+                 CREATE TABLE \"{ns}\".raw_queue (id bigserial PRIMARY KEY, payload jsonb NOT NULL);"
+            ))
+            .await?;
+        let value = raw::payload();
+        let msg = OutgoingMessage::json(&value)?;
+        let bench = Bench {
+            config,
+            ns,
+            pg,
+            value: Arc::new(value),
+            msg,
+            started,
+        };
+        let outcome = bench.cases().await;
+        // Background tasks hold pooled connections and locks: stop them before the schema goes.
+        bench.pg.shutdown().await;
+        let (baselines, cases, latencies, wakeups, rss, backends) = outcome?;
+        let mut all = baselines;
+        all.extend(cases);
+        Ok(BenchReport {
+            machine,
+            namespace: ns.to_owned(),
+            quick: config.quick,
+            phase_secs: config.phase.as_secs_f64(),
+            warmup_secs: config.warmup.as_secs_f64(),
+            rounds: config.rounds.max(1),
+            payload_bytes: bench.msg.payload().len(),
+            started_at,
+            elapsed_secs: started.elapsed().as_secs_f64(),
+            cases: all,
+            latencies,
+            wakeups,
+            rss,
+            backends,
+        })
+    }
+
+    /// Every case in order: baselines and pgtide rows, claim latencies, wake-ups, RSS, backends.
+    #[allow(clippy::type_complexity)]
+    async fn cases(
+        &self,
+    ) -> Step<(
+        Vec<Case>,
+        Vec<Case>,
+        Vec<Latency>,
+        Vec<Timing>,
+        Rss,
+        Vec<BackendRow>,
+    )> {
+        let (mut baselines, mut cases) = (vec![], vec![]);
+        self.publish_cases(&mut baselines, &mut cases).await?;
+        self.trigger_cases(&mut baselines, &mut cases).await?;
+        let consume = self.consume_cases(&mut baselines, &mut cases).await?;
+        self.worker_cases(consume, &mut cases).await?;
+        let latencies = self.claim_latency(&mut cases).await?;
+        let rss = self.peak_rss(&mut cases).await?;
+        let wakeups = self.wakeup_cases(&mut cases).await?;
+        let backends = if self.config.backends {
+            self.backend_rows().await?
+        } else {
+            vec![]
+        };
+        Ok((baselines, cases, latencies, wakeups, rss, backends))
+    }
+
+    fn progress(&self, what: fmt::Arguments<'_>) {
+        if self.config.progress {
+            eprintln!("[{:6.1} s] {what}", self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Publishes `count` messages to `stream` with `publish_batch` of [`FILL_BATCH`] from
+    /// [`FILL_TASKS`] tasks.
+    async fn fill(&self, stream: &'static str, count: u64) -> Step<Throughput> {
+        self.progress(format_args!("filling {stream} with {count} messages"));
+        let chunks = count.div_ceil(FILL_BATCH as u64);
+        let next = Arc::new(AtomicU64::new(0));
+        let batch = Arc::new(vec![self.msg.clone(); FILL_BATCH]);
+        let started = Instant::now();
+        let mut set = JoinSet::new();
+        for _ in 0..FILL_TASKS {
+            let (pg, next, batch) = (self.pg.clone(), next.clone(), batch.clone());
+            set.spawn(async move {
+                let mut published = 0u64;
+                loop {
+                    let chunk = next.fetch_add(1, Ordering::Relaxed);
+                    if chunk >= chunks {
+                        break;
+                    }
+                    let n = (count - chunk * FILL_BATCH as u64).min(FILL_BATCH as u64) as usize;
+                    pg.publish_batch(stream, &batch[..n]).await?;
+                    published += n as u64;
+                }
+                Ok::<_, Error>(published)
+            });
+        }
+        let mut items = 0;
+        while let Some(result) = set.join_next().await {
+            items += joined(result)?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        self.progress(format_args!("filled {items} in {secs:.1} s"));
+        Ok(Throughput {
+            items,
+            secs,
+            exhausted: false,
+        })
+    }
+}
+
+async fn machine(admin: &Client) -> Result<Machine> {
+    let mut settings = vec![];
+    for name in [
+        "server_version",
+        "fsync",
+        "synchronous_commit",
+        "shared_buffers",
+    ] {
+        settings.push(
+            admin
+                .query_one("SELECT current_setting($1)", &[&name])
+                .await?
+                .get::<_, String>(0),
+        );
+    }
+    let mut settings = settings.into_iter();
+    let mut next = || settings.next().unwrap_or_default();
+    Ok(Machine {
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        server_version: next(),
+        fsync: next(),
+        synchronous_commit: next(),
+        shared_buffers: next(),
+    })
+}
