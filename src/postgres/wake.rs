@@ -234,7 +234,12 @@ impl Notifier {
 async fn send(pool: &Pool, channel: &str, payloads: &[String]) -> crate::Result<()> {
     let client = pool.get().await?;
     let stmt = client
-        .prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+        // A NOTIFY-only transaction still writes a commit record: do not wait for its flush
+        // (the publishes it announces are already durable; losing it in a crash loses nothing).
+        .prepare_cached(
+            "SELECT pg_notify($1, p) \
+             FROM (SELECT set_config('synchronous_commit', 'off', true)) AS s, unnest($2::text[]) AS p",
+        )
         .await?;
     client.execute(&stmt, &[&channel, &payloads]).await?;
     Ok(())

@@ -238,7 +238,9 @@ impl<C: QueueConsumer> Worker<C> {
                 _ = token.cancelled() => break 'fetching,
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'fetching },
             };
-            let want = (permits.available_permits() + 1).min(prefetch);
+            // Claim a full prefetch: deliveries beyond the free slots wait here (leased) for the
+            // next free slot, so the claims stay large when handlers are quick.
+            let want = prefetch;
             // Acks of finished handlers ride along with the next claim (one round trip, one
             // commit on Postgres). When nothing is ready, wait for work and flush acks that
             // arrive meanwhile on their own.
@@ -293,13 +295,25 @@ impl<C: QueueConsumer> Worker<C> {
                 }
             };
             let mut first = Some(first);
-            for delivery in batch {
+            let mut batch = batch.into_iter();
+            while let Some(delivery) = batch.next() {
                 let permit = match first.take() {
                     Some(p) => p,
-                    // The batch never exceeds the free permits plus one, so this does not wait long.
-                    None => match permits.clone().acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => break,
+                    None => tokio::select! {
+                        biased;
+                        _ = token.cancelled() => {
+                            // Not started: hand them back at once, the attempt not counted.
+                            let rest: Vec<Delivery> = std::iter::once(delivery).chain(batch).collect();
+                            match self.consumer.release_batch(&rest.iter().collect::<Vec<_>>()).await {
+                                Ok(r) => counters.add(|c| c.released += r.settled.len() as u64),
+                                Err(e) => tracing::warn!(error = %e, "pgtide worker: release failed; leases will expire"),
+                            }
+                            break 'fetching;
+                        }
+                        p = permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break 'fetching,
+                        },
                     },
                 };
                 counters.add(|r| r.handled += 1);

@@ -205,7 +205,14 @@ pub async fn lease_expiry_redelivers<Q: Queue>(q: Q) {
     }
     let second = fetch_n(&b, 1).await;
     assert_eq!(second.len(), 1, "not redelivered after the lease expired");
-    assert_eq!((second[0].id(), second[0].attempt), (r.id, 2));
+    assert_eq!(second[0].id(), r.id);
+    if q.capabilities().fenced_settle {
+        assert_eq!(second[0].attempt, 2);
+    } else {
+        // JetStream also counts a delivery to a pull request that expired on the way (a loaded
+        // machine): the attempt grows by at least one.
+        assert!(second[0].attempt >= 2, "attempt {}", second[0].attempt);
+    }
     if q.capabilities().fenced_settle {
         assert!(matches!(a.ack(&first).await, Err(Error::LeaseLost { .. })));
     }
