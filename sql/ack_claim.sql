@@ -1,12 +1,10 @@
 -- Acks of the previous batch and the claim of the next in one round trip and one commit.
 -- Every row carries the acked ids; a LEFT JOIN keeps one row when nothing was claimed.
--- Commits asynchronously (autocommit on the engine's pool only, never inside a caller's
--- transaction): what a crash can lose is a redelivery, never a message.
-WITH async_commit AS (
-    SELECT set_config('synchronous_commit', 'off', true) AS setting
-), acked AS (
+-- Claims commit synchronously on purpose: a claim lost in a crash would let a second consumer
+-- take a delivery the first still holds, with the same attempt number (breaking the fence).
+WITH acked AS (
     SELECT coalesce(array_agg(a.id), '{}') AS ids FROM @ns@._ack($1, $2::uuid[], $3::int4[]) AS a (id)
 )
 SELECT acked.ids, c.id, c.attempt, c.lease_expires_at, c.payload, c.is_json, c.headers, c.lease_expired
-FROM async_commit, acked
+FROM acked
 LEFT JOIN LATERAL @ns@._claim($1, $4, $5, $6::int8 * interval '1 microsecond') AS c ON true
