@@ -167,6 +167,9 @@ async fn listen_once(
     Ok(())
 }
 
+/// Least time between two NOTIFYs of the coalescing notifier.
+const NOTIFY_GAP: Duration = Duration::from_millis(1);
+
 /// Coalesces wake-ups into few NOTIFY statements.
 #[derive(Default)]
 pub(crate) struct Notifier {
@@ -205,14 +208,28 @@ impl Notifier {
             };
             if !batch.is_empty() {
                 match send(&pool, &channel, &batch).await {
-                    Ok(()) => backoff = Duration::from_millis(20),
+                    Ok(()) => {
+                        backoff = Duration::from_millis(20);
+                        // Under load (more pokes arrived while this NOTIFY was in flight), gather
+                        // for a moment before the next: each NOTIFY takes the database-wide notify
+                        // lock and wakes every listener. At light rates it adds no delay.
+                        let busy = self.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
+                        if busy && !cancelled {
+                            tokio::select! {
+                                biased;
+                                _ = token.cancelled() => {}
+                                _ = tokio::time::sleep(NOTIFY_GAP) => {}
+                            }
+                        }
+                    }
                     Err(e) => {
                         // Keep them for the next round; the fallback poller covers a lasting outage.
                         tracing::warn!(error = %e, "pgtide notifier failed; retrying");
                         if let Ok(mut p) = self.pending.lock() {
                             p.extend(batch);
                         }
-                        if !cancelled {
+                        let busy = self.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
+                        if busy && !cancelled {
                             tokio::select! {
                                 biased;
                                 _ = token.cancelled() => {}
