@@ -46,9 +46,9 @@ mod names;
 #[cfg(feature = "nats")]
 mod nats;
 mod postgres;
-mod relay;
 #[cfg(feature = "redis")]
 mod redis;
+mod relay;
 mod worker;
 
 pub mod dev;
