@@ -70,6 +70,29 @@ impl Bench<'_> {
         Ok(rows)
     }
 
+    /// Postgres (the reference) and the backend at `url` only.
+    pub(super) async fn backend_rows_for(&self, url: &str) -> Step<Vec<BackendRow>> {
+        let scheme = url.split("://").next().unwrap_or_default();
+        let (kind, built) = match scheme {
+            "memory" => ("memory", true),
+            "nats" => ("nats", cfg!(feature = "nats")),
+            "redis" | "rediss" => ("redis", cfg!(feature = "redis")),
+            "amqp" | "amqps" => ("amqp", cfg!(feature = "amqp")),
+            _ => ("postgres", true),
+        };
+        let mut rows = vec![];
+        self.progress(format_args!("backends: postgres"));
+        rows.push(
+            self.backend_row("postgres", true, &self.config.url.clone())
+                .await?,
+        );
+        if kind != "postgres" {
+            self.progress(format_args!("backends: {kind}"));
+            rows.push(self.backend_row(kind, built, url).await?);
+        }
+        Ok(rows)
+    }
+
     async fn backend_row(&self, kind: &str, built: bool, url: &str) -> Step<BackendRow> {
         let mut row = BackendRow {
             backend: kind.to_owned(),

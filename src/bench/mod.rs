@@ -112,6 +112,9 @@ pub struct BenchConfig {
     /// Measure the backends comparison (Postgres, memory, and the brokers built in whose server
     /// answers at `NATS_URL`, `REDIS_URL`, `AMQP_URL`). Defaults to true, false when quick.
     pub backends: bool,
+    /// Measure only the backends comparison, for Postgres (the reference) and this backend URL
+    /// (`pgtide bench --backend nats://…`): no raw baselines or engine cases. Defaults to `None`.
+    pub backend: Option<String>,
     /// Arguments that make the current executable ([`std::env::current_exe`]) run one bench
     /// worker process, i.e. call [`run_worker_process`] when [`worker_process_requested`]; the
     /// worker case then runs its two workers as two OS processes. `None` runs them as two
@@ -135,6 +138,7 @@ impl BenchConfig {
             drain_cap: Duration::from_secs(if quick { 60 } else { 120 }),
             pool_size: 20,
             backends: !quick,
+            backend: None,
             worker_args: None,
             progress: false,
         }
@@ -275,6 +279,18 @@ impl<'a> Bench<'a> {
         Rss,
         Vec<BackendRow>,
     )> {
+        if let Some(url) = &self.config.backend {
+            let rows = self.backend_rows_for(url).await?;
+            let rss = Rss {
+                backlog: 0,
+                drained: 0,
+                drain_secs: 0.0,
+                hwm_reset: false,
+                hwm_before_mib: None,
+                hwm_after_mib: None,
+            };
+            return Ok((vec![], vec![], vec![], vec![], rss, rows));
+        }
         let (mut baselines, mut cases) = (vec![], vec![]);
         self.publish_cases(&mut baselines, &mut cases).await?;
         self.trigger_cases(&mut baselines, &mut cases).await?;

@@ -100,7 +100,6 @@ pub fn postgres_only(command: &Command) -> Option<&'static str> {
         Command::Trim { .. } => "trim",
         Command::Health { .. } => "health",
         Command::Scout(_) => "scout",
-        Command::Bench(_) => "bench",
         Command::Stream(StreamCommand::List { .. }) => "stream list",
         Command::Stream(StreamCommand::Show { .. }) => "stream show",
         Command::Stream(StreamCommand::Update { .. }) => "stream update",

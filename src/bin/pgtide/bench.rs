@@ -8,13 +8,17 @@ use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult};
 
 /// `bench [--quick] [--phase D] [--json PATH] [--check]`.
-pub async fn run(url: &str, args: BenchArgs) -> CliResult<u8> {
+///
+/// With `backend` (a broker or memory URL from `--backend`), only the backends comparison runs,
+/// for Postgres at `url` and that backend.
+pub async fn run(url: &str, args: BenchArgs, backend: Option<String>) -> CliResult<u8> {
     // The worker case starts `pgtide bench --quiet` again as its worker processes.
     if pgtide::bench::worker_process_requested() {
         pgtide::bench::run_worker_process().await?;
         return Ok(crate::error::OK);
     }
     let mut config = BenchConfig::new(url, args.quick);
+    config.backend = backend;
     config.worker_args = Some(vec!["bench".to_owned(), "--quiet".to_owned()]);
     if let Some(phase) = args.phase {
         config.phase = phase;

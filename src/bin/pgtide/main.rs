@@ -130,7 +130,21 @@ async fn run(cli: Cli) -> CliResult<u8> {
     telemetry::install(global.metrics_listen)?;
     match cli.command {
         Command::Migrate { print_sql: true } => admin::print_sql(&global.namespace),
-        Command::Bench(args) => bench::run(&backend::postgres_url(&global, "bench")?, args).await,
+        Command::Bench(args) => {
+            let url = backend::backend_url(&global)?;
+            if url.is_postgres() {
+                bench::run(&url.url, args, None).await
+            } else {
+                // The comparison runs Postgres beside the backend: it needs DATABASE_URL too.
+                let pg = global.database_url.clone().ok_or_else(|| {
+                    error::CliError::usage(format!(
+                        "`pgtide bench --backend {}` compares it with Postgres: set DATABASE_URL (or --database-url) as well",
+                        url.kind
+                    ))
+                })?;
+                bench::run(&pg, args, Some(url.url)).await
+            }
+        }
         Command::Health { json, max_lag } => stats::health(&global, json, max_lag).await,
         command => {
             let url = backend::backend_url(&global)?;

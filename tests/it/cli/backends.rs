@@ -44,7 +44,6 @@ async fn cli_backend_postgres_only_commands_say_so() {
             &["trim", "s", "--max-len", "1"],
             &["health"],
             &["scout"],
-            &["bench", "--quick"],
             &["stream", "list"],
             &["stream", "show", "s"],
             &["stream", "update", "s", "--lease", "1m"],
@@ -70,6 +69,33 @@ async fn cli_backend_postgres_only_commands_say_so() {
             );
         }
     }
+}
+
+/// `bench --backend URL` compares that backend with Postgres, so it needs DATABASE_URL too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_bench_compares_one_backend_with_postgres() {
+    let r = run_with(command("memory://", "t", &["bench", "--quick"]), None).await;
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("set DATABASE_URL"), "{r:?}");
+
+    let mut c = command(
+        "memory://",
+        "t",
+        &["bench", "--quick", "--phase", "200ms", "--quiet"],
+    );
+    c.env("DATABASE_URL", crate::common::database_url().await);
+    let r = run_with(c, None).await.ok();
+    let rows: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("postgres ") || l.starts_with("memory "))
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", r.stdout);
+    assert!(
+        rows.iter().all(|l| l.contains("x)")),
+        "measured rows: {}",
+        r.stdout
+    );
 }
 
 /// memory:// runs the trait commands in the process (and keeps nothing after it).
