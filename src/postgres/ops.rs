@@ -9,14 +9,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
 use super::wake::Wake;
 use super::{micros, PgBackend};
 use crate::error::Ctx;
-use crate::message::headers_from_json;
 use crate::names::validate_name;
-use crate::{DeadLetter, Error, Result};
+use crate::{Error, Result};
 
 fn ctx<'a>(stream: &'a str, group: Option<&'a str>) -> Ctx<'a> {
     Ctx {
@@ -182,38 +180,5 @@ impl PgBackend {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
-    /// One dead letter of a group, or `None` if the message is not dead in that group.
-    pub async fn dead_letter(
-        &self,
-        stream: &str,
-        group: &str,
-        id: Uuid,
-    ) -> Result<Option<DeadLetter>> {
-        validate_name("stream", stream)?;
-        validate_name("group", group)?;
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT message_id, attempts, reason, error, dead_at, payload_bytes, headers \
-                     FROM \"{}\".dead_letters WHERE stream = $1 AND \"group\" = $2 AND message_id = $3",
-                    self.namespace()
-                ),
-                &[&stream, &group, &id],
-            )
-            .await?;
-        Ok(row.map(|r| DeadLetter {
-            stream: stream.to_owned(),
-            group: group.to_owned(),
-            id: r.get(0),
-            attempts: r.get::<_, i32>(1) as u32,
-            reason: r.get(2),
-            error: r.get(3),
-            dead_at: r.get(4),
-            payload: r.get(5),
-            headers: headers_from_json(r.get(6)),
-        }))
     }
 }

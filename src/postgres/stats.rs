@@ -131,6 +131,26 @@ impl PgBackend {
         group: &str,
         limit: usize,
     ) -> Result<Vec<DeadLetter>> {
+        self.read_dead(stream, group, None, limit).await
+    }
+
+    /// One dead letter of a group, or `None` if the message is not dead in that group.
+    pub async fn dead_letter(
+        &self,
+        stream: &str,
+        group: &str,
+        id: Uuid,
+    ) -> Result<Option<DeadLetter>> {
+        Ok(self.read_dead(stream, group, Some(id), 1).await?.pop())
+    }
+
+    async fn read_dead(
+        &self,
+        stream: &str,
+        group: &str,
+        id: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
         let client = self.client().await?;
@@ -138,10 +158,11 @@ impl PgBackend {
             .query(
                 &format!(
                     "SELECT message_id, attempts, reason, error, dead_at, payload_bytes, headers \
-                     FROM \"{}\".dead_letters WHERE stream = $1 AND \"group\" = $2 ORDER BY dead_at, message_id LIMIT $3",
+                     FROM \"{}\".dead_letters WHERE stream = $1 AND \"group\" = $2 \
+                     AND ($3::uuid IS NULL OR message_id = $3) ORDER BY dead_at, message_id LIMIT $4",
                     self.namespace()
                 ),
-                &[&stream, &group, &(limit.min(i64::MAX as usize) as i64)],
+                &[&stream, &group, &id, &(limit.min(i64::MAX as usize) as i64)],
             )
             .await?;
         Ok(rows

@@ -97,3 +97,16 @@ pub fn json(v: serde_json::Value) -> pgtide::OutgoingMessage {
 }
 
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until `check` holds, polling shared state every 10 ms; panics after `limit`. For state
+/// with no event to wait on (counters, the scout's status); events are awaited directly.
+pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

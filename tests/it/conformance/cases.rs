@@ -496,15 +496,10 @@ pub async fn worker_runs_the_same_handler<Q: Queue>(q: Q) {
     .concurrency(8);
     let token = CancellationToken::new();
     let run = tokio::spawn(worker.run(token.clone()));
-    let deadline = Instant::now() + WAIT;
-    while done.lock().unwrap().len() < n as usize {
-        assert!(
-            Instant::now() < deadline,
-            "worker handled {} of {n}",
-            done.lock().unwrap().len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::common::eventually(WAIT, "the worker to handle every message", || {
+        done.lock().unwrap().len() == n as usize
+    })
+    .await;
     token.cancel();
     let report = run.await.unwrap().unwrap();
     assert_eq!(report.acked, n as u64);

@@ -4,21 +4,12 @@ use std::time::{Duration, Instant};
 
 use pgtide::{PgBackend, StreamConfig};
 
-use crate::common::{json, namespace, WAIT};
+use crate::common::{eventually, json, namespace, WAIT};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
 fn handle(url: &str, ns: &str) -> pgtide::PgBackendBuilder {
     PgBackend::builder(url).namespace(ns).pool_size(4)
-}
-
-/// Waits until `check` holds, polling; panics after `limit`.
-async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,6 +41,9 @@ async fn notification_wakes_a_waiting_consumer_without_polling() {
             (got, Instant::now())
         }
     });
+    // Give the waiter time to make its first (empty) claim and block: there is no event for
+    // "now waiting". If the publish still came first the fetch would find it at once, which
+    // proves less but cannot fail wrongly.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let sent = Instant::now();
     ns.publish("s", json(serde_json::json!(1))).await.unwrap();
@@ -65,6 +59,9 @@ async fn notification_wakes_a_waiting_consumer_without_polling() {
             (got, Instant::now())
         }
     });
+    // Give the waiter time to make its first (empty) claim and block: there is no event for
+    // "now waiting". If the publish still came first the fetch would find it at once, which
+    // proves less but cannot fail wrongly.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let raw = ns.raw().await;
     let sent = Instant::now();

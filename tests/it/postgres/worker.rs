@@ -7,17 +7,7 @@ use std::time::Duration;
 
 use pgtide::{Backoff, CancellationToken, Delivery, Outcome, StreamConfig, Worker, WorkerHook};
 
-use crate::common::{json, namespace, WAIT};
-
-async fn wait_for(limit: Duration, what: &str, check: impl Fn() -> bool) {
-    tokio::time::timeout(limit, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-}
+use crate::common::{eventually, json, namespace, WAIT};
 
 #[derive(Default)]
 struct Count(AtomicUsize, AtomicUsize);
@@ -69,7 +59,7 @@ async fn worker_handles_everything_and_survives_panics() {
     .hook(hooks.clone());
     let token = CancellationToken::new();
     let run = tokio::spawn(worker.run(token.clone()));
-    wait_for(WAIT, "all handled", || {
+    eventually(WAIT, "all handled", || {
         seen.lock().unwrap().len() == n as usize
     })
     .await;
@@ -152,7 +142,7 @@ async fn long_handlers_keep_their_lease() {
     .concurrency(4);
     let token = CancellationToken::new();
     let run = tokio::spawn(worker.run(token.clone()));
-    wait_for(WAIT, "handler started", || {
+    eventually(WAIT, "handler started", || {
         !attempts.lock().unwrap().is_empty()
     })
     .await;
@@ -198,7 +188,7 @@ async fn shutdown_releases_unfinished_deliveries_at_once() {
     .shutdown_grace(Duration::from_millis(100));
     let token = CancellationToken::new();
     let run = tokio::spawn(worker.run(token.clone()));
-    wait_for(WAIT, "handlers started", || {
+    eventually(WAIT, "handlers started", || {
         started.load(Ordering::SeqCst) == 5
     })
     .await;
