@@ -153,6 +153,25 @@ impl Backoff {
         self.jitter = jitter.clamp(0.0, 1.0);
         self
     }
+
+    /// The delay before the retry that follows failed attempt `attempt` (from 1): the schedule's
+    /// step for it (the last step repeats), scaled by a random factor in `1 ± jitter`. The same
+    /// rule as the Postgres engine's `_nack`; broker backends and memory use it to emulate it.
+    pub fn delay(&self, attempt: u32) -> std::time::Duration {
+        let Some(last) = self.schedule.last() else {
+            return std::time::Duration::ZERO;
+        };
+        let base = self
+            .schedule
+            .get(attempt.max(1) as usize - 1)
+            .copied()
+            .unwrap_or(*last);
+        let jitter = f64::from(self.jitter);
+        if jitter == 0.0 {
+            return base;
+        }
+        base.mul_f64((1.0 + jitter * (rand::random::<f64>() * 2.0 - 1.0)).max(0.0))
+    }
 }
 
 /// Where a new group starts reading.
@@ -171,5 +190,33 @@ impl GroupStart {
             GroupStart::New => "new",
             GroupStart::Oldest => "oldest",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_delay_follows_the_schedule_and_repeats_the_last_step() {
+        let b = Backoff::schedule([1, 5, 15].map(Duration::from_secs));
+        let got: Vec<u64> = (0..=5).map(|a| b.delay(a).as_secs()).collect();
+        assert_eq!(got, vec![1, 1, 5, 15, 15, 15]);
+        let jittered = Backoff::schedule([Duration::from_secs(10)]).jitter(0.1);
+        for _ in 0..100 {
+            let d = jittered.delay(1);
+            assert!(
+                d >= Duration::from_secs(9) && d <= Duration::from_secs(11),
+                "{d:?}"
+            );
+        }
+        assert_eq!(
+            Backoff {
+                schedule: vec![],
+                jitter: 0.0
+            }
+            .delay(1),
+            Duration::ZERO
+        );
     }
 }

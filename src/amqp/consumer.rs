@@ -19,7 +19,7 @@ use super::conn::broker_msg;
 use super::lease::{Claimed, Shared, Token};
 use super::publish::{split_delay, Outgoing, Route};
 use crate::backend::QueueConsumer;
-use crate::{Delivery, Error, Result, SettleReport, StreamConfig};
+use crate::{Delivery, Error, Result, SettleReport};
 
 /// A consumer of the RabbitMQ backend: one AMQP channel, its own lease tracker and reaper.
 /// Clones share them. Dropping the last clone (and every delivery it handed out) closes the
@@ -44,19 +44,6 @@ pub(crate) fn dead_headers(
         h.push((H_ERROR, text(e)));
     }
     h
-}
-
-fn backoff_delay(config: &StreamConfig, attempt: u32) -> Duration {
-    let steps = &config.backoff.schedule;
-    let Some(last) = steps.len().checked_sub(1) else {
-        return Duration::from_secs(1);
-    };
-    let base = steps[(attempt.max(1) as usize - 1).min(last)];
-    let jitter = f64::from(config.backoff.jitter);
-    if jitter == 0.0 {
-        return base;
-    }
-    base.mul_f64((1.0 + jitter * (rand::random::<f64>() * 2.0 - 1.0)).max(0.0))
 }
 
 fn ms(d: Duration) -> u64 {
@@ -221,7 +208,7 @@ impl QueueConsumer for AmqpConsumer {
                 };
                 return (route, dead_headers("max_deliver", error, d.attempt), true);
             }
-            let wait = delay.unwrap_or_else(|| backoff_delay(config, d.attempt));
+            let wait = delay.unwrap_or_else(|| config.backoff.delay(d.attempt));
             let (hop, due) = split_delay(ms(wait));
             let mut extra = vec![(H_ATTEMPTS, int(i64::from(d.attempt)))];
             if let Some(e) = error {

@@ -186,17 +186,6 @@ impl MemoryBackend {
     }
 }
 
-fn backoff_delay(config: &StreamConfig, attempt: u32) -> Duration {
-    let steps = &config.backoff.schedule;
-    let base = steps[(attempt.max(1) as usize - 1).min(steps.len() - 1)];
-    let jitter = config.backoff.jitter as f64;
-    if jitter == 0.0 {
-        return base;
-    }
-    let factor = 1.0 + jitter * (rand::random::<f64>() * 2.0 - 1.0);
-    base.mul_f64(factor.max(0.0))
-}
-
 impl Queue for MemoryBackend {
     type Consumer = MemoryConsumer;
 
@@ -620,7 +609,7 @@ impl QueueConsumer for MemoryConsumer {
                 );
                 return Settled::Dead;
             }
-            let wait = delay.unwrap_or_else(|| backoff_delay(&config, attempts));
+            let wait = delay.unwrap_or_else(|| config.backoff.delay(attempts));
             g.set(
                 d.id(),
                 Pending {

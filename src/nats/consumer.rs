@@ -16,7 +16,7 @@ use super::naming::Names;
 use super::{codec, mover, NatsBackend, StreamMeta};
 use crate::backend::QueueConsumer;
 use crate::names::validate_name;
-use crate::{Delivery, Error, Result, SettleReport, StreamConfig};
+use crate::{Delivery, Error, Result, SettleReport};
 
 /// The longest single pull request; a longer fetch sends several. Bounds how long the server
 /// keeps a request whose fetch future was dropped.
@@ -76,17 +76,6 @@ pub(super) fn ack_info(reply: &str) -> Option<(u64, u64)> {
 }
 
 /// Retry delay after a failed attempt, from the stream's backoff.
-fn backoff_delay(config: &StreamConfig, attempt: u32) -> Duration {
-    let steps = &config.backoff.schedule;
-    let base = steps[(attempt.max(1) as usize - 1).min(steps.len() - 1)];
-    let jitter = f64::from(config.backoff.jitter);
-    if jitter == 0.0 {
-        return base;
-    }
-    let factor = 1.0 + jitter * (rand::random::<f64>() * 2.0 - 1.0);
-    base.mul_f64(factor.max(0.0))
-}
-
 impl NatsConsumer {
     pub(super) async fn open(
         backend: &NatsBackend,
@@ -341,7 +330,7 @@ impl QueueConsumer for NatsConsumer {
             if d.attempt >= config.max_deliver {
                 return self.bury(d, "max_deliver", error, d.attempt).await;
             }
-            let wait = delay.unwrap_or_else(|| backoff_delay(config, d.attempt));
+            let wait = delay.unwrap_or_else(|| config.backoff.delay(d.attempt));
             let body = if wait.is_zero() {
                 Bytes::from_static(b"-NAK")
             } else {

@@ -52,23 +52,6 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
-fn backoff_delay(config: &StreamConfig, attempt: u32) -> Duration {
-    let steps = &config.backoff.schedule;
-    let Some(last) = steps.last() else {
-        return Duration::ZERO;
-    };
-    let base = steps
-        .get(attempt.max(1) as usize - 1)
-        .copied()
-        .unwrap_or(*last);
-    let jitter = config.backoff.jitter as f64;
-    if jitter == 0.0 {
-        return base;
-    }
-    let factor = 1.0 + jitter * (rand::random::<f64>() * 2.0 - 1.0);
-    base.mul_f64(factor.max(0.0))
-}
-
 impl RedisConsumer {
     pub(super) async fn new(
         backend: &RedisBackend,
@@ -352,7 +335,7 @@ impl QueueConsumer for RedisConsumer {
     ) -> Result<SettleReport> {
         let config = self.config.clone();
         self.report("nack", ds, error, move |d| {
-            delay.unwrap_or_else(|| backoff_delay(&config, d.attempt))
+            delay.unwrap_or_else(|| config.backoff.delay(d.attempt))
         })
         .await
     }
