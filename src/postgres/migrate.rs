@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "wakeups", include_str!("../../migrations/0003_wakeups.sql")),
     (4, "purge", include_str!("../../migrations/0004_purge.sql")),
     (5, "operations", include_str!("../../migrations/0005_operations.sql")),
+    (6, "plans", include_str!("../../migrations/0006_plans.sql")),
 ];
 
 /// Dollar-quote tag for migration texts inside the bookkeeping inserts.

@@ -1,4 +1,5 @@
 mod consume;
+mod plans;
 mod publish;
 mod registry;
 mod sql_surface;

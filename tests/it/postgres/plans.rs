@@ -1,0 +1,350 @@
+//! Every hot statement keeps an O(batch) plan whatever the plan cache picks and whatever the
+//! statistics say.
+//!
+//! A large backlog is loaded and analysed, then each statement the engine prepares (the files in
+//! `sql/`) and each SQL-surface function runs in a session with a hostile planner: generic plans
+//! forced (the plan cache's choice after a few executions, which cannot see `LIMIT $n`), random
+//! I/O priced as if on a slow disk (which favours hash joins over whole-group scans) and default
+//! JIT thresholds. `auto_explain` sends the actual plan of every nested statement back as a notice;
+//! each plan must not JIT, must not seq-scan or bitmap-scan the queue tables, must not hash them,
+//! and no node over them may read more than a small multiple of the batch.
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_postgres::AsyncMessage;
+use uuid::Uuid;
+
+use crate::common::namespace;
+use pgtide::StreamConfig;
+
+const BACKLOG: i64 = 200_000;
+const BATCH: i32 = 10;
+/// Rows any plan node over a queue table may touch for a batch of ten.
+const ROW_LIMIT: f64 = 1_000.0;
+
+/// Tables whose size grows with the backlog or the history.
+fn is_queue_table(relation: &str) -> bool {
+    relation == "delivery_state"
+        || relation == "dead_letter_state"
+        || relation == "dedupe"
+        || relation.starts_with("messages")
+}
+
+/// Everything wrong with one plan (a node and its children).
+fn check_node(node: &Value, hashed: bool, what: &str, faults: &mut Vec<String>) {
+    let kind = node["Node Type"].as_str().unwrap_or("");
+    let relation = node["Relation Name"].as_str().unwrap_or("");
+    if is_queue_table(relation) {
+        if kind == "Seq Scan" || kind.starts_with("Bitmap") {
+            faults.push(format!("{what}: {kind} on {relation}"));
+        }
+        if hashed {
+            faults.push(format!("{what}: hash built over {relation}"));
+        }
+        let loops = node["Actual Loops"].as_f64().unwrap_or(1.0);
+        let read = node["Actual Rows"].as_f64().unwrap_or(0.0) * loops
+            + node["Rows Removed by Filter"].as_f64().unwrap_or(0.0)
+            + node["Rows Removed by Index Recheck"]
+                .as_f64()
+                .unwrap_or(0.0);
+        if read > ROW_LIMIT {
+            faults.push(format!("{what}: {kind} on {relation} read {read} rows"));
+        }
+    }
+    let hashed = hashed || kind == "Hash" || kind == "Merge Join";
+    if let Some(children) = node["Plans"].as_array() {
+        for child in children {
+            check_node(child, hashed, what, faults);
+        }
+    }
+}
+
+/// A session with auto_explain reporting every nested plan as a JSON notice.
+async fn explaining_session(
+    url: &str,
+) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notice(notice) = message {
+                let _ = tx.send(notice.message().to_owned());
+            }
+        }
+    });
+    client
+        .batch_execute(
+            "LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0;
+             SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_analyze = on;
+             SET auto_explain.log_timing = off;
+             SET auto_explain.log_format = json;
+             SET auto_explain.log_level = notice;
+             SET client_min_messages = notice;
+             SET plan_cache_mode = force_generic_plan;
+             SET random_page_cost = 100;
+             SET jit = on;
+             SET jit_above_cost = 100000;",
+        )
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// Checks every plan reported so far for the statement `what`.
+fn check_plans(rx: &mut mpsc::UnboundedReceiver<String>, what: &str, faults: &mut Vec<String>) {
+    let mut seen = 0;
+    while let Ok(notice) = rx.try_recv() {
+        let Some(json) = notice.split_once("plan:").map(|(_, j)| j.trim()) else {
+            continue;
+        };
+        let explained: Value = serde_json::from_str(json).unwrap();
+        seen += 1;
+        if explained.get("JIT").is_some() {
+            let text = explained["Query Text"].as_str().unwrap_or("");
+            faults.push(format!("{what}: JIT compiled {:.60}", text.trim()));
+        }
+        check_node(&explained["Plan"], false, what, faults);
+    }
+    assert!(seen > 0, "{what}: auto_explain reported no plan");
+}
+
+fn render(sql: &str, ns: &str) -> String {
+    sql.replace("@ns@", &format!("\"{ns}\""))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
+    let ns = namespace().await;
+    ns.stream_with_groups("plans", StreamConfig::default(), &["g"])
+        .await;
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    // The backlog, loaded in bulk: a ready delivery per message, oldest first.
+    raw.batch_execute(&format!(
+        "INSERT INTO \"{n}\".messages (stream_id, id, payload, is_json)
+         SELECT s.id, \"{n}\".uuid_v7(now() - (({BACKLOG} - i) * interval '1 ms')), '{{\"n\": 1}}', true
+         FROM \"{n}\".streams s, generate_series(1, {BACKLOG}) i WHERE s.name = 'plans';
+         INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at)
+         SELECT g.id, m.id, \"{n}\".uuid_time(m.id) - interval '1 hour'
+         FROM \"{n}\".groups g JOIN \"{n}\".messages m ON m.stream_id = g.stream_id;
+         INSERT INTO \"{n}\".counter_deltas (group_id, pending) SELECT id, {BACKLOG} FROM \"{n}\".groups;
+         ANALYZE \"{n}\".messages, \"{n}\".delivery_state, \"{n}\".streams, \"{n}\".groups;"
+    ))
+    .await
+    .unwrap();
+    let group: i32 = raw
+        .query_one(&format!("SELECT id FROM \"{n}\".groups"), &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let (s, mut rx) = explaining_session(&ns.url).await;
+    let mut faults = vec![];
+    let lease_us: i64 = 30_000_000;
+    let claim = render(include_str!("../../../sql/claim.sql"), &n);
+    let ack_claim = render(include_str!("../../../sql/ack_claim.sql"), &n);
+    let ack = render(include_str!("../../../sql/ack.sql"), &n);
+    let nack = render(include_str!("../../../sql/nack.sql"), &n);
+    let term = render(include_str!("../../../sql/term.sql"), &n);
+    let extend = render(include_str!("../../../sql/extend.sql"), &n);
+    let release = render(include_str!("../../../sql/release.sql"), &n);
+    let publish = render(include_str!("../../../sql/publish.sql"), &n);
+    let publish_one = render(include_str!("../../../sql/publish_one.sql"), &n);
+    let stats = render(include_str!("../../../sql/stats.sql"), &n);
+
+    // Twice: the second round runs on plans the session has cached.
+    for round in 0..2 {
+        let rows = s
+            .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+            .await
+            .unwrap();
+        check_plans(&mut rx, "claim", &mut faults);
+        assert_eq!(rows.len(), BATCH as usize, "claim returned a short batch");
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.get("id")).collect();
+        let attempts: Vec<i32> = rows.iter().map(|r| r.get("attempt")).collect();
+
+        let extended = s
+            .query(&extend, &[&group, &ids, &attempts, &lease_us])
+            .await
+            .unwrap();
+        assert_eq!(extended.len(), ids.len());
+        check_plans(&mut rx, "extend", &mut faults);
+
+        let acked = s
+            .query(
+                &ack,
+                &[&group, &ids[0..2].to_vec(), &attempts[0..2].to_vec()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(acked.len(), 2);
+        check_plans(&mut rx, "ack", &mut faults);
+
+        let delays: Vec<i64> = vec![60_000_000; 2];
+        let errors: Vec<String> = vec!["boom".into(); 2];
+        let nacked = s
+            .query(
+                &nack,
+                &[
+                    &group,
+                    &ids[2..4].to_vec(),
+                    &attempts[2..4].to_vec(),
+                    &delays,
+                    &errors,
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(nacked.len(), 2);
+        check_plans(&mut rx, "nack", &mut faults);
+
+        let reasons: Vec<String> = vec!["bad".into(); 2];
+        let termed = s
+            .query(
+                &term,
+                &[
+                    &group,
+                    &ids[4..6].to_vec(),
+                    &attempts[4..6].to_vec(),
+                    &reasons,
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(termed.len(), 2);
+        check_plans(&mut rx, "term", &mut faults);
+
+        let released = s
+            .query(
+                &release,
+                &[&group, &ids[6..8].to_vec(), &attempts[6..8].to_vec()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(released.len(), 2);
+        check_plans(&mut rx, "release", &mut faults);
+
+        // Acks of the last two riding with the next claim.
+        let rows = s
+            .query(
+                &ack_claim,
+                &[
+                    &group,
+                    &ids[8..10].to_vec(),
+                    &attempts[8..10].to_vec(),
+                    &BATCH,
+                    &"c1",
+                    &lease_us,
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), BATCH as usize);
+        check_plans(&mut rx, "ack_and_fetch", &mut faults);
+
+        let new_ids: Vec<Uuid> = (0..BATCH).map(|_| Uuid::now_v7()).collect();
+        let payloads: Vec<Vec<u8>> = vec![b"{}".to_vec(); BATCH as usize];
+        let is_json = vec![true; BATCH as usize];
+        let headers: Vec<Option<Value>> = vec![None; BATCH as usize];
+        let deliver_at: Vec<Option<chrono::DateTime<chrono::Utc>>> = vec![None; BATCH as usize];
+        let delay: Vec<Option<i64>> = vec![None; BATCH as usize];
+        let priority = vec![0i32; BATCH as usize];
+        s.query(
+            &publish,
+            &[
+                &"plans",
+                &new_ids,
+                &payloads,
+                &is_json,
+                &headers,
+                &deliver_at,
+                &delay,
+                &priority,
+            ],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "publish", &mut faults);
+
+        let key = format!("k{round}");
+        s.query(
+            &publish_one,
+            &[
+                &"plans",
+                &Uuid::now_v7(),
+                &b"{}".to_vec(),
+                &true,
+                &None::<Value>,
+                &None::<chrono::DateTime<chrono::Utc>>,
+                &None::<i64>,
+                &key,
+                &0i32,
+            ],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "publish with dedupe key", &mut faults);
+
+        s.query(&stats, &[]).await.unwrap();
+        check_plans(&mut rx, "stats", &mut faults);
+
+        s.query(
+            &format!("SELECT * FROM \"{n}\"._scout_due(now() - interval '1 hour')"),
+            &[],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "scout due", &mut faults);
+
+        // The SQL surface a psql or other-language consumer uses.
+        let read = s
+            .query(
+                &format!("SELECT id FROM \"{n}\".read('plans', 'g', 'psql', $1)"),
+                &[&BATCH],
+            )
+            .await
+            .unwrap();
+        assert_eq!(read.len(), BATCH as usize);
+        check_plans(&mut rx, "SQL read", &mut faults);
+        let read_ids: Vec<Uuid> = read.iter().map(|r| r.get(0)).collect();
+        for (call, what) in [
+            ("extend('plans', 'g', $1::uuid[])", "SQL extend"),
+            (
+                "nack('plans', 'g', ($1::uuid[])[1:3], delay => interval '1 minute')",
+                "SQL nack",
+            ),
+            ("term('plans', 'g', ($1::uuid[])[4:6])", "SQL term"),
+            ("ack('plans', 'g', ($1::uuid[])[7:10])", "SQL ack"),
+        ] {
+            s.query(&format!("SELECT \"{n}\".{call}"), &[&read_ids])
+                .await
+                .unwrap();
+            check_plans(&mut rx, what, &mut faults);
+        }
+        s.query(
+            &format!("SELECT \"{n}\".release_consumer('plans', 'g', 'c1')"),
+            &[],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "SQL release_consumer", &mut faults);
+        s.query(
+            &format!("SELECT \"{n}\".publish('plans', '{{}}', dedupe_key => $1)"),
+            &[&format!("sql{round}")],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "SQL publish", &mut faults);
+    }
+    assert!(
+        faults.is_empty(),
+        "O(backlog) plans:\n{}",
+        faults.join("\n")
+    );
+}
