@@ -1,5 +1,10 @@
 //! Fault suite: each test starts its own servers, injects crashes and kills under load, and
-//! accounts for every message (see `postgres.rs`).
+//! accounts for every message (see `run.rs`).
 
+#[cfg(any(feature = "nats", feature = "redis"))]
+mod brokers;
 mod cluster;
 mod postgres;
+mod run;
+#[cfg(any(feature = "nats", feature = "redis"))]
+mod servers;

@@ -1,0 +1,111 @@
+//! Broker servers of the test's own, on free loopback ports, killed with SIGKILL and started again
+//! on the same data directory.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub port: u16,
+    dir: PathBuf,
+    program: &'static str,
+    args: Vec<String>,
+    child: Mutex<Option<Child>>,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+impl Server {
+    /// NATS with JetStream on file storage. JetStream writes each message to its file before it
+    /// acknowledges the publish and fsyncs on its own schedule (`sync_interval`, 2 minutes by
+    /// default): a killed server process loses nothing written (the page cache survives it);
+    /// only a power loss could lose the last interval, which a process kill does not test.
+    pub fn nats() -> Server {
+        Self::start("/usr/sbin/nats-server", |port, dir| {
+            vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-js".into(),
+                "-sd".into(),
+                dir.display().to_string(),
+            ]
+        })
+    }
+
+    /// Redis with an append-only file fsynced on every write, so a restarted server has every
+    /// acknowledged command.
+    pub fn redis() -> Server {
+        Self::start("redis-server", |port, dir| {
+            vec![
+                "--port".into(),
+                port.to_string(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+                "--appendonly".into(),
+                "yes".into(),
+                "--appendfsync".into(),
+                "always".into(),
+                "--save".into(),
+                String::new(),
+            ]
+        })
+    }
+
+    fn start(program: &'static str, args: impl Fn(u16, &PathBuf) -> Vec<String>) -> Server {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("pgtide-faults-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let server = Server {
+            port,
+            args: args(port, &dir),
+            dir,
+            program,
+            child: Mutex::new(None),
+        };
+        server.up();
+        server
+    }
+
+    fn up(&self) {
+        let child = Command::new(self.program)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        *self.child.lock().unwrap() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "{} did not start", self.program);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn down(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL, then start again on the same data.
+    pub fn crash_restart(&self) {
+        self.down();
+        self.up();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.down();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
