@@ -44,6 +44,10 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
                 }
                 _ = tokio::time::sleep_until(next_check) => {
                     let (streams, next_due, checked_at) = due(&shared, since).await?;
+                    // Stepped down while the check ran: the next scout does this work.
+                    if *elected.borrow() != Some(term) {
+                        continue;
+                    }
                     for s in streams {
                         shared.notifier.poke(Wake::Stream(Arc::from(s)));
                     }
