@@ -382,3 +382,6 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         "a non-string payload".to_owned()
     }
 }
+
+#[cfg(test)]
+mod tests;
