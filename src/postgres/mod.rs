@@ -41,6 +41,13 @@ pub const DEFAULT_NAMESPACE: &str = "pgtide";
 /// Handle to one pgtide namespace in one PostgreSQL database. Cheap to clone; clones share the
 /// connection pool and caches.
 ///
+/// The handle owns its background services: a coalescing notifier, one LISTEN connection, and
+/// the scout (lease elector, due-waker, maintainer). Each starts the first time it is needed (the
+/// first publish that must wake someone, a consumer's first wait, [`PgBackend::start_scout`]),
+/// runs supervised (a failed task is logged, shown in [`PgBackend::listener_status`] or
+/// [`PgBackend::scout_status`], and restarted), and stops with [`PgBackend::shutdown`] or when
+/// the last clone is dropped.
+///
 /// ```no_run
 /// # async fn demo() -> pgtide::Result<()> {
 /// let pg = pgtide::PgBackend::builder("postgres://postgres@127.0.0.1/postgres")
