@@ -364,7 +364,11 @@ async fn scout_steps_down_when_renewals_fail_and_leads_again_after() {
     raw.batch_execute(&format!("ALTER TABLE {table} RENAME TO scout_lease_away"))
         .await
         .unwrap();
-    let stepped_down = wait_for(&mut scout, WAIT, "a steps down", |s| !s.is_leader).await;
+    // Stepping down comes first; the supervisor records the failure just after.
+    let stepped_down = wait_for(&mut scout, WAIT, "a steps down", |s| {
+        !s.is_leader && s.restarts >= 1
+    })
+    .await;
     assert!(stepped_down.term.is_none(), "{stepped_down:?}");
     assert!(stepped_down.failed_renewals >= 2, "{stepped_down:?}");
     assert!(
