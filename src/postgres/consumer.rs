@@ -269,6 +269,7 @@ impl Consumer {
                 return Ok(batch);
             }
             let poll_at = (now + self.pg.poll_interval()).min(deadline);
+            let _waiting = self.pg.waiting();
             match wakes.as_mut() {
                 Some(rx) => wait_for_stream(rx, &self.stream, poll_at).await,
                 None => tokio::time::sleep_until(poll_at).await,

@@ -5,32 +5,32 @@
 //! prepares). `@ns@` in them is replaced by the quoted namespace; namespace names are validated
 //! first, so no user input is ever spliced into SQL.
 
+mod background;
 mod consumer;
 mod migrate;
 mod ops;
 mod publish;
 mod queue;
 mod registry;
-mod scout;
 mod stats;
-mod wake;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio::sync::broadcast;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{broadcast, watch};
 
 pub use consumer::Consumer;
 
+pub use background::{ListenerStatus, ScoutStatus};
 pub use migrate::migration_sql;
 pub use registry::{GroupInfo, StreamInfo};
-pub use scout::ScoutStatus;
 pub use stats::{DeadLetter, GroupStats, MaintenanceReport};
-pub use wake::ListenerStatus;
+
+// The wake bus vocabulary, under the path the engine's modules use.
+use background::services;
+pub(crate) use background::wake;
 
 use crate::names::validate_namespace;
 use crate::{Error, Result};
@@ -40,6 +40,13 @@ pub const DEFAULT_NAMESPACE: &str = "pgtide";
 
 /// Handle to one pgtide namespace in one PostgreSQL database. Cheap to clone; clones share the
 /// connection pool and caches.
+///
+/// The handle owns its background services: a coalescing notifier, one LISTEN connection, and
+/// the scout (lease elector, due-waker, maintainer). Each starts the first time it is needed (the
+/// first publish that must wake someone, a consumer's first wait, [`PgBackend::start_scout`]),
+/// runs supervised (a failed task is logged, shown in [`PgBackend::listener_status`] or
+/// [`PgBackend::scout_status`], and restarted), and stops with [`PgBackend::shutdown`] or when
+/// the last clone is dropped.
 ///
 /// ```no_run
 /// # async fn demo() -> pgtide::Result<()> {
@@ -62,17 +69,9 @@ pub(crate) struct Inner {
     pub(crate) sql: Statements,
     pub(crate) streams: Mutex<HashMap<String, (StreamInfo, Instant)>>,
     pub(crate) options: Options,
-    /// Connection settings for the listener (without the pool's `pgtide.notify = off`).
-    pub(crate) listen_config: tokio_postgres::Config,
-    pub(crate) bus: broadcast::Sender<wake::Wake>,
-    pub(crate) notifier: Arc<wake::Notifier>,
-    pub(crate) listener_status: Arc<Mutex<ListenerStatus>>,
-    pub(crate) scout_status: Arc<Mutex<ScoutStatus>>,
-    pub(crate) token: CancellationToken,
-    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
-    notifier_started: OnceLock<()>,
-    listener_started: OnceLock<()>,
-    scout_started: OnceLock<()>,
+    /// The notifier, listener and scout: started on first use, stopped by `shutdown()` or when
+    /// the last clone is dropped.
+    pub(crate) background: background::Background,
 }
 
 /// Wake-up settings chosen on the builder.
@@ -80,13 +79,6 @@ pub(crate) struct Inner {
 pub(crate) struct Options {
     pub notifications: bool,
     pub poll_interval: Duration,
-    pub scout: scout::ScoutConfig,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.token.cancel();
-    }
 }
 
 /// How long stream metadata (payload limit) is cached before it is read again.
@@ -109,7 +101,7 @@ pub struct PgBackendBuilder {
     connect_timeout: Duration,
     notifications: bool,
     poll_interval: Option<Duration>,
-    scout: scout::ScoutConfig,
+    scout: background::ScoutConfig,
 }
 
 impl PgBackendBuilder {
@@ -199,6 +191,12 @@ impl PgBackendBuilder {
         } else {
             Duration::from_secs(1)
         });
+        let background = background::Background::new(background::Settings {
+            pool: pool.clone(),
+            namespace: self.namespace.clone(),
+            listen_config,
+            scout: self.scout,
+        });
         Ok(PgBackend {
             inner: Arc::new(Inner {
                 pool,
@@ -209,18 +207,8 @@ impl PgBackendBuilder {
                 options: Options {
                     notifications: self.notifications,
                     poll_interval,
-                    scout: self.scout,
                 },
-                listen_config,
-                bus: broadcast::channel(1024).0,
-                notifier: Arc::default(),
-                listener_status: Arc::default(),
-                scout_status: Arc::default(),
-                token: CancellationToken::new(),
-                tasks: Mutex::new(vec![]),
-                notifier_started: OnceLock::new(),
-                listener_started: OnceLock::new(),
-                scout_started: OnceLock::new(),
+                background,
             }),
         })
     }
@@ -236,7 +224,7 @@ impl PgBackend {
             connect_timeout: Duration::from_secs(30),
             notifications: true,
             poll_interval: None,
-            scout: scout::ScoutConfig {
+            scout: background::ScoutConfig {
                 ttl: Duration::from_secs(10),
                 max_interval: Duration::from_secs(1),
                 maintenance_interval: Duration::from_secs(60),
@@ -265,29 +253,14 @@ impl PgBackend {
         Ok(self.inner.pool.get().await?)
     }
 
-    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        let handle = tokio::spawn(task);
-        if let Ok(mut tasks) = self.inner.tasks.lock() {
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(handle);
-        }
-    }
-
     /// Tells local waiters and other processes about new work (coalesced NOTIFY).
     pub(crate) fn poke(&self, wake: wake::Wake) {
-        if !self.inner.options.notifications || self.inner.token.is_cancelled() {
+        let background = &self.inner.background;
+        if !self.inner.options.notifications || background.is_stopped() {
             return;
         }
-        self.inner.notifier_started.get_or_init(|| {
-            let channel = wake::channel(self.namespace());
-            let notifier = self.inner.notifier.clone();
-            self.spawn(notifier.run(
-                self.inner.pool.clone(),
-                channel,
-                self.inner.token.child_token(),
-            ));
-        });
-        self.inner.notifier.poke(wake);
+        background.ensure(services::NOTIFIER);
+        background.poke(wake);
     }
 
     /// Subscribes to wake-ups, starting the listener (and the scout candidate) on first use.
@@ -296,107 +269,77 @@ impl PgBackend {
         if !self.inner.options.notifications {
             return None;
         }
-        let rx = self.inner.bus.subscribe();
-        self.inner.listener_started.get_or_init(|| {
-            self.spawn(wake::run_listener(
-                self.inner.listen_config.clone(),
-                wake::channel(self.namespace()),
-                self.inner.bus.clone(),
-                self.inner.listener_status.clone(),
-                self.inner.token.child_token(),
-            ));
-        });
-        Some(rx)
+        Some(self.inner.background.subscribe())
+    }
+
+    /// Counts a fetch as blocked waiting for a wake-up until the guard is dropped (see
+    /// [`PgBackend::watch_waiting_fetches`]).
+    pub(crate) fn waiting(&self) -> background::Waiting {
+        self.inner.background.waiting()
     }
 
     /// Makes this process a scout candidate (idempotent). Consumers and workers do this on
     /// their own when they first wait; call it in processes that only publish or only run
     /// maintenance. Needs a tokio runtime.
     pub fn start_scout(&self) {
-        self.inner.scout_started.get_or_init(|| {
-            let holder = format!(
-                "{}-{}",
-                std::env::var("HOSTNAME").unwrap_or_else(|_| "pgtide".to_owned()),
-                uuid::Uuid::now_v7().simple()
-            );
-            if let Ok(mut s) = self.inner.scout_status.lock() {
-                s.holder_id = holder.clone();
-            }
-            let scout = scout::Scout {
-                pool: self.inner.pool.clone(),
-                ns: self.namespace().to_owned(),
-                config: self.inner.options.scout.clone(),
-                bus: self.inner.bus.clone(),
-                notifier: self.inner.notifier.clone(),
-                status: self.inner.scout_status.clone(),
-                holder,
-            };
-            // The scout notifies through the notifier, so make sure it runs.
-            self.inner.notifier_started.get_or_init(|| {
-                let notifier = self.inner.notifier.clone();
-                self.spawn(notifier.run(
-                    self.inner.pool.clone(),
-                    wake::channel(self.namespace()),
-                    self.inner.token.child_token(),
-                ));
-            });
-            self.spawn(scout.run(self.inner.token.child_token()));
-        });
-        if !self.inner.options.notifications {
-            return;
+        // The scout wakes streams through the notifier; a scout that is not listening would
+        // miss `!scout` and `@due` hints.
+        let mut wanted = services::SCOUT | services::NOTIFIER;
+        if self.inner.options.notifications {
+            wanted |= services::LISTENER;
         }
-        // A scout that is not listening would miss `!scout` and `@due` hints: start the listener.
-        self.inner.listener_started.get_or_init(|| {
-            self.spawn(wake::run_listener(
-                self.inner.listen_config.clone(),
-                wake::channel(self.namespace()),
-                self.inner.bus.clone(),
-                self.inner.listener_status.clone(),
-                self.inner.token.child_token(),
-            ));
-        });
+        self.inner.background.ensure(wanted);
     }
 
     /// State of this handle's LISTEN connection.
     pub fn listener_status(&self) -> ListenerStatus {
-        self.inner
-            .listener_status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        self.inner.background.listener().borrow().clone()
+    }
+
+    /// Watches this handle's LISTEN connection: a receiver that sees every change of
+    /// [`PgBackend::listener_status`]. Wait for "connected" (again, after a reconnect) with
+    /// `rx.wait_for(|s| s.connected && s.reconnects > seen)`.
+    pub fn watch_listener(&self) -> watch::Receiver<ListenerStatus> {
+        self.inner.background.listener()
     }
 
     /// What this process knows of the scout role (who leads is in SQL: `<ns>.scout`).
     pub fn scout_status(&self) -> ScoutStatus {
-        self.inner
-            .scout_status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        self.inner.background.scout().borrow().clone()
+    }
+
+    /// Watches the scout role: a receiver that sees every change of
+    /// [`PgBackend::scout_status`] (elected, term, step-down, due checks, maintenance passes).
+    pub fn watch_scout(&self) -> watch::Receiver<ScoutStatus> {
+        self.inner.background.scout()
+    }
+
+    /// How many fetches of this handle are blocked waiting for a wake-up (they found nothing
+    /// and sleep until a notification or the poll interval). For tests that must publish only
+    /// once a consumer really waits; not a stable interface.
+    #[doc(hidden)]
+    pub fn watch_waiting_fetches(&self) -> watch::Receiver<usize> {
+        self.inner.background.watch_waiting()
+    }
+
+    /// How many background tasks of this handle are running (none after [`PgBackend::shutdown`]
+    /// returns). For tests; not a stable interface.
+    #[doc(hidden)]
+    pub fn background_tasks(&self) -> usize {
+        self.inner.background.running()
     }
 
     /// Stops the background tasks gracefully: the scout resigns (another process takes over at
-    /// once), pending notifications are flushed, the listener disconnects. Waits for them.
+    /// once), pending notifications are flushed, the listener disconnects. Waits for them. The
+    /// handle keeps working for everything else; waiting consumers fall back to polling.
     pub async fn shutdown(&self) {
-        self.inner.token.cancel();
-        let tasks: Vec<JoinHandle<()>> = match self.inner.tasks.lock() {
-            Ok(mut t) => std::mem::take(&mut *t),
-            Err(_) => vec![],
-        };
-        for t in tasks {
-            let _ = t.await;
-        }
+        self.inner.background.shutdown().await;
     }
 
     /// Stops the background tasks abruptly, as a crash would: no resign, no flush. For failover
     /// drills and tests.
     pub fn abort_background(&self) {
-        if let Ok(mut tasks) = self.inner.tasks.lock() {
-            for t in tasks.drain(..) {
-                t.abort();
-            }
-        }
-        self.inner.token.cancel();
+        self.inner.background.abort();
     }
 
     /// The fallback poll interval (see [`PgBackendBuilder::poll_interval`]).

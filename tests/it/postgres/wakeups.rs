@@ -1,15 +1,50 @@
-//! Event-driven delivery: notifications, listener reconnects, scout election, poll-only mode.
+//! Event-driven delivery: notifications, listener reconnects, scout election, poll-only mode,
+//! and the background services' supervision (restart, step-down, shutdown).
+//!
+//! Tests wait on the handle's events (`watch_listener`, `watch_scout`, `watch_waiting_fetches`)
+//! with a timeout, never on a fixed sleep.
 
 use std::time::{Duration, Instant};
 
 use pgtide::{PgBackend, StreamConfig};
+use tokio::sync::watch;
 
-use crate::common::{eventually, json, namespace, WAIT};
+use crate::common::{json, namespace, WAIT};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
 fn handle(url: &str, ns: &str) -> pgtide::PgBackendBuilder {
     PgBackend::builder(url).namespace(ns).pool_size(4)
+}
+
+/// Waits until the watched value satisfies `check`; panics after `limit`. Returns the value.
+async fn wait_for<T: Clone + std::fmt::Debug>(
+    rx: &mut watch::Receiver<T>,
+    limit: Duration,
+    what: &str,
+    check: impl FnMut(&T) -> bool,
+) -> T {
+    let seen = tokio::time::timeout(limit, async {
+        rx.wait_for(check).await.map(|value| value.clone())
+    })
+    .await;
+    match seen {
+        Ok(Ok(value)) => value,
+        Ok(Err(_)) => panic!("the handle went away while waiting for {what}"),
+        Err(_) => panic!("timed out waiting for {what}; last seen {:?}", *rx.borrow()),
+    }
+}
+
+/// Waits until `n` fetches of `pg` are blocked waiting for a wake-up: a publish after this
+/// can only reach them through a notification (or their poll interval).
+async fn until_waiting(pg: &PgBackend, n: usize) {
+    wait_for(
+        &mut pg.watch_waiting_fetches(),
+        WAIT,
+        "a waiting fetch",
+        |w| *w >= n,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,8 +63,8 @@ async fn notification_wakes_a_waiting_consumer_without_polling() {
         .await
         .unwrap()
         .is_empty());
-    eventually(WAIT, "listener", || {
-        consumer_side.listener_status().connected
+    wait_for(&mut consumer_side.watch_listener(), WAIT, "listener", |s| {
+        s.connected
     })
     .await;
 
@@ -41,10 +76,7 @@ async fn notification_wakes_a_waiting_consumer_without_polling() {
             (got, Instant::now())
         }
     });
-    // Give the waiter time to make its first (empty) claim and block: there is no event for
-    // "now waiting". If the publish still came first the fetch would find it at once, which
-    // proves less but cannot fail wrongly.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    until_waiting(&consumer_side, 1).await;
     let sent = Instant::now();
     ns.publish("s", json(serde_json::json!(1))).await.unwrap();
     let (got, at) = waiter.await.unwrap();
@@ -59,10 +91,7 @@ async fn notification_wakes_a_waiting_consumer_without_polling() {
             (got, Instant::now())
         }
     });
-    // Give the waiter time to make its first (empty) claim and block: there is no event for
-    // "now waiting". If the publish still came first the fetch would find it at once, which
-    // proves less but cannot fail wrongly.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    until_waiting(&consumer_side, 1).await;
     let raw = ns.raw().await;
     let sent = Instant::now();
     raw.execute(
@@ -95,7 +124,8 @@ async fn listener_reconnects_after_its_backend_is_killed_and_misses_nothing() {
         .await
         .unwrap()
         .is_empty());
-    eventually(WAIT, "listener", || side.listener_status().connected).await;
+    let mut listener = side.watch_listener();
+    wait_for(&mut listener, WAIT, "listener", |s| s.connected).await;
     let raw = ns.raw().await;
     let channel = format!("pgtide.{}", ns.namespace());
     let killed: i64 = raw
@@ -116,10 +146,13 @@ async fn listener_reconnects_after_its_backend_is_killed_and_misses_nothing() {
         .unwrap();
     let got = c.fetch(1, WAIT).await.unwrap();
     assert_eq!(got.len(), 1, "the catch-up fetch after reconnect found it");
-    eventually(WAIT, "reconnect", || {
-        side.listener_status().reconnects >= 1 && side.listener_status().connected
+    let status = wait_for(&mut listener, WAIT, "reconnect", |s| {
+        s.reconnects >= 1 && s.connected
     })
     .await;
+    // The supervisor saw the session fail, recorded why, and restarted it.
+    assert!(status.restarts >= 1, "{status:?}");
+    assert!(status.last_error.is_some(), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +219,7 @@ async fn scout_failover_after_a_crash_and_delayed_messages_still_fire() {
         .build()
         .unwrap();
     a.start_scout();
-    eventually(WAIT, "a leads", || a.scout_status().is_leader).await;
+    wait_for(&mut a.watch_scout(), WAIT, "a leads", |s| s.is_leader).await;
     b.start_scout();
     let c = b.consumer("s", "g", "c").await.unwrap();
     assert!(c
@@ -199,9 +232,12 @@ async fn scout_failover_after_a_crash_and_delayed_messages_still_fire() {
     // Crash: no resign, no flush.
     a.abort_background();
     let crashed = Instant::now();
-    eventually(ttl * 2 + Duration::from_millis(500), "b takes over", || {
-        b.scout_status().is_leader
-    })
+    wait_for(
+        &mut b.watch_scout(),
+        ttl * 2 + Duration::from_millis(500),
+        "b takes over",
+        |s| s.is_leader,
+    )
     .await;
     assert!(
         crashed.elapsed() <= ttl * 2 + Duration::from_millis(500),
@@ -253,14 +289,20 @@ async fn graceful_resign_hands_over_at_once() {
         .build()
         .unwrap();
     a.start_scout();
-    eventually(WAIT, "a leads", || a.scout_status().is_leader).await;
+    wait_for(&mut a.watch_scout(), WAIT, "a leads", |s| s.is_leader).await;
     b.start_scout();
-    eventually(WAIT, "b listening", || b.listener_status().connected).await;
+    wait_for(&mut b.watch_listener(), WAIT, "b listening", |s| {
+        s.connected
+    })
+    .await;
     let started = Instant::now();
     a.shutdown().await;
-    eventually(Duration::from_secs(5), "b takes over", || {
-        b.scout_status().is_leader
-    })
+    wait_for(
+        &mut b.watch_scout(),
+        Duration::from_secs(5),
+        "b takes over",
+        |s| s.is_leader,
+    )
     .await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -295,4 +337,141 @@ async fn expired_leases_wake_waiting_consumers() {
         "woken after {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scout_steps_down_when_renewals_fail_and_leads_again_after() {
+    let ns = namespace().await;
+    let ttl = Duration::from_millis(1000);
+    let a = handle(&ns.url, ns.namespace())
+        .scout_ttl(ttl)
+        .scout_max_interval(Duration::from_millis(20))
+        .maintenance_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    a.start_scout();
+    let mut scout = a.watch_scout();
+    let leading = wait_for(&mut scout, WAIT, "a leads and works", |s| {
+        s.is_leader && s.last_check_at.is_some() && s.last_maintenance_at.is_some()
+    })
+    .await;
+    let first_term = leading.term.unwrap();
+
+    // Every lease query fails from now on (the renewal function and the fenced maintenance read
+    // a table that is no longer there), as with a revoked privilege or a broken schema.
+    let raw = ns.raw().await;
+    let table = format!("\"{}\".scout_lease", ns.namespace());
+    raw.batch_execute(&format!("ALTER TABLE {table} RENAME TO scout_lease_away"))
+        .await
+        .unwrap();
+    // Stepping down comes first; the supervisor records the failure just after.
+    let stepped_down = wait_for(&mut scout, WAIT, "a steps down", |s| {
+        !s.is_leader && s.restarts >= 1
+    })
+    .await;
+    assert!(stepped_down.term.is_none(), "{stepped_down:?}");
+    assert!(stepped_down.failed_renewals >= 2, "{stepped_down:?}");
+    assert!(
+        stepped_down.restarts >= 1,
+        "failed tasks are restarted: {stepped_down:?}"
+    );
+    assert!(
+        stepped_down.last_error.is_some(),
+        "the failure is recorded: {stepped_down:?}"
+    );
+
+    // No longer the scout: no due checks, no maintenance. (Due checks ran every 20 ms and
+    // maintenance every 100 ms while it led, so half a second without either is telling.)
+    let (checked, maintained) = (stepped_down.last_check_at, stepped_down.last_maintenance_at);
+    let idle = tokio::time::timeout(Duration::from_millis(500), async {
+        scout
+            .wait_for(|s| {
+                s.is_leader || s.last_check_at != checked || s.last_maintenance_at != maintained
+            })
+            .await
+            .map(|s| s.clone())
+    })
+    .await;
+    assert!(
+        idle.is_err(),
+        "acted as scout after stepping down: {idle:?}"
+    );
+
+    // Repaired: it wins the lease again once the old one expired, under a new term, and works.
+    let away = format!("\"{}\".scout_lease_away", ns.namespace());
+    raw.batch_execute(&format!("ALTER TABLE {away} RENAME TO scout_lease"))
+        .await
+        .unwrap();
+    let again = wait_for(&mut scout, WAIT, "a leads again and works", |s| {
+        s.is_leader && s.last_check_at != checked && s.last_maintenance_at != maintained
+    })
+    .await;
+    assert!(again.term.unwrap() > first_term, "{again:?}");
+    assert_eq!(again.failed_renewals, 0);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_every_task_and_resigns() {
+    let ns = namespace().await;
+    ns.stream_with_groups("s", StreamConfig::default(), &["g"])
+        .await;
+    let pg = handle(&ns.url, ns.namespace()).build().unwrap();
+    assert_eq!(pg.background_tasks(), 0, "nothing runs before first use");
+    // Every service: the scout, the listener, the notifier (a publish pokes it).
+    let c = pg.consumer("s", "g", "c").await.unwrap();
+    assert!(c
+        .fetch(1, Duration::from_millis(1))
+        .await
+        .unwrap()
+        .is_empty());
+    pg.publish("s", json(serde_json::json!(1))).await.unwrap();
+    wait_for(&mut pg.watch_scout(), WAIT, "leads", |s| s.is_leader).await;
+    wait_for(&mut pg.watch_listener(), WAIT, "listening", |s| s.connected).await;
+    assert!(pg.background_tasks() >= 5, "{}", pg.background_tasks());
+
+    tokio::time::timeout(WAIT, pg.shutdown())
+        .await
+        .expect("shutdown returns");
+    assert_eq!(pg.background_tasks(), 0);
+    assert!(!pg.listener_status().connected);
+    assert!(!pg.scout_status().is_leader);
+    let raw = ns.raw().await;
+    let row = raw
+        .query_one(
+            &format!("SELECT holder, active FROM \"{}\".scout", ns.namespace()),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0), None, "resigned");
+    assert!(!row.get::<_, bool>(1));
+
+    // Stopped for good: use does not start anything again, and the handle still works.
+    pg.start_scout();
+    pg.publish("s", json(serde_json::json!(2))).await.unwrap();
+    assert_eq!(pg.background_tasks(), 0);
+    assert_eq!(c.try_fetch(10).await.unwrap().len(), 2);
+    let channel = format!("pgtide.{}", ns.namespace());
+    // The server ends the listener's backend a moment after the socket closes.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let listening: i64 = raw
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = 'pgtide-listener'
+                       AND query = 'LISTEN \"' || $1 || '\"'",
+                    &[&channel],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if listening == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the listener's connection is closed");
 }

@@ -1,0 +1,113 @@
+//! The process-wide listener: one dedicated connection per [`PgBackend`](crate::PgBackend)
+//! (outside the pool) LISTENs on `pgtide.<ns>` and fans notifications out to local consumers and
+//! the scout through the wake bus.
+//!
+//! One run of [`run`] is one session. When the connection fails or the server closes it, the
+//! session returns the error and the supervisor restarts it with backoff; every successful
+//! (re)connect broadcasts [`Wake::All`] so each local consumer runs a catch-up fetch, since
+//! notifications sent while nobody listened are lost.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use super::{Shared, Wake};
+use crate::Error;
+
+/// State of the process-wide listener connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerStatus {
+    /// Whether the LISTEN connection is up.
+    pub connected: bool,
+    /// When the last notification arrived.
+    pub last_notification_at: Option<chrono::DateTime<Utc>>,
+    /// How many times the connection was re-established. It grows on every reconnect, so a
+    /// waiter can tell a new connection from the one it saw before.
+    pub reconnects: u64,
+    /// How many times the listener task failed (connection lost, panic) and was restarted.
+    pub restarts: u64,
+    /// The last failure, when there was one.
+    pub last_error: Option<String>,
+}
+
+/// Marks the listener disconnected however the session ends: error, cancellation, panic or abort.
+struct Connected<'a>(&'a Shared);
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.listener.send_if_modified(|s| {
+            let was = s.connected;
+            s.connected = false;
+            was
+        });
+    }
+}
+
+/// One LISTEN session: returns `Ok` only when `token` is cancelled.
+pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate::Result<()> {
+    let mut config = shared.listen_config.clone();
+    config.application_name("pgtide-listener");
+    let (client, mut connection) = tokio::select! {
+        biased;
+        _ = token.cancelled() => return Ok(()),
+        c = config.connect(tokio_postgres::NoTls) => c?,
+    };
+    // The connection is polled here, in the same task, for as long as the session lasts: it
+    // carries the LISTEN reply and then the notifications.
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    {
+        let statement = format!("LISTEN \"{}\"", shared.channel);
+        let listen = client.batch_execute(&statement);
+        tokio::pin!(listen);
+        loop {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => return Ok(()),
+                r = &mut listen => break r?,
+                m = messages.next() => match m {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(closed()),
+                },
+            }
+        }
+    }
+    let _connected = Connected(&shared);
+    let reconnect = shared.listener_sessions.fetch_add(1, Ordering::Relaxed) > 0;
+    shared.listener.send_modify(|s| {
+        s.connected = true;
+        if reconnect {
+            s.reconnects += 1;
+        }
+    });
+    if reconnect {
+        tracing::info!(channel = %shared.channel, "pgtide listener reconnected");
+    }
+    // Notifications sent while we were not listening are lost: every local consumer catches up.
+    let _ = shared.bus.send(Wake::All);
+    loop {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return Ok(()),
+            m = messages.next() => match m {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    shared
+                        .listener
+                        .send_modify(|s| s.last_notification_at = Some(Utc::now()));
+                    let _ = shared.bus.send(Wake::parse(n.payload()));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(closed()),
+            },
+        }
+    }
+}
+
+fn closed() -> Error {
+    Error::Postgres("the server closed the listener connection".into())
+}

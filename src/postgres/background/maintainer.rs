@@ -1,0 +1,65 @@
+//! The maintainer (scout leader only): runs `maintain()` (partitions ahead, retention, dedupe
+//! window, counters) when this process becomes scout and then every maintenance interval.
+//!
+//! It acts only while [`Shared::elected`] holds a term, and the statement itself is fenced by
+//! that term in SQL, so a scout that lost its lease unnoticed still changes nothing. A failed
+//! pass returns the error; the supervisor retries it after the maintenance interval (at most
+//! 30 s).
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::{wait_elected, Shared};
+
+/// Runs until `token` is cancelled.
+pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate::Result<()> {
+    let mut elected = shared.elected.subscribe();
+    loop {
+        let Some(term) = wait_elected(&mut elected, &token).await else {
+            return Ok(());
+        };
+        loop {
+            maintain(&shared, term).await?;
+            shared
+                .scout_status
+                .send_modify(|s| s.last_maintenance_at = Some(Utc::now()));
+            let next = tokio::time::Instant::now() + shared.scout.maintenance_interval;
+            let still_elected = loop {
+                tokio::select! {
+                    biased;
+                    _ = token.cancelled() => return Ok(()),
+                    changed = elected.changed() => {
+                        if changed.is_err() {
+                            return Ok(());
+                        }
+                        if *elected.borrow_and_update() != Some(term) {
+                            break false;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(next) => break true,
+                }
+            };
+            if !still_elected {
+                break;
+            }
+        }
+    }
+}
+
+async fn maintain(shared: &Shared, term: i64) -> crate::Result<()> {
+    let client = shared.pool.get().await?;
+    // Fenced: runs only while this holder still has this term.
+    client
+        .query(
+            &format!(
+                "SELECT * FROM \"{ns}\".maintain() WHERE EXISTS (SELECT 1 FROM \"{ns}\".scout_lease \
+                 WHERE holder = $1 AND term = $2 AND expires_at > now())",
+                ns = shared.namespace
+            ),
+            &[&shared.holder, &term],
+        )
+        .await?;
+    Ok(())
+}
