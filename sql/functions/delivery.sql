@@ -274,6 +274,15 @@ LANGUAGE sql AS $$
         @ns@.group_id(stream, "group"), ids, NULL, array_fill(reason, ARRAY[cardinality(ids)]))
 $$;
 
+-- Extends the leases of deliveries still being worked on: visible again only `lease` (default:
+-- the stream's lease) from now. Returns how many were extended (a lapsed lease is not).
+CREATE OR REPLACE FUNCTION @ns@.in_progress(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL)
+RETURNS integer
+LANGUAGE sql AS $$
+    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL, lease)
+$$;
+
+-- `extend`: the earlier name of `in_progress`, kept as an alias with the same body.
 CREATE OR REPLACE FUNCTION @ns@.extend(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL)
 RETURNS integer
 LANGUAGE sql AS $$

@@ -39,6 +39,7 @@ BEGIN
         ('counter_deltas', 'SELECT, INSERT'),
         ('scout_lease', 'SELECT, UPDATE'),
         ('_sqlx_migrations', 'SELECT'),
+        ('_pgtide_sql', 'SELECT'),
         ('stream_stats', 'SELECT'),
         ('deliveries', 'SELECT'),
         ('dead_letters', 'SELECT'),

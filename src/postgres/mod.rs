@@ -1,9 +1,10 @@
 //! The PostgreSQL engine: a cheap `Clone` handle over a connection pool, with the namespace's SQL
 //! rendered once at build time.
 //!
-//! All SQL lives in `migrations/` (schema and functions) and `sql/` (statements the engine
-//! prepares). `@ns@` in them is replaced by the quoted namespace; namespace names are validated
-//! first, so no user input is ever spliced into SQL.
+//! All SQL lives in files: `migrations/` (tables, indexes, data changes: versioned),
+//! `sql/functions/` (functions and views, re-applied by `migrate()`) and `sql/` (the statements
+//! the engine runs, see `statements.rs`). `@ns@` in them is replaced by the quoted namespace;
+//! namespace names are validated first, so no user input is ever spliced into SQL.
 
 mod consumer;
 mod migrate;
@@ -12,6 +13,7 @@ mod publish;
 mod queue;
 mod registry;
 mod scout;
+mod statements;
 mod stats;
 mod wake;
 
@@ -26,11 +28,14 @@ use tokio_util::sync::CancellationToken;
 
 pub use consumer::Consumer;
 
-pub use migrate::migration_sql;
+pub use migrate::{migration_sql, MigrateReport};
 pub use registry::{GroupInfo, StreamInfo};
 pub use scout::ScoutStatus;
 pub use stats::{DeadLetter, GroupStats, MaintenanceReport};
 pub use wake::ListenerStatus;
+
+pub(crate) use statements::render;
+use statements::Statements;
 
 use crate::names::validate_namespace;
 use crate::{Error, Result};
@@ -59,7 +64,7 @@ pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) url: String,
     pub(crate) namespace: String,
-    pub(crate) sql: Statements,
+    pub(crate) sql: Arc<Statements>,
     pub(crate) streams: Mutex<HashMap<String, (StreamInfo, Instant)>>,
     pub(crate) options: Options,
     /// Connection settings for the listener (without the pool's `pgtide.notify = off`).
@@ -203,7 +208,7 @@ impl PgBackendBuilder {
             inner: Arc::new(Inner {
                 pool,
                 url: self.url,
-                sql: Statements::render(&self.namespace),
+                sql: Arc::new(Statements::render(&self.namespace)),
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
                 options: Options {
@@ -325,6 +330,7 @@ impl PgBackend {
             let scout = scout::Scout {
                 pool: self.inner.pool.clone(),
                 ns: self.namespace().to_owned(),
+                sql: self.inner.sql.clone(),
                 config: self.inner.options.scout.clone(),
                 bus: self.inner.bus.clone(),
                 notifier: self.inner.notifier.clone(),
@@ -402,43 +408,6 @@ impl PgBackend {
     /// The fallback poll interval (see [`PgBackendBuilder::poll_interval`]).
     pub(crate) fn poll_interval(&self) -> Duration {
         self.inner.options.poll_interval
-    }
-}
-
-/// Replaces the namespace placeholders of a SQL text. The namespace is validated beforehand.
-pub(crate) fn render(sql: &str, namespace: &str) -> String {
-    sql.replace("@ns_lit@", &format!("'{namespace}'"))
-        .replace("@ns@", &format!("\"{namespace}\""))
-}
-
-/// The engine's statements, rendered for one namespace.
-pub(crate) struct Statements {
-    pub publish: String,
-    pub publish_one: String,
-    pub claim: String,
-    pub ack_claim: String,
-    pub ack: String,
-    pub nack: String,
-    pub term: String,
-    pub extend: String,
-    pub release: String,
-    pub stats: String,
-}
-
-impl Statements {
-    fn render(ns: &str) -> Statements {
-        Statements {
-            publish: render(include_str!("../../sql/publish.sql"), ns),
-            publish_one: render(include_str!("../../sql/publish_one.sql"), ns),
-            claim: render(include_str!("../../sql/claim.sql"), ns),
-            ack_claim: render(include_str!("../../sql/ack_claim.sql"), ns),
-            ack: render(include_str!("../../sql/ack.sql"), ns),
-            nack: render(include_str!("../../sql/nack.sql"), ns),
-            term: render(include_str!("../../sql/term.sql"), ns),
-            extend: render(include_str!("../../sql/extend.sql"), ns),
-            release: render(include_str!("../../sql/release.sql"), ns),
-            stats: render(include_str!("../../sql/stats.sql"), ns),
-        }
     }
 }
 

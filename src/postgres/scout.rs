@@ -15,6 +15,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::statements::Statements;
 use super::wake::{Notifier, Wake};
 
 /// Scout settings.
@@ -43,6 +44,7 @@ pub struct ScoutStatus {
 pub(crate) struct Scout {
     pub pool: Pool,
     pub ns: String,
+    pub sql: Arc<Statements>,
     pub config: ScoutConfig,
     pub bus: broadcast::Sender<Wake>,
     pub notifier: Arc<Notifier>,
@@ -63,23 +65,17 @@ impl Scout {
         let client = self.pool.get().await?;
         let row = client
             .query_one(
-                &format!(
-                    "SELECT \"{}\"._scout_acquire($1, $2, $3::int8 * interval '1 microsecond')",
-                    self.ns
-                ),
+                &self.sql.scout_acquire,
                 &[&self.holder, &term, &super::micros(self.config.ttl)],
             )
             .await?;
-        Ok(row.get(0))
+        Ok(row.try_get(0)?)
     }
 
     async fn resign(&self, term: i64) -> DbResult<()> {
         let client = self.pool.get().await?;
         client
-            .execute(
-                &format!("SELECT \"{}\"._scout_resign($1, $2)", self.ns),
-                &[&self.holder, &term],
-            )
+            .execute(&self.sql.scout_resign, &[&self.holder, &term])
             .await?;
         Ok(())
     }
@@ -90,17 +86,13 @@ impl Scout {
         since: DateTime<Utc>,
     ) -> DbResult<(Vec<String>, Option<DateTime<Utc>>, DateTime<Utc>)> {
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT due_streams, next_due, checked_at FROM \"{}\"._scout_due($1)",
-                self.ns
-            ))
-            .await?;
+        let stmt = client.prepare_cached(&self.sql.scout_due).await?;
         let row = client.query_one(&stmt, &[&since]).await?;
         Ok((
-            row.get::<_, Option<Vec<String>>>(0).unwrap_or_default(),
-            row.get(1),
-            row.get(2),
+            row.try_get::<_, Option<Vec<String>>>(0)?
+                .unwrap_or_default(),
+            row.try_get(1)?,
+            row.try_get(2)?,
         ))
     }
 
@@ -108,14 +100,7 @@ impl Scout {
         let client = self.pool.get().await?;
         // Fenced: runs only while this holder still has this term.
         client
-            .query(
-                &format!(
-                    "SELECT * FROM \"{ns}\".maintain() WHERE EXISTS (SELECT 1 FROM \"{ns}\".scout_lease \
-                     WHERE holder = $1 AND term = $2 AND expires_at > now())",
-                    ns = self.ns
-                ),
-                &[&self.holder, &term],
-            )
+            .query(&self.sql.scout_maintain, &[&self.holder, &term])
             .await?;
         Ok(())
     }

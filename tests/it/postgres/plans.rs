@@ -314,6 +314,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
         check_plans(&mut rx, "SQL read", &mut faults);
         let read_ids: Vec<Uuid> = read.iter().map(|r| r.get(0)).collect();
         for (call, what) in [
+            ("in_progress('plans', 'g', $1::uuid[])", "SQL in_progress"),
             ("extend('plans', 'g', $1::uuid[])", "SQL extend"),
             (
                 "nack('plans', 'g', ($1::uuid[])[1:3], delay => interval '1 minute')",
