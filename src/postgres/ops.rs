@@ -31,7 +31,10 @@ impl PgBackend {
             )));
         }
         let client = self.client().await?;
-        match client.execute(&self.inner.sql.grant_runtime, &[&role]).await {
+        match client
+            .execute(&self.inner.sql.grant_runtime, &[&role])
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.code().map(|c| c.code()) == Some("PT007") => {
                 Err(Error::InvalidConfig(format!(

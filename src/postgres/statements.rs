@@ -103,7 +103,12 @@ impl PgBackend {
     }
 
     /// [`PgBackend::sql_rows`] for a statement that returns exactly one row.
-    pub(crate) async fn sql_row(&self, sql: &str, params: &Params<'_>, ctx: Ctx<'_>) -> Result<Row> {
+    pub(crate) async fn sql_row(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        ctx: Ctx<'_>,
+    ) -> Result<Row> {
         let client = self.client().await?;
         client
             .query_one(sql, params)
@@ -126,7 +131,12 @@ impl PgBackend {
     }
 
     /// The single value of a one-row, one-column statement.
-    pub(crate) async fn sql_value<T>(&self, sql: &str, params: &Params<'_>, ctx: Ctx<'_>) -> Result<T>
+    pub(crate) async fn sql_value<T>(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+        ctx: Ctx<'_>,
+    ) -> Result<T>
     where
         T: for<'r> tokio_postgres::types::FromSql<'r>,
     {
