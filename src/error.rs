@@ -159,6 +159,37 @@ pub(crate) struct Ctx<'a> {
     pub group: Option<&'a str>,
 }
 
+impl<'a> Ctx<'a> {
+    /// Errors about one stream.
+    pub(crate) fn stream(stream: &'a str) -> Self {
+        Ctx {
+            stream: Some(stream),
+            group: None,
+        }
+    }
+
+    /// Errors about one group of a stream.
+    pub(crate) fn group(stream: &'a str, group: &'a str) -> Self {
+        Ctx {
+            stream: Some(stream),
+            group: Some(group),
+        }
+    }
+}
+
+/// Size and limit from the DETAIL (`size=<bytes> limit=<bytes>`) of pgtide's PT004 error.
+fn payload_sizes(detail: Option<&str>) -> (usize, usize) {
+    let value = |key: &str| {
+        detail
+            .unwrap_or_default()
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (value("size="), value("limit="))
+}
+
 impl Error {
     pub(crate) fn from_pg(e: tokio_postgres::Error, ctx: Ctx<'_>) -> Error {
         if let Some(db) = e.as_db_error() {
@@ -168,6 +199,14 @@ impl Error {
                 "PT001" => return Error::InvalidConfig(db.message().to_owned()),
                 "PT002" => return Error::StreamNotFound(stream),
                 "PT003" => return Error::GroupNotFound { stream, group },
+                "PT004" => {
+                    let (size, limit) = payload_sizes(db.detail());
+                    return Error::PayloadTooLarge {
+                        stream,
+                        size,
+                        limit,
+                    };
+                }
                 "PT005" => return Error::StreamExists(stream),
                 "PT006" => return Error::GroupExists { stream, group },
                 "42P01" | "42883" | "3F000" => {
@@ -187,6 +226,17 @@ impl Error {
                 Some("PT001") => return Error::InvalidConfig(db.message().to_owned()),
                 Some("PT002") => return Error::StreamNotFound(stream),
                 Some("PT003") => return Error::GroupNotFound { stream, group },
+                Some("PT004") => {
+                    let detail = db
+                        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .and_then(|pg| pg.detail());
+                    let (size, limit) = payload_sizes(detail);
+                    return Error::PayloadTooLarge {
+                        stream,
+                        size,
+                        limit,
+                    };
+                }
                 Some("PT005") => return Error::StreamExists(stream),
                 Some("PT006") => return Error::GroupExists { stream, group },
                 _ => {}

@@ -70,7 +70,7 @@ pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
 pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
 pub use crate::postgres::{
     migration_sql, Consumer, DeadLetter, GroupInfo, GroupStats, ListenerStatus, MaintenanceReport,
-    PgBackend, PgBackendBuilder, ScoutStatus, StreamInfo, DEFAULT_NAMESPACE,
+    MigrateReport, PgBackend, PgBackendBuilder, ScoutStatus, StreamInfo, DEFAULT_NAMESPACE,
 };
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisBackend, RedisConsumer};

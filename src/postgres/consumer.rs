@@ -87,28 +87,19 @@ impl PgBackend {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
         validate_name("consumer", name)?;
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!("SELECT \"{}\".group_id($1, $2)", self.namespace()),
+        let group_id = self
+            .sql_value(
+                &self.inner.sql.group_id,
                 &[&stream, &group],
+                Ctx::group(stream, group),
             )
-            .await
-            .map_err(|e| {
-                Error::from_pg(
-                    e,
-                    Ctx {
-                        stream: Some(stream),
-                        group: Some(group),
-                    },
-                )
-            })?;
+            .await?;
         Ok(Consumer {
             pg: self.clone(),
             stream: stream.to_owned(),
             group: group.to_owned(),
             name: name.to_owned(),
-            group_id: row.get(0),
+            group_id,
             lease: None,
             #[cfg(feature = "metrics")]
             metrics: ClaimMetrics::new(stream, group),

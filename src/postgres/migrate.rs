@@ -1,18 +1,26 @@
 //! Installing and upgrading a namespace.
 //!
-//! Migrations are plain SQL files rendered for the namespace and run by sqlx's migrator on one
-//! connection whose `search_path` is the namespace alone, so sqlx's bookkeeping table lands in
-//! the namespace (`<ns>._sqlx_migrations`), never in the host application's. A per-namespace
-//! advisory lock makes concurrent `migrate()` calls from several processes safe.
+//! Two kinds of SQL, kept apart:
+//! - versioned migrations (`migrations/`): tables, indexes and data changes. Each runs once, by
+//!   sqlx's migrator, bookkept in `<ns>._sqlx_migrations`. Released ones are never edited.
+//! - function files (`sql/functions/`): every function and view, written with CREATE OR REPLACE.
+//!   After the migrations, `migrate()` re-applies each file whose text changed since it was last
+//!   applied (all of them in one transaction), bookkept by checksum in `<ns>._pgtide_sql`. A fix
+//!   to a function is a diff to its file.
+//!
+//! Everything runs on one connection of its own (never a pooled one) whose `search_path` is the
+//! namespace alone, so sqlx's bookkeeping table lands in the namespace, never in the host
+//! application's schema. That connection holds the namespace's migration lock (a session advisory
+//! lock), so concurrent `migrate()` calls from several processes queue; if the future is dropped,
+//! the connection is dropped with it and the server releases the lock.
 
 use std::borrow::Cow;
-
-use futures_util::future::BoxFuture;
-use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use std::str::FromStr;
 
+use futures_util::future::BoxFuture;
+use sqlx::migrate::{Migrate, Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, Executor, PgConnection};
 
 use super::{render, PgBackend};
 use crate::{Error, Result};
@@ -25,15 +33,62 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (4, "purge", include_str!("../../migrations/0004_purge.sql")),
     (5, "operations", include_str!("../../migrations/0005_operations.sql")),
     (6, "plans", include_str!("../../migrations/0006_plans.sql")),
+    (7, "sql_files", include_str!("../../migrations/0007_sql_files.sql")),
+];
+
+/// The function and view files, in the order they are applied: a file may use what an earlier
+/// one defines (SQL-language function bodies are checked when created).
+#[rustfmt::skip]
+const FUNCTION_FILES: &[(&str, &str)] = &[
+    ("functions/core.sql", include_str!("../../sql/functions/core.sql")),
+    ("functions/maintenance.sql", include_str!("../../sql/functions/maintenance.sql")),
+    ("functions/registry.sql", include_str!("../../sql/functions/registry.sql")),
+    ("functions/publish.sql", include_str!("../../sql/functions/publish.sql")),
+    ("functions/delivery.sql", include_str!("../../sql/functions/delivery.sql")),
+    ("functions/wakeups.sql", include_str!("../../sql/functions/wakeups.sql")),
+    ("functions/operations.sql", include_str!("../../sql/functions/operations.sql")),
+    ("functions/inspection.sql", include_str!("../../sql/functions/inspection.sql")),
 ];
 
 /// Dollar-quote tag for migration texts inside the bookkeeping inserts.
 const TAG: &str = "$pgtide_migration$";
 
+/// What one [`PgBackend::migrate`] call applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MigrateReport {
+    /// Versioned migrations applied by this call, oldest first, as `"0007_sql_files"`.
+    pub migrations: Vec<String>,
+    /// Function and view files (re-)applied by this call, in apply order, as
+    /// `"functions/delivery.sql"` (paths under `sql/`). A file whose text is unchanged since it
+    /// was last applied is skipped.
+    pub sql_files: Vec<String>,
+}
+
+impl MigrateReport {
+    /// True when the namespace was already current: nothing was applied.
+    pub fn is_empty(&self) -> bool {
+        self.migrations.is_empty() && self.sql_files.is_empty()
+    }
+}
+
+fn migration_name(version: i64, name: &str) -> String {
+    format!("{version:04}_{name}")
+}
+
+/// The function files rendered for `namespace`, in apply order.
+fn function_files(namespace: &str) -> Vec<(&'static str, String)> {
+    FUNCTION_FILES
+        .iter()
+        .map(|(file, sql)| (*file, render(sql, namespace)))
+        .collect()
+}
+
 /// The SQL script that installs the namespace from scratch, for a DBA to review and apply by
-/// hand (`psql -v ON_ERROR_STOP=1 -f FILE`). It runs in one transaction and also records the
-/// migrations in the namespace's bookkeeping table (checksums as sqlx computes them), so
-/// `migrate()` and `is_migrated()` see a namespace installed this way as current.
+/// hand (`psql -v ON_ERROR_STOP=1 -f FILE`). It runs in one transaction: the migrations, the
+/// function files, and the bookkeeping of both (migration checksums as sqlx computes them, file
+/// checksums as `migrate()` computes them), so `migrate()` and `is_migrated()` see a namespace
+/// installed this way as current.
 pub fn migration_sql(namespace: &str) -> Result<String> {
     crate::names::validate_namespace(namespace)?;
     let mut out = format!(
@@ -47,6 +102,10 @@ pub fn migration_sql(namespace: &str) -> Result<String> {
     for (version, name, sql) in &rendered {
         out.push_str(&format!("\n-- migration {version}: {name}\n{sql}"));
     }
+    let files = function_files(namespace);
+    for (file, sql) in &files {
+        out.push_str(&format!("\n-- sql/{file}\n{sql}"));
+    }
     out.push_str(&format!(
         "\n-- bookkeeping: the migrations above, as sqlx records them\n\
          CREATE TABLE \"{namespace}\"._sqlx_migrations (\n    version BIGINT PRIMARY KEY,\n    \
@@ -58,6 +117,14 @@ pub fn migration_sql(namespace: &str) -> Result<String> {
         out.push_str(&format!(
             "INSERT INTO \"{namespace}\"._sqlx_migrations (version, description, success, checksum, execution_time)\n\
              VALUES ({version}, '{name}', true, sha384(convert_to({TAG}{sql}{TAG}, 'UTF8')), 0);\n"
+        ));
+    }
+    out.push_str("\n-- bookkeeping: the function files above, as migrate() records them\n");
+    for (file, sql) in &files {
+        debug_assert!(!sql.contains(TAG));
+        out.push_str(&format!(
+            "INSERT INTO \"{namespace}\"._pgtide_sql (file, checksum)\n\
+             VALUES ('{file}', sha256(convert_to({TAG}{sql}{TAG}, 'UTF8')));\n"
         ));
     }
     out.push_str("COMMIT;\n");
@@ -86,74 +153,137 @@ impl MigrationSource<'static> for Source {
     }
 }
 
+/// A function file that failed to apply.
+#[derive(Debug, thiserror::Error)]
+#[error("sql/{file}: {source}")]
+struct FileFailed {
+    file: &'static str,
+    #[source]
+    source: sqlx::Error,
+}
+
 fn migrate_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Migrate(Box::new(e))
 }
 
 impl PgBackend {
-    /// Installs or upgrades the namespace. Idempotent and safe to call from many processes at
-    /// once (they queue on an advisory lock). Needs the right to create a schema and tables.
+    /// Installs or upgrades the namespace: applies the versioned migrations it lacks, then
+    /// re-applies the function and view files whose text changed. Returns what it applied
+    /// (empty when the namespace was current). Idempotent and safe to call from many processes
+    /// at once (they queue on an advisory lock). Needs the right to create a schema and tables,
+    /// and to own the namespace's functions.
     ///
-    /// Cancel safety: each migration runs in its own transaction; dropping this future leaves the
-    /// namespace at the last completed migration and the next call continues from there.
-    pub async fn migrate(&self) -> Result<()> {
-        let ns = self.namespace();
-        // The lock is held on a pooled connection of our own; the migrations run on a separate
-        // sqlx connection whose search_path is the namespace alone.
-        let client = self.client().await?;
-        let key = format!("pgtide.migrate.{ns}");
-        client
-            .execute("SELECT pg_advisory_lock(hashtext($1))", &[&key])
-            .await?;
-        let result = async {
-            client
-                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{ns}\""))
-                .await?;
-            let options = PgConnectOptions::from_str(self.url())
-                .map_err(migrate_err)?
-                .options([("search_path", format!("\"{ns}\""))]);
-            let mut conn = PgConnection::connect_with(&options)
-                .await
-                .map_err(migrate_err)?;
-            let mut migrator = Migrator::new(Source(ns.to_owned()))
-                .await
-                .map_err(migrate_err)?;
-            migrator.set_locking(false);
-            // run_direct: `run` makes this future !Send (a higher-ranked lifetime limitation).
-            let result = migrator.run_direct(&mut conn).await.map_err(migrate_err);
-            let _ = conn.close().await;
-            result
-        }
-        .await;
-        // Always unlock; if this fails the pooled connection is poisoned and its close frees it.
-        if client
-            .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&key])
+    /// Cancel safety: it works on a connection of its own, which holds the lock and is dropped
+    /// with the future (the server then releases the lock). Each migration runs in its own
+    /// transaction and the function files in one: dropping the future leaves the namespace at
+    /// the last completed step, and the next call continues from there.
+    pub async fn migrate(&self) -> Result<MigrateReport> {
+        let options = PgConnectOptions::from_str(self.url())
+            .map_err(migrate_err)?
+            .options([("search_path", format!("\"{}\"", self.namespace()))]);
+        let mut conn = PgConnection::connect_with(&options)
             .await
-            .is_err()
-        {
-            let _ = deadpool_postgres::Object::take(client);
-        }
+            .map_err(migrate_err)?;
+        let result = self.migrate_on(&mut conn).await;
+        // Ending the session releases the lock.
+        let _ = conn.close().await;
         result
     }
 
-    /// True when the namespace is installed with every migration this library knows.
+    async fn migrate_on(&self, conn: &mut PgConnection) -> Result<MigrateReport> {
+        let ns = self.namespace();
+        let sql = &self.inner.sql;
+        sqlx::query(&sql.migrate_lock)
+            .execute(&mut *conn)
+            .await
+            .map_err(migrate_err)?;
+        // Executor::execute, not RawSql::execute: the latter's future is not Send for every
+        // lifetime (a higher-ranked lifetime limitation), which would make migrate() !Send.
+        (&mut *conn)
+            .execute(sqlx::raw_sql(&sql.migrate_schema))
+            .await
+            .map_err(migrate_err)?;
+
+        conn.ensure_migrations_table().await.map_err(migrate_err)?;
+        let before: Vec<i64> = conn
+            .list_applied_migrations()
+            .await
+            .map_err(migrate_err)?
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        let mut migrator = Migrator::new(Source(ns.to_owned()))
+            .await
+            .map_err(migrate_err)?;
+        // Our own lock is held already.
+        migrator.set_locking(false);
+        // run_direct: `run` makes this future !Send (a higher-ranked lifetime limitation).
+        migrator.run_direct(&mut *conn).await.map_err(migrate_err)?;
+        let mut report = MigrateReport {
+            migrations: MIGRATIONS
+                .iter()
+                .filter(|(v, _, _)| !before.contains(v))
+                .map(|(v, name, _)| migration_name(*v, name))
+                .collect(),
+            sql_files: vec![],
+        };
+
+        let files = function_files(ns);
+        let names: Vec<String> = files.iter().map(|(f, _)| (*f).to_owned()).collect();
+        let bodies: Vec<String> = files.iter().map(|(_, s)| s.clone()).collect();
+        let pending: Vec<String> = sqlx::query_scalar(&sql.migrate_pending)
+            .bind(&names)
+            .bind(&bodies)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(migrate_err)?;
+        if pending.is_empty() {
+            return Ok(report);
+        }
+        let mut tx = conn.begin().await.map_err(migrate_err)?;
+        for (file, body) in &files {
+            if !pending.iter().any(|p| p == file) {
+                continue;
+            }
+            (&mut *tx)
+                .execute(sqlx::raw_sql(body))
+                .await
+                .map_err(|source| migrate_err(FileFailed { file, source }))?;
+            sqlx::query(&sql.migrate_record)
+                .bind(*file)
+                .bind(body.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(migrate_err)?;
+            report.sql_files.push((*file).to_owned());
+        }
+        tx.commit().await.map_err(migrate_err)?;
+        Ok(report)
+    }
+
+    /// True when the namespace is installed with every migration this library knows and every
+    /// function file applied as this library has it (false for a namespace that a newer
+    /// `migrate()` would change).
     pub async fn is_migrated(&self) -> Result<bool> {
         let client = self.client().await?;
-        let table = format!("\"{}\"._sqlx_migrations", self.namespace());
-        let exists: Option<String> = client
-            .query_one("SELECT to_regclass($1)::text", &[&table])
+        let sql = &self.inner.sql;
+        let installed: bool = client
+            .query_one(&sql.migrate_installed, &[])
             .await?
-            .get(0);
-        if exists.is_none() {
+            .try_get(0)?;
+        if !installed {
             return Ok(false);
         }
-        let applied: i64 = client
+        let files = function_files(self.namespace());
+        let names: Vec<&str> = files.iter().map(|(f, _)| *f).collect();
+        let bodies: Vec<&str> = files.iter().map(|(_, s)| s.as_str()).collect();
+        let current: bool = client
             .query_one(
-                &format!("SELECT count(*) FROM {table} WHERE success AND version <= $1"),
-                &[&(MIGRATIONS.len() as i64)],
+                &sql.migrate_status,
+                &[&(MIGRATIONS.len() as i64), &names, &bodies],
             )
             .await?
-            .get(0);
-        Ok(applied == MIGRATIONS.len() as i64)
+            .try_get(0)?;
+        Ok(current)
     }
 }

@@ -1,9 +1,10 @@
 //! The PostgreSQL engine: a cheap `Clone` handle over a connection pool, with the namespace's SQL
 //! rendered once at build time.
 //!
-//! All SQL lives in `migrations/` (schema and functions) and `sql/` (statements the engine
-//! prepares). `@ns@` in them is replaced by the quoted namespace; namespace names are validated
-//! first, so no user input is ever spliced into SQL.
+//! All SQL lives in files: `migrations/` (tables, indexes, data changes: versioned),
+//! `sql/functions/` (functions and views, re-applied by `migrate()`) and `sql/` (the statements
+//! the engine runs, see `statements.rs`). `@ns@` in them is replaced by the quoted namespace;
+//! namespace names are validated first, so no user input is ever spliced into SQL.
 
 mod background;
 mod consumer;
@@ -12,6 +13,7 @@ mod ops;
 mod publish;
 mod queue;
 mod registry;
+mod statements;
 mod stats;
 
 use std::collections::HashMap;
@@ -24,13 +26,16 @@ use tokio::sync::{broadcast, watch};
 pub use consumer::Consumer;
 
 pub use background::{ListenerStatus, ScoutStatus};
-pub use migrate::migration_sql;
+pub use migrate::{migration_sql, MigrateReport};
 pub use registry::{GroupInfo, StreamInfo};
 pub use stats::{DeadLetter, GroupStats, MaintenanceReport};
 
 // The wake bus vocabulary, under the path the engine's modules use.
 use background::services;
 pub(crate) use background::wake;
+
+pub(crate) use statements::render;
+use statements::Statements;
 
 use crate::names::validate_namespace;
 use crate::{Error, Result};
@@ -66,7 +71,7 @@ pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) url: String,
     pub(crate) namespace: String,
-    pub(crate) sql: Statements,
+    pub(crate) sql: Arc<Statements>,
     pub(crate) streams: Mutex<HashMap<String, (StreamInfo, Instant)>>,
     pub(crate) options: Options,
     /// The notifier, listener and scout: started on first use, stopped by `shutdown()` or when
@@ -191,8 +196,10 @@ impl PgBackendBuilder {
         } else {
             Duration::from_secs(1)
         });
+        let sql = Arc::new(Statements::render(&self.namespace));
         let background = background::Background::new(background::Settings {
             pool: pool.clone(),
+            sql: sql.clone(),
             namespace: self.namespace.clone(),
             listen_config,
             scout: self.scout,
@@ -201,7 +208,7 @@ impl PgBackendBuilder {
             inner: Arc::new(Inner {
                 pool,
                 url: self.url,
-                sql: Statements::render(&self.namespace),
+                sql,
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
                 options: Options {
@@ -345,43 +352,6 @@ impl PgBackend {
     /// The fallback poll interval (see [`PgBackendBuilder::poll_interval`]).
     pub(crate) fn poll_interval(&self) -> Duration {
         self.inner.options.poll_interval
-    }
-}
-
-/// Replaces the namespace placeholders of a SQL text. The namespace is validated beforehand.
-pub(crate) fn render(sql: &str, namespace: &str) -> String {
-    sql.replace("@ns_lit@", &format!("'{namespace}'"))
-        .replace("@ns@", &format!("\"{namespace}\""))
-}
-
-/// The engine's statements, rendered for one namespace.
-pub(crate) struct Statements {
-    pub publish: String,
-    pub publish_one: String,
-    pub claim: String,
-    pub ack_claim: String,
-    pub ack: String,
-    pub nack: String,
-    pub term: String,
-    pub extend: String,
-    pub release: String,
-    pub stats: String,
-}
-
-impl Statements {
-    fn render(ns: &str) -> Statements {
-        Statements {
-            publish: render(include_str!("../../sql/publish.sql"), ns),
-            publish_one: render(include_str!("../../sql/publish_one.sql"), ns),
-            claim: render(include_str!("../../sql/claim.sql"), ns),
-            ack_claim: render(include_str!("../../sql/ack_claim.sql"), ns),
-            ack: render(include_str!("../../sql/ack.sql"), ns),
-            nack: render(include_str!("../../sql/nack.sql"), ns),
-            term: render(include_str!("../../sql/term.sql"), ns),
-            extend: render(include_str!("../../sql/extend.sql"), ns),
-            release: render(include_str!("../../sql/release.sql"), ns),
-            stats: render(include_str!("../../sql/stats.sql"), ns),
-        }
     }
 }
 

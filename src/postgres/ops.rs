@@ -2,7 +2,7 @@
 //! reset (replay from a point), trim, releasing a consumer's leases, and cheap inspection (scout
 //! holder, publish counts, one dead letter).
 //!
-//! Each goes through a function of the namespace (`migrations/0005_operations.sql`), so psql users
+//! Each goes through a function of the namespace (`sql/functions/operations.sql`), so psql users
 //! get the same behaviour. None of them walks a group's backlog except reset and trim, which are
 //! admin operations that touch what they change.
 
@@ -15,13 +15,6 @@ use super::{micros, PgBackend};
 use crate::error::Ctx;
 use crate::names::validate_name;
 use crate::{Error, Result};
-
-fn ctx<'a>(stream: &'a str, group: Option<&'a str>) -> Ctx<'a> {
-    Ctx {
-        stream: Some(stream),
-        group,
-    }
-}
 
 impl PgBackend {
     /// Grants `role` exactly what running needs in this namespace: USAGE on the schema (no
@@ -38,8 +31,10 @@ impl PgBackend {
             )));
         }
         let client = self.client().await?;
-        let sql = format!("SELECT \"{}\".grant_runtime($1)", self.namespace());
-        match client.execute(&sql, &[&role]).await {
+        match client
+            .execute(&self.inner.sql.grant_runtime, &[&role])
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.code().map(|c| c.code()) == Some("PT007") => {
                 Err(Error::InvalidConfig(format!(
@@ -64,22 +59,18 @@ impl PgBackend {
     ) -> Result<(u64, u64)> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT skipped, queued FROM \"{}\".reset_group($1, $2, $3)",
-                    self.namespace()
-                ),
+        let row = self
+            .sql_row(
+                &self.inner.sql.group_reset,
                 &[&stream, &group, &from],
+                Ctx::group(stream, group),
             )
-            .await
-            .map_err(|e| Error::from_pg(e, ctx(stream, Some(group))))?;
-        let (skipped, queued): (i64, i64) = (row.get(0), row.get(1));
+            .await?;
+        let (skipped, queued): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         if queued > 0 {
             self.poke(Wake::Stream(stream.into()));
         }
-        Ok((skipped as u64, queued as u64))
+        Ok((skipped.max(0) as u64, queued.max(0) as u64))
     }
 
     /// Removes the stream's oldest messages with their deliveries and dead letters in every
@@ -100,18 +91,14 @@ impl PgBackend {
             ));
         }
         let max_len = max_len.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT \"{}\".trim_stream($1, $2::int8 * interval '1 microsecond', $3)",
-                    self.namespace()
-                ),
+        let n: i64 = self
+            .sql_value(
+                &self.inner.sql.stream_trim,
                 &[&stream, &max_age.map(micros), &max_len],
+                Ctx::stream(stream),
             )
-            .await
-            .map_err(|e| Error::from_pg(e, ctx(stream, None)))?;
-        Ok(row.get::<_, i64>(0) as u64)
+            .await?;
+        Ok(n.max(0) as u64)
     }
 
     /// Hands back every delivery still leased to the consumer named `consumer` in the group:
@@ -124,22 +111,17 @@ impl PgBackend {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
         validate_name("consumer", consumer)?;
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT \"{}\".release_consumer($1, $2, $3)",
-                    self.namespace()
-                ),
+        let n: i64 = self
+            .sql_value(
+                &self.inner.sql.consumer_release,
                 &[&stream, &group, &consumer],
+                Ctx::group(stream, group),
             )
-            .await
-            .map_err(|e| Error::from_pg(e, ctx(stream, Some(group))))?;
-        let n: i64 = row.get(0);
+            .await?;
         if n > 0 {
             self.poke(Wake::Stream(stream.into()));
         }
-        Ok(n as u64)
+        Ok(n.max(0) as u64)
     }
 
     /// Wakes the consumers of `stream` in every process (one coalesced NOTIFY after the
@@ -152,33 +134,23 @@ impl PgBackend {
     /// The id of the process holding the scout lease, or `None` when no scout holds it (none
     /// running, or the last one died and its lease expired).
     pub async fn scout_holder(&self) -> Result<Option<String>> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT holder FROM \"{}\".scout WHERE active",
-                    self.namespace()
-                ),
-                &[],
-            )
-            .await?;
-        Ok(row.and_then(|r| r.get(0)))
+        match self
+            .sql_row_opt(&self.inner.sql.scout_holder, &[], Ctx::default())
+            .await?
+        {
+            Some(row) => Ok(row.try_get(0)?),
+            None => Ok(None),
+        }
     }
 
     /// Messages inserted per stream, `(stream, count)` by name, from PostgreSQL's cumulative
     /// table statistics: no scan, but approximate (backends flush them about once a second, a
     /// statistics reset or a dropped partition lowers them). Sample it twice for a publish rate.
     pub async fn publish_counts(&self) -> Result<Vec<(String, i64)>> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT stream, published FROM \"{}\".publish_counts()",
-                    self.namespace()
-                ),
-                &[],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        self.sql_rows(&self.inner.sql.publish_counts, &[], Ctx::default())
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 }

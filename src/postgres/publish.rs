@@ -66,7 +66,10 @@ fn plan(msgs: &[OutgoingMessage]) -> Plan {
 }
 
 impl PgBackend {
-    /// Checks names and payload sizes before anything is written.
+    /// Checks names and payload sizes before anything is written. The size check is a quick
+    /// reject from the cached limit, before any round trip (and without aborting a caller's
+    /// transaction); the rule itself is SQL's `_payload_ok` (`sql/functions/publish.sql`), which
+    /// every publish path runs, so a stale cache never lets an oversized payload in.
     async fn check_publish(&self, stream: &str, msgs: &[OutgoingMessage]) -> Result<()> {
         validate_name("stream", stream)?;
         let info = self.cached_stream(stream).await?;

@@ -34,11 +34,6 @@ pub struct GroupInfo {
     pub created_at: DateTime<Utc>,
 }
 
-const STREAM_COLUMNS: &str = "name, extract(epoch FROM lease)::float8, max_deliver, \
-    (SELECT array_agg(extract(epoch FROM b)::float8 ORDER BY i) FROM unnest(backoff) WITH ORDINALITY AS x (b, i)), \
-    backoff_jitter, extract(epoch FROM retention)::float8, extract(epoch FROM partition_interval)::float8, \
-    extract(epoch FROM dedupe_window)::float8, max_payload, created_at";
-
 /// A stream configuration as SQL parameters $2..$9 (durations in microseconds), after the name.
 struct ConfigParams {
     lease: i64,
@@ -84,24 +79,25 @@ fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
-fn stream_from_row(row: &tokio_postgres::Row) -> StreamInfo {
-    let backoff: Vec<f64> = row.get(3);
-    StreamInfo {
-        name: row.get(0),
+/// A row of `sql/stream_read.sql`.
+fn stream_from_row(row: &tokio_postgres::Row) -> Result<StreamInfo> {
+    let backoff: Vec<f64> = row.try_get(3)?;
+    Ok(StreamInfo {
+        name: row.try_get(0)?,
         config: StreamConfig {
-            lease: secs(row.get(1)),
-            max_deliver: row.get::<_, i32>(2) as u32,
+            lease: secs(row.try_get(1)?),
+            max_deliver: row.try_get::<_, i32>(2)?.max(0) as u32,
             backoff: Backoff {
                 schedule: backoff.into_iter().map(secs).collect(),
-                jitter: row.get(4),
+                jitter: row.try_get(4)?,
             },
-            retention: secs(row.get(5)),
-            partition_interval: secs(row.get(6)),
-            dedupe_window: secs(row.get(7)),
-            max_payload: row.get::<_, i32>(8) as usize,
+            retention: secs(row.try_get(5)?),
+            partition_interval: secs(row.try_get(6)?),
+            dedupe_window: secs(row.try_get(7)?),
+            max_payload: row.try_get::<_, i32>(8)?.max(0) as usize,
         },
-        created_at: row.get(9),
-    }
+        created_at: row.try_get(9)?,
+    })
 }
 
 impl PgBackend {
@@ -113,28 +109,14 @@ impl PgBackend {
     ) -> Result<bool> {
         validate_name("stream", name)?;
         config.validate()?;
-        let client = self.client().await?;
-        let sql = format!(
-            "SELECT \"{ns}\".create_stream($1, $2::int8 * interval '1 microsecond', $3, \
-             (SELECT array_agg(b * interval '1 microsecond' ORDER BY i) FROM unnest($4::int8[]) WITH ORDINALITY AS x (b, i)), \
-             $5::int8 * interval '1 microsecond', $6::int8 * interval '1 microsecond', $7, \
-             $8::int8 * interval '1 microsecond', $9::float4, $10)",
-            ns = self.namespace()
-        );
         let params = ConfigParams::new(config);
         let mut values = params.values(&name);
         values.push(&if_not_exists);
-        let row = client.query_one(&sql, &values).await.map_err(|e| {
-            Error::from_pg(
-                e,
-                Ctx {
-                    stream: Some(name),
-                    group: None,
-                },
-            )
-        })?;
+        let created = self
+            .sql_value(&self.inner.sql.stream_create, &values, Ctx::stream(name))
+            .await;
         self.forget_stream(name);
-        Ok(row.get(0))
+        created
     }
 
     /// Creates a stream. Fails with [`Error::StreamExists`] if it exists.
@@ -156,16 +138,10 @@ impl PgBackend {
         validate_name("stream", name)?;
         config.validate()?;
         let client = self.client().await?;
-        let sql = format!(
-            "UPDATE \"{ns}\".streams SET lease = $2::int8 * interval '1 microsecond', max_deliver = $3, \
-             backoff = (SELECT array_agg(b * interval '1 microsecond' ORDER BY i) FROM unnest($4::int8[]) WITH ORDINALITY AS x (b, i)), \
-             retention = $5::int8 * interval '1 microsecond', dedupe_window = $6::int8 * interval '1 microsecond', \
-             max_payload = $7, partition_interval = $8::int8 * interval '1 microsecond', backoff_jitter = $9::float4 \
-             WHERE name = $1",
-            ns = self.namespace()
-        );
         let params = ConfigParams::new(&config);
-        let n = client.execute(&sql, &params.values(&name)).await?;
+        let n = client
+            .execute(&self.inner.sql.stream_update, &params.values(&name))
+            .await?;
         self.forget_stream(name);
         if n == 0 {
             return Err(Error::StreamNotFound(name.to_owned()));
@@ -177,69 +153,42 @@ impl PgBackend {
     /// did not exist.
     pub async fn delete_stream(&self, name: &str) -> Result<bool> {
         validate_name("stream", name)?;
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!("SELECT \"{}\".delete_stream($1)", self.namespace()),
-                &[&name],
-            )
-            .await?;
+        let deleted = self
+            .sql_value(&self.inner.sql.stream_delete, &[&name], Ctx::default())
+            .await;
         self.forget_stream(name);
-        Ok(row.get(0))
+        deleted
     }
 
     /// Removes every message of the stream and every pending delivery and dead letter of its
     /// groups; the stream and its groups stay. Returns how many deliveries were dropped.
     pub async fn purge_stream(&self, name: &str) -> Result<u64> {
         validate_name("stream", name)?;
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!("SELECT \"{}\".purge_stream($1)", self.namespace()),
-                &[&name],
-            )
-            .await
-            .map_err(|e| {
-                Error::from_pg(
-                    e,
-                    Ctx {
-                        stream: Some(name),
-                        group: None,
-                    },
-                )
-            })?;
-        Ok(row.get::<_, i64>(0) as u64)
+        let n: i64 = self
+            .sql_value(&self.inner.sql.stream_purge, &[&name], Ctx::stream(name))
+            .await?;
+        Ok(n.max(0) as u64)
     }
 
     /// Reads one stream, or `None` if it does not exist.
     pub async fn stream(&self, name: &str) -> Result<Option<StreamInfo>> {
         validate_name("stream", name)?;
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT {STREAM_COLUMNS} FROM \"{}\".streams WHERE name = $1",
-                    self.namespace()
-                ),
-                &[&name],
-            )
-            .await?;
-        Ok(row.as_ref().map(stream_from_row))
+        let name = Some(name);
+        self.sql_row_opt(&self.inner.sql.stream_read, &[&name], Ctx::default())
+            .await?
+            .as_ref()
+            .map(stream_from_row)
+            .transpose()
     }
 
     /// Lists all streams, by name.
     pub async fn streams(&self) -> Result<Vec<StreamInfo>> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT {STREAM_COLUMNS} FROM \"{}\".streams ORDER BY name",
-                    self.namespace()
-                ),
-                &[],
-            )
-            .await?;
-        Ok(rows.iter().map(stream_from_row).collect())
+        let all: Option<&str> = None;
+        self.sql_rows(&self.inner.sql.stream_read, &[&all], Ctx::default())
+            .await?
+            .iter()
+            .map(stream_from_row)
+            .collect()
     }
 
     async fn create_group_inner(
@@ -251,26 +200,12 @@ impl PgBackend {
     ) -> Result<bool> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT \"{}\".create_group($1, $2, $3, $4)",
-                    self.namespace()
-                ),
-                &[&stream, &group, &start.as_sql(), &if_not_exists],
-            )
-            .await
-            .map_err(|e| {
-                Error::from_pg(
-                    e,
-                    Ctx {
-                        stream: Some(stream),
-                        group: Some(group),
-                    },
-                )
-            })?;
-        Ok(row.get(0))
+        self.sql_value(
+            &self.inner.sql.group_create,
+            &[&stream, &group, &start.as_sql(), &if_not_exists],
+            Ctx::group(stream, group),
+        )
+        .await
     }
 
     /// Creates a consumer group. Every group receives every message published after its creation
@@ -292,14 +227,12 @@ impl PgBackend {
     pub async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!("SELECT \"{}\".delete_group($1, $2)", self.namespace()),
-                &[&stream, &group],
-            )
-            .await?;
-        Ok(row.get(0))
+        self.sql_value(
+            &self.inner.sql.group_delete,
+            &[&stream, &group],
+            Ctx::default(),
+        )
+        .await
     }
 
     /// Lists the groups of a stream (all streams when `stream` is `None`).
@@ -307,25 +240,17 @@ impl PgBackend {
         if let Some(s) = stream {
             validate_name("stream", s)?;
         }
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT s.name, g.name, g.created_at FROM \"{ns}\".groups g JOIN \"{ns}\".streams s ON s.id = g.stream_id \
-                     WHERE $1::text IS NULL OR s.name = $1 ORDER BY s.name, g.name",
-                    ns = self.namespace()
-                ),
-                &[&stream],
-            )
-            .await?;
-        Ok(rows
+        self.sql_rows(&self.inner.sql.group_list, &[&stream], Ctx::default())
+            .await?
             .iter()
-            .map(|r| GroupInfo {
-                stream: r.get(0),
-                name: r.get(1),
-                created_at: r.get(2),
+            .map(|r| {
+                Ok(GroupInfo {
+                    stream: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    created_at: r.try_get(2)?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Stream metadata from a short-lived cache (publish needs the payload limit).

@@ -72,20 +72,21 @@ impl PgBackend {
     pub async fn stats(&self) -> Result<Vec<GroupStats>> {
         let client = self.client().await?;
         let rows = client.query(&self.inner.sql.stats, &[]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| GroupStats {
-                stream: r.get(0),
-                group: r.get(1),
-                ready: r.get(2),
-                delayed: r.get(3),
-                in_flight: r.get(4),
-                dead: r.get(5),
-                oldest_ready_age: r
-                    .get::<_, Option<f64>>(6)
-                    .map(|s| Duration::from_secs_f64(s.max(0.0))),
+        rows.iter()
+            .map(|r| {
+                Ok(GroupStats {
+                    stream: r.try_get(0)?,
+                    group: r.try_get(1)?,
+                    ready: r.try_get(2)?,
+                    delayed: r.try_get(3)?,
+                    in_flight: r.try_get(4)?,
+                    dead: r.try_get(5)?,
+                    oldest_ready_age: r
+                        .try_get::<_, Option<f64>>(6)?
+                        .map(|s| Duration::from_secs_f64(s.max(0.0))),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Depth of one group.
@@ -110,17 +111,13 @@ impl PgBackend {
 
     /// [`PgBackend::maintain`] as if the time were `at` (for retention tests and backfills).
     pub async fn maintain_at(&self, at: DateTime<Utc>) -> Result<MaintenanceReport> {
-        let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!("SELECT * FROM \"{}\".maintain($1)", self.namespace()),
-                &[&at],
-            )
+        let row = self
+            .sql_row(&self.inner.sql.maintain, &[&at], Ctx::default())
             .await?;
         Ok(MaintenanceReport {
-            partitions_created: row.get(0),
-            partitions_dropped: row.get(1),
-            dedupe_removed: row.get(2),
+            partitions_created: row.try_get(0)?,
+            partitions_dropped: row.try_get(1)?,
+            dedupe_removed: row.try_get(2)?,
         })
     }
 
@@ -153,32 +150,28 @@ impl PgBackend {
     ) -> Result<Vec<DeadLetter>> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT message_id, attempts, reason, error, dead_at, payload_bytes, headers \
-                     FROM \"{}\".dead_letters WHERE stream = $1 AND \"group\" = $2 \
-                     AND ($3::uuid IS NULL OR message_id = $3) ORDER BY dead_at, message_id LIMIT $4",
-                    self.namespace()
-                ),
-                &[&stream, &group, &id, &(limit.min(i64::MAX as usize) as i64)],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| DeadLetter {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.sql_rows(
+            &self.inner.sql.dead_letters,
+            &[&stream, &group, &id, &limit],
+            Ctx::default(),
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(DeadLetter {
                 stream: stream.to_owned(),
                 group: group.to_owned(),
-                id: r.get(0),
-                attempts: r.get::<_, i32>(1) as u32,
-                reason: r.get(2),
-                error: r.get(3),
-                dead_at: r.get(4),
-                payload: r.get(5),
-                headers: headers_from_json(r.get(6)),
+                id: r.try_get(0)?,
+                attempts: r.try_get::<_, i32>(1)?.max(0) as u32,
+                reason: r.try_get(2)?,
+                error: r.try_get(3)?,
+                dead_at: r.try_get(4)?,
+                payload: r.try_get(5)?,
+                headers: headers_from_json(r.try_get(6)?),
             })
-            .collect())
+        })
+        .collect()
     }
 
     /// Puts dead letters back into their group with a fresh attempt count: the given ids, or all
@@ -189,7 +182,9 @@ impl PgBackend {
         group: &str,
         ids: Option<&[Uuid]>,
     ) -> Result<u64> {
-        let n = self.dead_op("replay_dead", stream, group, ids).await?;
+        let n = self
+            .dead_op(&self.inner.sql.dead_replay, stream, group, ids)
+            .await?;
         if n > 0 {
             // Replayed deliveries are ready now: wake consumers in every process.
             self.wake(stream);
@@ -199,35 +194,23 @@ impl PgBackend {
 
     /// Deletes dead letters: the given ids, or all of the group's when `ids` is `None`.
     pub async fn purge_dead(&self, stream: &str, group: &str, ids: Option<&[Uuid]>) -> Result<u64> {
-        self.dead_op("purge_dead", stream, group, ids).await
+        self.dead_op(&self.inner.sql.dead_purge, stream, group, ids)
+            .await
     }
 
     async fn dead_op(
         &self,
-        func: &str,
+        sql: &str,
         stream: &str,
         group: &str,
         ids: Option<&[Uuid]>,
     ) -> Result<u64> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
-        let client = self.client().await?;
         let ids: Option<Vec<Uuid>> = ids.map(|i| i.to_vec());
-        let row = client
-            .query_one(
-                &format!("SELECT \"{}\".{func}($1, $2, $3)::int8", self.namespace()),
-                &[&stream, &group, &ids],
-            )
-            .await
-            .map_err(|e| {
-                Error::from_pg(
-                    e,
-                    Ctx {
-                        stream: Some(stream),
-                        group: Some(group),
-                    },
-                )
-            })?;
-        Ok(row.get::<_, i64>(0) as u64)
+        let n: i64 = self
+            .sql_value(sql, &[&stream, &group, &ids], Ctx::group(stream, group))
+            .await?;
+        Ok(n.max(0) as u64)
     }
 }

@@ -81,12 +81,7 @@ async fn due(
     since: DateTime<Utc>,
 ) -> crate::Result<(Vec<String>, Option<DateTime<Utc>>, DateTime<Utc>)> {
     let client = shared.pool.get().await?;
-    let stmt = client
-        .prepare_cached(&format!(
-            "SELECT due_streams, next_due, checked_at FROM \"{}\"._scout_due($1)",
-            shared.namespace
-        ))
-        .await?;
+    let stmt = client.prepare_cached(&shared.sql.scout_due).await?;
     let row = client.query_one(&stmt, &[&since]).await?;
     Ok((
         row.try_get::<_, Option<Vec<String>>>(0)?

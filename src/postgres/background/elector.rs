@@ -197,10 +197,7 @@ async fn acquire(shared: &Shared, term: i64) -> crate::Result<Option<i64>> {
     let client = shared.pool.get().await?;
     let row = client
         .query_one(
-            &format!(
-                "SELECT \"{}\"._scout_acquire($1, $2, $3::int8 * interval '1 microsecond')",
-                shared.namespace
-            ),
+            &shared.sql.scout_acquire,
             &[
                 &shared.holder,
                 &term,
@@ -214,10 +211,7 @@ async fn acquire(shared: &Shared, term: i64) -> crate::Result<Option<i64>> {
 async fn resign(shared: &Shared, term: i64) -> crate::Result<()> {
     let client = shared.pool.get().await?;
     client
-        .execute(
-            &format!("SELECT \"{}\"._scout_resign($1, $2)", shared.namespace),
-            &[&shared.holder, &term],
-        )
+        .execute(&shared.sql.scout_resign, &[&shared.holder, &term])
         .await?;
     Ok(())
 }

@@ -52,14 +52,7 @@ async fn maintain(shared: &Shared, term: i64) -> crate::Result<()> {
     let client = shared.pool.get().await?;
     // Fenced: runs only while this holder still has this term.
     client
-        .query(
-            &format!(
-                "SELECT * FROM \"{ns}\".maintain() WHERE EXISTS (SELECT 1 FROM \"{ns}\".scout_lease \
-                 WHERE holder = $1 AND term = $2 AND expires_at > now())",
-                ns = shared.namespace
-            ),
-            &[&shared.holder, &term],
-        )
+        .query(&shared.sql.scout_maintain, &[&shared.holder, &term])
         .await?;
     Ok(())
 }

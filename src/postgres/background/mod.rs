@@ -34,6 +34,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+
+use super::statements::Statements;
 use futures_util::FutureExt;
 use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
@@ -51,6 +53,8 @@ use notifier::Notifier;
 /// What the tasks share with each other and with the handle.
 pub(crate) struct Shared {
     pool: Pool,
+    /// The namespace's rendered statements.
+    sql: Arc<Statements>,
     namespace: String,
     /// `pgtide.<ns>`: the one notification channel of the namespace.
     channel: String,
@@ -139,6 +143,7 @@ pub(crate) struct Background {
 /// Settings of the background services, from the builder.
 pub(crate) struct Settings {
     pub pool: Pool,
+    pub sql: Arc<Statements>,
     pub namespace: String,
     pub listen_config: tokio_postgres::Config,
     pub scout: ScoutConfig,
@@ -154,6 +159,7 @@ impl Background {
         Background {
             shared: Arc::new(Shared {
                 pool: settings.pool,
+                sql: settings.sql,
                 channel: wake::channel(&settings.namespace),
                 namespace: settings.namespace,
                 listen_config: settings.listen_config,

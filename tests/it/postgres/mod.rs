@@ -1,7 +1,9 @@
 mod consume;
 mod plans;
 mod publish;
+mod publish_rule;
 mod registry;
 mod sql_surface;
+mod upgrade;
 mod wakeups;
 mod worker;

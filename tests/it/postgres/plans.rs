@@ -157,6 +157,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
     let publish = render(include_str!("../../../sql/publish.sql"), &n);
     let publish_one = render(include_str!("../../../sql/publish_one.sql"), &n);
     let stats = render(include_str!("../../../sql/stats.sql"), &n);
+    let scout_due = render(include_str!("../../../sql/scout_due.sql"), &n);
 
     // Twice: the second round runs on plans the session has cached.
     for round in 0..2 {
@@ -294,12 +295,8 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
         s.query(&stats, &[]).await.unwrap();
         check_plans(&mut rx, "stats", &mut faults);
 
-        s.query(
-            &format!("SELECT * FROM \"{n}\"._scout_due(now() - interval '1 hour')"),
-            &[],
-        )
-        .await
-        .unwrap();
+        let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+        s.query(&scout_due, &[&hour_ago]).await.unwrap();
         check_plans(&mut rx, "scout due", &mut faults);
 
         // The SQL surface a psql or other-language consumer uses.
@@ -314,6 +311,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
         check_plans(&mut rx, "SQL read", &mut faults);
         let read_ids: Vec<Uuid> = read.iter().map(|r| r.get(0)).collect();
         for (call, what) in [
+            ("in_progress('plans', 'g', $1::uuid[])", "SQL in_progress"),
             ("extend('plans', 'g', $1::uuid[])", "SQL extend"),
             (
                 "nack('plans', 'g', ($1::uuid[])[1:3], delay => interval '1 minute')",

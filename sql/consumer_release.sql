@@ -1,0 +1,1 @@
+SELECT @ns@.release_consumer($1, $2, $3)

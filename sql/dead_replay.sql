@@ -1,0 +1,1 @@
+SELECT @ns@.replay_dead($1, $2, $3)::int8

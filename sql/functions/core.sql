@@ -1,0 +1,62 @@
+-- pgtide helpers: UUID v7 ids and their time, name checks, name -> id lookups.
+--
+-- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
+-- other function files, under the namespace's migration lock) whenever its text changes; the
+-- checksum of what was applied is kept in `@ns@._pgtide_sql`. Every statement here must be
+-- re-runnable: CREATE OR REPLACE. It cannot change a function's result type or argument names, or
+-- drop or retype a view's columns: such a change needs a `DROP ... IF EXISTS` just before it in
+-- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
+-- in `migrations/`, never here.
+
+CREATE OR REPLACE FUNCTION @ns@.uuid_v7(ts timestamptz DEFAULT clock_timestamp()) RETURNS uuid
+LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
+    SELECT encode(
+        set_bit(set_bit(
+            overlay(uuid_send(gen_random_uuid())
+                    PLACING substring(int8send(floor(extract(epoch FROM ts) * 1000)::bigint) FROM 3)
+                    FROM 1 FOR 6),
+            52, 1), 53, 1),
+        'hex')::uuid
+$$;
+
+-- Smallest UUID v7 of the millisecond `ts`: partition bounds.
+CREATE OR REPLACE FUNCTION @ns@.uuid_floor(ts timestamptz) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT (lpad(to_hex(floor(extract(epoch FROM ts) * 1000)::bigint), 12, '0')
+            || '00000000000000000000')::uuid
+$$;
+
+-- Publish time of a UUID v7 message id.
+CREATE OR REPLACE FUNCTION @ns@.uuid_time(id uuid) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT to_timestamp(('x' || lpad(substr(replace(id::text, '-', ''), 1, 12), 16, '0'))::bit(64)::bigint / 1000.0)
+$$;
+
+CREATE OR REPLACE FUNCTION @ns@.valid_name(name text) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$ SELECT name ~ '^[a-z0-9][a-z0-9._-]{0,63}$' $$;
+
+CREATE OR REPLACE FUNCTION @ns@.stream_id(stream text) RETURNS integer
+LANGUAGE plpgsql STABLE AS $$
+DECLARE v integer;
+BEGIN
+    SELECT id INTO v FROM @ns@.streams WHERE name = stream;
+    IF v IS NULL THEN
+        RAISE EXCEPTION 'pgtide: stream % does not exist', quote_literal(stream)
+            USING ERRCODE = 'PT002', HINT = 'create it with create_stream()';
+    END IF;
+    RETURN v;
+END $$;
+
+CREATE OR REPLACE FUNCTION @ns@.group_id(stream text, "group" text) RETURNS integer
+LANGUAGE plpgsql STABLE AS $$
+DECLARE v integer;
+BEGIN
+    SELECT g.id INTO v FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
+    WHERE s.name = stream AND g.name = "group";
+    IF v IS NULL THEN
+        PERFORM @ns@.stream_id(stream);
+        RAISE EXCEPTION 'pgtide: group % does not exist on stream %', quote_literal("group"), quote_literal(stream)
+            USING ERRCODE = 'PT003', HINT = 'create it with create_group()';
+    END IF;
+    RETURN v;
+END $$;

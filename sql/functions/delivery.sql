@@ -1,0 +1,296 @@
+-- pgtide delivery: claim, the fenced settles, dead letters, and the by-name surface for psql and
+-- other languages. Internal functions start with `_` and take ids; the Rust engine calls them, so
+-- there is one implementation of each rule.
+--
+-- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
+-- other function files, under the namespace's migration lock) whenever its text changes; the
+-- checksum of what was applied is kept in `@ns@._pgtide_sql`. Every statement here must be
+-- re-runnable: CREATE OR REPLACE. It cannot change a function's result type or argument names, or
+-- drop or retype a view's columns: such a change needs a `DROP ... IF EXISTS` just before it in
+-- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
+-- in `migrations/`, never here.
+
+CREATE OR REPLACE FUNCTION @ns@._claim(p_group integer, p_limit integer, p_consumer text, p_lease interval DEFAULT NULL)
+RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
+               lease_expired boolean)
+LANGUAGE plpgsql
+-- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
+-- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
+-- backlog would make claims O(backlog)).
+SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
+SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    sid     integer;
+    v_lease interval;
+    v_max   integer;
+BEGIN
+    SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver INTO sid, v_lease, v_max
+    FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
+    IF sid IS NULL THEN
+        RAISE EXCEPTION 'pgtide: group id % does not exist', p_group USING ERRCODE = 'PT003';
+    END IF;
+    RETURN QUERY
+    WITH picked AS MATERIALIZED (
+        SELECT d.message_id, d.attempts, d.consumer FROM @ns@.delivery_state d
+        WHERE d.group_id = p_group AND d.visible_at <= now()
+        ORDER BY d.visible_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), exhausted AS (
+        -- the lease of the last allowed attempt expired: dead-letter instead of delivering again
+        DELETE FROM @ns@.delivery_state d USING picked p
+        WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts >= v_max
+        RETURNING d.message_id, d.attempts, d.last_error
+    ), dead AS (
+        INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
+        SELECT p_group, e.message_id, e.attempts, 'max_deliver',
+               coalesce(e.last_error, 'lease expired on attempt ' || e.attempts)
+        FROM exhausted e
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
+        SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
+    ), claimed AS (
+        UPDATE @ns@.delivery_state d
+        SET attempts = d.attempts + 1, visible_at = now() + v_lease, consumer = p_consumer
+        FROM picked p
+        WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts < v_max
+        -- a claimed row that still names a consumer was never settled: its lease expired
+        RETURNING d.message_id, d.attempts, d.visible_at, p.consumer IS NOT NULL AS expired
+    )
+    -- LATERAL ... LIMIT 1: one primary-key lookup per claimed row, never a join strategy that
+    -- walks the stream's messages.
+    SELECT c.message_id, c.attempts, c.visible_at, m.payload, m.is_json, m.headers, c.expired
+    FROM claimed c
+    CROSS JOIN LATERAL (
+        SELECT mm.payload, mm.is_json, mm.headers FROM @ns@.messages mm
+        WHERE mm.stream_id = sid AND mm.id = c.message_id LIMIT 1
+    ) m;
+END $$;
+
+---------------------------------------------------------------------------------------------------
+-- settle. Every settle is fenced: the delivery must still be leased (consumer set) and, when the
+-- caller passes attempt numbers, still be the attempt it claimed. A consumer whose lease lapsed
+-- and whose delivery was claimed again changes nothing. Each returns the ids it settled.
+
+CREATE OR REPLACE FUNCTION @ns@._ack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL)
+RETURNS SETOF uuid
+LANGUAGE sql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+    WITH done AS (
+        DELETE FROM @ns@.delivery_state d USING unnest(p_ids, p_attempts) AS u(id, attempt)
+        WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+          AND (u.attempt IS NULL OR d.attempts = u.attempt)
+        RETURNING d.message_id
+    ), counted AS (
+        INSERT INTO @ns@.counter_deltas (group_id, pending)
+        SELECT p_group, -count(*) FROM done HAVING count(*) > 0
+    )
+    SELECT message_id FROM done
+$$;
+
+-- Retry later: after the given delay, or the stream's backoff for the attempt. A delivery on its
+-- last allowed attempt goes to the dead letters instead (`dead` = true).
+CREATE OR REPLACE FUNCTION @ns@._nack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
+                           p_delays interval[] DEFAULT NULL, p_errors text[] DEFAULT NULL)
+RETURNS TABLE (id uuid, dead boolean)
+LANGUAGE plpgsql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_max     integer;
+    v_backoff interval[];
+    v_jitter  real;
+BEGIN
+    SELECT s.max_deliver, s.backoff, s.backoff_jitter INTO v_max, v_backoff, v_jitter
+    FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
+    RETURN QUERY
+    WITH t AS MATERIALIZED (
+        SELECT d.message_id, d.attempts, u.delay, u.error
+        FROM @ns@.delivery_state d
+        JOIN unnest(p_ids, p_attempts, p_delays, p_errors) AS u(id, attempt, delay, error)
+          ON d.message_id = u.id
+        WHERE d.group_id = p_group AND d.consumer IS NOT NULL
+          AND (u.attempt IS NULL OR d.attempts = u.attempt)
+        FOR UPDATE OF d
+    ), retry AS (
+        UPDATE @ns@.delivery_state d
+        SET consumer = NULL, last_error = t.error,
+            visible_at = now() + coalesce(
+                t.delay,
+                v_backoff[least(t.attempts, cardinality(v_backoff))] * (1 + v_jitter * (random() * 2 - 1)))
+        FROM t
+        WHERE d.group_id = p_group AND d.message_id = t.message_id AND t.attempts < v_max
+        RETURNING d.message_id
+    ), exhausted AS (
+        DELETE FROM @ns@.delivery_state d USING t
+        WHERE d.group_id = p_group AND d.message_id = t.message_id AND t.attempts >= v_max
+        RETURNING d.message_id, d.attempts, t.error
+    ), buried AS (
+        INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
+        SELECT p_group, e.message_id, e.attempts, 'max_deliver', e.error FROM exhausted e
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
+        SELECT p_group, -count(*), count(*) FROM buried HAVING count(*) > 0
+    )
+    SELECT r.message_id, false FROM retry r
+    UNION ALL
+    SELECT e.message_id, true FROM exhausted e;
+END $$;
+
+-- Dead-letter now, with a reason.
+CREATE OR REPLACE FUNCTION @ns@._term(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
+                           p_reasons text[] DEFAULT NULL)
+RETURNS SETOF uuid
+LANGUAGE sql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+    WITH gone AS (
+        DELETE FROM @ns@.delivery_state d
+        USING unnest(p_ids, p_attempts, p_reasons) AS u(id, attempt, reason)
+        WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+          AND (u.attempt IS NULL OR d.attempts = u.attempt)
+        RETURNING d.message_id, d.attempts, coalesce(u.reason, 'terminated') AS reason, d.last_error
+    ), buried AS (
+        INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
+        SELECT p_group, message_id, attempts, reason, last_error FROM gone
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
+        SELECT p_group, -count(*), count(*) FROM buried HAVING count(*) > 0
+    )
+    SELECT message_id FROM gone
+$$;
+
+-- Extend the lease (in_progress): visible again only `p_lease` (default: the stream's lease) from now.
+CREATE OR REPLACE FUNCTION @ns@._extend(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
+                             p_lease interval DEFAULT NULL)
+RETURNS TABLE (id uuid, lease_expires_at timestamptz)
+LANGUAGE sql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+    UPDATE @ns@.delivery_state d
+    SET visible_at = now() + coalesce(p_lease, (SELECT s.lease FROM @ns@.groups g
+                                                JOIN @ns@.streams s ON s.id = g.stream_id
+                                                WHERE g.id = p_group))
+    FROM unnest(p_ids, p_attempts) AS u(id, attempt)
+    WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+      AND (u.attempt IS NULL OR d.attempts = u.attempt)
+    RETURNING d.message_id, d.visible_at
+$$;
+
+-- Hand deliveries back unprocessed (shutdown): visible at once, and the attempt does not count.
+CREATE OR REPLACE FUNCTION @ns@._release(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL)
+RETURNS SETOF uuid
+LANGUAGE sql
+-- Settles look deliveries up by primary key, never by scanning or hashing the table.
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+    UPDATE @ns@.delivery_state d
+    SET visible_at = now(), consumer = NULL, attempts = greatest(d.attempts - 1, 0)
+    FROM unnest(p_ids, p_attempts) AS u(id, attempt)
+    WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+      AND (u.attempt IS NULL OR d.attempts = u.attempt)
+    RETURNING d.message_id
+$$;
+
+-- Dead letters back into the group with a fresh attempt count (all of the group's when p_ids is NULL).
+CREATE OR REPLACE FUNCTION @ns@._replay_dead(p_group integer, p_ids uuid[] DEFAULT NULL)
+RETURNS SETOF uuid
+LANGUAGE sql AS $$
+    WITH back AS (
+        DELETE FROM @ns@.dead_letter_state d
+        WHERE d.group_id = p_group AND (p_ids IS NULL OR d.message_id = ANY (p_ids))
+        RETURNING d.message_id
+    ), queued AS (
+        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
+        SELECT p_group, message_id, now() FROM back
+        ON CONFLICT DO NOTHING
+    ), counted AS (
+        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
+        SELECT p_group, count(*), -count(*) FROM back HAVING count(*) > 0
+    )
+    SELECT message_id FROM back
+$$;
+
+CREATE OR REPLACE FUNCTION @ns@._purge_dead(p_group integer, p_ids uuid[] DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql AS $$
+    WITH gone AS (
+        DELETE FROM @ns@.dead_letter_state d
+        WHERE d.group_id = p_group AND (p_ids IS NULL OR d.message_id = ANY (p_ids))
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO @ns@.counter_deltas (group_id, dead)
+        SELECT p_group, -count(*) FROM gone HAVING count(*) > 0
+    )
+    SELECT count(*) FROM gone
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- public read / settle by name (psql and other languages)
+
+CREATE OR REPLACE FUNCTION @ns@.read(stream text, "group" text, consumer text, n integer DEFAULT 1,
+                          lease interval DEFAULT NULL)
+RETURNS TABLE (id uuid, payload jsonb, payload_bytes bytea, headers jsonb, attempt integer,
+               published_at timestamptz, lease_expires_at timestamptz)
+LANGUAGE sql AS $$
+    SELECT c.id,
+           CASE WHEN c.is_json THEN convert_from(c.payload, 'UTF8')::jsonb END,
+           c.payload, c.headers, c.attempt, @ns@.uuid_time(c.id), c.lease_expires_at
+    FROM @ns@._claim(@ns@.group_id(stream, "group"), n, consumer, lease) c
+$$;
+
+CREATE OR REPLACE FUNCTION @ns@.ack(stream text, "group" text, ids uuid[]) RETURNS integer
+LANGUAGE sql AS $$ SELECT count(*)::integer FROM @ns@._ack(@ns@.group_id(stream, "group"), ids) $$;
+
+CREATE OR REPLACE FUNCTION @ns@.nack(stream text, "group" text, ids uuid[], delay interval DEFAULT NULL,
+                          error text DEFAULT NULL) RETURNS integer
+LANGUAGE sql AS $$
+    SELECT count(*)::integer FROM @ns@._nack(
+        @ns@.group_id(stream, "group"), ids, NULL,
+        CASE WHEN delay IS NULL THEN NULL ELSE array_fill(delay, ARRAY[cardinality(ids)]) END,
+        CASE WHEN error IS NULL THEN NULL ELSE array_fill(error, ARRAY[cardinality(ids)]) END)
+$$;
+
+CREATE OR REPLACE FUNCTION @ns@.term(stream text, "group" text, ids uuid[], reason text DEFAULT 'terminated')
+RETURNS integer
+LANGUAGE sql AS $$
+    SELECT count(*)::integer FROM @ns@._term(
+        @ns@.group_id(stream, "group"), ids, NULL, array_fill(reason, ARRAY[cardinality(ids)]))
+$$;
+
+-- Extends the leases of deliveries still being worked on: visible again only `lease` (default:
+-- the stream's lease) from now. Returns how many were extended (a lapsed lease is not).
+CREATE OR REPLACE FUNCTION @ns@.in_progress(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL)
+RETURNS integer
+LANGUAGE sql AS $$
+    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL, lease)
+$$;
+
+-- `extend`: the earlier name of `in_progress`, kept as an alias with the same body.
+CREATE OR REPLACE FUNCTION @ns@.extend(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL)
+RETURNS integer
+LANGUAGE sql AS $$
+    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL, lease)
+$$;
+
+CREATE OR REPLACE FUNCTION @ns@.replay_dead(stream text, "group" text, ids uuid[] DEFAULT NULL) RETURNS integer
+LANGUAGE sql AS $$ SELECT count(*)::integer FROM @ns@._replay_dead(@ns@.group_id(stream, "group"), ids) $$;
+
+CREATE OR REPLACE FUNCTION @ns@.purge_dead(stream text, "group" text, ids uuid[] DEFAULT NULL) RETURNS bigint
+LANGUAGE sql AS $$ SELECT @ns@._purge_dead(@ns@.group_id(stream, "group"), ids) $$;

@@ -1,0 +1,80 @@
+-- pgtide inspection: stats and the views psql users read.
+--
+-- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
+-- other function files, under the namespace's migration lock) whenever its text changes; the
+-- checksum of what was applied is kept in `@ns@._pgtide_sql`. Every statement here must be
+-- re-runnable: CREATE OR REPLACE. It cannot change a function's result type or argument names, or
+-- drop or retype a view's columns: such a change needs a `DROP ... IF EXISTS` just before it in
+-- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
+-- in `migrations/`, never here.
+
+-- Per (stream, group): counts come from folded counters plus the (small) unfolded deltas, and the
+-- non-ready part of the claim index (leased and delayed rows); the ready backlog is never counted.
+CREATE OR REPLACE FUNCTION @ns@.stats()
+RETURNS TABLE (stream text, "group" text, ready bigint, delayed bigint, in_flight bigint,
+               dead bigint, oldest_ready_age interval)
+LANGUAGE plpgsql SET jit = off AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM @ns@.fold_counters();
+    RETURN QUERY
+    SELECT s.name, g.name,
+           greatest(coalesce(c.pending, 0) + coalesce(x.pending, 0) - f.in_flight - f.delayed, 0)::bigint,
+           f.delayed, f.in_flight,
+           (coalesce(c.dead, 0) + coalesce(x.dead, 0))::bigint,
+           o.age
+    FROM @ns@.streams s
+    LEFT JOIN @ns@.groups g ON g.stream_id = s.id
+    LEFT JOIN @ns@.group_counters c ON c.group_id = g.id
+    LEFT JOIN LATERAL (
+        SELECT sum(cd.pending) AS pending, sum(cd.dead) AS dead
+        FROM @ns@.counter_deltas cd WHERE cd.group_id = g.id
+    ) x ON true
+    LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE d.consumer IS NOT NULL) AS in_flight,
+               count(*) FILTER (WHERE d.consumer IS NULL) AS delayed
+        FROM @ns@.delivery_state d WHERE d.group_id = g.id AND d.visible_at > now()
+    ) f ON true
+    LEFT JOIN LATERAL (
+        SELECT greatest(now() - @ns@.uuid_time(d.message_id), interval '0') AS age
+        FROM @ns@.delivery_state d WHERE d.group_id = g.id AND d.visible_at <= now()
+        ORDER BY d.visible_at LIMIT 1
+    ) o ON true
+    ORDER BY s.name, g.name;
+END $$;
+
+CREATE OR REPLACE VIEW @ns@.stream_stats AS SELECT * FROM @ns@.stats();
+
+CREATE OR REPLACE VIEW @ns@.deliveries AS
+SELECT s.name AS stream, g.name AS "group", d.message_id, d.consumer, d.attempts AS attempt,
+       CASE WHEN d.visible_at <= now() THEN 'ready'
+            WHEN d.consumer IS NOT NULL THEN 'in_flight'
+            ELSE 'delayed' END AS state,
+       d.visible_at,
+       CASE WHEN d.consumer IS NOT NULL AND d.visible_at > now() THEN d.visible_at END AS lease_expires_at,
+       d.last_error,
+       @ns@.uuid_time(d.message_id) AS published_at
+FROM @ns@.delivery_state d
+JOIN @ns@.groups g ON g.id = d.group_id
+JOIN @ns@.streams s ON s.id = g.stream_id;
+
+CREATE OR REPLACE VIEW @ns@.dead_letters AS
+SELECT s.name AS stream, g.name AS "group", d.message_id, d.attempts, d.reason, d.error, d.dead_at,
+       CASE WHEN m.is_json THEN convert_from(m.payload, 'UTF8')::jsonb END AS payload,
+       m.payload AS payload_bytes, m.headers,
+       @ns@.uuid_time(d.message_id) AS published_at
+FROM @ns@.dead_letter_state d
+JOIN @ns@.groups g ON g.id = d.group_id
+JOIN @ns@.streams s ON s.id = g.stream_id
+LEFT JOIN @ns@.messages m ON m.stream_id = s.id AND m.id = d.message_id;
+
+CREATE OR REPLACE VIEW @ns@.messages_view AS
+SELECT s.name AS stream, m.id, @ns@.uuid_time(m.id) AS published_at,
+       CASE WHEN m.is_json THEN convert_from(m.payload, 'UTF8')::jsonb END AS payload,
+       m.payload AS payload_bytes, m.headers, m.dedupe_key
+FROM @ns@.messages m JOIN @ns@.streams s ON s.id = m.stream_id;
+
+CREATE OR REPLACE VIEW @ns@.scout AS
+SELECT holder, term, acquired_at AS since, renewed_at, expires_at,
+       holder IS NOT NULL AND expires_at > now() AS active
+FROM @ns@.scout_lease;

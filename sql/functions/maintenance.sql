@@ -1,0 +1,121 @@
+-- pgtide maintenance: partitions ahead, retention by DROP, counter folding, the maintenance pass.
+--
+-- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
+-- other function files, under the namespace's migration lock) whenever its text changes; the
+-- checksum of what was applied is kept in `@ns@._pgtide_sql`. Every statement here must be
+-- re-runnable: CREATE OR REPLACE. It cannot change a function's result type or argument names, or
+-- drop or retype a view's columns: such a change needs a `DROP ... IF EXISTS` just before it in
+-- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
+-- in `migrations/`, never here.
+
+-- Creates the range partition of `stream` that holds `at`, moving any rows the default partition
+-- caught for that range (publishes while maintenance was not running are never lost).
+CREATE OR REPLACE FUNCTION @ns@.ensure_partition(p_stream_id integer, at timestamptz) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    width  interval;
+    w_ms   bigint;
+    lo_ms  bigint;
+    lo     timestamptz;
+    hi     timestamptz;
+    tbl    text;
+    parent text := format('messages_s%s', p_stream_id);
+BEGIN
+    SELECT partition_interval INTO width FROM @ns@.streams WHERE id = p_stream_id;
+    IF width IS NULL THEN RETURN false; END IF;
+    w_ms := floor(extract(epoch FROM width) * 1000)::bigint;
+    lo_ms := floor(extract(epoch FROM at) * 1000)::bigint / w_ms * w_ms;
+    lo := to_timestamp(lo_ms / 1000.0);
+    hi := to_timestamp((lo_ms + w_ms) / 1000.0);
+    IF EXISTS (SELECT 1 FROM @ns@.partitions WHERE stream_id = p_stream_id AND lower < hi AND upper > lo) THEN
+        RETURN false;
+    END IF;
+    tbl := format('messages_s%s_%s', p_stream_id, lo_ms);
+    EXECUTE format('CREATE TABLE %I.%I (LIKE %I.messages INCLUDING DEFAULTS)', @ns_lit@, tbl, @ns_lit@);
+    EXECUTE format('WITH moved AS (DELETE FROM %I.%I WHERE id >= $1 AND id < $2 RETURNING *) '
+                   'INSERT INTO %I.%I SELECT * FROM moved',
+                   @ns_lit@, parent || '_default', @ns_lit@, tbl)
+        USING @ns@.uuid_floor(lo), @ns@.uuid_floor(hi);
+    EXECUTE format('ALTER TABLE %I.%I ADD PRIMARY KEY (stream_id, id)', @ns_lit@, tbl);
+    EXECUTE format('ALTER TABLE %I.%I ATTACH PARTITION %I.%I FOR VALUES FROM (%L) TO (%L)',
+                   @ns_lit@, parent, @ns_lit@, tbl, @ns@.uuid_floor(lo), @ns@.uuid_floor(hi));
+    INSERT INTO @ns@.partitions (stream_id, lower, upper, table_name) VALUES (p_stream_id, lo, hi, tbl);
+    RETURN true;
+END $$;
+
+-- Drops every partition of the stream whose newest possible message is older than the stream's
+-- retention, with the delivery state and dead letters that still pointed into it.
+CREATE OR REPLACE FUNCTION @ns@.drop_expired_partitions(p_stream_id integer, at timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p       record;
+    n       integer := 0;
+    keep    interval;
+BEGIN
+    SELECT retention INTO keep FROM @ns@.streams WHERE id = p_stream_id;
+    FOR p IN SELECT * FROM @ns@.partitions
+             WHERE stream_id = p_stream_id AND upper <= at - keep ORDER BY lower
+    LOOP
+        WITH gone AS (
+            DELETE FROM @ns@.delivery_state d USING @ns@.groups g
+            WHERE g.stream_id = p_stream_id AND d.group_id = g.id
+              AND d.message_id >= @ns@.uuid_floor(p.lower) AND d.message_id < @ns@.uuid_floor(p.upper)
+            RETURNING d.group_id
+        )
+        INSERT INTO @ns@.counter_deltas (group_id, pending)
+        SELECT group_id, -count(*) FROM gone GROUP BY group_id;
+        WITH gone AS (
+            DELETE FROM @ns@.dead_letter_state d USING @ns@.groups g
+            WHERE g.stream_id = p_stream_id AND d.group_id = g.id
+              AND d.message_id >= @ns@.uuid_floor(p.lower) AND d.message_id < @ns@.uuid_floor(p.upper)
+            RETURNING d.group_id
+        )
+        INSERT INTO @ns@.counter_deltas (group_id, dead)
+        SELECT group_id, -count(*) FROM gone GROUP BY group_id;
+        EXECUTE format('DROP TABLE %I.%I', @ns_lit@, p.table_name);
+        DELETE FROM @ns@.partitions WHERE stream_id = p_stream_id AND lower = p.lower;
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END $$;
+
+-- Folds counter deltas into group_counters. Cheap; skips if another session is folding.
+CREATE OR REPLACE FUNCTION @ns@.fold_counters() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+BEGIN
+    IF current_setting('transaction_read_only')::boolean
+       OR NOT pg_try_advisory_xact_lock(hashtext(@ns_lit@ || '.fold_counters')) THEN
+        RETURN;
+    END IF;
+    WITH d AS (DELETE FROM @ns@.counter_deltas RETURNING group_id, pending, dead),
+         s AS (SELECT group_id, sum(pending) AS pending, sum(dead) AS dead FROM d GROUP BY group_id)
+    INSERT INTO @ns@.group_counters AS c (group_id, pending, dead)
+    SELECT group_id, pending, dead FROM s
+    ON CONFLICT (group_id) DO UPDATE
+        SET pending = c.pending + excluded.pending, dead = c.dead + excluded.dead;
+END $$;
+
+-- One maintenance pass: partitions ahead, retention, dedupe window, counters. Returns a summary.
+CREATE OR REPLACE FUNCTION @ns@.maintain(at timestamptz DEFAULT now())
+RETURNS TABLE (partitions_created integer, partitions_dropped integer, dedupe_removed integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s record;
+    i integer;
+BEGIN
+    partitions_created := 0;
+    partitions_dropped := 0;
+    FOR s IN SELECT id, partition_interval FROM @ns@.streams ORDER BY id LOOP
+        FOR i IN 0..3 LOOP
+            IF @ns@.ensure_partition(s.id, at + s.partition_interval * i) THEN
+                partitions_created := partitions_created + 1;
+            END IF;
+        END LOOP;
+        partitions_dropped := partitions_dropped + @ns@.drop_expired_partitions(s.id, at);
+    END LOOP;
+    DELETE FROM @ns@.dedupe WHERE expires_at < at;
+    GET DIAGNOSTICS dedupe_removed = ROW_COUNT;
+    PERFORM @ns@.fold_counters();
+    RETURN NEXT;
+END $$;

@@ -1,0 +1,137 @@
+-- pgtide publish: the publish rule (visibility, payload limit), `_publish` (dedupe keys) and the
+-- public publish functions. `sql/publish.sql` (the engine's fast path) uses the same rule functions.
+--
+-- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
+-- other function files, under the namespace's migration lock) whenever its text changes; the
+-- checksum of what was applied is kept in `@ns@._pgtide_sql`. Every statement here must be
+-- re-runnable: CREATE OR REPLACE. It cannot change a function's result type or argument names, or
+-- drop or retype a view's columns: such a change needs a `DROP ... IF EXISTS` just before it in
+-- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
+-- in `migrations/`, never here.
+
+---------------------------------------------------------------------------------------------------
+-- the publish rule: every publish path (the engine's `sql/publish.sql`, `_publish`, `publish()`,
+-- `publish_bytes()`) goes through these two functions, so the rule is written once. Both are
+-- plain SQL expressions the planner inlines into the calling statement: no call overhead on the
+-- publish hot path.
+
+-- When a new delivery becomes visible: at `p_deliver_at`, else `p_delay` from now, else now
+-- minus the priority in seconds (a priority `p > 0` counts as ready `p` seconds earlier, so it
+-- overtakes; negative priorities count as 0).
+CREATE OR REPLACE FUNCTION @ns@._visible_at(p_deliver_at timestamptz, p_delay interval, p_priority integer)
+RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(p_deliver_at, now() + p_delay,
+                    now() - make_interval(secs => greatest(p_priority, 0)))
+$$;
+
+-- Raises PT004 (payload too large); DETAIL carries `size=<bytes> limit=<bytes>` for the engine's
+-- typed error. Only called for a payload over the limit.
+CREATE OR REPLACE FUNCTION @ns@._payload_too_large(p_stream text, p_size integer, p_limit integer)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'pgtide: payload of % bytes exceeds the limit of % bytes of stream %',
+        p_size, p_limit, quote_literal(p_stream)
+        USING ERRCODE = 'PT004', DETAIL = format('size=%s limit=%s', p_size, p_limit),
+              HINT = 'raise the stream''s max_payload or store the body elsewhere';
+END $$;
+
+-- True when the payload fits the stream's limit; raises PT004 otherwise (never returns false).
+CREATE OR REPLACE FUNCTION @ns@._payload_ok(p_stream text, p_payload bytea, p_limit integer)
+RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT octet_length(p_payload) <= p_limit
+           OR @ns@._payload_too_large(p_stream, octet_length(p_payload), p_limit)
+$$;
+
+---------------------------------------------------------------------------------------------------
+-- publish
+
+-- Publishes one message (any options, including a dedupe key). Returns the id that holds the
+-- message and whether this call was a duplicate of an earlier publish inside the dedupe window.
+-- `p_visible_at` is the delivery's visibility (`_visible_at` of deliver_at/delay), NULL for now
+-- adjusted by `p_priority`.
+CREATE OR REPLACE FUNCTION @ns@._publish(
+    p_stream     text,
+    p_id         uuid,
+    p_payload    bytea,
+    p_is_json    boolean,
+    p_headers    jsonb,
+    p_visible_at timestamptz,
+    p_dedupe_key text,
+    p_priority   integer DEFAULT 0
+) RETURNS TABLE (message_id uuid, duplicate boolean)
+LANGUAGE plpgsql
+SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    s        record;
+    existing uuid;
+BEGIN
+    SELECT id, max_payload, dedupe_window INTO s FROM @ns@.streams WHERE name = p_stream;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgtide: stream % does not exist', quote_literal(p_stream)
+            USING ERRCODE = 'PT002', HINT = 'create it with create_stream()';
+    END IF;
+    PERFORM @ns@._payload_ok(p_stream, p_payload, s.max_payload);
+    IF p_dedupe_key IS NOT NULL AND s.dedupe_window > '0' THEN
+        LOOP
+            INSERT INTO @ns@.dedupe AS d (stream_id, key, message_id, expires_at)
+            VALUES (s.id, p_dedupe_key, p_id, now() + s.dedupe_window)
+            ON CONFLICT (stream_id, key) DO UPDATE
+                SET message_id = excluded.message_id, expires_at = excluded.expires_at
+                WHERE d.expires_at < now()
+            RETURNING d.message_id INTO existing;
+            EXIT WHEN FOUND;
+            SELECT d.message_id INTO existing FROM @ns@.dedupe d
+            WHERE d.stream_id = s.id AND d.key = p_dedupe_key;
+            IF FOUND THEN
+                message_id := existing;
+                duplicate := true;
+                RETURN NEXT;
+                RETURN;
+            END IF;
+            -- the entry vanished between the two statements (cleanup): try again
+        END LOOP;
+    END IF;
+    INSERT INTO @ns@.messages (stream_id, id, payload, is_json, headers, dedupe_key)
+    VALUES (s.id, p_id, p_payload, p_is_json, p_headers, p_dedupe_key);
+    INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
+    SELECT g.id, p_id, @ns@._visible_at(p_visible_at, NULL, p_priority)
+    FROM @ns@.groups g WHERE g.stream_id = s.id;
+    INSERT INTO @ns@.counter_deltas (group_id, pending)
+    SELECT g.id, 1 FROM @ns@.groups g WHERE g.stream_id = s.id;
+    message_id := p_id;
+    duplicate := false;
+    RETURN NEXT;
+END $$;
+
+CREATE OR REPLACE FUNCTION @ns@.publish(
+    stream     text,
+    payload    jsonb,
+    headers    jsonb DEFAULT NULL,
+    delay      interval DEFAULT NULL,
+    dedupe_key text DEFAULT NULL,
+    priority   integer DEFAULT 0
+) RETURNS uuid
+LANGUAGE sql AS $$
+    SELECT message_id FROM @ns@._publish(
+        stream, @ns@.uuid_v7(), convert_to(payload::text, 'UTF8'), true, headers,
+        @ns@._visible_at(NULL, delay, priority), dedupe_key, priority)
+$$;
+
+CREATE OR REPLACE FUNCTION @ns@.publish_bytes(
+    stream     text,
+    payload    bytea,
+    headers    jsonb DEFAULT NULL,
+    delay      interval DEFAULT NULL,
+    dedupe_key text DEFAULT NULL,
+    priority   integer DEFAULT 0
+) RETURNS uuid
+LANGUAGE sql AS $$
+    SELECT message_id FROM @ns@._publish(
+        stream, @ns@.uuid_v7(), payload, false, headers,
+        @ns@._visible_at(NULL, delay, priority), dedupe_key, priority)
+$$;

@@ -1,0 +1,139 @@
+-- pgtide registry: create, delete and purge streams and groups.
+--
+-- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
+-- other function files, under the namespace's migration lock) whenever its text changes; the
+-- checksum of what was applied is kept in `@ns@._pgtide_sql`. Every statement here must be
+-- re-runnable: CREATE OR REPLACE. It cannot change a function's result type or argument names, or
+-- drop or retype a view's columns: such a change needs a `DROP ... IF EXISTS` just before it in
+-- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
+-- in `migrations/`, never here.
+
+CREATE OR REPLACE FUNCTION @ns@.create_stream(
+    stream             text,
+    lease              interval DEFAULT '30 seconds',
+    max_deliver        integer DEFAULT 5,
+    backoff            interval[] DEFAULT '{1s,5s,15s,30s,60s}',
+    retention          interval DEFAULT '7 days',
+    dedupe_window      interval DEFAULT '1 hour',
+    max_payload        integer DEFAULT 1048576,
+    partition_interval interval DEFAULT '1 day',
+    backoff_jitter     real DEFAULT 0.1,
+    if_not_exists      boolean DEFAULT true
+) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer;
+BEGIN
+    IF stream IS NULL OR NOT @ns@.valid_name(stream) THEN
+        RAISE EXCEPTION 'pgtide: stream name % is invalid: use 1-64 of a-z, 0-9, ''.'', ''_'', ''-'', starting with a letter or digit', quote_nullable(stream)
+            USING ERRCODE = 'PT001';
+    END IF;
+    -- Serialise creators of the same name so concurrent ensure calls never collide on DDL.
+    PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.stream.' || stream));
+    IF EXISTS (SELECT 1 FROM @ns@.streams WHERE name = stream) THEN
+        IF if_not_exists THEN RETURN false; END IF;
+        RAISE EXCEPTION 'pgtide: stream % already exists', quote_literal(stream) USING ERRCODE = 'PT005';
+    END IF;
+    INSERT INTO @ns@.streams (name, lease, max_deliver, backoff, retention, dedupe_window, max_payload,
+                              partition_interval, backoff_jitter)
+    VALUES (stream, lease, max_deliver, backoff, retention, dedupe_window, max_payload,
+            partition_interval, backoff_jitter)
+    RETURNING id INTO sid;
+    EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.messages FOR VALUES IN (%s) PARTITION BY RANGE (id)',
+                   @ns_lit@, 'messages_s' || sid, @ns_lit@, sid);
+    EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.%I DEFAULT',
+                   @ns_lit@, 'messages_s' || sid || '_default', @ns_lit@, 'messages_s' || sid);
+    FOR i IN 0..3 LOOP
+        PERFORM @ns@.ensure_partition(sid, now() + partition_interval * i);
+    END LOOP;
+    RETURN true;
+END $$;
+
+CREATE OR REPLACE FUNCTION @ns@.delete_stream(stream text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer;
+BEGIN
+    SELECT id INTO sid FROM @ns@.streams WHERE name = stream FOR UPDATE;
+    IF sid IS NULL THEN RETURN false; END IF;
+    DELETE FROM @ns@.delivery_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    DELETE FROM @ns@.dead_letter_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    DELETE FROM @ns@.group_counters WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    DELETE FROM @ns@.counter_deltas WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    DELETE FROM @ns@.dedupe WHERE stream_id = sid;
+    EXECUTE format('DROP TABLE %I.%I', @ns_lit@, 'messages_s' || sid);
+    DELETE FROM @ns@.streams WHERE id = sid;
+    RETURN true;
+END $$;
+
+-- `start`: 'new' (messages published from now on) or 'oldest' (every retained message too).
+CREATE OR REPLACE FUNCTION @ns@.create_group(stream text, "group" text, start text DEFAULT 'new',
+                                  if_not_exists boolean DEFAULT true)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer := @ns@.stream_id(stream);
+    gid integer;
+    n   bigint;
+BEGIN
+    IF "group" IS NULL OR NOT @ns@.valid_name("group") THEN
+        RAISE EXCEPTION 'pgtide: group name % is invalid: use 1-64 of a-z, 0-9, ''.'', ''_'', ''-'', starting with a letter or digit', quote_nullable("group")
+            USING ERRCODE = 'PT001';
+    END IF;
+    IF start NOT IN ('new', 'oldest') THEN
+        RAISE EXCEPTION 'pgtide: group start % is invalid: use ''new'' or ''oldest''', quote_nullable(start)
+            USING ERRCODE = 'PT001';
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.group.' || sid || '.' || "group"));
+    IF EXISTS (SELECT 1 FROM @ns@.groups WHERE stream_id = sid AND name = "group") THEN
+        IF if_not_exists THEN RETURN false; END IF;
+        RAISE EXCEPTION 'pgtide: group % already exists on stream %', quote_literal("group"), quote_literal(stream)
+            USING ERRCODE = 'PT006';
+    END IF;
+    INSERT INTO @ns@.groups (stream_id, name) VALUES (sid, "group") RETURNING id INTO gid;
+    INSERT INTO @ns@.group_counters (group_id) VALUES (gid);
+    IF start = 'oldest' THEN
+        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
+        SELECT gid, m.id, @ns@.uuid_time(m.id) FROM @ns@.messages m WHERE m.stream_id = sid
+        ON CONFLICT DO NOTHING;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        UPDATE @ns@.group_counters SET pending = n WHERE group_id = gid;
+    END IF;
+    RETURN true;
+END $$;
+
+CREATE OR REPLACE FUNCTION @ns@.delete_group(stream text, "group" text) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    gid integer;
+BEGIN
+    SELECT g.id INTO gid FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
+    WHERE s.name = stream AND g.name = "group" FOR UPDATE OF g;
+    IF gid IS NULL THEN RETURN false; END IF;
+    DELETE FROM @ns@.delivery_state WHERE group_id = gid;
+    DELETE FROM @ns@.dead_letter_state WHERE group_id = gid;
+    DELETE FROM @ns@.group_counters WHERE group_id = gid;
+    DELETE FROM @ns@.counter_deltas WHERE group_id = gid;
+    DELETE FROM @ns@.groups WHERE id = gid;
+    RETURN true;
+END $$;
+
+-- Purge: drop every message of a stream and every pending delivery and dead letter of its
+-- groups, keeping the stream, its groups and its partitions.
+CREATE OR REPLACE FUNCTION @ns@.purge_stream(stream text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid integer := @ns@.stream_id(stream);
+    n   bigint;
+BEGIN
+    SELECT count(*) INTO n FROM @ns@.delivery_state
+    WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    DELETE FROM @ns@.delivery_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    DELETE FROM @ns@.dead_letter_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    DELETE FROM @ns@.counter_deltas WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    UPDATE @ns@.group_counters SET pending = 0, dead = 0
+    WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    DELETE FROM @ns@.dedupe WHERE stream_id = sid;
+    EXECUTE format('TRUNCATE %I.%I', @ns_lit@, 'messages_s' || sid);
+    RETURN n;
+END $$;

@@ -1,0 +1,1 @@
+SELECT @ns@.grant_runtime($1)

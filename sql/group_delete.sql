@@ -1,0 +1,1 @@
+SELECT @ns@.delete_group($1, $2)

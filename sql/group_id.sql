@@ -1,0 +1,1 @@
+SELECT @ns@.group_id($1, $2)

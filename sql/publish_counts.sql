@@ -1,0 +1,1 @@
+SELECT stream, published FROM @ns@.publish_counts()

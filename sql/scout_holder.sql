@@ -1,0 +1,1 @@
+SELECT holder FROM @ns@.scout WHERE active

@@ -1,0 +1,1 @@
+SELECT @ns@._scout_resign($1, $2)

@@ -1,0 +1,1 @@
+SELECT @ns@.delete_stream($1)

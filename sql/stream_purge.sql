@@ -1,0 +1,1 @@
+SELECT @ns@.purge_stream($1)

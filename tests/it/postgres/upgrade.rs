@@ -1,0 +1,410 @@
+//! Upgrading in place: a namespace installed by the released migrations 0001–0006 (exactly as
+//! the previous release's `migrate()` left it, sqlx bookkeeping included), holding data, is
+//! upgraded by `migrate()`: data intact, functions current, consumers working; then unchanged
+//! function files are skipped and a changed one is re-applied.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use pgtide::{PgBackend, StreamConfig};
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+use crate::common::{database_url, json, namespace, unique, TestNs, WAIT};
+
+/// The migrations of the previous release, as it shipped them.
+#[rustfmt::skip]
+const RELEASED: &[(i64, &str, &str)] = &[
+    (1, "core", include_str!("../../../migrations/0001_core.sql")),
+    (2, "delivery", include_str!("../../../migrations/0002_delivery.sql")),
+    (3, "wakeups", include_str!("../../../migrations/0003_wakeups.sql")),
+    (4, "purge", include_str!("../../../migrations/0004_purge.sql")),
+    (5, "operations", include_str!("../../../migrations/0005_operations.sql")),
+    (6, "plans", include_str!("../../../migrations/0006_plans.sql")),
+];
+
+/// Every function file; all are applied on the first `migrate()` of the new release.
+const FILES: &[&str] = &[
+    "functions/core.sql",
+    "functions/maintenance.sql",
+    "functions/registry.sql",
+    "functions/publish.sql",
+    "functions/delivery.sql",
+    "functions/wakeups.sql",
+    "functions/operations.sql",
+    "functions/inspection.sql",
+];
+
+#[derive(Debug)]
+struct Released(String);
+
+impl MigrationSource<'static> for Released {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async move {
+            Ok(RELEASED
+                .iter()
+                .map(|(version, name, sql)| {
+                    let sql = sql
+                        .replace("@ns_lit@", &format!("'{}'", self.0))
+                        .replace("@ns@", &format!("\"{}\"", self.0));
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(*name),
+                        MigrationType::Simple,
+                        Cow::Owned(sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
+
+/// Installs `ns` the way the previous release's `migrate()` did.
+async fn install_released(url: &str, ns: &str) {
+    let options = PgConnectOptions::from_str(url)
+        .unwrap()
+        .options([("search_path", format!("\"{ns}\""))]);
+    let mut conn = PgConnection::connect_with(&options).await.unwrap();
+    sqlx::raw_sql(&format!("CREATE SCHEMA \"{ns}\""))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    Migrator::new(Released(ns.to_owned()))
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+}
+
+/// A digest of every row of every table, by table.
+async fn data(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for table in [
+        "streams",
+        "groups",
+        "partitions",
+        "messages",
+        "delivery_state",
+        "dead_letter_state",
+        "dedupe",
+        "scout_lease",
+    ] {
+        let digest: Option<String> = raw
+            .query_one(
+                &format!(
+                    "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM \"{ns}\".{table} t"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        out.insert(table.to_owned(), digest.unwrap_or_default());
+    }
+    // Counters as the sum of folded and unfolded: folding may run at any time.
+    let counters: Option<String> = raw
+        .query_one(
+            &format!(
+                "SELECT string_agg(group_id || ':' || pending || ':' || dead, ',' ORDER BY group_id)
+                 FROM (SELECT group_id, sum(pending) AS pending, sum(dead) AS dead
+                       FROM (SELECT group_id, pending, dead FROM \"{ns}\".group_counters
+                             UNION ALL SELECT group_id, pending, dead FROM \"{ns}\".counter_deltas) x
+                       GROUP BY group_id) c"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    out.insert("counters".to_owned(), counters.unwrap_or_default());
+    out
+}
+
+/// Every function and view of the namespace, with its definition (namespace name taken out).
+async fn definitions(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String> {
+    raw.query(
+        "SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',
+                replace(pg_get_functiondef(p.oid), $1::text, '<ns>')
+           FROM pg_proc p WHERE p.pronamespace = $1::text::regnamespace
+         UNION ALL
+         SELECT 'view ' || viewname, replace(definition, $1::text, '<ns>')
+           FROM pg_views WHERE schemaname = $1::text",
+        &[&ns],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Every table, column and index of the namespace (namespace name taken out).
+async fn tables(raw: &tokio_postgres::Client, ns: &str) -> Vec<String> {
+    let mut rows: Vec<String> = raw
+        .query(
+            "SELECT 'col ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+              WHERE c.relnamespace = $1::text::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+                AND c.relname NOT LIKE 'messages_s%'
+             UNION ALL
+             SELECT 'idx ' || replace(indexdef, $1::text, '<ns>') FROM pg_indexes
+              WHERE schemaname = $1::text AND tablename NOT LIKE 'messages_s%'",
+            &[&ns],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    rows.sort();
+    rows
+}
+
+async fn applied_at(
+    raw: &tokio_postgres::Client,
+    ns: &str,
+) -> Vec<(String, chrono::DateTime<chrono::Utc>)> {
+    raw.query(
+        &format!("SELECT file, applied_at FROM \"{ns}\"._pgtide_sql ORDER BY file"),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_namespace_upgrades_in_place_with_its_data() {
+    let url = database_url().await;
+    let name = unique("up");
+    install_released(&url, &name).await;
+    let ns = TestNs {
+        pg: PgBackend::builder(url.clone())
+            .namespace(name.clone())
+            .build()
+            .unwrap(),
+        url: url.clone(),
+    };
+    let raw = ns.raw().await;
+    let n = name.as_str();
+    assert!(
+        !ns.is_migrated().await.unwrap(),
+        "a 0006 namespace is out of date"
+    );
+
+    // Data, written through the previous release's SQL surface: for group billing one ready,
+    // one delayed, two in flight and one dead delivery; group audit has them all pending.
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('orders');
+         SELECT \"{n}\".create_group('orders', 'billing');
+         SELECT \"{n}\".create_group('orders', 'audit');
+         SELECT \"{n}\".publish('orders', jsonb_build_object('n', i)) FROM generate_series(1, 3) i;
+         SELECT \"{n}\".publish('orders', '{{\"n\": 4}}', dedupe_key => 'four');
+         SELECT \"{n}\".publish('orders', '{{\"n\": 5}}', delay => interval '1 hour');"
+    ))
+    .await
+    .unwrap();
+    let claimed: Vec<Uuid> = raw
+        .query(
+            &format!("SELECT id FROM \"{n}\".read('orders', 'billing', 'old-consumer', 3)"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(claimed.len(), 3);
+    raw.execute(
+        &format!("SELECT \"{n}\".term('orders', 'billing', ARRAY[$1::uuid], 'bad')"),
+        &[&claimed[0]],
+    )
+    .await
+    .unwrap();
+    let in_flight = claimed[1..].to_vec();
+
+    let data_before = data(&raw, n).await;
+    let defs_before = definitions(&raw, n).await;
+
+    let report = ns.migrate().await.unwrap();
+    assert_eq!(report.migrations, vec!["0007_sql_files".to_owned()]);
+    assert_eq!(report.sql_files, FILES);
+    assert!(ns.is_migrated().await.unwrap());
+
+    // The data is untouched.
+    assert_eq!(data(&raw, n).await, data_before);
+
+    // The function files re-created what 0001–0006 had left, except what this release changes.
+    let defs_after = definitions(&raw, n).await;
+    let changed: Vec<&String> = defs_before
+        .iter()
+        .filter(|(k, v)| defs_after.get(*k) != Some(v))
+        .map(|(k, _)| k)
+        .collect();
+    let added: Vec<&String> = defs_after
+        .keys()
+        .filter(|k| !defs_before.contains_key(*k))
+        .collect();
+    let names = |v: &[&String]| -> Vec<String> {
+        v.iter()
+            .map(|k| k.split('(').next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(&changed),
+        ["_publish", "grant_runtime", "publish", "publish_bytes"],
+        "{changed:?}"
+    );
+    assert_eq!(
+        names(&added),
+        [
+            "_payload_ok",
+            "_payload_too_large",
+            "_visible_at",
+            "in_progress"
+        ],
+        "{added:?}"
+    );
+
+    // And the namespace now equals a freshly installed one.
+    let fresh = namespace().await;
+    let fresh_raw = fresh.raw().await;
+    assert_eq!(definitions(&fresh_raw, fresh.namespace()).await, defs_after);
+    assert_eq!(
+        tables(&fresh_raw, fresh.namespace()).await,
+        tables(&raw, n).await
+    );
+
+    // Counts and consumers work on the upgraded data.
+    let billing = ns.group_stats("orders", "billing").await.unwrap();
+    assert_eq!(
+        (
+            billing.ready,
+            billing.delayed,
+            billing.in_flight,
+            billing.dead
+        ),
+        (1, 1, 2, 1),
+        "{billing:?}"
+    );
+    let consumer = ns
+        .consumer("orders", "billing", "new-consumer")
+        .await
+        .unwrap();
+    let got = consumer.fetch(10, WAIT).await.unwrap();
+    assert_eq!(got.len(), 1);
+    consumer.ack(&got[0]).await.unwrap();
+    let extended: i32 = raw
+        .query_one(
+            &format!("SELECT \"{n}\".in_progress('orders', 'billing', $1)"),
+            &[&in_flight],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(extended, 2);
+    let acked: i32 = raw
+        .query_one(
+            &format!("SELECT \"{n}\".ack('orders', 'billing', $1)"),
+            &[&in_flight],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(acked, 2);
+    assert_eq!(ns.replay_dead("orders", "billing", None).await.unwrap(), 1);
+    let replayed = consumer.fetch(10, WAIT).await.unwrap();
+    assert_eq!(replayed.len(), 1);
+    assert_eq!(replayed[0].id(), claimed[0]);
+    consumer.ack(&replayed[0]).await.unwrap();
+    let receipt = ns
+        .publish("orders", json(serde_json::json!({"n": 6})))
+        .await
+        .unwrap();
+    let got = consumer.fetch(10, WAIT).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id(), receipt.id);
+    consumer.ack(&got[0]).await.unwrap();
+    let audit = ns
+        .consumer("orders", "audit", "new-consumer")
+        .await
+        .unwrap();
+    assert_eq!(audit.fetch(10, WAIT).await.unwrap().len(), 5);
+    let dup = ns
+        .publish(
+            "orders",
+            json(serde_json::json!({"n": 4})).dedupe_key("four"),
+        )
+        .await
+        .unwrap();
+    assert!(dup.duplicate, "the dedupe window survived the upgrade");
+
+    // A second migrate() skips every unchanged file.
+    let stamps = applied_at(&raw, n).await;
+    assert_eq!(stamps.len(), FILES.len());
+    let again = ns.migrate().await.unwrap();
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(applied_at(&raw, n).await, stamps);
+
+    // A file whose text differs from what was applied (as after upgrading the library) is
+    // re-applied, alone.
+    raw.execute(
+        &format!(
+            "UPDATE \"{n}\"._pgtide_sql SET checksum = '\\x00' WHERE file = 'functions/delivery.sql'"
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(!ns.is_migrated().await.unwrap());
+    let report = ns.migrate().await.unwrap();
+    assert!(report.migrations.is_empty(), "{report:?}");
+    assert_eq!(report.sql_files, ["functions/delivery.sql"]);
+    assert!(ns.is_migrated().await.unwrap());
+    let restamped = applied_at(&raw, n).await;
+    for ((file, before), (_, after)) in stamps.iter().zip(&restamped) {
+        assert_eq!(
+            before != after,
+            file == "functions/delivery.sql",
+            "{file}: {before} -> {after}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_dropped_midway_leaves_no_lock_behind() {
+    let url = database_url().await;
+    let name = unique("cancel");
+    let ns = TestNs {
+        pg: PgBackend::builder(url.clone())
+            .namespace(name)
+            .pool_size(2)
+            .build()
+            .unwrap(),
+        url,
+    };
+    // Drop migrate() futures at different points (connecting, migrating, applying files).
+    for ms in [1, 5, 20, 50, 100, 200] {
+        let _ = tokio::time::timeout(Duration::from_millis(ms), ns.migrate()).await;
+    }
+    // A dropped call must not leave the migration lock held (on a pooled connection or
+    // elsewhere): the next call gets it and completes.
+    tokio::time::timeout(WAIT, ns.migrate())
+        .await
+        .expect("migrate() waited on a lock left behind")
+        .unwrap();
+    assert!(ns.is_migrated().await.unwrap());
+    ns.ensure_stream("s", StreamConfig::default())
+        .await
+        .unwrap();
+}
