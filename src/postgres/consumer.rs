@@ -167,6 +167,9 @@ impl Consumer {
     /// Cancel safety: if dropped after the claim committed, the claimed deliveries become visible
     /// again when their lease expires; nothing is lost.
     pub async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(vec![]);
+        }
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
         let max = max.clamp(1, 10_000) as i32;
@@ -194,6 +197,10 @@ impl Consumer {
         done: &[&Delivery],
         max: usize,
     ) -> Result<(SettleReport, Vec<Delivery>)> {
+        if max == 0 {
+            // The statement claims at least one: settle alone.
+            return Ok((self.ack_batch(done).await?, vec![]));
+        }
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
         let max = max.clamp(1, 10_000) as i32;
@@ -259,6 +266,9 @@ impl Consumer {
     ///
     /// Cancel safety: as [`Consumer::try_fetch`].
     pub async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(vec![]);
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         // Subscribe before the first claim so a publish between the claim and the wait still wakes us.
         let mut wakes = self.pg.subscribe();

@@ -11,7 +11,10 @@ macro_rules! conformance {
                 publish_fetch_ack, fan_out_to_two_groups, competing_consumers_never_share, nack_with_delay,
                 lease_expiry_redelivers, in_progress_keeps_the_lease, term_dead_letters_with_reason,
                 max_deliver_dead_letters, dedupe, delayed_publish, batch_publish, stats,
-                bad_names_are_typed_errors, worker_runs_the_same_handler);
+                bad_names_are_typed_errors, worker_runs_the_same_handler,
+                release_makes_visible_at_once_and_fences, ack_and_fetch_acks_then_claims,
+                purge_and_delete, group_start_oldest, priority_overtakes,
+                stale_handle_settles_are_fenced, try_fetch_zero_claims_nothing);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
