@@ -233,6 +233,7 @@ pub async fn in_progress_keeps_the_lease<Q: Queue>(q: Q) {
     let a = q.consumer("progress", "g", "a").await.unwrap();
     let b = q.consumer("progress", "g", "b").await.unwrap();
     let mut d = fetch_n(&a, 1).await.remove(0);
+    let before = d.lease_expires_at;
     let result = a.in_progress(&mut d, Some(Duration::from_secs(30))).await;
     if !q.capabilities().lease_extension {
         assert!(
@@ -242,6 +243,12 @@ pub async fn in_progress_keeps_the_lease<Q: Queue>(q: Q) {
         return;
     }
     result.unwrap();
+    // Moved forward (NATS resets the group's lease and ignores the argument, as documented).
+    assert!(
+        d.lease_expires_at > before,
+        "the delivery's lease end was not moved: {before} -> {}",
+        d.lease_expires_at
+    );
     // Keep extending past the original lease; b must see nothing meanwhile.
     let until = Instant::now() + Duration::from_millis(2000);
     while Instant::now() < until {
