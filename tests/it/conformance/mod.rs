@@ -49,11 +49,21 @@ mod backends {
             (),
         )
     }
+
+    /// Postgres through `AnyBackend` (a namespace of its own, migrated by the helper).
+    pub async fn any_postgres() -> (pgtide::AnyBackend, TestNs) {
+        let ns = namespace().await;
+        let any = pgtide::AnyBackend::connect(&ns.url, ns.namespace())
+            .await
+            .unwrap();
+        (any, ns)
+    }
 }
 
 conformance!(postgres, crate::conformance::backends::postgres);
 conformance!(memory, crate::conformance::backends::memory);
 conformance!(any_memory, crate::conformance::backends::any_memory);
+conformance!(any_postgres, crate::conformance::backends::any_postgres);
 
 #[cfg(feature = "amqp")]
 mod amqp;
