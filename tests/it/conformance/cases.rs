@@ -824,3 +824,34 @@ pub async fn try_fetch_zero_claims_nothing<Q: Queue>(q: Q) {
     assert_eq!(got[0].id(), r.id);
     c.ack(&got[0]).await.unwrap();
 }
+
+pub async fn expired_last_lease_dead_letters<Q: Queue>(q: Q) {
+    let config = StreamConfig::default()
+        .max_deliver(1)
+        .lease(Duration::from_secs(1));
+    setup(&q, "expire", config, &["g"]).await;
+    let r = q
+        .publish("expire", msg(serde_json::json!(1)).header("h", "v"))
+        .await
+        .unwrap();
+    let c = q.consumer("expire", "g", "c").await.unwrap();
+    let d = fetch_n(&c, 1).await;
+    assert_eq!((d[0].id(), d[0].attempt), (r.id, 1));
+    if !q.capabilities().lease_timeout {
+        return;
+    }
+    // Never settled: the redelivery would exceed max_deliver, so it goes to the dead letters.
+    assert!(
+        c.fetch(1, Duration::from_secs(2)).await.unwrap().is_empty(),
+        "delivered past max_deliver"
+    );
+    let dead = dead_letters(&q, "expire", "g", 1).await;
+    assert_eq!((dead[0].id, dead[0].attempts), (r.id, 1));
+    assert_eq!(dead[0].reason, "max_deliver");
+    assert_eq!(dead[0].error.as_deref(), Some("lease expired on attempt 1"));
+    assert_eq!(dead[0].headers.get("h").map(String::as_str), Some("v"));
+    if q.capabilities().exact_stats {
+        let s = q.stats("expire", "g").await.unwrap();
+        assert_eq!((s.ready, s.in_flight, s.dead), (0, 0, 1), "{s:?}");
+    }
+}

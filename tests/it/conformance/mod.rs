@@ -14,7 +14,8 @@ macro_rules! conformance {
                 bad_names_are_typed_errors, worker_runs_the_same_handler,
                 release_makes_visible_at_once_and_fences, ack_and_fetch_acks_then_claims,
                 purge_and_delete, group_start_oldest, priority_overtakes,
-                stale_handle_settles_are_fenced, try_fetch_zero_claims_nothing);
+                stale_handle_settles_are_fenced, try_fetch_zero_claims_nothing,
+                expired_last_lease_dead_letters);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {

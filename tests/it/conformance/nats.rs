@@ -157,35 +157,6 @@ async fn delayed_duplicate_returns_the_delayed_original() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_last_lease_dead_letters() {
-    let (q, _cleanup) = fresh().await;
-    let config = StreamConfig::default()
-        .max_deliver(1)
-        .lease(Duration::from_millis(500));
-    q.ensure_stream("expire", &config).await.unwrap();
-    q.ensure_group("expire", "g", GroupStart::New)
-        .await
-        .unwrap();
-    let r = q
-        .publish("expire", msg(serde_json::json!(1)).header("h", "v"))
-        .await
-        .unwrap();
-    let c = q.consumer("expire", "g", "c").await.unwrap();
-    let d = c.fetch(1, Duration::from_secs(5)).await.unwrap();
-    assert_eq!((d[0].id(), d[0].attempt), (r.id, 1));
-    // Never settled: the redelivery exceeds max_deliver and goes to the dead letters.
-    assert!(c.fetch(1, Duration::from_secs(2)).await.unwrap().is_empty());
-    let dead = q.dead_letters("expire", "g", 10).await.unwrap();
-    assert_eq!(dead.len(), 1);
-    assert_eq!((dead[0].id, dead[0].attempts), (r.id, 1));
-    assert_eq!(dead[0].reason, "max_deliver");
-    assert_eq!(dead[0].error.as_deref(), Some("lease expired on attempt 1"));
-    assert_eq!(dead[0].headers.get("h").map(String::as_str), Some("v"));
-    let s = q.stats("expire", "g").await.unwrap();
-    assert_eq!((s.ready, s.in_flight, s.dead), (0, 0, 1), "{s:?}");
-}
-
 // --- A three-node JetStream cluster -------------------------------------------------------
 
 /// `n` distinct free loopback ports (held open together so none is handed out twice).

@@ -1,6 +1,5 @@
 //! Postgres-only consuming behaviour: the all-groups stats listing, replay and purge of dead
-//! letters, a per-consumer lease, acks inside the handler's transaction, `create_group`, and
-//! claim order. What every backend promises is checked once in `conformance/cases.rs`.
+//! letters, acks inside the handler's transaction, `create_group`, and claim order. What every backend promises is checked once in `conformance/cases.rs`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -127,34 +126,6 @@ async fn nack_retries_with_backoff_then_dead_letters_after_max_deliver() {
     assert_eq!(dead[0].reason, "manual");
     assert_eq!(ns.purge_dead("s", "g", Some(&[r.id])).await.unwrap(), 1);
     assert_eq!(ns.group_stats("s", "g").await.unwrap().dead, 0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_lease_on_last_attempt_dead_letters() {
-    let ns = namespace().await;
-    ns.stream_with_groups("s", StreamConfig::default().max_deliver(1), &["g"])
-        .await;
-    let r = ns.publish("s", json(serde_json::json!(1))).await.unwrap();
-    let c = ns
-        .consumer("s", "g", "c")
-        .await
-        .unwrap()
-        .with_lease(Duration::from_millis(100));
-    let d = c.try_fetch(1).await.unwrap().remove(0);
-    assert_eq!(d.attempt, 1);
-    // Wait for the lease to lapse: the next claim buries it instead of delivering attempt 2.
-    let deadline = std::time::Instant::now() + WAIT;
-    while ns.dead_letters("s", "g", 10).await.unwrap().is_empty() {
-        assert!(
-            c.try_fetch(1).await.unwrap().is_empty(),
-            "attempt beyond max_deliver delivered"
-        );
-        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
-        tokio::task::yield_now().await;
-    }
-    let dead = ns.dead_letters("s", "g", 10).await.unwrap();
-    assert_eq!((dead[0].id, dead[0].reason.as_str()), (r.id, "max_deliver"));
-    assert_eq!(dead[0].error.as_deref(), Some("lease expired on attempt 1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
