@@ -122,7 +122,7 @@ impl Group {
         Some(p)
     }
 
-    /// The pending delivery `d` refers to, if its lease is still this attempt's.
+    /// The pending delivery `d` refers to, if its lease is still this claim's.
     fn fenced(&self, d: &Delivery) -> bool {
         self.pending.get(&d.id()).is_some_and(|p| {
             p.consumer.is_some()
