@@ -42,6 +42,11 @@ pub struct Capabilities {
     pub group_start_oldest: bool,
     /// Settles are fenced: a consumer whose lease lapsed and was re-claimed gets `LeaseLost`.
     pub fenced_settle: bool,
+    /// Settles are fenced after a release too: a handle whose delivery was handed back
+    /// (`release_batch`) and claimed again gets `LeaseLost`. False where the fence token is the
+    /// attempt number, which a release gives back (Postgres): such a stale handle could settle
+    /// the new claim. The worker never settles a delivery it released.
+    pub fenced_after_release: bool,
 }
 
 /// A handle to one backend: publish, administer, inspect, and make consumers. Cheap to clone.
@@ -123,10 +128,12 @@ pub trait QueueConsumer: Clone + Send + Sync + 'static {
     /// The lease a fetch grants, if known (the worker extends leases at half of it).
     fn lease(&self) -> impl Future<Output = Option<Duration>> + Send;
 
-    /// Claims up to `max` ready deliveries without waiting.
+    /// Claims up to `max` ready deliveries without waiting. `max` 0 claims nothing and returns
+    /// an empty batch.
     fn try_fetch(&self, max: usize) -> impl Future<Output = Result<Vec<Delivery>>> + Send;
 
-    /// Claims up to `max` deliveries, waiting up to `timeout` for the first.
+    /// Claims up to `max` deliveries, waiting up to `timeout` for the first. `max` 0 returns an
+    /// empty batch at once.
     fn fetch(
         &self,
         max: usize,
@@ -159,11 +166,13 @@ pub trait QueueConsumer: Clone + Send + Sync + 'static {
         lease: Option<Duration>,
     ) -> impl Future<Output = Result<()>> + Send;
 
-    /// Hands deliveries back unprocessed, visible again at once.
+    /// Hands deliveries back unprocessed, visible again at once. The attempt is not counted
+    /// (except on NATS, where JetStream counts every delivery).
     fn release_batch(&self, ds: &[&Delivery]) -> impl Future<Output = Result<SettleReport>> + Send;
 
-    /// Acknowledges `done`, then claims up to `max` new deliveries without waiting. Backends
-    /// that can do both in one round trip (Postgres: one statement, one commit) override this.
+    /// Acknowledges `done`, then claims up to `max` new deliveries without waiting (none when
+    /// `max` is 0). Backends that can do both in one round trip (Postgres: one statement, one
+    /// commit) override this.
     fn ack_and_fetch(
         &self,
         done: &[&Delivery],

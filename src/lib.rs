@@ -42,6 +42,7 @@ mod delivery;
 mod error;
 mod memory;
 mod message;
+mod metrics;
 mod names;
 #[cfg(feature = "nats")]
 mod nats;

@@ -166,12 +166,15 @@ impl QueueConsumer for AmqpConsumer {
     /// Cancel-safe: if this future is dropped, the fetch finishes in the background and hands
     /// back what it received, attempt unchanged.
     async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(vec![]);
+        }
         let shared = self.shared.clone();
         let stop = shared.token.child_token();
         let guard = stop.clone().drop_guard();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let result = shared.fetch_now(max.max(1), timeout, &stop).await;
+            let result = shared.fetch_now(max, timeout, &stop).await;
             if let Err(Ok(orphans)) = tx.send(result) {
                 let refs: Vec<&Delivery> = orphans.iter().collect();
                 if let Err(e) = release(&shared.stream, &shared.group, &refs).await {

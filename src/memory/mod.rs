@@ -36,6 +36,7 @@ pub(crate) const MEMORY_CAPABILITIES: Capabilities = Capabilities {
     exact_stats: true,
     group_start_oldest: true,
     fenced_settle: true,
+    fenced_after_release: true,
 };
 
 struct Stored {
@@ -50,6 +51,9 @@ struct Pending {
     attempts: u32,
     consumer: Option<String>,
     last_error: Option<String>,
+    /// The fence token of the current claim (0 when unclaimed). A release hands the attempt
+    /// back, so the attempt alone cannot tell a stale handle from the new holder's.
+    claim: u64,
 }
 
 #[derive(Default)]
@@ -58,6 +62,8 @@ struct Group {
     /// (visible_at, id) of every pending delivery: claims walk it from the front.
     order: BTreeSet<(Instant, Uuid)>,
     dead: Vec<DeadLetter>,
+    /// Claims made so far: the source of fence tokens, never reused.
+    claims: u64,
 }
 
 struct Stream {
@@ -116,11 +122,13 @@ impl Group {
         Some(p)
     }
 
-    /// The pending delivery `d` refers to, if its lease is still this attempt's.
+    /// The pending delivery `d` refers to, if its lease is still this claim's.
     fn fenced(&self, d: &Delivery) -> bool {
-        self.pending
-            .get(&d.id())
-            .is_some_and(|p| p.consumer.is_some() && p.attempts == d.attempt)
+        self.pending.get(&d.id()).is_some_and(|p| {
+            p.consumer.is_some()
+                && p.attempts == d.attempt
+                && d.token.as_ref().and_then(|t| t.downcast_ref::<u64>()) == Some(&p.claim)
+        })
     }
 
     fn bury(
@@ -244,6 +252,7 @@ impl Queue for MemoryBackend {
                         attempts: 0,
                         consumer: None,
                         last_error: None,
+                        claim: 0,
                     },
                 );
             }
@@ -393,6 +402,7 @@ impl Queue for MemoryBackend {
                         attempts: 0,
                         consumer: None,
                         last_error: None,
+                        claim: 0,
                     },
                 );
             }
@@ -466,6 +476,8 @@ impl MemoryConsumer {
                     continue;
                 }
                 let attempts = p.attempts + 1;
+                g.claims += 1;
+                let claim = g.claims;
                 g.set(
                     id,
                     Pending {
@@ -473,6 +485,7 @@ impl MemoryConsumer {
                         attempts,
                         consumer: Some(name.clone()),
                         last_error: p.last_error,
+                        claim,
                     },
                 );
                 out.push(Delivery {
@@ -488,7 +501,7 @@ impl MemoryConsumer {
                     consumer: name.clone(),
                     attempt: attempts,
                     lease_expires_at: Utc::now() + config.lease,
-                    token: None,
+                    token: Some(Arc::new(claim)),
                 });
             }
             let next = g.order.iter().next().map(|(at, _)| *at);
@@ -553,13 +566,19 @@ impl QueueConsumer for MemoryConsumer {
     }
 
     async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
-        Ok(self.claim(max.max(1))?.0)
+        if max == 0 {
+            return Ok(vec![]);
+        }
+        Ok(self.claim(max)?.0)
     }
 
     async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(vec![]);
+        }
         let deadline = Instant::now() + timeout;
         loop {
-            let (batch, wake, next) = self.claim(max.max(1))?;
+            let (batch, wake, next) = self.claim(max)?;
             // Register interest before checking the clock so a publish in between is not missed.
             let notified = wake.notified();
             let now = Instant::now();
@@ -617,6 +636,7 @@ impl QueueConsumer for MemoryConsumer {
                     attempts,
                     consumer: None,
                     last_error: error.map(str::to_owned),
+                    claim: 0,
                 },
             );
             if wait.is_zero() {

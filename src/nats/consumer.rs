@@ -273,7 +273,10 @@ impl QueueConsumer for NatsConsumer {
     }
 
     async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
-        let msgs = self.pull(max.max(1), None).await?;
+        if max == 0 {
+            return Ok(vec![]);
+        }
+        let msgs = self.pull(max, None).await?;
         Ok(self.accept(msgs).await)
     }
 
@@ -282,7 +285,9 @@ impl QueueConsumer for NatsConsumer {
     /// of the batch. Cancel-safety: see the module docs (a dropped waiting pull may delay a
     /// message by one lease, never lose it).
     async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
-        let max = max.max(1);
+        if max == 0 {
+            return Ok(vec![]);
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let ready = self.pull(max, None).await?;

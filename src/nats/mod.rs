@@ -98,6 +98,7 @@ pub(crate) const NATS_CAPABILITIES: Capabilities = Capabilities {
     exact_stats: false,
     group_start_oldest: true,
     fenced_settle: false,
+    fenced_after_release: false,
 };
 
 /// Options of a [`NatsBackend`].

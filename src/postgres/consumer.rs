@@ -20,6 +20,7 @@ use super::{micros, PgBackend};
 use crate::delivery::{Delivery, SettleReport};
 use crate::error::Ctx;
 use crate::message::{headers_from_json, uuid_time};
+use crate::metrics::{self, ClaimMetrics};
 use crate::names::validate_name;
 use crate::{Error, Message, Result};
 
@@ -33,51 +34,13 @@ pub struct Consumer {
     name: String,
     group_id: i32,
     lease: Option<Duration>,
-    #[cfg(feature = "metrics")]
     metrics: ClaimMetrics,
 }
 
-/// Handles made once per consumer, so that a claim does not build labels (feature `metrics`).
-/// They belong to the recorder installed when the consumer was made.
-#[cfg(feature = "metrics")]
-#[derive(Debug, Clone)]
-struct ClaimMetrics {
-    duration: metrics::Histogram,
-    delivered: metrics::Counter,
-    redeliveries: metrics::Counter,
-    lease_expiries: metrics::Counter,
-}
-
-#[cfg(feature = "metrics")]
-impl ClaimMetrics {
-    fn new(stream: &str, group: &str) -> Self {
-        let labels = [("stream", stream.to_owned()), ("group", group.to_owned())];
-        ClaimMetrics {
-            duration: metrics::histogram!("pgtide_fetch_duration_seconds", &labels),
-            delivered: metrics::counter!("pgtide_delivered_total", &labels),
-            redeliveries: metrics::counter!("pgtide_redeliveries_total", &labels),
-            lease_expiries: metrics::counter!("pgtide_lease_expiries_total", &labels),
-        }
-    }
-
-    fn record(&self, started: std::time::Instant, batch: &[Delivery], expired: usize) {
-        self.duration.record(started.elapsed());
-        if expired > 0 {
-            self.lease_expiries.increment(expired as u64);
-        }
-        self.delivered.increment(batch.len() as u64);
-        let again = batch.iter().filter(|d| d.attempt > 1).count();
-        if again > 0 {
-            self.redeliveries.increment(again as u64);
-        }
-    }
-}
-
 /// How many claimed rows report a lease that had expired unsettled (column `at`).
-#[cfg(feature = "metrics")]
 fn expired(rows: &[tokio_postgres::Row], at: usize) -> usize {
     rows.iter()
-        .filter(|r| r.get::<_, Option<bool>>(at).unwrap_or(false))
+        .filter(|r| r.try_get::<_, Option<bool>>(at).ok().flatten() == Some(true))
         .count()
 }
 
@@ -101,7 +64,6 @@ impl PgBackend {
             name: name.to_owned(),
             group_id,
             lease: None,
-            #[cfg(feature = "metrics")]
             metrics: ClaimMetrics::new(stream, group),
         })
     }
@@ -158,8 +120,10 @@ impl Consumer {
     /// Cancel safety: if dropped after the claim committed, the claimed deliveries become visible
     /// again when their lease expires; nothing is lost.
     pub async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
+        if max == 0 {
+            return Ok(vec![]);
+        }
+        let started = metrics::start();
         let max = max.clamp(1, 10_000) as i32;
         let client = self.pg.client().await?;
         let stmt = client.prepare_cached(&self.pg.inner.sql.claim).await?;
@@ -170,8 +134,7 @@ impl Consumer {
             .map_err(|e| self.error(e))?;
         let mut batch: Vec<Delivery> = rows.iter().map(|r| self.delivery(r, 0)).collect();
         batch.sort_by_key(|d| d.message.id);
-        #[cfg(feature = "metrics")]
-        self.metrics.record(started, &batch, expired(&rows, 6));
+        self.metrics.claimed(started, &batch, || expired(&rows, 6));
         Ok(batch)
     }
 
@@ -185,8 +148,11 @@ impl Consumer {
         done: &[&Delivery],
         max: usize,
     ) -> Result<(SettleReport, Vec<Delivery>)> {
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
+        if max == 0 {
+            // The statement claims at least one: settle alone.
+            return Ok((self.ack_batch(done).await?, vec![]));
+        }
+        let started = metrics::start();
         let max = max.clamp(1, 10_000) as i32;
         let (ids, attempts) = ids_attempts(done);
         let client = self.pg.client().await?;
@@ -206,8 +172,7 @@ impl Consumer {
             .map(|r| self.delivery(r, 1))
             .collect();
         batch.sort_by_key(|d| d.message.id);
-        #[cfg(feature = "metrics")]
-        self.metrics.record(started, &batch, expired(&rows, 7));
+        self.metrics.claimed(started, &batch, || expired(&rows, 7));
         Ok((SettleReport::from_parts(done, acked, vec![]), batch))
     }
 
@@ -250,6 +215,9 @@ impl Consumer {
     ///
     /// Cancel safety: as [`Consumer::try_fetch`].
     pub async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(vec![]);
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         // Subscribe before the first claim so a publish between the claim and the wait still wakes us.
         let mut wakes = self.pg.subscribe();

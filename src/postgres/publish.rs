@@ -10,6 +10,7 @@ use super::wake::Wake;
 use super::{micros, PgBackend};
 use crate::error::Ctx;
 use crate::message::headers_to_json;
+use crate::metrics;
 use crate::names::validate_name;
 use crate::{Error, OutgoingMessage, PublishReceipt, Result};
 
@@ -122,8 +123,7 @@ impl PgBackend {
         drop(client);
         // Our pool's connections do not fire the NOTIFY trigger: wake consumers after commit.
         self.wake_after_publish(msgs, stream, &receipts);
-        #[cfg(feature = "metrics")]
-        record_published(stream, &receipts);
+        metrics::published(stream, &receipts);
         Ok(receipts)
     }
 
@@ -175,8 +175,7 @@ impl PgBackend {
         let receipts = self
             .run_publish(client, self.inner.sql.publish.as_str(), stream, msgs)
             .await?;
-        #[cfg(feature = "metrics")]
-        record_published(stream, &receipts);
+        metrics::published(stream, &receipts);
         Ok(receipts)
     }
 
@@ -298,18 +297,7 @@ impl PgBackend {
                 .map_err(|e| Error::from_sqlx(e, ctx()))?;
             plan.receipts[*i] = PublishReceipt { id, duplicate };
         }
-        #[cfg(feature = "metrics")]
-        record_published(stream, &plan.receipts);
+        metrics::published(stream, &plan.receipts);
         Ok(plan.receipts)
-    }
-}
-
-/// Counts `pgtide_published_total` (label stream; duplicates excluded) through the `metrics`
-/// facade. Inside a caller's transaction the count is taken before the caller commits.
-#[cfg(feature = "metrics")]
-fn record_published(stream: &str, receipts: &[PublishReceipt]) {
-    let n = receipts.iter().filter(|r| !r.duplicate).count() as u64;
-    if n > 0 {
-        metrics::counter!("pgtide_published_total", "stream" => stream.to_owned()).increment(n);
     }
 }

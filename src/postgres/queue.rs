@@ -22,6 +22,7 @@ pub(crate) const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
     exact_stats: true,
     group_start_oldest: true,
     fenced_settle: true,
+    fenced_after_release: false,
 };
 
 impl Queue for PgBackend {

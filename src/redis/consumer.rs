@@ -282,15 +282,21 @@ impl QueueConsumer for RedisConsumer {
     /// Claims what is ready. If dropped while the claim runs, the claimed deliveries are
     /// redelivered after their lease.
     async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
-        Ok(self.claim(max.max(1)).await?.deliveries)
+        if max == 0 {
+            return Ok(vec![]);
+        }
+        Ok(self.claim(max).await?.deliveries)
     }
 
     /// Claims, then waits on the server (no polling) until new entries, a wake-up, the next due
     /// time or `timeout`, and claims again. Cancel-safe as [`QueueConsumer::try_fetch`].
     async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(vec![]);
+        }
         let deadline = Instant::now() + timeout;
         loop {
-            let claim = self.claim(max.max(1)).await?;
+            let claim = self.claim(max).await?;
             let now = Instant::now();
             if !claim.deliveries.is_empty() || now >= deadline {
                 return Ok(claim.deliveries);

@@ -83,6 +83,7 @@ pub(crate) const REDIS_CAPABILITIES: Capabilities = Capabilities {
     exact_stats: true,
     group_start_oldest: true,
     fenced_settle: true,
+    fenced_after_release: true,
 };
 
 /// Redis Streams backend handle. Cheap to clone; clones share one auto-reconnecting connection.

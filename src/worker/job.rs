@@ -1,6 +1,5 @@
-//! One delivery's handler run (tracing span, hooks, lease extension, panic capture) and the
-//! settling of its outcome: acks go back to the fetch loop to ride with the next claim; retries
-//! and dead letters are settled by a task of their own.
+//! One delivery's handler run: tracing span, hooks, lease extension, panic capture, and the
+//! hand-off of its outcome to the settle step (see `settle.rs`).
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -12,126 +11,10 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{BoxHandler, HandlerResult, Outcome, WorkerHook, WorkerReport};
+use super::settle::{Counters, Settle};
+use super::{BoxHandler, HandlerResult, Outcome, WorkerHook};
 use crate::backend::QueueConsumer;
-use crate::{Delivery, SettleReport};
-
-pub(super) enum Settle {
-    Nack(Delivery, Option<Duration>, Option<String>),
-    Term(Delivery, String),
-}
-
-/// The run's report, and its metrics with the feature `metrics`.
-pub(super) struct Counters {
-    pub(super) report: Mutex<WorkerReport>,
-    #[cfg(feature = "metrics")]
-    pub(super) metrics: WorkerMetrics,
-}
-
-impl Counters {
-    pub(super) fn new<C: QueueConsumer>(_consumer: &C) -> Self {
-        Counters {
-            report: Mutex::default(),
-            #[cfg(feature = "metrics")]
-            metrics: WorkerMetrics::new(_consumer.stream(), _consumer.group()),
-        }
-    }
-
-    pub(super) fn add(&self, f: impl FnOnce(&mut WorkerReport)) {
-        if let Ok(mut r) = self.report.lock() {
-            f(&mut r);
-        }
-    }
-
-    /// What an ack did.
-    pub(super) fn acked(&self, r: &SettleReport) {
-        self.add(|c| {
-            c.acked += r.settled.len() as u64;
-            c.lease_lost += r.lost.len() as u64;
-        });
-        #[cfg(feature = "metrics")]
-        self.metrics.acked.increment(r.settled.len() as u64);
-    }
-
-    /// What a nack did: retries, and dead letters on the last attempt.
-    pub(super) fn nacked(&self, r: &SettleReport) {
-        self.add(|c| {
-            c.retried += r.settled.len() as u64;
-            c.dead_lettered += r.dead_lettered.len() as u64;
-            c.lease_lost += r.lost.len() as u64;
-        });
-        #[cfg(feature = "metrics")]
-        {
-            self.metrics.nacked.increment(r.settled.len() as u64);
-            self.metrics
-                .dead_lettered
-                .increment(r.dead_lettered.len() as u64);
-        }
-    }
-
-    /// What a term did.
-    pub(super) fn termed(&self, r: &SettleReport) {
-        self.add(|c| {
-            c.dead_lettered += r.dead_lettered.len() as u64;
-            c.lease_lost += r.lost.len() as u64;
-        });
-        #[cfg(feature = "metrics")]
-        self.metrics
-            .dead_lettered
-            .increment(r.dead_lettered.len() as u64);
-    }
-
-    /// How long a handler took, by how it ended.
-    pub(super) fn handled(&self, _result: &HandlerResult, _elapsed: Duration) {
-        #[cfg(feature = "metrics")]
-        self.metrics.handler[WorkerMetrics::outcome(_result)].record(_elapsed);
-    }
-}
-
-/// Metric handles made once per run, so that the hot path does not build labels. They belong to
-/// the recorder installed when [`Worker::run`] started.
-#[cfg(feature = "metrics")]
-pub(super) struct WorkerMetrics {
-    pub(super) acked: metrics::Counter,
-    pub(super) nacked: metrics::Counter,
-    pub(super) dead_lettered: metrics::Counter,
-    /// `pgtide_handler_duration_seconds` per outcome, in the order of [`WorkerMetrics::OUTCOMES`].
-    pub(super) handler: [metrics::Histogram; 5],
-}
-
-#[cfg(feature = "metrics")]
-impl WorkerMetrics {
-    /// The `outcome` label: the handler's [`Outcome`], or `error` / `panic`.
-    const OUTCOMES: [&'static str; 5] = ["ack", "retry", "dead_letter", "error", "panic"];
-
-    pub(super) fn new(stream: &str, group: &str) -> Self {
-        let labels = [("stream", stream.to_owned()), ("group", group.to_owned())];
-        WorkerMetrics {
-            acked: metrics::counter!("pgtide_acked_total", &labels),
-            nacked: metrics::counter!("pgtide_nacked_total", &labels),
-            dead_lettered: metrics::counter!("pgtide_dead_lettered_total", &labels),
-            handler: Self::OUTCOMES.map(|outcome| {
-                metrics::histogram!(
-                    "pgtide_handler_duration_seconds",
-                    "stream" => stream.to_owned(),
-                    "group" => group.to_owned(),
-                    "outcome" => outcome
-                )
-            }),
-        }
-    }
-
-    /// Index of the result's outcome in [`WorkerMetrics::OUTCOMES`].
-    pub(super) fn outcome(result: &HandlerResult) -> usize {
-        match result {
-            HandlerResult::Outcome(Outcome::Ack) => 0,
-            HandlerResult::Outcome(Outcome::Retry { .. }) => 1,
-            HandlerResult::Outcome(Outcome::DeadLetter { .. }) => 2,
-            HandlerResult::Failed(_) => 3,
-            HandlerResult::Panicked(_) => 4,
-        }
-    }
-}
+use crate::Delivery;
 
 pub(super) struct Job<C: QueueConsumer> {
     pub(super) consumer: C,
@@ -216,64 +99,4 @@ impl<C: QueueConsumer> Job<C> {
         // The settler only stops after every job is done, so this cannot fail in practice.
         let _ = self.settle.send(settle).await;
     }
-}
-
-/// Settles retries and dead letters as handlers finish (acks go with the next claim).
-pub(super) async fn run_settler<C: QueueConsumer>(
-    consumer: C,
-    mut rx: mpsc::Receiver<Settle>,
-    counters: Arc<Counters>,
-) {
-    while let Some(settle) = rx.recv().await {
-        match settle {
-            Settle::Nack(d, after, error) => {
-                match consumer.nack_batch(&[&d], after, error.as_deref()).await {
-                    Ok(r) => counters.nacked(&r),
-                    Err(e) => {
-                        tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: nack failed; the lease will expire")
-                    }
-                }
-            }
-            Settle::Term(d, reason) => match consumer.term_batch(&[&d], &reason).await {
-                Ok(r) => counters.termed(&r),
-                Err(e) => {
-                    tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: term failed; the lease will expire")
-                }
-            },
-        }
-    }
-}
-
-/// Acks a batch, retrying transient failures a few times; what still fails is redelivered later.
-pub(super) async fn flush_acks<C: QueueConsumer>(
-    consumer: &C,
-    acks: Vec<Delivery>,
-    counters: &Counters,
-) {
-    if acks.is_empty() {
-        return;
-    }
-    let refs: Vec<&Delivery> = acks.iter().collect();
-    let mut failures = 0;
-    loop {
-        match consumer.ack_batch(&refs).await {
-            Ok(r) => {
-                counters.acked(&r);
-                return;
-            }
-            Err(e) if e.is_retryable() && failures < 5 => {
-                failures += 1;
-                tracing::warn!(error = %e, "pgtide worker: ack failed; retrying");
-                tokio::time::sleep(backoff(failures)).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, count = refs.len(), "pgtide worker: ack failed; deliveries will be redelivered");
-                return;
-            }
-        }
-    }
-}
-
-pub(super) fn backoff(failures: u32) -> Duration {
-    Duration::from_millis(50u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(5))
 }

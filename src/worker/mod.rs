@@ -6,28 +6,29 @@
 //! a panicking handler is caught and its delivery retried; on shutdown, handlers still running at
 //! the deadline are aborted and their deliveries released (visible again at once).
 //!
+//! A run loops over two steps, claim (`claim.rs`) and dispatch (`dispatch.rs`), then shuts down
+//! (`shutdown.rs`); one handler call is a job (`job.rs`) and its outcome is settled by
+//! `settle.rs`.
+//!
 //! With the cargo feature `metrics`, the worker records through the `metrics` facade, on every
 //! backend: `pgtide_handler_duration_seconds` (labels stream, group, outcome) and, as the
 //! backend confirms settles, `pgtide_acked_total`, `pgtide_nacked_total` (put back for a retry)
 //! and `pgtide_dead_lettered_total` (labels stream, group).
 
-use std::collections::HashMap;
 use std::fmt::Display;
 use std::future::Future;
-
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use uuid::Uuid;
-
+mod claim;
+mod dispatch;
 mod job;
-
-use job::{backoff, flush_acks, run_settler, Counters, Job, Settle};
+mod run;
+mod settle;
+mod shutdown;
 
 use crate::backend::QueueConsumer;
 use crate::{Consumer, Delivery, Result};
@@ -213,175 +214,6 @@ impl<C: QueueConsumer> Worker<C> {
     /// Errors while fetching or settling are logged and retried with backoff; `run` itself fails
     /// only if the group disappears.
     pub async fn run(self, token: CancellationToken) -> Result<WorkerReport> {
-        let concurrency = self.config.concurrency;
-        let prefetch = self.config.prefetch.unwrap_or(concurrency);
-        let permits = Arc::new(Semaphore::new(concurrency));
-        let counters = Arc::new(Counters::new(&self.consumer));
-        let in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>> = Arc::default();
-        let (settle_tx, settle_rx) = mpsc::channel::<Settle>(concurrency * 4);
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Delivery>();
-        let mut pending_acks: Vec<Delivery> = vec![];
-        let settler = tokio::spawn(run_settler(
-            self.consumer.clone(),
-            settle_rx,
-            counters.clone(),
-        ));
-        let mut handlers: JoinSet<()> = JoinSet::new();
-        let lease = self.lease().await;
-        let mut failures = 0u32;
-        let mut fatal = None;
-
-        'fetching: loop {
-            // Wait for a free slot before claiming anything.
-            let first = tokio::select! {
-                biased;
-                _ = token.cancelled() => break 'fetching,
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break 'fetching },
-            };
-            // Claim a full prefetch: deliveries beyond the free slots wait here (leased) for the
-            // next free slot, so the claims stay large when handlers are quick.
-            let want = prefetch;
-            // Acks of finished handlers ride along with the next claim (one round trip, one
-            // commit on Postgres). When nothing is ready, wait for work and flush acks that
-            // arrive meanwhile on their own.
-            pending_acks.extend(std::iter::from_fn(|| ack_rx.try_recv().ok()));
-            let fetched = match self
-                .consumer
-                .ack_and_fetch(&pending_acks.iter().collect::<Vec<_>>(), want)
-                .await
-            {
-                Ok((report, batch)) => {
-                    counters.acked(&report);
-                    pending_acks.clear();
-                    if batch.is_empty() {
-                        let wait = self.consumer.fetch(want, Duration::from_secs(3600));
-                        tokio::pin!(wait);
-                        loop {
-                            tokio::select! {
-                                biased;
-                                _ = token.cancelled() => break 'fetching,
-                                r = &mut wait => break r,
-                                Some(d) = ack_rx.recv() => {
-                                    let mut acks = vec![d];
-                                    acks.extend(std::iter::from_fn(|| ack_rx.try_recv().ok()));
-                                    flush_acks(&self.consumer, acks, &counters).await;
-                                }
-                            }
-                        }
-                    } else {
-                        Ok(batch)
-                    }
-                }
-                Err(e) => Err(e),
-            };
-            let batch = match fetched {
-                Ok(b) => {
-                    failures = 0;
-                    b
-                }
-                Err(e) if e.is_retryable() => {
-                    failures += 1;
-                    tracing::warn!(error = %e, stream = self.consumer.stream(), group = self.consumer.group(), "pgtide worker: fetch failed; retrying");
-                    drop(first);
-                    tokio::select! {
-                        biased;
-                        _ = token.cancelled() => break 'fetching,
-                        _ = tokio::time::sleep(backoff(failures)) => continue 'fetching,
-                    }
-                }
-                Err(e) => {
-                    fatal = Some(e);
-                    break 'fetching;
-                }
-            };
-            let mut first = Some(first);
-            let mut batch = batch.into_iter();
-            while let Some(delivery) = batch.next() {
-                let permit = match first.take() {
-                    Some(p) => p,
-                    None => tokio::select! {
-                        biased;
-                        _ = token.cancelled() => {
-                            // Not started: hand them back at once, the attempt not counted.
-                            let rest: Vec<Delivery> = std::iter::once(delivery).chain(batch).collect();
-                            match self.consumer.release_batch(&rest.iter().collect::<Vec<_>>()).await {
-                                Ok(r) => counters.add(|c| c.released += r.settled.len() as u64),
-                                Err(e) => tracing::warn!(error = %e, "pgtide worker: release failed; leases will expire"),
-                            }
-                            break 'fetching;
-                        }
-                        p = permits.clone().acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => break 'fetching,
-                        },
-                    },
-                };
-                counters.add(|r| r.handled += 1);
-                if let Ok(mut m) = in_flight.lock() {
-                    m.insert(delivery.id(), delivery.clone());
-                }
-                let job = Job {
-                    consumer: self.consumer.clone(),
-                    handler: self.handler.clone(),
-                    hooks: self.hooks.clone(),
-                    settle: settle_tx.clone(),
-                    acks: ack_tx.clone(),
-                    counters: counters.clone(),
-                    in_flight: in_flight.clone(),
-                    extend_every: if self.config.extend_leases {
-                        lease.map(|l| l / 2)
-                    } else {
-                        None
-                    },
-                };
-                handlers.spawn(async move {
-                    job.run(delivery).await;
-                    drop(permit);
-                });
-            }
-            while handlers.try_join_next().is_some() {}
-        }
-
-        // Shutdown: let running handlers finish within the grace period.
-        let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
-        while !handlers.is_empty() {
-            match tokio::time::timeout_at(deadline, handlers.join_next()).await {
-                Ok(Some(_)) => {}
-                Ok(None) => break,
-                Err(_) => {
-                    handlers.abort_all();
-                    while handlers.join_next().await.is_some() {}
-                    break;
-                }
-            }
-        }
-        drop(settle_tx);
-        drop(ack_tx);
-        pending_acks.extend(std::iter::from_fn(|| ack_rx.try_recv().ok()));
-        flush_acks(&self.consumer, pending_acks, &counters).await;
-        let _ = settler.await;
-        // Whatever is still marked in flight was aborted: hand it back at once.
-        let leftover: Vec<Delivery> = match in_flight.lock() {
-            Ok(mut m) => m.drain().map(|(_, d)| d).collect(),
-            Err(_) => vec![],
-        };
-        if !leftover.is_empty() {
-            let refs: Vec<&Delivery> = leftover.iter().collect();
-            match self.consumer.release_batch(&refs).await {
-                Ok(r) => counters.add(|c| c.released += r.settled.len() as u64),
-                Err(e) => {
-                    tracing::warn!(error = %e, "pgtide worker: release at shutdown failed; leases will expire")
-                }
-            }
-        }
-        if let Some(e) = fatal {
-            return Err(e);
-        }
-        let report = counters.report.lock().map(|r| *r).unwrap_or_default();
-        Ok(report)
-    }
-
-    async fn lease(&self) -> Option<Duration> {
-        self.consumer.lease().await
+        run::Run::new(self).await.run(token).await
     }
 }

@@ -233,6 +233,7 @@ pub async fn in_progress_keeps_the_lease<Q: Queue>(q: Q) {
     let a = q.consumer("progress", "g", "a").await.unwrap();
     let b = q.consumer("progress", "g", "b").await.unwrap();
     let mut d = fetch_n(&a, 1).await.remove(0);
+    let before = d.lease_expires_at;
     let result = a.in_progress(&mut d, Some(Duration::from_secs(30))).await;
     if !q.capabilities().lease_extension {
         assert!(
@@ -242,6 +243,12 @@ pub async fn in_progress_keeps_the_lease<Q: Queue>(q: Q) {
         return;
     }
     result.unwrap();
+    // Moved forward (NATS resets the group's lease and ignores the argument, as documented).
+    assert!(
+        d.lease_expires_at > before,
+        "the delivery's lease end was not moved: {before} -> {}",
+        d.lease_expires_at
+    );
     // Keep extending past the original lease; b must see nothing meanwhile.
     let until = Instant::now() + Duration::from_millis(2000);
     while Instant::now() < until {
@@ -504,4 +511,347 @@ pub async fn worker_runs_the_same_handler<Q: Queue>(q: Q) {
     let report = run.await.unwrap().unwrap();
     assert_eq!(report.acked, n as u64);
     assert_eq!(report.retried, 4);
+}
+
+/// Publishes `n` JSON numbers; their ids in order.
+async fn publish_n<Q: Queue>(q: &Q, stream: &str, n: usize) -> Vec<uuid::Uuid> {
+    let msgs: Vec<_> = (0..n).map(|i| msg(serde_json::json!(i))).collect();
+    q.publish_batch(stream, &msgs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect()
+}
+
+pub async fn release_makes_visible_at_once_and_fences<Q: Queue>(q: Q) {
+    setup(&q, "release", StreamConfig::default(), &["g"]).await;
+    let ids = publish_n(&q, "release", 2).await;
+    let a = q.consumer("release", "g", "a").await.unwrap();
+    let b = q.consumer("release", "g", "b").await.unwrap();
+    let held = fetch_n(&a, 2).await;
+    assert_eq!(held.len(), 2);
+    let report = a
+        .release_batch(&held.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(
+        report.settled.iter().copied().collect::<HashSet<_>>(),
+        ids.iter().copied().collect(),
+        "{report:?}"
+    );
+    assert!(report.lost.is_empty() && report.dead_lettered.is_empty());
+    // Visible again at once (the lease is 30 s, WAIT is 15 s), to any consumer of the group.
+    let again = fetch_n(&b, 2).await;
+    assert_eq!(
+        again.iter().map(|d| d.id()).collect::<HashSet<_>>(),
+        ids.iter().copied().collect()
+    );
+    if q.capabilities().fenced_settle {
+        // A release hands a delivery back unprocessed: the attempt is not counted.
+        assert!(again.iter().all(|d| d.attempt == 1), "{again:?}");
+    } else {
+        // JetStream's attempt is its delivery count, which counts the release (documented).
+        assert!(again.iter().all(|d| d.attempt <= 2), "{again:?}");
+    }
+    if q.capabilities().fenced_after_release {
+        // The old handles are stale: b holds the deliveries now.
+        let stale = &held[0];
+        assert!(
+            matches!(a.ack(stale).await, Err(Error::LeaseLost { id }) if id == stale.id()),
+            "stale ack after release"
+        );
+        let report = a.release_batch(&[stale]).await.unwrap();
+        assert_eq!(report.lost, vec![stale.id()], "{report:?}");
+        assert!(report.settled.is_empty());
+    }
+    b.ack_batch(&again.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(b
+        .fetch(10, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn ack_and_fetch_acks_then_claims<Q: Queue>(q: Q) {
+    setup(&q, "ackfetch", StreamConfig::default(), &["g"]).await;
+    let ids = publish_n(&q, "ackfetch", 5).await;
+    let c = q.consumer("ackfetch", "g", "c").await.unwrap();
+    let first = fetch_n(&c, 1).await;
+    assert_eq!(first.len(), 1);
+    let mut seen: HashSet<uuid::Uuid> = first.iter().map(|d| d.id()).collect();
+    let mut done = first;
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < ids.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 5 claimed",
+            seen.len()
+        );
+        let (report, next) = c
+            .ack_and_fetch(&done.iter().collect::<Vec<_>>(), 2)
+            .await
+            .unwrap();
+        assert_eq!(
+            report.settled.iter().copied().collect::<HashSet<_>>(),
+            done.iter().map(|d| d.id()).collect(),
+            "{report:?}"
+        );
+        assert!(report.lost.is_empty(), "{report:?}");
+        assert!(next.len() <= 2, "claimed {} with max 2", next.len());
+        for d in &next {
+            assert!(seen.insert(d.id()), "{} claimed twice", d.id());
+        }
+        done = next;
+    }
+    assert_eq!(seen, ids.iter().copied().collect());
+    // Max 0 settles and claims nothing.
+    let (report, next) = c
+        .ack_and_fetch(&done.iter().collect::<Vec<_>>(), 0)
+        .await
+        .unwrap();
+    assert_eq!(report.settled.len(), done.len(), "{report:?}");
+    assert!(next.is_empty());
+    if q.capabilities().fenced_settle {
+        // Acking the same deliveries again reports them lost.
+        let (report, _) = c
+            .ack_and_fetch(&done.iter().collect::<Vec<_>>(), 0)
+            .await
+            .unwrap();
+        assert_eq!(report.lost.len(), done.len(), "{report:?}");
+        assert!(report.settled.is_empty(), "{report:?}");
+    }
+    assert!(c
+        .fetch(10, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn purge_and_delete<Q: Queue>(q: Q) {
+    setup(&q, "purge", StreamConfig::default(), &["g", "h"]).await;
+    publish_n(&q, "purge", 3).await;
+    let c = q.consumer("purge", "g", "c").await.unwrap();
+    let d = fetch_n(&c, 1).await;
+    c.term(&d[0], "bad").await.unwrap();
+    dead_letters(&q, "purge", "g", 1).await;
+    q.purge("purge").await.unwrap();
+    let s = q.stats("purge", "g").await.unwrap();
+    assert_eq!((s.ready, s.dead), (0, 0), "{s:?}");
+    assert!(q.dead_letters("purge", "g", 10).await.unwrap().is_empty());
+    assert!(c
+        .fetch(1, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+    // The stream and its groups stay.
+    let id = q
+        .publish("purge", msg(serde_json::json!("after")))
+        .await
+        .unwrap()
+        .id;
+    let got = fetch_n(&c, 1).await;
+    assert_eq!(got.iter().map(|d| d.id()).collect::<Vec<_>>(), vec![id]);
+    c.ack(&got[0]).await.unwrap();
+
+    assert!(q.delete_group("purge", "h").await.unwrap());
+    assert!(!q.delete_group("purge", "h").await.unwrap());
+    assert!(matches!(
+        q.consumer("purge", "h", "c").await,
+        Err(Error::GroupNotFound { .. })
+    ));
+    assert!(q.delete_stream("purge").await.unwrap());
+    assert!(!q.delete_stream("purge").await.unwrap());
+    assert!(matches!(
+        q.publish("purge", msg(serde_json::json!(1))).await,
+        Err(Error::StreamNotFound(_))
+    ));
+    assert!(matches!(
+        q.ensure_group("purge", "g", GroupStart::New).await,
+        Err(Error::StreamNotFound(_))
+    ));
+    // A deleted stream can be created again, empty.
+    setup(&q, "purge", StreamConfig::default(), &["g"]).await;
+    let c = q.consumer("purge", "g", "c").await.unwrap();
+    assert!(c
+        .fetch(1, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn group_start_oldest<Q: Queue>(q: Q) {
+    setup(&q, "oldest", StreamConfig::default(), &["early"]).await;
+    let before = publish_n(&q, "oldest", 3).await;
+    let result = q.ensure_group("oldest", "late", GroupStart::Oldest).await;
+    if !q.capabilities().group_start_oldest {
+        assert!(
+            matches!(result, Err(Error::Unsupported { .. })),
+            "{result:?}"
+        );
+        return;
+    }
+    assert!(result.unwrap());
+    assert!(!q
+        .ensure_group("oldest", "late", GroupStart::Oldest)
+        .await
+        .unwrap());
+    assert!(q
+        .ensure_group("oldest", "new", GroupStart::New)
+        .await
+        .unwrap());
+    let after = q
+        .publish("oldest", msg(serde_json::json!("after")))
+        .await
+        .unwrap()
+        .id;
+    let late = q.consumer("oldest", "late", "c").await.unwrap();
+    let got = fetch_n(&late, 4).await;
+    let mut want = before.clone();
+    want.push(after);
+    assert_eq!(
+        got.iter().map(|d| d.id()).collect::<HashSet<_>>(),
+        want.iter().copied().collect()
+    );
+    let new = q.consumer("oldest", "new", "c").await.unwrap();
+    let got = fetch_n(&new, 1).await;
+    assert_eq!(got[0].id(), after);
+    assert!(new
+        .fetch(10, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn priority_overtakes<Q: Queue>(q: Q) {
+    setup(&q, "prio", StreamConfig::default(), &["g"]).await;
+    let low = q
+        .publish("prio", msg(serde_json::json!("low")))
+        .await
+        .unwrap()
+        .id;
+    let high = q
+        .publish("prio", msg(serde_json::json!("high")).priority(60))
+        .await
+        .unwrap()
+        .id;
+    let c = q.consumer("prio", "g", "c").await.unwrap();
+    if !q.capabilities().priority {
+        // Declared: accepted and ignored; both are delivered.
+        let got = fetch_n(&c, 2).await;
+        assert_eq!(
+            got.iter().map(|d| d.id()).collect::<HashSet<_>>(),
+            [low, high].into_iter().collect()
+        );
+        return;
+    }
+    let first = fetch_n(&c, 1).await;
+    assert_eq!(first[0].id(), high, "priority 60 did not overtake");
+    let second = fetch_n(&c, 1).await;
+    assert_eq!(second[0].id(), low);
+}
+
+pub async fn stale_handle_settles_are_fenced<Q: Queue>(q: Q) {
+    setup(
+        &q,
+        "fence",
+        StreamConfig::default().lease(Duration::from_secs(1)),
+        &["g"],
+    )
+    .await;
+    let r = q.publish("fence", msg(serde_json::json!(1))).await.unwrap();
+    let a = q.consumer("fence", "g", "a").await.unwrap();
+    let b = q.consumer("fence", "g", "b").await.unwrap();
+    let mut stale = fetch_n(&a, 1).await.remove(0);
+    // a's lease lapses and b claims the delivery.
+    let current = fetch_n(&b, 1).await;
+    assert_eq!(current.len(), 1, "not redelivered after the lease expired");
+    assert_eq!(current[0].id(), r.id);
+    if !q.capabilities().fenced_settle {
+        // Declared: a stale settle is not refused; nothing to check beyond the redelivery.
+        b.ack(&current[0]).await.unwrap();
+        return;
+    }
+    assert!(matches!(
+        a.nack(&stale, Some(Duration::ZERO), Some("stale")).await,
+        Err(Error::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        a.term(&stale, "stale").await,
+        Err(Error::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        a.in_progress(&mut stale, None).await,
+        Err(Error::LeaseLost { .. })
+    ));
+    let report = a.ack_batch(&[&stale]).await.unwrap();
+    assert_eq!(report.lost, vec![r.id], "{report:?}");
+    // The stale settles changed nothing: b still holds it, nothing is dead.
+    assert!(q.dead_letters("fence", "g", 10).await.unwrap().is_empty());
+    if q.capabilities().exact_stats {
+        let s = q.stats("fence", "g").await.unwrap();
+        assert_eq!((s.ready, s.in_flight, s.dead), (0, 1, 0), "{s:?}");
+    }
+    b.ack(&current[0]).await.unwrap();
+    // A settled delivery cannot be settled again.
+    assert!(matches!(
+        b.ack(&current[0]).await,
+        Err(Error::LeaseLost { .. })
+    ));
+}
+
+pub async fn try_fetch_zero_claims_nothing<Q: Queue>(q: Q) {
+    setup(&q, "zero", StreamConfig::default(), &["g"]).await;
+    let r = q.publish("zero", msg(serde_json::json!(0))).await.unwrap();
+    let c = q.consumer("zero", "g", "c").await.unwrap();
+    // Make sure the message is ready: claim it once, hand it back.
+    let d = fetch_n(&c, 1).await;
+    c.release_batch(&d.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(c.try_fetch(0).await.unwrap().is_empty());
+    assert!(c
+        .fetch(0, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(c.ack_and_fetch(&[], 0).await.unwrap().1.is_empty());
+    // Still there, unleased (the lease is 30 s, WAIT 15 s).
+    let got = fetch_n(&c, 1).await;
+    assert_eq!(got.len(), 1, "a zero-sized claim leased the message");
+    assert_eq!(got[0].id(), r.id);
+    c.ack(&got[0]).await.unwrap();
+}
+
+pub async fn expired_last_lease_dead_letters<Q: Queue>(q: Q) {
+    let config = StreamConfig::default()
+        .max_deliver(1)
+        .lease(Duration::from_secs(1));
+    setup(&q, "expire", config, &["g"]).await;
+    let r = q
+        .publish("expire", msg(serde_json::json!(1)).header("h", "v"))
+        .await
+        .unwrap();
+    let c = q.consumer("expire", "g", "c").await.unwrap();
+    let d = fetch_n(&c, 1).await;
+    assert_eq!((d[0].id(), d[0].attempt), (r.id, 1));
+    if !q.capabilities().lease_timeout {
+        return;
+    }
+    // Never settled: the redelivery would exceed max_deliver, so it goes to the dead letters.
+    assert!(
+        c.fetch(1, Duration::from_secs(2)).await.unwrap().is_empty(),
+        "delivered past max_deliver"
+    );
+    let dead = dead_letters(&q, "expire", "g", 1).await;
+    assert_eq!((dead[0].id, dead[0].attempts), (r.id, 1));
+    assert_eq!(dead[0].reason, "max_deliver");
+    assert_eq!(dead[0].error.as_deref(), Some("lease expired on attempt 1"));
+    assert_eq!(dead[0].headers.get("h").map(String::as_str), Some("v"));
+    if q.capabilities().exact_stats {
+        let s = q.stats("expire", "g").await.unwrap();
+        assert_eq!((s.ready, s.in_flight, s.dead), (0, 0, 1), "{s:?}");
+    }
 }

@@ -11,7 +11,11 @@ macro_rules! conformance {
                 publish_fetch_ack, fan_out_to_two_groups, competing_consumers_never_share, nack_with_delay,
                 lease_expiry_redelivers, in_progress_keeps_the_lease, term_dead_letters_with_reason,
                 max_deliver_dead_letters, dedupe, delayed_publish, batch_publish, stats,
-                bad_names_are_typed_errors, worker_runs_the_same_handler);
+                bad_names_are_typed_errors, worker_runs_the_same_handler,
+                release_makes_visible_at_once_and_fences, ack_and_fetch_acks_then_claims,
+                purge_and_delete, group_start_oldest, priority_overtakes,
+                stale_handle_settles_are_fenced, try_fetch_zero_claims_nothing,
+                expired_last_lease_dead_letters);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -46,11 +50,21 @@ mod backends {
             (),
         )
     }
+
+    /// Postgres through `AnyBackend` (a namespace of its own, migrated by the helper).
+    pub async fn any_postgres() -> (pgtide::AnyBackend, TestNs) {
+        let ns = namespace().await;
+        let any = pgtide::AnyBackend::connect(&ns.url, ns.namespace())
+            .await
+            .unwrap();
+        (any, ns)
+    }
 }
 
 conformance!(postgres, crate::conformance::backends::postgres);
 conformance!(memory, crate::conformance::backends::memory);
 conformance!(any_memory, crate::conformance::backends::any_memory);
+conformance!(any_postgres, crate::conformance::backends::any_postgres);
 
 #[cfg(feature = "amqp")]
 mod amqp;

@@ -1,0 +1,105 @@
+//! One [`Worker::run`](super::Worker::run): its shared state, and the loop over its steps —
+//! claim a batch (`claim.rs`), hand it to handlers (`dispatch.rs`), and on cancellation shut
+//! down (`shutdown.rs`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::claim::Claimed;
+use super::settle::{run_settler, Counters, Settle};
+use super::{BoxHandler, Worker, WorkerConfig, WorkerHook, WorkerReport};
+use crate::backend::QueueConsumer;
+use crate::{Delivery, Result};
+
+/// The state one run shares between its steps.
+pub(super) struct Run<C: QueueConsumer> {
+    pub(super) consumer: C,
+    pub(super) handler: BoxHandler,
+    pub(super) hooks: Vec<Arc<dyn WorkerHook>>,
+    pub(super) config: WorkerConfig,
+    /// Most deliveries claimed at once.
+    pub(super) prefetch: usize,
+    /// One permit per handler allowed to run.
+    pub(super) permits: Arc<Semaphore>,
+    pub(super) counters: Arc<Counters>,
+    /// Deliveries whose handler runs, released at shutdown if it is aborted.
+    pub(super) in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>>,
+    /// Retries and dead letters, to the settler task.
+    pub(super) settle_tx: mpsc::Sender<Settle>,
+    pub(super) settler: JoinHandle<()>,
+    /// Acks of finished handlers, to ride with the next claim.
+    pub(super) ack_tx: mpsc::UnboundedSender<Delivery>,
+    pub(super) ack_rx: mpsc::UnboundedReceiver<Delivery>,
+    /// Acks taken off `ack_rx` and not yet confirmed by the backend.
+    pub(super) pending_acks: Vec<Delivery>,
+    pub(super) handlers: JoinSet<()>,
+    /// How often a running handler's lease is extended.
+    pub(super) extend_every: Option<Duration>,
+    /// Claims failed in a row.
+    pub(super) failures: u32,
+}
+
+impl<C: QueueConsumer> Run<C> {
+    pub(super) async fn new(worker: Worker<C>) -> Self {
+        let Worker {
+            consumer,
+            handler,
+            config,
+            hooks,
+        } = worker;
+        let concurrency = config.concurrency;
+        let counters = Arc::new(Counters::new(&consumer));
+        let (settle_tx, settle_rx) = mpsc::channel::<Settle>(concurrency * 4);
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Delivery>();
+        let settler = tokio::spawn(run_settler(consumer.clone(), settle_rx, counters.clone()));
+        let extend_every = if config.extend_leases {
+            consumer.lease().await.map(|l| l / 2)
+        } else {
+            None
+        };
+        Run {
+            prefetch: config.prefetch.unwrap_or(concurrency),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            consumer,
+            handler,
+            hooks,
+            config,
+            counters,
+            in_flight: Arc::default(),
+            settle_tx,
+            settler,
+            ack_tx,
+            ack_rx,
+            pending_acks: vec![],
+            handlers: JoinSet::new(),
+            extend_every,
+            failures: 0,
+        }
+    }
+
+    /// Claims and dispatches until `token` is cancelled or the group is gone, then shuts down.
+    pub(super) async fn run(mut self, token: CancellationToken) -> Result<WorkerReport> {
+        let fatal = loop {
+            match self.claim(&token).await {
+                Claimed::Batch(first, batch) => {
+                    if !self.dispatch(first, batch, &token).await {
+                        break None;
+                    }
+                }
+                Claimed::Stopped => break None,
+                Claimed::Failed(e) => break Some(e),
+            }
+        };
+        let report = self.shutdown().await;
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+}
