@@ -10,12 +10,10 @@ use super::conn::{broker, is_not_found, NAME};
 use super::lease::Shared;
 use super::registry::{self, StreamRecord};
 use super::{guard, topology, AmqpBackend, AmqpConsumer, AMQP_CAPABILITIES};
-use crate::backend::{Capabilities, Queue};
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::{
-    DeadLetter, Error, GroupStart, GroupStats, OutgoingMessage, PublishReceipt, Result,
-    StreamConfig,
-};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
 fn group_not_found(stream: &str, group: &str) -> Error {
     Error::GroupNotFound {

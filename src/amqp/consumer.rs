@@ -18,8 +18,8 @@ use super::codec::{
 use super::conn::broker_msg;
 use super::lease::{Claimed, Shared, Token};
 use super::publish::{split_delay, Outgoing, Route};
-use crate::backend::QueueConsumer;
-use crate::{Delivery, Error, Result, SettleReport};
+use crate::error::{Error, Result};
+use crate::queue::{Delivery, QueueConsumer, SettleReport};
 
 /// A consumer of the RabbitMQ backend: one AMQP channel, its own lease tracker and reaper.
 /// Clones share them. Dropping the last clone (and every delivery it handed out) closes the

@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 use super::names::GroupNames;
 use super::AmqpBackend;
-use crate::{Result, StreamConfig};
+use crate::config::StreamConfig;
+use crate::error::Result;
 
 /// A message the doorbell consumer received while no fetch was waiting: not leased yet, handed
 /// out by the next fetch, or handed back (attempt unchanged) if none comes within a lease.

@@ -25,9 +25,9 @@ use self::conn::{broker, is_not_found, Conn};
 use self::lease::Shared;
 use self::names::{GroupNames, StreamNames};
 use self::registry::StreamRecord;
-use crate::backend::{Capabilities, Queue};
+use crate::error::{Error, Result};
 use crate::names::{validate_name, validate_namespace};
-use crate::{Error, Result};
+use crate::queue::{Capabilities, Queue};
 
 pub use self::consumer::AmqpConsumer;
 

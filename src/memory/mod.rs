@@ -15,12 +15,12 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::backend::{Capabilities, Queue, QueueConsumer};
-use crate::message::uuid_time;
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::{
-    DeadLetter, Delivery, Error, GroupStart, GroupStats, Headers, Message, OutgoingMessage,
-    PublishReceipt, Result, SettleReport, StreamConfig,
+use crate::queue::{
+    uuid_time, Capabilities, DeadLetter, Delivery, GroupStats, Headers, Message, OutgoingMessage,
+    PublishReceipt, Queue, QueueConsumer, SettleReport,
 };
 
 /// What the memory backend supports.

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The backend's name in errors.
 pub(super) const NAME: &str = "nats";

@@ -14,9 +14,9 @@ use super::admin::group_not_found;
 use super::api::{self, PullEnd};
 use super::naming::Names;
 use super::{codec, mover, NatsBackend, StreamMeta};
-use crate::backend::QueueConsumer;
+use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::{Delivery, Error, Result, SettleReport};
+use crate::queue::{Delivery, QueueConsumer, SettleReport};
 
 /// The longest single pull request; a longer fetch sends several. Bounds how long the server
 /// keeps a request whose fetch future was dropped.

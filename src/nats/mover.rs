@@ -25,7 +25,7 @@ use super::api::{self, Missing, PullEnd};
 use super::consumer::ack_info;
 use super::naming::MOVER;
 use super::{admin, codec, lock, NatsBackend, StreamMeta};
-use crate::Result;
+use crate::error::Result;
 
 /// Messages per pull request, and how long one waits.
 const BATCH: usize = 256;

@@ -5,14 +5,13 @@
 //! prepares). `@ns@` in them is replaced by the quoted namespace; namespace names are validated
 //! first, so no user input is ever spliced into SQL.
 
+mod admin;
 mod consumer;
 mod migrate;
 mod ops;
 mod publish;
-mod queue;
 mod registry;
 mod scout;
-mod stats;
 mod wake;
 
 use std::collections::HashMap;
@@ -24,16 +23,18 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use consumer::Consumer;
+pub use consumer::PgConsumer;
 
+pub use admin::MaintenanceReport;
 pub use migrate::migration_sql;
 pub use registry::{GroupInfo, StreamInfo};
 pub use scout::ScoutStatus;
-pub use stats::{DeadLetter, GroupStats, MaintenanceReport};
 pub use wake::ListenerStatus;
 
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
 use crate::names::validate_namespace;
-use crate::{Error, Result};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
 /// Default namespace (Postgres schema).
 pub const DEFAULT_NAMESPACE: &str = "pgtide";
@@ -97,6 +98,84 @@ impl std::fmt::Debug for PgBackend {
         f.debug_struct("PgBackend")
             .field("namespace", &self.inner.namespace)
             .finish_non_exhaustive()
+    }
+}
+
+// The trait's methods are the inherent ones of the same name and signature (in registry.rs,
+// publish.rs, admin.rs, consumer.rs); this impl only forwards.
+/// What the Postgres engine supports: everything.
+const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
+    delay: true,
+    native_delay: true,
+    dedupe: true,
+    nack_delay: true,
+    lease_timeout: true,
+    lease_extension: true,
+    transactional_publish: true,
+    priority: true,
+    exact_stats: true,
+    group_start_oldest: true,
+    fenced_settle: true,
+};
+
+impl Queue for PgBackend {
+    type Consumer = PgConsumer;
+
+    fn capabilities(&self) -> Capabilities {
+        POSTGRES_CAPABILITIES
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        PgBackend::migrate(self).await
+    }
+
+    async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
+        PgBackend::ensure_stream(self, stream, config).await
+    }
+
+    async fn delete_stream(&self, stream: &str) -> Result<bool> {
+        PgBackend::delete_stream(self, stream).await
+    }
+
+    async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
+        PgBackend::ensure_group(self, stream, group, start).await
+    }
+
+    async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
+        PgBackend::delete_group(self, stream, group).await
+    }
+
+    async fn purge(&self, stream: &str) -> Result<()> {
+        PgBackend::purge(self, stream).await.map(|_| ())
+    }
+
+    async fn stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
+        PgBackend::stats(self, stream, group).await
+    }
+
+    async fn dead_letters(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        PgBackend::dead_letters(self, stream, group, limit).await
+    }
+
+    async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
+        PgBackend::publish(self, stream, msg).await
+    }
+
+    async fn publish_batch(
+        &self,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        PgBackend::publish_batch(self, stream, msgs).await
+    }
+
+    async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<PgConsumer> {
+        PgBackend::consumer(self, stream, group, name).await
     }
 }
 

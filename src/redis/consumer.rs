@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use super::admin::{load_config, parse_headers};
 use super::keys::{GroupKeys, StreamKeys};
 use super::{array, bad_reply, broker, bytes, int, script_error, text, RedisBackend};
-use crate::backend::QueueConsumer;
-use crate::message::uuid_time;
+use crate::config::StreamConfig;
+use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::{Delivery, Error, Message, Result, SettleReport, StreamConfig};
+use crate::queue::{uuid_time, Delivery, Message, QueueConsumer, SettleReport};
 
 /// A consumer of the Redis Streams backend: one Redis consumer of the group's log and retry
 /// streams. Cheap to clone.

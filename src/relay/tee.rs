@@ -3,11 +3,9 @@
 //! from the primary. Switch reads by swapping primary and secondary once the secondary has caught
 //! up, then drop the tee.
 
-use crate::backend::{Capabilities, Queue};
-use crate::{
-    DeadLetter, Error, GroupStart, GroupStats, OutgoingMessage, PublishReceipt, Result,
-    StreamConfig,
-};
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
 /// What a failed write to the secondary does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

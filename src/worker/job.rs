@@ -13,8 +13,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{BoxHandler, HandlerResult, Outcome, WorkerHook, WorkerReport};
-use crate::backend::QueueConsumer;
-use crate::{Delivery, SettleReport};
+use crate::queue::{Delivery, QueueConsumer, SettleReport};
 
 pub(super) enum Settle {
     Nack(Delivery, Option<Duration>, Option<String>),

@@ -29,8 +29,8 @@ mod job;
 
 use job::{backoff, flush_acks, run_settler, Counters, Job, Settle};
 
-use crate::backend::QueueConsumer;
-use crate::{Consumer, Delivery, Result};
+use crate::error::Result;
+use crate::queue::{Delivery, QueueConsumer};
 
 /// What a handler decided about a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +149,7 @@ type BoxHandler = Arc<
 /// let report = worker.run(token.clone()).await?;
 /// # let _ = report; Ok(()) }
 /// ```
-pub struct Worker<C: QueueConsumer = Consumer> {
+pub struct Worker<C: QueueConsumer> {
     consumer: C,
     handler: BoxHandler,
     config: WorkerConfig,

@@ -68,7 +68,7 @@ async fn competing_consumers_never_share_a_delivery() {
         acked.values().all(|&n| n == 1),
         "every message acked exactly once"
     );
-    let s = ns.group_stats("jobs", "workers").await.unwrap();
+    let s = ns.stats("jobs", "workers").await.unwrap();
     assert_eq!((s.ready, s.in_flight, s.delayed, s.dead), (0, 0, 0, 0));
 }
 
@@ -120,7 +120,7 @@ async fn fan_out_to_three_groups_settled_independently() {
     audit.term(&a[0], "not interesting").await.unwrap();
 
     let stats: HashMap<String, pgtide::GroupStats> = ns
-        .stats()
+        .stats_all()
         .await
         .unwrap()
         .into_iter()
@@ -175,7 +175,7 @@ async fn lease_expiry_redelivers_with_next_attempt_and_fences_the_old_holder() {
         slow.in_progress(&mut stale, None).await,
         Err(Error::LeaseLost { .. })
     ));
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!(
         (s.in_flight, s.dead),
         (1, 0),
@@ -257,7 +257,7 @@ async fn nack_retries_with_backoff_then_dead_letters_after_max_deliver() {
     );
     assert_eq!(dead[0].error.as_deref(), Some("boom 3"));
     assert_eq!(dead[0].payload.as_deref(), Some(&br#"{"poison":true}"#[..]));
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!((s.ready, s.dead), (0, 1));
 
     // Replay puts it back with a fresh attempt count.
@@ -268,7 +268,7 @@ async fn nack_retries_with_backoff_then_dead_letters_after_max_deliver() {
     let dead = ns.dead_letters("s", "g", 10).await.unwrap();
     assert_eq!(dead[0].reason, "manual");
     assert_eq!(ns.purge_dead("s", "g", Some(&[r.id])).await.unwrap(), 1);
-    assert_eq!(ns.group_stats("s", "g").await.unwrap().dead, 0);
+    assert_eq!(ns.stats("s", "g").await.unwrap().dead, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,7 +341,7 @@ async fn exactly_once_effects_ack_in_the_handlers_transaction() {
         .unwrap();
     c.ack_in(&tx, &d).await.unwrap();
     tx.rollback().await.unwrap();
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!(s.in_flight, 1, "ack rolled back with the effect");
     // Second: commit -> both.
     let tx = raw.transaction().await.unwrap();
@@ -356,7 +356,7 @@ async fn exactly_once_effects_ack_in_the_handlers_transaction() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!((s.ready, s.in_flight), (0, 0));
 }
 

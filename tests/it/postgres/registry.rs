@@ -26,7 +26,7 @@ async fn four_concurrent_migrations_install_once() {
         .unwrap();
     assert!(pg.is_migrated().await.unwrap());
     pg.migrate().await.unwrap();
-    pg.ensure_stream("s", StreamConfig::default())
+    pg.ensure_stream("s", &StreamConfig::default())
         .await
         .unwrap();
     // Bookkeeping lives inside the namespace, never in the application's schema.
@@ -58,7 +58,7 @@ async fn unmigrated_namespace_says_so() {
         .unwrap();
     assert!(!pg.is_migrated().await.unwrap());
     let err = pg
-        .create_stream("s", StreamConfig::default())
+        .create_stream("s", &StreamConfig::default())
         .await
         .unwrap_err();
     assert!(matches!(err, Error::NotMigrated(_)), "{err}");
@@ -76,18 +76,18 @@ async fn streams_and_groups_lifecycle() {
     let config = StreamConfig::default()
         .lease(Duration::from_secs(5))
         .max_deliver(9);
-    assert!(ns.ensure_stream("a.b-c_d", config.clone()).await.unwrap());
+    assert!(ns.ensure_stream("a.b-c_d", &config.clone()).await.unwrap());
     assert!(!ns
-        .ensure_stream("a.b-c_d", StreamConfig::default())
+        .ensure_stream("a.b-c_d", &StreamConfig::default())
         .await
         .unwrap());
     assert!(matches!(
-        ns.create_stream("a.b-c_d", StreamConfig::default()).await,
+        ns.create_stream("a.b-c_d", &StreamConfig::default()).await,
         Err(Error::StreamExists(_))
     ));
     let info = ns.stream("a.b-c_d").await.unwrap().unwrap();
     assert_eq!(info.config, config, "ensure keeps the first configuration");
-    ns.update_stream("a.b-c_d", config.clone().max_deliver(2))
+    ns.update_stream("a.b-c_d", &config.clone().max_deliver(2))
         .await
         .unwrap();
     assert_eq!(
@@ -122,7 +122,7 @@ async fn streams_and_groups_lifecycle() {
         .unwrap();
     assert!(ns.delete_group("a.b-c_d", "g1").await.unwrap());
     assert!(!ns.delete_group("a.b-c_d", "g1").await.unwrap());
-    assert_eq!(ns.stats().await.unwrap().len(), 1);
+    assert_eq!(ns.stats_all().await.unwrap().len(), 1);
     assert!(ns.delete_stream("a.b-c_d").await.unwrap());
     assert!(!ns.delete_stream("a.b-c_d").await.unwrap());
     assert!(ns.streams().await.unwrap().is_empty());
@@ -131,7 +131,7 @@ async fn streams_and_groups_lifecycle() {
         Err(Error::StreamNotFound(_))
     ));
     // Recreated under the same name: a fresh, empty stream.
-    ns.create_stream("a.b-c_d", StreamConfig::default())
+    ns.create_stream("a.b-c_d", &StreamConfig::default())
         .await
         .unwrap();
     ns.create_group("a.b-c_d", "g1", GroupStart::Oldest)
@@ -190,7 +190,7 @@ async fn retention_drops_old_partitions_with_their_deliveries() {
         .unwrap()
         .get(0);
     assert_eq!(msgs, 0, "messages dropped with their partition");
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!(s.ready, 0, "expired deliveries are gone too");
     assert!(ns
         .consumer("s", "g", "c")
