@@ -184,6 +184,8 @@ pub enum GroupStart {
     Oldest,
 }
 
+// The spelling both the SQL functions and the Redis group records use.
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl GroupStart {
     pub(crate) fn as_sql(self) -> &'static str {
         match self {
