@@ -68,6 +68,7 @@ impl Queue for AmqpBackend {
         drop(locked);
         guard(&self.inner.delay_routes).remove(&s.landing);
         self.forget(stream);
+        self.drop_stream_log_if_unused().await?;
         Ok(true)
     }
 

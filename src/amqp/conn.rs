@@ -120,3 +120,9 @@ pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), ErrorKind::ProtocolError(a)
         if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
+
+/// True if the server answered 406 PRECONDITION_FAILED (the channel is closed by now).
+pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(a)
+        if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}

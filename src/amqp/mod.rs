@@ -17,11 +17,14 @@ mod topology;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 
-use self::conn::{broker, is_not_found, Conn};
+use self::conn::{broker, broker_msg, is_not_found, is_precondition_failed, Conn};
 use self::lease::Shared;
 use self::names::{GroupNames, StreamNames};
 use self::registry::StreamRecord;
@@ -251,33 +254,110 @@ impl AmqpBackend {
         }
     }
 
+    /// Appends `stream` to the namespace's stream log. Published `mandatory`, so that if the log
+    /// was deleted between the declare and the publish (its last stream deleted meanwhile, see
+    /// [`AmqpBackend::drop_stream_log_if_unused`]) the broker returns the entry and it is
+    /// logged again into a re-declared queue.
     async fn log_stream(&self, stream: &str) -> Result<()> {
         let log = names::stream_log(&self.inner.ns);
-        let ch = self.inner.conn.channel().await?;
-        ch.queue_declare(
-            log.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker)?;
-        let props = BasicProperties::default().with_delivery_mode(2);
-        let publisher = self.inner.conn.publisher().await?;
-        let confirm = publisher
-            .basic_publish(
-                "".into(),
+        for _ in 0..3 {
+            let ch = self.inner.conn.channel().await?;
+            ch.queue_declare(
                 log.as_str().into(),
-                BasicPublishOptions::default(),
-                stream.as_bytes(),
-                props,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
             )
             .await
             .map_err(broker)?;
-        confirm.await.map_err(broker)?;
-        Ok(())
+            let props = BasicProperties::default().with_delivery_mode(2);
+            let publisher = self.inner.conn.publisher().await?;
+            let confirm = publisher
+                .basic_publish(
+                    "".into(),
+                    log.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    stream.as_bytes(),
+                    props,
+                )
+                .await
+                .map_err(broker)?
+                .await
+                .map_err(broker)?;
+            if confirm.take_message().is_none() {
+                return Ok(());
+            }
+        }
+        Err(broker_msg(
+            format!("could not log stream {stream:?} in {log:?}: the queue kept disappearing"),
+            true,
+        ))
+    }
+
+    /// Deletes the namespace's stream log when no stream it names exists any more, so that
+    /// deleting a namespace's last stream leaves no `<ns>~streams` queue behind. The delete is
+    /// conditional on an empty queue: a stream logged meanwhile by another client keeps it.
+    async fn drop_stream_log_if_unused(&self) -> Result<()> {
+        let log = names::stream_log(&self.inner.ns);
+        let ch = self.inner.conn.channel().await?;
+        let mut last_tag = 0;
+        loop {
+            let entry = match ch
+                .basic_get(log.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+            {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) if is_not_found(&e) => return Ok(()),
+                Err(e) => return Err(broker(e)),
+            };
+            last_tag = entry.delivery.delivery_tag;
+            let stream = String::from_utf8_lossy(&entry.delivery.data).into_owned();
+            let exists = validate_name("stream", &stream).is_ok()
+                && self
+                    .depth(&self.stream_names(&stream).registry)
+                    .await?
+                    .is_some();
+            if exists {
+                // Still in use: put every entry taken back, unchanged.
+                return ch
+                    .basic_nack(
+                        last_tag,
+                        BasicNackOptions {
+                            multiple: true,
+                            requeue: true,
+                        },
+                    )
+                    .await
+                    .map_err(broker);
+            }
+        }
+        if last_tag != 0 {
+            ch.basic_ack(last_tag, BasicAckOptions { multiple: true })
+                .await
+                .map_err(broker)?;
+        }
+        let ch = self.inner.conn.channel().await?;
+        match ch
+            .queue_delete(
+                log.as_str().into(),
+                QueueDeleteOptions {
+                    if_empty: true,
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Not empty any more (a stream was logged meanwhile), or deleted by someone else.
+            Err(e) if is_not_found(&e) || is_precondition_failed(&e) => Ok(()),
+            Err(e) => Err(broker(e)),
+        }
     }
 
     /// Depth of the queue `name`, or `None` if it does not exist.

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use pgtide::{Error, GroupStart, PgBackend, StreamConfig};
+use pgtide::{AnyBackend, Error, GroupStart, PgBackend, Queue, QueueConsumer, StreamConfig};
 
 use crate::common::{database_url, json, namespace, unique};
 
@@ -61,7 +61,10 @@ async fn unmigrated_namespace_says_so() {
         .create_stream("s", &StreamConfig::default())
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::NotMigrated(_)), "{err}");
+    assert!(
+        matches!(&err, Error::NotMigrated(n) if n == pg.namespace()),
+        "{err}"
+    );
     assert!(matches!(
         PgBackend::builder("postgres://x@127.0.0.1/db")
             .namespace("Bad-Name")
@@ -266,4 +269,48 @@ async fn messages_outside_prepared_partitions_are_kept_and_moved() {
         .await
         .unwrap();
     assert_eq!(got[0].id(), id);
+}
+
+/// The trait path alone (a URL and a namespace) installs a new namespace and then works; before
+/// `migrate`, the error names the namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_backend_migrates_a_new_namespace() {
+    let ns = unique("any");
+    let queue = AnyBackend::connect(&database_url().await, &ns)
+        .await
+        .unwrap();
+    let err = queue
+        .ensure_stream("s", &StreamConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::NotMigrated(n) if *n == ns), "{err}");
+    assert!(err.to_string().contains(&ns), "{err}");
+    queue.migrate().await.unwrap();
+    queue.migrate().await.unwrap();
+    assert!(queue
+        .ensure_stream("s", &StreamConfig::default())
+        .await
+        .unwrap());
+    queue.ensure_group("s", "g", GroupStart::New).await.unwrap();
+    let id = queue
+        .publish("s", json(serde_json::json!(1)))
+        .await
+        .unwrap()
+        .id;
+    let consumer = queue.consumer("s", "g", "c").await.unwrap();
+    let got = consumer.fetch(1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(got.iter().map(|d| d.id()).collect::<Vec<_>>(), [id]);
+    consumer.ack(&got[0]).await.unwrap();
+    let AnyBackend::Postgres(pg) = &queue else {
+        panic!("postgres:// gave {}", queue.kind())
+    };
+    pg.shutdown().await;
+    let (client, conn) = tokio_postgres::connect(&database_url().await, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("DROP SCHEMA \"{ns}\" CASCADE"))
+        .await
+        .unwrap();
 }
