@@ -21,8 +21,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::api::{self, Missing, PullEnd};
-use super::consumer::ack_info;
+use super::api::{self, ack_info, Missing, PullEnd};
 use super::naming::MOVER;
 use super::{admin, codec, lock, NatsBackend, StreamMeta};
 use crate::error::Result;
