@@ -244,7 +244,7 @@ impl QueueConsumer for AmqpConsumer {
             let shared = &token.shared;
             let lease = lease.unwrap_or(shared.config.lease);
             let mine = shared.group == self.shared.group && shared.stream == self.shared.stream;
-            (mine && shared.extend(token, id, lease)).then_some(lease)
+            (mine && shared.in_progress(token, id, lease)).then_some(lease)
         });
         match extended {
             Some(lease) => {

@@ -249,7 +249,7 @@ impl Shared {
     }
 
     /// Moves the lease deadline; false if the lease is no longer held.
-    pub(crate) fn extend(&self, token: &Token, id: Uuid, lease: Duration) -> bool {
+    pub(crate) fn in_progress(&self, token: &Token, id: Uuid, lease: Duration) -> bool {
         let mut t = self.tracked();
         if t.generation != token.generation {
             return false;

@@ -189,7 +189,7 @@ impl RedisConsumer {
     }
 
     /// Runs the settle script for `op` on the deliveries that are this group's; returns each
-    /// one's status (0 lost, 1 settled, 2 dead-lettered; the lease expiry for `touch`).
+    /// one's status (0 lost, 1 settled, 2 dead-lettered; the lease expiry for `in_progress`).
     async fn settle<'d>(
         &self,
         op: &str,
@@ -347,7 +347,7 @@ impl QueueConsumer for RedisConsumer {
 
     async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
         let result = self
-            .settle("touch", &[&*d], None, lease, |_| Duration::ZERO)
+            .settle("in_progress", &[&*d], None, lease, |_| Duration::ZERO)
             .await?;
         match result.first() {
             Some((_, expires)) if *expires > 0 => {

@@ -86,8 +86,9 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Most deliveries claimed per fetch. Defaults to the concurrency.
     pub prefetch: Option<usize>,
-    /// Extend leases of handlers still running, every half lease. Defaults to true.
-    pub extend_leases: bool,
+    /// Send `in_progress` for deliveries whose handler is still running, every half lease, so
+    /// that long handlers keep their lease. Defaults to true.
+    pub auto_in_progress: bool,
     /// How long shutdown waits for running handlers before releasing their deliveries.
     /// Defaults to 30 s.
     pub shutdown_grace: Duration,
@@ -98,7 +99,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             concurrency: 16,
             prefetch: None,
-            extend_leases: true,
+            auto_in_progress: true,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -194,9 +195,10 @@ impl<C: QueueConsumer> Worker<C> {
         self
     }
 
-    /// Turns automatic lease extension on or off (default on).
-    pub fn extend_leases(mut self, on: bool) -> Self {
-        self.config.extend_leases = on;
+    /// Turns the automatic `in_progress` (lease extension) of running handlers on or off
+    /// (default on).
+    pub fn auto_in_progress(mut self, on: bool) -> Self {
+        self.config.auto_in_progress = on;
         self
     }
 
@@ -328,7 +330,7 @@ impl<C: QueueConsumer> Worker<C> {
                     acks: ack_tx.clone(),
                     counters: counters.clone(),
                     in_flight: in_flight.clone(),
-                    extend_every: if self.config.extend_leases {
+                    in_progress_every: if self.config.auto_in_progress {
                         lease.map(|l| l / 2)
                     } else {
                         None
