@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgtide::{
-    AnyBackend, Backoff, CancellationToken, Delivery, GroupStart, Outcome, OutgoingMessage, Queue,
-    StreamConfig, Worker,
+    AnyBackend, Backoff, CancellationToken, Delivery, GroupStart, GroupStats, Outcome,
+    OutgoingMessage, Queue, StreamConfig, Worker,
 };
 
 const STREAM: &str = "example.payments";
@@ -32,11 +32,26 @@ const COUNT: u64 = 1000;
 #[tokio::main]
 async fn main() -> pgtide::Result<()> {
     let namespace = std::env::var("PGTIDE_NAMESPACE").unwrap_or_else(|_| "pgtide".to_owned());
-    let url = match std::env::var("PGTIDE_BACKEND") {
-        Ok(url) if !url.is_empty() => url,
-        _ => default_backend().await?,
-    };
-    let queue = AnyBackend::connect(&url, &namespace).await?;
+    let url = backend_url(std::env::var("PGTIDE_BACKEND").ok()).await?;
+    run(&url, &namespace).await?;
+    Ok(())
+}
+
+/// The backend to run on: `PGTIDE_BACKEND` as given, whatever its scheme; without it Postgres
+/// (`DATABASE_URL`, else a local or throwaway server) when the library has it, else memory.
+///
+/// (`pub(crate)` here and on [`run`]: the integration tests include this file as a module.)
+pub(crate) async fn backend_url(pgtide_backend: Option<String>) -> pgtide::Result<String> {
+    match pgtide_backend {
+        Some(url) if !url.is_empty() => Ok(url),
+        _ if cfg!(feature = "postgres") => pgtide::dev::database_url().await,
+        _ => Ok("memory://".to_owned()),
+    }
+}
+
+/// Publishes the payments, works them off, and returns the group's final depth.
+pub(crate) async fn run(url: &str, namespace: &str) -> pgtide::Result<GroupStats> {
+    let queue = AnyBackend::connect(url, namespace).await?;
     // Installs or upgrades the namespace on Postgres; nothing to do on the brokers.
     queue.migrate().await?;
     println!("backend: {}, namespace {namespace:?}", queue.kind());
@@ -128,14 +143,5 @@ async fn main() -> pgtide::Result<()> {
     if let AnyBackend::Postgres(pg) = &queue {
         pg.shutdown().await;
     }
-    Ok(())
-}
-
-/// Postgres when the library has it, else the in-process backend.
-async fn default_backend() -> pgtide::Result<String> {
-    if cfg!(feature = "postgres") {
-        pgtide::dev::database_url().await
-    } else {
-        Ok("memory://".to_owned())
-    }
+    Ok(stats)
 }

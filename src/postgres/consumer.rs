@@ -483,7 +483,7 @@ impl PgConsumer {
     }
 }
 
-/// The trait's methods are the inherent ones above; this impl only forwards.
+// The trait's methods are the inherent ones above; this impl only forwards.
 impl QueueConsumer for PgConsumer {
     fn stream(&self) -> &str {
         PgConsumer::stream(self)

@@ -101,8 +101,6 @@ impl std::fmt::Debug for PgBackend {
     }
 }
 
-// The trait's methods are the inherent ones of the same name and signature (in registry.rs,
-// publish.rs, admin.rs, consumer.rs); this impl only forwards.
 /// What the Postgres engine supports: everything.
 const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
     delay: true,
@@ -118,6 +116,9 @@ const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
     fenced_settle: true,
 };
 
+// The trait's methods are the inherent ones of the same name and signature (registry.rs,
+// publish.rs, admin.rs, consumer.rs, migrate.rs; the inherent `purge` also returns a count):
+// this impl only forwards, so `pg.stats(s, g)` and `Queue::stats(&pg, s, g)` are one thing.
 impl Queue for PgBackend {
     type Consumer = PgConsumer;
 
