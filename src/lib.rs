@@ -18,7 +18,7 @@
 //! # async fn demo() -> pgtide::Result<()> {
 //! let pg = PgBackend::connect("postgres://postgres@127.0.0.1/postgres").await?;
 //! pg.migrate().await?;
-//! pg.ensure_stream("orders", StreamConfig::default()).await?;
+//! pg.ensure_stream("orders", &StreamConfig::default()).await?;
 //! pg.ensure_group("orders", "billing", GroupStart::New).await?;
 //!
 //! let receipt = pg.publish("orders", OutgoingMessage::json(&serde_json::json!({"id": 1}))?).await?;
