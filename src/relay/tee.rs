@@ -71,6 +71,12 @@ impl<A: Queue, B: Queue> Queue for Tee<A, B> {
         }
     }
 
+    /// Migrates both (the secondary as the mode says: a failure is an error only when strict).
+    async fn migrate(&self) -> Result<()> {
+        self.primary.migrate().await?;
+        self.second("migrate", self.secondary.migrate().await)
+    }
+
     async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
         let created = self.primary.ensure_stream(stream, config).await?;
         self.second(

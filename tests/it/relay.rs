@@ -168,3 +168,25 @@ async fn tee_writes_to_both_and_reads_from_the_primary() {
         .await
         .unwrap();
 }
+
+/// `Queue::migrate` on a tee installs a new Postgres namespace on either side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tee_migrates_both_sides() {
+    let url = crate::common::database_url().await;
+    let ns = crate::common::unique("tee");
+    let pg = pgtide::PgBackend::builder(url.clone())
+        .namespace(ns.clone())
+        .build()
+        .unwrap();
+    let tee = Tee::new(MemoryBackend::new(), pg.clone(), TeeMode::Strict);
+    tee.migrate().await.unwrap();
+    let migrated = pg.is_migrated().await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{ns}\" CASCADE"))
+        .await;
+    assert!(migrated.unwrap());
+}
