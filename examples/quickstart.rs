@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgtide::{Consumer, Delivery, GroupStart, OutgoingMessage, PgBackend, StreamConfig};
+use pgtide::{Delivery, GroupStart, OutgoingMessage, PgBackend, PgConsumer, StreamConfig};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -94,7 +94,7 @@ async fn run() -> Result<(), BoxError> {
 
     // Idempotent setup: safe to run on every start, from every process.
     pg.migrate().await?;
-    pg.ensure_stream(STREAM, StreamConfig::default()).await?;
+    pg.ensure_stream(STREAM, &StreamConfig::default()).await?;
     for group in GROUPS {
         pg.ensure_group(STREAM, group, GroupStart::New).await?;
     }
@@ -131,7 +131,7 @@ async fn run() -> Result<(), BoxError> {
         "\n{:<10} {:>7} {:>7} {:>9} {:>5}",
         "group", "ready", "delayed", "in_flight", "dead"
     );
-    for s in pg.stats().await? {
+    for s in pg.stats_all().await? {
         if s.stream == STREAM {
             let group = s.group.as_deref().unwrap_or("-");
             println!(
@@ -171,7 +171,7 @@ async fn publish(pg: PgBackend, run: String, progress: Arc<Progress>) -> Result<
 
 /// Fetches and acks batches until the group has consumed every message of this run.
 async fn consume(
-    consumer: Consumer,
+    consumer: PgConsumer,
     run: String,
     progress: Arc<Progress>,
     group: usize,

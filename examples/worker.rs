@@ -2,9 +2,13 @@
 //! graceful shutdown.
 //!
 //! ```sh
-//! cargo run --example worker            # any backend URL in PGTIDE_BACKEND, default Postgres
+//! cargo run --example worker            # Postgres: DATABASE_URL, else a local or throwaway server
 //! PGTIDE_BACKEND=memory:// cargo run --example worker
+//! PGTIDE_BACKEND=postgres://postgres@127.0.0.1:5432/postgres cargo run --example worker
 //! ```
+//!
+//! Any backend URL works in `PGTIDE_BACKEND`; `PGTIDE_NAMESPACE` picks the namespace (default
+//! `pgtide`), which `migrate()` installs on Postgres if it is new.
 //!
 //! It publishes 1 000 payments, one in a hundred of them invalid, and runs a worker with 16
 //! handlers in flight. Valid payments are acknowledged; a transient failure (every 7th payment's
@@ -17,8 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgtide::{
-    AnyBackend, Backoff, CancellationToken, Delivery, GroupStart, Outcome, OutgoingMessage,
-    PgBackend, Queue, StreamConfig, Worker,
+    AnyBackend, Backoff, CancellationToken, Delivery, GroupStart, GroupStats, Outcome,
+    OutgoingMessage, Queue, StreamConfig, Worker,
 };
 
 const STREAM: &str = "example.payments";
@@ -28,16 +32,28 @@ const COUNT: u64 = 1000;
 #[tokio::main]
 async fn main() -> pgtide::Result<()> {
     let namespace = std::env::var("PGTIDE_NAMESPACE").unwrap_or_else(|_| "pgtide".to_owned());
-    let queue = match std::env::var("PGTIDE_BACKEND") {
-        Ok(url) if !url.starts_with("postgres") => AnyBackend::connect(&url, &namespace).await?,
-        _ => {
-            let pg = PgBackend::builder(pgtide::dev::database_url().await?)
-                .namespace(&namespace)
-                .build()?;
-            pg.migrate().await?;
-            AnyBackend::Postgres(pg)
-        }
-    };
+    let url = backend_url(std::env::var("PGTIDE_BACKEND").ok()).await?;
+    run(&url, &namespace).await?;
+    Ok(())
+}
+
+/// The backend to run on: `PGTIDE_BACKEND` as given, whatever its scheme; without it Postgres
+/// (`DATABASE_URL`, else a local or throwaway server) when the library has it, else memory.
+///
+/// (`pub(crate)` here and on [`run`]: the integration tests include this file as a module.)
+pub(crate) async fn backend_url(pgtide_backend: Option<String>) -> pgtide::Result<String> {
+    match pgtide_backend {
+        Some(url) if !url.is_empty() => Ok(url),
+        _ if cfg!(feature = "postgres") => pgtide::dev::database_url().await,
+        _ => Ok("memory://".to_owned()),
+    }
+}
+
+/// Publishes the payments, works them off, and returns the group's final depth.
+pub(crate) async fn run(url: &str, namespace: &str) -> pgtide::Result<GroupStats> {
+    let queue = AnyBackend::connect(url, namespace).await?;
+    // Installs or upgrades the namespace on Postgres; nothing to do on the brokers.
+    queue.migrate().await?;
     println!("backend: {}, namespace {namespace:?}", queue.kind());
 
     let config = StreamConfig::default()
@@ -123,8 +139,9 @@ async fn main() -> pgtide::Result<()> {
         "group {GROUP:?}: ready {} in flight {} dead {}",
         stats.ready, stats.in_flight, stats.dead
     );
+    #[cfg(feature = "postgres")]
     if let AnyBackend::Postgres(pg) = &queue {
         pg.shutdown().await;
     }
-    Ok(())
+    Ok(stats)
 }

@@ -1,12 +1,16 @@
-//! Choosing a backend at run time from a URL: `postgres://`, `memory://`, and with their cargo
-//! features `nats://`, `redis://`, `amqp://`.
+//! Choosing a backend at run time from a URL: `memory://`, and with their cargo features
+//! `postgres://` (on by default), `nats://`, `redis://`, `amqp://`.
 
 use std::time::Duration;
 
-use crate::backend::{Capabilities, Queue, QueueConsumer};
-use crate::{
-    Consumer, DeadLetter, Delivery, Error, GroupStart, GroupStats, MemoryBackend, MemoryConsumer,
-    OutgoingMessage, PgBackend, PublishReceipt, Result, SettleReport, StreamConfig,
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
+use crate::memory::{MemoryBackend, MemoryConsumer};
+#[cfg(feature = "postgres")]
+use crate::postgres::{PgBackend, PgConsumer};
+use crate::queue::{
+    Capabilities, DeadLetter, Delivery, GroupStats, OutgoingMessage, PublishReceipt, Queue,
+    QueueConsumer, SettleReport,
 };
 
 /// Any backend, chosen at run time. Implements [`Queue`] by delegating to the variant.
@@ -16,6 +20,7 @@ use crate::{
 /// use pgtide::{AnyBackend, Queue, QueueConsumer, OutgoingMessage, StreamConfig, GroupStart};
 /// let url = std::env::var("PGTIDE_BACKEND").unwrap_or("memory://".into());
 /// let queue = AnyBackend::connect(&url, "shop").await?;
+/// queue.migrate().await?; // installs the namespace on Postgres; nothing to do on brokers
 /// queue.ensure_stream("orders", &StreamConfig::default()).await?;
 /// queue.ensure_group("orders", "billing", GroupStart::New).await?;
 /// queue.publish("orders", OutgoingMessage::json(&serde_json::json!({"id": 1}))?).await?;
@@ -29,18 +34,19 @@ use crate::{
 #[non_exhaustive]
 pub enum AnyBackend {
     /// The PostgreSQL engine.
+    #[cfg(feature = "postgres")]
     Postgres(PgBackend),
     /// In-process memory.
     Memory(MemoryBackend),
     /// NATS JetStream.
     #[cfg(feature = "nats")]
-    Nats(crate::NatsBackend),
+    Nats(crate::nats::NatsBackend),
     /// Redis Streams.
     #[cfg(feature = "redis")]
-    Redis(crate::RedisBackend),
+    Redis(crate::redis::RedisBackend),
     /// RabbitMQ.
     #[cfg(feature = "amqp")]
-    Amqp(crate::AmqpBackend),
+    Amqp(crate::amqp::AmqpBackend),
 }
 
 /// A consumer of [`AnyBackend`].
@@ -48,23 +54,25 @@ pub enum AnyBackend {
 #[non_exhaustive]
 pub enum AnyConsumer {
     /// The PostgreSQL engine.
-    Postgres(Consumer),
+    #[cfg(feature = "postgres")]
+    Postgres(PgConsumer),
     /// In-process memory.
     Memory(MemoryConsumer),
     /// NATS JetStream.
     #[cfg(feature = "nats")]
-    Nats(crate::NatsConsumer),
+    Nats(crate::nats::NatsConsumer),
     /// Redis Streams.
     #[cfg(feature = "redis")]
-    Redis(crate::RedisConsumer),
+    Redis(crate::redis::RedisConsumer),
     /// RabbitMQ.
     #[cfg(feature = "amqp")]
-    Amqp(crate::AmqpConsumer),
+    Amqp(crate::amqp::AmqpConsumer),
 }
 
 macro_rules! dispatch {
     ($enum:ident, $value:expr, $b:ident => $e:expr) => {
         match $value {
+            #[cfg(feature = "postgres")]
             $enum::Postgres($b) => $e,
             $enum::Memory($b) => $e,
             #[cfg(feature = "nats")]
@@ -85,6 +93,7 @@ impl AnyBackend {
     pub async fn connect(url: &str, namespace: &str) -> Result<AnyBackend> {
         let scheme = url.split("://").next().unwrap_or_default();
         match scheme {
+            #[cfg(feature = "postgres")]
             "postgres" | "postgresql" => Ok(AnyBackend::Postgres(
                 PgBackend::builder(url).namespace(namespace).build()?,
             )),
@@ -99,27 +108,31 @@ impl AnyBackend {
             }
             #[cfg(feature = "nats")]
             "nats" => Ok(AnyBackend::Nats(
-                crate::NatsBackend::connect(url, namespace).await?,
+                crate::nats::NatsBackend::connect(url, namespace).await?,
             )),
             #[cfg(feature = "redis")]
             "redis" | "rediss" => Ok(AnyBackend::Redis(
-                crate::RedisBackend::connect(url, namespace).await?,
+                crate::redis::RedisBackend::connect(url, namespace).await?,
             )),
             #[cfg(feature = "amqp")]
             "amqp" | "amqps" => Ok(AnyBackend::Amqp(
-                crate::AmqpBackend::connect(url, namespace).await?,
+                crate::amqp::AmqpBackend::connect(url, namespace).await?,
             )),
             #[allow(unreachable_patterns)]
-            "nats" | "redis" | "rediss" | "amqp" | "amqps" => Err(Error::InvalidConfig(format!(
-                "backend URL {url:?} needs pgtide built with the cargo feature {:?}",
-                if scheme.starts_with("amqp") {
-                    "amqp"
-                } else if scheme.starts_with("redis") {
-                    "redis"
-                } else {
-                    "nats"
-                }
-            ))),
+            "postgres" | "postgresql" | "nats" | "redis" | "rediss" | "amqp" | "amqps" => {
+                Err(Error::InvalidConfig(format!(
+                    "backend URL {url:?} needs pgtide built with the cargo feature {:?}",
+                    if scheme.starts_with("amqp") {
+                        "amqp"
+                    } else if scheme.starts_with("redis") {
+                        "redis"
+                    } else if scheme.starts_with("postgres") {
+                        "postgres"
+                    } else {
+                        "nats"
+                    }
+                )))
+            }
             _ => Err(Error::InvalidConfig(format!(
                 "backend URL {url:?}: use postgres://, memory://, nats://, redis:// or amqp://"
             ))),
@@ -129,6 +142,7 @@ impl AnyBackend {
     /// The backend's short name: `postgres`, `memory`, `nats`, `redis` or `amqp`.
     pub fn kind(&self) -> &'static str {
         match self {
+            #[cfg(feature = "postgres")]
             AnyBackend::Postgres(_) => "postgres",
             AnyBackend::Memory(_) => "memory",
             #[cfg(feature = "nats")]
@@ -146,6 +160,9 @@ impl Queue for AnyBackend {
 
     fn capabilities(&self) -> Capabilities {
         dispatch!(AnyBackend, self, b => b.capabilities())
+    }
+    async fn migrate(&self) -> Result<()> {
+        dispatch!(AnyBackend, self, b => Queue::migrate(b).await)
     }
     async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
         dispatch!(AnyBackend, self, b => Queue::ensure_stream(b, stream, config).await)
@@ -185,6 +202,7 @@ impl Queue for AnyBackend {
     }
     async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<AnyConsumer> {
         Ok(match self {
+            #[cfg(feature = "postgres")]
             AnyBackend::Postgres(b) => {
                 AnyConsumer::Postgres(Queue::consumer(b, stream, group, name).await?)
             }

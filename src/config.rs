@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Per-stream configuration, stored in the registry.
 ///
@@ -184,6 +184,8 @@ pub enum GroupStart {
     Oldest,
 }
 
+// The spelling both the SQL functions and the Redis group records use.
+#[cfg(any(feature = "postgres", feature = "redis"))]
 impl GroupStart {
     pub(crate) fn as_sql(self) -> &'static str {
         match self {

@@ -109,6 +109,7 @@ impl Error {
         match self {
             Error::Pool(_) => true,
             Error::Broker { retryable, .. } => *retryable,
+            #[cfg(feature = "postgres")]
             Error::Postgres(source) => {
                 if let Some(e) = source.downcast_ref::<tokio_postgres::Error>() {
                     if e.is_closed() {
@@ -153,12 +154,14 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Context used to turn database errors raised by pgtide's SQL into typed errors.
+#[cfg(feature = "postgres")]
 #[derive(Default)]
 pub(crate) struct Ctx<'a> {
     pub stream: Option<&'a str>,
     pub group: Option<&'a str>,
 }
 
+#[cfg(feature = "postgres")]
 impl<'a> Ctx<'a> {
     /// Errors about one stream.
     pub(crate) fn stream(stream: &'a str) -> Self {
@@ -177,6 +180,7 @@ impl<'a> Ctx<'a> {
     }
 }
 
+#[cfg(feature = "postgres")]
 /// Size and limit from the DETAIL (`size=<bytes> limit=<bytes>`) of pgtide's PT004 error.
 fn payload_sizes(detail: Option<&str>) -> (usize, usize) {
     let value = |key: &str| {
@@ -190,6 +194,7 @@ fn payload_sizes(detail: Option<&str>) -> (usize, usize) {
     (value("size="), value("limit="))
 }
 
+#[cfg(feature = "postgres")]
 impl Error {
     pub(crate) fn from_pg(e: tokio_postgres::Error, ctx: Ctx<'_>) -> Error {
         if let Some(db) = e.as_db_error() {
@@ -210,7 +215,11 @@ impl Error {
                 "PT005" => return Error::StreamExists(stream),
                 "PT006" => return Error::GroupExists { stream, group },
                 "42P01" | "42883" | "3F000" => {
-                    return Error::NotMigrated(db.schema().unwrap_or_default().to_owned())
+                    let namespace = match db.schema() {
+                        Some(schema) if !schema.is_empty() => schema.to_owned(),
+                        _ => missing_namespace(db.message()),
+                    };
+                    return Error::NotMigrated(namespace);
                 }
                 _ => {}
             }
@@ -246,17 +255,61 @@ impl Error {
     }
 }
 
+/// The namespace a "does not exist" error names. The server rarely fills the error's schema
+/// field, but every statement pgtide sends is schema-qualified, so the message names it:
+/// `schema "ns" does not exist`, `relation "ns.streams" does not exist`,
+/// `function ns.group_id(unknown, unknown) does not exist`. Namespace names never contain `.`
+/// or `"`. Empty if the message has another shape.
+#[cfg(feature = "postgres")]
+fn missing_namespace(message: &str) -> String {
+    let object = match message.split_once('"') {
+        Some((_, rest)) => rest.split('"').next().unwrap_or_default(),
+        None => message
+            .strip_prefix("function ")
+            .and_then(|rest| rest.split('(').next())
+            .unwrap_or_default(),
+    };
+    match object.split_once('.') {
+        Some((namespace, _)) => namespace.to_owned(),
+        None if message.starts_with("schema ") => object.to_owned(),
+        None => String::new(),
+    }
+}
+
+#[cfg(feature = "postgres")]
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
         Error::from_pg(e, Ctx::default())
     }
 }
 
+#[cfg(feature = "postgres")]
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => Error::from(e),
             other => Error::Pool(Box::new(other)),
+        }
+    }
+}
+
+#[cfg(all(test, feature = "postgres"))]
+mod tests {
+    use super::missing_namespace;
+
+    #[test]
+    fn the_missing_namespace_is_read_from_the_message() {
+        for (message, namespace) in [
+            (r#"schema "shop" does not exist"#, "shop"),
+            (r#"relation "shop.streams" does not exist"#, "shop"),
+            (
+                "function shop.group_id(unknown, unknown) does not exist",
+                "shop",
+            ),
+            (r#"relation "streams" does not exist"#, ""),
+            ("something else", ""),
+        ] {
+            assert_eq!(missing_namespace(message), namespace, "{message}");
         }
     }
 }

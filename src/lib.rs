@@ -18,7 +18,7 @@
 //! # async fn demo() -> pgtide::Result<()> {
 //! let pg = PgBackend::connect("postgres://postgres@127.0.0.1/postgres").await?;
 //! pg.migrate().await?;
-//! pg.ensure_stream("orders", StreamConfig::default()).await?;
+//! pg.ensure_stream("orders", &StreamConfig::default()).await?;
 //! pg.ensure_group("orders", "billing", GroupStart::New).await?;
 //!
 //! let receipt = pg.publish("orders", OutgoingMessage::json(&serde_json::json!({"id": 1}))?).await?;
@@ -36,17 +36,16 @@
 #[cfg(feature = "amqp")]
 mod amqp;
 mod any;
-mod backend;
 mod config;
-mod delivery;
 mod error;
 mod memory;
-mod message;
 mod metrics;
 mod names;
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "postgres")]
 mod postgres;
+mod queue;
 #[cfg(feature = "redis")]
 mod redis;
 mod relay;
@@ -60,18 +59,20 @@ pub mod bench;
 #[cfg(feature = "amqp")]
 pub use crate::amqp::{AmqpBackend, AmqpConsumer};
 pub use crate::any::{AnyBackend, AnyConsumer};
-pub use crate::backend::{Capabilities, Queue, QueueConsumer};
 pub use crate::config::{Backoff, GroupStart, StreamConfig};
-pub use crate::delivery::{Delivery, SettleReport};
 pub use crate::error::{Error, Result};
 pub use crate::memory::{MemoryBackend, MemoryConsumer};
-pub use crate::message::{Headers, Message, OutgoingMessage, PublishReceipt};
 pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
 #[cfg(feature = "nats")]
 pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
+#[cfg(feature = "postgres")]
 pub use crate::postgres::{
-    migration_sql, Consumer, DeadLetter, GroupInfo, GroupStats, ListenerStatus, MaintenanceReport,
-    MigrateReport, PgBackend, PgBackendBuilder, ScoutStatus, StreamInfo, DEFAULT_NAMESPACE,
+    migration_sql, GroupInfo, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,
+    PgBackendBuilder, PgConsumer, ScoutStatus, StreamInfo, DEFAULT_NAMESPACE,
+};
+pub use crate::queue::{
+    Capabilities, DeadLetter, Delivery, GroupStats, Headers, Message, OutgoingMessage,
+    PublishReceipt, Queue, QueueConsumer, SettleReport,
 };
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisBackend, RedisConsumer};

@@ -1,7 +1,7 @@
 //! Name rules. Stream, group and consumer names are data (never identifiers in SQL), but they are
 //! still checked so that every backend (NATS subjects, Redis keys, AMQP queues) accepts them.
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Longest stream, group or consumer name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;

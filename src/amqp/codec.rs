@@ -7,7 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 use uuid::Uuid;
 
-use crate::Headers;
+use crate::queue::Headers;
 
 /// Attempts made before this copy of the message was published (retries republish a copy).
 pub(crate) const H_ATTEMPTS: &str = "pgtide-attempts";

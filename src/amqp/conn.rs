@@ -9,7 +9,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
 use tokio::sync::Mutex;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The backend's name in errors.
 pub(crate) const NAME: &str = "amqp";
@@ -119,4 +119,10 @@ pub(crate) fn broker_msg(msg: impl Into<String>, retryable: bool) -> Error {
 pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
     matches!(e.kind(), ErrorKind::ProtocolError(a)
         if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+}
+
+/// True if the server answered 406 PRECONDITION_FAILED (the channel is closed by now).
+pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(a)
+        if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }

@@ -18,8 +18,8 @@ use super::codec::{
 use super::conn::broker_msg;
 use super::lease::{Claimed, Shared, Token};
 use super::publish::{split_delay, Outgoing, Route};
-use crate::backend::QueueConsumer;
-use crate::{Delivery, Error, Result, SettleReport};
+use crate::error::{Error, Result};
+use crate::queue::{Delivery, QueueConsumer, SettleReport};
 
 /// A consumer of the RabbitMQ backend: one AMQP channel, its own lease tracker and reaper.
 /// Clones share them. Dropping the last clone (and every delivery it handed out) closes the
@@ -247,7 +247,7 @@ impl QueueConsumer for AmqpConsumer {
             let shared = &token.shared;
             let lease = lease.unwrap_or(shared.config.lease);
             let mine = shared.group == self.shared.group && shared.stream == self.shared.stream;
-            (mine && shared.extend(token, id, lease)).then_some(lease)
+            (mine && shared.in_progress(token, id, lease)).then_some(lease)
         });
         match extended {
             Some(lease) => {

@@ -32,8 +32,8 @@ use super::codec::{decode, int, properties, text, H_ATTEMPTS, H_ERROR, H_NOT_BEF
 use super::conn::{broker, is_not_found};
 use super::lease::{Buffered, Shared, Token};
 use super::publish::{split_delay, Outgoing, Route};
-use crate::message::uuid_time;
-use crate::{Delivery, Error, Message, Result};
+use crate::error::{Error, Result};
+use crate::queue::{uuid_time, Delivery, Message};
 
 /// Most `basic.get`s in flight at once.
 const MAX_GETS: usize = 500;

@@ -23,7 +23,8 @@ use uuid::Uuid;
 
 use super::names::GroupNames;
 use super::AmqpBackend;
-use crate::{Result, StreamConfig};
+use crate::config::StreamConfig;
+use crate::error::Result;
 
 /// A message the doorbell consumer received while no fetch was waiting: not leased yet, handed
 /// out by the next fetch, or handed back (attempt unchanged) if none comes within a lease.
@@ -248,7 +249,7 @@ impl Shared {
     }
 
     /// Moves the lease deadline; false if the lease is no longer held.
-    pub(crate) fn extend(&self, token: &Token, id: Uuid, lease: Duration) -> bool {
+    pub(crate) fn in_progress(&self, token: &Token, id: Uuid, lease: Duration) -> bool {
         let mut t = self.tracked();
         if t.generation != token.generation {
             return false;

@@ -1,7 +1,8 @@
 //! RabbitMQ (AMQP 0.9.1) backend (feature `amqp`, lapin). The topology, the semantics and
 //! what is emulated are documented on [`AmqpBackend`]. Files: `topology.rs` (declares),
 //! `registry.rs` (what exists), `publish.rs`, `fetch.rs` (pull + doorbell), `lease.rs` (lease
-//! tracking and reaper), `consumer.rs` (settles), `admin.rs` (the `Queue` impl).
+//! tracking and reaper), `consumer.rs` (settles), `admin.rs` (namespace teardown, the stream
+//! log, queue depths); the handle and its `Queue` impl are here.
 
 mod admin;
 mod codec;
@@ -17,17 +18,17 @@ mod topology;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, BasicNackOptions, QueuePurgeOptions};
 
-use self::conn::{broker, is_not_found, Conn};
+use self::codec::decode;
+use self::conn::{broker, broker_msg, is_not_found, Conn, NAME};
 use self::lease::Shared;
 use self::names::{GroupNames, StreamNames};
 use self::registry::StreamRecord;
-use crate::backend::{Capabilities, Queue};
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
 use crate::names::{validate_name, validate_namespace};
-use crate::{Error, Result};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
 pub use self::consumer::AmqpConsumer;
 
@@ -145,40 +146,6 @@ impl AmqpBackend {
         &self.inner.ns
     }
 
-    /// Deletes everything of the namespace: every stream created through pgtide (with its
-    /// groups, messages and dead letters) and the delay levels. For tests and tenant teardown.
-    pub async fn delete_namespace(&self) -> Result<()> {
-        let log = names::stream_log(&self.inner.ns);
-        let ch = self.inner.conn.channel().await?;
-        let mut streams = BTreeSet::new();
-        loop {
-            match ch
-                .basic_get(log.as_str().into(), BasicGetOptions { no_ack: false })
-                .await
-            {
-                Ok(Some(m)) => {
-                    streams.insert(String::from_utf8_lossy(&m.delivery.data).into_owned());
-                }
-                Ok(None) => break,
-                Err(e) if is_not_found(&e) => break,
-                Err(e) => return Err(broker(e)),
-            }
-        }
-        for stream in streams
-            .iter()
-            .filter(|s| validate_name("stream", s).is_ok())
-        {
-            self.delete_stream(stream).await?;
-        }
-        let ch = self.inner.conn.channel().await?;
-        topology::delete_delay_levels(&ch, &self.inner.ns).await?;
-        ch.queue_delete(log.as_str().into(), Default::default())
-            .await
-            .map_err(broker)?;
-        guard(&self.inner.delay_routes).clear();
-        Ok(())
-    }
-
     pub(crate) fn stream_names(&self, stream: &str) -> StreamNames {
         StreamNames::new(&self.inner.ns, stream)
     }
@@ -251,62 +218,245 @@ impl AmqpBackend {
             })
         }
     }
+}
 
-    async fn log_stream(&self, stream: &str) -> Result<()> {
-        let log = names::stream_log(&self.inner.ns);
+fn group_not_found(stream: &str, group: &str) -> Error {
+    Error::GroupNotFound {
+        stream: stream.to_owned(),
+        group: group.to_owned(),
+    }
+}
+
+impl Queue for AmqpBackend {
+    type Consumer = AmqpConsumer;
+
+    fn capabilities(&self) -> Capabilities {
+        AMQP_CAPABILITIES
+    }
+
+    async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
+        validate_name("stream", stream)?;
+        config.validate()?;
+        let s = self.stream_names(stream);
+        let conn = &self.inner.conn;
+        if let Some(r) = registry::read(conn, &s.registry).await? {
+            self.cache(stream, r);
+            return Ok(false);
+        }
+        let ch = conn.channel().await?;
+        topology::declare_stream(&ch, &s).await?;
+        let record = StreamRecord {
+            version: 1,
+            config: config.into(),
+            groups: BTreeSet::new(),
+        };
+        registry::publish(conn, &s.registry, &record).await?;
+        self.log_stream(stream).await?;
+        self.cache(stream, record);
+        Ok(true)
+    }
+
+    async fn delete_stream(&self, stream: &str) -> Result<bool> {
+        validate_name("stream", stream)?;
+        let s = self.stream_names(stream);
+        let Some(locked) = registry::lock(&self.inner.conn, &s.registry).await? else {
+            self.forget(stream);
+            return Ok(false);
+        };
         let ch = self.inner.conn.channel().await?;
-        ch.queue_declare(
-            log.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker)?;
-        let props = BasicProperties::default().with_delivery_mode(2);
-        let publisher = self.inner.conn.publisher().await?;
-        let confirm = publisher
-            .basic_publish(
-                "".into(),
-                log.as_str().into(),
-                BasicPublishOptions::default(),
-                stream.as_bytes(),
-                props,
-            )
-            .await
-            .map_err(broker)?;
-        confirm.await.map_err(broker)?;
+        for group in &locked.record.groups {
+            topology::delete_group(&ch, &self.group_names(stream, group)).await?;
+            guard(&self.inner.delay_routes).remove(&self.group_names(stream, group).queue);
+        }
+        // Deleting the registry queue drops the record we hold.
+        topology::delete_stream(&ch, &s).await?;
+        drop(locked);
+        guard(&self.inner.delay_routes).remove(&s.landing);
+        self.forget(stream);
+        self.drop_stream_log_if_unused().await?;
+        Ok(true)
+    }
+
+    async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        if start == GroupStart::Oldest {
+            return Err(Error::Unsupported {
+                backend: NAME,
+                what: "GroupStart::Oldest (a new RabbitMQ queue only receives later messages)",
+            });
+        }
+        let s = self.stream_names(stream);
+        let conn = &self.inner.conn;
+        let locked = registry::lock(conn, &s.registry)
+            .await?
+            .ok_or_else(|| Error::StreamNotFound(stream.to_owned()))?;
+        let ch = conn.channel().await?;
+        topology::declare_group(&ch, &s, &self.group_names(stream, group)).await?;
+        if locked.record.groups.contains(group) {
+            let record = locked.record.clone();
+            locked.release().await;
+            self.cache(stream, record);
+            return Ok(false);
+        }
+        let mut record = locked.record.clone();
+        record.groups.insert(group.to_owned());
+        record.version += 1;
+        locked.commit(conn, &s.registry, record.clone()).await?;
+        self.cache(stream, record);
+        Ok(true)
+    }
+
+    async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        let s = self.stream_names(stream);
+        let conn = &self.inner.conn;
+        let locked = registry::lock(conn, &s.registry)
+            .await?
+            .ok_or_else(|| Error::StreamNotFound(stream.to_owned()))?;
+        if !locked.record.groups.contains(group) {
+            locked.release().await;
+            return Ok(false);
+        }
+        let g = self.group_names(stream, group);
+        let ch = conn.channel().await?;
+        topology::delete_group(&ch, &g).await?;
+        guard(&self.inner.delay_routes).remove(&g.queue);
+        let mut record = locked.record.clone();
+        record.groups.remove(group);
+        record.version += 1;
+        locked.commit(conn, &s.registry, record.clone()).await?;
+        self.cache(stream, record);
+        Ok(true)
+    }
+
+    async fn purge(&self, stream: &str) -> Result<()> {
+        validate_name("stream", stream)?;
+        let record = self.record(stream, true).await?;
+        let ch = self.inner.conn.channel().await?;
+        for group in &record.groups {
+            let g = self.group_names(stream, group);
+            for q in [&g.queue, &g.dead] {
+                match ch
+                    .queue_purge(q.as_str().into(), QueuePurgeOptions::default())
+                    .await
+                {
+                    Ok(_) => {}
+                    // Deleted meanwhile; the channel is closed now.
+                    Err(e) if is_not_found(&e) => return Ok(()),
+                    Err(e) => return Err(broker(e)),
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Depth of the queue `name`, or `None` if it does not exist.
-    async fn depth(&self, name: &str) -> Result<Option<u32>> {
-        let ch = self.inner.conn.channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
+    async fn stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        self.group_record(stream, group).await?;
+        let g = self.group_names(stream, group);
+        let ready = self.depth(&g.queue).await?;
+        let dead = self.depth(&g.dead).await?;
+        let (Some(ready), Some(dead)) = (ready, dead) else {
+            return Err(group_not_found(stream, group));
         };
-        match ch
-            .queue_declare(name.into(), passive, FieldTable::default())
-            .await
-        {
-            Ok(q) => Ok(Some(q.message_count())),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(broker(e)),
-        }
+        // Messages a doorbell holds unleased are ready for that consumer's next fetch.
+        let (leased, buffered) = self.held(stream, group);
+        Ok(GroupStats {
+            stream: stream.to_owned(),
+            group: Some(group.to_owned()),
+            ready: i64::from(ready) + buffered as i64,
+            delayed: 0,
+            in_flight: leased as i64,
+            dead: i64::from(dead),
+            oldest_ready_age: None,
+        })
     }
 
-    /// (leased, buffered) messages of this handle's consumers of the group.
-    fn held(&self, stream: &str, group: &str) -> (usize, usize) {
-        let mut consumers = guard(&self.inner.consumers);
-        consumers.retain(|w| w.strong_count() > 0);
-        consumers
-            .iter()
-            .filter_map(Weak::upgrade)
-            .filter(|s| s.stream == stream && s.group == group)
-            .map(|s| s.held())
-            .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+    async fn dead_letters(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        self.group_record(stream, group).await?;
+        let g = self.group_names(stream, group);
+        let ch = self.inner.conn.channel().await?;
+        let mut out = Vec::new();
+        let mut last_tag = None;
+        while out.len() < limit {
+            let m = match ch
+                .basic_get(g.dead.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+            {
+                Ok(Some(m)) => m.delivery,
+                Ok(None) => break,
+                Err(e) if is_not_found(&e) => return Err(group_not_found(stream, group)),
+                Err(e) => return Err(broker(e)),
+            };
+            last_tag = Some(m.delivery_tag);
+            let d = decode(&m.properties, false);
+            out.push(DeadLetter {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+                id: d.id,
+                attempts: d.attempts_made.unwrap_or(d.attempt.saturating_sub(1)),
+                reason: d.reason.unwrap_or_else(|| "unknown".to_owned()),
+                error: d.last_error,
+                dead_at: d.dead_at.unwrap_or_else(chrono::Utc::now),
+                payload: Some(m.data),
+                headers: d.headers,
+            });
+        }
+        if let Some(tag) = last_tag {
+            // Put every browsed message back where it was; the channel closing would too.
+            let back = BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            };
+            ch.basic_nack(tag, back).await.map_err(broker)?;
+        }
+        Ok(out)
+    }
+
+    async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
+        let mut r = self
+            .publish_messages(stream, std::slice::from_ref(&msg))
+            .await?;
+        r.pop()
+            .ok_or_else(|| broker_msg("publish returned no receipt", false))
+    }
+
+    /// Not atomic: on error, some of the messages may have been published.
+    async fn publish_batch(
+        &self,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        self.publish_messages(stream, msgs).await
+    }
+
+    async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<AmqpConsumer> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        validate_name("consumer", name)?;
+        // Fresh, not cached: re-declaring a group another process deleted would resurrect it.
+        let record = self.record(stream, true).await?;
+        if !record.groups.contains(group) {
+            return Err(group_not_found(stream, group));
+        }
+        let s = self.stream_names(stream);
+        let g = self.group_names(stream, group);
+        // Consumers declare their side too, so a half-created group heals.
+        let ch = self.inner.conn.channel().await?;
+        topology::declare_group(&ch, &s, &g).await?;
+        let config = record.config.to_config();
+        let shared = Shared::start(self.clone(), stream, group, name, g, config);
+        guard(&self.inner.consumers).push(Arc::downgrade(&shared));
+        Ok(AmqpConsumer { shared })
     }
 }

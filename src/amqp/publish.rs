@@ -11,7 +11,8 @@ use super::codec::{int, properties, H_NOT_BEFORE};
 use super::conn::{broker, broker_msg, is_not_found};
 use super::names::{delay_level, delay_routing_key, DELAY_LEVELS, MAX_DELAY_MS, ROUTING_KEY};
 use super::{topology, AmqpBackend};
-use crate::{Error, OutgoingMessage, PublishReceipt, Result};
+use crate::error::{Error, Result};
+use crate::queue::{OutgoingMessage, PublishReceipt};
 
 /// Where a message goes.
 pub(crate) enum Route<'a> {

@@ -16,7 +16,8 @@ use lapin::{BasicProperties, Channel};
 use serde::{Deserialize, Serialize};
 
 use super::conn::{broker, broker_msg, is_not_found, Conn};
-use crate::{Backoff, Result, StreamConfig};
+use crate::config::{Backoff, StreamConfig};
+use crate::error::Result;
 
 /// How long to wait for a record another client holds.
 const LOCK_WAIT: Duration = Duration::from_secs(10);

@@ -19,7 +19,7 @@ use super::conn::broker;
 use super::names::{
     delay_binding, delay_level, deliver_binding, GroupNames, StreamNames, DELAY_LEVELS, ROUTING_KEY,
 };
-use crate::Result;
+use crate::error::Result;
 
 fn table(pairs: Vec<(&str, AMQPValue)>) -> FieldTable {
     let mut t = FieldTable::default();

@@ -223,7 +223,7 @@ impl<'a> Bench<'a> {
             .build()?;
         pg.migrate().await?;
         for stream in STREAMS {
-            pg.ensure_stream(stream, StreamConfig::default()).await?;
+            pg.ensure_stream(stream, &StreamConfig::default()).await?;
             pg.ensure_group(stream, GROUP, GroupStart::New).await?;
         }
         admin

@@ -278,7 +278,7 @@ impl Bench<'_> {
         &self,
         stream: &str,
         batch: usize,
-    ) -> Result<Vec<ConsumeState<crate::Consumer>>> {
+    ) -> Result<Vec<ConsumeState<crate::PgConsumer>>> {
         let mut consumers = vec![];
         for i in 0..CONSUMERS {
             let consumer = self

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::harness::{joined, Failure, Step};
 use super::postgres::ConsumeRates;
 use super::{Bench, Case, Target, Unit, FILL_BATCH, GROUP};
-use crate::{Consumer, Error, Outcome, PgBackend, Result, Worker};
+use crate::{Error, Outcome, PgBackend, PgConsumer, Result, Worker};
 
 pub(super) const WORKERS: &str = "workers";
 
@@ -78,7 +78,7 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn drain_worker(consumer: Consumer, counter: Arc<DrainCounter>) -> Worker {
+fn drain_worker(consumer: PgConsumer, counter: Arc<DrainCounter>) -> Worker<PgConsumer> {
     Worker::new(consumer, move |_| {
         let counter = counter.clone();
         async move {

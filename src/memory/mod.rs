@@ -5,23 +5,28 @@
 //! Time is `tokio::time`, so tests can drive it with `tokio::time::pause()`. Waiting consumers
 //! sleep until a publish notifies them or their group's next delivery comes due; there is no
 //! polling and no scout.
+//!
+//! Files: `state.rs` (what is held), `admin.rs` (streams and groups: create, purge, stats),
+//! `consumer.rs` (claims and settles); the handle and its [`Queue`] impl are here.
 
-use std::collections::{BTreeSet, HashMap};
+mod admin;
+mod consumer;
+mod state;
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::backend::{Capabilities, Queue, QueueConsumer};
-use crate::message::uuid_time;
+pub use self::consumer::MemoryConsumer;
+use self::state::{group_not_found, stream_not_found, Pending, State, Stored, Stream};
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::{
-    DeadLetter, Delivery, Error, GroupStart, GroupStats, Headers, Message, OutgoingMessage,
-    PublishReceipt, Result, SettleReport, StreamConfig,
-};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
 /// What the memory backend supports.
 pub(crate) const MEMORY_CAPABILITIES: Capabilities = Capabilities {
@@ -39,46 +44,6 @@ pub(crate) const MEMORY_CAPABILITIES: Capabilities = Capabilities {
     fenced_after_release: true,
 };
 
-struct Stored {
-    id: Uuid,
-    payload: bytes::Bytes,
-    is_json: bool,
-    headers: Headers,
-}
-
-struct Pending {
-    visible_at: Instant,
-    attempts: u32,
-    consumer: Option<String>,
-    last_error: Option<String>,
-    /// The fence token of the current claim (0 when unclaimed). A release hands the attempt
-    /// back, so the attempt alone cannot tell a stale handle from the new holder's.
-    claim: u64,
-}
-
-#[derive(Default)]
-struct Group {
-    pending: HashMap<Uuid, Pending>,
-    /// (visible_at, id) of every pending delivery: claims walk it from the front.
-    order: BTreeSet<(Instant, Uuid)>,
-    dead: Vec<DeadLetter>,
-    /// Claims made so far: the source of fence tokens, never reused.
-    claims: u64,
-}
-
-struct Stream {
-    config: StreamConfig,
-    messages: HashMap<Uuid, Arc<Stored>>,
-    groups: HashMap<String, Group>,
-    dedupe: HashMap<String, (Uuid, Instant)>,
-    wake: Arc<Notify>,
-}
-
-#[derive(Default)]
-struct State {
-    streams: HashMap<String, Stream>,
-}
-
 /// In-process backend. Cheap to clone; clones share state.
 #[derive(Clone, Default)]
 pub struct MemoryBackend {
@@ -94,65 +59,6 @@ impl std::fmt::Debug for MemoryBackend {
 fn named() -> &'static Mutex<HashMap<String, MemoryBackend>> {
     static NAMED: OnceLock<Mutex<HashMap<String, MemoryBackend>>> = OnceLock::new();
     NAMED.get_or_init(Default::default)
-}
-
-fn stream_not_found(s: &str) -> Error {
-    Error::StreamNotFound(s.to_owned())
-}
-
-fn group_not_found(s: &str, g: &str) -> Error {
-    Error::GroupNotFound {
-        stream: s.to_owned(),
-        group: g.to_owned(),
-    }
-}
-
-impl Group {
-    fn set(&mut self, id: Uuid, p: Pending) {
-        if let Some(old) = self.pending.get(&id) {
-            self.order.remove(&(old.visible_at, id));
-        }
-        self.order.insert((p.visible_at, id));
-        self.pending.insert(id, p);
-    }
-
-    fn remove(&mut self, id: &Uuid) -> Option<Pending> {
-        let p = self.pending.remove(id)?;
-        self.order.remove(&(p.visible_at, *id));
-        Some(p)
-    }
-
-    /// The pending delivery `d` refers to, if its lease is still this claim's.
-    fn fenced(&self, d: &Delivery) -> bool {
-        self.pending.get(&d.id()).is_some_and(|p| {
-            p.consumer.is_some()
-                && p.attempts == d.attempt
-                && d.token.as_ref().and_then(|t| t.downcast_ref::<u64>()) == Some(&p.claim)
-        })
-    }
-
-    fn bury(
-        &mut self,
-        (stream, group): (&str, &str),
-        msg: Option<&Stored>,
-        id: Uuid,
-        attempts: u32,
-        reason: &str,
-        error: Option<String>,
-    ) {
-        self.remove(&id);
-        self.dead.push(DeadLetter {
-            stream: stream.to_owned(),
-            group: group.to_owned(),
-            id,
-            attempts,
-            reason: reason.to_owned(),
-            error,
-            dead_at: Utc::now(),
-            payload: msg.map(|m| m.payload.to_vec()),
-            headers: msg.map(|m| m.headers.clone()).unwrap_or_default(),
-        });
-    }
 }
 
 impl MemoryBackend {
@@ -208,16 +114,9 @@ impl Queue for MemoryBackend {
         if state.streams.contains_key(stream) {
             return Ok(false);
         }
-        state.streams.insert(
-            stream.to_owned(),
-            Stream {
-                config: config.clone(),
-                messages: HashMap::new(),
-                groups: HashMap::new(),
-                dedupe: HashMap::new(),
-                wake: Arc::new(Notify::new()),
-            },
-        );
+        state
+            .streams
+            .insert(stream.to_owned(), Stream::new(config.clone()));
         Ok(true)
     }
 
@@ -238,27 +137,7 @@ impl Queue for MemoryBackend {
             .streams
             .get_mut(stream)
             .ok_or_else(|| stream_not_found(stream))?;
-        if s.groups.contains_key(group) {
-            return Ok(false);
-        }
-        let mut g = Group::default();
-        if start == GroupStart::Oldest {
-            let now = Instant::now();
-            for id in s.messages.keys() {
-                g.set(
-                    *id,
-                    Pending {
-                        visible_at: now,
-                        attempts: 0,
-                        consumer: None,
-                        last_error: None,
-                        claim: 0,
-                    },
-                );
-            }
-        }
-        s.groups.insert(group.to_owned(), g);
-        Ok(true)
+        Ok(s.add_group(group, start))
     }
 
     async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
@@ -279,43 +158,14 @@ impl Queue for MemoryBackend {
             .streams
             .get_mut(stream)
             .ok_or_else(|| stream_not_found(stream))?;
-        s.messages.clear();
-        s.dedupe.clear();
-        for g in s.groups.values_mut() {
-            *g = Group::default();
-        }
+        s.purge();
         Ok(())
     }
 
     async fn stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
-        self.with_group(stream, group, |s, group| {
-            let g = &s.groups[group];
-            let now = Instant::now();
-            let (mut ready, mut delayed, mut in_flight) = (0, 0, 0);
-            let mut oldest = None;
-            for (at, id) in &g.order {
-                if *at <= now {
-                    ready += 1;
-                    let age = (Utc::now() - uuid_time(id)).to_std().unwrap_or_default();
-                    oldest = Some(oldest.map_or(age, |o: Duration| o.max(age)));
-                } else if g.pending[id].consumer.is_some() {
-                    in_flight += 1;
-                } else {
-                    delayed += 1;
-                }
-            }
-            Ok(GroupStats {
-                stream: stream.to_owned(),
-                group: Some(group.to_owned()),
-                ready,
-                delayed,
-                in_flight,
-                dead: g.dead.len() as i64,
-                oldest_ready_age: oldest,
-            })
-        })
+        self.with_group(stream, group, |s, group| Ok(s.stats(stream, group)))
     }
 
     async fn dead_letters(
@@ -425,291 +275,6 @@ impl Queue for MemoryBackend {
             stream: stream.to_owned(),
             group: group.to_owned(),
             name: name.to_owned(),
-        })
-    }
-}
-
-/// A consumer of the memory backend.
-#[derive(Debug, Clone)]
-pub struct MemoryConsumer {
-    backend: MemoryBackend,
-    stream: String,
-    group: String,
-    name: String,
-}
-
-impl MemoryConsumer {
-    /// Claims what is ready; returns the deliveries, the stream's wake-up, and when the next
-    /// pending delivery of the group comes due.
-    fn claim(&self, max: usize) -> Result<(Vec<Delivery>, Arc<Notify>, Option<Instant>)> {
-        let (stream, group, name) = (&self.stream, &self.group, &self.name);
-        self.backend.with_group(stream, group, |s, _| {
-            let now = Instant::now();
-            let config = s.config.clone();
-            let g = s
-                .groups
-                .get_mut(group)
-                .ok_or_else(|| group_not_found(stream, group))?;
-            let mut out = vec![];
-            while out.len() < max {
-                let Some(&(at, id)) = g.order.iter().next() else {
-                    break;
-                };
-                if at > now {
-                    break;
-                }
-                let Some(p) = g.remove(&id) else { break };
-                let msg = s.messages.get(&id).cloned();
-                let Some(msg) = msg else { continue };
-                if p.attempts >= config.max_deliver {
-                    let error = p
-                        .last_error
-                        .or_else(|| Some(format!("lease expired on attempt {}", p.attempts)));
-                    g.bury(
-                        (stream, group),
-                        Some(&msg),
-                        id,
-                        p.attempts,
-                        "max_deliver",
-                        error,
-                    );
-                    continue;
-                }
-                let attempts = p.attempts + 1;
-                g.claims += 1;
-                let claim = g.claims;
-                g.set(
-                    id,
-                    Pending {
-                        visible_at: now + config.lease,
-                        attempts,
-                        consumer: Some(name.clone()),
-                        last_error: p.last_error,
-                        claim,
-                    },
-                );
-                out.push(Delivery {
-                    message: Message {
-                        id: msg.id,
-                        stream: stream.clone(),
-                        payload: msg.payload.clone(),
-                        is_json: msg.is_json,
-                        headers: msg.headers.clone(),
-                        published_at: uuid_time(&msg.id),
-                    },
-                    group: group.clone(),
-                    consumer: name.clone(),
-                    attempt: attempts,
-                    lease_expires_at: Utc::now() + config.lease,
-                    token: Some(Arc::new(claim)),
-                });
-            }
-            let next = g.order.iter().next().map(|(at, _)| *at);
-            Ok((out, s.wake.clone(), next))
-        })
-    }
-
-    fn settle(
-        &self,
-        ds: &[&Delivery],
-        mut f: impl FnMut(&mut Stream, &Delivery) -> Settled,
-    ) -> Result<SettleReport> {
-        let (mut settled, mut dead) = (vec![], vec![]);
-        let mut woke = false;
-        self.backend
-            .with_group(&self.stream, &self.group, |s, group| {
-                for d in ds {
-                    if !s.groups[group].fenced(d) {
-                        continue;
-                    }
-                    match f(s, d) {
-                        Settled::Done => settled.push(d.id()),
-                        Settled::Ready => {
-                            settled.push(d.id());
-                            woke = true;
-                        }
-                        Settled::Dead => dead.push(d.id()),
-                    }
-                }
-                if woke {
-                    s.wake.notify_waiters();
-                }
-                Ok(())
-            })?;
-        Ok(SettleReport::from_parts(ds, settled, dead))
-    }
-}
-
-enum Settled {
-    Done,
-    Ready,
-    Dead,
-}
-
-impl QueueConsumer for MemoryConsumer {
-    fn stream(&self) -> &str {
-        &self.stream
-    }
-    fn group(&self) -> &str {
-        &self.group
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn lease(&self) -> Option<Duration> {
-        self.backend
-            .lock()
-            .streams
-            .get(&self.stream)
-            .map(|s| s.config.lease)
-    }
-
-    async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
-        if max == 0 {
-            return Ok(vec![]);
-        }
-        Ok(self.claim(max)?.0)
-    }
-
-    async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
-        if max == 0 {
-            return Ok(vec![]);
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (batch, wake, next) = self.claim(max)?;
-            // Register interest before checking the clock so a publish in between is not missed.
-            let notified = wake.notified();
-            let now = Instant::now();
-            if !batch.is_empty() || now >= deadline {
-                return Ok(batch);
-            }
-            let until = next.map_or(deadline, |n| n.min(deadline)).max(now);
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(until) => {}
-            }
-        }
-    }
-
-    async fn ack_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
-        let group = self.group.clone();
-        self.settle(ds, |s, d| {
-            if let Some(g) = s.groups.get_mut(&group) {
-                g.remove(&d.id());
-            }
-            Settled::Done
-        })
-    }
-
-    async fn nack_batch(
-        &self,
-        ds: &[&Delivery],
-        delay: Option<Duration>,
-        error: Option<&str>,
-    ) -> Result<SettleReport> {
-        let (stream, group) = (self.stream.clone(), self.group.clone());
-        self.settle(ds, |s, d| {
-            let config = s.config.clone();
-            let msg = s.messages.get(&d.id()).cloned();
-            let Some(g) = s.groups.get_mut(&group) else {
-                return Settled::Done;
-            };
-            let attempts = g.pending.get(&d.id()).map_or(d.attempt, |p| p.attempts);
-            if attempts >= config.max_deliver {
-                g.bury(
-                    (&stream, &group),
-                    msg.as_deref(),
-                    d.id(),
-                    attempts,
-                    "max_deliver",
-                    error.map(str::to_owned),
-                );
-                return Settled::Dead;
-            }
-            let wait = delay.unwrap_or_else(|| config.backoff.delay(attempts));
-            g.set(
-                d.id(),
-                Pending {
-                    visible_at: Instant::now() + wait,
-                    attempts,
-                    consumer: None,
-                    last_error: error.map(str::to_owned),
-                    claim: 0,
-                },
-            );
-            if wait.is_zero() {
-                Settled::Ready
-            } else {
-                // Waiters recompute their next due time when woken.
-                s.wake.notify_waiters();
-                Settled::Done
-            }
-        })
-    }
-
-    async fn term_batch(&self, ds: &[&Delivery], reason: &str) -> Result<SettleReport> {
-        let (stream, group) = (self.stream.clone(), self.group.clone());
-        self.settle(ds, |s, d| {
-            let msg = s.messages.get(&d.id()).cloned();
-            if let Some(g) = s.groups.get_mut(&group) {
-                let last = g.pending.get(&d.id()).and_then(|p| p.last_error.clone());
-                g.bury(
-                    (&stream, &group),
-                    msg.as_deref(),
-                    d.id(),
-                    d.attempt,
-                    reason,
-                    last,
-                );
-            }
-            Settled::Dead
-        })
-    }
-
-    async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
-        let group = self.group.clone();
-        let mut expires = None;
-        let report = self.settle(&[&*d], |s, d| {
-            let lease = lease.unwrap_or(s.config.lease);
-            if let Some(g) = s.groups.get_mut(&group) {
-                if let Some(p) = g.remove(&d.id()) {
-                    g.set(
-                        d.id(),
-                        Pending {
-                            visible_at: Instant::now() + lease,
-                            ..p
-                        },
-                    );
-                    expires = Some(Utc::now() + lease);
-                }
-            }
-            Settled::Done
-        })?;
-        if let Some(at) = expires {
-            d.lease_expires_at = at;
-        }
-        report.single(d.id())
-    }
-
-    async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
-        let group = self.group.clone();
-        self.settle(ds, |s, d| {
-            if let Some(g) = s.groups.get_mut(&group) {
-                if let Some(p) = g.remove(&d.id()) {
-                    g.set(
-                        d.id(),
-                        Pending {
-                            visible_at: Instant::now(),
-                            attempts: p.attempts.saturating_sub(1),
-                            consumer: None,
-                            ..p
-                        },
-                    );
-                }
-            }
-            Settled::Ready
         })
     }
 }

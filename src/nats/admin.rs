@@ -8,9 +8,10 @@ use serde_json::json;
 use super::api::{self, Missing};
 use super::naming::{Names, MOVER};
 use super::{codec, NatsBackend, StreamMeta};
-use crate::message::uuid_time;
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::{DeadLetter, Error, GroupStart, GroupStats, Result, StreamConfig};
+use crate::queue::{uuid_time, DeadLetter, GroupStats};
 
 /// JetStream's default duplicate window; used where pgtide needs one but the user set none.
 const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);

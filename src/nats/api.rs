@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The backend's name in errors.
 pub(super) const NAME: &str = "nats";
@@ -363,5 +363,34 @@ impl Pull {
                 }
             }
         }
+    }
+}
+
+/// Delivery count and stream sequence from a JetStream ack subject: `$JS.ACK.<stream>.
+/// <consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`, or with domain and
+/// account hash after `$JS.ACK.` (ADR-15).
+pub(super) fn ack_info(reply: &str) -> Option<(u64, u64)> {
+    let tokens: Vec<&str> = reply.strip_prefix("$JS.ACK.")?.split('.').collect();
+    let at = match tokens.len() {
+        7 => 2,
+        n if n >= 9 => 4,
+        _ => return None,
+    };
+    Some((tokens[at].parse().ok()?, tokens[at + 1].parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ack_info;
+
+    #[test]
+    fn ack_subjects() {
+        assert_eq!(ack_info("$JS.ACK.S.c.3.17.9.1700000000.0"), Some((3, 17)));
+        assert_eq!(
+            ack_info("$JS.ACK.dom.acc.S.c.2.5.4.1700000000.0.tok"),
+            Some((2, 5))
+        );
+        assert_eq!(ack_info("$JS.ACK.S.c.x"), None);
+        assert_eq!(ack_info("_INBOX.x"), None);
     }
 }

@@ -24,8 +24,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::message::uuid_time;
-use crate::{Backoff, DeadLetter, Delivery, Headers, Message, OutgoingMessage, StreamConfig};
+use crate::config::{Backoff, StreamConfig};
+use crate::queue::{uuid_time, DeadLetter, Delivery, Headers, Message, OutgoingMessage};
 
 pub(super) const ID: &str = "Pgtide-Id";
 pub(super) const JSON: &str = "Pgtide-Json";

@@ -11,12 +11,12 @@ use futures_util::future::join_all;
 use tokio::time::Instant;
 
 use super::admin::group_not_found;
-use super::api::{self, PullEnd};
+use super::api::{self, ack_info, PullEnd};
 use super::naming::Names;
 use super::{codec, mover, NatsBackend, StreamMeta};
-use crate::backend::QueueConsumer;
+use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::{Delivery, Error, Result, SettleReport};
+use crate::queue::{Delivery, QueueConsumer, SettleReport};
 
 /// The longest single pull request; a longer fetch sends several. Bounds how long the server
 /// keeps a request whose fetch future was dropped.
@@ -62,20 +62,6 @@ impl std::fmt::Debug for NatsConsumer {
     }
 }
 
-/// Delivery count and stream sequence from a JetStream ack subject: `$JS.ACK.<stream>.
-/// <consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`, or with domain and
-/// account hash after `$JS.ACK.` (ADR-15).
-pub(super) fn ack_info(reply: &str) -> Option<(u64, u64)> {
-    let tokens: Vec<&str> = reply.strip_prefix("$JS.ACK.")?.split('.').collect();
-    let at = match tokens.len() {
-        7 => 2,
-        n if n >= 9 => 4,
-        _ => return None,
-    };
-    Some((tokens[at].parse().ok()?, tokens[at + 1].parse().ok()?))
-}
-
-/// Retry delay after a failed attempt, from the stream's backoff.
 impl NatsConsumer {
     pub(super) async fn open(
         backend: &NatsBackend,
@@ -366,21 +352,5 @@ impl QueueConsumer for NatsConsumer {
     async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         self.settle_all(ds, |d| self.simple(d, Bytes::from_static(b"-NAK")))
             .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ack_info;
-
-    #[test]
-    fn ack_subjects() {
-        assert_eq!(ack_info("$JS.ACK.S.c.3.17.9.1700000000.0"), Some((3, 17)));
-        assert_eq!(
-            ack_info("$JS.ACK.dom.acc.S.c.2.5.4.1700000000.0.tok"),
-            Some((2, 5))
-        );
-        assert_eq!(ack_info("$JS.ACK.S.c.x"), None);
-        assert_eq!(ack_info("_INBOX.x"), None);
     }
 }

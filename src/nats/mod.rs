@@ -76,11 +76,9 @@ use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backend::{Capabilities, Queue};
-use crate::{
-    DeadLetter, Error, GroupStart, GroupStats, OutgoingMessage, PublishReceipt, Result,
-    StreamConfig,
-};
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
 pub use self::consumer::NatsConsumer;
 use self::naming::Names;

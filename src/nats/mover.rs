@@ -21,11 +21,10 @@ use bytes::Bytes;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::api::{self, Missing, PullEnd};
-use super::consumer::ack_info;
+use super::api::{self, ack_info, Missing, PullEnd};
 use super::naming::MOVER;
 use super::{admin, codec, lock, NatsBackend, StreamMeta};
-use crate::Result;
+use crate::error::Result;
 
 /// Messages per pull request, and how long one waits.
 const BATCH: usize = 256;

@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use super::api::{self, code};
 use super::{codec, mover, NatsBackend, StreamMeta};
-use crate::{Error, OutgoingMessage, PublishReceipt, Result};
+use crate::error::{Error, Result};
+use crate::queue::{OutgoingMessage, PublishReceipt};
 
 impl NatsBackend {
     /// Publishes `msgs` pipelined (all sent, then all acknowledgements awaited); receipts in

@@ -17,17 +17,15 @@ use uuid::Uuid;
 
 use super::wake::Wake;
 use super::{micros, PgBackend};
-use crate::delivery::{Delivery, SettleReport};
-use crate::error::Ctx;
-use crate::message::{headers_from_json, uuid_time};
+use crate::error::{Ctx, Error, Result};
 use crate::metrics::{self, ClaimMetrics};
 use crate::names::validate_name;
-use crate::{Error, Message, Result};
+use crate::queue::{headers_from_json, uuid_time, Delivery, Message, QueueConsumer, SettleReport};
 
 /// A named consumer of one group. Cheap to clone. Several consumers of the same group compete:
 /// each delivery goes to one of them at a time.
 #[derive(Debug, Clone)]
-pub struct Consumer {
+pub struct PgConsumer {
     pg: PgBackend,
     stream: String,
     group: String,
@@ -46,7 +44,7 @@ fn expired(rows: &[tokio_postgres::Row], at: usize) -> usize {
 
 impl PgBackend {
     /// A consumer named `name` on `group` of `stream`. Fails if the group does not exist.
-    pub async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<Consumer> {
+    pub async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<PgConsumer> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
         validate_name("consumer", name)?;
@@ -57,7 +55,7 @@ impl PgBackend {
                 Ctx::group(stream, group),
             )
             .await?;
-        Ok(Consumer {
+        Ok(PgConsumer {
             pg: self.clone(),
             stream: stream.to_owned(),
             group: group.to_owned(),
@@ -76,7 +74,7 @@ fn ids_attempts(ds: &[&Delivery]) -> (Vec<Uuid>, Vec<i32>) {
     )
 }
 
-impl Consumer {
+impl PgConsumer {
     /// Overrides the stream's lease for deliveries this consumer fetches.
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.lease = Some(lease);
@@ -141,7 +139,7 @@ impl Consumer {
     /// Acknowledges `done` and claims up to `max` new deliveries in one round trip and one
     /// commit: the cheapest way to consume. Does not wait.
     ///
-    /// Cancel safety: as [`Consumer::try_fetch`]; if dropped, the acks may or may not have been
+    /// Cancel safety: as [`PgConsumer::try_fetch`]; if dropped, the acks may or may not have been
     /// applied (an unapplied ack means a redelivery, never a loss).
     pub async fn ack_and_fetch(
         &self,
@@ -213,7 +211,7 @@ impl Consumer {
     /// notifications are missed, until the fallback poll interval passes). Returns an empty
     /// vector on timeout.
     ///
-    /// Cancel safety: as [`Consumer::try_fetch`].
+    /// Cancel safety: as [`PgConsumer::try_fetch`].
     pub async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
         if max == 0 {
             return Ok(vec![]);
@@ -278,7 +276,7 @@ impl Consumer {
         ))
     }
 
-    /// [`Consumer::ack_batch`] inside the caller's transaction: the acks commit with the
+    /// [`PgConsumer::ack_batch`] inside the caller's transaction: the acks commit with the
     /// caller's own writes (exactly-once effects in the same database).
     pub async fn ack_batch_in<C: GenericClient + Sync>(
         &self,
@@ -301,12 +299,12 @@ impl Consumer {
         self.ack_batch(&[d]).await?.single(d.id())
     }
 
-    /// [`Consumer::ack`] inside the caller's tokio-postgres transaction.
+    /// [`PgConsumer::ack`] inside the caller's tokio-postgres transaction.
     pub async fn ack_in<C: GenericClient + Sync>(&self, client: &C, d: &Delivery) -> Result<()> {
         self.ack_batch_in(client, &[d]).await?.single(d.id())
     }
 
-    /// [`Consumer::ack`] inside the caller's sqlx transaction (`&mut *tx`).
+    /// [`PgConsumer::ack`] inside the caller's sqlx transaction (`&mut *tx`).
     pub async fn ack_sqlx(&self, conn: &mut sqlx::PgConnection, d: &Delivery) -> Result<()> {
         let ids: Vec<Uuid> = sqlx::query_scalar(&self.pg.inner.sql.ack)
             .bind(self.group_id)
@@ -363,7 +361,7 @@ impl Consumer {
         Ok(SettleReport::from_parts(ds, settled, dead))
     }
 
-    /// Negative-acknowledges one delivery (retry later). See [`Consumer::nack_batch`].
+    /// Negative-acknowledges one delivery (retry later). See [`PgConsumer::nack_batch`].
     pub async fn nack(
         &self,
         d: &Delivery,
@@ -421,7 +419,7 @@ impl Consumer {
         Ok(report)
     }
 
-    /// Extends one delivery's lease (see [`Consumer::in_progress_batch`]).
+    /// Extends one delivery's lease (see [`PgConsumer::in_progress_batch`]).
     pub async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
         let id = d.id();
         self.in_progress_batch(&mut [d], lease).await?.single(id)
@@ -442,6 +440,64 @@ impl Consumer {
             rows.iter().map(|r| r.get(0)).collect(),
             vec![],
         ))
+    }
+}
+
+// The trait's methods are the inherent ones above; this impl only forwards.
+impl QueueConsumer for PgConsumer {
+    fn stream(&self) -> &str {
+        PgConsumer::stream(self)
+    }
+    fn group(&self) -> &str {
+        PgConsumer::group(self)
+    }
+    fn name(&self) -> &str {
+        PgConsumer::name(self)
+    }
+
+    async fn lease(&self) -> Option<Duration> {
+        PgConsumer::lease(self).await
+    }
+
+    async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
+        PgConsumer::try_fetch(self, max).await
+    }
+
+    async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        PgConsumer::fetch(self, max, timeout).await
+    }
+
+    async fn ack_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
+        PgConsumer::ack_batch(self, ds).await
+    }
+
+    async fn ack_and_fetch(
+        &self,
+        done: &[&Delivery],
+        max: usize,
+    ) -> Result<(SettleReport, Vec<Delivery>)> {
+        PgConsumer::ack_and_fetch(self, done, max).await
+    }
+
+    async fn nack_batch(
+        &self,
+        ds: &[&Delivery],
+        delay: Option<Duration>,
+        error: Option<&str>,
+    ) -> Result<SettleReport> {
+        PgConsumer::nack_batch(self, ds, delay, error).await
+    }
+
+    async fn term_batch(&self, ds: &[&Delivery], reason: &str) -> Result<SettleReport> {
+        PgConsumer::term_batch(self, ds, reason).await
+    }
+
+    async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
+        PgConsumer::in_progress(self, d, lease).await
+    }
+
+    async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
+        PgConsumer::release_batch(self, ds).await
     }
 }
 

@@ -6,15 +6,14 @@
 //! the engine runs, see `statements.rs`). `@ns@` in them is replaced by the quoted namespace;
 //! namespace names are validated first, so no user input is ever spliced into SQL.
 
+mod admin;
 mod background;
 mod consumer;
 mod migrate;
 mod ops;
 mod publish;
-mod queue;
 mod registry;
 mod statements;
-mod stats;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,12 +22,12 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{broadcast, watch};
 
-pub use consumer::Consumer;
+pub use consumer::PgConsumer;
 
+pub use admin::MaintenanceReport;
 pub use background::{ListenerStatus, ScoutStatus};
 pub use migrate::{migration_sql, MigrateReport};
 pub use registry::{GroupInfo, StreamInfo};
-pub use stats::{DeadLetter, GroupStats, MaintenanceReport};
 
 // The wake bus vocabulary, under the path the engine's modules use.
 use background::services;
@@ -37,8 +36,10 @@ pub(crate) use background::wake;
 pub(crate) use statements::render;
 use statements::Statements;
 
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
 use crate::names::validate_namespace;
-use crate::{Error, Result};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
 /// Default namespace (Postgres schema).
 pub const DEFAULT_NAMESPACE: &str = "pgtide";
@@ -94,6 +95,86 @@ impl std::fmt::Debug for PgBackend {
         f.debug_struct("PgBackend")
             .field("namespace", &self.inner.namespace)
             .finish_non_exhaustive()
+    }
+}
+
+/// What the Postgres engine supports: everything.
+const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
+    delay: true,
+    native_delay: true,
+    dedupe: true,
+    nack_delay: true,
+    lease_timeout: true,
+    lease_extension: true,
+    transactional_publish: true,
+    priority: true,
+    exact_stats: true,
+    group_start_oldest: true,
+    fenced_settle: true,
+    fenced_after_release: false,
+};
+
+// The trait's methods are the inherent ones of the same name and signature (registry.rs,
+// publish.rs, admin.rs, consumer.rs, migrate.rs; the inherent `purge` also returns a count):
+// this impl only forwards, so `pg.stats(s, g)` and `Queue::stats(&pg, s, g)` are one thing.
+impl Queue for PgBackend {
+    type Consumer = PgConsumer;
+
+    fn capabilities(&self) -> Capabilities {
+        POSTGRES_CAPABILITIES
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        PgBackend::migrate(self).await.map(|_| ())
+    }
+
+    async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
+        PgBackend::ensure_stream(self, stream, config).await
+    }
+
+    async fn delete_stream(&self, stream: &str) -> Result<bool> {
+        PgBackend::delete_stream(self, stream).await
+    }
+
+    async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
+        PgBackend::ensure_group(self, stream, group, start).await
+    }
+
+    async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
+        PgBackend::delete_group(self, stream, group).await
+    }
+
+    async fn purge(&self, stream: &str) -> Result<()> {
+        PgBackend::purge(self, stream).await.map(|_| ())
+    }
+
+    async fn stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
+        PgBackend::stats(self, stream, group).await
+    }
+
+    async fn dead_letters(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        PgBackend::dead_letters(self, stream, group, limit).await
+    }
+
+    async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
+        PgBackend::publish(self, stream, msg).await
+    }
+
+    async fn publish_batch(
+        &self,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        PgBackend::publish_batch(self, stream, msgs).await
+    }
+
+    async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<PgConsumer> {
+        PgBackend::consumer(self, stream, group, name).await
     }
 }
 

@@ -8,11 +8,10 @@ use uuid::Uuid;
 
 use super::wake::Wake;
 use super::{micros, PgBackend};
-use crate::error::Ctx;
-use crate::message::headers_to_json;
+use crate::error::{Ctx, Error, Result};
 use crate::metrics;
 use crate::names::validate_name;
-use crate::{Error, OutgoingMessage, PublishReceipt, Result};
+use crate::queue::{headers_to_json, OutgoingMessage, PublishReceipt};
 
 /// Column arrays for `sql/publish.sql`.
 #[derive(Default)]

@@ -120,25 +120,25 @@ impl PgBackend {
     }
 
     /// Creates a stream. Fails with [`Error::StreamExists`] if it exists.
-    pub async fn create_stream(&self, name: &str, config: StreamConfig) -> Result<()> {
-        self.create_stream_inner(name, &config, false)
+    pub async fn create_stream(&self, name: &str, config: &StreamConfig) -> Result<()> {
+        self.create_stream_inner(name, config, false)
             .await
             .map(|_| ())
     }
 
     /// Creates the stream unless it exists (an existing stream keeps its configuration; change it
     /// with [`PgBackend::update_stream`]). Returns true if it was created.
-    pub async fn ensure_stream(&self, name: &str, config: StreamConfig) -> Result<bool> {
-        self.create_stream_inner(name, &config, true).await
+    pub async fn ensure_stream(&self, name: &str, config: &StreamConfig) -> Result<bool> {
+        self.create_stream_inner(name, config, true).await
     }
 
     /// Changes the configuration of an existing stream. Partition width changes apply to new
     /// partitions only.
-    pub async fn update_stream(&self, name: &str, config: StreamConfig) -> Result<()> {
+    pub async fn update_stream(&self, name: &str, config: &StreamConfig) -> Result<()> {
         validate_name("stream", name)?;
         config.validate()?;
         let client = self.client().await?;
-        let params = ConfigParams::new(&config);
+        let params = ConfigParams::new(config);
         let n = client
             .execute(&self.inner.sql.stream_update, &params.values(&name))
             .await?;
@@ -161,8 +161,9 @@ impl PgBackend {
     }
 
     /// Removes every message of the stream and every pending delivery and dead letter of its
-    /// groups; the stream and its groups stay. Returns how many deliveries were dropped.
-    pub async fn purge_stream(&self, name: &str) -> Result<u64> {
+    /// groups; the stream and its groups stay. Returns how many deliveries were dropped
+    /// ([`crate::Queue::purge`] does the same and drops the count).
+    pub async fn purge(&self, name: &str) -> Result<u64> {
         validate_name("stream", name)?;
         let n: i64 = self
             .sql_value(&self.inner.sql.stream_purge, &[&name], Ctx::stream(name))

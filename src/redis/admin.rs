@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{array, broker, bytes, int, script_error, text, RedisBackend};
-use crate::message::uuid_time;
+use crate::config::{Backoff, GroupStart, StreamConfig};
+use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::{Backoff, DeadLetter, Error, GroupStart, GroupStats, Headers, Result, StreamConfig};
+use crate::queue::{uuid_time, DeadLetter, GroupStats, Headers};
 
 /// A stream's config as stored in the registry (`config` field of the meta hash, and the
 /// namespace-wide `streams` hash).

@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use super::admin::{load_config, parse_headers};
 use super::keys::{GroupKeys, StreamKeys};
 use super::{array, bad_reply, broker, bytes, int, script_error, text, RedisBackend};
-use crate::backend::QueueConsumer;
-use crate::message::uuid_time;
+use crate::config::StreamConfig;
+use crate::error::{Error, Result};
 use crate::names::validate_name;
-use crate::{Delivery, Error, Message, Result, SettleReport, StreamConfig};
+use crate::queue::{uuid_time, Delivery, Message, QueueConsumer, SettleReport};
 
 /// A consumer of the Redis Streams backend: one Redis consumer of the group's log and retry
 /// streams. Cheap to clone.
@@ -189,7 +189,7 @@ impl RedisConsumer {
     }
 
     /// Runs the settle script for `op` on the deliveries that are this group's; returns each
-    /// one's status (0 lost, 1 settled, 2 dead-lettered; the lease expiry for `touch`).
+    /// one's status (0 lost, 1 settled, 2 dead-lettered; the lease expiry for `in_progress`).
     async fn settle<'d>(
         &self,
         op: &str,
@@ -353,7 +353,7 @@ impl QueueConsumer for RedisConsumer {
 
     async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
         let result = self
-            .settle("touch", &[&*d], None, lease, |_| Duration::ZERO)
+            .settle("in_progress", &[&*d], None, lease, |_| Duration::ZERO)
             .await?;
         match result.first() {
             Some((_, expires)) if *expires > 0 => {

@@ -56,11 +56,9 @@ use std::sync::{Arc, Mutex};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{RedisError, RetryMethod, Script, Value};
 
-use crate::backend::{Capabilities, Queue};
-use crate::{
-    DeadLetter, Error, GroupStart, GroupStats, OutgoingMessage, PublishReceipt, Result,
-    StreamConfig,
-};
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
 pub use consumer::RedisConsumer;
 use keys::StreamKeys;

@@ -4,8 +4,9 @@ use chrono::Utc;
 use uuid::Uuid;
 
 use super::{array, bad_reply, int, script_error, text, RedisBackend};
+use crate::error::Result;
 use crate::names::validate_name;
-use crate::{OutgoingMessage, PublishReceipt, Result};
+use crate::queue::{OutgoingMessage, PublishReceipt};
 
 /// Messages per script call: each call is atomic and keeps the server busy for one batch only.
 const CHUNK: usize = 500;

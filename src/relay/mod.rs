@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use tee::{Tee, TeeMode};
 
-use crate::backend::{Queue, QueueConsumer};
-use crate::{Delivery, OutgoingMessage, Result};
+use crate::error::Result;
+use crate::queue::{Delivery, OutgoingMessage, Queue, QueueConsumer};
 
 /// Header carrying the source message id on relayed messages.
 pub const SOURCE_ID_HEADER: &str = "pgtide-source-id";

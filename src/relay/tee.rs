@@ -3,11 +3,9 @@
 //! from the primary. Switch reads by swapping primary and secondary once the secondary has caught
 //! up, then drop the tee.
 
-use crate::backend::{Capabilities, Queue};
-use crate::{
-    DeadLetter, Error, GroupStart, GroupStats, OutgoingMessage, PublishReceipt, Result,
-    StreamConfig,
-};
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
 /// What a failed write to the secondary does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -71,6 +69,12 @@ impl<A: Queue, B: Queue> Queue for Tee<A, B> {
             transactional_publish: false,
             ..a
         }
+    }
+
+    /// Migrates both (the secondary as the mode says: a failure is an error only when strict).
+    async fn migrate(&self) -> Result<()> {
+        self.primary.migrate().await?;
+        self.second("migrate", self.secondary.migrate().await)
     }
 
     async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {

@@ -9,8 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::run::Run;
 use super::settle::{backoff, flush_acks};
-use crate::backend::QueueConsumer;
-use crate::{Delivery, Error, Result};
+use crate::error::{Error, Result};
+use crate::queue::Delivery;
+use crate::queue::QueueConsumer;
 
 /// What a claim step ended with.
 pub(super) enum Claimed {

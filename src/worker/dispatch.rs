@@ -6,8 +6,8 @@ use tokio_util::sync::CancellationToken;
 use super::job::Job;
 use super::run::Run;
 use super::settle::release;
-use crate::backend::QueueConsumer;
-use crate::Delivery;
+use crate::queue::Delivery;
+use crate::queue::QueueConsumer;
 
 impl<C: QueueConsumer> Run<C> {
     /// Starts a handler for every delivery of `batch`, the first in the slot `first`, the others
@@ -60,7 +60,7 @@ impl<C: QueueConsumer> Run<C> {
             acks: self.ack_tx.clone(),
             counters: self.counters.clone(),
             in_flight: self.in_flight.clone(),
-            extend_every: self.extend_every,
+            in_progress_every: self.in_progress_every,
         };
         self.handlers.spawn(async move {
             job.run(delivery).await;

@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::settle::{Counters, Settle};
 use super::{BoxHandler, HandlerResult, Outcome, WorkerHook};
-use crate::backend::QueueConsumer;
-use crate::Delivery;
+use crate::queue::Delivery;
+use crate::queue::QueueConsumer;
 
 pub(super) struct Job<C: QueueConsumer> {
     pub(super) consumer: C,
@@ -24,7 +24,7 @@ pub(super) struct Job<C: QueueConsumer> {
     pub(super) acks: mpsc::UnboundedSender<Delivery>,
     pub(super) counters: Arc<Counters>,
     pub(super) in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>>,
-    pub(super) extend_every: Option<Duration>,
+    pub(super) in_progress_every: Option<Duration>,
 }
 
 impl<C: QueueConsumer> Job<C> {
@@ -45,17 +45,17 @@ impl<C: QueueConsumer> Job<C> {
             .instrument(span);
         tokio::pin!(work);
         let result = loop {
-            let extend = async {
-                match self.extend_every {
+            let in_progress_due = async {
+                match self.in_progress_every {
                     Some(every) => tokio::time::sleep(every).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 r = &mut work => break r,
-                _ = extend => {
+                _ = in_progress_due => {
                     if let Err(e) = self.consumer.in_progress(&mut delivery, None).await {
-                        tracing::warn!(error = %e, message_id = %delivery.id(), "pgtide worker: lease extension failed");
+                        tracing::warn!(error = %e, message_id = %delivery.id(), "pgtide worker: in_progress (lease extension) failed");
                     }
                 }
             }

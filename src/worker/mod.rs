@@ -30,8 +30,9 @@ mod run;
 mod settle;
 mod shutdown;
 
-use crate::backend::QueueConsumer;
-use crate::{Consumer, Delivery, Result};
+use crate::error::Result;
+use crate::queue::Delivery;
+use crate::queue::QueueConsumer;
 
 /// What a handler decided about a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,8 +88,9 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Most deliveries claimed per fetch. Defaults to the concurrency.
     pub prefetch: Option<usize>,
-    /// Extend leases of handlers still running, every half lease. Defaults to true.
-    pub extend_leases: bool,
+    /// Send `in_progress` for deliveries whose handler is still running, every half lease, so
+    /// that long handlers keep their lease. Defaults to true.
+    pub auto_in_progress: bool,
     /// How long shutdown waits for running handlers before releasing their deliveries.
     /// Defaults to 30 s.
     pub shutdown_grace: Duration,
@@ -99,7 +101,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             concurrency: 16,
             prefetch: None,
-            extend_leases: true,
+            auto_in_progress: true,
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -150,7 +152,7 @@ type BoxHandler = Arc<
 /// let report = worker.run(token.clone()).await?;
 /// # let _ = report; Ok(()) }
 /// ```
-pub struct Worker<C: QueueConsumer = Consumer> {
+pub struct Worker<C: QueueConsumer> {
     consumer: C,
     handler: BoxHandler,
     config: WorkerConfig,
@@ -195,9 +197,10 @@ impl<C: QueueConsumer> Worker<C> {
         self
     }
 
-    /// Turns automatic lease extension on or off (default on).
-    pub fn extend_leases(mut self, on: bool) -> Self {
-        self.config.extend_leases = on;
+    /// Turns the automatic `in_progress` (lease extension) of running handlers on or off
+    /// (default on).
+    pub fn auto_in_progress(mut self, on: bool) -> Self {
+        self.config.auto_in_progress = on;
         self
     }
 

@@ -14,8 +14,9 @@ use uuid::Uuid;
 use super::claim::Claimed;
 use super::settle::{run_settler, Counters, Settle};
 use super::{BoxHandler, Worker, WorkerConfig, WorkerHook, WorkerReport};
-use crate::backend::QueueConsumer;
-use crate::{Delivery, Result};
+use crate::error::Result;
+use crate::queue::Delivery;
+use crate::queue::QueueConsumer;
 
 /// The state one run shares between its steps.
 pub(super) struct Run<C: QueueConsumer> {
@@ -40,7 +41,7 @@ pub(super) struct Run<C: QueueConsumer> {
     pub(super) pending_acks: Vec<Delivery>,
     pub(super) handlers: JoinSet<()>,
     /// How often a running handler's lease is extended.
-    pub(super) extend_every: Option<Duration>,
+    pub(super) in_progress_every: Option<Duration>,
     /// Claims failed in a row.
     pub(super) failures: u32,
 }
@@ -58,7 +59,7 @@ impl<C: QueueConsumer> Run<C> {
         let (settle_tx, settle_rx) = mpsc::channel::<Settle>(concurrency * 4);
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Delivery>();
         let settler = tokio::spawn(run_settler(consumer.clone(), settle_rx, counters.clone()));
-        let extend_every = if config.extend_leases {
+        let in_progress_every = if config.auto_in_progress {
             consumer.lease().await.map(|l| l / 2)
         } else {
             None
@@ -78,7 +79,7 @@ impl<C: QueueConsumer> Run<C> {
             ack_rx,
             pending_acks: vec![],
             handlers: JoinSet::new(),
-            extend_every,
+            in_progress_every,
             failures: 0,
         }
     }

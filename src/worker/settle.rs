@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{HandlerResult, WorkerReport};
-use crate::backend::QueueConsumer;
 use crate::metrics::WorkerMetrics;
-use crate::{Delivery, SettleReport};
+use crate::queue::QueueConsumer;
+use crate::queue::{Delivery, SettleReport};
 
 /// A settle the settler task runs (acks travel on their own channel).
 pub(super) enum Settle {

@@ -4,8 +4,8 @@
 use super::run::Run;
 use super::settle::{flush_acks, release};
 use super::WorkerReport;
-use crate::backend::QueueConsumer;
-use crate::Delivery;
+use crate::queue::Delivery;
+use crate::queue::QueueConsumer;
 
 impl<C: QueueConsumer> Run<C> {
     /// Stops the run and returns its counts.

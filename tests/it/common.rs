@@ -46,7 +46,7 @@ pub async fn namespace() -> TestNs {
 impl TestNs {
     /// A stream with one group per name in `groups`.
     pub async fn stream_with_groups(&self, stream: &str, config: StreamConfig, groups: &[&str]) {
-        self.pg.create_stream(stream, config).await.unwrap();
+        self.pg.create_stream(stream, &config).await.unwrap();
         for g in groups {
             self.pg
                 .create_group(stream, g, GroupStart::New)

@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod conformance;
+mod examples;
 mod faults;
 mod postgres;
 mod relay;

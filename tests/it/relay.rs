@@ -15,10 +15,10 @@ async fn outbox_relay_forwards_committed_messages_once() {
     ns.stream_with_groups("outbox.orders", StreamConfig::default(), &["relay"])
         .await;
     let sink = MemoryBackend::new();
-    Queue::ensure_stream(&sink, "orders", &StreamConfig::default())
+    sink.ensure_stream("orders", &StreamConfig::default())
         .await
         .unwrap();
-    Queue::ensure_group(&sink, "orders", "billing", GroupStart::New)
+    sink.ensure_group("orders", "billing", GroupStart::New)
         .await
         .unwrap();
 
@@ -61,9 +61,7 @@ async fn outbox_relay_forwards_committed_messages_once() {
             .run(token.clone()),
     );
 
-    let billing = Queue::consumer(&sink, "orders", "billing", "b")
-        .await
-        .unwrap();
+    let billing = sink.consumer("orders", "billing", "b").await.unwrap();
     let mut got = vec![];
     let deadline = std::time::Instant::now() + WAIT;
     while got.len() < committed.len() {
@@ -104,10 +102,7 @@ async fn outbox_relay_forwards_committed_messages_once() {
         .filter(|d| d.headers.contains_key(SOURCE_ID_HEADER))
         .all(|d| d.is_json && d.headers["k"] == "v"));
     assert_eq!(
-        ns.group_stats("outbox.orders", "relay")
-            .await
-            .unwrap()
-            .ready,
+        ns.stats("outbox.orders", "relay").await.unwrap().ready,
         0,
         "outbox drained"
     );
@@ -148,9 +143,7 @@ async fn tee_writes_to_both_and_reads_from_the_primary() {
 
     let primary = tee.consumer("events", "g", "c").await.unwrap();
     assert_eq!(primary.try_fetch(100).await.unwrap().len(), 6);
-    let copy = Queue::consumer(&secondary, "events", "g", "c")
-        .await
-        .unwrap();
+    let copy = secondary.consumer("events", "g", "c").await.unwrap();
     let copies = copy.try_fetch(100).await.unwrap();
     assert_eq!(
         copies.len(),
@@ -164,7 +157,7 @@ async fn tee_writes_to_both_and_reads_from_the_primary() {
     assert!(receipts.iter().all(|r| sources.contains(&r.id.to_string())));
 
     // A failing secondary fails the call in strict mode, not in best-effort mode.
-    Queue::delete_stream(&secondary, "events").await.unwrap();
+    secondary.delete_stream("events").await.unwrap();
     assert!(tee
         .publish("events", json(serde_json::json!(1)))
         .await
@@ -174,4 +167,26 @@ async fn tee_writes_to_both_and_reads_from_the_primary() {
         .publish("events", json(serde_json::json!(2)))
         .await
         .unwrap();
+}
+
+/// `Queue::migrate` on a tee installs a new Postgres namespace on either side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tee_migrates_both_sides() {
+    let url = crate::common::database_url().await;
+    let ns = crate::common::unique("tee");
+    let pg = pgtide::PgBackend::builder(url.clone())
+        .namespace(ns.clone())
+        .build()
+        .unwrap();
+    let tee = Tee::new(MemoryBackend::new(), pg.clone(), TeeMode::Strict);
+    tee.migrate().await.unwrap();
+    let migrated = pg.is_migrated().await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let _ = client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{ns}\" CASCADE"))
+        .await;
+    assert!(migrated.unwrap());
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use pgtide::{Backoff, GroupStart, PgBackend, Queue, StreamConfig, StreamInfo};
+use pgtide::{Backoff, GroupStart, PgBackend, StreamConfig, StreamInfo};
 use serde_json::json;
 
 use crate::backend::Target;
@@ -103,10 +103,10 @@ pub async fn stream<B: Target>(b: &B, command: StreamCommand) -> CliResult {
         } => {
             let config = apply(StreamConfig::default(), &options)?;
             match b.postgres() {
-                Some(pg) if !if_not_exists => pg.create_stream(&name, config).await?,
+                Some(pg) if !if_not_exists => pg.create_stream(&name, &config).await?,
                 // Other backends create idempotently: an existing stream is reported, not changed.
                 _ => {
-                    if !Queue::ensure_stream(b, &name, &config).await? {
+                    if !b.ensure_stream(&name, &config).await? {
                         if !if_not_exists {
                             return Err(CliError::new(
                                 crate::error::EXISTS,
@@ -121,7 +121,7 @@ pub async fn stream<B: Target>(b: &B, command: StreamCommand) -> CliResult {
             println!("created stream {name:?}");
         }
         StreamCommand::Delete { name } => {
-            if !Queue::delete_stream(b, &name).await? {
+            if !b.delete_stream(&name).await? {
                 return Err(not_found_stream(&name));
             }
             println!("deleted stream {name:?} with its groups, messages and dead letters");
@@ -130,11 +130,11 @@ pub async fn stream<B: Target>(b: &B, command: StreamCommand) -> CliResult {
             pgtide::validate_name("stream", &name)?;
             match b.postgres() {
                 Some(pg) => {
-                    let n = pg.purge_stream(&name).await?;
+                    let n = pg.purge(&name).await?;
                     println!("purged stream {name:?}: {n} pending deliveries dropped, with its messages and dead letters; its groups stay");
                 }
                 None => {
-                    Queue::purge(b, &name).await?;
+                    b.purge(&name).await?;
                     println!("purged stream {name:?}; its groups stay");
                 }
             }
@@ -145,7 +145,7 @@ pub async fn stream<B: Target>(b: &B, command: StreamCommand) -> CliResult {
                 .stream(&name)
                 .await?
                 .ok_or_else(|| not_found_stream(&name))?;
-            pg.update_stream(&name, apply(current.config, &options)?)
+            pg.update_stream(&name, &apply(current.config, &options)?)
                 .await?;
             println!("updated stream {name:?}");
         }
@@ -204,7 +204,7 @@ async fn show_stream(pg: &PgBackend, name: &str, json: bool) -> CliResult {
         .await?
         .ok_or_else(|| not_found_stream(name))?;
     let stats: Vec<_> = pg
-        .stats()
+        .stats_all()
         .await?
         .into_iter()
         .filter(|s| s.stream == name && s.group.is_some())
@@ -301,7 +301,7 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
                     if let Point::At(_) = point {
                         b.require_postgres("group create --from <time or age>")?;
                     }
-                    Queue::ensure_group(b, &stream, &group, start).await?
+                    b.ensure_group(&stream, &group, start).await?
                 }
             };
             if !created {
@@ -322,7 +322,7 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             );
         }
         GroupCommand::Delete { stream, group } => {
-            if !Queue::delete_group(b, &stream, &group).await? {
+            if !b.delete_group(&stream, &group).await? {
                 return Err(CliError::from(pgtide::Error::GroupNotFound {
                     stream,
                     group,

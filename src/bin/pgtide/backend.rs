@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use pgtide::{AnyBackend, AnyConsumer, Consumer, PgBackend, Queue};
+use pgtide::{AnyBackend, AnyConsumer, PgBackend, PgConsumer, Queue};
 
 use crate::cli::{
     Command, ConsumeArgs, DeadCommand, Global, GroupCommand, StatsArgs, StreamCommand,
@@ -188,7 +188,7 @@ impl Target for PgBackend {
         group: &str,
         name: &str,
         lease: Option<Duration>,
-    ) -> CliResult<Consumer> {
+    ) -> CliResult<PgConsumer> {
         let consumer = self.consumer(stream, group, name).await?;
         Ok(match lease {
             Some(lease) => consumer.with_lease(lease),
@@ -224,7 +224,7 @@ impl Target for AnyBackend {
                 "--lease is not supported by the {} backend: its deliveries take the stream's lease",
                 self.kind()
             ))),
-            (_, None) => Ok(Queue::consumer(self, stream, group, name).await?),
+            (_, None) => Ok(self.consumer(stream, group, name).await?),
         }
     }
 }

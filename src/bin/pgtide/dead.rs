@@ -3,7 +3,7 @@
 //! On backends other than Postgres, `dead list --group G` reads one group through
 //! `Queue::dead_letters`; the rest needs the Postgres registry and SQL.
 
-use pgtide::{DeadLetter, PgBackend, Queue};
+use pgtide::{DeadLetter, PgBackend};
 use serde_json::json;
 
 use crate::backend::{unsupported, Target};
@@ -77,7 +77,7 @@ pub async fn run<B: Target>(b: &B, command: DeadCommand) -> CliResult {
             };
             let mut rows = vec![];
             for g in groups {
-                for d in Queue::dead_letters(b, &stream, &g, limit).await? {
+                for d in b.dead_letters(&stream, &g, limit).await? {
                     if json {
                         println!("{}", dead_json(&d));
                     } else {

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pgtide::{Headers, OutgoingMessage, Queue};
+use pgtide::{Headers, OutgoingMessage};
 use tokio::sync::mpsc;
 
 use crate::backend::Target;
@@ -118,7 +118,7 @@ pub async fn run<B: Target>(b: &B, args: PublishArgs) -> CliResult {
             );
             return Ok(());
         }
-        let receipt = Queue::publish(b, &args.stream, msg).await?;
+        let receipt = b.publish(&args.stream, msg).await?;
         if receipt.duplicate {
             eprintln!(
                 "duplicate: dedupe key {:?} matched message {} inside the stream's dedupe window; nothing new was published",
@@ -367,7 +367,7 @@ impl<B: Target> LineRun<'_, B> {
                         continue;
                     }
                     // Never cancelled half-way: a batch is sent whole (on Postgres: committed or not).
-                    let receipts = match Queue::publish_batch(b, &args.stream, &msgs).await {
+                    let receipts = match b.publish_batch(&args.stream, &msgs).await {
                         Ok(r) => r,
                         Err(e) => {
                             break Err(batch_failed(

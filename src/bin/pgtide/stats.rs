@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use pgtide::{GroupStats, PgBackend, Queue};
+use pgtide::{GroupStats, PgBackend};
 use serde_json::json;
 
 use crate::backend::Target;
@@ -36,7 +36,7 @@ async fn sample<B: Target>(b: &B, args: &StatsArgs) -> CliResult<Sample> {
     let (groups, published) = match (b.postgres(), &args.stream, &args.group) {
         (Some(pg), stream, group) => {
             let groups: Vec<GroupStats> = pg
-                .stats()
+                .stats_all()
                 .await?
                 .into_iter()
                 .filter(|g| stream.as_ref().map_or(true, |s| &g.stream == s))
@@ -54,7 +54,7 @@ async fn sample<B: Target>(b: &B, args: &StatsArgs) -> CliResult<Sample> {
             let published = pg.publish_counts().await?.into_iter().collect();
             (groups, Some(published))
         }
-        (None, Some(stream), Some(group)) => (vec![Queue::stats(b, stream, group).await?], None),
+        (None, Some(stream), Some(group)) => (vec![b.stats(stream, group).await?], None),
         (None, _, _) => {
             return Err(crate::backend::unsupported(
                 "`pgtide stats` without STREAM --group GROUP",
@@ -267,7 +267,7 @@ pub async fn health(global: &Global, json: bool, max_lag: Option<Duration>) -> C
                     Err(e) => check("scout", false, CliError::from(e).message),
                 }
                 if let Some(max) = max_lag {
-                    match pg.stats().await {
+                    match pg.stats_all().await {
                         Ok(stats) => {
                             let lagging: Vec<String> = stats
                                 .iter()

@@ -193,8 +193,8 @@ pub fn spawn_group_gauges<B: Target>(
     tokio::spawn(async move {
         loop {
             let stats = match (b.postgres(), &only) {
-                (Some(pg), _) => pg.stats().await,
-                (None, Some((s, g))) => pgtide::Queue::stats(&b, s, g).await.map(|g| vec![g]),
+                (Some(pg), _) => pg.stats_all().await,
+                (None, Some((s, g))) => b.stats(s, g).await.map(|g| vec![g]),
                 (None, None) => break,
             };
             match stats {

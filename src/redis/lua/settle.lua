@@ -1,11 +1,11 @@
 -- Settles deliveries of group ARGV[2], each fenced: the pending entry must still be owned by the
 -- consumer it was delivered to, with the delivery count it was delivered with.
 -- KEYS: 1 meta, 2 log, 3 retry (group stream), 4 later (group zset), 5 leases, 6 dead, 7 wake
--- ARGV: 1 op (ack, nack, term, release, touch), 2 group,
---       3 text ('' none, else '=' .. error for nack or reason for term), 4 lease ms for touch
+-- ARGV: 1 op (ack, nack, term, release, in_progress), 2 group,
+--       3 text ('' none, else '=' .. error for nack or reason for term), 4 lease ms for in_progress
 --       ('' for the stream's lease), then six per delivery: src ('l' log, 'r' retry), entry id,
 --       delivery count, message id, consumer, nack delay ms.
--- Returns per delivery 0 (lease lost), 1 (settled) or 2 (dead-lettered); for touch, the new
+-- Returns per delivery 0 (lease lost), 1 (settled) or 2 (dead-lettered); for in_progress, the new
 -- lease expiry (ms) or 0.
 local op, group = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -46,7 +46,7 @@ for i = 5, #ARGV, 6 do
   local owner, delivered = pending(stream, group, entry)
   if owner ~= consumer or delivered ~= count then
     out[#out + 1] = 0
-  elseif op == 'touch' then
+  elseif op == 'in_progress' then
     redis.call('ZADD', KEYS[5], now + lease, src .. entry)
     -- Resets the pending entry's idle time (for XPENDING readers) without counting a delivery.
     redis.call('XCLAIM', stream, group, consumer, 0, entry, 'JUSTID')

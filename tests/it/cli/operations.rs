@@ -239,7 +239,7 @@ async fn cli_health_fails_without_a_scout_and_passes_with_one() {
     assert_eq!(r.code, 0, "{r:?}");
 
     // Lag: a ready message older than --max-lag fails the check.
-    ns.create_stream("s", Default::default()).await.unwrap();
+    ns.create_stream("s", &Default::default()).await.unwrap();
     ns.create_group("s", "g", Default::default()).await.unwrap();
     ns.publish("s", json(serde_json::json!({}))).await.unwrap();
     let r = pgtide(&ns, &["health", "--max-lag", "1h"]).await;
@@ -262,7 +262,7 @@ async fn cli_health_fails_without_a_scout_and_passes_with_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_sigterm_to_following_consumer_exits_cleanly_and_loses_nothing() {
     let ns = namespace().await;
-    ns.create_stream("s", Default::default()).await.unwrap();
+    ns.create_stream("s", &Default::default()).await.unwrap();
     ns.create_group("s", "g", Default::default()).await.unwrap();
     let msgs: Vec<_> = (0..3000)
         .map(|i| json(serde_json::json!({ "i": i })))
@@ -313,7 +313,7 @@ async fn cli_sigterm_to_following_consumer_exits_cleanly_and_loses_nothing() {
     assert!(printed.len() < all.len(), "the signal came before the end");
 
     // Every printed delivery was acknowledged, nothing is left leased, the rest is ready.
-    let stats = ns.group_stats("s", "g").await.unwrap();
+    let stats = ns.stats("s", "g").await.unwrap();
     assert_eq!(stats.in_flight, 0, "{stats:?}");
     assert_eq!(stats.ready as usize, all.len() - printed.len(), "{stats:?}");
     let rest = ns.consumer("s", "g", "after").await.unwrap();
@@ -349,7 +349,7 @@ async fn next_json(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_stats_watch_reports_rates_and_stops_on_sigterm() {
     let ns = namespace().await;
-    ns.create_stream("s", Default::default()).await.unwrap();
+    ns.create_stream("s", &Default::default()).await.unwrap();
     ns.create_group("s", "g", Default::default()).await.unwrap();
     let mut watch = command(&ns, &["stats", "--json", "--watch", "100ms"])
         .spawn()
@@ -386,7 +386,7 @@ async fn cli_scout_serves_prometheus_metrics() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let ns = namespace().await;
-    ns.create_stream("s", Default::default()).await.unwrap();
+    ns.create_stream("s", &Default::default()).await.unwrap();
     ns.create_group("s", "g", Default::default()).await.unwrap();
     ns.publish("s", json(serde_json::json!({}))).await.unwrap();
     // A free port: bind, read it, release it for the scout.

@@ -236,3 +236,42 @@ async fn idle_consumer_hands_back_what_its_doorbell_caught() {
     busy.ack(&d).await.unwrap();
     drop(idle);
 }
+
+/// Whether the queue `name` exists on the server (a passive declare on a connection of its own).
+async fn queue_exists(name: &str) -> bool {
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(name.into(), passive, lapin::types::FieldTable::default())
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_last_stream_deletes_the_stream_log() {
+    let (q, _cleanup) = fresh().await;
+    let log = format!("{}~streams", q.namespace());
+    q.ensure_stream("a", &StreamConfig::default())
+        .await
+        .unwrap();
+    q.ensure_stream("b", &StreamConfig::default())
+        .await
+        .unwrap();
+    assert!(queue_exists(&log).await);
+    assert!(q.delete_stream("a").await.unwrap());
+    assert!(queue_exists(&log).await, "{log} went while b exists");
+    assert!(q.delete_stream("b").await.unwrap());
+    assert!(!queue_exists(&log).await, "{log} left behind");
+    // A stream created afterwards is logged again, so delete_namespace still finds it.
+    q.ensure_stream("c", &StreamConfig::default())
+        .await
+        .unwrap();
+    assert!(queue_exists(&log).await);
+    q.delete_namespace().await.unwrap();
+    assert!(!queue_exists(&log).await);
+}

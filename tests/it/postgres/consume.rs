@@ -56,7 +56,7 @@ async fn fan_out_to_three_groups_settled_independently() {
     audit.term(&a[0], "not interesting").await.unwrap();
 
     let stats: HashMap<String, pgtide::GroupStats> = ns
-        .stats()
+        .stats_all()
         .await
         .unwrap()
         .into_iter()
@@ -114,7 +114,7 @@ async fn nack_retries_with_backoff_then_dead_letters_after_max_deliver() {
     );
     assert_eq!(dead[0].error.as_deref(), Some("boom 3"));
     assert_eq!(dead[0].payload.as_deref(), Some(&br#"{"poison":true}"#[..]));
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!((s.ready, s.dead), (0, 1));
 
     // Replay puts it back with a fresh attempt count.
@@ -125,7 +125,7 @@ async fn nack_retries_with_backoff_then_dead_letters_after_max_deliver() {
     let dead = ns.dead_letters("s", "g", 10).await.unwrap();
     assert_eq!(dead[0].reason, "manual");
     assert_eq!(ns.purge_dead("s", "g", Some(&[r.id])).await.unwrap(), 1);
-    assert_eq!(ns.group_stats("s", "g").await.unwrap().dead, 0);
+    assert_eq!(ns.stats("s", "g").await.unwrap().dead, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +153,7 @@ async fn exactly_once_effects_ack_in_the_handlers_transaction() {
         .unwrap();
     c.ack_in(&tx, &d).await.unwrap();
     tx.rollback().await.unwrap();
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!(s.in_flight, 1, "ack rolled back with the effect");
     // Second: commit -> both.
     let tx = raw.transaction().await.unwrap();
@@ -168,7 +168,7 @@ async fn exactly_once_effects_ack_in_the_handlers_transaction() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!((s.ready, s.in_flight), (0, 0));
 }
 

@@ -22,7 +22,7 @@ async fn tokio_postgres_transaction_publishes_only_on_commit() {
         consumer.try_fetch(10).await.unwrap().is_empty(),
         "rolled-back publish was delivered"
     );
-    assert_eq!(ns.group_stats("orders", "billing").await.unwrap().ready, 0);
+    assert_eq!(ns.stats("orders", "billing").await.unwrap().ready, 0);
 
     let tx = raw.transaction().await.unwrap();
     let receipts = ns
@@ -248,7 +248,7 @@ async fn delayed_messages_wait_for_their_time() {
     let first = consumer.try_fetch(10).await.unwrap();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].json::<String>().unwrap(), "now");
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!((s.delayed, s.in_flight), (1, 1));
     let later = consumer.fetch(10, WAIT).await.unwrap();
     assert_eq!(later.len(), 1);
@@ -330,7 +330,7 @@ async fn bad_input_is_rejected_and_writes_nothing() {
             "{bad}: {err}"
         );
         assert!(matches!(
-            ns.create_stream(bad, StreamConfig::default()).await,
+            ns.create_stream(bad, &StreamConfig::default()).await,
             Err(Error::InvalidName { .. })
         ));
         assert!(matches!(
@@ -340,7 +340,7 @@ async fn bad_input_is_rejected_and_writes_nothing() {
     }
     assert!(OutgoingMessage::json_text("{not json").is_err());
     let err = ns
-        .create_stream("z", StreamConfig::default().max_deliver(0))
+        .create_stream("z", &StreamConfig::default().max_deliver(0))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidConfig(_)), "{err}");

@@ -109,7 +109,7 @@ async fn oversize_payload_is_rejected_by_every_path_with_the_same_error() {
     assert_eq!(err.code().map(|c| c.code()), Some("PT004"), "{err}");
 
     // Nothing was written but the warm-up message.
-    let stats = ns.group_stats("big", "g").await.unwrap();
+    let stats = ns.stats("big", "g").await.unwrap();
     assert_eq!(stats.ready, 1, "{stats:?}");
 }
 

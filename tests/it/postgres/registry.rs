@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use pgtide::{Error, GroupStart, PgBackend, StreamConfig};
+use pgtide::{AnyBackend, Error, GroupStart, PgBackend, Queue, QueueConsumer, StreamConfig};
 
 use crate::common::{database_url, json, namespace, unique};
 
@@ -26,7 +26,7 @@ async fn four_concurrent_migrations_install_once() {
         .unwrap();
     assert!(pg.is_migrated().await.unwrap());
     pg.migrate().await.unwrap();
-    pg.ensure_stream("s", StreamConfig::default())
+    pg.ensure_stream("s", &StreamConfig::default())
         .await
         .unwrap();
     // Bookkeeping lives inside the namespace, never in the application's schema.
@@ -58,10 +58,13 @@ async fn unmigrated_namespace_says_so() {
         .unwrap();
     assert!(!pg.is_migrated().await.unwrap());
     let err = pg
-        .create_stream("s", StreamConfig::default())
+        .create_stream("s", &StreamConfig::default())
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::NotMigrated(_)), "{err}");
+    assert!(
+        matches!(&err, Error::NotMigrated(n) if n == pg.namespace()),
+        "{err}"
+    );
     assert!(matches!(
         PgBackend::builder("postgres://x@127.0.0.1/db")
             .namespace("Bad-Name")
@@ -76,18 +79,18 @@ async fn streams_and_groups_lifecycle() {
     let config = StreamConfig::default()
         .lease(Duration::from_secs(5))
         .max_deliver(9);
-    assert!(ns.ensure_stream("a.b-c_d", config.clone()).await.unwrap());
+    assert!(ns.ensure_stream("a.b-c_d", &config.clone()).await.unwrap());
     assert!(!ns
-        .ensure_stream("a.b-c_d", StreamConfig::default())
+        .ensure_stream("a.b-c_d", &StreamConfig::default())
         .await
         .unwrap());
     assert!(matches!(
-        ns.create_stream("a.b-c_d", StreamConfig::default()).await,
+        ns.create_stream("a.b-c_d", &StreamConfig::default()).await,
         Err(Error::StreamExists(_))
     ));
     let info = ns.stream("a.b-c_d").await.unwrap().unwrap();
     assert_eq!(info.config, config, "ensure keeps the first configuration");
-    ns.update_stream("a.b-c_d", config.clone().max_deliver(2))
+    ns.update_stream("a.b-c_d", &config.clone().max_deliver(2))
         .await
         .unwrap();
     assert_eq!(
@@ -122,7 +125,7 @@ async fn streams_and_groups_lifecycle() {
         .unwrap();
     assert!(ns.delete_group("a.b-c_d", "g1").await.unwrap());
     assert!(!ns.delete_group("a.b-c_d", "g1").await.unwrap());
-    assert_eq!(ns.stats().await.unwrap().len(), 1);
+    assert_eq!(ns.stats_all().await.unwrap().len(), 1);
     assert!(ns.delete_stream("a.b-c_d").await.unwrap());
     assert!(!ns.delete_stream("a.b-c_d").await.unwrap());
     assert!(ns.streams().await.unwrap().is_empty());
@@ -131,7 +134,7 @@ async fn streams_and_groups_lifecycle() {
         Err(Error::StreamNotFound(_))
     ));
     // Recreated under the same name: a fresh, empty stream.
-    ns.create_stream("a.b-c_d", StreamConfig::default())
+    ns.create_stream("a.b-c_d", &StreamConfig::default())
         .await
         .unwrap();
     ns.create_group("a.b-c_d", "g1", GroupStart::Oldest)
@@ -190,7 +193,7 @@ async fn retention_drops_old_partitions_with_their_deliveries() {
         .unwrap()
         .get(0);
     assert_eq!(msgs, 0, "messages dropped with their partition");
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!(s.ready, 0, "expired deliveries are gone too");
     assert!(ns
         .consumer("s", "g", "c")
@@ -266,4 +269,48 @@ async fn messages_outside_prepared_partitions_are_kept_and_moved() {
         .await
         .unwrap();
     assert_eq!(got[0].id(), id);
+}
+
+/// The trait path alone (a URL and a namespace) installs a new namespace and then works; before
+/// `migrate`, the error names the namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_backend_migrates_a_new_namespace() {
+    let ns = unique("any");
+    let queue = AnyBackend::connect(&database_url().await, &ns)
+        .await
+        .unwrap();
+    let err = queue
+        .ensure_stream("s", &StreamConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::NotMigrated(n) if *n == ns), "{err}");
+    assert!(err.to_string().contains(&ns), "{err}");
+    queue.migrate().await.unwrap();
+    queue.migrate().await.unwrap();
+    assert!(queue
+        .ensure_stream("s", &StreamConfig::default())
+        .await
+        .unwrap());
+    queue.ensure_group("s", "g", GroupStart::New).await.unwrap();
+    let id = queue
+        .publish("s", json(serde_json::json!(1)))
+        .await
+        .unwrap()
+        .id;
+    let consumer = queue.consumer("s", "g", "c").await.unwrap();
+    let got = consumer.fetch(1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(got.iter().map(|d| d.id()).collect::<Vec<_>>(), [id]);
+    consumer.ack(&got[0]).await.unwrap();
+    let AnyBackend::Postgres(pg) = &queue else {
+        panic!("postgres:// gave {}", queue.kind())
+    };
+    pg.shutdown().await;
+    let (client, conn) = tokio_postgres::connect(&database_url().await, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("DROP SCHEMA \"{ns}\" CASCADE"))
+        .await
+        .unwrap();
 }

@@ -286,7 +286,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
     );
 
     // Counts and consumers work on the upgraded data.
-    let billing = ns.group_stats("orders", "billing").await.unwrap();
+    let billing = ns.stats("orders", "billing").await.unwrap();
     assert_eq!(
         (
             billing.ready,
@@ -404,7 +404,7 @@ async fn migrate_dropped_midway_leaves_no_lock_behind() {
         .expect("migrate() waited on a lock left behind")
         .unwrap();
     assert!(ns.is_migrated().await.unwrap());
-    ns.ensure_stream("s", StreamConfig::default())
+    ns.ensure_stream("s", &StreamConfig::default())
         .await
         .unwrap();
 }

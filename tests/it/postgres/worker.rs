@@ -72,7 +72,7 @@ async fn worker_handles_everything_and_survives_panics() {
         hooks.0.load(Ordering::SeqCst),
         hooks.1.load(Ordering::SeqCst)
     );
-    let s = ns.group_stats("s", "g").await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
     assert_eq!((s.ready, s.in_flight, s.delayed, s.dead), (0, 0, 0, 0));
 }
 
@@ -103,7 +103,7 @@ async fn worker_dead_letters_and_retries_on_request() {
     let run = tokio::spawn(worker.run(token.clone()));
     let pg = ns.pg.clone();
     tokio::time::timeout(WAIT, async {
-        while pg.group_stats("s", "g").await.unwrap().dead < 2 {
+        while pg.stats("s", "g").await.unwrap().dead < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })

@@ -1,4 +1,5 @@
-//! Inspection (stats, dead letters) and maintenance.
+//! Administration beyond the registry: inspection (stats, dead letters), dead-letter replay and
+//! purge, and maintenance.
 
 use std::time::Duration;
 
@@ -6,32 +7,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::PgBackend;
-use crate::error::Ctx;
-use crate::message::headers_from_json;
+use crate::error::{Ctx, Error, Result};
 use crate::names::validate_name;
-use crate::{Error, Headers, Result};
-
-/// Depth of one group (or of a stream without groups, with `group: None`).
-///
-/// Counts come from counters and the non-ready part of the claim index: reading them never
-/// walks the ready backlog.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GroupStats {
-    /// Stream name.
-    pub stream: String,
-    /// Group name; `None` for a stream that has no group yet.
-    pub group: Option<String>,
-    /// Deliveries that can be fetched now.
-    pub ready: i64,
-    /// Deliveries waiting for their delay or retry backoff.
-    pub delayed: i64,
-    /// Deliveries leased to a consumer.
-    pub in_flight: i64,
-    /// Dead letters.
-    pub dead: i64,
-    /// Age of the oldest ready delivery (its time since publish), if any is ready.
-    pub oldest_ready_age: Option<Duration>,
-}
+use crate::queue::{headers_from_json, DeadLetter, GroupStats};
 
 /// What one maintenance pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -44,32 +22,10 @@ pub struct MaintenanceReport {
     pub dedupe_removed: i32,
 }
 
-/// A dead letter: a message one group gave up on.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetter {
-    /// Stream name.
-    pub stream: String,
-    /// Group name.
-    pub group: String,
-    /// Message id.
-    pub id: Uuid,
-    /// Attempts made.
-    pub attempts: u32,
-    /// Why: `max_deliver`, or the reason given to `term`.
-    pub reason: String,
-    /// The last error reported by a nack, if any.
-    pub error: Option<String>,
-    /// When it became a dead letter.
-    pub dead_at: DateTime<Utc>,
-    /// Payload (absent if retention already dropped the message).
-    pub payload: Option<Vec<u8>>,
-    /// Headers.
-    pub headers: Headers,
-}
-
 impl PgBackend {
-    /// Depth of every group of every stream in the namespace.
-    pub async fn stats(&self) -> Result<Vec<GroupStats>> {
+    /// Depth of every group of every stream in the namespace (a stream without groups has one
+    /// row with `group: None`).
+    pub async fn stats_all(&self) -> Result<Vec<GroupStats>> {
         let client = self.client().await?;
         let rows = client.query(&self.inner.sql.stats, &[]).await?;
         rows.iter()
@@ -90,10 +46,10 @@ impl PgBackend {
     }
 
     /// Depth of one group.
-    pub async fn group_stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
+    pub async fn stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
-        self.stats()
+        self.stats_all()
             .await?
             .into_iter()
             .find(|s| s.stream == stream && s.group.as_deref() == Some(group))

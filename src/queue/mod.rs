@@ -1,19 +1,29 @@
-//! The backend-neutral queue traits.
+//! The seam between the engine and its callers: the backend-neutral traits and the data that
+//! crosses them.
 //!
 //! [`Queue`] is a handle to one backend (publish, admin, stats); [`QueueConsumer`] is one named
-//! consumer of one group (fetch and settle). Handlers written against [`crate::Delivery`] and the
+//! consumer of one group (fetch and settle). Handlers written against [`Delivery`] and the
 //! [`crate::Worker`] run unchanged on every backend. Where backends differ, [`Capabilities`] says
 //! so; the conformance suite checks each promise on every backend.
 //!
-//! The methods return `impl Future + Send` (no `async-trait` boxing).
+//! The methods return `impl Future + Send` (no `async-trait` boxing). Everything here depends
+//! only on the crate's config and error types: no backend is a dependency of the seam.
+
+mod delivery;
+mod message;
+mod stats;
 
 use std::future::Future;
 use std::time::Duration;
 
-use crate::{
-    DeadLetter, Delivery, GroupStart, GroupStats, OutgoingMessage, PublishReceipt, Result,
-    SettleReport, StreamConfig,
-};
+pub use self::delivery::{Delivery, SettleReport};
+pub(crate) use self::message::uuid_time;
+#[cfg(feature = "postgres")]
+pub(crate) use self::message::{headers_from_json, headers_to_json};
+pub use self::message::{Headers, Message, OutgoingMessage, PublishReceipt};
+pub use self::stats::{DeadLetter, GroupStats};
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::Result;
 
 /// What a backend can do natively. Operations a backend lacks either are emulated (documented
 /// per backend) or fail with [`crate::Error::Unsupported`].
@@ -56,6 +66,15 @@ pub trait Queue: Clone + Send + Sync + 'static {
 
     /// What this backend supports.
     fn capabilities(&self) -> Capabilities;
+
+    /// Installs or upgrades what the backend needs on the server before first use; idempotent.
+    /// On Postgres this is [`crate::PgBackend::migrate`] (the namespace's schema); brokers
+    /// create their objects on demand, so for them it does nothing. Call it once at startup,
+    /// before the first other operation. If the future is dropped, calling it again finishes
+    /// the work.
+    fn migrate(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
 
     /// Creates the stream unless it exists. Returns true if it was created.
     fn ensure_stream(

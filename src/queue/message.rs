@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{de::DeserializeOwned, Serialize};
 use uuid::Uuid;
 
-use crate::Result;
+use crate::error::Result;
 
 /// Message headers: string keys to string values, ordered for stable output.
 pub type Headers = BTreeMap<String, String>;
@@ -153,6 +153,7 @@ pub(crate) fn uuid_time(id: &Uuid) -> DateTime<Utc> {
         .unwrap_or_default()
 }
 
+#[cfg(feature = "postgres")]
 pub(crate) fn headers_to_json(h: &Headers) -> Option<serde_json::Value> {
     if h.is_empty() {
         None
@@ -165,6 +166,7 @@ pub(crate) fn headers_to_json(h: &Headers) -> Option<serde_json::Value> {
     }
 }
 
+#[cfg(feature = "postgres")]
 pub(crate) fn headers_from_json(v: Option<serde_json::Value>) -> Headers {
     match v {
         Some(serde_json::Value::Object(map)) => map

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::{Error, Message, Result};
+use super::Message;
+use crate::error::{Error, Result};
 
 /// One message handed to one consumer of one group, leased until `lease_expires_at`.
 #[derive(Clone)]

@@ -1,0 +1,88 @@
+//! Administration of one in-memory stream: creating it and its groups, purging, and stats.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::state::{Group, Pending, Stream};
+use crate::config::{GroupStart, StreamConfig};
+use crate::queue::{uuid_time, GroupStats};
+
+impl Stream {
+    pub(super) fn new(config: StreamConfig) -> Stream {
+        Stream {
+            config,
+            messages: HashMap::new(),
+            groups: HashMap::new(),
+            dedupe: HashMap::new(),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Adds `group` unless it exists; returns true if it was added. From `Oldest`, every
+    /// retained message is pending for it at once.
+    pub(super) fn add_group(&mut self, group: &str, start: GroupStart) -> bool {
+        if self.groups.contains_key(group) {
+            return false;
+        }
+        let mut g = Group::default();
+        if start == GroupStart::Oldest {
+            let now = Instant::now();
+            for id in self.messages.keys() {
+                g.set(
+                    *id,
+                    Pending {
+                        visible_at: now,
+                        attempts: 0,
+                        consumer: None,
+                        last_error: None,
+                        claim: 0,
+                    },
+                );
+            }
+        }
+        self.groups.insert(group.to_owned(), g);
+        true
+    }
+
+    /// Drops every message, dedupe key, pending delivery and dead letter; groups stay.
+    pub(super) fn purge(&mut self) {
+        self.messages.clear();
+        self.dedupe.clear();
+        for g in self.groups.values_mut() {
+            *g = Group::default();
+        }
+    }
+
+    /// Depth of `group`, which exists. Exact: it walks the group's pending deliveries.
+    pub(super) fn stats(&self, stream: &str, group: &str) -> GroupStats {
+        let g = &self.groups[group];
+        let now = Instant::now();
+        let (mut ready, mut delayed, mut in_flight) = (0, 0, 0);
+        let mut oldest = None;
+        for (at, id) in &g.order {
+            if *at <= now {
+                ready += 1;
+                let age = (Utc::now() - uuid_time(id)).to_std().unwrap_or_default();
+                oldest = Some(oldest.map_or(age, |o: Duration| o.max(age)));
+            } else if g.pending[id].consumer.is_some() {
+                in_flight += 1;
+            } else {
+                delayed += 1;
+            }
+        }
+        GroupStats {
+            stream: stream.to_owned(),
+            group: Some(group.to_owned()),
+            ready,
+            delayed,
+            in_flight,
+            dead: g.dead.len() as i64,
+            oldest_ready_age: oldest,
+        }
+    }
+}

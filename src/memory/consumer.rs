@@ -1,0 +1,299 @@
+//! [`MemoryConsumer`]: claims walk the group's pending deliveries in visibility order; settles
+//! are fenced by the attempt number, as on Postgres.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::state::{group_not_found, Pending, Stream};
+use super::MemoryBackend;
+use crate::error::Result;
+use crate::queue::{uuid_time, Delivery, Message, QueueConsumer, SettleReport};
+
+/// A consumer of the memory backend.
+#[derive(Debug, Clone)]
+pub struct MemoryConsumer {
+    pub(super) backend: MemoryBackend,
+    pub(super) stream: String,
+    pub(super) group: String,
+    pub(super) name: String,
+}
+
+impl MemoryConsumer {
+    /// Claims what is ready; returns the deliveries, the stream's wake-up, and when the next
+    /// pending delivery of the group comes due.
+    fn claim(&self, max: usize) -> Result<(Vec<Delivery>, Arc<Notify>, Option<Instant>)> {
+        let (stream, group, name) = (&self.stream, &self.group, &self.name);
+        self.backend.with_group(stream, group, |s, _| {
+            let now = Instant::now();
+            let config = s.config.clone();
+            let g = s
+                .groups
+                .get_mut(group)
+                .ok_or_else(|| group_not_found(stream, group))?;
+            let mut out = vec![];
+            while out.len() < max {
+                let Some(&(at, id)) = g.order.iter().next() else {
+                    break;
+                };
+                if at > now {
+                    break;
+                }
+                let Some(p) = g.remove(&id) else { break };
+                let msg = s.messages.get(&id).cloned();
+                let Some(msg) = msg else { continue };
+                if p.attempts >= config.max_deliver {
+                    let error = p
+                        .last_error
+                        .or_else(|| Some(format!("lease expired on attempt {}", p.attempts)));
+                    g.bury(
+                        (stream, group),
+                        Some(&msg),
+                        id,
+                        p.attempts,
+                        "max_deliver",
+                        error,
+                    );
+                    continue;
+                }
+                let attempts = p.attempts + 1;
+                g.claims += 1;
+                let claim = g.claims;
+                g.set(
+                    id,
+                    Pending {
+                        visible_at: now + config.lease,
+                        attempts,
+                        consumer: Some(name.clone()),
+                        last_error: p.last_error,
+                        claim,
+                    },
+                );
+                out.push(Delivery {
+                    message: Message {
+                        id: msg.id,
+                        stream: stream.clone(),
+                        payload: msg.payload.clone(),
+                        is_json: msg.is_json,
+                        headers: msg.headers.clone(),
+                        published_at: uuid_time(&msg.id),
+                    },
+                    group: group.clone(),
+                    consumer: name.clone(),
+                    attempt: attempts,
+                    lease_expires_at: Utc::now() + config.lease,
+                    token: Some(Arc::new(claim)),
+                });
+            }
+            let next = g.order.iter().next().map(|(at, _)| *at);
+            Ok((out, s.wake.clone(), next))
+        })
+    }
+
+    fn settle(
+        &self,
+        ds: &[&Delivery],
+        mut f: impl FnMut(&mut Stream, &Delivery) -> Settled,
+    ) -> Result<SettleReport> {
+        let (mut settled, mut dead) = (vec![], vec![]);
+        let mut woke = false;
+        self.backend
+            .with_group(&self.stream, &self.group, |s, group| {
+                for d in ds {
+                    if !s.groups[group].fenced(d) {
+                        continue;
+                    }
+                    match f(s, d) {
+                        Settled::Done => settled.push(d.id()),
+                        Settled::Ready => {
+                            settled.push(d.id());
+                            woke = true;
+                        }
+                        Settled::Dead => dead.push(d.id()),
+                    }
+                }
+                if woke {
+                    s.wake.notify_waiters();
+                }
+                Ok(())
+            })?;
+        Ok(SettleReport::from_parts(ds, settled, dead))
+    }
+}
+
+enum Settled {
+    Done,
+    Ready,
+    Dead,
+}
+
+impl QueueConsumer for MemoryConsumer {
+    fn stream(&self) -> &str {
+        &self.stream
+    }
+    fn group(&self) -> &str {
+        &self.group
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn lease(&self) -> Option<Duration> {
+        self.backend
+            .lock()
+            .streams
+            .get(&self.stream)
+            .map(|s| s.config.lease)
+    }
+
+    async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(vec![]);
+        }
+        Ok(self.claim(max)?.0)
+    }
+
+    async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(vec![]);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (batch, wake, next) = self.claim(max)?;
+            // Register interest before checking the clock so a publish in between is not missed.
+            let notified = wake.notified();
+            let now = Instant::now();
+            if !batch.is_empty() || now >= deadline {
+                return Ok(batch);
+            }
+            let until = next.map_or(deadline, |n| n.min(deadline)).max(now);
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    async fn ack_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
+        let group = self.group.clone();
+        self.settle(ds, |s, d| {
+            if let Some(g) = s.groups.get_mut(&group) {
+                g.remove(&d.id());
+            }
+            Settled::Done
+        })
+    }
+
+    async fn nack_batch(
+        &self,
+        ds: &[&Delivery],
+        delay: Option<Duration>,
+        error: Option<&str>,
+    ) -> Result<SettleReport> {
+        let (stream, group) = (self.stream.clone(), self.group.clone());
+        self.settle(ds, |s, d| {
+            let config = s.config.clone();
+            let msg = s.messages.get(&d.id()).cloned();
+            let Some(g) = s.groups.get_mut(&group) else {
+                return Settled::Done;
+            };
+            let attempts = g.pending.get(&d.id()).map_or(d.attempt, |p| p.attempts);
+            if attempts >= config.max_deliver {
+                g.bury(
+                    (&stream, &group),
+                    msg.as_deref(),
+                    d.id(),
+                    attempts,
+                    "max_deliver",
+                    error.map(str::to_owned),
+                );
+                return Settled::Dead;
+            }
+            let wait = delay.unwrap_or_else(|| config.backoff.delay(attempts));
+            g.set(
+                d.id(),
+                Pending {
+                    visible_at: Instant::now() + wait,
+                    attempts,
+                    consumer: None,
+                    last_error: error.map(str::to_owned),
+                    claim: 0,
+                },
+            );
+            if wait.is_zero() {
+                Settled::Ready
+            } else {
+                // Waiters recompute their next due time when woken.
+                s.wake.notify_waiters();
+                Settled::Done
+            }
+        })
+    }
+
+    async fn term_batch(&self, ds: &[&Delivery], reason: &str) -> Result<SettleReport> {
+        let (stream, group) = (self.stream.clone(), self.group.clone());
+        self.settle(ds, |s, d| {
+            let msg = s.messages.get(&d.id()).cloned();
+            if let Some(g) = s.groups.get_mut(&group) {
+                let last = g.pending.get(&d.id()).and_then(|p| p.last_error.clone());
+                g.bury(
+                    (&stream, &group),
+                    msg.as_deref(),
+                    d.id(),
+                    d.attempt,
+                    reason,
+                    last,
+                );
+            }
+            Settled::Dead
+        })
+    }
+
+    async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
+        let group = self.group.clone();
+        let mut expires = None;
+        let report = self.settle(&[&*d], |s, d| {
+            let lease = lease.unwrap_or(s.config.lease);
+            if let Some(g) = s.groups.get_mut(&group) {
+                if let Some(p) = g.remove(&d.id()) {
+                    g.set(
+                        d.id(),
+                        Pending {
+                            visible_at: Instant::now() + lease,
+                            ..p
+                        },
+                    );
+                    expires = Some(Utc::now() + lease);
+                }
+            }
+            Settled::Done
+        })?;
+        if let Some(at) = expires {
+            d.lease_expires_at = at;
+        }
+        report.single(d.id())
+    }
+
+    async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
+        let group = self.group.clone();
+        self.settle(ds, |s, d| {
+            if let Some(g) = s.groups.get_mut(&group) {
+                if let Some(p) = g.remove(&d.id()) {
+                    g.set(
+                        d.id(),
+                        Pending {
+                            visible_at: Instant::now(),
+                            attempts: p.attempts.saturating_sub(1),
+                            consumer: None,
+                            ..p
+                        },
+                    );
+                }
+            }
+            Settled::Ready
+        })
+    }
+}

@@ -1,0 +1,113 @@
+//! What the memory backend holds: streams, their messages, and per group the pending
+//! deliveries ordered by when they become visible.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::config::StreamConfig;
+use crate::error::Error;
+use crate::queue::{DeadLetter, Delivery, Headers};
+
+pub(super) struct Stored {
+    pub(super) id: Uuid,
+    pub(super) payload: bytes::Bytes,
+    pub(super) is_json: bool,
+    pub(super) headers: Headers,
+}
+
+pub(super) struct Pending {
+    pub(super) visible_at: Instant,
+    pub(super) attempts: u32,
+    pub(super) consumer: Option<String>,
+    pub(super) last_error: Option<String>,
+    /// The fence token of the current claim (0 when unclaimed). A release hands the attempt
+    /// back, so the attempt alone cannot tell a stale handle from the new holder's.
+    pub(super) claim: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Group {
+    pub(super) pending: HashMap<Uuid, Pending>,
+    /// (visible_at, id) of every pending delivery: claims walk it from the front.
+    pub(super) order: BTreeSet<(Instant, Uuid)>,
+    pub(super) dead: Vec<DeadLetter>,
+    /// Claims made so far: the source of fence tokens, never reused.
+    pub(super) claims: u64,
+}
+
+pub(super) struct Stream {
+    pub(super) config: StreamConfig,
+    pub(super) messages: HashMap<Uuid, Arc<Stored>>,
+    pub(super) groups: HashMap<String, Group>,
+    pub(super) dedupe: HashMap<String, (Uuid, Instant)>,
+    pub(super) wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) streams: HashMap<String, Stream>,
+}
+
+pub(super) fn stream_not_found(s: &str) -> Error {
+    Error::StreamNotFound(s.to_owned())
+}
+
+pub(super) fn group_not_found(s: &str, g: &str) -> Error {
+    Error::GroupNotFound {
+        stream: s.to_owned(),
+        group: g.to_owned(),
+    }
+}
+
+impl Group {
+    pub(super) fn set(&mut self, id: Uuid, p: Pending) {
+        if let Some(old) = self.pending.get(&id) {
+            self.order.remove(&(old.visible_at, id));
+        }
+        self.order.insert((p.visible_at, id));
+        self.pending.insert(id, p);
+    }
+
+    pub(super) fn remove(&mut self, id: &Uuid) -> Option<Pending> {
+        let p = self.pending.remove(id)?;
+        self.order.remove(&(p.visible_at, *id));
+        Some(p)
+    }
+
+    /// The pending delivery `d` refers to, if its lease is still this claim's.
+    pub(super) fn fenced(&self, d: &Delivery) -> bool {
+        self.pending.get(&d.id()).is_some_and(|p| {
+            p.consumer.is_some()
+                && p.attempts == d.attempt
+                && d.token.as_ref().and_then(|t| t.downcast_ref::<u64>()) == Some(&p.claim)
+        })
+    }
+
+    pub(super) fn bury(
+        &mut self,
+        (stream, group): (&str, &str),
+        msg: Option<&Stored>,
+        id: Uuid,
+        attempts: u32,
+        reason: &str,
+        error: Option<String>,
+    ) {
+        self.remove(&id);
+        self.dead.push(DeadLetter {
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            id,
+            attempts,
+            reason: reason.to_owned(),
+            error,
+            dead_at: Utc::now(),
+            payload: msg.map(|m| m.payload.to_vec()),
+            headers: msg.map(|m| m.headers.clone()).unwrap_or_default(),
+        });
+    }
+}
