@@ -31,9 +31,10 @@ async fn main() -> pgtide::Result<()> {
     let queue = match std::env::var("PGTIDE_BACKEND") {
         Ok(url) if !url.starts_with("postgres") => AnyBackend::connect(&url, &namespace).await?,
         _ => {
-            let pg = PgBackend::builder(pgtide::dev::database_url().await?)
-                .namespace(&namespace)
-                .build()?;
+            let url = pgtide_testing::database_url()
+                .await
+                .map_err(|e| pgtide::Error::InvalidConfig(e.to_string()))?;
+            let pg = PgBackend::builder(url).namespace(&namespace).build()?;
             pg.migrate().await?;
             AnyBackend::Postgres(pg)
         }
