@@ -8,6 +8,7 @@ mod flow;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod operations;
+mod usability;
 
 use std::process::Stdio;
 use std::time::Duration;
