@@ -2,7 +2,12 @@
 //!
 //! ```text
 //! cargo bench --bench throughput
+//! cargo bench --bench throughput --features nats,redis,amqp   # brokers in the backends comparison
 //! ```
+//!
+//! The harness is the `pgtide-bench` crate (a dev-dependency): this file only calls its entry
+//! points. Broker features reach it through the `pgtide` CLI package, a default workspace member
+//! whose `nats`/`redis`/`amqp` features also turn on the harness's.
 //!
 //! Environment: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
 //! `PGTIDE_BENCH_QUICK=1` for a short run, `PGTIDE_BENCH_BACKENDS=1` / `=0` to measure the

@@ -1,4 +1,4 @@
-//! `bench`: runs the harness of `pgtide::bench` and prints its ratio table.
+//! `bench`: runs the harness of `pgtide_bench` and prints its ratio table.
 
 use std::io::IsTerminal;
 
