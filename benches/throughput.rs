@@ -1,8 +1,13 @@
 //! Throughput and latency of pgtide against raw PostgreSQL baselines measured in the same run.
 //!
 //! ```text
-//! cargo bench --bench throughput --features bench
+//! cargo bench --bench throughput
+//! cargo bench --bench throughput --features nats,redis,amqp   # brokers in the backends comparison
 //! ```
+//!
+//! The harness is the `pgtide-bench` crate (a dev-dependency): this file only calls its entry
+//! points. Broker features reach it through the `pgtide` CLI package, a default workspace member
+//! whose `nats`/`redis`/`amqp` features also turn on the harness's.
 //!
 //! Environment: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
 //! `PGTIDE_BENCH_QUICK=1` for a short run, `PGTIDE_BENCH_BACKENDS=1` / `=0` to measure the
@@ -10,12 +15,12 @@
 //! `AMQP_URL` when built with their feature), `PGTIDE_BENCH_JSON` for the JSON report path
 //! (default `target/pgtide-bench.json`). The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
-//! `pgtide::bench::run_worker_process`). The cases and caveats are documented in `pgtide::bench`.
+//! `pgtide_bench::run_worker_process`). The cases and caveats are documented in `pgtide_bench`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use pgtide::bench::{run, run_worker_process, worker_process_requested, BenchConfig};
+use pgtide_bench::{run, run_worker_process, worker_process_requested, BenchConfig};
 
 fn main() -> ExitCode {
     if worker_process_requested() {

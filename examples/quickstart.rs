@@ -15,7 +15,7 @@
 //! cargo run --release --example quickstart
 //! ```
 //!
-//! The database comes from [`pgtide::dev::database_url`]: `DATABASE_URL` if set, else the server
+//! The database comes from [`pgtide_testing::database_url`]: `DATABASE_URL` if set, else the server
 //! on 127.0.0.1:5432, else a throwaway cluster under `target/pgtide-postgres`. Everything lives in
 //! the namespace (Postgres schema) `PGTIDE_NAMESPACE`, default `pgtide`; inspect it afterwards
 //! with `psql -c 'SELECT * FROM pgtide.stream_stats'`.
@@ -87,7 +87,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> Result<(), BoxError> {
-    let url = pgtide::dev::database_url().await?;
+    let url = pgtide_testing::database_url().await?;
     let namespace =
         std::env::var("PGTIDE_NAMESPACE").unwrap_or_else(|_| pgtide::DEFAULT_NAMESPACE.to_owned());
     let pg = PgBackend::builder(url).namespace(namespace).build()?;

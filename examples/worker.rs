@@ -44,7 +44,9 @@ async fn main() -> pgtide::Result<()> {
 pub(crate) async fn backend_url(pgtide_backend: Option<String>) -> pgtide::Result<String> {
     match pgtide_backend {
         Some(url) if !url.is_empty() => Ok(url),
-        _ if cfg!(feature = "postgres") => pgtide::dev::database_url().await,
+        _ if cfg!(feature = "postgres") => pgtide_testing::database_url()
+            .await
+            .map_err(|e| pgtide::Error::InvalidConfig(e.to_string())),
         _ => Ok("memory://".to_owned()),
     }
 }

@@ -51,11 +51,6 @@ mod redis;
 mod relay;
 mod worker;
 
-pub mod dev;
-
-#[cfg(feature = "bench")]
-pub mod bench;
-
 #[cfg(feature = "amqp")]
 pub use crate::amqp::{AmqpBackend, AmqpConsumer};
 pub use crate::any::{AnyBackend, AnyConsumer};

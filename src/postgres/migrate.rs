@@ -287,3 +287,30 @@ impl PgBackend {
         Ok(current)
     }
 }
+
+impl PgBackend {
+    /// The newest migration installed in the namespace, or `None` when the namespace is not
+    /// installed. Compare with [`PgBackend::latest_migration`] to tell a fresh install from an
+    /// upgrade (the `pgtide migrate` command reports what it applied this way).
+    pub async fn migration_version(&self) -> Result<Option<i64>> {
+        let client = self.client().await?;
+        let table = format!("\"{}\"._sqlx_migrations", self.namespace());
+        let exists: Option<String> = client
+            .query_one("SELECT to_regclass($1)::text", &[&table])
+            .await?
+            .try_get(0)?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let sql = render(
+            include_str!("../../sql/migration_version.sql"),
+            self.namespace(),
+        );
+        Ok(client.query_one(&sql, &[]).await?.try_get(0)?)
+    }
+
+    /// The number of the newest migration this library knows (migrations run from 1 to it).
+    pub fn latest_migration() -> i64 {
+        MIGRATIONS.last().map_or(0, |(version, _, _)| *version)
+    }
+}

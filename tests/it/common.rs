@@ -7,7 +7,7 @@ use pgtide::{GroupStart, PgBackend, StreamConfig};
 
 /// The database for tests: `DATABASE_URL`, else the local server or a throwaway cluster.
 pub async fn database_url() -> String {
-    pgtide::dev::database_url()
+    pgtide_testing::database_url()
         .await
         .expect("no database for tests")
 }

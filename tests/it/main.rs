@@ -1,6 +1,5 @@
 //! pgtide integration tests: one binary, every test in its own namespace, against real servers.
 
-mod cli;
 mod common;
 mod conformance;
 mod examples;

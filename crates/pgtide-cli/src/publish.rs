@@ -4,7 +4,11 @@
 //! batches of `--batch-size` (at most two batches wait in the channel), and each batch is
 //! published atomically. A bad line (malformed JSON, payload over the stream's limit) stops the
 //! run before its batch: the error names the line and says exactly which lines were published.
-//! `--file --lines` checks the whole file before publishing anything.
+//! `--file --lines` checks the whole file before publishing anything. `--dry-run` prints each
+//! message it would publish as a JSON line and publishes nothing.
+//!
+//! On Postgres, publishing to a stream without groups warns on stderr: no group will ever
+//! receive those messages unless one is created with `--from oldest`.
 //!
 //! On Postgres an unknown stream fails before any input is read and batches commit whole. Other
 //! backends check the stream and the payload sizes with the first batch (before sending it), and
@@ -16,11 +20,13 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pgtide::{Headers, OutgoingMessage};
+use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::backend::Target;
 use crate::cli::PublishArgs;
 use crate::error::{CliError, CliResult};
+use crate::human::{payload_json, plural};
 use crate::telemetry;
 
 /// How every message of this run is built.
@@ -56,6 +62,37 @@ impl Template {
         }
         Ok(msg)
     }
+
+    /// What `--dry-run` prints for one message instead of publishing it.
+    fn dry_run_json(
+        &self,
+        stream: &str,
+        msg: &OutgoingMessage,
+        dedupe_key: Option<&str>,
+    ) -> serde_json::Value {
+        let (payload, encoding) = payload_json(msg.payload(), Some(!self.raw));
+        json!({
+            "stream": stream,
+            "payload": payload,
+            "payload_encoding": encoding,
+            "headers": self.headers,
+            "delay_secs": self.delay.map(|d| d.as_secs_f64()),
+            "dedupe_key": dedupe_key,
+        })
+    }
+}
+
+/// Warns on stderr when the stream has no group: nothing published now reaches a group created
+/// later unless that group starts from the oldest message.
+async fn warn_without_groups<B: Target>(b: &B, stream: &str) -> CliResult {
+    if let Some(pg) = b.postgres() {
+        if pg.groups(Some(stream)).await?.is_empty() {
+            eprintln!(
+                "warning: stream {stream:?} has no groups, so no one receives these messages; a group created later gets them only with `pgtide group create {stream} GROUP --from oldest`"
+            );
+        }
+    }
+    Ok(())
 }
 
 fn parse_headers(pairs: &[String]) -> CliResult<Headers> {
@@ -90,6 +127,7 @@ pub async fn run<B: Target>(b: &B, args: PublishArgs) -> CliResult {
         ),
         None => None,
     };
+    warn_without_groups(b, &args.stream).await?;
     let template = Template {
         raw: args.raw,
         headers,
@@ -112,6 +150,10 @@ pub async fn run<B: Target>(b: &B, args: PublishArgs) -> CliResult {
             msg = msg.dedupe_key(key.clone());
         }
         if args.dry_run {
+            if !args.quiet {
+                let line = template.dry_run_json(&args.stream, &msg, args.dedupe_key.as_deref());
+                println!("{line}");
+            }
             eprintln!(
                 "ok: 1 message would be published to stream {:?}",
                 args.stream
@@ -146,9 +188,11 @@ pub async fn run<B: Target>(b: &B, args: PublishArgs) -> CliResult {
     };
     match &args.file {
         Some(path) => {
-            // Check every line first: a bad file publishes nothing.
-            run.lines(open(path)?, true, true).await?;
-            if !args.dry_run {
+            if args.dry_run {
+                run.lines(open(path)?, true, false).await?;
+            } else {
+                // Check every line first: a bad file publishes nothing.
+                run.lines(open(path)?, true, true).await?;
                 run.lines(open(path)?, false, false).await?;
             }
         }
@@ -296,10 +340,14 @@ fn batch_failed<B: Target>(
         (0, true) => "nothing was published".to_owned(),
         (0, false) => partly,
         (_, true) => format!(
-            "lines 1-{done_through} ({published} messages) were published, nothing from line {first_line} on"
+            "lines 1-{done_through} ({}) were published, nothing from line {first_line} on",
+            plural(published, "message", "messages")
         ),
         (_, false) => {
-            format!("lines 1-{done_through} ({published} messages) were published, {partly}")
+            format!(
+                "lines 1-{done_through} ({}) were published, {partly}",
+                plural(published, "message", "messages")
+            )
         }
     };
     CliError::new(
@@ -317,7 +365,8 @@ struct LineRun<'a, B> {
 }
 
 impl<B: Target> LineRun<'_, B> {
-    /// Publishes (or with `dry_run`, checks) one message per line of `reader`.
+    /// Publishes (or with `dry_run`, checks) one message per line of `reader`. Unless `silent`,
+    /// a dry run prints each message and the count.
     async fn lines(
         &self,
         reader: Box<dyn BufRead + Send>,
@@ -334,7 +383,8 @@ impl<B: Target> LineRun<'_, B> {
         let result = loop {
             if token.is_cancelled() {
                 let what = format!(
-                    "interrupted: lines 1-{done_through} ({published} messages) were published, nothing after"
+                    "interrupted: lines 1-{done_through} ({}) were published, nothing after",
+                    plural(published, "message", "messages")
                 );
                 break Err(CliError::new(crate::error::INTERRUPTED, what));
             }
@@ -350,7 +400,8 @@ impl<B: Target> LineRun<'_, B> {
                         "nothing was published".to_owned()
                     } else {
                         format!(
-                            "lines 1-{done_through} ({published} messages) were published, nothing from line {} on",
+                            "lines 1-{done_through} ({}) were published, nothing from line {} on",
+                            plural(published, "message", "messages"),
                             done_through + 1
                         )
                     };
@@ -364,6 +415,20 @@ impl<B: Target> LineRun<'_, B> {
                     if dry_run {
                         published += msgs.len() as u64;
                         done_through = last_line;
+                        if !silent && !args.quiet {
+                            let written = msgs
+                                .iter()
+                                .try_for_each(|m| {
+                                    let line = self.template.dry_run_json(&args.stream, m, None);
+                                    writeln!(out, "{line}")
+                                })
+                                .and_then(|()| out.flush());
+                            if let Err(e) = written {
+                                break Err(CliError::runtime(format!(
+                                    "cannot write to stdout ({e}); nothing was published"
+                                )));
+                            }
+                        }
                         continue;
                     }
                     // Never cancelled half-way: a batch is sent whole (on Postgres: committed or not).
@@ -394,7 +459,8 @@ impl<B: Target> LineRun<'_, B> {
                             .and_then(|()| out.flush());
                         if let Err(e) = written {
                             break Err(CliError::runtime(format!(
-                            "cannot write ids to stdout ({e}); lines 1-{done_through} ({published} messages) were published"
+                            "cannot write ids to stdout ({e}); lines 1-{done_through} ({}) were published",
+                            plural(published, "message", "messages")
                         )));
                         }
                     }
@@ -408,11 +474,16 @@ impl<B: Target> LineRun<'_, B> {
         if !silent {
             if dry_run {
                 eprintln!(
-                    "ok: {published} messages would be published to stream {:?}",
+                    "ok: {} would be published to stream {:?}",
+                    plural(published, "message", "messages"),
                     args.stream
                 );
             } else if std::io::stderr().is_terminal() {
-                eprintln!("published {published} messages to stream {:?}", args.stream);
+                eprintln!(
+                    "published {} to stream {:?}",
+                    plural(published, "message", "messages"),
+                    args.stream
+                );
             }
         }
         Ok(())

@@ -12,7 +12,9 @@ use serde_json::json;
 use crate::backend::Target;
 use crate::cli::{GroupCommand, StreamCommand, StreamOptions};
 use crate::error::{CliError, CliResult};
-use crate::human::{format_age, format_duration, parse_point, print_table, Point};
+use crate::human::{
+    format_age, format_duration, format_time, parse_point, plural, print_table, Point,
+};
 
 /// `migrate --print-sql`: the install script, bookkeeping included, so that the library
 /// (`is_migrated`, `migrate`) sees a namespace installed by hand as current.
@@ -21,11 +23,32 @@ pub fn print_sql(namespace: &str) -> CliResult<u8> {
     Ok(crate::error::OK)
 }
 
-/// `migrate`.
+/// `migrate`: says what it applied (a fresh install, an upgrade, or nothing).
 pub async fn migrate(pg: &PgBackend) -> CliResult {
+    let before = pg.migration_version().await?;
     pg.migrate().await?;
-    println!("namespace {:?} is up to date", pg.namespace());
+    let after = pg
+        .migration_version()
+        .await?
+        .unwrap_or_else(PgBackend::latest_migration);
+    println!("{}", migrate_report(pg.namespace(), before, after));
     Ok(())
+}
+
+/// The line `migrate` prints, from the newest migration before and after the run.
+fn migrate_report(namespace: &str, before: Option<i64>, after: i64) -> String {
+    let range = |first: i64| {
+        if first == after {
+            format!("migration {after}")
+        } else {
+            format!("migrations {first}–{after}")
+        }
+    };
+    match before {
+        None => format!("installed namespace {namespace:?} ({})", range(1)),
+        Some(b) if b < after => format!("upgraded namespace {namespace:?} ({})", range(b + 1)),
+        Some(_) => format!("namespace {namespace:?} is up to date (migration {after})"),
+    }
 }
 
 /// `grant ROLE`.
@@ -80,17 +103,33 @@ fn stream_json(s: &StreamInfo) -> serde_json::Value {
         "lease_secs": c.lease.as_secs_f64(),
         "max_deliver": c.max_deliver,
         "backoff_secs": c.backoff.schedule.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
-        "backoff_jitter": c.backoff.jitter,
+        "backoff_jitter": jitter(c.backoff.jitter),
         "retention_secs": c.retention.as_secs_f64(),
         "partition_interval_secs": c.partition_interval.as_secs_f64(),
         "dedupe_window_secs": c.dedupe_window.as_secs_f64(),
         "max_payload": c.max_payload,
-        "created_at": s.created_at,
+        "created_at": format_time(s.created_at),
     })
+}
+
+/// The jitter as the user wrote it: it is stored as `f32`, and widening 0.1 to `f64` would print
+/// 0.10000000149011612.
+fn jitter(j: f32) -> f64 {
+    j.to_string().parse().unwrap_or(f64::from(j))
 }
 
 fn not_found_stream(name: &str) -> CliError {
     CliError::from(pgtide::Error::StreamNotFound(name.to_owned()))
+}
+
+/// A missing stream where creating it would not help (deleting it): no "create it" advice.
+fn nothing_to_delete(name: &str) -> CliError {
+    let namespace = crate::error::NAMESPACE
+        .get()
+        .map_or("pgtide", String::as_str);
+    CliError::not_found(format!(
+        "stream {name:?} does not exist in namespace {namespace:?}: nothing to delete (check the name and --namespace; `pgtide stream list` shows the streams)"
+    ))
 }
 
 /// `stream ...`.
@@ -122,7 +161,7 @@ pub async fn stream<B: Target>(b: &B, command: StreamCommand) -> CliResult {
         }
         StreamCommand::Delete { name } => {
             if !b.delete_stream(&name).await? {
-                return Err(not_found_stream(&name));
+                return Err(nothing_to_delete(&name));
             }
             println!("deleted stream {name:?} with its groups, messages and dead letters");
         }
@@ -131,7 +170,10 @@ pub async fn stream<B: Target>(b: &B, command: StreamCommand) -> CliResult {
             match b.postgres() {
                 Some(pg) => {
                     let n = pg.purge(&name).await?;
-                    println!("purged stream {name:?}: {n} pending deliveries dropped, with its messages and dead letters; its groups stay");
+                    println!(
+                        "purged stream {name:?}: {} dropped, with its messages and dead letters; its groups stay",
+                        plural(n, "pending delivery", "pending deliveries")
+                    );
                 }
                 None => {
                     b.purge(&name).await?;
@@ -177,7 +219,7 @@ async fn list_streams(pg: &PgBackend, json: bool) -> CliResult {
                     format_duration(c.partition_interval),
                     format_duration(c.dedupe_window),
                     c.max_payload.to_string(),
-                    s.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                    format_time(s.created_at),
                 ]
             })
             .collect();
@@ -237,7 +279,7 @@ async fn show_stream(pg: &PgBackend, name: &str, json: bool) -> CliResult {
     println!(
         "backoff:            {} (jitter {})",
         backoff.join(","),
-        c.backoff.jitter
+        jitter(c.backoff.jitter)
     );
     println!("retention:          {}", format_duration(c.retention));
     println!(
@@ -246,7 +288,7 @@ async fn show_stream(pg: &PgBackend, name: &str, json: bool) -> CliResult {
     );
     println!("dedupe window:      {}", format_duration(c.dedupe_window));
     println!("max payload:        {} bytes", c.max_payload);
-    println!("created:            {}", info.created_at.to_rfc3339());
+    println!("created:            {}", format_time(info.created_at));
     println!();
     let rows: Vec<Vec<String>> = stats
         .iter()
@@ -272,9 +314,9 @@ async fn show_stream(pg: &PgBackend, name: &str, json: bool) -> CliResult {
 
 fn point_text(point: Point) -> String {
     match point {
-        Point::Beginning => "the beginning".to_owned(),
-        Point::Now => "now".to_owned(),
-        Point::At(t) => t.to_rfc3339(),
+        Point::Oldest => "the oldest retained message".to_owned(),
+        Point::New => "new messages".to_owned(),
+        Point::At(t) => format!("messages published from {}", format_time(t)),
     }
 }
 
@@ -289,8 +331,8 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
         } => {
             let point = parse_point(&from).map_err(CliError::usage)?;
             let start = match point {
-                Point::Beginning => GroupStart::Oldest,
-                Point::Now | Point::At(_) => GroupStart::New,
+                Point::Oldest => GroupStart::Oldest,
+                Point::New | Point::At(_) => GroupStart::New,
             };
             let created = match b.postgres() {
                 Some(pg) if !if_not_exists => {
@@ -317,16 +359,15 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
                     .await?;
             }
             println!(
-                "created group {group:?} on stream {stream:?}, starting from {}",
+                "created group {group:?} on stream {stream:?}, starting with {}",
                 point_text(point)
             );
         }
         GroupCommand::Delete { stream, group } => {
             if !b.delete_group(&stream, &group).await? {
-                return Err(CliError::from(pgtide::Error::GroupNotFound {
-                    stream,
-                    group,
-                }));
+                return Err(CliError::not_found(format!(
+                    "group {group:?} does not exist on stream {stream:?}: nothing to delete (`pgtide group list {stream}` shows its groups)"
+                )));
             }
             println!("deleted group {group:?} of stream {stream:?}");
         }
@@ -339,19 +380,13 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             if json {
                 let list: Vec<_> = groups
                     .iter()
-                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": g.created_at}))
+                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at)}))
                     .collect();
                 println!("{}", serde_json::Value::Array(list));
             } else {
                 let rows: Vec<Vec<String>> = groups
                     .iter()
-                    .map(|g| {
-                        vec![
-                            g.stream.clone(),
-                            g.name.clone(),
-                            g.created_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-                        ]
-                    })
+                    .map(|g| vec![g.stream.clone(), g.name.clone(), format_time(g.created_at)])
                     .collect();
                 print_table(&["STREAM", "GROUP", "CREATED"], &rows);
             }
@@ -364,14 +399,16 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             let pg = b.require_postgres("group reset")?;
             let point = parse_point(&from).map_err(CliError::usage)?;
             let at = match point {
-                Point::Beginning => None,
-                Point::Now => Some(Utc::now()),
+                Point::Oldest => None,
+                Point::New => Some(Utc::now()),
                 Point::At(t) => Some(t),
             };
             let (skipped, queued) = pg.reset_group(&stream, &group, at).await?;
             println!(
-                "reset group {group:?} of stream {stream:?} to {}: {skipped} deliveries skipped, {queued} messages queued again",
-                point_text(point)
+                "reset group {group:?} of stream {stream:?} to {}: {} skipped, {} queued again",
+                point_text(point),
+                plural(skipped, "delivery", "deliveries"),
+                plural(queued, "message", "messages")
             );
         }
     }
@@ -386,6 +423,9 @@ pub async fn trim(
     max_len: Option<u64>,
 ) -> CliResult {
     let removed = pg.trim_stream(stream, max_age, max_len).await?;
-    println!("trimmed {removed} messages from stream {stream:?}");
+    println!(
+        "trimmed {} from stream {stream:?}",
+        plural(removed, "message", "messages")
+    );
     Ok(())
 }

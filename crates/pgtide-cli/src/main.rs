@@ -13,6 +13,7 @@ mod cli;
 mod consume;
 mod dead;
 mod error;
+mod help;
 mod human;
 mod publish;
 mod stats;

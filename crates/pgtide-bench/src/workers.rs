@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::harness::{joined, Failure, Step};
 use super::postgres::ConsumeRates;
 use super::{Bench, Case, Target, Unit, FILL_BATCH, GROUP};
-use crate::{Error, Outcome, PgBackend, PgConsumer, Result, Worker};
+use pgtide::{Error, Outcome, PgBackend, PgConsumer, Result, Worker};
 
 pub(super) const WORKERS: &str = "workers";
 

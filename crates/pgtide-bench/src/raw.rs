@@ -13,7 +13,7 @@ use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
 use uuid::Uuid;
 
 use super::PAYLOAD_BYTES;
-use crate::Result;
+use pgtide::Result;
 
 pub(super) async fn connect(url: &str) -> Result<Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await?;

@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::backend::Target;
 use crate::cli::ConsumeArgs;
 use crate::error::{CliError, CliResult};
-use crate::human::payload_json;
+use crate::human::{format_time, payload_json};
 use crate::telemetry;
 
 /// One delivery as a JSON line.
@@ -31,8 +31,8 @@ pub fn delivery_json(d: &Delivery) -> serde_json::Value {
         "group": d.group,
         "consumer": d.consumer,
         "attempt": d.attempt,
-        "published_at": d.published_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "lease_expires_at": d.lease_expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "published_at": format_time(d.published_at),
+        "lease_expires_at": format_time(d.lease_expires_at),
         "headers": d.headers,
         "payload": payload,
         "payload_encoding": encoding,

@@ -1,5 +1,5 @@
-//! Development helpers for examples and tests: find a PostgreSQL to talk to, or start a
-//! throwaway one.
+//! Development helpers for pgtide's examples, tests and benches: find a PostgreSQL to talk to,
+//! or start a throwaway one. Not part of the library: it runs `initdb`, `pg_ctl` and `chown`.
 //!
 //! [`database_url`] returns, in order: `DATABASE_URL`; the server listening on 127.0.0.1:5432;
 //! or a throwaway cluster it starts under `target/pgtide-postgres` (as root, under the system
@@ -16,12 +16,25 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
-use crate::{Error, Result};
-
 /// Port of the throwaway cluster.
 pub const THROWAWAY_PORT: u16 = 54329;
 
 static URL: OnceCell<String> = OnceCell::const_new();
+
+/// Why no database could be found or started; the message says what was tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error(String);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A database URL for examples and tests (see the module docs).
 pub async fn database_url() -> Result<String> {
@@ -44,11 +57,11 @@ async fn find_or_start() -> Result<String> {
     }
     tokio::task::spawn_blocking(start_throwaway)
         .await
-        .map_err(|e| Error::InvalidConfig(format!("throwaway postgres: {e}")))?
+        .map_err(|e| Error(format!("throwaway postgres: {e}")))?
 }
 
 fn fail(msg: impl Into<String>) -> Error {
-    Error::InvalidConfig(format!(
+    Error(format!(
         "no DATABASE_URL, nothing on 127.0.0.1:5432, and a throwaway cluster could not start: {}",
         msg.into()
     ))

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::backend::{unsupported, Target};
 use crate::cli::{DeadCommand, DeadSelection};
 use crate::error::{CliError, CliResult};
-use crate::human::{payload_json, print_table};
+use crate::human::{format_time, payload_json, plural, print_table};
 
 /// The groups a command applies to: the one given (checked), or every group of the stream.
 async fn groups_of(pg: &PgBackend, stream: &str, group: Option<&str>) -> CliResult<Vec<String>> {
@@ -52,7 +52,7 @@ fn dead_json(d: &DeadLetter) -> serde_json::Value {
         "attempts": d.attempts,
         "reason": d.reason,
         "error": d.error,
-        "dead_at": d.dead_at,
+        "dead_at": format_time(d.dead_at),
         "headers": d.headers,
         "payload": payload,
         "payload_encoding": encoding,
@@ -86,7 +86,7 @@ pub async fn run<B: Target>(b: &B, command: DeadCommand) -> CliResult {
                             d.id.to_string(),
                             d.attempts.to_string(),
                             d.reason.clone(),
-                            d.dead_at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                            format_time(d.dead_at),
                             d.error.clone().unwrap_or_default().replace('\n', " "),
                         ]);
                     }
@@ -140,8 +140,9 @@ async fn settle(pg: &PgBackend, sel: DeadSelection, replay: bool) -> CliResult {
         };
         if n > 0 {
             println!(
-                "{} {n} dead letters of group {g:?}",
-                if replay { "replayed" } else { "purged" }
+                "{} {} of group {g:?}",
+                if replay { "replayed" } else { "purged" },
+                plural(n, "dead letter", "dead letters")
             );
         }
         total += n;

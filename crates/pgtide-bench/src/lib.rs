@@ -1,4 +1,4 @@
-//! Throughput and latency harness (feature `bench`), used by `benches/throughput.rs` and
+//! Throughput and latency harness (the `pgtide-bench` crate), used by `benches/throughput.rs` and
 //! `pgtide bench`.
 //!
 //! One [`run`] measures raw PostgreSQL baselines and pgtide against them in the same process, on
@@ -19,12 +19,12 @@
 //! | publish_batch | 100 messages per call, 1 client, against raw INSERT 100/stmt |
 //! | trigger cost | 1 and 16 publishers, three sides: the engine's publish statement on raw connections with `SET pgtide.notify = off` (the floor: no wake-up at all), [`PgBackend::publish`] (trigger off, coalescing notifier on), and the same statement with the NOTIFY trigger on (what SQL publishers get); a raw LISTEN on the namespace channel counts the notifications |
 //! | consume | 4 consumers looping `ack_and_fetch(previous batch, B)` (acks ride with the next claim, as in the worker), B = 10 and 100, against raw DELETE |
-//! | worker | a [`crate::Worker`] (no-op handler, concurrency 16) in each of 2 processes (or, without [`BenchConfig::worker_args`], 2 independent handles in this one) draining a backlog, against the consume figures |
+//! | worker | a [`pgtide::Worker`] (no-op handler, concurrency 16) in each of 2 processes (or, without [`BenchConfig::worker_args`], 2 independent handles in this one) draining a backlog, against the consume figures |
 //! | claim latency | `try_fetch(10)` + `ack_batch` round trips, 1 consumer, on a group with a backlog of 10 000 against one with 1 000 000 (100 000 when quick), both kept constant by re-publishing what was acked (untimed) |
 //! | peak RSS | `VmHWM` of `/proc/self/status` around draining the large backlog with 4 consumers, batch 100 (at most [`BenchConfig::drain_cap`]) |
 //! | publish → handler start | 500 msg/s published from one handle, a worker (no-op handler, concurrency 16) on another handle of this process woken through NOTIFY → listener; alternating with the raw NOTIFY round trip at the same rate (the floor) |
 //! | delayed lateness | 50 msg/s due 1 s after publish; handler start − due time |
-//! | backends | with [`BenchConfig::backends`]: publish (1 per call; 100 per call), consume (4 consumers, `ack_and_fetch` of 100) and publish → fetch latency through [`crate::AnyBackend`] on Postgres, memory, and NATS / Redis / RabbitMQ when built with their feature and their server answers |
+//! | backends | with [`BenchConfig::backends`]: publish (1 per call; 100 per call), consume (4 consumers, `ack_and_fetch` of 100) and publish → fetch latency through [`pgtide::AnyBackend`] on Postgres, memory, and NATS / Redis / RabbitMQ when built with their feature and their server answers |
 //!
 //! Raw baselines use tokio-postgres directly with prepared statements, one connection per
 //! client; pgtide goes through its pool. Backlogs are filled with `publish_batch` of 1000 from 4
@@ -34,7 +34,7 @@
 //! Isolation: a run creates its own namespace (`bench_<random>`; an existing one is refused),
 //! keeps the raw tables in that schema too, uses it as the prefix of every broker-side name, and
 //! drops it with `DROP SCHEMA … CASCADE` at the end, also when a phase fails (broker streams
-//! are deleted with [`crate::Queue::delete_stream`]).
+//! are deleted with [`pgtide::Queue::delete_stream`]).
 //!
 //! Caveats: the bench client shares the CPUs with the server when both run on one machine (as it
 //! does for the baselines). The peak RSS is that of the whole bench process (runtime, pool,
@@ -61,7 +61,7 @@ use tokio::task::JoinSet;
 use tokio_postgres::Client;
 
 use self::harness::{joined, Failure, Step, Throughput};
-use crate::{
+use pgtide::{
     validate_namespace, Error, GroupStart, OutgoingMessage, PgBackend, Result, StreamConfig,
 };
 

@@ -6,9 +6,17 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::human::{parse_duration, parse_size};
+use crate::help;
+use crate::human::{parse_count, parse_duration, parse_interval, parse_size};
 
 const AFTER_HELP: &str = "\
+Examples:
+  pgtide migrate
+  pgtide stream create orders && pgtide group create orders billing
+  echo '{\"id\": 1}' | pgtide publish orders
+  pgtide consume orders --group billing --count 10
+  pgtide <COMMAND> --help    # the command's own options and an example
+
 Exit codes:
   0  success
   1  runtime or database error (connection refused, permission denied, ...)
@@ -29,8 +37,9 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Flags every command accepts.
+/// Flags every command accepts, shown apart from each command's own options.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct Global {
     /// PostgreSQL URL (postgres://user:password@host:port/database).
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
@@ -68,6 +77,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Install or upgrade the namespace (needs the right to create a schema and tables).
+    #[command(after_help = help::MIGRATE)]
     Migrate {
         /// Print the SQL that installs the namespace from scratch instead of running it
         /// (for a DBA; apply with `psql -v ON_ERROR_STOP=1 -f`).
@@ -75,26 +85,31 @@ pub enum Command {
         print_sql: bool,
     },
     /// Grant a runtime role exactly what running needs (no DDL). Run as the namespace owner.
+    #[command(after_help = help::GRANT)]
     Grant {
         /// An existing role.
         role: String,
     },
     /// Create, change, list, show and delete streams.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = help::STREAM)]
     Stream(StreamCommand),
     /// Create, list, delete and reset consumer groups.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = help::GROUP)]
     Group(GroupCommand),
     /// Publish messages: --data, --file, or stdin with one message per line.
+    #[command(after_help = help::PUBLISH)]
     Publish(PublishArgs),
     /// Fetch deliveries of a group, print them as JSON lines, and acknowledge them.
+    #[command(after_help = help::CONSUME)]
     Consume(ConsumeArgs),
     /// Depth and lag per stream and group: ready, delayed, in flight, dead, oldest age, rates.
+    #[command(after_help = help::STATS)]
     Stats(StatsArgs),
     /// Inspect, replay and purge dead letters.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = help::DEAD)]
     Dead(DeadCommand),
     /// Remove a stream's oldest messages (with their deliveries and dead letters).
+    #[command(after_help = help::TRIM)]
     Trim {
         /// Stream name.
         stream: String,
@@ -106,6 +121,7 @@ pub enum Command {
         max_len: Option<u64>,
     },
     /// Check database, migrations, scout and lag; exit 0 when healthy, 4 when not.
+    #[command(after_help = help::HEALTH)]
     Health {
         /// Print the result as JSON.
         #[arg(long)]
@@ -116,8 +132,10 @@ pub enum Command {
     },
     /// Run the scout (wake-ups for delayed work and expired leases, partitions, retention)
     /// until SIGINT or SIGTERM.
+    #[command(after_help = help::SCOUT)]
     Scout(ScoutArgs),
     /// Run the throughput/latency harness against raw PostgreSQL baselines.
+    #[command(after_help = help::BENCH)]
     Bench(BenchArgs),
 }
 
@@ -153,6 +171,7 @@ pub struct StreamOptions {
 #[derive(Debug, Subcommand)]
 pub enum StreamCommand {
     /// Create a stream.
+    #[command(after_help = help::STREAM_CREATE)]
     Create {
         /// Stream name: 1-64 of a-z, 0-9, '.', '_', '-'.
         name: String,
@@ -163,6 +182,7 @@ pub enum StreamCommand {
         if_not_exists: bool,
     },
     /// Change settings of an existing stream.
+    #[command(after_help = help::STREAM_UPDATE)]
     Update {
         /// Stream name.
         name: String,
@@ -170,12 +190,14 @@ pub enum StreamCommand {
         options: StreamOptions,
     },
     /// List streams with their settings.
+    #[command(after_help = help::STREAM_LIST)]
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show a stream: settings, groups and their depth.
+    #[command(after_help = help::STREAM_SHOW)]
     Show {
         /// Stream name.
         name: String,
@@ -184,12 +206,14 @@ pub enum StreamCommand {
         json: bool,
     },
     /// Delete a stream with its groups, messages, deliveries and dead letters.
+    #[command(after_help = help::STREAM_DELETE)]
     Delete {
         /// Stream name.
         name: String,
     },
     /// Remove every message, pending delivery and dead letter of a stream; the stream and its
     /// groups stay.
+    #[command(after_help = help::STREAM_PURGE)]
     Purge {
         /// Stream name.
         name: String,
@@ -199,20 +223,23 @@ pub enum StreamCommand {
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
     /// Create a consumer group. Every group receives every message.
+    #[command(after_help = help::GROUP_CREATE)]
     Create {
         /// Stream name.
         stream: String,
         /// Group name.
         group: String,
-        /// Where the group starts: `now` (new messages only), `beginning` (every retained
-        /// message), an RFC 3339 time, or an age such as 1h.
-        #[arg(long, default_value = "now")]
+        /// Where the group starts: `new` (messages published from now on), `oldest` (every
+        /// retained message), an RFC 3339 time, or an age such as 1h. (`now` and `beginning`
+        /// are accepted for `new` and `oldest`.)
+        #[arg(long, default_value = "new")]
         from: String,
         /// Succeed without changes if the group exists.
         #[arg(long)]
         if_not_exists: bool,
     },
     /// List groups (of one stream, or of all).
+    #[command(after_help = help::GROUP_LIST)]
     List {
         /// Stream name.
         stream: Option<String>,
@@ -221,20 +248,23 @@ pub enum GroupCommand {
         json: bool,
     },
     /// Delete a group with its pending deliveries and dead letters.
+    #[command(after_help = help::GROUP_DELETE)]
     Delete {
         /// Stream name.
         stream: String,
         /// Group name.
         group: String,
     },
-    /// Replay a group from a point: `beginning`, `now` (skip the backlog), an RFC 3339 time, or
+    /// Replay a group from a point: `oldest`, `new` (skip the backlog), an RFC 3339 time, or
     /// an age such as 1h.
+    #[command(after_help = help::GROUP_RESET)]
     Reset {
         /// Stream name.
         stream: String,
         /// Group name.
         group: String,
-        /// The point to replay from.
+        /// The point to replay from: `oldest`, `new`, an RFC 3339 time, or an age such as 1h
+        /// (`beginning` and `now` are accepted for `oldest` and `new`).
         #[arg(long)]
         from: String,
     },
@@ -268,7 +298,8 @@ pub struct PublishArgs {
     /// Messages per transaction when reading lines. Each batch is all or nothing.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,
-    /// Check the input and publish nothing.
+    /// Check the input and print each message that would be published (as a JSON line);
+    /// publish nothing.
     #[arg(long)]
     pub dry_run: bool,
     /// Do not print message ids.
@@ -286,8 +317,8 @@ pub struct ConsumeArgs {
     /// Consumer name (unique per process). Default: cli-<pid>-<random>.
     #[arg(long)]
     pub consumer: Option<String>,
-    /// Stop after this many deliveries. Default 1, or no limit with --follow.
-    #[arg(long, short = 'n')]
+    /// Stop after this many deliveries (1 or more). Default 1, or no limit with --follow.
+    #[arg(long, short = 'n', value_parser = parse_count)]
     pub count: Option<u64>,
     /// How long to wait for the next delivery when none is ready, e.g. 5s. Default 0s.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
@@ -324,14 +355,16 @@ pub struct StatsArgs {
     /// Print JSON (one object per line with --watch).
     #[arg(long)]
     pub json: bool,
-    /// Refresh every interval (default 2s) until interrupted; shows publish/settle rates.
-    #[arg(long, value_parser = parse_duration, num_args = 0..=1, default_missing_value = "2s", value_name = "INTERVAL")]
+    /// Refresh every interval (default 2s, more than 0) until interrupted; shows publish/settle
+    /// rates.
+    #[arg(long, value_parser = parse_interval, num_args = 0..=1, default_missing_value = "2s", value_name = "INTERVAL")]
     pub watch: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DeadCommand {
     /// List dead letters.
+    #[command(after_help = help::DEAD_LIST)]
     List {
         /// Stream name.
         stream: String,
@@ -346,6 +379,7 @@ pub enum DeadCommand {
         json: bool,
     },
     /// Show one dead letter with its payload, as JSON.
+    #[command(after_help = help::DEAD_SHOW)]
     Show {
         /// Stream name.
         stream: String,
@@ -357,8 +391,10 @@ pub enum DeadCommand {
         id: uuid::Uuid,
     },
     /// Put dead letters back into their group with a fresh attempt count.
+    #[command(after_help = help::DEAD_REPLAY)]
     Replay(DeadSelection),
     /// Delete dead letters.
+    #[command(after_help = help::DEAD_PURGE)]
     Purge(DeadSelection),
 }
 

@@ -1,12 +1,14 @@
 //! End-to-end tests of the `pgtide` binary, driven as a user would: its own namespace per test
-//! (dropped at the end), arguments and environment in, stdout/stderr/exit code out.
-#![cfg(feature = "cli")]
+//! (dropped at the end), arguments and environment in, stdout/stderr/exit code out. One test
+//! binary, in this package because `CARGO_BIN_EXE_pgtide` exists only here.
 
 mod backends;
+mod common;
 mod flow;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod operations;
+mod usability;
 
 use std::process::Stdio;
 use std::time::Duration;

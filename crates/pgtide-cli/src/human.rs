@@ -1,9 +1,10 @@
 //! Human-friendly values: durations (`250ms`, `30s`, `5m`, `7d`, `1h30m`), sizes (`1MiB`), points
-//! in time (`beginning`, `now`, RFC 3339, an age), aligned tables and base64.
+//! in time (`oldest`, `new`, RFC 3339, an age), counted nouns, timestamps (RFC 3339 UTC, the
+//! one format every output uses), aligned tables and base64.
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 
 /// Parses `250ms`, `30s`, `5m`, `2h`, `7d`, `1w`, or sums of them (`1h30m`). `0` alone is zero.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -46,6 +47,36 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         rest = &after[unit_len..];
     }
     Ok(total)
+}
+
+/// Parses a duration that must not be zero (a refresh interval: zero would spin).
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!(
+            "interval {text:?} is zero: use a positive duration such as 500ms or 2s"
+        )),
+        d => Ok(d),
+    }
+}
+
+/// Parses a count that must be at least 1.
+pub fn parse_count(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(0) => Err("0 would stop before the first delivery: use 1 or more (or --follow without --count for no limit)".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("invalid count {text:?}: use a whole number, 1 or more")),
+    }
+}
+
+/// `n` and the noun, singular for 1: `1 message`, `2 messages`.
+pub fn plural(n: u64, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
+}
+
+/// A timestamp as every output prints it: RFC 3339 in UTC with milliseconds
+/// (`2024-05-01T12:00:00.000Z`), in tables, text and JSON alike.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// Formats a duration compactly: `250ms`, `30s`, `5m`, `1h30m`, `7d`.
@@ -97,22 +128,23 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     n.checked_mul(mult).ok_or_else(bad)
 }
 
-/// A point to start or replay a group from.
+/// A point to start or replay a group from (the words of `GroupStart`: `oldest`, `new`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {
     /// Every retained message.
-    Beginning,
+    Oldest,
     /// Messages published from now on.
-    Now,
+    New,
     /// Messages published at or after this time.
     At(DateTime<Utc>),
 }
 
-/// Parses `beginning`, `now`, an RFC 3339 time, or an age (`1h` = one hour ago).
+/// Parses `oldest`, `new`, an RFC 3339 time, or an age (`1h` = one hour ago). The spellings of
+/// earlier releases (`beginning`, `now`) and a few synonyms stay accepted.
 pub fn parse_point(text: &str) -> Result<Point, String> {
     match text.trim() {
-        "beginning" | "oldest" | "earliest" | "start" => Ok(Point::Beginning),
-        "now" | "latest" | "end" => Ok(Point::Now),
+        "oldest" | "beginning" | "earliest" | "start" => Ok(Point::Oldest),
+        "new" | "now" | "latest" | "end" => Ok(Point::New),
         t => {
             if let Ok(at) = DateTime::parse_from_rfc3339(t) {
                 return Ok(Point::At(at.with_timezone(&Utc)));
@@ -120,7 +152,7 @@ pub fn parse_point(text: &str) -> Result<Point, String> {
             match parse_duration(t) {
                 Ok(age) => Ok(Point::At(Utc::now() - chrono::Duration::from_std(age).map_err(|e| e.to_string())?)),
                 Err(_) => Err(format!(
-                    "invalid point {t:?}: use `beginning`, `now`, an RFC 3339 time such as 2024-05-01T12:00:00Z, or an age such as 1h"
+                    "invalid point {t:?}: use `oldest`, `new`, an RFC 3339 time such as 2024-05-01T12:00:00Z, or an age such as 1h"
                 )),
             }
         }
@@ -231,6 +263,25 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
         assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1s500ms");
+        assert!(parse_interval("0s").is_err());
+        assert_eq!(parse_interval("2s"), Ok(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn counts_plurals_times() {
+        assert!(parse_count("0").is_err());
+        assert!(parse_count("x").is_err());
+        assert_eq!(parse_count("3"), Ok(3));
+        assert_eq!(plural(1, "message", "messages"), "1 message");
+        assert_eq!(plural(0, "message", "messages"), "0 messages");
+        assert_eq!(plural(2, "dead letter", "dead letters"), "2 dead letters");
+        let t = DateTime::parse_from_rfc3339("2024-05-01T14:00:00.5+02:00")
+            .map(|t| t.with_timezone(&Utc))
+            .ok();
+        assert_eq!(
+            t.map(format_time).as_deref(),
+            Some("2024-05-01T12:00:00.500Z")
+        );
     }
 
     #[test]
@@ -238,8 +289,10 @@ mod tests {
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("65536"), Ok(65536));
         assert!(parse_size("1XB").is_err());
-        assert_eq!(parse_point("beginning"), Ok(Point::Beginning));
-        assert_eq!(parse_point("now"), Ok(Point::Now));
+        assert_eq!(parse_point("oldest"), Ok(Point::Oldest));
+        assert_eq!(parse_point("new"), Ok(Point::New));
+        assert_eq!(parse_point("beginning"), Ok(Point::Oldest));
+        assert_eq!(parse_point("now"), Ok(Point::New));
         assert!(matches!(
             parse_point("2024-05-01T12:00:00Z"),
             Ok(Point::At(_))

@@ -141,8 +141,8 @@ mod brokers {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
     use super::command;
-    use crate::cli::{run_with, terminate, Run};
     use crate::common::{unique, WAIT};
+    use crate::{run_with, terminate, Run};
 
     /// Deletes the test's stream through the library when the test ends, also after a failure.
     struct DeleteStream {

@@ -38,7 +38,7 @@ pub struct BenchReport {
     /// Peak memory around the large drain.
     pub rss: Rss,
     /// The same publish and consume cases on every backend; empty when
-    /// [`crate::bench::BenchConfig::backends`] is off.
+    /// [`crate::BenchConfig::backends`] is off.
     pub backends: Vec<BackendRow>,
 }
 
@@ -245,7 +245,7 @@ pub struct Rss {
     pub hwm_after_mib: Option<f64>,
 }
 
-/// One backend of the comparison table, measured through [`crate::AnyBackend`].
+/// One backend of the comparison table, measured through [`pgtide::AnyBackend`].
 #[derive(Debug, Clone, Default, Serialize)]
 #[non_exhaustive]
 pub struct BackendRow {

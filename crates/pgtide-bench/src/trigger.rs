@@ -3,7 +3,7 @@
 //!
 //! * floor: the engine's publish statement (`sql/publish.sql`) on raw connections with
 //!   `SET pgtide.notify = off` and no notifier: no wake-up at all;
-//! * engine: [`crate::PgBackend::publish`], whose pool sets `pgtide.notify = off` and pokes the
+//! * engine: [`pgtide::PgBackend::publish`], whose pool sets `pgtide.notify = off` and pokes the
 //!   coalescing notifier, which sends `pg_notify` after the commit;
 //! * engine without wake-ups: the same on a handle built with `notifications(false)`, which
 //!   tells the engine's own overhead (pool, checks) apart from the notifier's;
@@ -21,12 +21,16 @@ use std::time::Duration;
 use super::harness::{plural, run_workers, Step, Throughput};
 use super::raw::{raw_clients, raw_publish, set_notify, Listener, PublishInput, Raw};
 use super::{Bench, Case, Target, Unit};
-use crate::{OutgoingMessage, PgBackend, Result};
+use pgtide::{OutgoingMessage, PgBackend, Result};
 
 pub(super) const TRIGGER: &str = "trigger";
 
 /// Publisher counts of the trigger-cost case.
 const PUBLISHERS: [usize; 2] = [1, 16];
+
+/// The engine's own publish statement (the file `PgBackend::publish` runs), so that the floor
+/// measures exactly the statement the engine sends.
+const PUBLISH_SQL: &str = include_str!("../../../sql/publish.sql");
 /// Most the wake-up mechanism may cost: publish rate at least this share of the floor.
 const TARGET: f64 = 0.8;
 
@@ -76,7 +80,10 @@ impl Bench<'_> {
         baselines: &mut Vec<Case>,
         cases: &mut Vec<Case>,
     ) -> Step<()> {
-        let sql = self.pg.inner.sql.publish.clone();
+        // The library validated the namespace; its placeholders are rendered as the library does.
+        let sql = PUBLISH_SQL
+            .replace("@ns_lit@", &format!("'{}'", self.ns))
+            .replace("@ns@", &format!("\"{}\"", self.ns));
         for n in PUBLISHERS {
             self.progress(format_args!(
                 "trigger cost: floor vs engine vs engine without wake-ups vs SQL (trigger), {}",

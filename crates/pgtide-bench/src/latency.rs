@@ -22,7 +22,7 @@ use super::harness::{joined, Accumulate, Failure, Step};
 use super::raw::{connect, notify_round_trips, Listener};
 use super::report::Summary;
 use super::{Bench, Case, Target, Timing, Unit, GROUP};
-use crate::{Delivery, Error, Outcome, PgBackend, Worker};
+use pgtide::{Delivery, Error, Outcome, PgBackend, Worker};
 
 pub(super) const E2E: &str = "e2e";
 pub(super) const DELAYED: &str = "delayed";

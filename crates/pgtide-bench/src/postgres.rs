@@ -8,7 +8,7 @@ use super::harness::{plural, reset_hwm, run_workers, short, vm_hwm_mib, Step};
 use super::raw::{raw_clients, raw_delete, raw_insert_batch, raw_insert_one};
 use super::report::Summary;
 use super::{Bench, Case, Latency, Rss, Target, Unit, CONSUMERS, FILL_BATCH, FILL_TASKS, GROUP};
-use crate::{Delivery, OutgoingMessage, PgBackend, QueueConsumer, Result};
+use pgtide::{Delivery, OutgoingMessage, PgBackend, QueueConsumer, Result};
 
 pub(super) const PUBLISH: &str = "publish";
 pub(super) const BATCH: &str = "batch";
@@ -278,7 +278,7 @@ impl Bench<'_> {
         &self,
         stream: &str,
         batch: usize,
-    ) -> Result<Vec<ConsumeState<crate::PgConsumer>>> {
+    ) -> Result<Vec<ConsumeState<pgtide::PgConsumer>>> {
         let mut consumers = vec![];
         for i in 0..CONSUMERS {
             let consumer = self

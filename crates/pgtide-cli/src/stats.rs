@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::backend::Target;
 use crate::cli::{Global, ScoutArgs, StatsArgs};
 use crate::error::{CliError, CliResult};
-use crate::human::{format_age, format_duration, print_table};
+use crate::human::{format_age, format_duration, format_time, print_table};
 
 struct Sample {
     at: Instant,
@@ -129,7 +129,7 @@ fn print_sample(namespace: &str, s: &Sample, r: Option<&Rates>, json: bool) {
             .collect();
         println!(
             "{}",
-            json!({"at": s.wall, "namespace": namespace, "groups": groups})
+            json!({"at": format_time(s.wall), "namespace": namespace, "groups": groups})
         );
         return;
     }
@@ -194,6 +194,7 @@ pub async fn run<B: Target>(b: &B, args: StatsArgs) -> CliResult {
         print_sample(namespace, &s, None, args.json);
         return Ok(());
     };
+    // Sampling runs a query per group: under 100 ms it would load the database for nothing.
     let interval = interval.max(Duration::from_millis(100));
     let token = crate::shutdown_signal();
     let clear = !args.json && std::io::stdout().is_terminal();
@@ -205,11 +206,11 @@ pub async fn run<B: Target>(b: &B, args: StatsArgs) -> CliResult {
             print!("\x1b[2J\x1b[H");
             println!(
                 "pgtide stats: namespace {namespace:?}, {} (every {}, Ctrl-C to stop)\n",
-                s.wall.format("%H:%M:%S"),
+                format_time(s.wall),
                 format_duration(interval)
             );
         } else if !args.json {
-            println!("# {}", s.wall.to_rfc3339());
+            println!("# {}", format_time(s.wall));
         }
         print_sample(namespace, &s, r.as_ref(), args.json);
         if !args.json && !clear {

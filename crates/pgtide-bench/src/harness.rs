@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::task::{JoinError, JoinSet};
 
 use super::Bench;
-use crate::{Error, Result};
+use pgtide::{Error, Result};
 
 /// Why a phase stopped: an error to report, or a panic to resume once the namespace is dropped.
 pub(super) enum Failure {

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::harness::{joined, run_workers, Failure, Step};
 use super::report::Summary;
 use super::{BackendRow, Bench, CONSUMERS, GROUP};
-use crate::{
+use pgtide::{
     AnyBackend, Delivery, Error, GroupStart, OutgoingMessage, Queue, QueueConsumer, Result,
     StreamConfig,
 };

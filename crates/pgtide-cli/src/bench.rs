@@ -1,8 +1,8 @@
-//! `bench`: runs the harness of `pgtide::bench` and prints its ratio table.
+//! `bench`: runs the harness of `pgtide_bench` and prints its ratio table.
 
 use std::io::IsTerminal;
 
-use pgtide::bench::BenchConfig;
+use pgtide_bench::BenchConfig;
 
 use crate::cli::BenchArgs;
 use crate::error::{CliError, CliResult};
@@ -13,8 +13,8 @@ use crate::error::{CliError, CliResult};
 /// for Postgres at `url` and that backend.
 pub async fn run(url: &str, args: BenchArgs, backend: Option<String>) -> CliResult<u8> {
     // The worker case starts `pgtide bench --quiet` again as its worker processes.
-    if pgtide::bench::worker_process_requested() {
-        pgtide::bench::run_worker_process().await?;
+    if pgtide_bench::worker_process_requested() {
+        pgtide_bench::run_worker_process().await?;
         return Ok(crate::error::OK);
     }
     let mut config = BenchConfig::new(url, args.quick);
@@ -45,7 +45,7 @@ pub async fn run(url: &str, args: BenchArgs, backend: Option<String>) -> CliResu
             drop_namespace(url, &namespace).await;
             return Err(CliError::new(crate::error::INTERRUPTED, format!("interrupted; dropped the bench namespace {namespace}")));
         }
-        r = pgtide::bench::run(config) => r?,
+        r = pgtide_bench::run(config) => r?,
     };
     report.print_table();
     if let Some(path) = &args.json {

@@ -1,0 +1,100 @@
+//! Test fixtures of the CLI tests: a fresh namespace per test, dropped when the guard goes away
+//! (the same fixtures as the library's `tests/it/common.rs`, which another package cannot import).
+
+use std::ops::Deref;
+use std::time::Duration;
+
+use pgtide::{GroupStart, PgBackend, StreamConfig};
+
+/// The database for tests: `DATABASE_URL`, else the local server or a throwaway cluster.
+pub async fn database_url() -> String {
+    pgtide_testing::database_url()
+        .await
+        .expect("no database for tests")
+}
+
+/// A migrated namespace of its own; dropped (with everything in it) on drop.
+pub struct TestNs {
+    pub pg: PgBackend,
+    pub url: String,
+}
+
+impl Deref for TestNs {
+    type Target = PgBackend;
+    fn deref(&self) -> &PgBackend {
+        &self.pg
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}",
+        uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()
+    )
+}
+
+pub async fn namespace() -> TestNs {
+    let url = database_url().await;
+    let pg = PgBackend::builder(url.clone())
+        .namespace(unique("t"))
+        .pool_size(12)
+        .build()
+        .unwrap();
+    pg.migrate().await.unwrap();
+    TestNs { pg, url }
+}
+
+impl TestNs {
+    /// A stream with one group per name in `groups`.
+    pub async fn stream_with_groups(&self, stream: &str, config: StreamConfig, groups: &[&str]) {
+        self.pg.create_stream(stream, &config).await.unwrap();
+        for g in groups {
+            self.pg
+                .create_group(stream, g, GroupStart::New)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A raw tokio-postgres connection for assertions in plain SQL.
+    pub async fn raw(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let ns = self.pg.namespace().to_owned();
+        // Drop the schema on a thread of its own: Drop cannot await.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{ns}\" CASCADE"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub fn json(v: serde_json::Value) -> pgtide::OutgoingMessage {
+    pgtide::OutgoingMessage::json(&v).unwrap()
+}
+
+pub const WAIT: Duration = Duration::from_secs(10);
