@@ -1,1 +1,2 @@
-SELECT id FROM @ns@._term($1, $2::uuid[], $3::int4[], $4::text[]) AS id
+-- $1 group, $2 ids, $3 attempts, $4 lease tokens, $5 reasons.
+SELECT id FROM @ns@._term($1, $2::uuid[], $3::int4[], $5::text[], $4::int8[]) AS id

@@ -10,9 +10,11 @@
 -- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
 -- in `migrations/`, never here.
 
+-- The result gained `lease_token` (migration 0008): a new result type needs the DROP.
+DROP FUNCTION IF EXISTS @ns@._claim(integer, integer, text, interval);
 CREATE OR REPLACE FUNCTION @ns@._claim(p_group integer, p_limit integer, p_consumer text, p_lease interval DEFAULT NULL)
 RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
-               lease_expired boolean)
+               lease_expired boolean, lease_token bigint)
 LANGUAGE plpgsql
 -- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
@@ -54,15 +56,19 @@ BEGIN
         SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
     ), claimed AS (
         UPDATE @ns@.delivery_state d
-        SET attempts = d.attempts + 1, visible_at = now() + v_lease, consumer = p_consumer
+        SET attempts = d.attempts + 1, visible_at = now() + v_lease, consumer = p_consumer,
+            -- the fence: never the same value twice, whatever happens to attempts
+            lease_token = nextval('@ns@.lease_tokens')
         FROM picked p
         WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts < v_max
         -- a claimed row that still names a consumer was never settled: its lease expired
-        RETURNING d.message_id, d.attempts, d.visible_at, p.consumer IS NOT NULL AS expired
+        RETURNING d.message_id, d.attempts, d.visible_at, p.consumer IS NOT NULL AS expired,
+                  d.lease_token
     )
     -- LATERAL ... LIMIT 1: one primary-key lookup per claimed row, never a join strategy that
     -- walks the stream's messages.
-    SELECT c.message_id, c.attempts, c.visible_at, m.payload, m.is_json, m.headers, c.expired
+    SELECT c.message_id, c.attempts, c.visible_at, m.payload, m.is_json, m.headers, c.expired,
+           c.lease_token
     FROM claimed c
     CROSS JOIN LATERAL (
         SELECT mm.payload, mm.is_json, mm.headers FROM @ns@.messages mm
@@ -72,10 +78,15 @@ END $$;
 
 ---------------------------------------------------------------------------------------------------
 -- settle. Every settle is fenced: the delivery must still be leased (consumer set) and, when the
--- caller passes attempt numbers, still be the attempt it claimed. A consumer whose lease lapsed
--- and whose delivery was claimed again changes nothing. Each returns the ids it settled.
+-- caller passes lease tokens, still be held under the token its claim returned (tokens are never
+-- reused: a release, a replay or a later claim always means a new one). A consumer whose lease
+-- lapsed and whose delivery was claimed again changes nothing. Callers that pass no token are
+-- fenced only by the lease (and by attempt numbers, kept for callers from before the tokens).
+-- Each returns the ids it settled.
 
-CREATE OR REPLACE FUNCTION @ns@._ack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL)
+DROP FUNCTION IF EXISTS @ns@._ack(integer, uuid[], integer[]);
+CREATE OR REPLACE FUNCTION @ns@._ack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
+                                     p_tokens bigint[] DEFAULT NULL)
 RETURNS SETOF uuid
 LANGUAGE sql
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
@@ -83,9 +94,11 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 SET jit = off
 AS $$
     WITH done AS (
-        DELETE FROM @ns@.delivery_state d USING unnest(p_ids, p_attempts) AS u(id, attempt)
+        DELETE FROM @ns@.delivery_state d
+        USING unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
         WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
+          AND (u.token IS NULL OR d.lease_token = u.token)
         RETURNING d.message_id
     ), counted AS (
         INSERT INTO @ns@.counter_deltas (group_id, pending)
@@ -96,8 +109,10 @@ $$;
 
 -- Retry later: after the given delay, or the stream's backoff for the attempt. A delivery on its
 -- last allowed attempt goes to the dead letters instead (`dead` = true).
+DROP FUNCTION IF EXISTS @ns@._nack(integer, uuid[], integer[], interval[], text[]);
 CREATE OR REPLACE FUNCTION @ns@._nack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
-                           p_delays interval[] DEFAULT NULL, p_errors text[] DEFAULT NULL)
+                           p_delays interval[] DEFAULT NULL, p_errors text[] DEFAULT NULL,
+                           p_tokens bigint[] DEFAULT NULL)
 RETURNS TABLE (id uuid, dead boolean)
 LANGUAGE plpgsql
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
@@ -116,14 +131,16 @@ BEGIN
     WITH t AS MATERIALIZED (
         SELECT d.message_id, d.attempts, u.delay, u.error
         FROM @ns@.delivery_state d
-        JOIN unnest(p_ids, p_attempts, p_delays, p_errors) AS u(id, attempt, delay, error)
+        JOIN unnest(p_ids, p_attempts, p_delays, p_errors, p_tokens)
+             AS u(id, attempt, delay, error, token)
           ON d.message_id = u.id
         WHERE d.group_id = p_group AND d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
+          AND (u.token IS NULL OR d.lease_token = u.token)
         FOR UPDATE OF d
     ), retry AS (
         UPDATE @ns@.delivery_state d
-        SET consumer = NULL, last_error = t.error,
+        SET consumer = NULL, lease_token = NULL, last_error = t.error,
             visible_at = now() + coalesce(
                 t.delay,
                 v_backoff[least(t.attempts, cardinality(v_backoff))] * (1 + v_jitter * (random() * 2 - 1)))
@@ -148,8 +165,9 @@ BEGIN
 END $$;
 
 -- Dead-letter now, with a reason.
+DROP FUNCTION IF EXISTS @ns@._term(integer, uuid[], integer[], text[]);
 CREATE OR REPLACE FUNCTION @ns@._term(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
-                           p_reasons text[] DEFAULT NULL)
+                           p_reasons text[] DEFAULT NULL, p_tokens bigint[] DEFAULT NULL)
 RETURNS SETOF uuid
 LANGUAGE sql
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
@@ -158,9 +176,10 @@ SET jit = off
 AS $$
     WITH gone AS (
         DELETE FROM @ns@.delivery_state d
-        USING unnest(p_ids, p_attempts, p_reasons) AS u(id, attempt, reason)
+        USING unnest(p_ids, p_attempts, p_reasons, p_tokens) AS u(id, attempt, reason, token)
         WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
+          AND (u.token IS NULL OR d.lease_token = u.token)
         RETURNING d.message_id, d.attempts, coalesce(u.reason, 'terminated') AS reason, d.last_error
     ), buried AS (
         INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
@@ -174,8 +193,9 @@ AS $$
 $$;
 
 -- Extend the lease (in_progress): visible again only `p_lease` (default: the stream's lease) from now.
+DROP FUNCTION IF EXISTS @ns@._extend(integer, uuid[], integer[], interval);
 CREATE OR REPLACE FUNCTION @ns@._extend(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
-                             p_lease interval DEFAULT NULL)
+                             p_lease interval DEFAULT NULL, p_tokens bigint[] DEFAULT NULL)
 RETURNS TABLE (id uuid, lease_expires_at timestamptz)
 LANGUAGE sql
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
@@ -186,14 +206,17 @@ AS $$
     SET visible_at = now() + coalesce(p_lease, (SELECT s.lease FROM @ns@.groups g
                                                 JOIN @ns@.streams s ON s.id = g.stream_id
                                                 WHERE g.id = p_group))
-    FROM unnest(p_ids, p_attempts) AS u(id, attempt)
+    FROM unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
     WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
       AND (u.attempt IS NULL OR d.attempts = u.attempt)
+      AND (u.token IS NULL OR d.lease_token = u.token)
     RETURNING d.message_id, d.visible_at
 $$;
 
 -- Hand deliveries back unprocessed (shutdown): visible at once, and the attempt does not count.
-CREATE OR REPLACE FUNCTION @ns@._release(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL)
+DROP FUNCTION IF EXISTS @ns@._release(integer, uuid[], integer[]);
+CREATE OR REPLACE FUNCTION @ns@._release(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
+                                         p_tokens bigint[] DEFAULT NULL)
 RETURNS SETOF uuid
 LANGUAGE sql
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
@@ -201,10 +224,12 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 SET jit = off
 AS $$
     UPDATE @ns@.delivery_state d
-    SET visible_at = now(), consumer = NULL, attempts = greatest(d.attempts - 1, 0)
-    FROM unnest(p_ids, p_attempts) AS u(id, attempt)
+    SET visible_at = now(), consumer = NULL, lease_token = NULL,
+        attempts = greatest(d.attempts - 1, 0)
+    FROM unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
     WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
       AND (u.attempt IS NULL OR d.attempts = u.attempt)
+      AND (u.token IS NULL OR d.lease_token = u.token)
     RETURNING d.message_id
 $$;
 
@@ -244,49 +269,66 @@ $$;
 ---------------------------------------------------------------------------------------------------
 -- public read / settle by name (psql and other languages)
 
+-- Returns `lease_token` (migration 0008): pass it back to the settle functions to fence them.
+DROP FUNCTION IF EXISTS @ns@.read(text, text, text, integer, interval);
 CREATE OR REPLACE FUNCTION @ns@.read(stream text, "group" text, consumer text, n integer DEFAULT 1,
                           lease interval DEFAULT NULL)
 RETURNS TABLE (id uuid, payload jsonb, payload_bytes bytea, headers jsonb, attempt integer,
-               published_at timestamptz, lease_expires_at timestamptz)
+               published_at timestamptz, lease_expires_at timestamptz, lease_token bigint)
 LANGUAGE sql AS $$
     SELECT c.id,
            CASE WHEN c.is_json THEN convert_from(c.payload, 'UTF8')::jsonb END,
-           c.payload, c.headers, c.attempt, @ns@.uuid_time(c.id), c.lease_expires_at
+           c.payload, c.headers, c.attempt, @ns@.uuid_time(c.id), c.lease_expires_at, c.lease_token
     FROM @ns@._claim(@ns@.group_id(stream, "group"), n, consumer, lease) c
 $$;
 
-CREATE OR REPLACE FUNCTION @ns@.ack(stream text, "group" text, ids uuid[]) RETURNS integer
-LANGUAGE sql AS $$ SELECT count(*)::integer FROM @ns@._ack(@ns@.group_id(stream, "group"), ids) $$;
+-- The by-name settles take the `lease_token`s that `read` returned, in the order of `ids`, and
+-- then settle only deliveries still held under those tokens. Without `tokens` they settle any
+-- delivery that is leased to someone: unfenced, for callers that cannot keep the tokens.
+DROP FUNCTION IF EXISTS @ns@.ack(text, text, uuid[]);
+CREATE OR REPLACE FUNCTION @ns@.ack(stream text, "group" text, ids uuid[], tokens bigint[] DEFAULT NULL)
+RETURNS integer
+LANGUAGE sql AS $$
+    SELECT count(*)::integer FROM @ns@._ack(@ns@.group_id(stream, "group"), ids, NULL, tokens)
+$$;
 
+DROP FUNCTION IF EXISTS @ns@.nack(text, text, uuid[], interval, text);
 CREATE OR REPLACE FUNCTION @ns@.nack(stream text, "group" text, ids uuid[], delay interval DEFAULT NULL,
-                          error text DEFAULT NULL) RETURNS integer
+                          error text DEFAULT NULL, tokens bigint[] DEFAULT NULL) RETURNS integer
 LANGUAGE sql AS $$
     SELECT count(*)::integer FROM @ns@._nack(
         @ns@.group_id(stream, "group"), ids, NULL,
         CASE WHEN delay IS NULL THEN NULL ELSE array_fill(delay, ARRAY[cardinality(ids)]) END,
-        CASE WHEN error IS NULL THEN NULL ELSE array_fill(error, ARRAY[cardinality(ids)]) END)
+        CASE WHEN error IS NULL THEN NULL ELSE array_fill(error, ARRAY[cardinality(ids)]) END,
+        tokens)
 $$;
 
-CREATE OR REPLACE FUNCTION @ns@.term(stream text, "group" text, ids uuid[], reason text DEFAULT 'terminated')
+DROP FUNCTION IF EXISTS @ns@.term(text, text, uuid[], text);
+CREATE OR REPLACE FUNCTION @ns@.term(stream text, "group" text, ids uuid[], reason text DEFAULT 'terminated',
+                          tokens bigint[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE sql AS $$
     SELECT count(*)::integer FROM @ns@._term(
-        @ns@.group_id(stream, "group"), ids, NULL, array_fill(reason, ARRAY[cardinality(ids)]))
+        @ns@.group_id(stream, "group"), ids, NULL, array_fill(reason, ARRAY[cardinality(ids)]), tokens)
 $$;
 
 -- Extends the leases of deliveries still being worked on: visible again only `lease` (default:
 -- the stream's lease) from now. Returns how many were extended (a lapsed lease is not).
-CREATE OR REPLACE FUNCTION @ns@.in_progress(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL)
+DROP FUNCTION IF EXISTS @ns@.in_progress(text, text, uuid[], interval);
+CREATE OR REPLACE FUNCTION @ns@.in_progress(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL,
+                                 tokens bigint[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE sql AS $$
-    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL, lease)
+    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL, lease, tokens)
 $$;
 
 -- `extend`: the earlier name of `in_progress`, kept as an alias with the same body.
-CREATE OR REPLACE FUNCTION @ns@.extend(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL)
+DROP FUNCTION IF EXISTS @ns@.extend(text, text, uuid[], interval);
+CREATE OR REPLACE FUNCTION @ns@.extend(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL,
+                            tokens bigint[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE sql AS $$
-    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL, lease)
+    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL, lease, tokens)
 $$;
 
 CREATE OR REPLACE FUNCTION @ns@.replay_dead(stream text, "group" text, ids uuid[] DEFAULT NULL) RETURNS integer

@@ -51,7 +51,14 @@ BEGIN
             EXECUTE format('GRANT %s ON %I.%I TO %I', t.privileges, @ns_lit@, t.rel, p_role);
         END IF;
     END LOOP;
+    IF to_regclass(format('%I.lease_tokens', @ns_lit@)) IS NOT NULL THEN
+        EXECUTE format('GRANT USAGE ON SEQUENCE %I.lease_tokens TO %I', @ns_lit@, p_role);
+    END IF;
     EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA %I TO %I', @ns_lit@, p_role);
+    -- Functions that a later migrate() re-creates (a changed signature is dropped and created
+    -- again) stay executable for the role, when the same owner runs migrate().
+    EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT EXECUTE ON FUNCTIONS TO %I',
+                   @ns_lit@, p_role);
 END $$;
 
 ---------------------------------------------------------------------------------------------------

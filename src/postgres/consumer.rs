@@ -67,10 +67,20 @@ impl PgBackend {
     }
 }
 
-fn ids_attempts(ds: &[&Delivery]) -> (Vec<Uuid>, Vec<i32>) {
+/// The fence token a claim gave a delivery. Tokens come from a sequence and are never reused, so
+/// a handle from before a release, a replay or a lapsed lease cannot settle the next holder's
+/// delivery. A delivery without one (not claimed through this engine) gets 0, which no claim
+/// ever gets: its settles are refused, never unfenced.
+fn lease_token(d: &Delivery) -> i64 {
+    d.token::<i64>().copied().unwrap_or(0)
+}
+
+/// The fence columns of a settle: ids, attempts and lease tokens.
+fn fences(ds: &[&Delivery]) -> (Vec<Uuid>, Vec<i32>, Vec<i64>) {
     (
         ds.iter().map(|d| d.id()).collect(),
         ds.iter().map(|d| d.attempt as i32).collect(),
+        ds.iter().map(|d| lease_token(d)).collect(),
     )
 }
 
@@ -130,7 +140,10 @@ impl PgConsumer {
             .query(&stmt, &[&self.group_id, &max, &self.name, &lease])
             .await
             .map_err(|e| self.error(e))?;
-        let mut batch: Vec<Delivery> = rows.iter().map(|r| self.delivery(r, 0)).collect();
+        let mut batch = rows
+            .iter()
+            .map(|r| self.delivery(r, 0))
+            .collect::<Result<Vec<Delivery>>>()?;
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 6));
         Ok(batch)
@@ -152,23 +165,35 @@ impl PgConsumer {
         }
         let started = metrics::start();
         let max = max.clamp(1, 10_000) as i32;
-        let (ids, attempts) = ids_attempts(done);
+        let (ids, attempts, tokens) = fences(done);
         let client = self.pg.client().await?;
         let stmt = client.prepare_cached(&self.pg.inner.sql.ack_claim).await?;
         let lease = self.lease.map(micros);
         let rows = client
             .query(
                 &stmt,
-                &[&self.group_id, &ids, &attempts, &max, &self.name, &lease],
+                &[
+                    &self.group_id,
+                    &ids,
+                    &attempts,
+                    &max,
+                    &self.name,
+                    &lease,
+                    &tokens,
+                ],
             )
             .await
             .map_err(|e| self.error(e))?;
-        let acked: Vec<Uuid> = rows.first().map(|r| r.get(0)).unwrap_or_default();
-        let mut batch: Vec<Delivery> = rows
-            .iter()
-            .filter(|r| r.get::<_, Option<Uuid>>(1).is_some())
-            .map(|r| self.delivery(r, 1))
-            .collect();
+        let acked: Vec<Uuid> = match rows.first() {
+            Some(r) => r.try_get(0)?,
+            None => vec![],
+        };
+        let mut batch = vec![];
+        for r in &rows {
+            if r.try_get::<_, Option<Uuid>>(1)?.is_some() {
+                batch.push(self.delivery(r, 1)?);
+            }
+        }
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 7));
         Ok((SettleReport::from_parts(done, acked, vec![]), batch))
@@ -185,25 +210,26 @@ impl PgConsumer {
     }
 
     /// A delivery from a claim row whose columns start at `at`: id, attempt, lease end,
-    /// payload, is_json, headers.
-    fn delivery(&self, r: &tokio_postgres::Row, at: usize) -> Delivery {
-        let id: Uuid = r.get(at);
-        let payload: Vec<u8> = r.get(at + 3);
-        Delivery {
+    /// payload, is_json, headers, lease_expired, lease token.
+    fn delivery(&self, r: &tokio_postgres::Row, at: usize) -> Result<Delivery> {
+        let id: Uuid = r.try_get(at)?;
+        let payload: Vec<u8> = r.try_get(at + 3)?;
+        let token: i64 = r.try_get(at + 7)?;
+        Ok(Delivery {
             message: Message {
                 id,
                 stream: self.stream.clone(),
                 payload: payload.into(),
-                is_json: r.get(at + 4),
-                headers: headers_from_json(r.get(at + 5)),
+                is_json: r.try_get(at + 4)?,
+                headers: headers_from_json(r.try_get(at + 5)?),
                 published_at: uuid_time(&id),
             },
             group: self.group.clone(),
             consumer: self.name.clone(),
-            attempt: r.get::<_, i32>(at + 1) as u32,
-            lease_expires_at: r.get(at + 2),
-            token: None,
-        }
+            attempt: u32::try_from(r.try_get::<_, i32>(at + 1)?).unwrap_or(0),
+            lease_expires_at: r.try_get(at + 2)?,
+            token: Some(std::sync::Arc::new(token)),
+        })
     }
 
     /// Claims up to `max` deliveries, waiting up to `timeout` for the first one. While waiting it
@@ -247,8 +273,9 @@ impl PgConsumer {
     {
         let mut rows = vec![];
         {
-            let (ids, attempts) = ids_attempts(ds);
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.group_id, &ids, &attempts];
+            let (ids, attempts, tokens) = fences(ds);
+            let mut params: Vec<&(dyn ToSql + Sync)> =
+                vec![&self.group_id, &ids, &attempts, &tokens];
             params.extend_from_slice(extra);
             rows.extend(client.query(sql, &params).await.map_err(|e| {
                 Error::from_pg(
@@ -310,6 +337,7 @@ impl PgConsumer {
             .bind(self.group_id)
             .bind(vec![d.id()])
             .bind(vec![d.attempt as i32])
+            .bind(vec![lease_token(d)])
             .fetch_all(&mut *conn)
             .await
             .map_err(|e| {

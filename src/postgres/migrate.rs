@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "operations", include_str!("../../migrations/0005_operations.sql")),
     (6, "plans", include_str!("../../migrations/0006_plans.sql")),
     (7, "sql_files", include_str!("../../migrations/0007_sql_files.sql")),
+    (8, "lease_tokens", include_str!("../../migrations/0008_lease_tokens.sql")),
 ];
 
 /// The function and view files, in the order they are applied: a file may use what an earlier

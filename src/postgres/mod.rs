@@ -111,7 +111,7 @@ const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
     exact_stats: true,
     group_start_oldest: true,
     fenced_settle: true,
-    fenced_after_release: false,
+    fenced_after_release: true,
 };
 
 // The trait's methods are the inherent ones of the same name and signature (registry.rs,

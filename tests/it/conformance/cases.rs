@@ -564,6 +564,26 @@ pub async fn release_makes_visible_at_once_and_fences<Q: Queue>(q: Q) {
         let report = a.release_batch(&[stale]).await.unwrap();
         assert_eq!(report.lost, vec![stale.id()], "{report:?}");
         assert!(report.settled.is_empty());
+        assert!(
+            matches!(
+                a.nack(stale, None, Some("stale")).await,
+                Err(Error::LeaseLost { .. })
+            ),
+            "stale nack after release"
+        );
+        assert!(
+            matches!(a.term(stale, "stale").await, Err(Error::LeaseLost { .. })),
+            "stale term after release"
+        );
+        let mut stale_copy = stale.clone();
+        assert!(
+            matches!(
+                a.in_progress(&mut stale_copy, None).await,
+                Err(Error::LeaseLost { .. })
+            ),
+            "stale in_progress after release"
+        );
+        // b still holds both, untouched by the stale settles: its acks below must succeed.
     }
     b.ack_batch(&again.iter().collect::<Vec<_>>())
         .await

@@ -211,3 +211,60 @@ async fn group_starting_at_oldest_sees_retained_messages() {
         vec![0, 1, 2, 3, 4, 5]
     );
 }
+
+/// A handle from before a dead letter and its replay carries the same attempt number as the next
+/// claim (replay starts again at zero); the lease token tells them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_handle_after_dead_letter_and_replay_is_fenced() {
+    let ns = namespace().await;
+    ns.stream_with_groups(
+        "s",
+        StreamConfig::default()
+            .max_deliver(1)
+            .lease(Duration::from_millis(200)),
+        &["g"],
+    )
+    .await;
+    let id = ns
+        .publish("s", json(serde_json::json!(1)))
+        .await
+        .unwrap()
+        .id;
+    let a = ns.consumer("s", "g", "a").await.unwrap();
+    let b = ns.consumer("s", "g", "b").await.unwrap();
+    let stale = a.fetch(1, WAIT).await.unwrap().remove(0);
+    assert_eq!(stale.attempt, 1);
+    // The lease of the last allowed attempt lapses: the next claim dead-letters it.
+    let deadline = std::time::Instant::now() + WAIT;
+    while ns.stats("s", "g").await.unwrap().dead == 0 {
+        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
+        assert!(b.try_fetch(1).await.unwrap().is_empty());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(ns.replay_dead("s", "g", Some(&[id])).await.unwrap(), 1);
+    let fresh = b.fetch(1, WAIT).await.unwrap().remove(0);
+    assert_eq!((fresh.id(), fresh.attempt), (id, stale.attempt));
+    for (what, result) in [
+        ("ack", a.ack(&stale).await),
+        ("nack", a.nack(&stale, None, None).await),
+        ("term", a.term(&stale, "stale").await),
+    ] {
+        assert!(
+            matches!(result, Err(Error::LeaseLost { id: lost }) if lost == id),
+            "stale {what} after replay: {result:?}"
+        );
+    }
+    let released = a.release_batch(&[&stale]).await.unwrap();
+    assert_eq!(released.lost, vec![id]);
+    let mut raw = ns.raw().await;
+    let tx = raw.transaction().await.unwrap();
+    assert!(matches!(
+        a.ack_in(&tx, &stale).await,
+        Err(Error::LeaseLost { .. })
+    ));
+    drop(tx);
+    // The new holder is untouched.
+    b.ack(&fresh).await.unwrap();
+    let s = ns.stats("s", "g").await.unwrap();
+    assert_eq!((s.ready, s.in_flight, s.dead), (0, 0, 0));
+}

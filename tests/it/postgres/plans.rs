@@ -169,9 +169,10 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
         assert_eq!(rows.len(), BATCH as usize, "claim returned a short batch");
         let ids: Vec<Uuid> = rows.iter().map(|r| r.get("id")).collect();
         let attempts: Vec<i32> = rows.iter().map(|r| r.get("attempt")).collect();
+        let tokens: Vec<i64> = rows.iter().map(|r| r.get("lease_token")).collect();
 
         let extended = s
-            .query(&extend, &[&group, &ids, &attempts, &lease_us])
+            .query(&extend, &[&group, &ids, &attempts, &tokens, &lease_us])
             .await
             .unwrap();
         assert_eq!(extended.len(), ids.len());
@@ -180,7 +181,12 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
         let acked = s
             .query(
                 &ack,
-                &[&group, &ids[0..2].to_vec(), &attempts[0..2].to_vec()],
+                &[
+                    &group,
+                    &ids[0..2].to_vec(),
+                    &attempts[0..2].to_vec(),
+                    &tokens[0..2].to_vec(),
+                ],
             )
             .await
             .unwrap();
@@ -196,6 +202,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
                     &group,
                     &ids[2..4].to_vec(),
                     &attempts[2..4].to_vec(),
+                    &tokens[2..4].to_vec(),
                     &delays,
                     &errors,
                 ],
@@ -213,6 +220,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
                     &group,
                     &ids[4..6].to_vec(),
                     &attempts[4..6].to_vec(),
+                    &tokens[4..6].to_vec(),
                     &reasons,
                 ],
             )
@@ -224,7 +232,12 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
         let released = s
             .query(
                 &release,
-                &[&group, &ids[6..8].to_vec(), &attempts[6..8].to_vec()],
+                &[
+                    &group,
+                    &ids[6..8].to_vec(),
+                    &attempts[6..8].to_vec(),
+                    &tokens[6..8].to_vec(),
+                ],
             )
             .await
             .unwrap();
@@ -242,6 +255,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
                     &BATCH,
                     &"c1",
                     &lease_us,
+                    &tokens[8..10].to_vec(),
                 ],
             )
             .await

@@ -165,3 +165,58 @@ async fn plain_sql_publish_read_ack_and_views() {
         .unwrap_err();
     assert_eq!(err.code().unwrap().code(), "PT003");
 }
+
+/// `read` returns a lease token per delivery; the by-name settles given the tokens refuse a
+/// delivery someone else now holds, and without tokens they are unfenced (documented).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_settles_are_fenced_by_lease_tokens() {
+    let ns = namespace().await;
+    let raw = ns.raw().await;
+    let n = ns.namespace();
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('s'); SELECT \"{n}\".create_group('s', 'g');
+         SELECT \"{n}\".publish('s', '1');"
+    ))
+    .await
+    .unwrap();
+    let read = format!("SELECT id, lease_token, attempt FROM \"{n}\".read('s', 'g', $1)");
+    let first = raw.query_one(&read, &[&"psql-1"]).await.unwrap();
+    let (id, stale): (uuid::Uuid, i64) = (first.get(0), first.get(1));
+    // psql-1 hands it back; psql-2 claims it with the same attempt number but a new token.
+    let released: i64 = raw
+        .query_one(
+            &format!("SELECT \"{n}\".release_consumer('s', 'g', 'psql-1')"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(released, 1);
+    let second = raw.query_one(&read, &[&"psql-2"]).await.unwrap();
+    let fresh: i64 = second.get(1);
+    assert_eq!(second.get::<_, uuid::Uuid>(0), id);
+    assert_eq!(second.get::<_, i32>(2), first.get::<_, i32>(2));
+    assert_ne!(fresh, stale);
+    for call in [
+        "ack('s', 'g', ARRAY[$1]::uuid[], ARRAY[$2]::int8[])",
+        "nack('s', 'g', ARRAY[$1]::uuid[], tokens => ARRAY[$2]::int8[])",
+        "term('s', 'g', ARRAY[$1]::uuid[], tokens => ARRAY[$2]::int8[])",
+        "in_progress('s', 'g', ARRAY[$1]::uuid[], tokens => ARRAY[$2]::int8[])",
+    ] {
+        let settled: i32 = raw
+            .query_one(&format!("SELECT \"{n}\".{call}"), &[&id, &stale])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(settled, 0, "stale token settled through {call}");
+    }
+    let settled: i32 = raw
+        .query_one(
+            &format!("SELECT \"{n}\".ack('s', 'g', ARRAY[$1]::uuid[], ARRAY[$2]::int8[])"),
+            &[&id, &fresh],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(settled, 1);
+}
