@@ -33,6 +33,11 @@
 //! # Ok(()) }
 //! ```
 
+// The README's program compiles (and the test suite checks it) as a doctest.
+#[cfg(all(doctest, feature = "postgres"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 #[cfg(feature = "amqp")]
 mod amqp;
 mod any;
