@@ -34,7 +34,11 @@ pub fn check_duration(what: &str, d: Duration, allow_zero: bool) -> Result<()> {
 /// `deliver_at` or a replay point). Fails with [`Error::InvalidConfig`] naming `what`.
 pub fn check_time(what: &str, at: DateTime<Utc>) -> Result<()> {
     let now = Utc::now();
-    let span = at.signed_duration_since(now).abs().to_std().unwrap_or(Duration::MAX);
+    let span = at
+        .signed_duration_since(now)
+        .abs()
+        .to_std()
+        .unwrap_or(Duration::MAX);
     if span > MAX_DURATION {
         return Err(Error::InvalidConfig(format!(
             "{what} {at} is more than 36500 days (100 years) from now"

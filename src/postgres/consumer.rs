@@ -303,7 +303,8 @@ impl PgConsumer {
         if max == 0 {
             return Ok(vec![]);
         }
-        let deadline = tokio::time::Instant::now() + timeout;
+        // Capped: a hostile timeout (Duration::MAX) must not overflow the clock.
+        let deadline = tokio::time::Instant::now() + timeout.min(crate::MAX_DURATION);
         // Subscribe before the first claim so a publish between the claim and the wait still wakes us.
         let mut wakes = self.pg.subscribe();
         loop {
@@ -359,7 +360,9 @@ impl PgConsumer {
         let rows = self.run_settle(&**client, &stmt, ds, &[]).await?;
         Ok(SettleReport::from_parts(
             ds,
-            rows.iter().map(|r| r.try_get(0)).collect::<std::result::Result<_, _>>()?,
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
             vec![],
         ))
     }
@@ -376,7 +379,9 @@ impl PgConsumer {
             .await?;
         Ok(SettleReport::from_parts(
             ds,
-            rows.iter().map(|r| r.try_get(0)).collect::<std::result::Result<_, _>>()?,
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
             vec![],
         ))
     }
@@ -473,7 +478,9 @@ impl PgConsumer {
         Ok(SettleReport::from_parts(
             ds,
             vec![],
-            rows.iter().map(|r| r.try_get(0)).collect::<std::result::Result<_, _>>()?,
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
         ))
     }
 
@@ -504,8 +511,13 @@ impl PgConsumer {
                 &[&lease],
             )
             .await?;
-        let report =
-            SettleReport::from_parts(&refs, rows.iter().map(|r| r.try_get(0)).collect::<std::result::Result<_, _>>()?, vec![]);
+        let report = SettleReport::from_parts(
+            &refs,
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
+            vec![],
+        );
         for r in &rows {
             let id: Uuid = r.try_get(0)?;
             if let Some(d) = ds.iter_mut().find(|d| d.id() == id) {
@@ -533,7 +545,9 @@ impl PgConsumer {
         }
         Ok(SettleReport::from_parts(
             ds,
-            rows.iter().map(|r| r.try_get(0)).collect::<std::result::Result<_, _>>()?,
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
             vec![],
         ))
     }

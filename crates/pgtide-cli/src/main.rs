@@ -26,6 +26,8 @@ mod admin;
 mod backend;
 mod bench;
 mod cli;
+#[cfg(test)]
+mod cli_fuzz;
 mod consume;
 mod dead;
 mod error;

@@ -14,7 +14,13 @@ pub fn write(args: fmt::Arguments<'_>, newline: bool) {
     let mut out = std::io::stdout().lock();
     let result = out
         .write_fmt(args)
-        .and_then(|()| if newline { out.write_all(b"\n") } else { Ok(()) })
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
         // Flush now: a closed pipe must be seen here, not by the panicking flush at exit.
         .and_then(|()| out.flush());
     if let Err(e) = result {

@@ -46,7 +46,10 @@ async fn durations_past_the_rule_are_rejected_by_the_rust_api() {
     ns.stream_with_groups("s", StreamConfig::default(), &["g"])
         .await;
     let bad_config = |c: StreamConfig| async move {
-        matches!(pg.create_stream("x", &c).await, Err(Error::InvalidConfig(_)))
+        matches!(
+            pg.create_stream("x", &c).await,
+            Err(Error::InvalidConfig(_))
+        )
     };
     assert!(bad_config(StreamConfig::default().lease(TOO_LONG)).await);
     assert!(bad_config(StreamConfig::default().retention(TOO_LONG)).await);
@@ -56,7 +59,8 @@ async fn durations_past_the_rule_are_rejected_by_the_rust_api() {
         bad_config(StreamConfig::default().backoff(pgtide::Backoff::schedule([TOO_LONG]))).await
     );
     assert!(matches!(
-        pg.update_stream("s", &StreamConfig::default().lease(TOO_LONG)).await,
+        pg.update_stream("s", &StreamConfig::default().lease(TOO_LONG))
+            .await,
         Err(Error::InvalidConfig(_))
     ));
 
@@ -71,7 +75,8 @@ async fn durations_past_the_rule_are_rejected_by_the_rust_api() {
     ));
     let far = Utc::now() + chrono::Duration::days(40_000);
     assert!(matches!(
-        pg.publish("s", json(serde_json::json!(3)).deliver_at(far)).await,
+        pg.publish("s", json(serde_json::json!(3)).deliver_at(far))
+            .await,
         Err(Error::InvalidConfig(_))
     ));
     assert_eq!(pending(&ns, "s").await, 0);
@@ -83,7 +88,10 @@ async fn durations_past_the_rule_are_rejected_by_the_rust_api() {
     let c = pg.consumer("s", "g", "c").await.unwrap();
     pg.publish("s", json(serde_json::json!(5))).await.unwrap();
     let huge = c.clone().with_lease(TOO_LONG);
-    assert!(matches!(huge.try_fetch(10).await, Err(Error::InvalidConfig(_))));
+    assert!(matches!(
+        huge.try_fetch(10).await,
+        Err(Error::InvalidConfig(_))
+    ));
     assert!(matches!(
         huge.ack_and_fetch(&[], 10).await,
         Err(Error::InvalidConfig(_))
@@ -158,7 +166,11 @@ async fn an_undecodable_stored_message_is_dead_lettered_as_malformed() {
     let n = ns.namespace();
     let deep = deep_headers(10_000);
     let publish_three = || async {
-        for headers in ["'{\"k\": \"v\"}'".to_owned(), format!("'{deep}'"), "NULL".to_owned()] {
+        for headers in [
+            "'{\"k\": \"v\"}'".to_owned(),
+            format!("'{deep}'"),
+            "NULL".to_owned(),
+        ] {
             raw.batch_execute(&format!(
                 "SELECT \"{n}\".publish('s', '{{}}', headers => {headers}::jsonb)"
             ))
@@ -222,9 +234,12 @@ async fn a_due_time_past_chronos_range_does_not_break_the_scout() {
         .unwrap();
     // Another delayed message still fires through the due-waker (the fallback poll is an hour).
     let c = pg.consumer("s", "g", "c").await.unwrap();
-    pg.publish("s", json(serde_json::json!(1)).delay(Duration::from_millis(500)))
-        .await
-        .unwrap();
+    pg.publish(
+        "s",
+        json(serde_json::json!(1)).delay(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
     let got = c.fetch(1, WAIT).await.unwrap();
     assert_eq!(got.len(), 1);
     let status = pg.scout_status();
