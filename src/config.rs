@@ -90,6 +90,13 @@ impl StreamConfig {
         if self.lease < Duration::from_millis(1) {
             return bad("lease must be at least 1 ms");
         }
+        crate::limits::check_duration("lease", self.lease, false)?;
+        crate::limits::check_duration("retention", self.retention, false)?;
+        crate::limits::check_duration("partition_interval", self.partition_interval, false)?;
+        crate::limits::check_duration("dedupe_window", self.dedupe_window, true)?;
+        for step in &self.backoff.schedule {
+            crate::limits::check_duration("backoff step", *step, true)?;
+        }
         if self.max_deliver == 0 || self.max_deliver > i32::MAX as u32 {
             return bad("max_deliver must be at least 1");
         }

@@ -43,6 +43,7 @@ mod amqp;
 mod any;
 mod config;
 mod error;
+mod limits;
 mod memory;
 mod metrics;
 mod names;
@@ -61,6 +62,7 @@ pub use crate::amqp::{AmqpBackend, AmqpConsumer};
 pub use crate::any::{AnyBackend, AnyConsumer};
 pub use crate::config::{Backoff, GroupStart, StreamConfig};
 pub use crate::error::{Error, Result};
+pub use crate::limits::{check_duration, check_time, MAX_DURATION};
 pub use crate::memory::{MemoryBackend, MemoryConsumer};
 pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
 #[cfg(feature = "nats")]

@@ -60,3 +60,21 @@ BEGIN
     END IF;
     RETURN v;
 END $$;
+
+-- The one duration rule (the Rust API's `MAX_DURATION`): a duration argument (delay, lease,
+-- nack delay, a stream option) lies between zero and 36500 days, as PostgreSQL compares
+-- intervals (a month counts as 30 days); `p_allow_zero` false also rejects zero. Past that bound
+-- timestamps leave the range every client can decode. Returns `p_d` (NULL passes through) so
+-- callers can wrap an argument in place; raises PT001 otherwise.
+CREATE OR REPLACE FUNCTION @ns@._check_duration(p_name text, p_d interval, p_allow_zero boolean)
+RETURNS interval
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_d > interval '36500 days' OR p_d < interval '0' OR (p_d = interval '0' AND NOT p_allow_zero) THEN
+        RAISE EXCEPTION 'pgtide: % of % is out of range', p_name, p_d
+            USING ERRCODE = 'PT001',
+                  HINT = CASE WHEN p_allow_zero THEN 'use a duration between 0 and 36500 days (100 years)'
+                              ELSE 'use a positive duration of at most 36500 days (100 years)' END;
+    END IF;
+    RETURN p_d;
+END $$;

@@ -279,7 +279,8 @@ LANGUAGE sql AS $$
     SELECT c.id,
            CASE WHEN c.is_json THEN convert_from(c.payload, 'UTF8')::jsonb END,
            c.payload, c.headers, c.attempt, @ns@.uuid_time(c.id), c.lease_expires_at, c.lease_token
-    FROM @ns@._claim(@ns@.group_id(stream, "group"), n, consumer, lease) c
+    FROM @ns@._claim(@ns@.group_id(stream, "group"), n, consumer,
+                     @ns@._check_duration('lease', lease, false)) c
 $$;
 
 -- The by-name settles take the `lease_token`s that `read` returned, in the order of `ids`, and
@@ -298,7 +299,8 @@ CREATE OR REPLACE FUNCTION @ns@.nack(stream text, "group" text, ids uuid[], dela
 LANGUAGE sql AS $$
     SELECT count(*)::integer FROM @ns@._nack(
         @ns@.group_id(stream, "group"), ids, NULL,
-        CASE WHEN delay IS NULL THEN NULL ELSE array_fill(delay, ARRAY[cardinality(ids)]) END,
+        CASE WHEN delay IS NULL THEN NULL
+             ELSE array_fill(@ns@._check_duration('delay', delay, true), ARRAY[cardinality(ids)]) END,
         CASE WHEN error IS NULL THEN NULL ELSE array_fill(error, ARRAY[cardinality(ids)]) END,
         tokens)
 $$;
@@ -319,7 +321,8 @@ CREATE OR REPLACE FUNCTION @ns@.in_progress(stream text, "group" text, ids uuid[
                                  tokens bigint[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE sql AS $$
-    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL, lease, tokens)
+    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL,
+                                               @ns@._check_duration('lease', lease, false), tokens)
 $$;
 
 -- `extend`: the earlier name of `in_progress`, kept as an alias with the same body.
@@ -328,7 +331,8 @@ CREATE OR REPLACE FUNCTION @ns@.extend(stream text, "group" text, ids uuid[], le
                             tokens bigint[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE sql AS $$
-    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL, lease, tokens)
+    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL,
+                                               @ns@._check_duration('lease', lease, false), tokens)
 $$;
 
 CREATE OR REPLACE FUNCTION @ns@.replay_dead(stream text, "group" text, ids uuid[] DEFAULT NULL) RETURNS integer

@@ -119,7 +119,7 @@ CREATE OR REPLACE FUNCTION @ns@.publish(
 LANGUAGE sql AS $$
     SELECT message_id FROM @ns@._publish(
         stream, @ns@.uuid_v7(), convert_to(payload::text, 'UTF8'), true, headers,
-        @ns@._visible_at(NULL, delay, priority), dedupe_key, priority)
+        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority)
 $$;
 
 CREATE OR REPLACE FUNCTION @ns@.publish_bytes(
@@ -133,5 +133,5 @@ CREATE OR REPLACE FUNCTION @ns@.publish_bytes(
 LANGUAGE sql AS $$
     SELECT message_id FROM @ns@._publish(
         stream, @ns@.uuid_v7(), payload, false, headers,
-        @ns@._visible_at(NULL, delay, priority), dedupe_key, priority)
+        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority)
 $$;

@@ -28,6 +28,10 @@ BEGIN
         RAISE EXCEPTION 'pgtide: stream name % is invalid: use 1-64 of a-z, 0-9, ''.'', ''_'', ''-'', starting with a letter or digit', quote_nullable(stream)
             USING ERRCODE = 'PT001';
     END IF;
+    PERFORM @ns@._check_duration('lease', lease, false), @ns@._check_duration('retention', retention, false),
+            @ns@._check_duration('dedupe_window', dedupe_window, true),
+            @ns@._check_duration('partition_interval', partition_interval, false),
+            (SELECT count(@ns@._check_duration('backoff step', b, true)) FROM unnest(backoff) b);
     -- Serialise creators of the same name so concurrent ensure calls never collide on DDL.
     PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.stream.' || stream));
     IF EXISTS (SELECT 1 FROM @ns@.streams WHERE name = stream) THEN

@@ -61,7 +61,8 @@ impl Shared {
         timeout: Duration,
         stop: &CancellationToken,
     ) -> Result<Vec<Delivery>> {
-        let deadline = Instant::now() + timeout;
+        // Capped: a hostile timeout (Duration::MAX) must not overflow the clock.
+        let deadline = Instant::now() + timeout.min(crate::MAX_DURATION);
         loop {
             // Register for the wake-up before looking, so a message buffered meanwhile counts.
             let arrived = self.arrived.notified();

@@ -424,6 +424,7 @@ impl Queue for AmqpBackend {
     }
 
     async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
+        crate::limits::check_messages(std::slice::from_ref(&msg))?;
         let mut r = self
             .publish_messages(stream, std::slice::from_ref(&msg))
             .await?;
@@ -437,6 +438,7 @@ impl Queue for AmqpBackend {
         stream: &str,
         msgs: &[OutgoingMessage],
     ) -> Result<Vec<PublishReceipt>> {
+        crate::limits::check_messages(msgs)?;
         self.publish_messages(stream, msgs).await
     }
 

@@ -160,7 +160,8 @@ impl QueueConsumer for MemoryConsumer {
         if max == 0 {
             return Ok(vec![]);
         }
-        let deadline = Instant::now() + timeout;
+        // Capped: a hostile timeout (Duration::MAX) must not overflow the clock.
+        let deadline = Instant::now() + timeout.min(crate::MAX_DURATION);
         loop {
             let (batch, wake, next) = self.claim(max)?;
             // Register interest before checking the clock so a publish in between is not missed.

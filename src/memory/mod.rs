@@ -194,6 +194,7 @@ impl Queue for MemoryBackend {
         msgs: &[OutgoingMessage],
     ) -> Result<Vec<PublishReceipt>> {
         validate_name("stream", stream)?;
+        crate::limits::check_messages(msgs)?;
         let mut state = self.lock();
         let s = state
             .streams

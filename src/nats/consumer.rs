@@ -274,7 +274,8 @@ impl QueueConsumer for NatsConsumer {
         if max == 0 {
             return Ok(vec![]);
         }
-        let deadline = Instant::now() + timeout;
+        // Capped: a hostile timeout (Duration::MAX) must not overflow the clock.
+        let deadline = Instant::now() + timeout.min(crate::MAX_DURATION);
         loop {
             let ready = self.pull(max, None).await?;
             let got_any = !ready.is_empty();

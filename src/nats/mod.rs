@@ -324,6 +324,7 @@ impl Queue for NatsBackend {
     }
 
     async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
+        crate::limits::check_messages(std::slice::from_ref(&msg))?;
         let mut receipts = self.publish_all(stream, std::slice::from_ref(&msg)).await?;
         receipts
             .pop()
@@ -335,6 +336,7 @@ impl Queue for NatsBackend {
         stream: &str,
         msgs: &[OutgoingMessage],
     ) -> Result<Vec<PublishReceipt>> {
+        crate::limits::check_messages(msgs)?;
         self.publish_all(stream, msgs).await
     }
 

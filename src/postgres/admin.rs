@@ -124,7 +124,8 @@ impl PgBackend {
                 error: r.try_get(3)?,
                 dead_at: r.try_get(4)?,
                 payload: r.try_get(5)?,
-                headers: headers_from_json(r.try_get(6)?),
+                // A dead letter whose headers cannot be decoded (reason `malformed`) is still listed.
+                headers: headers_from_json(r.try_get(6).unwrap_or(None)),
             })
         })
         .collect()

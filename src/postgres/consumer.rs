@@ -131,6 +131,7 @@ impl PgConsumer {
         if max == 0 {
             return Ok(vec![]);
         }
+        self.check_lease()?;
         let started = metrics::start();
         let max = max.clamp(1, 10_000) as i32;
         let client = self.pg.client().await?;
@@ -140,10 +141,12 @@ impl PgConsumer {
             .query(&stmt, &[&self.group_id, &max, &self.name, &lease])
             .await
             .map_err(|e| self.error(e))?;
-        let mut batch = rows
-            .iter()
-            .map(|r| self.delivery(r, 0))
-            .collect::<Result<Vec<Delivery>>>()?;
+        let mut batch = vec![];
+        let mut malformed = vec![];
+        for r in &rows {
+            self.decode(r, 0, &mut batch, &mut malformed)?;
+        }
+        self.term_malformed(&**client, &malformed).await?;
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 6));
         Ok(batch)
@@ -163,6 +166,7 @@ impl PgConsumer {
             // The statement claims at least one: settle alone.
             return Ok((self.ack_batch(done).await?, vec![]));
         }
+        self.check_lease()?;
         let started = metrics::start();
         let max = max.clamp(1, 10_000) as i32;
         let (ids, attempts, tokens) = fences(done);
@@ -189,14 +193,25 @@ impl PgConsumer {
             None => vec![],
         };
         let mut batch = vec![];
+        let mut malformed = vec![];
         for r in &rows {
             if r.try_get::<_, Option<Uuid>>(1)?.is_some() {
-                batch.push(self.delivery(r, 1)?);
+                self.decode(r, 1, &mut batch, &mut malformed)?;
             }
         }
+        self.term_malformed(&**client, &malformed).await?;
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 7));
         Ok((SettleReport::from_parts(done, acked, vec![]), batch))
+    }
+
+    /// The lease override obeys the duration rule ([`crate::MAX_DURATION`], positive); checked
+    /// before a claim so a bad override never leaves claimed deliveries behind.
+    fn check_lease(&self) -> Result<()> {
+        match self.lease {
+            Some(lease) => crate::limits::check_duration("lease", lease, false),
+            None => Ok(()),
+        }
     }
 
     fn error(&self, e: tokio_postgres::Error) -> Error {
@@ -209,27 +224,73 @@ impl PgConsumer {
         )
     }
 
-    /// A delivery from a claim row whose columns start at `at`: id, attempt, lease end,
-    /// payload, is_json, headers, lease_expired, lease token.
-    fn delivery(&self, r: &tokio_postgres::Row, at: usize) -> Result<Delivery> {
+    /// Decodes one claim row whose columns start at `at` (id, attempt, lease end, payload,
+    /// is_json, headers, lease_expired, lease token) into `batch`. A row whose fence columns
+    /// decode but whose message does not (headers nested past serde_json's depth limit, written
+    /// through SQL) goes to `malformed` instead: failing the whole fetch would leave the batch
+    /// leased and let one stored message block the group on every retry.
+    fn decode(
+        &self,
+        r: &tokio_postgres::Row,
+        at: usize,
+        batch: &mut Vec<Delivery>,
+        malformed: &mut Vec<(Uuid, i32, i64)>,
+    ) -> Result<()> {
         let id: Uuid = r.try_get(at)?;
-        let payload: Vec<u8> = r.try_get(at + 3)?;
+        let attempt: i32 = r.try_get(at + 1)?;
         let token: i64 = r.try_get(at + 7)?;
-        Ok(Delivery {
-            message: Message {
+        let message = (|| -> Result<Message> {
+            let payload: Vec<u8> = r.try_get(at + 3)?;
+            Ok(Message {
                 id,
                 stream: self.stream.clone(),
                 payload: payload.into(),
                 is_json: r.try_get(at + 4)?,
                 headers: headers_from_json(r.try_get(at + 5)?),
                 published_at: uuid_time(&id),
-            },
-            group: self.group.clone(),
-            consumer: self.name.clone(),
-            attempt: u32::try_from(r.try_get::<_, i32>(at + 1)?).unwrap_or(0),
-            lease_expires_at: r.try_get(at + 2)?,
-            token: Some(std::sync::Arc::new(token)),
-        })
+            })
+        })();
+        // A lease end past chrono's range (a lease stored before the duration rule existed)
+        // is still a valid claim of a good message: report it as the latest representable time.
+        let lease_expires_at = r
+            .try_get(at + 2)
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+        match message {
+            Ok(message) => batch.push(Delivery {
+                message,
+                group: self.group.clone(),
+                consumer: self.name.clone(),
+                attempt: u32::try_from(attempt).unwrap_or(0),
+                lease_expires_at,
+                token: Some(std::sync::Arc::new(token)),
+            }),
+            Err(_) => malformed.push((id, attempt, token)),
+        }
+        Ok(())
+    }
+
+    /// Moves deliveries that could not be decoded to the dead letters with reason `malformed`,
+    /// fenced by the claim that just took them.
+    async fn term_malformed<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        malformed: &[(Uuid, i32, i64)],
+    ) -> Result<()> {
+        if malformed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = malformed.iter().map(|m| m.0).collect();
+        let attempts: Vec<i32> = malformed.iter().map(|m| m.1).collect();
+        let tokens: Vec<i64> = malformed.iter().map(|m| m.2).collect();
+        let reasons = vec!["malformed"; malformed.len()];
+        client
+            .query(
+                self.pg.inner.sql.term.as_str(),
+                &[&self.group_id, &ids, &attempts, &tokens, &reasons],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
     }
 
     /// Claims up to `max` deliveries, waiting up to `timeout` for the first one. While waiting it
@@ -242,7 +303,8 @@ impl PgConsumer {
         if max == 0 {
             return Ok(vec![]);
         }
-        let deadline = tokio::time::Instant::now() + timeout;
+        // Capped: a hostile timeout (Duration::MAX) must not overflow the clock.
+        let deadline = tokio::time::Instant::now() + timeout.min(crate::MAX_DURATION);
         // Subscribe before the first claim so a publish between the claim and the wait still wakes us.
         let mut wakes = self.pg.subscribe();
         loop {
@@ -298,7 +360,9 @@ impl PgConsumer {
         let rows = self.run_settle(&**client, &stmt, ds, &[]).await?;
         Ok(SettleReport::from_parts(
             ds,
-            rows.iter().map(|r| r.get(0)).collect(),
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
             vec![],
         ))
     }
@@ -315,7 +379,9 @@ impl PgConsumer {
             .await?;
         Ok(SettleReport::from_parts(
             ds,
-            rows.iter().map(|r| r.get(0)).collect(),
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
             vec![],
         ))
     }
@@ -364,6 +430,9 @@ impl PgConsumer {
         delay: Option<Duration>,
         error: Option<&str>,
     ) -> Result<SettleReport> {
+        if let Some(d) = delay {
+            crate::limits::check_duration("nack delay", d, true)?;
+        }
         let client = self.pg.client().await?;
         let delays: Option<Vec<Option<i64>>> = delay.map(|d| vec![Some(micros(d)); ds.len()]);
         let errors: Option<Vec<Option<&str>>> = error.map(|e| vec![Some(e); ds.len()]);
@@ -380,10 +449,10 @@ impl PgConsumer {
         }
         let (mut settled, mut dead) = (vec![], vec![]);
         for r in rows {
-            if r.get::<_, bool>(1) {
-                dead.push(r.get(0));
+            if r.try_get::<_, bool>(1)? {
+                dead.push(r.try_get(0)?);
             } else {
-                settled.push(r.get(0));
+                settled.push(r.try_get(0)?);
             }
         }
         Ok(SettleReport::from_parts(ds, settled, dead))
@@ -409,7 +478,9 @@ impl PgConsumer {
         Ok(SettleReport::from_parts(
             ds,
             vec![],
-            rows.iter().map(|r| r.get(0)).collect(),
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
         ))
     }
 
@@ -425,8 +496,12 @@ impl PgConsumer {
         ds: &mut [&mut Delivery],
         lease: Option<Duration>,
     ) -> Result<SettleReport> {
+        let lease = lease.or(self.lease);
+        if let Some(l) = lease {
+            crate::limits::check_duration("lease", l, false)?;
+        }
         let client = self.pg.client().await?;
-        let lease = lease.or(self.lease).map(micros);
+        let lease = lease.map(micros);
         let refs: Vec<&Delivery> = ds.iter().map(|d| &**d).collect();
         let rows = self
             .run_settle(
@@ -436,12 +511,17 @@ impl PgConsumer {
                 &[&lease],
             )
             .await?;
-        let report =
-            SettleReport::from_parts(&refs, rows.iter().map(|r| r.get(0)).collect(), vec![]);
+        let report = SettleReport::from_parts(
+            &refs,
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
+            vec![],
+        );
         for r in &rows {
-            let id: Uuid = r.get(0);
+            let id: Uuid = r.try_get(0)?;
             if let Some(d) = ds.iter_mut().find(|d| d.id() == id) {
-                d.lease_expires_at = r.get(1);
+                d.lease_expires_at = r.try_get(1)?;
             }
         }
         Ok(report)
@@ -465,7 +545,9 @@ impl PgConsumer {
         }
         Ok(SettleReport::from_parts(
             ds,
-            rows.iter().map(|r| r.get(0)).collect(),
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
             vec![],
         ))
     }

@@ -59,6 +59,9 @@ impl PgBackend {
     ) -> Result<(u64, u64)> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
+        if let Some(at) = from {
+            crate::limits::check_time("replay point", at)?;
+        }
         let row = self
             .sql_row(
                 &self.inner.sql.group_reset,
@@ -89,6 +92,9 @@ impl PgBackend {
             return Err(Error::InvalidConfig(
                 "trim needs a maximum age or a maximum length".to_owned(),
             ));
+        }
+        if let Some(age) = max_age {
+            crate::limits::check_duration("max_age", age, true)?;
         }
         let max_len = max_len.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
         let n: i64 = self

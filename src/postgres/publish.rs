@@ -72,6 +72,7 @@ impl PgBackend {
     /// every publish path runs, so a stale cache never lets an oversized payload in.
     async fn check_publish(&self, stream: &str, msgs: &[OutgoingMessage]) -> Result<()> {
         validate_name("stream", stream)?;
+        crate::limits::check_messages(msgs)?;
         let info = self.cached_stream(stream).await?;
         let limit = info.config.max_payload;
         if let Some(m) = msgs.iter().find(|m| m.payload.len() > limit) {
@@ -210,7 +211,7 @@ impl PgBackend {
                 .query_one(fast_stmt, &params)
                 .await
                 .map_err(|e| Error::from_pg(e, ctx()))?
-                .get(0);
+                .try_get(0)?;
             if n == 0 {
                 self.forget_stream(stream);
                 return Err(Error::StreamNotFound(stream.to_owned()));
@@ -236,8 +237,8 @@ impl PgBackend {
                 .await
                 .map_err(|e| Error::from_pg(e, ctx()))?;
             plan.receipts[*i] = PublishReceipt {
-                id: row.get(0),
-                duplicate: row.get(1),
+                id: row.try_get(0)?,
+                duplicate: row.try_get(1)?,
             };
         }
         Ok(plan.receipts)

@@ -294,7 +294,8 @@ impl QueueConsumer for RedisConsumer {
         if max == 0 {
             return Ok(vec![]);
         }
-        let deadline = Instant::now() + timeout;
+        // Capped: a hostile timeout (Duration::MAX) must not overflow the clock.
+        let deadline = Instant::now() + timeout.min(crate::MAX_DURATION);
         loop {
             let claim = self.claim(max).await?;
             let now = Instant::now();

@@ -359,6 +359,7 @@ impl Queue for RedisBackend {
     }
 
     async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
+        crate::limits::check_messages(std::slice::from_ref(&msg))?;
         let mut receipts = publish::publish(self, stream, std::slice::from_ref(&msg)).await?;
         receipts.pop().ok_or_else(|| bad_reply("no receipt"))
     }
@@ -368,6 +369,7 @@ impl Queue for RedisBackend {
         stream: &str,
         msgs: &[OutgoingMessage],
     ) -> Result<Vec<PublishReceipt>> {
+        crate::limits::check_messages(msgs)?;
         publish::publish(self, stream, msgs).await
     }
 

@@ -24,6 +24,7 @@ Exit codes:
   3  not found (stream, group, dead letter, or the namespace is not installed)
   4  health check failed (`pgtide health`)
   5  already exists (`stream create`, `group create` without --if-not-exists)
+  A closed stdout (output piped into `head`, ...) ends any command quietly with 0.
   130  interrupted (SIGINT/SIGTERM) before a one-shot command finished; long-running
        commands (`scout`, `consume --follow`, `stats --watch`) exit 0 on the first signal";
 

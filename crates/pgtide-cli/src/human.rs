@@ -46,6 +46,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         total = total.checked_add(part).ok_or_else(bad)?;
         rest = &after[unit_len..];
     }
+    // The library's one duration rule: past it timestamps overflow (see pgtide::MAX_DURATION).
+    if total > pgtide::MAX_DURATION {
+        return Err(format!(
+            "duration {text:?} is too long: the largest pgtide accepts is 36500d (100 years)"
+        ));
+    }
     Ok(total)
 }
 
@@ -150,7 +156,13 @@ pub fn parse_point(text: &str) -> Result<Point, String> {
                 return Ok(Point::At(at.with_timezone(&Utc)));
             }
             match parse_duration(t) {
-                Ok(age) => Ok(Point::At(Utc::now() - chrono::Duration::from_std(age).map_err(|e| e.to_string())?)),
+                Ok(age) => chrono::Duration::from_std(age)
+                    .ok()
+                    .and_then(|age| Utc::now().checked_sub_signed(age))
+                    .map(Point::At)
+                    .ok_or_else(|| format!("age {t:?} reaches before the earliest time pgtide handles")),
+                // A well-formed age past the duration rule: say so, not "invalid point".
+                Err(e) if e.contains("too long") => Err(e),
                 Err(_) => Err(format!(
                     "invalid point {t:?}: use `oldest`, `new`, an RFC 3339 time such as 2024-05-01T12:00:00Z, or an age such as 1h"
                 )),

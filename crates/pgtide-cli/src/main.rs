@@ -6,15 +6,34 @@
 //! Every failure prints one line on stderr and exits with a documented code (see `error.rs`);
 //! data goes to stdout, everything else (progress, logs) to stderr.
 
+// Every command's output goes through `out::write`, which ends the command quietly when the
+// reader closes the pipe (see `out.rs`). These shadow std's macros for every module below.
+macro_rules! println {
+    () => {
+        $crate::out::write(format_args!(""), true)
+    };
+    ($($arg:tt)*) => {
+        $crate::out::write(format_args!($($arg)*), true)
+    };
+}
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::out::write(format_args!($($arg)*), false)
+    };
+}
+
 mod admin;
 mod backend;
 mod bench;
 mod cli;
+#[cfg(test)]
+mod cli_fuzz;
 mod consume;
 mod dead;
 mod error;
 mod help;
 mod human;
+mod out;
 mod publish;
 mod stats;
 mod telemetry;

@@ -64,7 +64,11 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
                     Ok(Wake::Due(ms)) => {
                         let now_ms = Utc::now().timestamp_millis();
                         let ahead = u64::try_from(ms.saturating_sub(now_ms)).unwrap_or(0);
-                        next_check = next_check.min(Instant::now() + Duration::from_millis(ahead));
+                        // A due time too far ahead for the clock changes nothing: the periodic
+                        // check covers it.
+                        if let Some(at) = Instant::now().checked_add(Duration::from_millis(ahead)) {
+                            next_check = next_check.min(at);
+                        }
                     }
                     Ok(Wake::All) | Err(RecvError::Lagged(_)) => next_check = Instant::now(),
                     Err(RecvError::Closed) => return Ok(()),
@@ -86,7 +90,10 @@ async fn due(
     Ok((
         row.try_get::<_, Option<Vec<String>>>(0)?
             .unwrap_or_default(),
-        row.try_get(1)?,
+        // A due time past chrono's range (stored before the duration rule, or written around it)
+        // is no reason to fail every check: treat it as nothing due soon, the periodic check
+        // (`max_interval`) still runs.
+        row.try_get::<_, Option<DateTime<Utc>>>(1).unwrap_or(None),
         row.try_get(2)?,
     ))
 }

@@ -1,4 +1,5 @@
 mod consume;
+mod hostile;
 mod plans;
 mod publish;
 mod publish_rule;

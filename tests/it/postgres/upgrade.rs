@@ -276,6 +276,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_release",
             "_term",
             "ack",
+            "create_stream",
             "extend",
             "grant_runtime",
             "nack",
@@ -290,6 +291,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
         names(&added),
         [
             "_ack",
+            "_check_duration",
             "_extend",
             "_nack",
             "_payload_ok",

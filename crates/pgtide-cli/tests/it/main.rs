@@ -5,6 +5,7 @@
 mod backends;
 mod common;
 mod flow;
+mod hostile;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod operations;
