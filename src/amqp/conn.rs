@@ -69,6 +69,23 @@ impl Conn {
         }
     }
 
+    /// Closes the publisher channel, then the connection, each waiting for the broker's
+    /// close-ok: what was written before (settles, publishes) has been processed by then.
+    /// The first error is returned after both were tried. A later call reconnects.
+    pub(crate) async fn close(&self) -> Result<()> {
+        let publisher = self.publisher.lock().await.take();
+        let mut result = Ok(());
+        if let Some(ch) = publisher.filter(|ch| ch.status().connected()) {
+            result = ch.close(200, "pgtide: closed".into()).await.map_err(broker);
+        }
+        let connection = self.connection.lock().await.take();
+        if let Some(c) = connection.filter(|c| c.status().connected()) {
+            let closed = c.close(200, "pgtide: closed".into()).await.map_err(broker);
+            result = result.and(closed);
+        }
+        result
+    }
+
     /// The shared channel for publishes (publisher confirms on).
     pub(crate) async fn publisher(&self) -> Result<Channel> {
         let mut slot = self.publisher.lock().await;
