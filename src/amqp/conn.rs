@@ -76,12 +76,11 @@ impl Conn {
         let publisher = self.publisher.lock().await.take();
         let mut result = Ok(());
         if let Some(ch) = publisher.filter(|ch| ch.status().connected()) {
-            result = ch.close(200, "pgtide: closed".into()).await.map_err(broker);
+            result = closed(ch.close(200, "pgtide: closed".into()).await);
         }
         let connection = self.connection.lock().await.take();
         if let Some(c) = connection.filter(|c| c.status().connected()) {
-            let closed = c.close(200, "pgtide: closed".into()).await.map_err(broker);
-            result = result.and(closed);
+            result = result.and(closed(c.close(200, "pgtide: closed".into()).await));
         }
         result
     }
@@ -100,6 +99,19 @@ impl Conn {
             .map_err(broker)?;
         *slot = Some(ch.clone());
         Ok(ch)
+    }
+}
+
+/// The result of a graceful close. A channel the server already closed (after a refusal such
+/// as a 404 on a passive declare) reports its state while the connection closes; that channel
+/// held nothing to flush, so it is not an error.
+pub(crate) fn closed(r: lapin::Result<()>) -> Result<()> {
+    match r {
+        Err(e) if matches!(e.kind(), ErrorKind::InvalidChannelState(..)) => {
+            tracing::debug!(error = %e, "pgtide amqp: a channel was already closed at close");
+            Ok(())
+        }
+        r => r.map_err(broker),
     }
 }
 

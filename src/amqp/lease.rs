@@ -298,9 +298,7 @@ impl Shared {
         if !ch.status().connected() {
             return Ok(()); // already closed: the broker requeued what it held
         }
-        ch.close(200, "pgtide: consumer closed".into())
-            .await
-            .map_err(super::conn::broker)
+        super::conn::closed(ch.close(200, "pgtide: consumer closed".into()).await)
     }
 
     /// Wakes the reaper (a new deadline may be earlier than the one it sleeps for).
