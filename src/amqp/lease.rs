@@ -288,8 +288,13 @@ impl Shared {
         }
         let mut slot = self.slot.lock().await;
         let Some((ch, _)) = slot.take() else {
+            tracing::debug!("pgtide amqp: close: no channel");
             return Ok(());
         };
+        tracing::debug!(
+            connected = ch.status().connected(),
+            "pgtide amqp: close: closing the consumer channel"
+        );
         {
             let mut t = self.tracked();
             t.generation += 1;

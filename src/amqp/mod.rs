@@ -242,6 +242,7 @@ impl Queue for AmqpBackend {
             .filter_map(Weak::upgrade)
             .collect();
         let mut result = Ok(());
+        tracing::debug!(n = consumers.len(), "pgtide amqp: close");
         for c in consumers {
             result = result.and(c.close().await);
         }

@@ -246,6 +246,18 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
     if interrupted {
         tracing::info!(consumed = seen, "pgtide consume: stopped");
     }
+    // Closed while the consumer is alive: on RabbitMQ closing its channel is what makes the
+    // broker confirm its acks (a connection close alone may overtake them). `main` closes the
+    // backend again on every path; a second close has nothing left to do.
+    if b.postgres().is_none() {
+        if let Err(e) = b.close().await {
+            let e = CliError::from(e).prefixed(
+                "closing the connection failed; the last settles may not have reached the server",
+            );
+            return result.and(Err(e));
+        }
+    }
+    drop(consumer);
     result
 }
 
