@@ -164,6 +164,9 @@ impl Queue for AnyBackend {
     async fn migrate(&self) -> Result<()> {
         dispatch!(AnyBackend, self, b => Queue::migrate(b).await)
     }
+    async fn close(&self) -> Result<()> {
+        dispatch!(AnyBackend, self, b => Queue::close(b).await)
+    }
     async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
         dispatch!(AnyBackend, self, b => Queue::ensure_stream(b, stream, config).await)
     }

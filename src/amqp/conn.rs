@@ -69,6 +69,22 @@ impl Conn {
         }
     }
 
+    /// Closes the publisher channel, then the connection, each waiting for the broker's
+    /// close-ok: what was written before (settles, publishes) has been processed by then.
+    /// The first error is returned after both were tried. A later call reconnects.
+    pub(crate) async fn close(&self) -> Result<()> {
+        let publisher = self.publisher.lock().await.take();
+        let mut result = Ok(());
+        if let Some(ch) = publisher.filter(|ch| ch.status().connected()) {
+            result = closed(ch.close(200, "pgtide: closed".into()).await);
+        }
+        let connection = self.connection.lock().await.take();
+        if let Some(c) = connection.filter(|c| c.status().connected()) {
+            result = result.and(closed(c.close(200, "pgtide: closed".into()).await));
+        }
+        result
+    }
+
     /// The shared channel for publishes (publisher confirms on).
     pub(crate) async fn publisher(&self) -> Result<Channel> {
         let mut slot = self.publisher.lock().await;
@@ -83,6 +99,19 @@ impl Conn {
             .map_err(broker)?;
         *slot = Some(ch.clone());
         Ok(ch)
+    }
+}
+
+/// The result of a graceful close. A channel the server already closed (after a refusal such
+/// as a 404 on a passive declare) reports its state while the connection closes; that channel
+/// held nothing to flush, so it is not an error.
+pub(crate) fn closed(r: lapin::Result<()>) -> Result<()> {
+    match r {
+        Err(e) if matches!(e.kind(), ErrorKind::InvalidChannelState(..)) => {
+            tracing::debug!(error = %e, "pgtide amqp: a channel was already closed at close");
+            Ok(())
+        }
+        r => r.map_err(broker),
     }
 }
 

@@ -269,6 +269,43 @@ impl Shared {
         (self.tracked().entries.len(), buffered)
     }
 
+    /// Closes the consumer channel gracefully (for [`crate::Queue::close`]). Buffered messages
+    /// never reached anyone, so they go back first with the attempt unchanged; then the
+    /// channel close waits for the broker's close-ok, which comes after every settle written
+    /// on the channel before it was processed. Leased deliveries return to the queue with the
+    /// channel (the attempt counted). A later fetch opens a new channel.
+    pub(crate) async fn close(self: &Arc<Self>) -> Result<()> {
+        let unclaimed: Vec<Buffered> = self
+            .buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for m in unclaimed {
+            if let Err(e) = self.hand_back(m.generation, m.delivery).await {
+                tracing::warn!(error = %e, "pgtide amqp: handing back an unclaimed message at close failed; it was requeued instead");
+            }
+        }
+        let mut slot = self.slot.lock().await;
+        let Some((ch, _)) = slot.take() else {
+            tracing::debug!("pgtide amqp: close: no channel");
+            return Ok(());
+        };
+        tracing::debug!(
+            connected = ch.status().connected(),
+            "pgtide amqp: close: closing the consumer channel"
+        );
+        {
+            let mut t = self.tracked();
+            t.generation += 1;
+            t.entries.clear();
+        }
+        if !ch.status().connected() {
+            return Ok(()); // already closed: the broker requeued what it held
+        }
+        super::conn::closed(ch.close(200, "pgtide: consumer closed".into()).await)
+    }
+
     /// Wakes the reaper (a new deadline may be earlier than the one it sleeps for).
     pub(crate) fn wake_reaper(&self) {
         self.reaper.notify_one();

@@ -234,6 +234,21 @@ impl Queue for AmqpBackend {
         AMQP_CAPABILITIES
     }
 
+    async fn close(&self) -> Result<()> {
+        // Consumer channels first (their settles), then the publisher channel and the
+        // connection. Every step is tried; the first error is returned.
+        let consumers: Vec<Arc<Shared>> = guard(&self.inner.consumers)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut result = Ok(());
+        tracing::debug!(n = consumers.len(), "pgtide amqp: close");
+        for c in consumers {
+            result = result.and(c.close().await);
+        }
+        result.and(self.inner.conn.close().await)
+    }
+
     async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
         validate_name("stream", stream)?;
         config.validate()?;

@@ -290,6 +290,16 @@ impl Queue for NatsBackend {
         NATS_CAPABILITIES
     }
 
+    async fn close(&self) -> Result<()> {
+        // Settles wait for the server's reply already; the flush covers anything written
+        // without one, so it reaches the server before the process exits.
+        self.inner
+            .client
+            .flush()
+            .await
+            .map_err(|e| api::broker(e, true))
+    }
+
     async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
         self.create_stream(stream, config).await
     }

@@ -128,6 +128,12 @@ impl Queue for PgBackend {
         PgBackend::migrate(self).await.map(|_| ())
     }
 
+    async fn close(&self) -> Result<()> {
+        // Settles commit before they return: what is left is the background (wake-ups, scout).
+        self.shutdown().await;
+        Ok(())
+    }
+
     async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
         PgBackend::ensure_stream(self, stream, config).await
     }

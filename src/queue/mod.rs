@@ -76,6 +76,21 @@ pub trait Queue: Clone + Send + Sync + 'static {
         async { Ok(()) }
     }
 
+    /// Closes the handle gracefully: settles already sent reach the server and the server has
+    /// confirmed the close before this returns. Call it once before the process exits, after the
+    /// last settle (a settle can count as done once its frame is written, so an exit without
+    /// `close` may lose it and the delivery comes back). Deliveries still leased stay leased
+    /// where the server keeps leases (Postgres, NATS, Redis: redelivered after the lease); on
+    /// RabbitMQ closing the channel returns them at once, counting the attempt.
+    ///
+    /// Per backend: Postgres [`crate::PgBackend::shutdown`]; NATS flushes the connection;
+    /// RabbitMQ closes every consumer channel, the publisher channel and the connection, each
+    /// waiting for the broker's close-ok; Redis and memory have nothing pending. Using the
+    /// handle afterwards reconnects where the backend can (RabbitMQ), and is not recommended.
+    fn close(&self) -> impl Future<Output = Result<()>> + Send {
+        async { Ok(()) }
+    }
+
     /// Creates the stream unless it exists. Returns true if it was created.
     fn ensure_stream(
         &self,
@@ -185,8 +200,11 @@ pub trait QueueConsumer: Clone + Send + Sync + 'static {
         lease: Option<Duration>,
     ) -> impl Future<Output = Result<()>> + Send;
 
-    /// Hands deliveries back unprocessed, visible again at once. The attempt is not counted
-    /// (except on NATS, where JetStream counts every delivery).
+    /// Hands back deliveries that never reached anyone (claimed, but the payload was never
+    /// handed to a handler or printed), visible again at once. The attempt is not counted
+    /// (except on NATS, where JetStream counts every delivery). A delivery whose payload was
+    /// handed out goes back with [`QueueConsumer::nack_batch`] (no delay to retry at once), so
+    /// the attempt counts toward `max_deliver`.
     fn release_batch(&self, ds: &[&Delivery]) -> impl Future<Output = Result<SettleReport>> + Send;
 
     /// Acknowledges `done`, then claims up to `max` new deliveries without waiting (none when

@@ -79,6 +79,9 @@ impl<S: QueueConsumer, D: Queue> Relay<S, D> {
 
     /// Relays until `token` is cancelled. Sink failures are logged and the batch is retried with
     /// backoff (nacked in the source); nothing is acknowledged before the sink confirmed it.
+    /// The relay does not close the backends (they may be shared): once `run` returns, call
+    /// [`crate::Queue::close`] on the source's backend and on the sink before the process exits,
+    /// or the last acknowledgements may not reach a broker.
     pub async fn run(self, token: CancellationToken) -> Result<RelayReport> {
         let dedupe = self.sink.capabilities().dedupe;
         let mut report = RelayReport::default();

@@ -4,7 +4,8 @@
 //!
 //! Invariants: a delivery is settled exactly once by the worker (ack, nack, term or release);
 //! a panicking handler is caught and its delivery retried; on shutdown, handlers still running at
-//! the deadline are aborted and their deliveries released (visible again at once).
+//! the deadline are aborted and their deliveries retried at once (the attempt counted: the
+//! payload reached a handler); claimed deliveries not started yet are released uncounted.
 //!
 //! A run loops over two steps, claim (`claim.rs`) and dispatch (`dispatch.rs`), then shuts down
 //! (`shutdown.rs`); one handler call is a job (`job.rs`) and its outcome is settled by
@@ -114,13 +115,13 @@ pub struct WorkerReport {
     pub handled: u64,
     /// Acknowledged.
     pub acked: u64,
-    /// Retried (handler asked, failed or panicked).
+    /// Retried (handler asked, failed, panicked, or was aborted at shutdown).
     pub retried: u64,
     /// Dead-lettered (handler asked, or retries exhausted).
     pub dead_lettered: u64,
     /// Handlers that panicked.
     pub panicked: u64,
-    /// Released unfinished at shutdown.
+    /// Claimed but never started, released at shutdown (the attempt not counted).
     pub released: u64,
     /// Settles refused because the lease was lost.
     pub lease_lost: u64,
@@ -210,12 +211,17 @@ impl<C: QueueConsumer> Worker<C> {
         self
     }
 
-    /// Runs until `token` is cancelled, then shuts down gracefully: stops fetching, lets running
-    /// handlers finish within the grace period, releases the deliveries of those that did not,
-    /// and flushes pending settles. Returns the counts.
+    /// Runs until `token` is cancelled, then shuts down gracefully: stops fetching, releases the
+    /// claimed deliveries not started yet (attempt not counted), lets running handlers finish
+    /// within the grace period, retries the deliveries of those that did not at once (attempt
+    /// counted), and flushes pending settles. Returns the counts.
     ///
     /// Errors while fetching or settling are logged and retried with backoff; `run` itself fails
     /// only if the group disappears.
+    ///
+    /// The worker holds a consumer, not the backend (which other consumers may share), so it
+    /// does not close the backend: once `run` returns, call [`crate::Queue::close`] on the
+    /// backend before the process exits, or the last settles may not reach a broker.
     pub async fn run(self, token: CancellationToken) -> Result<WorkerReport> {
         run::Run::new(self).await.run(token).await
     }

@@ -29,7 +29,7 @@ pub(super) struct Run<C: QueueConsumer> {
     /// One permit per handler allowed to run.
     pub(super) permits: Arc<Semaphore>,
     pub(super) counters: Arc<Counters>,
-    /// Deliveries whose handler runs, released at shutdown if it is aborted.
+    /// Deliveries whose handler runs, retried at shutdown (attempt counted) if it is aborted.
     pub(super) in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>>,
     /// Retries and dead letters, to the settler task.
     pub(super) settle_tx: mpsc::Sender<Settle>,

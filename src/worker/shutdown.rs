@@ -1,8 +1,12 @@
 //! The shutdown step: running handlers get the grace period, then are aborted; pending settles
-//! are flushed; deliveries of aborted handlers are handed back at once.
+//! are flushed; deliveries of aborted handlers are retried at once, the attempt counted (their
+//! payload reached a handler, so a message that hangs every handler still reaches the dead
+//! letters). Only deliveries never started are released uncounted (`dispatch.rs`).
+
+use std::time::Duration;
 
 use super::run::Run;
-use super::settle::{flush_acks, release};
+use super::settle::flush_acks;
 use super::WorkerReport;
 use crate::queue::Delivery;
 use crate::queue::QueueConsumer;
@@ -41,14 +45,22 @@ impl<C: QueueConsumer> Run<C> {
         pending_acks.extend(std::iter::from_fn(|| ack_rx.try_recv().ok()));
         flush_acks(&consumer, pending_acks, &counters).await;
         let _ = settler.await;
-        // Whatever is still marked in flight was aborted: hand it back at once.
+        // Whatever is still marked in flight was aborted: retry it at once, the attempt counted.
         let leftover: Vec<Delivery> = match in_flight.lock() {
             Ok(mut m) => m.drain().map(|(_, d)| d).collect(),
             Err(_) => vec![],
         };
         if !leftover.is_empty() {
-            if let Err(e) = release(&consumer, &leftover, &counters).await {
-                tracing::warn!(error = %e, "pgtide worker: release at shutdown failed; leases will expire");
+            let refs: Vec<&Delivery> = leftover.iter().collect();
+            let error = Some("handler aborted at worker shutdown");
+            match consumer
+                .nack_batch(&refs, Some(Duration::ZERO), error)
+                .await
+            {
+                Ok(r) => counters.nacked(&r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pgtide worker: retry at shutdown failed; leases will expire")
+                }
             }
         }
         counters.report()

@@ -327,10 +327,16 @@ pub struct ConsumeArgs {
     /// Keep consuming until SIGINT/SIGTERM (or --count).
     #[arg(long, short)]
     pub follow: bool,
-    /// Print without acknowledging; the deliveries are released (visible again at once, the
-    /// attempt not counted) when the command exits.
+    /// Print without acknowledging. Printed deliveries stay leased when the command exits:
+    /// they are redelivered after the lease, and the attempt counts toward max_deliver (on
+    /// RabbitMQ they come back when the connection closes, the attempt counted too).
     #[arg(long)]
     pub no_ack: bool,
+    /// With --no-ack: hand the printed deliveries back when the command exits, visible again
+    /// at once, the attempt counted (a nack with no delay: on the last allowed attempt they
+    /// become dead letters).
+    #[arg(long, requires = "no_ack")]
+    pub requeue_on_exit: bool,
     /// Negatively acknowledge instead: retried after the stream's backoff (or --nack-delay), and
     /// dead-lettered once max_deliver is reached. For poking at retry and dead-letter handling.
     #[arg(long, conflicts_with = "no_ack")]

@@ -8,7 +8,14 @@
 //!
 //! Other backends cannot hand back what a dropped fetch claimed, so there a fetch is never
 //! dropped: it waits at most [`FETCH_SLICE`] at a time, the signal is noticed between slices, and
-//! whatever the last fetch returned after it is released.
+//! whatever the last fetch returned after it is released. The same holds with `--no-ack` on
+//! Postgres, where releasing everything leased to the consumer would also hand back what it
+//! printed.
+//!
+//! Only what was never printed is released (attempt not counted). What `--no-ack` printed stays
+//! leased, so it comes back after the lease with the attempt counted (a poison message reaches
+//! the dead letters); `--requeue-on-exit` nacks it with no delay instead. `main` closes the
+//! backend after this returns, on every path, so the settles reach the server before the exit.
 
 use std::io::Write;
 use std::time::Duration;
@@ -100,7 +107,12 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
         token.clone(),
     );
     let mut out = std::io::BufWriter::new(std::io::stdout());
-    let mut held: Vec<Delivery> = vec![];
+    // Claimed but never printed (released at the end), and printed by --no-ack.
+    let mut unprinted: Vec<Delivery> = vec![];
+    let mut printed: Vec<Delivery> = vec![];
+    // A Postgres fetch may be dropped on a signal, and what it claimed released by consumer
+    // name afterwards: only when nothing printed is still leased to that name.
+    let droppable = b.postgres().is_some() && !args.no_ack;
     let mut seen = 0u64;
     let mut interrupted = false;
     let mut failures = 0u32;
@@ -109,7 +121,7 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
             break Ok(());
         }
         let want = (limit - seen).min(u64::from(args.batch)) as usize;
-        let fetched = if b.postgres().is_some() {
+        let fetched = if droppable {
             tokio::select! {
                 biased;
                 _ = token.cancelled() => {
@@ -126,7 +138,7 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
             match fetch_in_slices(&consumer, &args, want, &token).await {
                 // Claimed after the signal: hand it back unprinted.
                 Ok(batch) if token.is_cancelled() => {
-                    held.extend(batch);
+                    unprinted.extend(batch);
                     interrupted = true;
                     break Ok(());
                 }
@@ -170,7 +182,7 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
         }
         seen += batch.len() as u64;
         if args.no_ack {
-            held.extend(batch);
+            printed.extend(batch);
             continue;
         }
         let settled = if args.nack {
@@ -207,13 +219,16 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
             }
         }
     };
-    if !held.is_empty() {
-        let refs: Vec<&Delivery> = held.iter().collect();
+    if !unprinted.is_empty() {
+        let refs: Vec<&Delivery> = unprinted.iter().collect();
         if let Err(e) = consumer.release_batch(&refs).await {
             tracing::warn!(error = %e, "pgtide consume: release failed; the leases will expire");
         }
     }
-    if interrupted {
+    if args.requeue_on_exit && !printed.is_empty() {
+        requeue(&consumer, &args, &printed).await;
+    }
+    if interrupted && droppable {
         // On Postgres a fetch was dropped; it may have claimed a batch we never saw.
         if let Some(pg) = b.postgres() {
             match pg.release_consumer(&args.stream, &args.group, &name).await {
@@ -227,7 +242,40 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
                 }
             }
         }
+    }
+    if interrupted {
         tracing::info!(consumed = seen, "pgtide consume: stopped");
     }
+    // Closed while the consumer is alive: on RabbitMQ closing its channel is what makes the
+    // broker confirm its acks (a connection close alone may overtake them). `main` closes the
+    // backend again on every path; a second close has nothing left to do.
+    if b.postgres().is_none() {
+        if let Err(e) = b.close().await {
+            let e = CliError::from(e).prefixed(
+                "closing the connection failed; the last settles may not have reached the server",
+            );
+            return result.and(Err(e));
+        }
+    }
+    drop(consumer);
     result
+}
+
+/// `--requeue-on-exit`: the printed deliveries go back at once, the attempt counted.
+async fn requeue<C: QueueConsumer>(consumer: &C, args: &ConsumeArgs, printed: &[Delivery]) {
+    let refs: Vec<&Delivery> = printed.iter().collect();
+    let error = Some("handed back by pgtide consume --no-ack --requeue-on-exit");
+    match consumer
+        .nack_batch(&refs, Some(Duration::ZERO), error)
+        .await
+    {
+        Ok(report) => {
+            telemetry::nacked(&args.stream, &args.group, report.settled.len() as u64);
+            let dead = report.dead_lettered.len() as u64;
+            telemetry::dead_lettered(&args.stream, &args.group, dead);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "pgtide consume: requeue failed; the leases will expire");
+        }
+    }
 }

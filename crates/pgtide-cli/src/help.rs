@@ -70,7 +70,8 @@ Examples:
 pub const CONSUME: &str = "\
 Examples:
   pgtide consume orders --group billing --count 10
-  pgtide consume orders --group billing --follow --no-ack";
+  pgtide consume orders --group billing --follow --no-ack
+  pgtide consume orders --group billing --no-ack --requeue-on-exit  # peek, hand back now";
 
 pub const STATS: &str = "\
 Examples:

@@ -180,7 +180,12 @@ async fn run(cli: Cli) -> CliResult<u8> {
                 return Err(backend::needs_postgres(what, &url));
             }
             let queue = backend::connect(&url, &global.namespace).await?;
-            dispatch(&queue, command).await.map(|()| error::OK)
+            let result = dispatch(&queue, command).await;
+            // On every path: the last settles reach the broker before the process exits.
+            let closed = pgtide::Queue::close(&queue).await.map_err(|e| {
+                CliError::from(e).prefixed("closing the connection failed; the last settles may not have reached the server")
+            });
+            result.and(closed).map(|()| error::OK)
         }
     }
 }

