@@ -1,4 +1,5 @@
-//! The claim step: wait for a free handler slot, then claim a full prefetch. Acks of finished
+//! The claim step: wait for a free handler slot, then claim what can start well within a lease
+//! (see `pace.rs`; the full prefetch when handlers are quick). Acks of finished
 //! handlers ride along with the claim (one round trip, one commit on Postgres); when nothing is
 //! ready it waits for work and flushes acks that arrive meanwhile on their own.
 
@@ -57,22 +58,25 @@ impl<C: QueueConsumer> Run<C> {
         }
     }
 
-    /// Acks what finished and claims a full prefetch: deliveries beyond the free slots wait
-    /// (leased) for the next free slot, so claims stay large when handlers are quick. `None` if
-    /// cancelled while waiting for work.
+    /// Acks what finished and claims up to the claim size: deliveries beyond the free slots wait
+    /// (leased, and extended) for the next free slot, so claims stay large when handlers are
+    /// quick. `None` if cancelled while waiting for work.
     async fn claim_batch(&mut self, token: &CancellationToken) -> Result<Option<Vec<Delivery>>> {
         self.pending_acks
             .extend(std::iter::from_fn(|| self.ack_rx.try_recv().ok()));
+        // The slot this step holds, plus those free.
+        let free = 1 + self.permits.available_permits();
+        let max = self
+            .pace
+            .claim_size(free, self.config.concurrency, self.prefetch, self.lease);
         let done: Vec<&Delivery> = self.pending_acks.iter().collect();
-        let (report, batch) = self.consumer.ack_and_fetch(&done, self.prefetch).await?;
+        let (report, batch) = self.consumer.ack_and_fetch(&done, max).await?;
         self.counters.acked(&report);
         self.pending_acks.clear();
         if !batch.is_empty() {
             return Ok(Some(batch));
         }
-        let wait = self
-            .consumer
-            .fetch(self.prefetch, Duration::from_secs(3600));
+        let wait = self.consumer.fetch(max, Duration::from_secs(3600));
         tokio::pin!(wait);
         loop {
             tokio::select! {

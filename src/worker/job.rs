@@ -11,8 +11,11 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::dispatch::{retry_after, sleep_until};
+use super::pace::{extend_at, Pace};
 use super::settle::{Counters, Settle};
 use super::{BoxHandler, HandlerResult, Outcome, WorkerHook};
+use crate::error::Error;
 use crate::queue::Delivery;
 use crate::queue::QueueConsumer;
 
@@ -24,7 +27,9 @@ pub(super) struct Job<C: QueueConsumer> {
     pub(super) acks: mpsc::UnboundedSender<Delivery>,
     pub(super) counters: Arc<Counters>,
     pub(super) in_flight: Arc<Mutex<HashMap<Uuid, Delivery>>>,
-    pub(super) in_progress_every: Option<Duration>,
+    pub(super) pace: Arc<Pace>,
+    /// The stream's lease, when running handlers' leases are to be extended.
+    pub(super) lease: Option<Duration>,
 }
 
 impl<C: QueueConsumer> Job<C> {
@@ -44,20 +49,25 @@ impl<C: QueueConsumer> Job<C> {
             .catch_unwind()
             .instrument(span);
         tokio::pin!(work);
+        // Extend once half a lease is left, timed from the delivery's actual expiry (which
+        // `in_progress` moves), so time spent waiting for a slot is accounted for.
+        let mut lease = self.lease;
+        let mut retry_at = None;
         let result = loop {
-            let in_progress_due = async {
-                match self.in_progress_every {
-                    Some(every) => tokio::time::sleep(every).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let due = lease.map(|l| retry_at.unwrap_or_else(|| extend_at(&delivery, l)));
             tokio::select! {
                 r = &mut work => break r,
-                _ = in_progress_due => {
-                    if let Err(e) = self.consumer.in_progress(&mut delivery, None).await {
-                        tracing::warn!(error = %e, message_id = %delivery.id(), "pgtide worker: in_progress (lease extension) failed");
+                _ = sleep_until(due) => match self.consumer.in_progress(&mut delivery, None).await {
+                    Ok(()) => retry_at = None,
+                    Err(Error::LeaseLost { .. }) => {
+                        tracing::warn!(message_id = %delivery.id(), "pgtide worker: lease lost while the handler runs");
+                        lease = None;
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(error = %e, message_id = %delivery.id(), "pgtide worker: in_progress (lease extension) failed; retrying");
+                        retry_at = lease.map(|l| tokio::time::Instant::now() + retry_after(l));
+                    }
+                },
             }
         };
         let result = match result {
@@ -74,6 +84,7 @@ impl<C: QueueConsumer> Job<C> {
             }
         };
         let elapsed = started.elapsed();
+        self.pace.record(elapsed);
         self.counters.handled(&result, elapsed);
         for h in &self.hooks {
             h.after(&delivery, &result, elapsed);

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 mod claim;
 mod dispatch;
 mod job;
+mod pace;
 mod run;
 mod settle;
 mod shutdown;
@@ -87,10 +88,13 @@ impl<T: WorkerHook> WorkerHook for Arc<T> {
 pub struct WorkerConfig {
     /// Most handlers running at once. Defaults to 16.
     pub concurrency: usize,
-    /// Most deliveries claimed per fetch. Defaults to the concurrency.
+    /// Most deliveries claimed per fetch. Defaults to the concurrency. A claim takes fewer when
+    /// handlers are slow: only what the running handlers get through in half a lease, at the
+    /// pace they have been finishing, beyond the free slots.
     pub prefetch: Option<usize>,
-    /// Send `in_progress` for deliveries whose handler is still running, every half lease, so
-    /// that long handlers keep their lease. Defaults to true.
+    /// Send `in_progress` for deliveries whose handler is still running once half a lease is
+    /// left of their lease, so that long handlers keep it. Deliveries claimed and waiting for a
+    /// handler slot are always extended so. Defaults to true.
     pub auto_in_progress: bool,
     /// How long shutdown waits for running handlers before releasing their deliveries.
     /// Defaults to 30 s.

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::claim::Claimed;
+use super::pace::Pace;
 use super::settle::{run_settler, Counters, Settle};
 use super::{BoxHandler, Worker, WorkerConfig, WorkerHook, WorkerReport};
 use crate::error::Result;
@@ -40,8 +41,11 @@ pub(super) struct Run<C: QueueConsumer> {
     /// Acks taken off `ack_rx` and not yet confirmed by the backend.
     pub(super) pending_acks: Vec<Delivery>,
     pub(super) handlers: JoinSet<()>,
-    /// How often a running handler's lease is extended.
-    pub(super) in_progress_every: Option<Duration>,
+    /// The stream's lease, if the backend knows it: claims are sized and held leases extended
+    /// by it.
+    pub(super) lease: Option<Duration>,
+    /// How fast handlers finish, to size claims.
+    pub(super) pace: Arc<Pace>,
     /// Claims failed in a row.
     pub(super) failures: u32,
 }
@@ -59,11 +63,7 @@ impl<C: QueueConsumer> Run<C> {
         let (settle_tx, settle_rx) = mpsc::channel::<Settle>(concurrency * 4);
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Delivery>();
         let settler = tokio::spawn(run_settler(consumer.clone(), settle_rx, counters.clone()));
-        let in_progress_every = if config.auto_in_progress {
-            consumer.lease().await.map(|l| l / 2)
-        } else {
-            None
-        };
+        let lease = consumer.lease().await;
         Run {
             prefetch: config.prefetch.unwrap_or(concurrency),
             permits: Arc::new(Semaphore::new(concurrency)),
@@ -79,7 +79,8 @@ impl<C: QueueConsumer> Run<C> {
             ack_rx,
             pending_acks: vec![],
             handlers: JoinSet::new(),
-            in_progress_every,
+            lease,
+            pace: Arc::default(),
             failures: 0,
         }
     }

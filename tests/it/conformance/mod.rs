@@ -62,6 +62,21 @@ mod backends {
 }
 
 conformance!(postgres, crate::conformance::backends::postgres);
+
+/// Slow cases, on Postgres and memory only (the other backends share the worker code).
+mod slow {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn worker_keeps_every_lease_postgres() {
+        let (queue, _guard) = crate::conformance::backends::postgres().await;
+        crate::conformance::cases::worker_keeps_every_lease(queue).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn worker_keeps_every_lease_memory() {
+        let (queue, _guard) = crate::conformance::backends::memory().await;
+        crate::conformance::cases::worker_keeps_every_lease(queue).await;
+    }
+}
 conformance!(memory, crate::conformance::backends::memory);
 conformance!(any_memory, crate::conformance::backends::any_memory);
 conformance!(any_postgres, crate::conformance::backends::any_postgres);
