@@ -695,7 +695,7 @@ impl<B: ModelBackend> Driver<B> {
         if let Some(at) = latest {
             tokio::time::sleep_until(at + B::SLACK + Duration::from_millis(1)).await;
         }
-        for group in 0..GROUPS {
+        for (group, name) in GROUP_NAMES.iter().enumerate() {
             self.claim(group, 0, 100_000).await?;
             let mine: Vec<usize> = self
                 .model
@@ -710,11 +710,7 @@ impl<B: ModelBackend> Driver<B> {
                 .iter()
                 .map(|(id, p)| format!("{id}: {}", self.show(p)))
                 .collect();
-            ensure!(
-                left.is_empty(),
-                "{}: never delivered: {left:?}",
-                GROUP_NAMES[group]
-            );
+            ensure!(left.is_empty(), "{name}: never delivered: {left:?}");
         }
         Ok(())
     }
