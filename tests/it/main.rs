@@ -4,5 +4,6 @@ mod common;
 mod conformance;
 mod examples;
 mod faults;
+mod model;
 mod postgres;
 mod relay;
