@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::PgBackend;
-use crate::error::{Ctx, Error, Result};
+use crate::error::{Ctx, Result};
 use crate::names::validate_name;
 use crate::queue::{headers_from_json, DeadLetter, GroupStats};
 
@@ -45,8 +45,8 @@ impl PgBackend {
             .collect()
     }
 
-    /// Depth of one group. Reads only that group's rows; [`Error::StreamNotFound`] when the
-    /// stream is missing, [`Error::GroupNotFound`] when the group is.
+    /// Depth of one group. Reads only that group's rows; [`crate::Error::StreamNotFound`] when the
+    /// stream is missing, [`crate::Error::GroupNotFound`] when the group is.
     pub async fn stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
