@@ -103,35 +103,80 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when trying again later may succeed (lost connection, pool timeout, serialization
-    /// failure, deadlock); false for bad input and missing objects.
+    /// True when trying again later may succeed unchanged; false for bad input, missing objects
+    /// and every failure not known to be transient.
+    ///
+    /// Retryable: a lost or failed connection (I/O error, connection closed, SQLSTATE class 08),
+    /// a pool that timed out, and these SQLSTATEs: 40001 serialization failure, 40P01 deadlock
+    /// detected, 55P03 lock not available, 53300 too many connections, 57P01 admin shutdown,
+    /// 57P02 crash shutdown, 57P03 cannot connect now (starting up or recovering).
+    /// Not retryable: every other SQLSTATE (a canceled query, 57014, included: a statement
+    /// timeout would time out again), protocol, decoding and configuration errors, and a closed
+    /// pool. Broker backends decide per error.
     pub fn is_retryable(&self) -> bool {
         match self {
+            #[cfg(feature = "postgres")]
+            Error::Pool(source) => !matches!(
+                source.downcast_ref::<deadpool_postgres::PoolError>(),
+                Some(deadpool_postgres::PoolError::Closed)
+                    | Some(deadpool_postgres::PoolError::NoRuntimeSpecified)
+            ),
+            #[cfg(not(feature = "postgres"))]
             Error::Pool(_) => true,
             Error::Broker { retryable, .. } => *retryable,
             #[cfg(feature = "postgres")]
-            Error::Postgres(source) => {
-                if let Some(e) = source.downcast_ref::<tokio_postgres::Error>() {
-                    if e.is_closed() {
-                        return true;
-                    }
-                    match e.code() {
-                        Some(code) => {
-                            let c = code.code();
-                            c.starts_with("08")
-                                || c == "40001"
-                                || c == "40P01"
-                                || c.starts_with("57P")
-                        }
-                        None => true,
-                    }
-                } else {
-                    true
-                }
-            }
+            Error::Postgres(source) => postgres_retryable(source.as_ref()),
             _ => false,
         }
     }
+}
+
+/// SQLSTATEs after which the same statement may succeed when tried again: serialization failure,
+/// deadlock detected, lock not available, too many connections, admin shutdown, crash shutdown,
+/// cannot connect now (starting up or recovering). Class 08 (connection exception) is retryable
+/// too. See [`Error::is_retryable`].
+#[cfg(feature = "postgres")]
+pub(crate) const RETRYABLE_SQLSTATES: &[&str] = &[
+    "40001", "40P01", "55P03", "53300", "57P01", "57P02", "57P03",
+];
+
+/// Whether a SQLSTATE is transient (see [`RETRYABLE_SQLSTATES`]).
+#[cfg(feature = "postgres")]
+pub(crate) fn is_retryable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || RETRYABLE_SQLSTATES.contains(&code)
+}
+
+/// A tokio-postgres or sqlx error: transient when it carries a transient SQLSTATE, or when it
+/// is a lost connection (closed, or an I/O error anywhere in its source chain).
+#[cfg(feature = "postgres")]
+fn postgres_retryable(source: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(e) = source.downcast_ref::<tokio_postgres::Error>() {
+        if e.is_closed() {
+            return true;
+        }
+        if let Some(code) = e.code() {
+            return is_retryable_sqlstate(code.code());
+        }
+    } else if let Some(e) = source.downcast_ref::<sqlx::Error>() {
+        match e {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => {
+                return true
+            }
+            sqlx::Error::Database(db) => {
+                return db.code().as_deref().is_some_and(is_retryable_sqlstate)
+            }
+            _ => {}
+        }
+    }
+    // Connection loss shows as an I/O error in the chain (tokio-postgres wraps it).
+    let mut next = Some(source);
+    while let Some(e) = next {
+        if e.is::<std::io::Error>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The error and its causes on one line: drivers often display only "db error" and keep the
@@ -295,7 +340,35 @@ impl From<deadpool_postgres::PoolError> for Error {
 
 #[cfg(all(test, feature = "postgres"))]
 mod tests {
-    use super::missing_namespace;
+    use super::{is_retryable_sqlstate, missing_namespace, Error};
+
+    #[test]
+    fn only_transient_failures_are_retryable() {
+        for code in [
+            "40001", "40P01", "55P03", "53300", "57P01", "57P02", "57P03", "08006", "08001",
+        ] {
+            assert!(is_retryable_sqlstate(code), "{code}");
+        }
+        for code in [
+            "23505", "42P01", "42883", "PT001", "PT003", "57014", "22P02", "53100",
+        ] {
+            assert!(!is_retryable_sqlstate(code), "{code}");
+        }
+        let pg = |e: Box<dyn std::error::Error + Send + Sync>| Error::Postgres(e);
+        let io = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(pg(Box::new(io())).is_retryable());
+        assert!(pg(Box::new(sqlx::Error::Io(io()))).is_retryable());
+        assert!(pg(Box::new(sqlx::Error::PoolTimedOut)).is_retryable());
+        assert!(!pg(Box::new(sqlx::Error::Protocol("bad".into()))).is_retryable());
+        assert!(!pg(Box::new(sqlx::Error::RowNotFound)).is_retryable());
+        assert!(!pg("something else".into()).is_retryable());
+        assert!(Error::Pool(Box::new(deadpool_postgres::PoolError::Timeout(
+            deadpool_postgres::TimeoutType::Wait
+        )))
+        .is_retryable());
+        assert!(!Error::Pool(Box::new(deadpool_postgres::PoolError::Closed)).is_retryable());
+        assert!(!Error::InvalidConfig("x".into()).is_retryable());
+    }
 
     #[test]
     fn the_missing_namespace_is_read_from_the_message() {

@@ -35,6 +35,51 @@ $$;
 CREATE OR REPLACE FUNCTION @ns@.valid_name(name text) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$ SELECT name ~ '^[a-z0-9][a-z0-9._-]{0,63}$' $$;
 
+-- Argument checks of the public functions: the rules of the Rust API (src/names.rs, the batch
+-- limit, the stream options), raised as PT001 with a hint, so psql users and other languages meet
+-- the same errors as Rust callers instead of constraint violations or silent NULL behaviour.
+
+-- Raises PT001 unless `name` (of a stream, group or consumer: `kind`) follows the naming rule.
+-- NULL is invalid. The message shows at most 80 characters of a long name.
+CREATE OR REPLACE FUNCTION @ns@._check_name(kind text, name text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF name IS NULL OR NOT @ns@.valid_name(name) THEN
+        RAISE EXCEPTION 'pgtide: % name % is invalid', kind,
+            CASE WHEN length(name) > 80 THEN quote_literal(left(name, 80)) || '...'
+                 ELSE quote_nullable(name) END
+            USING ERRCODE = 'PT001',
+                  HINT = 'use 1-64 of a-z, 0-9, ''.'', ''_'', ''-'', starting with a letter or digit';
+    END IF;
+END $$;
+
+-- Raises PT001 with `message` and `hint` unless `ok` is true (NULL counts as false, so a check
+-- written as `arg > 0` also rejects a NULL argument).
+CREATE OR REPLACE FUNCTION @ns@._check(ok boolean, message text, hint text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF ok IS NOT TRUE THEN
+        RAISE EXCEPTION 'pgtide: %', message USING ERRCODE = 'PT001', HINT = hint;
+    END IF;
+END $$;
+
+-- The checks every by-name settle shares: stream and group names, `ids` given, and `tokens`, when
+-- given, one per id.
+CREATE OR REPLACE FUNCTION @ns@._check_settle(stream text, "group" text, ids uuid[], tokens bigint[])
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    PERFORM @ns@._check(ids IS NOT NULL AND array_position(ids, NULL) IS NULL,
+        'ids must not be NULL or hold NULL', 'pass the ids that read() returned');
+    PERFORM @ns@._check(tokens IS NULL OR (cardinality(tokens) = cardinality(ids)
+                                           AND array_position(tokens, NULL) IS NULL),
+        format('tokens must hold one lease token per id (%s ids, %s tokens)',
+               cardinality(ids), cardinality(tokens)),
+        'pass the lease_token column of read() in the order of ids, or no tokens at all');
+END $$;
+
 CREATE OR REPLACE FUNCTION @ns@.stream_id(stream text) RETURNS integer
 LANGUAGE plpgsql STABLE AS $$
 DECLARE v integer;

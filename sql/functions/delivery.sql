@@ -267,7 +267,13 @@ LANGUAGE sql AS $$
 $$;
 
 ---------------------------------------------------------------------------------------------------
--- public read / settle by name (psql and other languages)
+-- public read / settle by name (psql and other languages). Each checks its arguments first, with
+-- the Rust API's rules (`_check*` in core.sql): a bad argument raises PT001 before anything is
+-- claimed or changed.
+
+-- The most deliveries one `read` claims, as the Rust consumer's fetch clamps.
+CREATE OR REPLACE FUNCTION @ns@._max_batch() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 10000 $$;
 
 -- Returns `lease_token` (migration 0008): pass it back to the settle functions to fence them.
 DROP FUNCTION IF EXISTS @ns@.read(text, text, text, integer, interval);
@@ -275,13 +281,24 @@ CREATE OR REPLACE FUNCTION @ns@.read(stream text, "group" text, consumer text, n
                           lease interval DEFAULT NULL)
 RETURNS TABLE (id uuid, payload jsonb, payload_bytes bytea, headers jsonb, attempt integer,
                published_at timestamptz, lease_expires_at timestamptz, lease_token bigint)
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+DECLARE
+    gid integer;
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    -- A NULL consumer would leave the delivery un-ackable (settles need a holder).
+    PERFORM @ns@._check_name('consumer', consumer);
+    PERFORM @ns@._check(n BETWEEN 1 AND @ns@._max_batch(),
+        format('n must be between 1 and %s, not %s', @ns@._max_batch(), coalesce(n::text, 'NULL')),
+        'read at most 10000 deliveries per call; call read() again for more');
+    gid := @ns@.group_id(stream, "group");
+    RETURN QUERY
     SELECT c.id,
            CASE WHEN c.is_json THEN convert_from(c.payload, 'UTF8')::jsonb END,
            c.payload, c.headers, c.attempt, @ns@.uuid_time(c.id), c.lease_expires_at, c.lease_token
-    FROM @ns@._claim(@ns@.group_id(stream, "group"), n, consumer,
-                     @ns@._check_duration('lease', lease, false)) c
-$$;
+    FROM @ns@._claim(gid, n, consumer, @ns@._check_duration('lease', lease, false)) c;
+END $$;
 
 -- The by-name settles take the `lease_token`s that `read` returned, in the order of `ids`, and
 -- then settle only deliveries still held under those tokens. Without `tokens` they settle any
@@ -289,30 +306,36 @@ $$;
 DROP FUNCTION IF EXISTS @ns@.ack(text, text, uuid[]);
 CREATE OR REPLACE FUNCTION @ns@.ack(stream text, "group" text, ids uuid[], tokens bigint[] DEFAULT NULL)
 RETURNS integer
-LANGUAGE sql AS $$
-    SELECT count(*)::integer FROM @ns@._ack(@ns@.group_id(stream, "group"), ids, NULL, tokens)
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM @ns@._check_settle(stream, "group", ids, tokens);
+    RETURN (SELECT count(*)::integer FROM @ns@._ack(@ns@.group_id(stream, "group"), ids, NULL, tokens));
+END $$;
 
 DROP FUNCTION IF EXISTS @ns@.nack(text, text, uuid[], interval, text);
 CREATE OR REPLACE FUNCTION @ns@.nack(stream text, "group" text, ids uuid[], delay interval DEFAULT NULL,
                           error text DEFAULT NULL, tokens bigint[] DEFAULT NULL) RETURNS integer
-LANGUAGE sql AS $$
-    SELECT count(*)::integer FROM @ns@._nack(
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM @ns@._check_settle(stream, "group", ids, tokens);
+    RETURN (SELECT count(*)::integer FROM @ns@._nack(
         @ns@.group_id(stream, "group"), ids, NULL,
         CASE WHEN delay IS NULL THEN NULL
              ELSE array_fill(@ns@._check_duration('delay', delay, true), ARRAY[cardinality(ids)]) END,
         CASE WHEN error IS NULL THEN NULL ELSE array_fill(error, ARRAY[cardinality(ids)]) END,
-        tokens)
-$$;
+        tokens));
+END $$;
 
 DROP FUNCTION IF EXISTS @ns@.term(text, text, uuid[], text);
 CREATE OR REPLACE FUNCTION @ns@.term(stream text, "group" text, ids uuid[], reason text DEFAULT 'terminated',
                           tokens bigint[] DEFAULT NULL)
 RETURNS integer
-LANGUAGE sql AS $$
-    SELECT count(*)::integer FROM @ns@._term(
-        @ns@.group_id(stream, "group"), ids, NULL, array_fill(reason, ARRAY[cardinality(ids)]), tokens)
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM @ns@._check_settle(stream, "group", ids, tokens);
+    RETURN (SELECT count(*)::integer FROM @ns@._term(
+        @ns@.group_id(stream, "group"), ids, NULL, array_fill(reason, ARRAY[cardinality(ids)]), tokens));
+END $$;
 
 -- Extends the leases of deliveries still being worked on: visible again only `lease` (default:
 -- the stream's lease) from now. Returns how many were extended (a lapsed lease is not).
@@ -320,23 +343,33 @@ DROP FUNCTION IF EXISTS @ns@.in_progress(text, text, uuid[], interval);
 CREATE OR REPLACE FUNCTION @ns@.in_progress(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL,
                                  tokens bigint[] DEFAULT NULL)
 RETURNS integer
-LANGUAGE sql AS $$
-    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL,
-                                               @ns@._check_duration('lease', lease, false), tokens)
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM @ns@._check_settle(stream, "group", ids, tokens);
+    RETURN (SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL,
+                                                       @ns@._check_duration('lease', lease, false), tokens));
+END $$;
 
--- `extend`: the earlier name of `in_progress`, kept as an alias with the same body.
+-- `extend`: the earlier name of `in_progress`, kept as an alias.
 DROP FUNCTION IF EXISTS @ns@.extend(text, text, uuid[], interval);
 CREATE OR REPLACE FUNCTION @ns@.extend(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL,
                             tokens bigint[] DEFAULT NULL)
 RETURNS integer
-LANGUAGE sql AS $$
-    SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL,
-                                               @ns@._check_duration('lease', lease, false), tokens)
-$$;
+LANGUAGE sql AS $$ SELECT @ns@.in_progress(stream, "group", ids, lease, tokens) $$;
 
+-- `ids` NULL: every dead letter of the group.
 CREATE OR REPLACE FUNCTION @ns@.replay_dead(stream text, "group" text, ids uuid[] DEFAULT NULL) RETURNS integer
-LANGUAGE sql AS $$ SELECT count(*)::integer FROM @ns@._replay_dead(@ns@.group_id(stream, "group"), ids) $$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    RETURN (SELECT count(*)::integer FROM @ns@._replay_dead(@ns@.group_id(stream, "group"), ids));
+END $$;
 
 CREATE OR REPLACE FUNCTION @ns@.purge_dead(stream text, "group" text, ids uuid[] DEFAULT NULL) RETURNS bigint
-LANGUAGE sql AS $$ SELECT @ns@._purge_dead(@ns@.group_id(stream, "group"), ids) $$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    RETURN @ns@._purge_dead(@ns@.group_id(stream, "group"), ids);
+END $$;

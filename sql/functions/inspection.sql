@@ -8,23 +8,18 @@
 -- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
 -- in `migrations/`, never here.
 
--- Per (stream, group): counts come from folded counters plus the (small) unfolded deltas, and the
+-- Counts of one group (by id): folded counters plus the (small) unfolded deltas, and the
 -- non-ready part of the claim index (leased and delayed rows); the ready backlog is never counted.
-CREATE OR REPLACE FUNCTION @ns@.stats()
-RETURNS TABLE (stream text, "group" text, ready bigint, delayed bigint, in_flight bigint,
-               dead bigint, oldest_ready_age interval)
-LANGUAGE plpgsql SET jit = off AS $$
-#variable_conflict use_column
-BEGIN
-    PERFORM @ns@.fold_counters();
-    RETURN QUERY
-    SELECT s.name, g.name,
-           greatest(coalesce(c.pending, 0) + coalesce(x.pending, 0) - f.in_flight - f.delayed, 0)::bigint,
+-- Reads only the group's rows and folds nothing. The one counting rule of `stats()` and
+-- `group_stats()`. A NULL group (a stream without groups in `stats()`) counts as empty.
+CREATE OR REPLACE FUNCTION @ns@._group_stats(p_group integer)
+RETURNS TABLE (ready bigint, delayed bigint, in_flight bigint, dead bigint, oldest_ready_age interval)
+LANGUAGE sql STABLE SET jit = off AS $$
+    SELECT greatest(coalesce(c.pending, 0) + coalesce(x.pending, 0) - f.in_flight - f.delayed, 0)::bigint,
            f.delayed, f.in_flight,
            (coalesce(c.dead, 0) + coalesce(x.dead, 0))::bigint,
            o.age
-    FROM @ns@.streams s
-    LEFT JOIN @ns@.groups g ON g.stream_id = s.id
+    FROM (SELECT p_group AS id) g
     LEFT JOIN @ns@.group_counters c ON c.group_id = g.id
     LEFT JOIN LATERAL (
         SELECT sum(cd.pending) AS pending, sum(cd.dead) AS dead
@@ -40,7 +35,39 @@ BEGIN
         FROM @ns@.delivery_state d WHERE d.group_id = g.id AND d.visible_at <= now()
         ORDER BY d.visible_at LIMIT 1
     ) o ON true
+$$;
+
+-- Per (stream, group) of the namespace; folds the counter deltas first (cheap, skipped when
+-- another session is folding).
+CREATE OR REPLACE FUNCTION @ns@.stats()
+RETURNS TABLE (stream text, "group" text, ready bigint, delayed bigint, in_flight bigint,
+               dead bigint, oldest_ready_age interval)
+LANGUAGE plpgsql SET jit = off AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM @ns@.fold_counters();
+    RETURN QUERY
+    SELECT s.name, g.name, st.ready, st.delayed, st.in_flight, st.dead, st.oldest_ready_age
+    FROM @ns@.streams s
+    LEFT JOIN @ns@.groups g ON g.stream_id = s.id
+    CROSS JOIN LATERAL @ns@._group_stats(g.id) st
     ORDER BY s.name, g.name;
+END $$;
+
+-- One group, by name: PT001 for a bad name, PT002 for a missing stream, PT003 for a missing
+-- group. Reads only that group's rows (no fold, no namespace-wide scan).
+CREATE OR REPLACE FUNCTION @ns@.group_stats(stream text, "group" text)
+RETURNS TABLE (ready bigint, delayed bigint, in_flight bigint, dead bigint, oldest_ready_age interval)
+LANGUAGE plpgsql STABLE SET jit = off AS $$
+DECLARE
+    gid integer;
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    gid := @ns@.group_id(stream, "group");
+    RETURN QUERY
+    SELECT st.ready, st.delayed, st.in_flight, st.dead, st.oldest_ready_age
+    FROM @ns@._group_stats(gid) st;
 END $$;
 
 CREATE OR REPLACE VIEW @ns@.stream_stats AS SELECT * FROM @ns@.stats();

@@ -8,6 +8,13 @@
 -- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
 -- in `migrations/`, never here.
 
+-- Partition DDL (ensure_partition, drop_expired_partitions, maintain, trim_stream) runs under one
+-- transaction-level lock per namespace: their check-then-create and check-then-drop would
+-- otherwise race (a by-hand maintain() against the scout's fails on "already exists"). One lock,
+-- taken first, cannot form a cycle. Held to commit; taking it again in the same transaction is free.
+CREATE OR REPLACE FUNCTION @ns@._lock_partitions() RETURNS void
+LANGUAGE sql AS $$ SELECT pg_advisory_xact_lock(hashtext(@ns_lit@ || '.partitions')) $$;
+
 -- Creates the range partition of `stream` that holds `at`, moving any rows the default partition
 -- caught for that range (publishes while maintenance was not running are never lost).
 CREATE OR REPLACE FUNCTION @ns@.ensure_partition(p_stream_id integer, at timestamptz) RETURNS boolean
@@ -21,6 +28,8 @@ DECLARE
     tbl    text;
     parent text := format('messages_s%s', p_stream_id);
 BEGIN
+    PERFORM @ns@._check(at IS NOT NULL, 'at must not be NULL', 'leave it out for now()');
+    PERFORM @ns@._lock_partitions();
     SELECT partition_interval INTO width FROM @ns@.streams WHERE id = p_stream_id;
     IF width IS NULL THEN RETURN false; END IF;
     w_ms := floor(extract(epoch FROM width) * 1000)::bigint;
@@ -53,6 +62,8 @@ DECLARE
     n       integer := 0;
     keep    interval;
 BEGIN
+    PERFORM @ns@._check(at IS NOT NULL, 'at must not be NULL', 'leave it out for now()');
+    PERFORM @ns@._lock_partitions();
     SELECT retention INTO keep FROM @ns@.streams WHERE id = p_stream_id;
     FOR p IN SELECT * FROM @ns@.partitions
              WHERE stream_id = p_stream_id AND upper <= at - keep ORDER BY lower
@@ -104,6 +115,8 @@ DECLARE
     s record;
     i integer;
 BEGIN
+    PERFORM @ns@._check(at IS NOT NULL, 'at must not be NULL', 'leave it out for now()');
+    PERFORM @ns@._lock_partitions();
     partitions_created := 0;
     partitions_dropped := 0;
     FOR s IN SELECT id, partition_interval FROM @ns@.streams ORDER BY id LOOP

@@ -73,13 +73,16 @@ RETURNS TABLE (skipped bigint, queued bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    gid    integer := @ns@.group_id(stream, "group");
+    gid    integer;
     sid    integer;
     bound  uuid;
     n_skip bigint;
     n_back bigint;
     n_dead bigint;
 BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    gid := @ns@.group_id(stream, "group");
     SELECT g.stream_id INTO sid FROM @ns@.groups g WHERE g.id = gid;
     bound := CASE WHEN from_time IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
                   ELSE @ns@.uuid_floor(greatest(from_time, 'epoch'::timestamptz)) END;
@@ -118,20 +121,23 @@ CREATE OR REPLACE FUNCTION @ns@.trim_stream(stream text, max_age interval DEFAUL
 RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    sid     integer := @ns@.stream_id(stream);
+    sid     integer;
     bound   uuid;
     by_len  uuid;
     p       record;
     n       bigint := 0;
     c       bigint;
 BEGIN
-    IF max_age IS NULL AND max_len IS NULL THEN
-        RAISE EXCEPTION 'pgtide: trim needs max_age or max_len' USING ERRCODE = 'PT001';
-    END IF;
-    IF max_age < '0' OR max_len < 0 THEN
-        RAISE EXCEPTION 'pgtide: trim limits must not be negative' USING ERRCODE = 'PT001';
-    END IF;
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check(max_age IS NOT NULL OR max_len IS NOT NULL, 'trim needs max_age or max_len',
+        'e.g. trim_stream(''orders'', max_age => ''7 days'') or max_len => 1000000');
+    PERFORM @ns@._check(coalesce(max_age >= '0', true) AND coalesce(max_len >= 0, true), 'trim limits must not be negative',
+        'max_age is an age (>= 0), max_len a count of messages to keep (>= 0)');
+    sid := @ns@.stream_id(stream);
     PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.trim.' || sid));
+    -- Partition DDL takes the namespace's partition lock (maintenance.sql), so a trim racing
+    -- maintain() never drops a partition maintain is dropping or creating.
+    PERFORM @ns@._lock_partitions();
     IF max_age IS NOT NULL THEN
         bound := @ns@.uuid_floor(now() - max_age);
     END IF;
@@ -198,7 +204,13 @@ AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION @ns@.release_consumer(stream text, "group" text, consumer text) RETURNS bigint
-LANGUAGE sql AS $$ SELECT @ns@._release_consumer(@ns@.group_id(stream, "group"), consumer) $$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    PERFORM @ns@._check_name('consumer', consumer);
+    RETURN @ns@._release_consumer(@ns@.group_id(stream, "group"), consumer);
+END $$;
 
 ---------------------------------------------------------------------------------------------------
 -- rates

@@ -108,6 +108,23 @@ BEGIN
     RETURN NEXT;
 END $$;
 
+-- The checks both public publish functions share (the Rust API's rules): a valid stream name, a
+-- payload, headers as a JSON object, a priority. PT001 with a hint; nothing is written.
+CREATE OR REPLACE FUNCTION @ns@._check_publish(p_stream text, p_has_payload boolean, p_headers jsonb,
+                                               p_priority integer)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    PERFORM @ns@._check_name('stream', p_stream);
+    PERFORM @ns@._check(p_has_payload, 'payload must not be NULL',
+        'publish a JSON null as ''null''::jsonb, or an empty body as ''''::bytea');
+    PERFORM @ns@._check(p_headers IS NULL OR jsonb_typeof(p_headers) = 'object',
+        format('headers must be a JSON object, not %s', jsonb_typeof(p_headers)),
+        'e.g. headers => ''{"trace": "abc"}''');
+    PERFORM @ns@._check(p_priority IS NOT NULL, 'priority must not be NULL',
+        'leave it out for 0; a priority p > 0 counts as ready p seconds earlier');
+END $$;
+
 CREATE OR REPLACE FUNCTION @ns@.publish(
     stream     text,
     payload    jsonb,
@@ -116,11 +133,13 @@ CREATE OR REPLACE FUNCTION @ns@.publish(
     dedupe_key text DEFAULT NULL,
     priority   integer DEFAULT 0
 ) RETURNS uuid
-LANGUAGE sql AS $$
-    SELECT message_id FROM @ns@._publish(
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM @ns@._check_publish(stream, payload IS NOT NULL, headers, priority);
+    RETURN (SELECT p.message_id FROM @ns@._publish(
         stream, @ns@.uuid_v7(), convert_to(payload::text, 'UTF8'), true, headers,
-        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority)
-$$;
+        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority) p);
+END $$;
 
 CREATE OR REPLACE FUNCTION @ns@.publish_bytes(
     stream     text,
@@ -130,8 +149,10 @@ CREATE OR REPLACE FUNCTION @ns@.publish_bytes(
     dedupe_key text DEFAULT NULL,
     priority   integer DEFAULT 0
 ) RETURNS uuid
-LANGUAGE sql AS $$
-    SELECT message_id FROM @ns@._publish(
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM @ns@._check_publish(stream, payload IS NOT NULL, headers, priority);
+    RETURN (SELECT p.message_id FROM @ns@._publish(
         stream, @ns@.uuid_v7(), payload, false, headers,
-        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority)
-$$;
+        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority) p);
+END $$;

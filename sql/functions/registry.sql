@@ -24,10 +24,20 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     sid integer;
 BEGIN
-    IF stream IS NULL OR NOT @ns@.valid_name(stream) THEN
-        RAISE EXCEPTION 'pgtide: stream name % is invalid: use 1-64 of a-z, 0-9, ''.'', ''_'', ''-'', starting with a letter or digit', quote_nullable(stream)
-            USING ERRCODE = 'PT001';
-    END IF;
+    -- The rules of the Rust StreamConfig, checked before the insert so a bad option is PT001 with
+    -- a hint, never a table constraint's error. (Durations: `_check_duration`.)
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check(max_deliver >= 1, format('max_deliver must be at least 1, not %s', coalesce(max_deliver::text, 'NULL')),
+        'max_deliver is how many attempts a message gets before it is dead-lettered');
+    PERFORM @ns@._check(max_payload >= 1, format('max_payload must be between 1 and 2147483647 bytes, not %s', coalesce(max_payload::text, 'NULL')),
+        'max_payload is the largest payload a publish accepts, in bytes');
+    PERFORM @ns@._check(cardinality(backoff) >= 1 AND array_position(backoff, NULL) IS NULL,
+        'backoff needs at least one step and no NULL step',
+        'e.g. backoff => ''{1s,5s,30s}'': attempt n waits step n, the last step repeats');
+    PERFORM @ns@._check(backoff_jitter BETWEEN 0 AND 1, format('backoff_jitter must be between 0 and 1, not %s', coalesce(backoff_jitter::text, 'NULL')),
+        'backoff_jitter scales each backoff step by a random factor in 1 +- jitter');
+    PERFORM @ns@._check(if_not_exists IS NOT NULL, 'if_not_exists must not be NULL',
+        'pass true to accept an existing stream, false to raise PT005');
     PERFORM @ns@._check_duration('lease', lease, false), @ns@._check_duration('retention', retention, false),
             @ns@._check_duration('dedupe_window', dedupe_window, true),
             @ns@._check_duration('partition_interval', partition_interval, false),
@@ -58,6 +68,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     sid integer;
 BEGIN
+    PERFORM @ns@._check_name('stream', stream);
     SELECT id INTO sid FROM @ns@.streams WHERE name = stream FOR UPDATE;
     IF sid IS NULL THEN RETURN false; END IF;
     DELETE FROM @ns@.delivery_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
@@ -76,18 +87,17 @@ CREATE OR REPLACE FUNCTION @ns@.create_group(stream text, "group" text, start te
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    sid integer := @ns@.stream_id(stream);
+    sid integer;
     gid integer;
     n   bigint;
 BEGIN
-    IF "group" IS NULL OR NOT @ns@.valid_name("group") THEN
-        RAISE EXCEPTION 'pgtide: group name % is invalid: use 1-64 of a-z, 0-9, ''.'', ''_'', ''-'', starting with a letter or digit', quote_nullable("group")
-            USING ERRCODE = 'PT001';
-    END IF;
-    IF start NOT IN ('new', 'oldest') THEN
-        RAISE EXCEPTION 'pgtide: group start % is invalid: use ''new'' or ''oldest''', quote_nullable(start)
-            USING ERRCODE = 'PT001';
-    END IF;
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    PERFORM @ns@._check(start IN ('new', 'oldest'), format('group start %s is invalid', quote_nullable(start)),
+        'use ''new'' (messages published from now on) or ''oldest'' (every retained message)');
+    PERFORM @ns@._check(if_not_exists IS NOT NULL, 'if_not_exists must not be NULL',
+        'pass true to accept an existing group, false to raise PT006');
+    sid := @ns@.stream_id(stream);
     PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.group.' || sid || '.' || "group"));
     IF EXISTS (SELECT 1 FROM @ns@.groups WHERE stream_id = sid AND name = "group") THEN
         IF if_not_exists THEN RETURN false; END IF;
@@ -111,6 +121,8 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     gid integer;
 BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
     SELECT g.id INTO gid FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
     WHERE s.name = stream AND g.name = "group" FOR UPDATE OF g;
     IF gid IS NULL THEN RETURN false; END IF;
@@ -127,9 +139,11 @@ END $$;
 CREATE OR REPLACE FUNCTION @ns@.purge_stream(stream text) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    sid integer := @ns@.stream_id(stream);
+    sid integer;
     n   bigint;
 BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    sid := @ns@.stream_id(stream);
     SELECT count(*) INTO n FROM @ns@.delivery_state
     WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.delivery_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::PgBackend;
-use crate::error::{Ctx, Error, Result};
+use crate::error::{Ctx, Result};
 use crate::names::validate_name;
 use crate::queue::{headers_from_json, DeadLetter, GroupStats};
 
@@ -45,18 +45,29 @@ impl PgBackend {
             .collect()
     }
 
-    /// Depth of one group.
+    /// Depth of one group. Reads only that group's rows; [`crate::Error::StreamNotFound`] when the
+    /// stream is missing, [`crate::Error::GroupNotFound`] when the group is.
     pub async fn stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
-        self.stats_all()
-            .await?
-            .into_iter()
-            .find(|s| s.stream == stream && s.group.as_deref() == Some(group))
-            .ok_or_else(|| Error::GroupNotFound {
-                stream: stream.to_owned(),
-                group: group.to_owned(),
-            })
+        let r = self
+            .sql_row(
+                &self.inner.sql.group_stats,
+                &[&stream, &group],
+                Ctx::group(stream, group),
+            )
+            .await?;
+        Ok(GroupStats {
+            stream: stream.to_owned(),
+            group: Some(group.to_owned()),
+            ready: r.try_get(0)?,
+            delayed: r.try_get(1)?,
+            in_flight: r.try_get(2)?,
+            dead: r.try_get(3)?,
+            oldest_ready_age: r
+                .try_get::<_, Option<f64>>(4)?
+                .map(|s| Duration::from_secs_f64(s.max(0.0))),
+        })
     }
 
     /// One maintenance pass: creates partitions ahead, drops partitions past retention, removes

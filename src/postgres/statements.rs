@@ -48,6 +48,7 @@ statements! {
     extend => "extend.sql",
     release => "release.sql",
     stats => "stats.sql",
+    group_stats => "group_stats.sql",
     scout_due => "scout_due.sql",
     // registry
     stream_create => "stream_create.sql",

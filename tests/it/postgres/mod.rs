@@ -4,6 +4,7 @@ mod plans;
 mod publish;
 mod publish_rule;
 mod registry;
+mod sql_checks;
 mod sql_surface;
 mod upgrade;
 mod wakeups;
