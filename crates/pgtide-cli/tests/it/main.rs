@@ -3,6 +3,10 @@
 //! binary, in this package because `CARGO_BIN_EXE_pgtide` exists only here.
 
 mod backends;
+// The library's own test fixtures (a fresh namespace per test), shared rather than copied; the
+// CLI tests use only part of them.
+#[allow(dead_code)]
+#[path = "../../../../tests/it/common.rs"]
 mod common;
 mod exit;
 mod flow;
