@@ -168,7 +168,7 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport> {
             &[&ns],
         )
         .await?
-        .get(0);
+        .try_get(0)?;
     if exists {
         return Err(Error::InvalidConfig(format!(
             "bench namespace {ns:?} already exists: the bench drops its namespace at the end, so give it a new one"
@@ -364,7 +364,7 @@ async fn machine(admin: &Client) -> Result<Machine> {
             admin
                 .query_one("SELECT current_setting($1)", &[&name])
                 .await?
-                .get::<_, String>(0),
+                .try_get::<_, String>(0)?,
         );
     }
     let mut settings = settings.into_iter();
