@@ -31,9 +31,7 @@ impl PgBackend {
             )));
         }
         let client = self.client().await?;
-        match client
-            .execute(&self.inner.sql.grant_runtime, &[&role])
-            .await
+        match self.inner.sql.grant_runtime.execute(&client, &[&role]).await
         {
             Ok(_) => Ok(()),
             Err(e) if e.code().map(|c| c.code()) == Some("PT007") => {

@@ -6,7 +6,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use super::exec::{Caller, Exec};
 use super::wake::Wake;
+use super::StatementMode;
 use super::{micros, PgBackend};
 use crate::error::{Ctx, Error, Result};
 use crate::metrics;
@@ -110,13 +112,10 @@ impl PgBackend {
         self.check_publish(stream, msgs).await?;
         let mut client = self.client().await?;
         let receipts = if msgs.iter().all(|m| m.dedupe_key.is_none()) {
-            let stmt = client.prepare_cached(&self.inner.sql.publish).await?;
-            self.run_publish(&**client, &stmt, stream, msgs).await?
+            self.run_publish(&*client, stream, msgs).await?
         } else {
             let tx = client.transaction().await?;
-            let receipts = self
-                .run_publish(&*tx, self.inner.sql.publish.as_str(), stream, msgs)
-                .await?;
+            let receipts = self.run_publish(&Caller(&*tx), stream, msgs).await?;
             tx.commit().await?;
             receipts
         };
@@ -172,24 +171,17 @@ impl PgBackend {
             return Ok(vec![]);
         }
         self.check_publish(stream, msgs).await?;
-        let receipts = self
-            .run_publish(client, self.inner.sql.publish.as_str(), stream, msgs)
-            .await?;
+        let receipts = self.run_publish(&Caller(client), stream, msgs).await?;
         metrics::published(stream, &receipts);
         Ok(receipts)
     }
 
-    async fn run_publish<C, S>(
+    async fn run_publish<E: Exec>(
         &self,
-        client: &C,
-        fast_stmt: &S,
+        client: &E,
         stream: &str,
         msgs: &[OutgoingMessage],
-    ) -> Result<Vec<PublishReceipt>>
-    where
-        C: GenericClient + Sync,
-        S: tokio_postgres::ToStatement + ?Sized + Sync + Send,
-    {
+    ) -> Result<Vec<PublishReceipt>> {
         let ctx = || Ctx {
             stream: Some(stream),
             group: None,
@@ -208,7 +200,7 @@ impl PgBackend {
                 &f.priority,
             ];
             let n: i64 = client
-                .query_one(fast_stmt, &params)
+                .run_one(&self.inner.sql.publish, &params)
                 .await
                 .map_err(|e| Error::from_pg(e, ctx()))?
                 .try_get(0)?;
@@ -220,8 +212,8 @@ impl PgBackend {
         for (i, id) in &plan.keyed {
             let m = &msgs[*i];
             let row = client
-                .query_one(
-                    self.inner.sql.publish_one.as_str(),
+                .run_one(
+                    &self.inner.sql.publish_one,
                     &[
                         &stream,
                         id,
@@ -260,10 +252,14 @@ impl PgBackend {
             stream: Some(stream),
             group: None,
         };
+        // Unnamed mode: sqlx's unnamed statements, which a transaction-mode pooler does not mix
+        // up (named ones live on one server connection and collide on the next client's).
+        let persistent = self.statement_mode() == StatementMode::Prepared;
         let mut plan = plan(msgs);
         if !plan.fast.ids.is_empty() {
             let f = &plan.fast;
-            let n: i64 = sqlx::query_scalar(&self.inner.sql.publish)
+            let n: i64 = sqlx::query_scalar(&self.inner.sql.publish.sql)
+                .persistent(persistent)
                 .bind(stream)
                 .bind(&f.ids)
                 .bind(&f.payloads)
@@ -282,7 +278,8 @@ impl PgBackend {
         }
         for (i, id) in &plan.keyed {
             let m = &msgs[*i];
-            let (id, duplicate): (Uuid, bool) = sqlx::query_as(&self.inner.sql.publish_one)
+            let (id, duplicate): (Uuid, bool) = sqlx::query_as(&self.inner.sql.publish_one.sql)
+                .persistent(persistent)
                 .bind(stream)
                 .bind(id)
                 .bind(m.payload.as_ref())
