@@ -137,11 +137,7 @@ impl Statement {
                 let stmt = client.prepare_cached(&self.sql).await?;
                 client.query_one(&stmt, params).await
             }
-            StatementMode::Unnamed => {
-                client
-                    .query_typed_one(&self.sql, &self.typed(params))
-                    .await
-            }
+            StatementMode::Unnamed => client.query_typed_one(&self.sql, &self.typed(params)).await,
         }
     }
 
@@ -156,11 +152,7 @@ impl Statement {
                 let stmt = client.prepare_cached(&self.sql).await?;
                 client.query_opt(&stmt, params).await
             }
-            StatementMode::Unnamed => {
-                client
-                    .query_typed_opt(&self.sql, &self.typed(params))
-                    .await
-            }
+            StatementMode::Unnamed => client.query_typed_opt(&self.sql, &self.typed(params)).await,
         }
     }
 
@@ -200,11 +192,7 @@ impl Statement {
     ) -> std::result::Result<Row, PgError> {
         match self.mode {
             StatementMode::Prepared => client.query_one(self.sql.as_str(), params).await,
-            StatementMode::Unnamed => {
-                client
-                    .query_typed_one(&self.sql, &self.typed(params))
-                    .await
-            }
+            StatementMode::Unnamed => client.query_typed_one(&self.sql, &self.typed(params)).await,
         }
     }
 }

@@ -196,7 +196,7 @@ pub struct PgBackendBuilder {
     namespace: String,
     pool_size: usize,
     connect_timeout: Duration,
-    notifications: bool,
+    notifications: Option<bool>,
     poll_interval: Option<Duration>,
     statement_mode: Option<StatementMode>,
     listen_url: Option<String>,
@@ -222,11 +222,13 @@ impl PgBackendBuilder {
         self
     }
 
-    /// Whether consumers are woken by LISTEN/NOTIFY. Defaults to true. Turn it off behind a
-    /// pooler in transaction mode (poll-only mode): consumers then poll every
-    /// [`PgBackendBuilder::poll_interval`].
+    /// Whether consumers are woken by LISTEN/NOTIFY. Without it (poll-only mode) consumers
+    /// poll every [`PgBackendBuilder::poll_interval`]. LISTEN needs a session: behind a pooler
+    /// in transaction mode either set [`PgBackendBuilder::listen_url`] to a direct URL or turn
+    /// notifications off. Defaults to true, except in [`StatementMode::Unnamed`] without a
+    /// `listen_url` (a pooler is assumed), where it defaults to false.
     pub fn notifications(mut self, enabled: bool) -> Self {
-        self.notifications = enabled;
+        self.notifications = Some(enabled);
         self
     }
 
@@ -316,7 +318,10 @@ impl PgBackendBuilder {
             .create_timeout(Some(self.connect_timeout))
             .build()
             .map_err(|e| Error::InvalidConfig(format!("pool: {e}")))?;
-        let poll_interval = self.poll_interval.unwrap_or(if self.notifications {
+        let notifications = self
+            .notifications
+            .unwrap_or(mode == StatementMode::Prepared || listen_url.is_some());
+        let poll_interval = self.poll_interval.unwrap_or(if notifications {
             Duration::from_secs(30)
         } else {
             Duration::from_secs(1)
@@ -338,7 +343,7 @@ impl PgBackendBuilder {
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
                 options: Options {
-                    notifications: self.notifications,
+                    notifications,
                     poll_interval,
                 },
                 background,
@@ -355,7 +360,7 @@ impl PgBackend {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             pool_size: 16,
             connect_timeout: Duration::from_secs(30),
-            notifications: true,
+            notifications: None,
             poll_interval: None,
             statement_mode: None,
             listen_url: None,

@@ -31,7 +31,12 @@ impl PgBackend {
             )));
         }
         let client = self.client().await?;
-        match self.inner.sql.grant_runtime.execute(&client, &[&role]).await
+        match self
+            .inner
+            .sql
+            .grant_runtime
+            .execute(&client, &[&role])
+            .await
         {
             Ok(_) => Ok(()),
             Err(e) if e.code().map(|c| c.code()) == Some("PT007") => {
