@@ -15,6 +15,9 @@ use crate::metrics;
 use crate::names::validate_name;
 use crate::queue::{headers_to_json, OutgoingMessage, PublishReceipt};
 
+/// Opens a publish transaction whose inserts do not fire the NOTIFY trigger (unnamed mode).
+const QUIET_BEGIN: &str = include_str!("../../sql/publish_quiet_begin.sql");
+
 /// Column arrays for `sql/publish.sql`.
 #[derive(Default)]
 struct Columns {
@@ -112,7 +115,10 @@ impl PgBackend {
         self.check_publish(stream, msgs).await?;
         let mut client = self.client().await?;
         let receipts = if msgs.iter().all(|m| m.dedupe_key.is_none()) {
-            self.run_publish(&*client, stream, msgs).await?
+            match self.statement_mode() {
+                StatementMode::Prepared => self.run_publish(&*client, stream, msgs).await?,
+                StatementMode::Unnamed => self.run_publish_quiet(&client, stream, msgs).await?,
+            }
         } else {
             let tx = client.transaction().await?;
             let receipts = self.run_publish(&Caller(&*tx), stream, msgs).await?;
@@ -123,6 +129,27 @@ impl PgBackend {
         // Our pool's connections do not fire the NOTIFY trigger: wake consumers after commit.
         self.wake_after_publish(msgs, stream, &receipts);
         metrics::published(stream, &receipts);
+        Ok(receipts)
+    }
+
+    /// The fast path in unnamed mode: BEGIN with the trigger turned off for this transaction
+    /// only, the publish, COMMIT, pipelined (tokio-postgres sends requests in the order their
+    /// futures are first polled, and `join!` polls them in order): one round trip, as in
+    /// prepared mode. A failed publish aborts the transaction and COMMIT then rolls it back.
+    async fn run_publish_quiet(
+        &self,
+        client: &deadpool_postgres::ClientWrapper,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        let (begun, receipts, committed) = tokio::join!(
+            client.batch_execute(QUIET_BEGIN),
+            self.run_publish(client, stream, msgs),
+            client.batch_execute("COMMIT"),
+        );
+        begun?;
+        let receipts = receipts?;
+        committed?;
         Ok(receipts)
     }
 

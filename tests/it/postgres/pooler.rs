@@ -349,3 +349,64 @@ async fn declared_parameter_types_match_the_server() {
         Vec::<String>::new()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_publishes_keep_the_notify_trigger_quiet() {
+    // Behind the pooler the pool cannot set `pgtide.notify = off` at startup; its publishes turn
+    // it off per transaction instead. A direct LISTEN session sees the SQL publisher's NOTIFY
+    // (the trigger on the application's connection) but none for the engine's publishes before
+    // it: notifications arrive in commit order, so the first one tells.
+    let pooled = Pooled::start(&[]);
+    let ns = pooled.migrated_namespace().await;
+    let pg = PgBackend::builder(pooled.pooled_url())
+        .statement_mode(StatementMode::Unnamed)
+        .namespace(&ns)
+        .build()
+        .unwrap();
+    for stream in ["quiet", "loud"] {
+        pg.create_stream(stream, &StreamConfig::default())
+            .await
+            .unwrap();
+        pg.create_group(stream, "g", GroupStart::New).await.unwrap();
+    }
+    let (listener, mut conn) =
+        tokio_postgres::connect(&pooled.cluster.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute(&format!("LISTEN \"pgtide.{ns}\""))
+        .await
+        .unwrap();
+    pg.publish("quiet", json(serde_json::json!(1)))
+        .await
+        .unwrap();
+    pg.publish_batch(
+        "quiet",
+        &[json(serde_json::json!(2)), json(serde_json::json!(3))],
+    )
+    .await
+    .unwrap();
+    let app = app_client(&pooled.pooled_url()).await;
+    app.execute(
+        &format!("SELECT \"{ns}\".publish('loud', '{{}}'::jsonb)"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("the SQL publish notifies")
+        .unwrap();
+    assert_eq!(first, "loud");
+    assert_eq!(pg.stats("quiet", "g").await.unwrap().ready, 3);
+}
