@@ -404,6 +404,7 @@ impl PgConsumer {
     /// [`PgConsumer::ack`] inside the caller's sqlx transaction (`&mut *tx`).
     pub async fn ack_sqlx(&self, conn: &mut sqlx::PgConnection, d: &Delivery) -> Result<()> {
         let ids: Vec<Uuid> = sqlx::query_scalar(&self.pg.inner.sql.ack.sql)
+            .persistent(self.pg.inner.sql.ack.sqlx_persistent())
             .bind(self.group_id)
             .bind(vec![d.id()])
             .bind(vec![d.attempt as i32])

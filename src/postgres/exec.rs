@@ -111,6 +111,13 @@ impl Statement {
             .collect()
     }
 
+    /// Whether sqlx may prepare the statement as a named one on the caller's connection
+    /// (`Query::persistent`). In unnamed mode it must not: a named statement lives on one server
+    /// connection behind a pooler, and another client's collides with it there.
+    pub(crate) fn sqlx_persistent(&self) -> bool {
+        self.mode == StatementMode::Prepared
+    }
+
     /// Runs the statement on a pooled connection (prepared statements cached per connection).
     pub(crate) async fn rows(
         &self,

@@ -279,14 +279,11 @@ impl PgBackend {
             stream: Some(stream),
             group: None,
         };
-        // Unnamed mode: sqlx's unnamed statements, which a transaction-mode pooler does not mix
-        // up (named ones live on one server connection and collide on the next client's).
-        let persistent = self.statement_mode() == StatementMode::Prepared;
         let mut plan = plan(msgs);
         if !plan.fast.ids.is_empty() {
             let f = &plan.fast;
             let n: i64 = sqlx::query_scalar(&self.inner.sql.publish.sql)
-                .persistent(persistent)
+                .persistent(self.inner.sql.publish.sqlx_persistent())
                 .bind(stream)
                 .bind(&f.ids)
                 .bind(&f.payloads)
@@ -306,7 +303,7 @@ impl PgBackend {
         for (i, id) in &plan.keyed {
             let m = &msgs[*i];
             let (id, duplicate): (Uuid, bool) = sqlx::query_as(&self.inner.sql.publish_one.sql)
-                .persistent(persistent)
+                .persistent(self.inner.sql.publish_one.sqlx_persistent())
                 .bind(stream)
                 .bind(id)
                 .bind(m.payload.as_ref())

@@ -222,7 +222,10 @@ async fn unnamed_statements_run_every_path_behind_pgbouncer() {
     assert_eq!(again[0].id(), got[1].id());
     consumer.release_batch(&[&again[0]]).await.unwrap();
     let again = consumer.fetch(1, WAIT).await.unwrap();
-    consumer.ack_batch(&[&again[0]]).await.unwrap();
+    // Settled inside the application's sqlx transaction, through the pooler.
+    let mut tx = conn.begin().await.unwrap();
+    consumer.ack_sqlx(&mut tx, &again[0]).await.unwrap();
+    tx.commit().await.unwrap();
     let dead = pg.dead_letters("s", "g", 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].id, got[2].id());
