@@ -13,7 +13,8 @@
 //! `PGTIDE_BENCH_QUICK=1` for a short run, `PGTIDE_BENCH_BACKENDS=1` / `=0` to measure the
 //! backends comparison or not (default: only in a full run; brokers at `NATS_URL`, `REDIS_URL`,
 //! `AMQP_URL` when built with their feature), `PGTIDE_BENCH_JSON` for the JSON report path
-//! (default `target/pgtide-bench.json`). The run works in a fresh `bench_<random>` namespace and
+//! (default `target/pgtide-bench.json`), `PGTIDE_BENCH_ONLY=statements` for the statement-mode
+//! comparison alone (prepared against unnamed statements). The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
 //! `pgtide_bench::run_worker_process`). The cases and caveats are documented in `pgtide_bench`.
 
@@ -39,6 +40,10 @@ fn main() -> ExitCode {
     config.progress = true;
     // Started again with no arguments, this executable runs a worker process (see above).
     config.worker_args = Some(vec![]);
+    config.only_statement_modes = matches!(
+        std::env::var("PGTIDE_BENCH_ONLY").as_deref(),
+        Ok("statements")
+    );
     match std::env::var("PGTIDE_BENCH_BACKENDS").as_deref() {
         Ok("1" | "true" | "yes") => config.backends = true,
         Ok("0" | "false" | "no") => config.backends = false,

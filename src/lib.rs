@@ -70,7 +70,7 @@ pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
 #[cfg(feature = "postgres")]
 pub use crate::postgres::{
     migration_sql, GroupInfo, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,
-    PgBackendBuilder, PgConsumer, ScoutStatus, StreamInfo, DEFAULT_NAMESPACE,
+    PgBackendBuilder, PgConsumer, ScoutStatus, StatementMode, StreamInfo, DEFAULT_NAMESPACE,
 };
 pub use crate::queue::{
     Capabilities, DeadLetter, Delivery, GroupStats, Headers, Message, OutgoingMessage,

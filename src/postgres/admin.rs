@@ -27,7 +27,7 @@ impl PgBackend {
     /// row with `group: None`).
     pub async fn stats_all(&self) -> Result<Vec<GroupStats>> {
         let client = self.client().await?;
-        let rows = client.query(&self.inner.sql.stats, &[]).await?;
+        let rows = self.inner.sql.stats.rows(&client, &[]).await?;
         rows.iter()
             .map(|r| {
                 Ok(GroupStats {
@@ -168,7 +168,7 @@ impl PgBackend {
 
     async fn dead_op(
         &self,
-        sql: &str,
+        sql: &super::statements::Statement,
         stream: &str,
         group: &str,
         ids: Option<&[Uuid]>,

@@ -15,6 +15,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use super::exec::{Caller, Exec, Statement};
 use super::wake::Wake;
 use super::{micros, PgBackend};
 use crate::error::{Ctx, Error, Result};
@@ -135,10 +136,13 @@ impl PgConsumer {
         let started = metrics::start();
         let max = max.clamp(1, 10_000) as i32;
         let client = self.pg.client().await?;
-        let stmt = client.prepare_cached(&self.pg.inner.sql.claim).await?;
         let lease = self.lease.map(micros);
-        let rows = client
-            .query(&stmt, &[&self.group_id, &max, &self.name, &lease])
+        let rows = self
+            .pg
+            .inner
+            .sql
+            .claim
+            .rows(&client, &[&self.group_id, &max, &self.name, &lease])
             .await
             .map_err(|e| self.error(e))?;
         let mut batch = vec![];
@@ -146,7 +150,7 @@ impl PgConsumer {
         for r in &rows {
             self.decode(r, 0, &mut batch, &mut malformed)?;
         }
-        self.term_malformed(&**client, &malformed).await?;
+        self.term_malformed(&*client, &malformed).await?;
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 6));
         Ok(batch)
@@ -171,11 +175,14 @@ impl PgConsumer {
         let max = max.clamp(1, 10_000) as i32;
         let (ids, attempts, tokens) = fences(done);
         let client = self.pg.client().await?;
-        let stmt = client.prepare_cached(&self.pg.inner.sql.ack_claim).await?;
         let lease = self.lease.map(micros);
-        let rows = client
-            .query(
-                &stmt,
+        let rows = self
+            .pg
+            .inner
+            .sql
+            .ack_claim
+            .rows(
+                &client,
                 &[
                     &self.group_id,
                     &ids,
@@ -199,7 +206,7 @@ impl PgConsumer {
                 self.decode(r, 1, &mut batch, &mut malformed)?;
             }
         }
-        self.term_malformed(&**client, &malformed).await?;
+        self.term_malformed(&*client, &malformed).await?;
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 7));
         Ok((SettleReport::from_parts(done, acked, vec![]), batch))
@@ -271,9 +278,9 @@ impl PgConsumer {
 
     /// Moves deliveries that could not be decoded to the dead letters with reason `malformed`,
     /// fenced by the claim that just took them.
-    async fn term_malformed<C: GenericClient + Sync>(
+    async fn term_malformed<E: Exec>(
         &self,
-        client: &C,
+        client: &E,
         malformed: &[(Uuid, i32, i64)],
     ) -> Result<()> {
         if malformed.is_empty() {
@@ -284,8 +291,8 @@ impl PgConsumer {
         let tokens: Vec<i64> = malformed.iter().map(|m| m.2).collect();
         let reasons = vec!["malformed"; malformed.len()];
         client
-            .query(
-                self.pg.inner.sql.term.as_str(),
+            .run(
+                &self.pg.inner.sql.term,
                 &[&self.group_id, &ids, &attempts, &tokens, &reasons],
             )
             .await
@@ -322,24 +329,20 @@ impl PgConsumer {
         }
     }
 
-    async fn run_settle<C, S>(
+    async fn run_settle<E: Exec>(
         &self,
-        client: &C,
-        sql: &S,
+        client: &E,
+        stmt: &Statement,
         ds: &[&Delivery],
         extra: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>>
-    where
-        C: GenericClient + Sync,
-        S: tokio_postgres::ToStatement + ?Sized + Sync + Send,
-    {
+    ) -> Result<Vec<tokio_postgres::Row>> {
         let mut rows = vec![];
         {
             let (ids, attempts, tokens) = fences(ds);
             let mut params: Vec<&(dyn ToSql + Sync)> =
                 vec![&self.group_id, &ids, &attempts, &tokens];
             params.extend_from_slice(extra);
-            rows.extend(client.query(sql, &params).await.map_err(|e| {
+            rows.extend(client.run(stmt, &params).await.map_err(|e| {
                 Error::from_pg(
                     e,
                     Ctx {
@@ -356,8 +359,9 @@ impl PgConsumer {
     /// in [`SettleReport::lost`].
     pub async fn ack_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         let client = self.pg.client().await?;
-        let stmt = client.prepare_cached(&self.pg.inner.sql.ack).await?;
-        let rows = self.run_settle(&**client, &stmt, ds, &[]).await?;
+        let rows = self
+            .run_settle(&*client, &self.pg.inner.sql.ack, ds, &[])
+            .await?;
         Ok(SettleReport::from_parts(
             ds,
             rows.iter()
@@ -375,7 +379,7 @@ impl PgConsumer {
         ds: &[&Delivery],
     ) -> Result<SettleReport> {
         let rows = self
-            .run_settle(client, self.pg.inner.sql.ack.as_str(), ds, &[])
+            .run_settle(&Caller(client), &self.pg.inner.sql.ack, ds, &[])
             .await?;
         Ok(SettleReport::from_parts(
             ds,
@@ -399,7 +403,8 @@ impl PgConsumer {
 
     /// [`PgConsumer::ack`] inside the caller's sqlx transaction (`&mut *tx`).
     pub async fn ack_sqlx(&self, conn: &mut sqlx::PgConnection, d: &Delivery) -> Result<()> {
-        let ids: Vec<Uuid> = sqlx::query_scalar(&self.pg.inner.sql.ack)
+        let ids: Vec<Uuid> = sqlx::query_scalar(&self.pg.inner.sql.ack.sql)
+            .persistent(self.pg.inner.sql.ack.sqlx_persistent())
             .bind(self.group_id)
             .bind(vec![d.id()])
             .bind(vec![d.attempt as i32])
@@ -436,9 +441,8 @@ impl PgConsumer {
         let client = self.pg.client().await?;
         let delays: Option<Vec<Option<i64>>> = delay.map(|d| vec![Some(micros(d)); ds.len()]);
         let errors: Option<Vec<Option<&str>>> = error.map(|e| vec![Some(e); ds.len()]);
-        let stmt = client.prepare_cached(&self.pg.inner.sql.nack).await?;
         let rows = self
-            .run_settle(&**client, &stmt, ds, &[&delays, &errors])
+            .run_settle(&*client, &self.pg.inner.sql.nack, ds, &[&delays, &errors])
             .await?;
         if !rows.is_empty() {
             // A retry comes due later: let the scout recompute its next due time.
@@ -473,7 +477,7 @@ impl PgConsumer {
         let client = self.pg.client().await?;
         let reasons = vec![reason; ds.len()];
         let rows = self
-            .run_settle(&**client, self.pg.inner.sql.term.as_str(), ds, &[&reasons])
+            .run_settle(&*client, &self.pg.inner.sql.term, ds, &[&reasons])
             .await?;
         Ok(SettleReport::from_parts(
             ds,
@@ -504,12 +508,7 @@ impl PgConsumer {
         let lease = lease.map(micros);
         let refs: Vec<&Delivery> = ds.iter().map(|d| &**d).collect();
         let rows = self
-            .run_settle(
-                &**client,
-                self.pg.inner.sql.extend.as_str(),
-                &refs,
-                &[&lease],
-            )
+            .run_settle(&*client, &self.pg.inner.sql.extend, &refs, &[&lease])
             .await?;
         let report = SettleReport::from_parts(
             &refs,
@@ -538,7 +537,7 @@ impl PgConsumer {
     pub async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         let client = self.pg.client().await?;
         let rows = self
-            .run_settle(&**client, self.pg.inner.sql.release.as_str(), ds, &[])
+            .run_settle(&*client, &self.pg.inner.sql.release, ds, &[])
             .await?;
         if !rows.is_empty() {
             self.pg.poke(Wake::Stream(self.stream.as_str().into()));

@@ -172,14 +172,19 @@ impl PgBackend {
     /// re-applies the function and view files whose text changed. Returns what it applied
     /// (empty when the namespace was current). Idempotent and safe to call from many processes
     /// at once (they queue on an advisory lock). Needs the right to create a schema and tables,
-    /// and to own the namespace's functions.
+    /// and to own the namespace's functions. It connects to
+    /// [`PgBackend::listen_url`]: behind a pooler in transaction mode, give the builder the
+    /// direct URL with [`PgBackendBuilder::listen_url`](crate::PgBackendBuilder::listen_url)
+    /// (the lock needs a session; PgBouncer also refuses the `search_path` startup option).
     ///
     /// Cancel safety: it works on a connection of its own, which holds the lock and is dropped
     /// with the future (the server then releases the lock). Each migration runs in its own
     /// transaction and the function files in one: dropping the future leaves the namespace at
     /// the last completed step, and the next call continues from there.
     pub async fn migrate(&self) -> Result<MigrateReport> {
-        let options = PgConnectOptions::from_str(self.url())
+        // A session of its own (the advisory lock is session level): the direct URL when the
+        // pool goes through a pooler.
+        let options = PgConnectOptions::from_str(self.listen_url())
             .map_err(migrate_err)?
             .options([("search_path", format!("\"{}\"", self.namespace()))]);
         let mut conn = PgConnection::connect_with(&options)
@@ -194,14 +199,14 @@ impl PgBackend {
     async fn migrate_on(&self, conn: &mut PgConnection) -> Result<MigrateReport> {
         let ns = self.namespace();
         let sql = &self.inner.sql;
-        sqlx::query(&sql.migrate_lock)
+        sqlx::query(&sql.migrate_lock.sql)
             .execute(&mut *conn)
             .await
             .map_err(migrate_err)?;
         // Executor::execute, not RawSql::execute: the latter's future is not Send for every
         // lifetime (a higher-ranked lifetime limitation), which would make migrate() !Send.
         (&mut *conn)
-            .execute(sqlx::raw_sql(&sql.migrate_schema))
+            .execute(sqlx::raw_sql(&sql.migrate_schema.sql))
             .await
             .map_err(migrate_err)?;
 
@@ -232,7 +237,7 @@ impl PgBackend {
         let files = function_files(ns);
         let names: Vec<String> = files.iter().map(|(f, _)| (*f).to_owned()).collect();
         let bodies: Vec<String> = files.iter().map(|(_, s)| s.clone()).collect();
-        let pending: Vec<String> = sqlx::query_scalar(&sql.migrate_pending)
+        let pending: Vec<String> = sqlx::query_scalar(&sql.migrate_pending.sql)
             .bind(&names)
             .bind(&bodies)
             .fetch_all(&mut *conn)
@@ -250,7 +255,7 @@ impl PgBackend {
                 .execute(sqlx::raw_sql(body))
                 .await
                 .map_err(|source| migrate_err(FileFailed { file, source }))?;
-            sqlx::query(&sql.migrate_record)
+            sqlx::query(&sql.migrate_record.sql)
                 .bind(*file)
                 .bind(body.as_str())
                 .execute(&mut *tx)
@@ -268,21 +273,16 @@ impl PgBackend {
     pub async fn is_migrated(&self) -> Result<bool> {
         let client = self.client().await?;
         let sql = &self.inner.sql;
-        let installed: bool = client
-            .query_one(&sql.migrate_installed, &[])
-            .await?
-            .try_get(0)?;
+        let installed: bool = sql.migrate_installed.one(&client, &[]).await?.try_get(0)?;
         if !installed {
             return Ok(false);
         }
         let files = function_files(self.namespace());
         let names: Vec<&str> = files.iter().map(|(f, _)| *f).collect();
         let bodies: Vec<&str> = files.iter().map(|(_, s)| s.as_str()).collect();
-        let current: bool = client
-            .query_one(
-                &sql.migrate_status,
-                &[&(MIGRATIONS.len() as i64), &names, &bodies],
-            )
+        let current: bool = sql
+            .migrate_status
+            .one(&client, &[&(MIGRATIONS.len() as i64), &names, &bodies])
             .await?
             .try_get(0)?;
         Ok(current)
@@ -296,18 +296,16 @@ impl PgBackend {
     pub async fn migration_version(&self) -> Result<Option<i64>> {
         let client = self.client().await?;
         let table = format!("\"{}\"._sqlx_migrations", self.namespace());
-        let exists: Option<String> = client
-            .query_one("SELECT to_regclass($1)::text", &[&table])
+        let sql = &self.inner.sql;
+        let exists: Option<String> = sql
+            .migrate_table
+            .one(&client, &[&table])
             .await?
             .try_get(0)?;
         if exists.is_none() {
             return Ok(None);
         }
-        let sql = render(
-            include_str!("../../sql/migration_version.sql"),
-            self.namespace(),
-        );
-        Ok(client.query_one(&sql, &[]).await?.try_get(0)?)
+        Ok(sql.migration_version.one(&client, &[]).await?.try_get(0)?)
     }
 
     /// The number of the newest migration this library knows (migrations run from 1 to it).

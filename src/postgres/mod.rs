@@ -9,6 +9,7 @@
 mod admin;
 mod background;
 mod consumer;
+mod exec;
 mod migrate;
 mod ops;
 mod publish;
@@ -23,6 +24,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{broadcast, watch};
 
 pub use consumer::PgConsumer;
+pub use exec::StatementMode;
 
 pub use admin::MaintenanceReport;
 pub use background::{ListenerStatus, ScoutStatus};
@@ -71,6 +73,9 @@ pub struct PgBackend {
 pub(crate) struct Inner {
     pub(crate) pool: Pool,
     pub(crate) url: String,
+    /// The direct URL for session work (LISTEN, migrations), when the pool goes through a
+    /// pooler; `None` uses `url`.
+    pub(crate) listen_url: Option<String>,
     pub(crate) namespace: String,
     pub(crate) sql: Arc<Statements>,
     pub(crate) streams: Mutex<HashMap<String, (StreamInfo, Instant)>>,
@@ -191,8 +196,10 @@ pub struct PgBackendBuilder {
     namespace: String,
     pool_size: usize,
     connect_timeout: Duration,
-    notifications: bool,
+    notifications: Option<bool>,
     poll_interval: Option<Duration>,
+    statement_mode: Option<StatementMode>,
+    listen_url: Option<String>,
     scout: background::ScoutConfig,
 }
 
@@ -215,11 +222,13 @@ impl PgBackendBuilder {
         self
     }
 
-    /// Whether consumers are woken by LISTEN/NOTIFY. Defaults to true. Turn it off behind a
-    /// pooler in transaction mode (poll-only mode): consumers then poll every
-    /// [`PgBackendBuilder::poll_interval`].
+    /// Whether consumers are woken by LISTEN/NOTIFY. Without it (poll-only mode) consumers
+    /// poll every [`PgBackendBuilder::poll_interval`]. LISTEN needs a session: behind a pooler
+    /// in transaction mode either set [`PgBackendBuilder::listen_url`] to a direct URL or turn
+    /// notifications off. Defaults to true, except in [`StatementMode::Unnamed`] without a
+    /// `listen_url` (a pooler is assumed), where it defaults to false.
     pub fn notifications(mut self, enabled: bool) -> Self {
-        self.notifications = enabled;
+        self.notifications = Some(enabled);
         self
     }
 
@@ -227,6 +236,23 @@ impl PgBackendBuilder {
     /// that catches missed notifications. Defaults to 30 s with notifications, 1 s without.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = Some(interval.max(Duration::from_millis(1)));
+        self
+    }
+
+    /// How the engine sends its statements: [`StatementMode::Prepared`] (the default) or
+    /// [`StatementMode::Unnamed`] behind a pooler in transaction mode. Overrides the URL
+    /// parameter `pgtide_statements=prepared|unnamed`; without either, statements are prepared.
+    pub fn statement_mode(mut self, mode: StatementMode) -> Self {
+        self.statement_mode = Some(mode);
+        self
+    }
+
+    /// A direct URL (no pooler in between) for the work that needs a session of its own: the
+    /// LISTEN connection, and [`PgBackend::migrate`] (a session-level advisory lock). Set it
+    /// when the main URL goes through a pooler in transaction mode, so consumers stay woken by
+    /// NOTIFY while the pool is shared. Defaults to the main URL.
+    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_url = Some(url.into());
         self
     }
 
@@ -253,17 +279,31 @@ impl PgBackendBuilder {
     /// Builds the handle. Connects lazily: the first operation opens the first connection.
     pub fn build(self) -> Result<PgBackend> {
         validate_namespace(&self.namespace)?;
-        let listen_config: tokio_postgres::Config = self
-            .url
+        let (url, url_mode) = exec::strip_url_params(&self.url)?;
+        let mode = self.statement_mode.or(url_mode).unwrap_or_default();
+        let mut pg_config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| Error::InvalidConfig(format!("database URL: {e}")))?;
-        // Publishes from the pool poke the coalescing notifier instead of firing the trigger.
-        let mut pg_config = listen_config.clone();
-        let options = match listen_config.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} -c pgtide.notify=off"),
-            _ => "-c pgtide.notify=off".to_owned(),
+        let listen_url = match &self.listen_url {
+            Some(direct) => Some(exec::strip_url_params(direct)?.0),
+            None => None,
         };
-        pg_config.options(&options);
+        let listen_config: tokio_postgres::Config = match &listen_url {
+            Some(direct) => direct
+                .parse()
+                .map_err(|e| Error::InvalidConfig(format!("listen URL: {e}")))?,
+            None => pg_config.clone(),
+        };
+        // Publishes from the pool poke the coalescing notifier instead of firing the trigger.
+        // Transaction-mode poolers refuse startup `options` (PgBouncer: "unsupported startup
+        // parameter"), so unnamed mode sends none and its publishes say it per transaction.
+        if mode == StatementMode::Prepared {
+            let options = match pg_config.get_options() {
+                Some(o) if !o.is_empty() => format!("{o} -c pgtide.notify=off"),
+                _ => "-c pgtide.notify=off".to_owned(),
+            };
+            pg_config.options(&options);
+        }
         let manager = Manager::from_config(
             pg_config,
             tokio_postgres::NoTls,
@@ -278,12 +318,15 @@ impl PgBackendBuilder {
             .create_timeout(Some(self.connect_timeout))
             .build()
             .map_err(|e| Error::InvalidConfig(format!("pool: {e}")))?;
-        let poll_interval = self.poll_interval.unwrap_or(if self.notifications {
+        let notifications = self
+            .notifications
+            .unwrap_or(mode == StatementMode::Prepared || listen_url.is_some());
+        let poll_interval = self.poll_interval.unwrap_or(if notifications {
             Duration::from_secs(30)
         } else {
             Duration::from_secs(1)
         });
-        let sql = Arc::new(Statements::render(&self.namespace));
+        let sql = Arc::new(Statements::render(&self.namespace, mode));
         let background = background::Background::new(background::Settings {
             pool: pool.clone(),
             sql: sql.clone(),
@@ -294,12 +337,13 @@ impl PgBackendBuilder {
         Ok(PgBackend {
             inner: Arc::new(Inner {
                 pool,
-                url: self.url,
+                url,
+                listen_url,
                 sql,
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
                 options: Options {
-                    notifications: self.notifications,
+                    notifications,
                     poll_interval,
                 },
                 background,
@@ -316,8 +360,10 @@ impl PgBackend {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             pool_size: 16,
             connect_timeout: Duration::from_secs(30),
-            notifications: true,
+            notifications: None,
             poll_interval: None,
+            statement_mode: None,
+            listen_url: None,
             scout: background::ScoutConfig {
                 ttl: Duration::from_secs(10),
                 max_interval: Duration::from_secs(1),
@@ -338,9 +384,20 @@ impl PgBackend {
         &self.inner.namespace
     }
 
-    /// The database URL this handle connects to.
+    /// The database URL this handle's pool connects to (without pgtide's own URL parameters).
     pub fn url(&self) -> &str {
         &self.inner.url
+    }
+
+    /// The URL of the session work (LISTEN, migrations): [`PgBackendBuilder::listen_url`] when
+    /// set, else [`PgBackend::url`].
+    pub fn listen_url(&self) -> &str {
+        self.inner.listen_url.as_deref().unwrap_or(&self.inner.url)
+    }
+
+    /// How this handle sends its statements (see [`PgBackendBuilder::statement_mode`]).
+    pub fn statement_mode(&self) -> StatementMode {
+        self.inner.sql.mode()
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {

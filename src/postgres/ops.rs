@@ -31,8 +31,11 @@ impl PgBackend {
             )));
         }
         let client = self.client().await?;
-        match client
-            .execute(&self.inner.sql.grant_runtime, &[&role])
+        match self
+            .inner
+            .sql
+            .grant_runtime
+            .execute(&client, &[&role])
             .await
         {
             Ok(_) => Ok(()),

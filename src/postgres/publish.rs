@@ -6,12 +6,17 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+use super::exec::{Caller, Exec};
 use super::wake::Wake;
+use super::StatementMode;
 use super::{micros, PgBackend};
 use crate::error::{Ctx, Error, Result};
 use crate::metrics;
 use crate::names::validate_name;
 use crate::queue::{headers_to_json, OutgoingMessage, PublishReceipt};
+
+/// Opens a publish transaction whose inserts do not fire the NOTIFY trigger (unnamed mode).
+const QUIET_BEGIN: &str = include_str!("../../sql/publish_quiet_begin.sql");
 
 /// Column arrays for `sql/publish.sql`.
 #[derive(Default)]
@@ -110,13 +115,13 @@ impl PgBackend {
         self.check_publish(stream, msgs).await?;
         let mut client = self.client().await?;
         let receipts = if msgs.iter().all(|m| m.dedupe_key.is_none()) {
-            let stmt = client.prepare_cached(&self.inner.sql.publish).await?;
-            self.run_publish(&**client, &stmt, stream, msgs).await?
+            match self.statement_mode() {
+                StatementMode::Prepared => self.run_publish(&*client, stream, msgs).await?,
+                StatementMode::Unnamed => self.run_publish_quiet(&client, stream, msgs).await?,
+            }
         } else {
             let tx = client.transaction().await?;
-            let receipts = self
-                .run_publish(&*tx, self.inner.sql.publish.as_str(), stream, msgs)
-                .await?;
+            let receipts = self.run_publish(&Caller(&*tx), stream, msgs).await?;
             tx.commit().await?;
             receipts
         };
@@ -124,6 +129,27 @@ impl PgBackend {
         // Our pool's connections do not fire the NOTIFY trigger: wake consumers after commit.
         self.wake_after_publish(msgs, stream, &receipts);
         metrics::published(stream, &receipts);
+        Ok(receipts)
+    }
+
+    /// The fast path in unnamed mode: BEGIN with the trigger turned off for this transaction
+    /// only, the publish, COMMIT, pipelined (tokio-postgres sends requests in the order their
+    /// futures are first polled, and `join!` polls them in order): one round trip, as in
+    /// prepared mode. A failed publish aborts the transaction and COMMIT then rolls it back.
+    async fn run_publish_quiet(
+        &self,
+        client: &deadpool_postgres::ClientWrapper,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        let (begun, receipts, committed) = tokio::join!(
+            client.batch_execute(QUIET_BEGIN),
+            self.run_publish(client, stream, msgs),
+            client.batch_execute("COMMIT"),
+        );
+        begun?;
+        let receipts = receipts?;
+        committed?;
         Ok(receipts)
     }
 
@@ -172,24 +198,17 @@ impl PgBackend {
             return Ok(vec![]);
         }
         self.check_publish(stream, msgs).await?;
-        let receipts = self
-            .run_publish(client, self.inner.sql.publish.as_str(), stream, msgs)
-            .await?;
+        let receipts = self.run_publish(&Caller(client), stream, msgs).await?;
         metrics::published(stream, &receipts);
         Ok(receipts)
     }
 
-    async fn run_publish<C, S>(
+    async fn run_publish<E: Exec>(
         &self,
-        client: &C,
-        fast_stmt: &S,
+        client: &E,
         stream: &str,
         msgs: &[OutgoingMessage],
-    ) -> Result<Vec<PublishReceipt>>
-    where
-        C: GenericClient + Sync,
-        S: tokio_postgres::ToStatement + ?Sized + Sync + Send,
-    {
+    ) -> Result<Vec<PublishReceipt>> {
         let ctx = || Ctx {
             stream: Some(stream),
             group: None,
@@ -208,7 +227,7 @@ impl PgBackend {
                 &f.priority,
             ];
             let n: i64 = client
-                .query_one(fast_stmt, &params)
+                .run_one(&self.inner.sql.publish, &params)
                 .await
                 .map_err(|e| Error::from_pg(e, ctx()))?
                 .try_get(0)?;
@@ -220,8 +239,8 @@ impl PgBackend {
         for (i, id) in &plan.keyed {
             let m = &msgs[*i];
             let row = client
-                .query_one(
-                    self.inner.sql.publish_one.as_str(),
+                .run_one(
+                    &self.inner.sql.publish_one,
                     &[
                         &stream,
                         id,
@@ -263,7 +282,8 @@ impl PgBackend {
         let mut plan = plan(msgs);
         if !plan.fast.ids.is_empty() {
             let f = &plan.fast;
-            let n: i64 = sqlx::query_scalar(&self.inner.sql.publish)
+            let n: i64 = sqlx::query_scalar(&self.inner.sql.publish.sql)
+                .persistent(self.inner.sql.publish.sqlx_persistent())
                 .bind(stream)
                 .bind(&f.ids)
                 .bind(&f.payloads)
@@ -282,7 +302,8 @@ impl PgBackend {
         }
         for (i, id) in &plan.keyed {
             let m = &msgs[*i];
-            let (id, duplicate): (Uuid, bool) = sqlx::query_as(&self.inner.sql.publish_one)
+            let (id, duplicate): (Uuid, bool) = sqlx::query_as(&self.inner.sql.publish_one.sql)
+                .persistent(self.inner.sql.publish_one.sqlx_persistent())
                 .bind(stream)
                 .bind(id)
                 .bind(m.payload.as_ref())

@@ -139,8 +139,11 @@ impl PgBackend {
         config.validate()?;
         let client = self.client().await?;
         let params = ConfigParams::new(config);
-        let n = client
-            .execute(&self.inner.sql.stream_update, &params.values(&name))
+        let n = self
+            .inner
+            .sql
+            .stream_update
+            .execute(&client, &params.values(&name))
             .await?;
         self.forget_stream(name);
         if n == 0 {

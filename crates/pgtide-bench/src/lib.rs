@@ -18,6 +18,7 @@
 //! | publish | [`PgBackend::publish`], 1 / 4 / 16 publishers, against raw INSERT 1/txn |
 //! | publish_batch | 100 messages per call, 1 client, against raw INSERT 100/stmt |
 //! | trigger cost | 1 and 16 publishers, three sides: the engine's publish statement on raw connections with `SET pgtide.notify = off` (the floor: no wake-up at all), [`PgBackend::publish`] (trigger off, coalescing notifier on), and the same statement with the NOTIFY trigger on (what SQL publishers get); a raw LISTEN on the namespace channel counts the notifications |
+//! | statement modes | publish at 1 / 16 publishers with prepared statements and with [`pgtide::StatementMode::Unnamed`] (the mode for transaction-mode poolers) against raw INSERT 1/txn, alternating; consume B = 10 (4 consumers) prepared against unnamed |
 //! | consume | 4 consumers looping `ack_and_fetch(previous batch, B)` (acks ride with the next claim, as in the worker), B = 10 and 100, against raw DELETE |
 //! | worker | a [`pgtide::Worker`] (no-op handler, concurrency 16) in each of 2 processes (or, without [`BenchConfig::worker_args`], 2 independent handles in this one) draining a backlog, against the consume figures |
 //! | claim latency | `try_fetch(10)` + `ack_batch` round trips, 1 consumer, on a group with a backlog of 10 000 against one with 1 000 000 (100 000 when quick), both kept constant by re-publishing what was acked (untimed) |
@@ -49,6 +50,7 @@ mod postgres;
 mod raw;
 mod render;
 mod report;
+mod statements;
 mod trigger;
 mod workers;
 
@@ -122,6 +124,9 @@ pub struct BenchConfig {
     pub worker_args: Option<Vec<String>>,
     /// Print one line per phase to stderr while running. Defaults to false.
     pub progress: bool,
+    /// Measure only the statement-mode comparison (prepared against unnamed statements, with
+    /// its raw INSERT baseline). Defaults to false.
+    pub only_statement_modes: bool,
 }
 
 impl BenchConfig {
@@ -141,6 +146,7 @@ impl BenchConfig {
             backend: None,
             worker_args: None,
             progress: false,
+            only_statement_modes: false,
         }
     }
 }
@@ -199,7 +205,7 @@ struct Bench<'a> {
 }
 
 /// Streams every run creates (one group each); the backends case makes its own.
-const STREAMS: [&str; 10] = [
+const STREAMS: [&str; 13] = [
     postgres::PUBLISH,
     postgres::BATCH,
     postgres::CONSUME_10,
@@ -210,6 +216,9 @@ const STREAMS: [&str; 10] = [
     workers::WORKERS,
     latency::E2E,
     latency::DELAYED,
+    statements::STATEMENTS,
+    statements::CONSUME_PREPARED,
+    statements::CONSUME_UNNAMED,
 ];
 
 impl<'a> Bench<'a> {
@@ -292,8 +301,21 @@ impl<'a> Bench<'a> {
             return Ok((vec![], vec![], vec![], vec![], rss, rows));
         }
         let (mut baselines, mut cases) = (vec![], vec![]);
+        if self.config.only_statement_modes {
+            self.statement_cases(&mut baselines, &mut cases).await?;
+            let rss = Rss {
+                backlog: 0,
+                drained: 0,
+                drain_secs: 0.0,
+                hwm_reset: false,
+                hwm_before_mib: None,
+                hwm_after_mib: None,
+            };
+            return Ok((baselines, cases, vec![], vec![], rss, vec![]));
+        }
         self.publish_cases(&mut baselines, &mut cases).await?;
         self.trigger_cases(&mut baselines, &mut cases).await?;
+        self.statement_cases(&mut baselines, &mut cases).await?;
         let consume = self.consume_cases(&mut baselines, &mut cases).await?;
         self.worker_cases(consume, &mut cases).await?;
         let latencies = self.claim_latency(&mut cases).await?;

@@ -85,8 +85,7 @@ async fn due(
     since: DateTime<Utc>,
 ) -> crate::Result<(Vec<String>, Option<DateTime<Utc>>, DateTime<Utc>)> {
     let client = shared.pool.get().await?;
-    let stmt = client.prepare_cached(&shared.sql.scout_due).await?;
-    let row = client.query_one(&stmt, &[&since]).await?;
+    let row = shared.sql.scout_due.one(&client, &[&since]).await?;
     Ok((
         row.try_get::<_, Option<Vec<String>>>(0)?
             .unwrap_or_default(),

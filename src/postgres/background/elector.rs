@@ -195,9 +195,11 @@ pub(super) fn step_down_quietly(shared: &Shared) {
 
 async fn acquire(shared: &Shared, term: i64) -> crate::Result<Option<i64>> {
     let client = shared.pool.get().await?;
-    let row = client
-        .query_one(
-            &shared.sql.scout_acquire,
+    let row = shared
+        .sql
+        .scout_acquire
+        .one(
+            &client,
             &[
                 &shared.holder,
                 &term,
@@ -210,8 +212,10 @@ async fn acquire(shared: &Shared, term: i64) -> crate::Result<Option<i64>> {
 
 async fn resign(shared: &Shared, term: i64) -> crate::Result<()> {
     let client = shared.pool.get().await?;
-    client
-        .execute(&shared.sql.scout_resign, &[&shared.holder, &term])
+    shared
+        .sql
+        .scout_resign
+        .execute(&client, &[&shared.holder, &term])
         .await?;
     Ok(())
 }

@@ -51,8 +51,10 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
 async fn maintain(shared: &Shared, term: i64) -> crate::Result<()> {
     let client = shared.pool.get().await?;
     // Fenced: runs only while this holder still has this term.
-    client
-        .query(&shared.sql.scout_maintain, &[&shared.holder, &term])
+    shared
+        .sql
+        .scout_maintain
+        .rows(&client, &[&shared.holder, &term])
         .await?;
     Ok(())
 }

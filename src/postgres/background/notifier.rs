@@ -9,7 +9,6 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +58,7 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
         };
         let batch = notifier.take();
         if !batch.is_empty() {
-            match send(&shared.pool, &shared.channel, &batch).await {
+            match send(&shared, &batch).await {
                 Ok(()) => {
                     backoff = Duration::from_millis(20);
                     // Under load (more pokes arrived while this NOTIFY was in flight), gather
@@ -95,16 +94,13 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
     }
 }
 
-async fn send(pool: &Pool, channel: &str, payloads: &[String]) -> crate::Result<()> {
-    let client = pool.get().await?;
-    let stmt = client
-        // A NOTIFY-only transaction still writes a commit record: do not wait for its flush
-        // (the publishes it announces are already durable; losing it in a crash loses nothing).
-        .prepare_cached(
-            "SELECT pg_notify($1, p) \
-             FROM (SELECT set_config('synchronous_commit', 'off', true)) AS s, unnest($2::text[]) AS p",
-        )
+async fn send(shared: &Shared, payloads: &[String]) -> crate::Result<()> {
+    let client = shared.pool.get().await?;
+    // `sql/notify.sql`: does not wait for the commit record's flush.
+    shared
+        .sql
+        .notify
+        .rows(&client, &[&shared.channel, &payloads])
         .await?;
-    client.execute(&stmt, &[&channel, &payloads]).await?;
     Ok(())
 }

@@ -17,7 +17,10 @@ fn background() -> Background {
         .unwrap();
     Background::new(Settings {
         pool,
-        sql: std::sync::Arc::new(crate::postgres::statements::Statements::render("t")),
+        sql: std::sync::Arc::new(crate::postgres::statements::Statements::render(
+            "t",
+            crate::postgres::StatementMode::Prepared,
+        )),
         namespace: "t".to_owned(),
         listen_config: config,
         scout: ScoutConfig {

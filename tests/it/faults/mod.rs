@@ -3,8 +3,7 @@
 
 #[cfg(any(feature = "nats", feature = "redis"))]
 mod brokers;
-mod cluster;
+pub(crate) mod cluster;
 mod postgres;
 mod run;
-#[cfg(any(feature = "nats", feature = "redis"))]
-mod servers;
+pub(crate) mod servers;

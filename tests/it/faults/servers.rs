@@ -1,5 +1,6 @@
-//! Broker servers of the test's own, on free loopback ports, killed with SIGKILL and started again
-//! on the same data directory.
+//! Servers of the test's own, on free loopback ports, killed with SIGKILL and started again on the
+//! same data directory: brokers (NATS, Redis) and PgBouncer in front of a PostgreSQL. Also used by
+//! the CLI tests (`#[path]`), which is why the broker constructors are behind their features.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -24,6 +25,7 @@ impl Server {
     /// acknowledges the publish and fsyncs on its own schedule (`sync_interval`, 2 minutes by
     /// default): a killed server process loses nothing written (the page cache survives it);
     /// only a power loss could lose the last interval, which a process kill does not test.
+    #[cfg(feature = "nats")]
     pub fn nats() -> Server {
         Self::start("/usr/sbin/nats-server", |port, dir| {
             vec![
@@ -40,6 +42,7 @@ impl Server {
 
     /// Redis with an append-only file fsynced on every write, so a restarted server has every
     /// acknowledged command.
+    #[cfg(feature = "redis")]
     pub fn redis() -> Server {
         Self::start("redis-server", |port, dir| {
             vec![
@@ -57,6 +60,49 @@ impl Server {
                 String::new(),
             ]
         })
+    }
+
+    /// PgBouncer 1.18 (Debian's) in transaction mode in front of the PostgreSQL at
+    /// `127.0.0.1:server_port`: trust authentication, every database name passed through,
+    /// `default_pool_size = 2` server connections per database and user so that client
+    /// transactions really share them, and `server_round_robin` so that consecutive transactions
+    /// go to different server connections (what a busy pooler does; a quiet one reuses the last
+    /// one, which would hide a session dependency). `settings` are more `[pgbouncer]` lines.
+    /// Started as root, it drops to the `postgres` user itself (it refuses to run as root).
+    pub fn pgbouncer(server_port: u16, settings: &[&str]) -> Server {
+        let settings: Vec<String> = settings.iter().map(|s| (*s).to_owned()).collect();
+        Self::start("/usr/sbin/pgbouncer", move |port, dir| {
+            let userlist = dir.join("userlist.txt");
+            std::fs::write(&userlist, "\"postgres\" \"\"\n").unwrap();
+            let is_root = Command::new("id")
+                .arg("-u")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+                .unwrap_or(false);
+            let mut ini = format!(
+                "[databases]\n* = host=127.0.0.1 port={server_port}\n\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {}\npool_mode = transaction\n\
+                 default_pool_size = 2\nmax_client_conn = 500\nserver_round_robin = 1\n\
+                 server_reset_query =\n",
+                userlist.display()
+            );
+            if is_root {
+                ini.push_str("user = postgres\n");
+            }
+            for s in &settings {
+                ini.push_str(s);
+                ini.push('\n');
+            }
+            let path = dir.join("pgbouncer.ini");
+            std::fs::write(&path, ini).unwrap();
+            vec![path.display().to_string()]
+        })
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/<database>`.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
     fn start(program: &'static str, args: impl Fn(u16, &PathBuf) -> Vec<String>) -> Server {

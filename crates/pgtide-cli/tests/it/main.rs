@@ -14,6 +14,11 @@ mod hostile;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod operations;
+mod pooler;
+// The library's test servers (PgBouncer here), shared rather than copied.
+#[allow(dead_code)]
+#[path = "../../../../tests/it/faults/servers.rs"]
+mod servers;
 mod usability;
 
 use std::process::Stdio;
