@@ -65,6 +65,7 @@ statements! {
     // operations and inspection
     consumer_release => "consumer_release.sql",
     grant_runtime => "grant_runtime.sql",
+    revoke_runtime => "revoke_runtime.sql",
     publish_counts => "publish_counts.sql",
     maintain => "maintain.sql",
     dead_letters => "dead_letters.sql",
@@ -82,6 +83,7 @@ statements! {
     migrate_pending => "migrate_pending.sql",
     migrate_record => "migrate_record.sql",
     migrate_status => "migrate_status.sql",
+    migrate_regrant => "migrate_regrant.sql",
 }
 
 /// Bind parameters of one statement.

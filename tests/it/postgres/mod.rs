@@ -1,6 +1,7 @@
 mod consume;
 mod hostile;
 mod plans;
+mod privileges;
 mod publish;
 mod publish_rule;
 mod registry;
