@@ -12,7 +12,9 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgtide::{CancellationToken, Delivery, Error, GroupStart, Outcome, PgBackend, StreamConfig, Worker};
+use pgtide::{
+    CancellationToken, Delivery, Error, GroupStart, Outcome, PgBackend, StreamConfig, Worker,
+};
 use sqlx::Connection;
 use uuid::Uuid;
 
@@ -119,7 +121,11 @@ async fn sqlstate(raw: &tokio_postgres::Client, sql: &str) -> String {
 
 /// Tables (partitions included) and sequences of namespace `ns` on which `role` holds any
 /// privilege.
-pub(crate) async fn table_rights(raw: &tokio_postgres::Client, ns: &str, role: &str) -> Vec<String> {
+pub(crate) async fn table_rights(
+    raw: &tokio_postgres::Client,
+    ns: &str,
+    role: &str,
+) -> Vec<String> {
     raw.query(
         "SELECT c.relname::text FROM pg_class c
           WHERE c.relnamespace = $1::text::regnamespace
@@ -158,9 +164,12 @@ async fn a_runtime_role_holds_no_table_and_cannot_forge_or_steal() {
     let rt = role.backend(&ns);
 
     // A delivery in flight and a dead letter, made by the role itself.
-    rt.publish_batch("s", &[json(serde_json::json!(1)), json(serde_json::json!(2))])
-        .await
-        .unwrap();
+    rt.publish_batch(
+        "s",
+        &[json(serde_json::json!(1)), json(serde_json::json!(2))],
+    )
+    .await
+    .unwrap();
     let c = rt.consumer("s", "g", "c").await.unwrap();
     let ds = c.fetch(2, WAIT).await.unwrap();
     assert_eq!(ds.len(), 2);
@@ -234,15 +243,22 @@ async fn a_runtime_role_holds_no_table_and_cannot_forge_or_steal() {
         .map(|r| r.get(0))
         .collect();
     assert!(leaks.is_empty(), "{leaks:?}");
-    assert_eq!(table_rights(&ns.raw().await, &n, &role.name).await, Vec::<String>::new());
+    assert_eq!(
+        table_rights(&ns.raw().await, &n, &role.name).await,
+        Vec::<String>::new()
+    );
 
     // The Rust API says what is wrong and what to do.
     denied("delete_stream", rt.delete_stream("s").await);
-    denied("update_stream", rt.update_stream("s", &StreamConfig::default()).await);
+    denied(
+        "update_stream",
+        rt.update_stream("s", &StreamConfig::default()).await,
+    );
     denied("purge_dead", rt.purge_dead("s", "g", None).await);
     denied(
         "maintain_at later",
-        rt.maintain_at(chrono::Utc::now() + chrono::Duration::days(30)).await,
+        rt.maintain_at(chrono::Utc::now() + chrono::Duration::days(30))
+            .await,
     );
     let message = rt.delete_stream("s").await.unwrap_err().to_string();
     assert!(message.contains("pgtide grant"), "{message}");
@@ -275,7 +291,10 @@ async fn a_runtime_role_publishes_consumes_settles_and_runs_the_scout() {
     assert!(rt.is_migrated().await.unwrap());
 
     // Streams and groups: created idempotently at start-up, read back.
-    assert!(rt.ensure_stream("t", &StreamConfig::default()).await.unwrap());
+    assert!(rt
+        .ensure_stream("t", &StreamConfig::default())
+        .await
+        .unwrap());
     assert!(rt.ensure_group("t", "g", GroupStart::New).await.unwrap());
     assert!(!rt.ensure_group("t", "g", GroupStart::New).await.unwrap());
     assert!(rt.stream("t").await.unwrap().is_some());
@@ -283,9 +302,12 @@ async fn a_runtime_role_publishes_consumes_settles_and_runs_the_scout() {
 
     // Publish: the fast path, the dedupe path, the SQL function, a tokio-postgres transaction
     // and a sqlx transaction.
-    rt.publish_batch("s", &[json(serde_json::json!(1)), json(serde_json::json!(2))])
-        .await
-        .unwrap();
+    rt.publish_batch(
+        "s",
+        &[json(serde_json::json!(1)), json(serde_json::json!(2))],
+    )
+    .await
+    .unwrap();
     let keyed = rt
         .publish("s", json(serde_json::json!(3)).dedupe_key("k"))
         .await
@@ -364,10 +386,20 @@ async fn a_runtime_role_publishes_consumes_settles_and_runs_the_scout() {
 
     // Stats, views and maintenance.
     let s = rt.stats("s", "g").await.unwrap();
-    assert_eq!((s.ready, s.in_flight, s.delayed, s.dead), (0, 0, 0, 1), "{s:?}");
+    assert_eq!(
+        (s.ready, s.in_flight, s.delayed, s.dead),
+        (0, 0, 0, 1),
+        "{s:?}"
+    );
     assert!(rt.stats_all().await.unwrap().len() >= 2);
     assert_eq!(rt.dead_letters("s", "g", 10).await.unwrap().len(), 1);
-    for view in ["stream_stats", "deliveries", "dead_letters", "messages_view", "scout"] {
+    for view in [
+        "stream_stats",
+        "deliveries",
+        "dead_letters",
+        "messages_view",
+        "scout",
+    ] {
         raw.query(&format!("SELECT * FROM \"{n}\".{view}"), &[])
             .await
             .unwrap();
@@ -412,7 +444,9 @@ async fn a_runtime_role_publishes_consumes_settles_and_runs_the_scout() {
     let mut scout = rt.watch_scout();
     tokio::time::timeout(
         WAIT,
-        scout.wait_for(|s| s.is_leader && s.last_check_at.is_some() && s.last_maintenance_at.is_some()),
+        scout.wait_for(|s| {
+            s.is_leader && s.last_check_at.is_some() && s.last_maintenance_at.is_some()
+        }),
     )
     .await
     .expect("the runtime role's scout leads and works")
@@ -443,16 +477,19 @@ async fn a_read_only_role_reads_views_and_stats_and_nothing_else() {
     assert_eq!(ro.groups(Some("s")).await.unwrap().len(), 1);
     ro.publish_counts().await.unwrap();
     ro.scout_holder().await.unwrap();
-    for view in ["stream_stats", "deliveries", "dead_letters", "messages_view", "scout"] {
+    for view in [
+        "stream_stats",
+        "deliveries",
+        "dead_letters",
+        "messages_view",
+        "scout",
+    ] {
         raw.query(&format!("SELECT * FROM \"{n}\".{view}"), &[])
             .await
             .unwrap();
     }
 
-    denied(
-        "publish",
-        ro.publish("s", json(serde_json::json!(2))).await,
-    );
+    denied("publish", ro.publish("s", json(serde_json::json!(2))).await);
     let c = ro.consumer("s", "g", "c").await.unwrap();
     denied("fetch", c.try_fetch(1).await);
     denied("maintain", ro.maintain().await);
@@ -463,7 +500,10 @@ async fn a_read_only_role_reads_views_and_stats_and_nothing_else() {
     for sql in [
         format!("SELECT \"{n}\".publish('s', '1')"),
         format!("SELECT * FROM \"{n}\".read('s', 'g', 'c')"),
-        format!("SELECT \"{n}\".ack('s', 'g', ARRAY['{}'::uuid])", Uuid::now_v7()),
+        format!(
+            "SELECT \"{n}\".ack('s', 'g', ARRAY['{}'::uuid])",
+            Uuid::now_v7()
+        ),
         format!("SELECT \"{n}\"._ack(1, ARRAY['{}'::uuid])", Uuid::now_v7()),
         format!("SELECT \"{n}\"._scout_acquire('x', 0, interval '1 day')"),
         format!("SELECT * FROM \"{n}\".delivery_state"),

@@ -272,7 +272,10 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
         .await
         .unwrap();
     ns.grant_runtime(&role.name).await.unwrap();
-    assert_eq!(table_rights(&raw, n, &role.name).await, Vec::<String>::new());
+    assert_eq!(
+        table_rights(&raw, n, &role.name).await,
+        Vec::<String>::new()
+    );
     let recorded: bool = raw
         .query_one(
             &format!("SELECT read_only FROM \"{n}\"._grants WHERE role = $1"),
@@ -283,7 +286,10 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
         .get(0);
     assert!(!recorded, "recorded as a runtime role");
     as_role
-        .execute(&format!("SELECT * FROM \"{n}\".group_stats('orders', 'billing')"), &[])
+        .execute(
+            &format!("SELECT * FROM \"{n}\".group_stats('orders', 'billing')"),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(

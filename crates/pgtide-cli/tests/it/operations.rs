@@ -198,9 +198,12 @@ async fn cli_restricted_role_can_publish_and_consume_but_not_create_tables_or_re
     }
     pgtide(&ns, &["dead", "replay", "jobs", "--all"]).await.ok();
     as_role(&["consume", "jobs", "-g", "workers"]).await.ok();
-    pgtide(&ns, &["group", "reset", "jobs", "workers", "--from", "beginning"])
-        .await
-        .ok();
+    pgtide(
+        &ns,
+        &["group", "reset", "jobs", "workers", "--from", "beginning"],
+    )
+    .await
+    .ok();
     pgtide(&ns, &["trim", "jobs", "--max-len", "1"]).await.ok();
     // Reset queued job 1 and 3 again; trim kept the newest (job 3) and dropped the delayed one.
     let stats = as_role(&["stats", "--json"]).await.ok().json();
@@ -478,7 +481,9 @@ async fn cli_read_only_role_reads_stats_and_cannot_publish_then_is_revoked() {
         .unwrap();
     ns.create_stream("s", &Default::default()).await.unwrap();
     ns.create_group("s", "g", Default::default()).await.unwrap();
-    ns.publish("s", json(serde_json::json!({"n": 1}))).await.unwrap();
+    ns.publish("s", json(serde_json::json!({"n": 1})))
+        .await
+        .unwrap();
     // A runtime grant first; --read-only then downgrades it.
     pgtide(&ns, &["grant", &role]).await.ok();
     let granted = pgtide(&ns, &["grant", &role, "--read-only"]).await.ok();
@@ -515,7 +520,9 @@ async fn cli_read_only_role_reads_stats_and_cannot_publish_then_is_revoked() {
     assert!(r.stderr.contains("permission denied"), "{r:?}");
     // The flags exclude each other.
     assert_eq!(
-        pgtide(&ns, &["grant", &role, "--read-only", "--revoke"]).await.code,
+        pgtide(&ns, &["grant", &role, "--read-only", "--revoke"])
+            .await
+            .code,
         2
     );
 }
