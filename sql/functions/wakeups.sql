@@ -34,7 +34,8 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
         term = CASE WHEN holder = p_holder AND term = p_term THEN term ELSE term + 1 END,
         acquired_at = CASE WHEN holder = p_holder AND term = p_term THEN acquired_at ELSE now() END,
         renewed_at = now(),
-        expires_at = now() + p_ttl
+        -- the one duration rule: a runtime role cannot take the lease for longer than it allows
+        expires_at = now() + @ns@._check_duration('scout ttl', p_ttl, false)
     WHERE (holder = p_holder AND term = p_term) OR holder IS NULL OR expires_at <= now()
     RETURNING term
 $$;

@@ -222,6 +222,16 @@ async fn a_runtime_role_holds_no_table_and_cannot_forge_or_steal() {
         assert_eq!(sqlstate(&raw, &sql).await, "42501", "{sql}");
     }
 
+    // What the role may call still checks its arguments: no lease for a century.
+    assert_eq!(
+        sqlstate(
+            &raw,
+            &format!("SELECT \"{n}\"._scout_acquire('thief', 0, interval '1000 years')")
+        )
+        .await,
+        "PT001"
+    );
+
     // The catalog agrees, for every table (partitions included) and every function.
     let leaks: Vec<String> = ns
         .raw()
