@@ -29,13 +29,14 @@ END $$;
 -- Returns the term held, or NULL when another holder has it.
 CREATE OR REPLACE FUNCTION @ns@._scout_acquire(p_holder text, p_term bigint, p_ttl interval) RETURNS bigint
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    -- The one duration rule, whoever holds the lease: a runtime role cannot take it for a century.
+    SELECT @ns@._check_duration('scout ttl', p_ttl, false);
     UPDATE @ns@.scout_lease
     SET holder = p_holder,
         term = CASE WHEN holder = p_holder AND term = p_term THEN term ELSE term + 1 END,
         acquired_at = CASE WHEN holder = p_holder AND term = p_term THEN acquired_at ELSE now() END,
         renewed_at = now(),
-        -- the one duration rule: a runtime role cannot take the lease for longer than it allows
-        expires_at = now() + @ns@._check_duration('scout ttl', p_ttl, false)
+        expires_at = now() + p_ttl
     WHERE (holder = p_holder AND term = p_term) OR holder IS NULL OR expires_at <= now()
     RETURNING term
 $$;
