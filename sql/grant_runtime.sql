@@ -1,1 +1,2 @@
-SELECT @ns@.grant_runtime($1)
+-- $1 role, $2 read-only.
+SELECT @ns@.grant_runtime($1, $2)

@@ -91,6 +91,13 @@ pub enum Error {
         "namespace {0:?} is not installed or out of date: run migrate() (or `pgtide migrate`)"
     )]
     NotMigrated(String),
+
+    /// The connected role may not do this in the namespace (SQLSTATE 42501): an admin operation
+    /// (migrate, delete, purge, trim, reset, replay, updating a stream) as a runtime role, or
+    /// anything as a role that was never granted. The message is the server's.
+    #[error("{0}: run it as the namespace owner, or grant the role with `pgtide grant ROLE` (PgBackend::grant_runtime)")]
+    PermissionDenied(String),
+
     /// An error from PostgreSQL or the connection to it.
     #[error("postgres: {}", describe(.0.as_ref()))]
     Postgres(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -266,6 +273,7 @@ impl Error {
                     };
                     return Error::NotMigrated(namespace);
                 }
+                "42501" => return permission_denied(db.message()),
                 _ => {}
             }
         }
@@ -293,11 +301,19 @@ impl Error {
                 }
                 Some("PT005") => return Error::StreamExists(stream),
                 Some("PT006") => return Error::GroupExists { stream, group },
+                Some("42501") => return permission_denied(db.message()),
                 _ => {}
             }
         }
         Error::Postgres(Box::new(e))
     }
+}
+
+/// [`Error::PermissionDenied`] with the server's message (`permission denied for function
+/// delete_stream`, `permission denied for schema ns`, or pgtide's own 42501 errors).
+#[cfg(feature = "postgres")]
+fn permission_denied(message: &str) -> Error {
+    Error::PermissionDenied(message.to_owned())
 }
 
 /// The namespace a "does not exist" error names. The server rarely fills the error's schema

@@ -81,7 +81,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION @ns@.stream_id(stream text) RETURNS integer
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp STABLE AS $$
 DECLARE v integer;
 BEGIN
     SELECT id INTO v FROM @ns@.streams WHERE name = stream;
@@ -93,7 +93,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION @ns@.group_id(stream text, "group" text) RETURNS integer
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp STABLE AS $$
 DECLARE v integer;
 BEGIN
     SELECT g.id INTO v FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id

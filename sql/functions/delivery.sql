@@ -15,7 +15,7 @@ DROP FUNCTION IF EXISTS @ns@._claim(integer, integer, text, interval);
 CREATE OR REPLACE FUNCTION @ns@._claim(p_group integer, p_limit integer, p_consumer text, p_lease interval DEFAULT NULL)
 RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
                lease_expired boolean, lease_token bigint)
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
 -- backlog would make claims O(backlog)).
@@ -88,7 +88,7 @@ DROP FUNCTION IF EXISTS @ns@._ack(integer, uuid[], integer[]);
 CREATE OR REPLACE FUNCTION @ns@._ack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                                      p_tokens bigint[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET jit = off
@@ -114,7 +114,7 @@ CREATE OR REPLACE FUNCTION @ns@._nack(p_group integer, p_ids uuid[], p_attempts 
                            p_delays interval[] DEFAULT NULL, p_errors text[] DEFAULT NULL,
                            p_tokens bigint[] DEFAULT NULL)
 RETURNS TABLE (id uuid, dead boolean)
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET jit = off
@@ -169,7 +169,7 @@ DROP FUNCTION IF EXISTS @ns@._term(integer, uuid[], integer[], text[]);
 CREATE OR REPLACE FUNCTION @ns@._term(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                            p_reasons text[] DEFAULT NULL, p_tokens bigint[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET jit = off
@@ -197,7 +197,7 @@ DROP FUNCTION IF EXISTS @ns@._extend(integer, uuid[], integer[], interval);
 CREATE OR REPLACE FUNCTION @ns@._extend(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                              p_lease interval DEFAULT NULL, p_tokens bigint[] DEFAULT NULL)
 RETURNS TABLE (id uuid, lease_expires_at timestamptz)
-LANGUAGE sql
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET jit = off
@@ -218,7 +218,7 @@ DROP FUNCTION IF EXISTS @ns@._release(integer, uuid[], integer[]);
 CREATE OR REPLACE FUNCTION @ns@._release(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                                          p_tokens bigint[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET jit = off
@@ -236,7 +236,7 @@ $$;
 -- Dead letters back into the group with a fresh attempt count (all of the group's when p_ids is NULL).
 CREATE OR REPLACE FUNCTION @ns@._replay_dead(p_group integer, p_ids uuid[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH back AS (
         DELETE FROM @ns@.dead_letter_state d
         WHERE d.group_id = p_group AND (p_ids IS NULL OR d.message_id = ANY (p_ids))
@@ -254,7 +254,7 @@ $$;
 
 CREATE OR REPLACE FUNCTION @ns@._purge_dead(p_group integer, p_ids uuid[] DEFAULT NULL)
 RETURNS bigint
-LANGUAGE sql AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     WITH gone AS (
         DELETE FROM @ns@.dead_letter_state d
         WHERE d.group_id = p_group AND (p_ids IS NULL OR d.message_id = ANY (p_ids))
@@ -281,7 +281,7 @@ CREATE OR REPLACE FUNCTION @ns@.read(stream text, "group" text, consumer text, n
                           lease interval DEFAULT NULL)
 RETURNS TABLE (id uuid, payload jsonb, payload_bytes bytea, headers jsonb, attempt integer,
                published_at timestamptz, lease_expires_at timestamptz, lease_token bigint)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     gid integer;
 BEGIN
@@ -306,7 +306,7 @@ END $$;
 DROP FUNCTION IF EXISTS @ns@.ack(text, text, uuid[]);
 CREATE OR REPLACE FUNCTION @ns@.ack(stream text, "group" text, ids uuid[], tokens bigint[] DEFAULT NULL)
 RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_settle(stream, "group", ids, tokens);
     RETURN (SELECT count(*)::integer FROM @ns@._ack(@ns@.group_id(stream, "group"), ids, NULL, tokens));
@@ -315,7 +315,7 @@ END $$;
 DROP FUNCTION IF EXISTS @ns@.nack(text, text, uuid[], interval, text);
 CREATE OR REPLACE FUNCTION @ns@.nack(stream text, "group" text, ids uuid[], delay interval DEFAULT NULL,
                           error text DEFAULT NULL, tokens bigint[] DEFAULT NULL) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_settle(stream, "group", ids, tokens);
     RETURN (SELECT count(*)::integer FROM @ns@._nack(
@@ -330,7 +330,7 @@ DROP FUNCTION IF EXISTS @ns@.term(text, text, uuid[], text);
 CREATE OR REPLACE FUNCTION @ns@.term(stream text, "group" text, ids uuid[], reason text DEFAULT 'terminated',
                           tokens bigint[] DEFAULT NULL)
 RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_settle(stream, "group", ids, tokens);
     RETURN (SELECT count(*)::integer FROM @ns@._term(
@@ -343,7 +343,7 @@ DROP FUNCTION IF EXISTS @ns@.in_progress(text, text, uuid[], interval);
 CREATE OR REPLACE FUNCTION @ns@.in_progress(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL,
                                  tokens bigint[] DEFAULT NULL)
 RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_settle(stream, "group", ids, tokens);
     RETURN (SELECT count(*)::integer FROM @ns@._extend(@ns@.group_id(stream, "group"), ids, NULL,
@@ -355,11 +355,11 @@ DROP FUNCTION IF EXISTS @ns@.extend(text, text, uuid[], interval);
 CREATE OR REPLACE FUNCTION @ns@.extend(stream text, "group" text, ids uuid[], lease interval DEFAULT NULL,
                             tokens bigint[] DEFAULT NULL)
 RETURNS integer
-LANGUAGE sql AS $$ SELECT @ns@.in_progress(stream, "group", ids, lease, tokens) $$;
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$ SELECT @ns@.in_progress(stream, "group", ids, lease, tokens) $$;
 
 -- `ids` NULL: every dead letter of the group.
 CREATE OR REPLACE FUNCTION @ns@.replay_dead(stream text, "group" text, ids uuid[] DEFAULT NULL) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
@@ -367,7 +367,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION @ns@.purge_dead(stream text, "group" text, ids uuid[] DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");

@@ -14,7 +14,7 @@
 -- `group_stats()`. A NULL group (a stream without groups in `stats()`) counts as empty.
 CREATE OR REPLACE FUNCTION @ns@._group_stats(p_group integer)
 RETURNS TABLE (ready bigint, delayed bigint, in_flight bigint, dead bigint, oldest_ready_age interval)
-LANGUAGE sql STABLE SET jit = off AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp STABLE SET jit = off AS $$
     SELECT greatest(coalesce(c.pending, 0) + coalesce(x.pending, 0) - f.in_flight - f.delayed, 0)::bigint,
            f.delayed, f.in_flight,
            (coalesce(c.dead, 0) + coalesce(x.dead, 0))::bigint,
@@ -42,7 +42,7 @@ $$;
 CREATE OR REPLACE FUNCTION @ns@.stats()
 RETURNS TABLE (stream text, "group" text, ready bigint, delayed bigint, in_flight bigint,
                dead bigint, oldest_ready_age interval)
-LANGUAGE plpgsql SET jit = off AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM @ns@.fold_counters();
@@ -58,7 +58,7 @@ END $$;
 -- group. Reads only that group's rows (no fold, no namespace-wide scan).
 CREATE OR REPLACE FUNCTION @ns@.group_stats(stream text, "group" text)
 RETURNS TABLE (ready bigint, delayed bigint, in_flight bigint, dead bigint, oldest_ready_age interval)
-LANGUAGE plpgsql STABLE SET jit = off AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp STABLE SET jit = off AS $$
 DECLARE
     gid integer;
 BEGIN

@@ -116,6 +116,14 @@ DECLARE
     i integer;
 BEGIN
     PERFORM @ns@._check(at IS NOT NULL, 'at must not be NULL', 'leave it out for now()');
+    -- A pass "as if" later drops partitions before their retention is up: only for members of
+    -- the owner role (retention tests, backfills), never for a runtime role. A minute of slack
+    -- covers the clock of a client that passes its own now.
+    IF at > now() + interval '1 minute' AND NOT pg_has_role(session_user,
+            (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = @ns_lit@), 'MEMBER') THEN
+        RAISE EXCEPTION 'pgtide: maintain() at a future time (%) is reserved to the namespace owner', at
+            USING ERRCODE = '42501', HINT = 'leave at out (now), or run as the owner';
+    END IF;
     PERFORM @ns@._lock_partitions();
     partitions_created := 0;
     partitions_dropped := 0;

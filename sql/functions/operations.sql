@@ -1,6 +1,7 @@
 -- pgtide operations: functions behind the CLI's grant, group reset, trim, consumer release and
--- stats-rate commands. Admin functions that need DDL (trim drops partitions) are SECURITY DEFINER
--- like create_stream; the others run with the caller's rights.
+-- stats-rate commands, and the bookkeeping check of `is_migrated()`. Every function that reads or
+-- writes a table is SECURITY DEFINER (runtime roles hold no table privileges); the grant
+-- functions run with the caller's rights (the owner's).
 --
 -- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
 -- other function files, under the namespace's migration lock) whenever its text changes; the
@@ -11,54 +12,142 @@
 -- in `migrations/`, never here.
 
 ---------------------------------------------------------------------------------------------------
--- grant
+-- grants. Runtime roles hold no table or sequence privileges at all: every function they call
+-- that reads or writes a table runs as the namespace owner (SECURITY DEFINER with a pinned
+-- search_path), so the only way to change a queue is through the functions and their checks.
+-- `_grants` (migration 0009) records the roles granted here; `_regrant()`, run by `migrate()`
+-- after the function files, re-grants them what a release added or re-created. None of these
+-- functions is SECURITY DEFINER: the caller needs the right to grant on the namespace (its owner).
 
--- Grants `p_role` what running needs and nothing more: USAGE on the schema (no CREATE), the table
--- privileges the publish, claim, settle, scout and stats paths use, SELECT on the views, EXECUTE
--- on the functions. DDL (streams, groups, partitions, retention) happens inside SECURITY DEFINER
--- functions. Idempotent. The caller needs the right to grant on the namespace (its owner).
-CREATE OR REPLACE FUNCTION @ns@.grant_runtime(p_role text) RETURNS void
-LANGUAGE plpgsql AS $$
+-- The functions a role may execute: a runtime role (publish, consume, settle, stats, scout,
+-- maintenance, health, creating streams and groups) or a read-only one (stats and lookups). Every
+-- other function (replay, purge, reset, trim, delete, the `_`-helpers the engine does not call)
+-- is the owner's.
+CREATE OR REPLACE FUNCTION @ns@._granted_functions(p_read_only boolean) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['uuid_time', 'uuid_floor', 'valid_name', 'stream_id', 'group_id', 'stats',
+                 'group_stats', 'publish_counts', '_stream_list', '_group_list', '_migration_status']
+           || CASE WHEN p_read_only THEN '{}'::text[] ELSE ARRAY[
+                 'uuid_v7', '_visible_at', '_publish', '_publish_batch', 'publish', 'publish_bytes',
+                 '_claim', '_ack', '_nack', '_term', '_extend', '_release',
+                 'read', 'ack', 'nack', 'term', 'in_progress', 'extend', 'release_consumer',
+                 'create_stream', 'create_group', 'maintain',
+                 '_scout_acquire', '_scout_resign', '_scout_due', '_scout_maintain'] END
+$$;
+
+-- Sets `p_role`'s privileges in the namespace to exactly those of its kind: everything it held
+-- before is revoked first, so a runtime role granted read-only afterwards is downgraded.
+CREATE OR REPLACE FUNCTION @ns@._apply_grant(p_role name, p_read_only boolean) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    t record;
+    r record;
 BEGIN
-    IF p_role IS NULL OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = p_role) THEN
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM %I', @ns_lit@, p_role);
+    EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM %I', @ns_lit@, p_role);
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA %I FROM %I', @ns_lit@, p_role);
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', @ns_lit@, p_role);
+    -- Views read the tables with the owner's rights; the role reads the views only.
+    FOR r IN SELECT c.relname FROM pg_class c
+             WHERE c.relnamespace = @ns_lit@::regnamespace AND c.relkind = 'v' ORDER BY c.relname
+    LOOP
+        EXECUTE format('GRANT SELECT ON %I.%I TO %I', @ns_lit@, r.relname, p_role);
+    END LOOP;
+    -- regprocedure prints schema-qualified and quoted (the namespace is not on this search_path).
+    FOR r IN SELECT p.oid::regprocedure AS f FROM pg_proc p
+             WHERE p.pronamespace = @ns_lit@::regnamespace
+               AND p.proname = ANY (@ns@._granted_functions(p_read_only))
+             ORDER BY 1
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', r.f, p_role);
+    END LOOP;
+END $$;
+
+-- Checks that `p_role` can be granted or revoked: it exists and is not the namespace owner
+-- (whose rights come from owning, and must not be revoked).
+CREATE OR REPLACE FUNCTION @ns@._check_grantee(p_role text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF p_role IS NULL OR NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = p_role) THEN
         RAISE EXCEPTION 'pgtide: role % does not exist', quote_nullable(p_role)
             USING ERRCODE = 'PT007', HINT = 'create it first (CREATE ROLE ... LOGIN)';
     END IF;
-    EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', @ns_lit@, p_role);
-    FOR t IN SELECT * FROM (VALUES
-        ('streams', 'SELECT'),
-        ('groups', 'SELECT'),
-        ('partitions', 'SELECT'),
-        ('group_counters', 'SELECT'),
-        ('messages', 'SELECT, INSERT'),
-        ('delivery_state', 'SELECT, INSERT, UPDATE, DELETE'),
-        ('dead_letter_state', 'SELECT, INSERT, DELETE'),
-        ('dedupe', 'SELECT, INSERT, UPDATE'),
-        ('counter_deltas', 'SELECT, INSERT'),
-        ('scout_lease', 'SELECT, UPDATE'),
-        ('_sqlx_migrations', 'SELECT'),
-        ('_pgtide_sql', 'SELECT'),
-        ('stream_stats', 'SELECT'),
-        ('deliveries', 'SELECT'),
-        ('dead_letters', 'SELECT'),
-        ('messages_view', 'SELECT'),
-        ('scout', 'SELECT')
-    ) AS x (rel, privileges)
-    LOOP
-        IF to_regclass(format('%I.%I', @ns_lit@, t.rel)) IS NOT NULL THEN
-            EXECUTE format('GRANT %s ON %I.%I TO %I', t.privileges, @ns_lit@, t.rel, p_role);
-        END IF;
-    END LOOP;
-    IF to_regclass(format('%I.lease_tokens', @ns_lit@)) IS NOT NULL THEN
-        EXECUTE format('GRANT USAGE ON SEQUENCE %I.lease_tokens TO %I', @ns_lit@, p_role);
+    IF EXISTS (SELECT 1 FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
+               WHERE n.nspname = @ns_lit@ AND r.rolname = p_role) THEN
+        RAISE EXCEPTION 'pgtide: role % owns namespace %', quote_literal(p_role), quote_literal(@ns_lit@)
+            USING ERRCODE = 'PT001', HINT = 'the owner needs no grant; grant a separate runtime role';
     END IF;
-    EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA %I TO %I', @ns_lit@, p_role);
-    -- Functions that a later migrate() re-creates (a changed signature is dropped and created
-    -- again) stay executable for the role, when the same owner runs migrate().
-    EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT EXECUTE ON FUNCTIONS TO %I',
+END $$;
+
+-- Grants `p_role` what running needs and nothing more (`p_read_only`: what dashboards and
+-- inspection need): USAGE on the schema (no CREATE), SELECT on the views, EXECUTE on the
+-- functions of its kind, no table or sequence privilege. Idempotent; a later call with the other
+-- kind replaces the first (read-only after runtime downgrades). Run as the namespace owner.
+DROP FUNCTION IF EXISTS @ns@.grant_runtime(text);
+CREATE OR REPLACE FUNCTION @ns@.grant_runtime(p_role text, p_read_only boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM @ns@._check_grantee(p_role);
+    PERFORM @ns@._check(p_read_only IS NOT NULL, 'read_only must not be NULL',
+        'pass false for a runtime role, true for a read-only one');
+    INSERT INTO @ns@._grants AS g (role, read_only) VALUES (p_role, p_read_only)
+    ON CONFLICT (role) DO UPDATE SET read_only = excluded.read_only, granted_at = now();
+    -- Releases before 0009 granted EXECUTE on every future function by default: not any more.
+    EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I REVOKE EXECUTE ON FUNCTIONS FROM %I',
                    @ns_lit@, p_role);
+    PERFORM @ns@._apply_grant(p_role, p_read_only);
+END $$;
+
+-- Takes back everything `p_role` holds in the namespace, schema USAGE included. Returns whether
+-- the role had been granted through `grant_runtime`.
+CREATE OR REPLACE FUNCTION @ns@.revoke_runtime(p_role text) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    had boolean;
+BEGIN
+    PERFORM @ns@._check_grantee(p_role);
+    DELETE FROM @ns@._grants WHERE role = p_role;
+    had := FOUND;
+    EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I REVOKE EXECUTE ON FUNCTIONS FROM %I',
+                   @ns_lit@, p_role);
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA %I FROM %I', @ns_lit@, p_role);
+    EXECUTE format('REVOKE ALL ON ALL SEQUENCES IN SCHEMA %I FROM %I', @ns_lit@, p_role);
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA %I FROM %I', @ns_lit@, p_role);
+    EXECUTE format('REVOKE ALL ON SCHEMA %I FROM %I', @ns_lit@, p_role);
+    RETURN had;
+END $$;
+
+-- Run by `migrate()` after it applied anything: no function is executable by PUBLIC (a function
+-- re-created by a release starts with PUBLIC EXECUTE), and every recorded role holds exactly the
+-- privileges of its kind in this release. Roles dropped since are forgotten.
+CREATE OR REPLACE FUNCTION @ns@._regrant() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    g record;
+BEGIN
+    EXECUTE format('REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA %I FROM PUBLIC', @ns_lit@);
+    DELETE FROM @ns@._grants x WHERE NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = x.role);
+    FOR g IN SELECT role, read_only FROM @ns@._grants ORDER BY role LOOP
+        PERFORM @ns@._apply_grant(g.role, g.read_only);
+    END LOOP;
+END $$;
+
+---------------------------------------------------------------------------------------------------
+-- bookkeeping
+
+-- Whether the namespace is current: the `p_version` migrations applied, and every function file
+-- (`p_files` names, `p_bodies` texts as rendered) applied with its present text. For
+-- `is_migrated()` (and `pgtide health`) as a role that cannot read the bookkeeping tables.
+CREATE OR REPLACE FUNCTION @ns@._migration_status(p_version bigint, p_files text[], p_bodies text[])
+RETURNS boolean
+-- PL/pgSQL: its tables need not exist when the file is applied (the install script of
+-- `pgtide migrate --print-sql` creates sqlx's table after the function files).
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT count(*) FROM @ns@._sqlx_migrations WHERE success AND version <= p_version) = p_version
+       AND (SELECT count(*)
+            FROM unnest(p_files, p_bodies) AS f (file, body)
+            JOIN @ns@._pgtide_sql s ON s.file = f.file AND s.checksum = sha256(convert_to(f.body, 'UTF8')))
+           = cardinality(p_files);
 END $$;
 
 ---------------------------------------------------------------------------------------------------
@@ -70,7 +159,7 @@ END $$;
 -- (they leave the dead letters). Deliveries already pending from the point on keep their state.
 CREATE OR REPLACE FUNCTION @ns@.reset_group(stream text, "group" text, from_time timestamptz DEFAULT NULL)
 RETURNS TABLE (skipped bigint, queued bigint)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     gid    integer;
@@ -190,7 +279,7 @@ END $$;
 -- the attempt does not count. For a consumer process that shuts down without knowing exactly what
 -- its last, interrupted fetch claimed. Consumer names must be unique per process for this.
 CREATE OR REPLACE FUNCTION @ns@._release_consumer(p_group integer, p_consumer text) RETURNS bigint
-LANGUAGE sql
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
 AS $$
@@ -204,7 +293,7 @@ AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION @ns@.release_consumer(stream text, "group" text, consumer text) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
@@ -221,7 +310,7 @@ END $$;
 -- publish rate.
 CREATE OR REPLACE FUNCTION @ns@.publish_counts()
 RETURNS TABLE (stream text, published bigint)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp STABLE AS $$
     SELECT s.name, coalesce(sum(st.n_tup_ins), 0)::bigint
     FROM @ns@.streams s
     LEFT JOIN LATERAL pg_catalog.pg_partition_tree(format('%I.%I', @ns_lit@, 'messages_s' || s.id)::regclass) t

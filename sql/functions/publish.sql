@@ -1,5 +1,6 @@
--- pgtide publish: the publish rule (visibility, payload limit), `_publish` (dedupe keys) and the
--- public publish functions. `sql/publish.sql` (the engine's fast path) uses the same rule functions.
+-- pgtide publish: the publish rule (visibility, payload limit), `_publish` (dedupe keys),
+-- `_publish_batch` (the engine's fast path) and the public publish functions. Every function that
+-- writes runs as the namespace owner (SECURITY DEFINER): runtime roles hold no table privileges.
 --
 -- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
 -- other function files, under the namespace's migration lock) whenever its text changes; the
@@ -10,7 +11,7 @@
 -- in `migrations/`, never here.
 
 ---------------------------------------------------------------------------------------------------
--- the publish rule: every publish path (the engine's `sql/publish.sql`, `_publish`, `publish()`,
+-- the publish rule: every publish path (`_publish_batch`, `_publish`, `publish()`,
 -- `publish_bytes()`) goes through these two functions, so the rule is written once. Both are
 -- plain SQL expressions the planner inlines into the calling statement: no call overhead on the
 -- publish hot path.
@@ -62,7 +63,7 @@ CREATE OR REPLACE FUNCTION @ns@._publish(
     p_dedupe_key text,
     p_priority   integer DEFAULT 0
 ) RETURNS TABLE (message_id uuid, duplicate boolean)
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
 AS $$
 #variable_conflict use_column
@@ -108,6 +109,47 @@ BEGIN
     RETURN NEXT;
 END $$;
 
+-- The engine's fast path for publishes without dedupe key (`sql/publish.sql` calls it): the
+-- messages, one delivery row per group of the stream and the counter delta, in one statement.
+-- Arrays hold one element per message. Returns how many messages were written: 0 when the stream
+-- does not exist (the engine then says so). A PL/pgSQL function, so the statement's plan is
+-- cached per session like the prepared statement it replaces; the rule functions are inlined
+-- into it.
+CREATE OR REPLACE FUNCTION @ns@._publish_batch(
+    p_stream     text,
+    p_ids        uuid[],
+    p_payloads   bytea[],
+    p_is_json    boolean[],
+    p_headers    jsonb[],
+    p_deliver_at timestamptz[],
+    p_delay_us   bigint[],
+    p_priority   integer[]
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH s AS (
+        SELECT id, max_payload FROM @ns@.streams WHERE name = p_stream
+    ), m AS (
+        INSERT INTO @ns@.messages (stream_id, id, payload, is_json, headers)
+        SELECT s.id, u.id, u.payload, u.is_json, u.headers
+        FROM s, unnest(p_ids, p_payloads, p_is_json, p_headers) AS u (id, payload, is_json, headers)
+        WHERE @ns@._payload_ok(p_stream, u.payload, s.max_payload)
+        RETURNING 1
+    ), d AS (
+        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
+        SELECT g.id, u.id, @ns@._visible_at(u.deliver_at, u.delay_us * interval '1 microsecond', u.priority)
+        FROM s JOIN @ns@.groups g ON g.stream_id = s.id,
+             unnest(p_ids, p_deliver_at, p_delay_us, p_priority) AS u (id, deliver_at, delay_us, priority)
+    ), c AS (
+        INSERT INTO @ns@.counter_deltas (group_id, pending)
+        SELECT g.id, cardinality(p_ids) FROM s JOIN @ns@.groups g ON g.stream_id = s.id
+    )
+    SELECT count(*) INTO n FROM m;
+    RETURN n;
+END $$;
+
 -- The checks both public publish functions share (the Rust API's rules): a valid stream name, a
 -- payload, headers as a JSON object, a priority. PT001 with a hint; nothing is written.
 CREATE OR REPLACE FUNCTION @ns@._check_publish(p_stream text, p_has_payload boolean, p_headers jsonb,
@@ -133,7 +175,7 @@ CREATE OR REPLACE FUNCTION @ns@.publish(
     dedupe_key text DEFAULT NULL,
     priority   integer DEFAULT 0
 ) RETURNS uuid
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_publish(stream, payload IS NOT NULL, headers, priority);
     RETURN (SELECT p.message_id FROM @ns@._publish(
@@ -149,7 +191,7 @@ CREATE OR REPLACE FUNCTION @ns@.publish_bytes(
     dedupe_key text DEFAULT NULL,
     priority   integer DEFAULT 0
 ) RETURNS uuid
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_publish(stream, payload IS NOT NULL, headers, priority);
     RETURN (SELECT p.message_id FROM @ns@._publish(

@@ -155,3 +155,23 @@ BEGIN
     EXECUTE format('TRUNCATE %I.%I', @ns_lit@, 'messages_s' || sid);
     RETURN n;
 END $$;
+
+---------------------------------------------------------------------------------------------------
+-- reading the registry: runtime and read-only roles hold no table privileges, so the engine reads
+-- streams and groups through these. (Not `_streams`: that name is the array type of `streams`.)
+
+-- The stream named `p_name`, or every stream when it is NULL.
+CREATE OR REPLACE FUNCTION @ns@._stream_list(p_name text DEFAULT NULL) RETURNS SETOF @ns@.streams
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT * FROM @ns@.streams s WHERE p_name IS NULL OR s.name = p_name
+$$;
+
+-- Groups of the stream `p_stream` (of every stream when NULL), by stream and name.
+CREATE OR REPLACE FUNCTION @ns@._group_list(p_stream text DEFAULT NULL)
+RETURNS TABLE (stream text, "group" text, created_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.name, g.name, g.created_at
+    FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
+    WHERE p_stream IS NULL OR s.name = p_stream
+    ORDER BY s.name, g.name
+$$;

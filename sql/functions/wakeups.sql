@@ -28,7 +28,9 @@ END $$;
 -- Takes the lease if it is free or expired, or renews it for the current holder and term.
 -- Returns the term held, or NULL when another holder has it.
 CREATE OR REPLACE FUNCTION @ns@._scout_acquire(p_holder text, p_term bigint, p_ttl interval) RETURNS bigint
-LANGUAGE sql AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    -- The one duration rule, whoever holds the lease: a runtime role cannot take it for a century.
+    SELECT @ns@._check_duration('scout ttl', p_ttl, false);
     UPDATE @ns@.scout_lease
     SET holder = p_holder,
         term = CASE WHEN holder = p_holder AND term = p_term THEN term ELSE term + 1 END,
@@ -40,7 +42,7 @@ LANGUAGE sql AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION @ns@._scout_resign(p_holder text, p_term bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     UPDATE @ns@.scout_lease SET holder = NULL, expires_at = now()
     WHERE holder = p_holder AND term = p_term;
@@ -55,7 +57,7 @@ END $$;
 -- ranges between those bounds, per group.
 CREATE OR REPLACE FUNCTION @ns@._scout_due(p_since timestamptz)
 RETURNS TABLE (due_streams text[], next_due timestamptz, checked_at timestamptz)
-LANGUAGE sql STABLE
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp STABLE
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
 AS $$
@@ -68,4 +70,15 @@ AS $$
                              WHERE d.group_id = g.id AND d.visible_at > now()
                              ORDER BY d.visible_at LIMIT 1) x),
         now()
+$$;
+
+-- The scout's maintenance pass, fenced: runs `maintain()` only while `p_holder` still holds the
+-- lease under `p_term` (no row otherwise). Runtime roles read no table; this reads the lease as
+-- the owner.
+CREATE OR REPLACE FUNCTION @ns@._scout_maintain(p_holder text, p_term bigint)
+RETURNS TABLE (partitions_created integer, partitions_dropped integer, dedupe_removed integer)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT m.partitions_created, m.partitions_dropped, m.dedupe_removed FROM @ns@.maintain() m
+    WHERE EXISTS (SELECT 1 FROM @ns@.scout_lease l
+                  WHERE l.holder = p_holder AND l.term = p_term AND l.expires_at > now())
 $$;

@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "plans", include_str!("../../migrations/0006_plans.sql")),
     (7, "sql_files", include_str!("../../migrations/0007_sql_files.sql")),
     (8, "lease_tokens", include_str!("../../migrations/0008_lease_tokens.sql")),
+    (9, "least_privilege", include_str!("../../migrations/0009_least_privilege.sql")),
 ];
 
 /// The function and view files, in the order they are applied: a file may use what an earlier
@@ -128,6 +129,10 @@ pub fn migration_sql(namespace: &str) -> Result<String> {
              VALUES ('{file}', sha256(convert_to({TAG}{sql}{TAG}, 'UTF8')));\n"
         ));
     }
+    out.push_str(&format!(
+        "\n-- privileges: no function executable by PUBLIC; roles granted before keep their grants\n\
+         SELECT \"{namespace}\"._regrant();\n"
+    ));
     out.push_str("COMMIT;\n");
     Ok(out)
 }
@@ -172,7 +177,9 @@ impl PgBackend {
     /// re-applies the function and view files whose text changed. Returns what it applied
     /// (empty when the namespace was current). Idempotent and safe to call from many processes
     /// at once (they queue on an advisory lock). Needs the right to create a schema and tables,
-    /// and to own the namespace's functions. It connects to
+    /// and to own the namespace's functions: run it as the namespace owner, never as a runtime
+    /// role (those hold no table privileges). Roles granted with [`PgBackend::grant_runtime`] or
+    /// [`PgBackend::grant_read_only`] are re-granted what this release's functions need. It connects to
     /// [`PgBackend::listen_url`]: behind a pooler in transaction mode, give the builder the
     /// direct URL with [`PgBackendBuilder::listen_url`](crate::PgBackendBuilder::listen_url)
     /// (the lock needs a session; PgBouncer also refuses the `search_path` startup option).
@@ -244,6 +251,12 @@ impl PgBackend {
             .await
             .map_err(migrate_err)?;
         if pending.is_empty() {
+            if !report.migrations.is_empty() {
+                (&mut *conn)
+                    .execute(sqlx::raw_sql(&sql.migrate_regrant.sql))
+                    .await
+                    .map_err(migrate_err)?;
+            }
             return Ok(report);
         }
         let mut tx = conn.begin().await.map_err(migrate_err)?;
@@ -263,6 +276,12 @@ impl PgBackend {
                 .map_err(migrate_err)?;
             report.sql_files.push((*file).to_owned());
         }
+        // Re-created functions start executable by PUBLIC and by nobody granted: put the
+        // recorded roles' privileges back, in the same transaction.
+        (&mut *tx)
+            .execute(sqlx::raw_sql(&sql.migrate_regrant.sql))
+            .await
+            .map_err(migrate_err)?;
         tx.commit().await.map_err(migrate_err)?;
         Ok(report)
     }

@@ -16,36 +16,81 @@ use crate::error::Ctx;
 use crate::names::validate_name;
 use crate::{Error, Result};
 
+/// Role names are passed as bind parameters and quoted with `%I` by the grant functions; this
+/// only rejects what PostgreSQL could never have created.
+fn check_role(role: &str) -> Result<()> {
+    if role.is_empty() || role.len() > 63 || role.contains('\0') {
+        return Err(Error::InvalidConfig(format!(
+            "role name {role:?} is invalid: use 1-63 bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The grant functions' errors about the role, as typed errors.
+fn role_error(e: tokio_postgres::Error, role: &str) -> Error {
+    match e.code().map(|c| c.code()) {
+        Some("PT007") => Error::InvalidConfig(format!(
+            "role {role:?} does not exist: create it first (CREATE ROLE \"{role}\" LOGIN)"
+        )),
+        _ => e.into(),
+    }
+}
+
 impl PgBackend {
     /// Grants `role` exactly what running needs in this namespace: USAGE on the schema (no
-    /// CREATE), SELECT/INSERT/UPDATE/DELETE where publish, fetch, settle, the scout and stats need
-    /// them, SELECT on the views and EXECUTE on the functions. Creating streams and groups,
-    /// partition maintenance, retention and trim still work under such a role: those functions
-    /// are `SECURITY DEFINER`. Idempotent; run it after every [`PgBackend::migrate`] as the owner.
+    /// CREATE), SELECT on the views and EXECUTE on the functions that publish, fetch, settle,
+    /// run the scout and maintenance, read stats and create streams and groups. It gets no
+    /// privilege on any table or sequence: every function that touches a table runs as the
+    /// namespace owner (`SECURITY DEFINER`, pinned `search_path`) and checks its arguments, so the
+    /// role cannot forge messages, rewrite deliveries or take the scout lease by hand. Deleting,
+    /// purging, trimming, resetting and replaying stay the owner's.
     ///
-    /// Fails with [`Error::InvalidConfig`] if the role does not exist.
+    /// Idempotent; a role granted read-only before is upgraded. `migrate()` keeps the grant
+    /// current across releases. Run it as the namespace owner.
+    ///
+    /// Fails with [`Error::InvalidConfig`] if the role does not exist or owns the namespace.
     pub async fn grant_runtime(&self, role: &str) -> Result<()> {
-        if role.is_empty() || role.len() > 63 || role.contains('\0') {
-            return Err(Error::InvalidConfig(format!(
-                "role name {role:?} is invalid: use 1-63 bytes"
-            )));
-        }
+        self.grant_role(role, false).await
+    }
+
+    /// Grants `role` what dashboards and inspection need, nothing else: USAGE on the schema,
+    /// SELECT on the views (`stream_stats`, `deliveries`, `dead_letters`, `messages_view`,
+    /// `scout`) and EXECUTE on the read-only functions (stats, group stats, publish counts, stream
+    /// and group lookups). It cannot publish, fetch or settle. A role granted the runtime
+    /// privileges before is downgraded to exactly these. Run it as the namespace owner.
+    ///
+    /// Fails with [`Error::InvalidConfig`] if the role does not exist or owns the namespace.
+    pub async fn grant_read_only(&self, role: &str) -> Result<()> {
+        self.grant_role(role, true).await
+    }
+
+    /// Takes back everything `role` holds in this namespace (schema USAGE included). Returns
+    /// whether it had been granted with [`PgBackend::grant_runtime`] or
+    /// [`PgBackend::grant_read_only`]. Run it as the namespace owner.
+    pub async fn revoke_runtime(&self, role: &str) -> Result<bool> {
+        check_role(role)?;
         let client = self.client().await?;
-        match self
+        let row = self
             .inner
             .sql
-            .grant_runtime
-            .execute(&client, &[&role])
+            .revoke_runtime
+            .one(&client, &[&role])
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.code().map(|c| c.code()) == Some("PT007") => {
-                Err(Error::InvalidConfig(format!(
-                    "role {role:?} does not exist: create it first (CREATE ROLE \"{role}\" LOGIN)"
-                )))
-            }
-            Err(e) => Err(e.into()),
-        }
+            .map_err(|e| role_error(e, role))?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn grant_role(&self, role: &str, read_only: bool) -> Result<()> {
+        check_role(role)?;
+        let client = self.client().await?;
+        self.inner
+            .sql
+            .grant_runtime
+            .execute(&client, &[&role, &read_only])
+            .await
+            .map_err(|e| role_error(e, role))?;
+        Ok(())
     }
 
     /// Replays a group from a point in time: deliveries of messages published before `from` are

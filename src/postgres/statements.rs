@@ -83,7 +83,8 @@ statements! {
     group_reset => "group_reset.sql" [TEXT, TEXT, TIMESTAMPTZ],
     // operations and inspection
     consumer_release => "consumer_release.sql" [TEXT, TEXT, TEXT],
-    grant_runtime => "grant_runtime.sql" [TEXT],
+    grant_runtime => "grant_runtime.sql" [TEXT, BOOL],
+    revoke_runtime => "revoke_runtime.sql" [TEXT],
     publish_counts => "publish_counts.sql" [],
     maintain => "maintain.sql" [TIMESTAMPTZ],
     dead_letters => "dead_letters.sql" [TEXT, TEXT, UUID, INT8],
@@ -102,6 +103,7 @@ statements! {
     migrate_record => "migrate_record.sql" [TEXT, TEXT],
     migrate_status => "migrate_status.sql" [INT8, TEXT_ARRAY, TEXT_ARRAY],
     migration_version => "migration_version.sql" [],
+    migrate_regrant => "migrate_regrant.sql" [],
     migrate_table => "migrate_table.sql" [TEXT],
     // background
     notify => "notify.sql" [TEXT, TEXT_ARRAY],

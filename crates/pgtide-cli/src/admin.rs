@@ -51,13 +51,28 @@ fn migrate_report(namespace: &str, before: Option<i64>, after: i64) -> String {
     }
 }
 
-/// `grant ROLE`.
-pub async fn grant(pg: &PgBackend, role: &str) -> CliResult {
-    pg.grant_runtime(role).await?;
-    println!(
-        "granted role {role:?} the runtime privileges on namespace {:?} (no DDL)",
-        pg.namespace()
-    );
+/// `grant ROLE [--read-only | --revoke]`.
+pub async fn grant(pg: &PgBackend, role: &str, read_only: bool, revoke: bool) -> CliResult {
+    let ns = pg.namespace();
+    if revoke {
+        if pg.revoke_runtime(role).await? {
+            println!("revoked every privilege of role {role:?} on namespace {ns:?}");
+        } else {
+            println!(
+                "role {role:?} had not been granted on namespace {ns:?}; revoked whatever it held"
+            );
+        }
+    } else if read_only {
+        pg.grant_read_only(role).await?;
+        println!(
+            "granted role {role:?} read-only access to namespace {ns:?}: the views and the stats functions, nothing else"
+        );
+    } else {
+        pg.grant_runtime(role).await?;
+        println!(
+            "granted role {role:?} the runtime privileges on namespace {ns:?}: its functions and views, no table"
+        );
+    }
     Ok(())
 }
 

@@ -85,11 +85,19 @@ pub enum Command {
         #[arg(long)]
         print_sql: bool,
     },
-    /// Grant a runtime role exactly what running needs (no DDL). Run as the namespace owner.
+    /// Grant a runtime role exactly what running needs: functions and views, no table. Run as
+    /// the namespace owner.
     #[command(after_help = help::GRANT)]
     Grant {
         /// An existing role.
         role: String,
+        /// Only what dashboards need: the views and the stats functions (downgrades a runtime
+        /// role).
+        #[arg(long, conflicts_with = "revoke")]
+        read_only: bool,
+        /// Take back everything the role holds in the namespace.
+        #[arg(long)]
+        revoke: bool,
     },
     /// Create, change, list, show and delete streams.
     #[command(subcommand, after_help = help::STREAM)]

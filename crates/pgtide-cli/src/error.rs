@@ -165,6 +165,10 @@ impl From<pgtide::Error> for CliError {
                 EXISTS,
                 format!("group {group:?} already exists on stream {stream:?}: use --if-not-exists to accept that"),
             ),
+            E::PermissionDenied(message) => CliError::runtime(format!(
+                "permission denied in namespace {:?}: {message}; run `pgtide grant ROLE` as the namespace owner, or use the owner's URL for admin commands",
+                namespace()
+            )),
             E::Postgres(source) => database_message(source.as_ref()),
             E::Pool(source) => {
                 let url = URL.get().map(String::as_str).unwrap_or("the database");

@@ -6,8 +6,10 @@ Examples:
   pgtide migrate --print-sql > install.sql   # for a DBA: psql -v ON_ERROR_STOP=1 -f install.sql";
 
 pub const GRANT: &str = "\
-Example:
-  pgtide grant app_runtime";
+Examples:
+  pgtide grant app_runtime               # publish, consume, settle, stats, scout
+  pgtide grant grafana --read-only       # views and stats only
+  pgtide grant old_app --revoke";
 
 pub const STREAM: &str = "\
 Examples:

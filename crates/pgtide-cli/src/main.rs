@@ -193,7 +193,11 @@ async fn run(cli: Cli) -> CliResult<u8> {
 async fn dispatch<B: Target>(b: &B, command: Command) -> CliResult {
     match command {
         Command::Migrate { .. } => admin::migrate(b.require_postgres("migrate")?).await,
-        Command::Grant { role } => admin::grant(b.require_postgres("grant")?, &role).await,
+        Command::Grant {
+            role,
+            read_only,
+            revoke,
+        } => admin::grant(b.require_postgres("grant")?, &role, read_only, revoke).await,
         Command::Stream(c) => admin::stream(b, c).await,
         Command::Group(c) => admin::group(b, c).await,
         Command::Trim {

@@ -2,6 +2,7 @@ mod consume;
 mod hostile;
 mod plans;
 mod pooler;
+mod privileges;
 mod publish;
 mod publish_rule;
 mod registry;

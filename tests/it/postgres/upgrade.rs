@@ -15,6 +15,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
+use super::privileges::{table_rights, Role};
 use crate::common::{database_url, json, namespace, unique, TestNs, WAIT};
 
 /// The migrations of the previous release, as it shipped them.
@@ -235,19 +236,71 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
     .unwrap();
     let in_flight = claimed[1..].to_vec();
 
+    // A runtime role granted by the previous release: table privileges, and EXECUTE on every
+    // function by default.
+    let role = Role::create(&ns, "up").await;
+    raw.execute(&format!("SELECT \"{n}\".grant_runtime($1)"), &[&role.name])
+        .await
+        .unwrap();
+    assert!(!table_rights(&raw, n, &role.name).await.is_empty());
+
     let data_before = data(&raw, n).await;
     let defs_before = definitions(&raw, n).await;
 
     let report = ns.migrate().await.unwrap();
     assert_eq!(
         report.migrations,
-        vec!["0007_sql_files".to_owned(), "0008_lease_tokens".to_owned()]
+        vec![
+            "0007_sql_files".to_owned(),
+            "0008_lease_tokens".to_owned(),
+            "0009_least_privilege".to_owned()
+        ]
     );
     assert_eq!(report.sql_files, FILES);
     assert!(ns.is_migrated().await.unwrap());
 
     // The data is untouched.
     assert_eq!(data(&raw, n).await, data_before);
+
+    // The runtime role granted by the previous release keeps what it had (processes of that
+    // release write the tables directly until they are restarted); granting it again takes the
+    // table privileges away, records it, and grants this release's functions.
+    let as_role = role.raw().await;
+    assert!(!table_rights(&raw, n, &role.name).await.is_empty());
+    as_role
+        .execute(&format!("SELECT * FROM \"{n}\".stats()"), &[])
+        .await
+        .unwrap();
+    ns.grant_runtime(&role.name).await.unwrap();
+    assert_eq!(
+        table_rights(&raw, n, &role.name).await,
+        Vec::<String>::new()
+    );
+    let recorded: bool = raw
+        .query_one(
+            &format!("SELECT read_only FROM \"{n}\"._grants WHERE role = $1"),
+            &[&role.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!recorded, "recorded as a runtime role");
+    as_role
+        .execute(
+            &format!("SELECT * FROM \"{n}\".group_stats('orders', 'billing')"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        as_role
+            .batch_execute(&format!("DELETE FROM \"{n}\".delivery_state"))
+            .await
+            .unwrap_err()
+            .code()
+            .map(|c| c.code().to_owned()),
+        Some("42501".to_owned())
+    );
 
     // The function files re-created what 0001–0006 had left, except what this release changes.
     let defs_after = definitions(&raw, n).await;
@@ -273,7 +326,13 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_extend",
             "_nack",
             "_publish",
+            "_purge_dead",
             "_release",
+            "_release_consumer",
+            "_replay_dead",
+            "_scout_acquire",
+            "_scout_due",
+            "_scout_resign",
             "_term",
             "ack",
             "create_group",
@@ -284,10 +343,12 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "ensure_partition",
             "extend",
             "grant_runtime",
+            "group_id",
             "maintain",
             "nack",
             "publish",
             "publish_bytes",
+            "publish_counts",
             "purge_dead",
             "purge_stream",
             "read",
@@ -295,6 +356,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "replay_dead",
             "reset_group",
             "stats",
+            "stream_id",
             "term",
             "trim_stream",
         ],
@@ -304,26 +366,37 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
         names(&added),
         [
             "_ack",
+            "_apply_grant",
             "_check",
             "_check_duration",
+            "_check_grantee",
             "_check_name",
             "_check_publish",
             "_check_settle",
             "_extend",
+            "_granted_functions",
+            "_group_list",
             "_group_stats",
             "_lock_partitions",
             "_max_batch",
+            "_migration_status",
             "_nack",
             "_payload_ok",
             "_payload_too_large",
+            "_publish_batch",
+            "_regrant",
             "_release",
+            "_scout_maintain",
+            "_stream_list",
             "_term",
             "_visible_at",
             "ack",
             "extend",
+            "grant_runtime",
             "group_stats",
             "in_progress",
             "nack",
+            "revoke_runtime",
             "term",
         ],
         "{added:?}"

@@ -128,7 +128,7 @@ impl Drop for RoleGuard {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_restricted_role_can_publish_and_consume_but_not_create_tables() {
+async fn cli_restricted_role_can_publish_and_consume_but_not_create_tables_or_replay() {
     let url = crate::common::database_url().await;
     let role = unique("role");
     let _role = RoleGuard {
@@ -150,7 +150,8 @@ async fn cli_restricted_role_can_publish_and_consume_but_not_create_tables() {
         c.env("DATABASE_URL", url_as(&url, &role));
         run_with(c, None)
     };
-    // DDL through SECURITY DEFINER functions, DML on the hot paths.
+    // Streams and groups through SECURITY DEFINER functions, and every hot path through them:
+    // the role holds no table privilege.
     as_role(&["stream", "create", "jobs", "--max-deliver", "1"])
         .await
         .ok();
@@ -180,12 +181,30 @@ async fn cli_restricted_role_can_publish_and_consume_but_not_create_tables() {
         .await
         .ok();
     assert!(nacked.stdout.contains("\"job\":3"), "{nacked:?}");
-    as_role(&["dead", "replay", "jobs", "--all"]).await.ok();
+    // Replay, reset and trim are the owner's: the runtime role is told so.
+    for args in [
+        &["dead", "replay", "jobs", "--all"][..],
+        &["group", "reset", "jobs", "workers", "--from", "beginning"],
+        &["trim", "jobs", "--max-len", "1"],
+    ] {
+        let mut c = command(&ns, args);
+        c.env("DATABASE_URL", url_as(&url, &role));
+        let r = run_with(c, None).await;
+        assert_eq!(r.code, 1, "{args:?}: {r:?}");
+        assert!(
+            r.stderr.contains("permission denied") && r.stderr.contains("pgtide grant"),
+            "{args:?}: {r:?}"
+        );
+    }
+    pgtide(&ns, &["dead", "replay", "jobs", "--all"]).await.ok();
     as_role(&["consume", "jobs", "-g", "workers"]).await.ok();
-    as_role(&["group", "reset", "jobs", "workers", "--from", "beginning"])
-        .await
-        .ok();
-    as_role(&["trim", "jobs", "--max-len", "1"]).await.ok();
+    pgtide(
+        &ns,
+        &["group", "reset", "jobs", "workers", "--from", "beginning"],
+    )
+    .await
+    .ok();
+    pgtide(&ns, &["trim", "jobs", "--max-len", "1"]).await.ok();
     // Reset queued job 1 and 3 again; trim kept the newest (job 3) and dropped the delayed one.
     let stats = as_role(&["stats", "--json"]).await.ok().json();
     let g = &stats["groups"][0];
@@ -444,4 +463,66 @@ async fn cli_scout_serves_prometheus_metrics() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_read_only_role_reads_stats_and_cannot_publish_then_is_revoked() {
+    let url = crate::common::database_url().await;
+    let role = unique("role");
+    let _role = RoleGuard {
+        url: url.clone(),
+        role: role.clone(),
+    };
+    let ns = namespace().await;
+    ns.raw()
+        .await
+        .batch_execute(&format!("CREATE ROLE \"{role}\" LOGIN"))
+        .await
+        .unwrap();
+    ns.create_stream("s", &Default::default()).await.unwrap();
+    ns.create_group("s", "g", Default::default()).await.unwrap();
+    ns.publish("s", json(serde_json::json!({"n": 1})))
+        .await
+        .unwrap();
+    // A runtime grant first; --read-only then downgrades it.
+    pgtide(&ns, &["grant", &role]).await.ok();
+    let granted = pgtide(&ns, &["grant", &role, "--read-only"]).await.ok();
+    assert!(granted.stdout.contains("read-only"), "{granted:?}");
+    // Twice is fine.
+    pgtide(&ns, &["grant", &role, "--read-only"]).await.ok();
+
+    let as_role = |args: &'static [&'static str]| {
+        let mut c = command(&ns, args);
+        c.env("DATABASE_URL", url_as(&url, &role));
+        run_with(c, None)
+    };
+    let stats = as_role(&["stats", "--json"]).await.ok().json();
+    assert_eq!(stats["groups"][0]["ready"], serde_json::json!(1), "{stats}");
+    as_role(&["stream", "list"]).await.ok();
+    let health = as_role(&["health"]).await;
+    assert!(health.stdout.contains("ok    migrations"), "{health:?}");
+    for args in [
+        &["publish", "s", "--data", "{}"][..],
+        &["consume", "s", "-g", "g"],
+        &["stream", "create", "t"],
+    ] {
+        let r = as_role(args).await;
+        assert_eq!(r.code, 1, "{args:?}: {r:?}");
+        assert!(r.stderr.contains("permission denied"), "{args:?}: {r:?}");
+    }
+    let s = ns.stats("s", "g").await.unwrap();
+    assert_eq!((s.ready, s.in_flight), (1, 0), "nothing was claimed: {s:?}");
+
+    let revoked = pgtide(&ns, &["grant", &role, "--revoke"]).await.ok();
+    assert!(revoked.stdout.contains("revoked"), "{revoked:?}");
+    let r = as_role(&["stats"]).await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("permission denied"), "{r:?}");
+    // The flags exclude each other.
+    assert_eq!(
+        pgtide(&ns, &["grant", &role, "--read-only", "--revoke"])
+            .await
+            .code,
+        2
+    );
 }

@@ -1,0 +1,1 @@
+SELECT @ns@.revoke_runtime($1)
