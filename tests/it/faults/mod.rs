@@ -2,7 +2,11 @@
 //! accounts for every message (see `run.rs`).
 
 #[cfg(any(feature = "nats", feature = "redis"))]
+mod broker_tls;
+#[cfg(any(feature = "nats", feature = "redis"))]
 mod brokers;
+#[cfg(any(feature = "nats", feature = "redis"))]
+mod certs;
 mod cluster;
 mod postgres;
 mod run;
