@@ -12,3 +12,4 @@ mod postgres;
 mod run;
 #[cfg(any(feature = "nats", feature = "redis"))]
 mod servers;
+mod sessions;
