@@ -274,6 +274,54 @@ async fn database_timeouts_set_by_a_dba_do_not_reach_pgtide() {
     assert!(now.connected, "{now:?}");
     assert_eq!(now.reconnects, listener.reconnects, "{now:?}");
 
+    // A DBA's maintenance holds a lock on the messages for a while (its session watches the
+    // wait from inside its transaction, where no idle timeout applies): pgtide's publish waits for
+    // it rather than being cancelled after a second (57014, not retryable: the publish would
+    // fail for good).
+    let dba = connect(&url).await;
+    dba.batch_execute(
+        "SET idle_in_transaction_session_timeout = 0; \
+         BEGIN; LOCK TABLE hostile.messages IN SHARE MODE",
+    )
+    .await
+    .unwrap();
+    let blocked = tokio::spawn({
+        let pg = pg.clone();
+        async move { pg.publish("s", json(serde_json::json!("blocked"))).await }
+    });
+    tokio::time::timeout(WAIT, async {
+        loop {
+            // How long pgtide's publish has been waiting for the lock, by the server's clock.
+            let waited: Option<f64> = dba
+                .query_one(
+                    "SELECT max(extract(epoch FROM clock_timestamp() - query_start))::float8 \
+                     FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .try_get(0)
+                .unwrap();
+            if waited.is_some_and(|w| w > 1.5) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the publish waited on the lock for 1.5 s");
+    dba.batch_execute("COMMIT").await.unwrap();
+    let receipt = tokio::time::timeout(WAIT, blocked)
+        .await
+        .expect("the publish went through once the lock was released")
+        .unwrap()
+        .unwrap();
+    let got = consumer.fetch(1, WAIT).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id(), receipt.id);
+    consumer.ack(&got[0]).await.unwrap();
+
     // A worker whose handler outlasts the timeouts: pgtide holds no transaction open across it.
     let n = 6;
     for i in 0..n {
