@@ -272,7 +272,7 @@ impl PgBackendBuilder {
         listen_config.options(format!("{SESSION_SETTINGS} {url_options}").trim_end());
         // Publishes from the pool poke the coalescing notifier instead of firing the trigger.
         let mut pg_config = listen_config.clone();
-        pg_config.options(&format!(
+        pg_config.options(format!(
             "{SESSION_SETTINGS} {url_options} -c pgtide.notify=off"
         ));
         let manager = Manager::from_config(
