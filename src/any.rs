@@ -1,5 +1,6 @@
 //! Choosing a backend at run time from a URL: `memory://`, and with their cargo features
-//! `postgres://` (on by default), `nats://`, `redis://`, `amqp://`.
+//! `postgres://` (on by default), `nats://` (`tls://`, `nats+tls://`), `redis://`
+//! (`rediss://`), `amqp://` (`amqps://`).
 
 use std::time::Duration;
 
@@ -107,7 +108,7 @@ impl AnyBackend {
                 }))
             }
             #[cfg(feature = "nats")]
-            "nats" => Ok(AnyBackend::Nats(
+            "nats" | "tls" | "nats+tls" => Ok(AnyBackend::Nats(
                 crate::nats::NatsBackend::connect(url, namespace).await?,
             )),
             #[cfg(feature = "redis")]
@@ -119,7 +120,8 @@ impl AnyBackend {
                 crate::amqp::AmqpBackend::connect(url, namespace).await?,
             )),
             #[allow(unreachable_patterns)]
-            "postgres" | "postgresql" | "nats" | "redis" | "rediss" | "amqp" | "amqps" => {
+            "postgres" | "postgresql" | "nats" | "tls" | "nats+tls" | "redis" | "rediss" | "amqp"
+            | "amqps" => {
                 Err(Error::InvalidConfig(format!(
                     "backend URL {url:?} needs pgtide built with the cargo feature {:?}",
                     if scheme.starts_with("amqp") {
@@ -134,7 +136,7 @@ impl AnyBackend {
                 )))
             }
             _ => Err(Error::InvalidConfig(format!(
-                "backend URL {url:?}: use postgres://, memory://, nats://, redis:// or amqp://"
+                "backend URL {url:?}: use postgres://, memory://, nats:// (tls://), redis:// (rediss://) or amqp:// (amqps://)"
             ))),
         }
     }

@@ -41,6 +41,8 @@ struct ReadmeDoctests;
 #[cfg(feature = "amqp")]
 mod amqp;
 mod any;
+#[cfg(any(feature = "nats", feature = "redis", feature = "amqp"))]
+mod broker_tls;
 mod config;
 mod error;
 mod limits;

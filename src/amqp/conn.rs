@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{Channel, Connection, ConnectionProperties, ErrorKind};
 use tokio::sync::Mutex;
 
@@ -17,6 +18,8 @@ pub(crate) const NAME: &str = "amqp";
 /// A lazily (re)opened connection and the publisher channel on it.
 pub(crate) struct Conn {
     url: String,
+    /// The CA of the URL's `tls_ca` parameter, for `amqps://` to a private CA.
+    tls: OwnedTLSConfig,
     connection: Mutex<Option<Arc<Connection>>>,
     publisher: Mutex<Option<Channel>>,
 }
@@ -28,12 +31,30 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(url: &str) -> Self {
-        Conn {
-            url: url.to_owned(),
+    /// Takes the `tls_ca=PATH` parameter off `url` and reads that CA file; connects later.
+    pub(crate) fn new(url: &str) -> Result<Self> {
+        let (url, ca) = crate::broker_tls::take_ca_param(NAME, url)?;
+        let cert_chain = match ca {
+            None => None,
+            Some(path) => {
+                let pem = crate::broker_tls::read_ca(NAME, &path)?;
+                Some(String::from_utf8(pem).map_err(|_| {
+                    Error::InvalidConfig(format!(
+                        "amqp: the TLS CA file {} is not UTF-8 PEM",
+                        path.display()
+                    ))
+                })?)
+            }
+        };
+        Ok(Conn {
+            url,
+            tls: OwnedTLSConfig {
+                identity: None,
+                cert_chain,
+            },
             connection: Mutex::new(None),
             publisher: Mutex::new(None),
-        }
+        })
     }
 
     /// The open connection, reconnecting if it was lost.
@@ -45,8 +66,9 @@ impl Conn {
             }
         }
         let props = ConnectionProperties::default().with_connection_name("pgtide".into());
+        let runtime = lapin::runtime::default_runtime().map_err(broker)?;
         let c = Arc::new(
-            Connection::connect(&self.url, props)
+            Connection::connect_with_config(&self.url, props, self.tls.clone(), runtime)
                 .await
                 .map_err(broker)?,
         );
@@ -128,11 +150,7 @@ pub(crate) fn broker(e: lapin::Error) -> Error {
         ErrorKind::InvalidProtocolVersion(_) | ErrorKind::AuthProviderError(_) => false,
         _ => true,
     };
-    Error::Broker {
-        backend: NAME,
-        source: Box::new(e),
-        retryable,
-    }
+    crate::broker_tls::broker_error(NAME, e, retryable)
 }
 
 /// A pgtide-level broker error with a message.

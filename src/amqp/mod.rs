@@ -123,14 +123,16 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AmqpBackend {
-    /// Connects to `url` (`amqp://user:pass@host:5672/vhost`); every server-side name is
+    /// Connects to `url` (`amqp://user:pass@host:5672/vhost`, or `amqps://…:5671/…` for TLS,
+    /// checked against the system roots or the CA of the `tls_ca=PATH` parameter:
+    /// `amqps://host/%2f?tls_ca=/etc/rabbitmq/ca.pem`); every server-side name is
     /// prefixed by `namespace`. Fails with a retryable [`Error::Broker`] if the server is down.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
         validate_namespace(namespace)?;
         let backend = AmqpBackend {
             inner: Arc::new(Inner {
                 ns: namespace.to_owned(),
-                conn: Conn::new(url),
+                conn: Conn::new(url)?,
                 streams: Mutex::default(),
                 delay_levels: tokio::sync::OnceCell::new(),
                 delay_routes: Mutex::default(),

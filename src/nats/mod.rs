@@ -69,6 +69,7 @@ mod naming;
 mod publish;
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -80,6 +81,7 @@ use crate::config::{GroupStart, StreamConfig};
 use crate::error::{Error, Result};
 use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
+use self::api::NAME;
 pub use self::consumer::NatsConsumer;
 use self::naming::Names;
 
@@ -116,6 +118,11 @@ pub struct NatsOptions {
     pub request_timeout: Duration,
     /// Timeout of the initial connection. Defaults to 5 s.
     pub connect_timeout: Duration,
+    /// PEM file of the certificate authority that signed the servers' certificates, trusted
+    /// instead of the system roots; setting it requires TLS. The URL parameter
+    /// `tls_ca=PATH` sets it too. Defaults to none: `tls://` servers are checked against the
+    /// system roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for NatsOptions {
@@ -124,6 +131,7 @@ impl Default for NatsOptions {
             replicas: 1,
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            tls_ca: None,
         }
     }
 }
@@ -142,6 +150,11 @@ impl NatsOptions {
     /// Sets [`NatsOptions::connect_timeout`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+    /// Sets [`NatsOptions::tls_ca`].
+    pub fn tls_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(path.into());
         self
     }
 }
@@ -203,14 +216,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl NatsBackend {
     /// Connects to `url` (`nats://host:port`, or several comma-separated for a cluster);
     /// every server-side name is prefixed by `namespace`. Uses [`NatsOptions::default`].
+    ///
+    /// `tls://host:port` (or `nats+tls://`) requires TLS, checked against the system roots or
+    /// the CA of the `tls_ca=PATH` parameter (`tls://host:4222?tls_ca=/etc/nats/ca.pem`); a
+    /// `nats://` server that demands TLS is upgraded as well.
     pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
         Self::connect_with(url, namespace, NatsOptions::default()).await
     }
 
     /// Connects with explicit options. Fails with a retryable [`Error::Broker`] if no server
-    /// answers; once connected, the client reconnects on its own (to any server of the
-    /// cluster) and operations fail with retryable errors meanwhile.
-    pub async fn connect_with(url: &str, namespace: &str, options: NatsOptions) -> Result<Self> {
+    /// answers, and a non-retryable one if the server's certificate is refused; once
+    /// connected, the client reconnects on its own (to any server of the cluster) and
+    /// operations fail with retryable errors meanwhile.
+    pub async fn connect_with(
+        url: &str,
+        namespace: &str,
+        mut options: NatsOptions,
+    ) -> Result<Self> {
         crate::names::validate_namespace(namespace)?;
         if !(1..=5).contains(&options.replicas) {
             return Err(Error::InvalidConfig(format!(
@@ -218,18 +240,43 @@ impl NatsBackend {
                 options.replicas
             )));
         }
-        let servers = url
-            .split(',')
-            .map(|s| s.trim().parse::<async_nats::ServerAddr>())
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::InvalidConfig(format!("NATS URL {url:?}: {e}")))?;
-        let client = async_nats::ConnectOptions::new()
+        let mut servers = Vec::new();
+        for server in url.split(',').map(str::trim) {
+            // async-nats knows `tls://`; `nats+tls://` is the spelling other tools use.
+            let server = match server.strip_prefix("nats+tls://") {
+                Some(rest) => format!("tls://{rest}"),
+                None => server.to_owned(),
+            };
+            let (server, ca) = crate::broker_tls::take_ca_param(NAME, &server)?;
+            if let Some(ca) = ca {
+                if options.tls_ca.as_ref().is_some_and(|given| *given != ca) {
+                    return Err(Error::InvalidConfig(
+                        "NATS URL: tls_ca differs between servers or from NatsOptions::tls_ca"
+                            .into(),
+                    ));
+                }
+                options.tls_ca = Some(ca);
+            }
+            // Not echoing the URL: it may carry a password.
+            servers.push(server.parse::<async_nats::ServerAddr>().map_err(|e| {
+                Error::InvalidConfig(format!(
+                    "NATS URL: {e}: use nats://host:port or tls://host:port"
+                ))
+            })?);
+        }
+        let mut connect = async_nats::ConnectOptions::new()
             .name("pgtide")
             .connection_timeout(options.connect_timeout)
-            .request_timeout(Some(options.request_timeout))
+            .request_timeout(Some(options.request_timeout));
+        if let Some(ca) = &options.tls_ca {
+            // Read here so that a wrong path is a configuration error, not a handshake failure.
+            crate::broker_tls::read_ca(NAME, ca)?;
+            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let client = connect
             .connect(servers)
             .await
-            .map_err(|e| api::broker(e, true))?;
+            .map_err(|e| crate::broker_tls::broker_error(NAME, e, true))?;
         let js = jetstream::ContextBuilder::new()
             .timeout(options.request_timeout)
             .build(client.clone());

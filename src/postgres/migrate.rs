@@ -193,7 +193,13 @@ impl PgBackend {
         // pool goes through a pooler.
         let options = PgConnectOptions::from_str(self.listen_url())
             .map_err(migrate_err)?
-            .options([("search_path", format!("\"{}\"", self.namespace()))]);
+            .options([
+                ("search_path", format!("\"{}\"", self.namespace())),
+                // A database-wide timeout would cancel a long migration or the wait for
+                // another process's migration lock (see SESSION_SETTINGS).
+                ("statement_timeout", "0".to_owned()),
+                ("idle_in_transaction_session_timeout", "0".to_owned()),
+            ]);
         let mut conn = PgConnection::connect_with(&options)
             .await
             .map_err(migrate_err)?;

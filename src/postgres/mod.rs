@@ -95,6 +95,15 @@ pub(crate) struct Options {
 /// How long stream metadata (payload limit) is cached before it is read again.
 const STREAM_CACHE_TTL: Duration = Duration::from_secs(5);
 
+/// Startup options of every pgtide session (pool and listener). A DBA's database- or role-wide
+/// `statement_timeout` or `idle_in_transaction_session_timeout` is meant for applications'
+/// queries; in pgtide's sessions it would cancel migrations and maintenance midway and kill the
+/// pooled sessions between a claim and its settle. pgtide's statements are short and bounded by
+/// their batch sizes, and it waits for messages on the client side, so it needs neither.
+/// See docs/production.md, "Lost connections and server settings".
+pub(crate) const SESSION_SETTINGS: &str =
+    "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0";
+
 impl std::fmt::Debug for PgBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgBackend")
@@ -288,21 +297,25 @@ impl PgBackendBuilder {
             Some(direct) => Some(exec::strip_url_params(direct)?.0),
             None => None,
         };
-        let listen_config: tokio_postgres::Config = match &listen_url {
+        let mut listen_config: tokio_postgres::Config = match &listen_url {
             Some(direct) => direct
                 .parse()
                 .map_err(|e| Error::InvalidConfig(format!("listen URL: {e}")))?,
             None => pg_config.clone(),
         };
+        // pgtide's sessions ignore a database's or role's statement and idle-in-transaction
+        // timeouts (SESSION_SETTINGS); the URL's own `options` come after and win.
+        let listen_options = listen_config.get_options().unwrap_or_default().to_owned();
+        listen_config.options(format!("{SESSION_SETTINGS} {listen_options}").trim_end());
         // Publishes from the pool poke the coalescing notifier instead of firing the trigger.
         // Transaction-mode poolers refuse startup `options` (PgBouncer: "unsupported startup
-        // parameter"), so unnamed mode sends none and its publishes say it per transaction.
+        // parameter"), so unnamed mode sends none and its publishes say it per transaction; the
+        // session settings are then the pooler's and the database's.
         if mode == StatementMode::Prepared {
-            let options = match pg_config.get_options() {
-                Some(o) if !o.is_empty() => format!("{o} -c pgtide.notify=off"),
-                _ => "-c pgtide.notify=off".to_owned(),
-            };
-            pg_config.options(&options);
+            let url_options = pg_config.get_options().unwrap_or_default().to_owned();
+            pg_config.options(&format!(
+                "{SESSION_SETTINGS} {url_options} -c pgtide.notify=off"
+            ));
         }
         let manager = Manager::from_config(
             pg_config,

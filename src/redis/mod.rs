@@ -151,14 +151,26 @@ impl Scripts {
 }
 
 impl RedisBackend {
-    /// Connects to `url` (`redis://[user:password@]host[:port][/db]`, or `rediss://`); every
-    /// key is prefixed by `namespace`. Fails if the server cannot be reached; afterwards the
+    /// Connects to `url` (`redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS,
+    /// checked against the system roots or the CA of the `tls_ca=PATH` parameter:
+    /// `rediss://host:6380/0?tls_ca=/etc/redis/ca.pem`); every key is prefixed by `namespace`. Fails if the server cannot be reached; afterwards the
     /// connection reconnects by itself and operations during an outage fail with a retryable
     /// [`Error::Broker`].
     pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
         crate::names::validate_namespace(namespace)?;
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::InvalidConfig(format!("redis URL {url:?}: {e}")))?;
+        let (url, ca) = crate::broker_tls::take_ca_param(NAME, url)?;
+        let client = match ca {
+            None => redis::Client::open(url.as_str()),
+            Some(ca) => redis::Client::build_with_tls(
+                url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(crate::broker_tls::read_ca(NAME, &ca)?),
+                },
+            ),
+        }
+        // Not echoing the URL: it may carry a password.
+        .map_err(|e| Error::InvalidConfig(format!("redis URL: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(std::time::Duration::from_secs(5)))
             .set_response_timeout(Some(std::time::Duration::from_secs(10)))
@@ -244,11 +256,7 @@ fn broker(e: RedisError) -> Error {
         || e.is_connection_refusal()
         || e.is_cluster_error()
         || !matches!(e.retry_method(), RetryMethod::NoRetry);
-    Error::Broker {
-        backend: NAME,
-        source: Box::new(e),
-        retryable,
-    }
+    crate::broker_tls::broker_error(NAME, e, retryable)
 }
 
 /// Maps the typed errors raised by the scripts (`PGTIDE_…`) and Redis's `NOGROUP`.

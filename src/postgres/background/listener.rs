@@ -59,15 +59,21 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
     // The connection is polled here, in the same task, for as long as the session lasts: it
     // carries the LISTEN reply and then the notifications.
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    {
-        let statement = format!("LISTEN \"{}\"", shared.channel);
-        let listen = client.batch_execute(&statement);
-        tokio::pin!(listen);
+    // The session sits idle between notifications: a server-wide idle_session_timeout
+    // (PostgreSQL 14+; unknown before, hence the version check) would end it every few seconds
+    // and cost a catch-up fetch in every consumer each time. LISTEN goes last, alone, so that
+    // it is what pg_stat_activity shows for this session.
+    let keep_alive = "SELECT set_config('idle_session_timeout', '0', false) \
+                      WHERE current_setting('server_version_num')::int >= 140000";
+    let listen = format!("LISTEN \"{}\"", shared.channel);
+    for statement in [keep_alive, &listen] {
+        let run = client.batch_execute(statement);
+        tokio::pin!(run);
         loop {
             tokio::select! {
                 biased;
                 _ = token.cancelled() => return Ok(()),
-                r = &mut listen => break r?,
+                r = &mut run => break r?,
                 m = messages.next() => match m {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(e.into()),

@@ -2,8 +2,13 @@
 //! accounts for every message (see `run.rs`).
 
 #[cfg(any(feature = "nats", feature = "redis"))]
+mod broker_tls;
+#[cfg(any(feature = "nats", feature = "redis"))]
 mod brokers;
+#[cfg(any(feature = "nats", feature = "redis"))]
+mod certs;
 pub(crate) mod cluster;
 mod postgres;
 mod run;
 pub(crate) mod servers;
+mod sessions;

@@ -40,6 +40,57 @@ impl Server {
         })
     }
 
+    /// NATS with JetStream that speaks TLS only, with the server certificate of `certs`.
+    #[cfg(feature = "nats")]
+    pub fn nats_tls(certs: &super::certs::Certs) -> Server {
+        let (cert, key) = (certs.server_cert(), certs.server_key());
+        Self::start("/usr/sbin/nats-server", move |port, dir| {
+            vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-js".into(),
+                "-sd".into(),
+                dir.display().to_string(),
+                "--tls".into(),
+                "--tlscert".into(),
+                cert.display().to_string(),
+                "--tlskey".into(),
+                key.display().to_string(),
+            ]
+        })
+    }
+
+    /// Redis that speaks TLS only (no plaintext port), with the server certificate of `certs`
+    /// and no client certificates asked for.
+    #[cfg(feature = "redis")]
+    pub fn redis_tls(certs: &super::certs::Certs) -> Server {
+        let (cert, key, ca) = (certs.server_cert(), certs.server_key(), certs.ca());
+        Self::start("redis-server", move |port, dir| {
+            vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                cert.display().to_string(),
+                "--tls-key-file".into(),
+                key.display().to_string(),
+                "--tls-ca-cert-file".into(),
+                ca.display().to_string(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+                "--save".into(),
+                String::new(),
+            ]
+        })
+    }
+
     /// Redis with an append-only file fsynced on every write, so a restarted server has every
     /// acknowledged command.
     #[cfg(feature = "redis")]
