@@ -15,11 +15,9 @@
 //! the connection is dropped with it and the server releases the lock.
 
 use std::borrow::Cow;
-use std::str::FromStr;
 
 use futures_util::future::BoxFuture;
 use sqlx::migrate::{Migrate, Migration, MigrationSource, MigrationType, Migrator};
-use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, Executor, PgConnection};
 
 use super::{render, PgBackend};
@@ -179,12 +177,20 @@ impl PgBackend {
     /// transaction and the function files in one: dropping the future leaves the namespace at
     /// the last completed step, and the next call continues from there.
     pub async fn migrate(&self) -> Result<MigrateReport> {
-        let options = PgConnectOptions::from_str(self.url())
-            .map_err(migrate_err)?
+        let options = self
+            .inner
+            .connect
+            .sqlx_options()?
             .options([("search_path", format!("\"{}\"", self.namespace()))]);
-        let mut conn = PgConnection::connect_with(&options)
-            .await
-            .map_err(migrate_err)?;
+        let mut conn = PgConnection::connect_with(&options).await.map_err(|e| {
+            match crate::postgres::connect_problem(&e) {
+                Some(problem) => Error::Connect {
+                    problem,
+                    source: Box::new(e),
+                },
+                None => migrate_err(e),
+            }
+        })?;
         let result = self.migrate_on(&mut conn).await;
         // Ending the session releases the lock.
         let _ = conn.close().await;

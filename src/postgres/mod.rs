@@ -8,6 +8,7 @@
 
 mod admin;
 mod background;
+mod connect;
 mod consumer;
 mod migrate;
 mod ops;
@@ -34,6 +35,13 @@ use background::services;
 pub(crate) use background::wake;
 
 pub(crate) use statements::render;
+
+/// The set-up failure a driver error stands for, if any (see [`crate::ConnectProblem`]).
+pub(crate) fn connect_problem(
+    e: &(dyn std::error::Error + 'static),
+) -> Option<crate::ConnectProblem> {
+    connect::problem(e)
+}
 use statements::Statements;
 
 use crate::config::{GroupStart, StreamConfig};
@@ -70,7 +78,8 @@ pub struct PgBackend {
 
 pub(crate) struct Inner {
     pub(crate) pool: Pool,
-    pub(crate) url: String,
+    /// Server, credentials and TLS, resolved once (migrations connect with them too).
+    pub(crate) connect: connect::ConnectConfig,
     pub(crate) namespace: String,
     pub(crate) sql: Arc<Statements>,
     pub(crate) streams: Mutex<HashMap<String, (StreamInfo, Instant)>>,
@@ -185,7 +194,7 @@ impl Queue for PgBackend {
 }
 
 /// Builder for [`PgBackend`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PgBackendBuilder {
     url: String,
     namespace: String,
@@ -194,6 +203,20 @@ pub struct PgBackendBuilder {
     notifications: bool,
     poll_interval: Option<Duration>,
     scout: background::ScoutConfig,
+}
+
+impl std::fmt::Debug for PgBackendBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("PgBackendBuilder")
+            .field("url", &connect::redact(&self.url))
+            .field("namespace", &self.namespace)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("notifications", &self.notifications)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgBackendBuilder {
@@ -251,12 +274,14 @@ impl PgBackendBuilder {
     }
 
     /// Builds the handle. Connects lazily: the first operation opens the first connection.
+    ///
+    /// Resolves the URL as libpq does (see [`PgBackend::builder`]) and reads the root
+    /// certificates now: a bad `sslmode` or an unreadable `sslrootcert` fails here with
+    /// [`Error::InvalidConfig`].
     pub fn build(self) -> Result<PgBackend> {
         validate_namespace(&self.namespace)?;
-        let listen_config: tokio_postgres::Config = self
-            .url
-            .parse()
-            .map_err(|e| Error::InvalidConfig(format!("database URL: {e}")))?;
+        let connect = connect::ConnectConfig::from_url(&self.url)?;
+        let listen_config = connect.pg.clone();
         // Publishes from the pool poke the coalescing notifier instead of firing the trigger.
         let mut pg_config = listen_config.clone();
         let options = match listen_config.get_options() {
@@ -266,7 +291,7 @@ impl PgBackendBuilder {
         pg_config.options(&options);
         let manager = Manager::from_config(
             pg_config,
-            tokio_postgres::NoTls,
+            connect.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -289,12 +314,13 @@ impl PgBackendBuilder {
             sql: sql.clone(),
             namespace: self.namespace.clone(),
             listen_config,
+            tls: connect.tls.clone(),
             scout: self.scout,
         });
         Ok(PgBackend {
             inner: Arc::new(Inner {
                 pool,
-                url: self.url,
+                connect,
                 sql,
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
@@ -309,7 +335,19 @@ impl PgBackendBuilder {
 }
 
 impl PgBackend {
-    /// Starts building a handle for the database at `url` (`postgres://user@host:port/db`).
+    /// Starts building a handle for the database at `url`: a `postgres://user@host:port/db`
+    /// URL or a `host=… dbname=…` connection string, read as libpq reads them.
+    ///
+    /// - TLS follows `sslmode` (`disable`, `allow`/`prefer` (the default), `require`,
+    ///   `verify-ca`, `verify-full`) and `sslrootcert` (a PEM file, or `system`), from the URL
+    ///   or `PGSSLMODE`/`PGSSLROOTCERT`. `require` with a root certificate checks the chain;
+    ///   `verify-full` without one uses the system's roots.
+    /// - What the URL leaves out comes from `PGHOST` (else `localhost`), `PGPORT`, `PGUSER`,
+    ///   `PGDATABASE`, `PGPASSWORD`, then the password file (`PGPASSFILE`, else `~/.pgpass`;
+    ///   ignored when group or others can read it). `postgres://` alone is the libpq
+    ///   environment.
+    ///
+    /// The password never appears in [`PgBackend::url`], `Debug` output, logs or errors.
     pub fn builder(url: impl Into<String>) -> PgBackendBuilder {
         PgBackendBuilder {
             url: url.into(),
@@ -338,9 +376,10 @@ impl PgBackend {
         &self.inner.namespace
     }
 
-    /// The database URL this handle connects to.
+    /// The database URL this handle connects to, as given but with the password replaced by
+    /// `***`: safe to log or show.
     pub fn url(&self) -> &str {
-        &self.inner.url
+        &self.inner.connect.redacted
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
