@@ -68,6 +68,9 @@ pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
 #[cfg(feature = "nats")]
 pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
 #[cfg(feature = "postgres")]
+#[doc(hidden)]
+pub use crate::postgres::{connect_raw, redact_url, RawConnection};
+#[cfg(feature = "postgres")]
 pub use crate::postgres::{
     migration_sql, GroupInfo, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,
     PgBackendBuilder, PgConsumer, ScoutStatus, StreamInfo, DEFAULT_NAMESPACE,

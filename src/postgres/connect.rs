@@ -222,6 +222,21 @@ impl ConnectConfig {
     }
 }
 
+/// The connection half of [`connect_raw`]: poll it (or spawn it) for the client to work.
+pub type RawConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    <Tls as tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+>;
+
+/// Opens one plain tokio-postgres connection to `url`, resolved and secured exactly as
+/// [`PgBackend`](crate::PgBackend) connects (libpq environment, password file, `sslmode`).
+/// For tools that speak SQL beside pgtide (the CLI, the benchmark's raw baselines); not a
+/// stable interface.
+pub async fn connect_raw(url: &str) -> Result<(tokio_postgres::Client, RawConnection)> {
+    let c = ConnectConfig::from_url(url)?;
+    Ok(c.pg.connect(c.tls).await?)
+}
+
 /// The URL with `sslmode`/`sslrootcert` taken out, and those two values.
 struct Split {
     rest: String,
@@ -232,8 +247,9 @@ struct Split {
 
 const REDACTED: &str = "***";
 
-/// `url` with its password replaced by `***` (for `Debug` before the URL is resolved).
-pub(crate) fn redact(url: &str) -> String {
+/// `url` (a Postgres URL or `key=value` string) with its password, in the user info or a
+/// `password` parameter, replaced by `***`. For tools that show URLs; not a stable interface.
+pub fn redact_url(url: &str) -> String {
     match split_params(url) {
         Ok(split) => split.redacted,
         Err(_) => "(unreadable connection string)".to_owned(),
@@ -296,13 +312,13 @@ fn split_url(url: &str) -> Result<Split> {
     Ok(split)
 }
 
-/// `scheme://user:password@host` → `scheme://user:***@host`. tokio-postgres takes the
-/// credentials up to the first `@` after the scheme, and so does this.
+/// `scheme://user:password@host` → `scheme://user:***@host`. Up to the last `@`: a password
+/// with an unescaped `@` is hidden whole.
 fn redact_userinfo(base: &str) -> String {
     let Some((scheme, rest)) = base.split_once("://") else {
         return base.to_owned();
     };
-    match rest.split_once('@') {
+    match rest.rsplit_once('@') {
         Some((creds, host)) => match creds.split_once(':') {
             Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
             None => base.to_owned(),
@@ -806,6 +822,14 @@ mod tests {
         assert_eq!(c.pg.get_password(), Some(&b"it's s3cret"[..]));
         assert_eq!(c.pg.get_dbname(), Some("shop"));
         assert!(!c.redacted.contains("s3cret"), "{}", c.redacted);
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/d?password=x&sslmode=require"),
+            "postgres://u:***@h/d?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("host=h password='a b' user=u"),
+            "host='h' password=*** user='u'"
+        );
         assert!(!format!("{c:?}").contains("s3cret"));
     }
 

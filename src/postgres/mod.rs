@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{broadcast, watch};
 
+pub use connect::{connect_raw, redact_url, RawConnection};
 pub use consumer::PgConsumer;
 
 pub use admin::MaintenanceReport;
@@ -209,7 +210,7 @@ impl std::fmt::Debug for PgBackendBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password.
         f.debug_struct("PgBackendBuilder")
-            .field("url", &connect::redact(&self.url))
+            .field("url", &connect::redact_url(&self.url))
             .field("namespace", &self.namespace)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)

@@ -14,6 +14,7 @@ mod hostile;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod operations;
+mod tls;
 mod usability;
 
 use std::process::Stdio;
