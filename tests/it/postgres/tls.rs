@@ -181,3 +181,15 @@ async fn publish_worker_and_ack_run_over_verified_tls() {
     assert_eq!(stats.ready + stats.in_flight, 0, "{stats:?}");
     pg.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_on_a_server_without_tls_says_so_and_prefer_falls_back() {
+    let cluster = tokio::task::spawn_blocking(|| pgtide_testing::Cluster::start(&["ssl = off"]))
+        .await
+        .unwrap();
+    let url = format!("{}?sslmode=require", cluster.url());
+    let (p, text) = problem(connect(&url).await, "\u{0}");
+    assert_eq!(p, ConnectProblem::TlsUnsupported, "{text}");
+    let pg = connect(&url.replace("require", "prefer")).await.unwrap();
+    pg.migrate().await.unwrap();
+}
