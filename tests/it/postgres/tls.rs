@@ -56,6 +56,8 @@ async fn sslmodes_certificates_and_passwords_follow_libpq() {
                 .unwrap_or_else(|e| panic!("{params} {host}: {e}"));
             assert!(!pg.url().contains(&pw), "{}", pg.url());
             assert!(!format!("{pg:?}").contains(&pw));
+            let builder = format!("{:?}", PgBackend::builder(&url));
+            assert!(!builder.contains(&pw), "{builder}");
         }
     }
 

@@ -19,24 +19,23 @@
 //!   `~/.pgpass`), which is ignored, as libpq does, when group or others can read it.
 //!
 //! tokio-postgres knows only `disable`/`prefer`/`require` and rejects `sslrootcert`, so both are
-//! taken out of the URL here before it is parsed; certificate checks are the connector's.
+//! taken out of the URL here before it is parsed (`url.rs`); certificate checks are the
+//! connector's (`tls.rs`); the password file is `pgpass.rs`.
+
+mod pgpass;
+mod tls;
+mod url;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::CertificateError;
 use tokio_postgres::config::Host;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{ConnectProblem, Error, Result};
+pub use url::redact_url;
+use url::split_params;
 
 /// The TLS connector every pgtide connection to PostgreSQL uses.
 pub(crate) type Tls = MakeRustlsConnect;
@@ -167,7 +166,7 @@ impl ConnectConfig {
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
         });
-        let tls = MakeRustlsConnect::new(client_config(mode, roots.as_ref())?);
+        let tls = MakeRustlsConnect::new(tls::client_config(mode, roots.as_ref())?);
         Ok(ConnectConfig {
             pg,
             tls,
@@ -237,183 +236,6 @@ pub async fn connect_raw(url: &str) -> Result<(tokio_postgres::Client, RawConnec
     Ok(c.pg.connect(c.tls).await?)
 }
 
-/// The URL with `sslmode`/`sslrootcert` taken out, and those two values.
-struct Split {
-    rest: String,
-    sslmode: Option<String>,
-    sslrootcert: Option<String>,
-    redacted: String,
-}
-
-const REDACTED: &str = "***";
-
-/// `url` (a Postgres URL or `key=value` string) with its password, in the user info or a
-/// `password` parameter, replaced by `***`. For tools that show URLs; not a stable interface.
-pub fn redact_url(url: &str) -> String {
-    match split_params(url) {
-        Ok(split) => split.redacted,
-        Err(_) => "(unreadable connection string)".to_owned(),
-    }
-}
-
-fn split_params(url: &str) -> Result<Split> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        split_url(url)
-    } else {
-        split_keywords(url)
-    }
-}
-
-/// URL form: the two parameters are in the query string, percent-encoded.
-fn split_url(url: &str) -> Result<Split> {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let redacted_base = redact_userinfo(base);
-    let mut split = Split {
-        rest: base.to_owned(),
-        sslmode: None,
-        sslrootcert: None,
-        redacted: redacted_base,
-    };
-    let Some(query) = query else {
-        return Ok(split);
-    };
-    let mut kept = Vec::new();
-    let mut shown = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let decoded = percent_encoding::percent_decode_str(value)
-            .decode_utf8()
-            .map_err(|_| {
-                Error::InvalidConfig(format!(
-                    "database URL parameter {key:?} is not valid UTF-8 once percent-decoded"
-                ))
-            })?
-            .into_owned();
-        match key {
-            "sslmode" => split.sslmode = Some(decoded),
-            "sslrootcert" => split.sslrootcert = Some(decoded),
-            _ => kept.push(pair),
-        }
-        shown.push(if key == "password" {
-            format!("password={REDACTED}")
-        } else {
-            pair.to_owned()
-        });
-    }
-    if !kept.is_empty() {
-        split.rest = format!("{base}?{}", kept.join("&"));
-    }
-    if !shown.is_empty() {
-        split.redacted = format!("{}?{}", split.redacted, shown.join("&"));
-    }
-    Ok(split)
-}
-
-/// `scheme://user:password@host` → `scheme://user:***@host`. Up to the last `@`: a password
-/// with an unescaped `@` is hidden whole.
-fn redact_userinfo(base: &str) -> String {
-    let Some((scheme, rest)) = base.split_once("://") else {
-        return base.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((creds, host)) => match creds.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}"),
-            None => base.to_owned(),
-        },
-        None => base.to_owned(),
-    }
-}
-
-/// `key=value` form: values may be single-quoted, with `\` escaping the next character.
-fn split_keywords(conninfo: &str) -> Result<Split> {
-    let pairs = keywords(conninfo)?;
-    let mut split = Split {
-        rest: String::new(),
-        sslmode: None,
-        sslrootcert: None,
-        redacted: String::new(),
-    };
-    let mut kept = Vec::new();
-    let mut shown = Vec::new();
-    for (key, value) in pairs {
-        let quoted = quote(&value);
-        shown.push(if key == "password" {
-            format!("password={REDACTED}")
-        } else {
-            format!("{key}={quoted}")
-        });
-        match key.as_str() {
-            "sslmode" => split.sslmode = Some(value),
-            "sslrootcert" => split.sslrootcert = Some(value),
-            _ => kept.push(format!("{key}={quoted}")),
-        }
-    }
-    split.rest = kept.join(" ");
-    split.redacted = shown.join(" ");
-    Ok(split)
-}
-
-fn quote(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    out.push('\'');
-    for c in value.chars() {
-        if c == '\'' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('\'');
-    out
-}
-
-fn keywords(conninfo: &str) -> Result<Vec<(String, String)>> {
-    let bad = || {
-        Error::InvalidConfig(
-            "database connection string is invalid: use postgres://user@host:port/db or key=value pairs (host=… dbname=…)".into(),
-        )
-    };
-    let mut pairs = Vec::new();
-    let mut chars = conninfo.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            return Ok(pairs);
-        }
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') || key.is_empty() {
-            return Err(bad());
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            loop {
-                match chars.next() {
-                    Some('\\') => value.push(chars.next().ok_or_else(bad)?),
-                    Some('\'') => break,
-                    Some(c) => value.push(c),
-                    None => return Err(bad()),
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                if c == '\\' {
-                    value.push(chars.next().ok_or_else(bad)?);
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        pairs.push((key, value));
-    }
-}
-
 /// libpq's defaults for what the URL leaves out.
 fn fill_from_env(pg: &mut tokio_postgres::Config, env: Env<'_>) {
     if pg.get_hosts().is_empty() && pg.get_hostaddrs().is_empty() {
@@ -440,96 +262,11 @@ fn fill_from_env(pg: &mut tokio_postgres::Config, env: Env<'_>) {
         }
     }
     if pg.get_password().is_none() {
-        let password = env("PGPASSWORD").or_else(|| password_from_file(pg, env));
+        let password = env("PGPASSWORD").or_else(|| pgpass::password_from_file(pg, env));
         if let Some(password) = password {
             pg.password(password);
         }
     }
-}
-
-/// The password of the first matching line of the password file, as libpq finds it.
-fn password_from_file(pg: &tokio_postgres::Config, env: Env<'_>) -> Option<String> {
-    let path = match env("PGPASSFILE") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(&env("HOME")?).join(".pgpass"),
-    };
-    let meta = std::fs::metadata(&path).ok()?;
-    if !meta.is_file() {
-        return None;
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(
-                path = %path.display(),
-                "password file has group or world access and is ignored: chmod 0600 it"
-            );
-            return None;
-        }
-    }
-    let text = std::fs::read_to_string(&path).ok()?;
-    // A socket directory matches `localhost`, as in libpq.
-    let host = match pg.get_hosts().first() {
-        Some(Host::Tcp(h)) => h.clone(),
-        Some(Host::Unix(_)) | None => "localhost".to_owned(),
-    };
-    let port = pg.get_ports().first().copied().unwrap_or(5432).to_string();
-    let user = pg
-        .get_user()
-        .map(str::to_owned)
-        .or_else(|| env("USER"))
-        .unwrap_or_default();
-    let db = pg
-        .get_dbname()
-        .map(str::to_owned)
-        .unwrap_or_else(|| user.clone());
-    pgpass_lookup(&text, [&host, &port, &db, &user])
-}
-
-/// The first line of a `.pgpass` file whose `host:port:database:user` matches (`*` matches
-/// anything; `\` escapes `:` and `\`); its password.
-pub(crate) fn pgpass_lookup(text: &str, wanted: [&str; 4]) -> Option<String> {
-    for line in text.lines() {
-        let line = line.trim_end_matches('\r');
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut fields = Vec::with_capacity(5);
-        // (text, was exactly an unescaped `*`)
-        let mut field = String::new();
-        let mut raw_star = true;
-        let mut chars = line.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                ':' if fields.len() < 4 => {
-                    fields.push((std::mem::take(&mut field), raw_star));
-                    raw_star = true;
-                }
-                '\\' => {
-                    raw_star = false;
-                    if let Some(next) = chars.next() {
-                        field.push(next);
-                    }
-                }
-                c => {
-                    raw_star &= c == '*' && field.is_empty();
-                    field.push(c);
-                }
-            }
-        }
-        if fields.len() < 4 {
-            continue;
-        }
-        let matches = fields
-            .iter()
-            .zip(wanted)
-            .all(|((f, star), want)| (*star && f == "*") || f == want);
-        if matches {
-            return Some(field);
-        }
-    }
-    None
 }
 
 /// `-c key=value` and `--key=value` settings of a libpq `options` string, for sqlx (which
@@ -572,159 +309,6 @@ fn server_settings(options: &str) -> Result<Vec<(String, String)>> {
         }
     }
     Ok(settings)
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn client_config(mode: SslMode, roots: Option<&Roots>) -> Result<ClientConfig> {
-    let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::InvalidConfig(format!("TLS: {e}")))?;
-    let algorithms = provider.signature_verification_algorithms;
-    let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
-        (SslMode::VerifyCa | SslMode::VerifyFull, Some(roots)) => {
-            let store = Arc::new(root_store(roots)?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(store, provider)
-                .build()
-                .map_err(|e| Error::InvalidConfig(format!("TLS root certificates: {e}")))?;
-            if mode == SslMode::VerifyFull {
-                webpki
-            } else {
-                Arc::new(ChainOnly(webpki))
-            }
-        }
-        _ => Arc::new(Unverified(algorithms)),
-    };
-    Ok(builder
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth())
-}
-
-fn root_store(roots: &Roots) -> Result<RootCertStore> {
-    let mut store = RootCertStore::empty();
-    match roots {
-        Roots::File(path) => {
-            let bad = |e: &dyn fmt::Display| {
-                Error::InvalidConfig(format!(
-                    "sslrootcert {}: {e}; point sslrootcert (or PGSSLROOTCERT) at the PEM file of the CA that signed the server's certificate",
-                    path.display()
-                ))
-            };
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| bad(&e))?
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| bad(&e))?;
-            if certs.is_empty() {
-                return Err(bad(&"no certificate in the file"));
-            }
-            for cert in certs {
-                store.add(cert).map_err(|e| bad(&e))?;
-            }
-        }
-        Roots::System => {
-            let found = rustls_native_certs::load_native_certs();
-            store.add_parsable_certificates(found.certs);
-            if store.is_empty() {
-                return Err(Error::InvalidConfig(
-                    "no system root certificates found for sslmode verify-ca/verify-full: install ca-certificates or set sslrootcert (or PGSSLROOTCERT)".into(),
-                ));
-            }
-        }
-    }
-    Ok(store)
-}
-
-/// `prefer`/`require` without a root certificate: encrypt, accept any certificate (libpq does
-/// the same). The handshake signatures are still checked, so the key exchange is with the holder
-/// of the certificate's key.
-#[derive(Debug)]
-struct Unverified(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted root; the host name is not checked. webpki
-/// checks the chain before the name, so a name error means the chain was good.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
 }
 
 /// What a failed connection attempt means for the user, when it is one of the set-up failures
@@ -883,30 +467,6 @@ mod tests {
         assert_eq!(c.redacted, "postgres://other:***@h2:1/db");
         let c = ConnectConfig::resolve("postgres://", &env_of(&[])).unwrap();
         assert_eq!(c.pg.get_hosts(), &[Host::Tcp("localhost".into())]);
-    }
-
-    #[test]
-    fn pgpass_lines_match_as_in_libpq() {
-        let text = "# comment\n\
-                    other:5432:*:app:nope\n\
-                    db\\:1:*:shop:app:first\\:pw\n\
-                    *:*:*:app:fallback\n";
-        assert_eq!(
-            pgpass_lookup(text, ["db:1", "5432", "shop", "app"]).as_deref(),
-            Some("first:pw")
-        );
-        assert_eq!(
-            pgpass_lookup(text, ["db:1", "5432", "other", "app"]).as_deref(),
-            Some("fallback")
-        );
-        assert_eq!(pgpass_lookup(text, ["x", "1", "d", "bob"]), None);
-        // An escaped star is a literal star.
-        assert_eq!(pgpass_lookup("\\*:*:*:*:pw", ["h", "1", "d", "u"]), None);
-        assert_eq!(
-            pgpass_lookup("\\*:*:*:*:pw", ["*", "1", "d", "u"]).as_deref(),
-            Some("pw")
-        );
-        assert_eq!(pgpass_lookup("h:1:d", ["h", "1", "d", "u"]), None);
     }
 
     #[test]
