@@ -15,8 +15,9 @@
 //!   roots (which implies `verify-full`). Without it, `~/.postgresql/root.crt` when it exists,
 //!   else the system roots for `verify-ca`/`verify-full`.
 //! - Parts missing from the URL come from `PGHOST` (else `localhost`), `PGPORT`, `PGUSER`,
-//!   `PGDATABASE` and `PGPASSWORD`; a password still missing is looked up in `PGPASSFILE` (else
-//!   `~/.pgpass`), which is ignored, as libpq does, when group or others can read it.
+//!   `PGDATABASE`, `PGPASSWORD`, `PGOPTIONS`, `PGAPPNAME` and `PGCONNECT_TIMEOUT`; a password
+//!   still missing is looked up in `PGPASSFILE` (else `~/.pgpass`), which is ignored, as libpq
+//!   does, when group or others can read it.
 //!
 //! tokio-postgres knows only `disable`/`prefer`/`require` and rejects `sslrootcert`, so both are
 //! taken out of the URL here before it is parsed (`url.rs`); certificate checks are the
@@ -214,8 +215,12 @@ impl ConnectConfig {
             SslMode::VerifyCa => PgSslMode::VerifyCa,
             SslMode::VerifyFull => PgSslMode::VerifyFull,
         });
-        if let Some(Roots::File(path)) = &self.roots {
-            o = o.ssl_root_cert(path);
+        match &self.roots {
+            Some(Roots::File(path)) => o = o.ssl_root_cert(path),
+            // sqlx read `PGSSLROOTCERT=system` as a file name; no extra PEM leaves it with
+            // the system's roots alone.
+            Some(Roots::System) => o = o.ssl_root_cert_from_pem(Vec::new()),
+            None => {}
         }
         Ok(o)
     }
@@ -259,6 +264,24 @@ fn fill_from_env(pg: &mut tokio_postgres::Config, env: Env<'_>) {
     if pg.get_dbname().is_none() {
         if let Some(db) = env("PGDATABASE") {
             pg.dbname(db);
+        }
+    }
+    if pg.get_options().is_none() {
+        if let Some(options) = env("PGOPTIONS") {
+            pg.options(options);
+        }
+    }
+    if pg.get_application_name().is_none() {
+        if let Some(name) = env("PGAPPNAME") {
+            pg.application_name(name);
+        }
+    }
+    if pg.get_connect_timeout().is_none() {
+        // libpq: whole seconds, 0 or less means wait forever.
+        if let Some(secs) = env("PGCONNECT_TIMEOUT").and_then(|s| s.trim().parse::<u64>().ok()) {
+            if secs > 0 {
+                pg.connect_timeout(std::time::Duration::from_secs(secs));
+            }
         }
     }
     if pg.get_password().is_none() {
@@ -452,6 +475,9 @@ mod tests {
             ("PGUSER", "app"),
             ("PGDATABASE", "shop"),
             ("PGPASSWORD", "pw"),
+            ("PGAPPNAME", "billing"),
+            ("PGOPTIONS", "-c statement_timeout=0"),
+            ("PGCONNECT_TIMEOUT", "7"),
         ]);
         let c = ConnectConfig::resolve("postgres://", &env).unwrap();
         assert_eq!(c.pg.get_hosts(), &[Host::Tcp("db1".into())]);
@@ -459,6 +485,12 @@ mod tests {
         assert_eq!(c.pg.get_user(), Some("app"));
         assert_eq!(c.pg.get_dbname(), Some("shop"));
         assert_eq!(c.pg.get_password(), Some(&b"pw"[..]));
+        assert_eq!(c.pg.get_application_name(), Some("billing"));
+        assert_eq!(c.pg.get_options(), Some("-c statement_timeout=0"));
+        assert_eq!(
+            c.pg.get_connect_timeout(),
+            Some(&std::time::Duration::from_secs(7))
+        );
         // What the URL has stays.
         let c = ConnectConfig::resolve("postgres://other:x@h2:1/db", &env).unwrap();
         assert_eq!(c.pg.get_hosts(), &[Host::Tcp("h2".into())]);
