@@ -121,7 +121,7 @@ impl AnyBackend {
             #[allow(unreachable_patterns)]
             "postgres" | "postgresql" | "nats" | "redis" | "rediss" | "amqp" | "amqps" => {
                 Err(Error::InvalidConfig(format!(
-                    "backend URL {url:?} needs pgtide built with the cargo feature {:?}",
+                    "backend URL {scheme}://… needs pgtide built with the cargo feature {:?}",
                     if scheme.starts_with("amqp") {
                         "amqp"
                     } else if scheme.starts_with("redis") {
@@ -134,7 +134,7 @@ impl AnyBackend {
                 )))
             }
             _ => Err(Error::InvalidConfig(format!(
-                "backend URL {url:?}: use postgres://, memory://, nats://, redis:// or amqp://"
+                "backend URL scheme {scheme:?} is unknown: use postgres://, memory://, nats://, redis:// or amqp://"
             ))),
         }
     }
