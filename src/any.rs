@@ -123,7 +123,7 @@ impl AnyBackend {
             "postgres" | "postgresql" | "nats" | "tls" | "nats+tls" | "redis" | "rediss" | "amqp"
             | "amqps" => {
                 Err(Error::InvalidConfig(format!(
-                    "backend URL {url:?} needs pgtide built with the cargo feature {:?}",
+                    "backend URL {scheme}://… needs pgtide built with the cargo feature {:?}",
                     if scheme.starts_with("amqp") {
                         "amqp"
                     } else if scheme.starts_with("redis") {
@@ -136,7 +136,7 @@ impl AnyBackend {
                 )))
             }
             _ => Err(Error::InvalidConfig(format!(
-                "backend URL {url:?}: use postgres://, memory://, nats:// (tls://), redis:// (rediss://) or amqp:// (amqps://)"
+                "backend URL scheme {scheme:?} is unknown: use postgres://, memory://, nats:// (tls://), redis:// (rediss://) or amqp:// (amqps://)"
             ))),
         }
     }

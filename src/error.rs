@@ -107,6 +107,51 @@ pub enum Error {
     /// Installing or upgrading the namespace failed.
     #[error("migration failed: {0}")]
     Migrate(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// PostgreSQL could not be reached because of TLS, the server's certificate or the password:
+    /// trying again will fail the same way until the configuration changes. The message says
+    /// what to change; the password never appears in it.
+    #[error("cannot connect to PostgreSQL: {problem} ({})", describe(.source.as_ref()))]
+    Connect {
+        /// What went wrong.
+        problem: ConnectProblem,
+        /// The driver's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Why a connection to PostgreSQL could not be set up (see [`Error::Connect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectProblem {
+    /// The server accepts only encrypted connections (its `pg_hba.conf` has no entry for a
+    /// plaintext one) and `sslmode` is `disable`.
+    TlsRequired,
+    /// `sslmode` asks for TLS but the server does not offer it.
+    TlsUnsupported,
+    /// The server's certificate does not lead to a trusted root certificate (wrong or missing
+    /// `sslrootcert`), or is otherwise invalid (expired, malformed).
+    CertificateUntrusted,
+    /// The server's certificate is valid but not for the host name connected to
+    /// (`sslmode=verify-full`).
+    HostNameMismatch,
+    /// The server refused the password (or the user does not exist).
+    PasswordRejected,
+    /// The server asks for a password and none was configured.
+    PasswordMissing,
+}
+
+impl std::fmt::Display for ConnectProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectProblem::TlsRequired => "the server accepts only encrypted connections: use sslmode=require or stronger (in the URL or PGSSLMODE) instead of sslmode=disable",
+            ConnectProblem::TlsUnsupported => "the server does not offer TLS: turn `ssl = on` in postgresql.conf, or use sslmode=prefer (or disable) on a network you trust",
+            ConnectProblem::CertificateUntrusted => "the server's certificate is not signed by a trusted CA: set sslrootcert (or PGSSLROOTCERT) to the PEM file of the CA that signed it, or use sslmode=require to encrypt without checking",
+            ConnectProblem::HostNameMismatch => "the server's certificate is not valid for the host name connected to: connect by a name (or IP address) the certificate lists, or use sslmode=verify-ca to check the CA only",
+            ConnectProblem::PasswordRejected => "password authentication failed: check the user and the password (in the URL, PGPASSWORD, or the password file ~/.pgpass / PGPASSFILE)",
+            ConnectProblem::PasswordMissing => "the server asks for a password and none was given: put it in the URL, PGPASSWORD, or the password file ~/.pgpass (or PGPASSFILE, mode 0600)",
+        })
+    }
 }
 
 impl Error {
@@ -249,6 +294,12 @@ fn payload_sizes(detail: Option<&str>) -> (usize, usize) {
 #[cfg(feature = "postgres")]
 impl Error {
     pub(crate) fn from_pg(e: tokio_postgres::Error, ctx: Ctx<'_>) -> Error {
+        if let Some(problem) = crate::postgres::connect_problem(&e) {
+            return Error::Connect {
+                problem,
+                source: Box::new(e),
+            };
+        }
         if let Some(db) = e.as_db_error() {
             let stream = ctx.stream.unwrap_or_default().to_owned();
             let group = ctx.group.unwrap_or_default().to_owned();
@@ -281,6 +332,12 @@ impl Error {
     }
 
     pub(crate) fn from_sqlx(e: sqlx::Error, ctx: Ctx<'_>) -> Error {
+        if let Some(problem) = crate::postgres::connect_problem(&e) {
+            return Error::Connect {
+                problem,
+                source: Box::new(e),
+            };
+        }
         if let sqlx::Error::Database(db) = &e {
             let stream = ctx.stream.unwrap_or_default().to_owned();
             let group = ctx.group.unwrap_or_default().to_owned();

@@ -63,12 +63,15 @@ mod worker;
 pub use crate::amqp::{AmqpBackend, AmqpConsumer};
 pub use crate::any::{AnyBackend, AnyConsumer};
 pub use crate::config::{Backoff, GroupStart, StreamConfig};
-pub use crate::error::{Error, Result};
+pub use crate::error::{ConnectProblem, Error, Result};
 pub use crate::limits::{check_duration, check_time, MAX_DURATION};
 pub use crate::memory::{MemoryBackend, MemoryConsumer};
 pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
 #[cfg(feature = "nats")]
 pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
+#[cfg(feature = "postgres")]
+#[doc(hidden)]
+pub use crate::postgres::{connect_raw, redact_url, RawConnection};
 #[cfg(feature = "postgres")]
 pub use crate::postgres::{
     migration_sql, GroupInfo, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,

@@ -15,11 +15,9 @@
 //! the connection is dropped with it and the server releases the lock.
 
 use std::borrow::Cow;
-use std::str::FromStr;
 
 use futures_util::future::BoxFuture;
 use sqlx::migrate::{Migrate, Migration, MigrationSource, MigrationType, Migrator};
-use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, Executor, PgConnection};
 
 use super::{render, PgBackend};
@@ -191,18 +189,22 @@ impl PgBackend {
     pub async fn migrate(&self) -> Result<MigrateReport> {
         // A session of its own (the advisory lock is session level): the direct URL when the
         // pool goes through a pooler.
-        let options = PgConnectOptions::from_str(self.listen_url())
-            .map_err(migrate_err)?
-            .options([
-                ("search_path", format!("\"{}\"", self.namespace())),
-                // A database-wide timeout would cancel a long migration or the wait for
-                // another process's migration lock (see SESSION_SETTINGS).
-                ("statement_timeout", "0".to_owned()),
-                ("idle_in_transaction_session_timeout", "0".to_owned()),
-            ]);
-        let mut conn = PgConnection::connect_with(&options)
-            .await
-            .map_err(migrate_err)?;
+        let options = self.session_connect().sqlx_options()?.options([
+            ("search_path", format!("\"{}\"", self.namespace())),
+            // A database-wide timeout would cancel a long migration or the wait for another
+            // process's migration lock (see SESSION_SETTINGS).
+            ("statement_timeout", "0".to_owned()),
+            ("idle_in_transaction_session_timeout", "0".to_owned()),
+        ]);
+        let mut conn = PgConnection::connect_with(&options).await.map_err(|e| {
+            match crate::postgres::connect_problem(&e) {
+                Some(problem) => Error::Connect {
+                    problem,
+                    source: Box::new(e),
+                },
+                None => migrate_err(e),
+            }
+        })?;
         let result = self.migrate_on(&mut conn).await;
         // Ending the session releases the lock.
         let _ = conn.close().await;

@@ -8,6 +8,7 @@
 
 mod admin;
 mod background;
+mod connect;
 mod consumer;
 mod exec;
 mod migrate;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{broadcast, watch};
 
+pub use connect::{connect_raw, redact_url, RawConnection};
 pub use consumer::PgConsumer;
 pub use exec::StatementMode;
 
@@ -36,6 +38,13 @@ use background::services;
 pub(crate) use background::wake;
 
 pub(crate) use statements::render;
+
+/// The set-up failure a driver error stands for, if any (see [`crate::ConnectProblem`]).
+pub(crate) fn connect_problem(
+    e: &(dyn std::error::Error + 'static),
+) -> Option<crate::ConnectProblem> {
+    connect::problem(e)
+}
 use statements::Statements;
 
 use crate::config::{GroupStart, StreamConfig};
@@ -72,10 +81,11 @@ pub struct PgBackend {
 
 pub(crate) struct Inner {
     pub(crate) pool: Pool,
-    pub(crate) url: String,
-    /// The direct URL for session work (LISTEN, migrations), when the pool goes through a
-    /// pooler; `None` uses `url`.
-    pub(crate) listen_url: Option<String>,
+    /// Server, credentials and TLS of the pool, resolved once.
+    pub(crate) connect: connect::ConnectConfig,
+    /// The direct connection for session work (LISTEN, migrations), when the pool goes through
+    /// a pooler; `None` uses `connect`.
+    pub(crate) listen: Option<connect::ConnectConfig>,
     pub(crate) namespace: String,
     pub(crate) sql: Arc<Statements>,
     pub(crate) streams: Mutex<HashMap<String, (StreamInfo, Instant)>>,
@@ -199,7 +209,7 @@ impl Queue for PgBackend {
 }
 
 /// Builder for [`PgBackend`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PgBackendBuilder {
     url: String,
     namespace: String,
@@ -210,6 +220,20 @@ pub struct PgBackendBuilder {
     statement_mode: Option<StatementMode>,
     listen_url: Option<String>,
     scout: background::ScoutConfig,
+}
+
+impl std::fmt::Debug for PgBackendBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("PgBackendBuilder")
+            .field("url", &connect::redact_url(&self.url))
+            .field("namespace", &self.namespace)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("notifications", &self.notifications)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgBackendBuilder {
@@ -286,23 +310,24 @@ impl PgBackendBuilder {
     }
 
     /// Builds the handle. Connects lazily: the first operation opens the first connection.
+    ///
+    /// Resolves the URL as libpq does (see [`PgBackend::builder`]) and reads the root
+    /// certificates now: a bad `sslmode` or an unreadable `sslrootcert` fails here with
+    /// [`Error::InvalidConfig`].
     pub fn build(self) -> Result<PgBackend> {
         validate_namespace(&self.namespace)?;
         let (url, url_mode) = exec::strip_url_params(&self.url)?;
         let mode = self.statement_mode.or(url_mode).unwrap_or_default();
-        let mut pg_config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| Error::InvalidConfig(format!("database URL: {e}")))?;
-        let listen_url = match &self.listen_url {
-            Some(direct) => Some(exec::strip_url_params(direct)?.0),
+        let connect = connect::ConnectConfig::from_url(&url)?;
+        let listen = match &self.listen_url {
+            Some(direct) => Some(connect::ConnectConfig::from_url(
+                &exec::strip_url_params(direct)?.0,
+            )?),
             None => None,
         };
-        let mut listen_config: tokio_postgres::Config = match &listen_url {
-            Some(direct) => direct
-                .parse()
-                .map_err(|e| Error::InvalidConfig(format!("listen URL: {e}")))?,
-            None => pg_config.clone(),
-        };
+        let session = listen.as_ref().unwrap_or(&connect);
+        let mut pg_config = connect.pg.clone();
+        let mut listen_config = session.pg.clone();
         // pgtide's sessions ignore a database's or role's statement and idle-in-transaction
         // timeouts (SESSION_SETTINGS); the URL's own `options` come after and win.
         let listen_options = listen_config.get_options().unwrap_or_default().to_owned();
@@ -319,7 +344,7 @@ impl PgBackendBuilder {
         }
         let manager = Manager::from_config(
             pg_config,
-            tokio_postgres::NoTls,
+            connect.tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -333,7 +358,7 @@ impl PgBackendBuilder {
             .map_err(|e| Error::InvalidConfig(format!("pool: {e}")))?;
         let notifications = self
             .notifications
-            .unwrap_or(mode == StatementMode::Prepared || listen_url.is_some());
+            .unwrap_or(mode == StatementMode::Prepared || listen.is_some());
         let poll_interval = self.poll_interval.unwrap_or(if notifications {
             Duration::from_secs(30)
         } else {
@@ -345,13 +370,14 @@ impl PgBackendBuilder {
             sql: sql.clone(),
             namespace: self.namespace.clone(),
             listen_config,
+            tls: session.tls.clone(),
             scout: self.scout,
         });
         Ok(PgBackend {
             inner: Arc::new(Inner {
                 pool,
-                url,
-                listen_url,
+                connect,
+                listen,
                 sql,
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
@@ -366,7 +392,19 @@ impl PgBackendBuilder {
 }
 
 impl PgBackend {
-    /// Starts building a handle for the database at `url` (`postgres://user@host:port/db`).
+    /// Starts building a handle for the database at `url`: a `postgres://user@host:port/db`
+    /// URL or a `host=… dbname=…` connection string, read as libpq reads them.
+    ///
+    /// - TLS follows `sslmode` (`disable`, `allow`/`prefer` (the default), `require`,
+    ///   `verify-ca`, `verify-full`) and `sslrootcert` (a PEM file, or `system`), from the URL
+    ///   or `PGSSLMODE`/`PGSSLROOTCERT`. `require` with a root certificate checks the chain;
+    ///   `verify-full` without one uses the system's roots.
+    /// - What the URL leaves out comes from `PGHOST` (else `localhost`), `PGPORT`, `PGUSER`,
+    ///   `PGDATABASE`, `PGPASSWORD`, then the password file (`PGPASSFILE`, else `~/.pgpass`;
+    ///   ignored when group or others can read it). `postgres://` alone is the libpq
+    ///   environment.
+    ///
+    /// The password never appears in [`PgBackend::url`], `Debug` output, logs or errors.
     pub fn builder(url: impl Into<String>) -> PgBackendBuilder {
         PgBackendBuilder {
             url: url.into(),
@@ -397,15 +435,21 @@ impl PgBackend {
         &self.inner.namespace
     }
 
-    /// The database URL this handle's pool connects to (without pgtide's own URL parameters).
+    /// The database URL this handle's pool connects to, as given but without pgtide's own URL
+    /// parameters and with the password replaced by `***`: safe to log or show.
     pub fn url(&self) -> &str {
-        &self.inner.url
+        &self.inner.connect.redacted
     }
 
     /// The URL of the session work (LISTEN, migrations): [`PgBackendBuilder::listen_url`] when
-    /// set, else [`PgBackend::url`].
+    /// set, else [`PgBackend::url`]; the password replaced by `***`.
     pub fn listen_url(&self) -> &str {
-        self.inner.listen_url.as_deref().unwrap_or(&self.inner.url)
+        &self.session_connect().redacted
+    }
+
+    /// Where session work (LISTEN, migrations) connects: the direct URL when set.
+    pub(crate) fn session_connect(&self) -> &connect::ConnectConfig {
+        self.inner.listen.as_ref().unwrap_or(&self.inner.connect)
     }
 
     /// How this handle sends its statements (see [`PgBackendBuilder::statement_mode`]).

@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Statement};
+use tokio_postgres::{AsyncMessage, Client, Statement};
 use uuid::Uuid;
 
 use super::PAYLOAD_BYTES;
 use pgtide::Result;
 
 pub(super) async fn connect(url: &str) -> Result<Client> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    // The same URL rules and TLS as the engine: the baseline pays what pgtide pays to connect.
+    let (client, connection) = pgtide::connect_raw(url).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "bench: raw connection ended with an error");
@@ -139,7 +140,7 @@ pub(super) struct Listener {
 impl Listener {
     /// LISTENs on `channel`. With `forward` off it only counts: nothing piles up in memory.
     pub(super) async fn connect(url: &str, channel: &str, forward: bool) -> Result<Listener> {
-        let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+        let (client, mut connection) = pgtide::connect_raw(url).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         let received = Arc::new(AtomicU64::new(0));
         let count = received.clone();

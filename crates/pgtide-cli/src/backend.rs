@@ -34,7 +34,10 @@ impl BackendUrl {
     }
 }
 
-/// The backend URL: `--backend` when given, else `--database-url` (always Postgres: it may be a
+/// The libpq variables that, without a URL, select a Postgres database.
+const LIBPQ_VARS: &[&str] = &["PGHOST", "PGPORT", "PGUSER", "PGDATABASE"];
+
+/// The backend URL: `--backend` when given, else `--database-url`, else the libpq variables (always Postgres: it may be a
 /// `key=value` connection string too).
 pub fn backend_url(global: &Global) -> CliResult<BackendUrl> {
     let url = match (&global.backend, &global.database_url) {
@@ -63,9 +66,18 @@ pub fn backend_url(global: &Global) -> CliResult<BackendUrl> {
             kind: "postgres",
             source: "--database-url/DATABASE_URL",
         },
+        // As psql does: without a URL, the libpq variables say where the database is (the
+        // library fills in what they leave out, and the password from ~/.pgpass).
+        _ if LIBPQ_VARS.iter().any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty())) => {
+            BackendUrl {
+                url: "postgres://".to_owned(),
+                kind: "postgres",
+                source: "PGHOST/PGPORT/PGUSER/PGDATABASE",
+            }
+        }
         _ => {
             return Err(CliError::usage(
-                "no database: set DATABASE_URL or pass --database-url postgres://user@host:5432/db (or --backend nats://…, redis://…, amqp://…)",
+                "no database: set DATABASE_URL, pass --database-url postgres://user@host:5432/db, or set PGHOST/PGDATABASE/PGUSER as for psql (or --backend nats://…, redis://…, amqp://…)",
             ))
         }
     };

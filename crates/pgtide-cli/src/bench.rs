@@ -64,7 +64,7 @@ pub async fn run(url: &str, args: BenchArgs, backend: Option<String>) -> CliResu
 }
 
 async fn drop_namespace(url: &str, namespace: &str) {
-    if let Ok((client, conn)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+    if let Ok((client, conn)) = pgtide::connect_raw(url).await {
         tokio::spawn(conn);
         if let Err(e) = client
             .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{namespace}\" CASCADE"))

@@ -238,6 +238,11 @@ pub fn payload_json(bytes: &[u8], is_json: Option<bool>) -> (serde_json::Value, 
 
 /// Hides the password of a database URL for messages.
 pub fn redact_url(url: &str) -> String {
+    // Postgres URLs and `key=value` strings: the library's reading, which also hides
+    // `password=` parameters.
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") || !url.contains("://") {
+        return pgtide::redact_url(url);
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

@@ -9,10 +9,21 @@
 //! (one per test under nextest) agree through a lock file: one starts it, the others wait. The
 //! cluster keeps running after the process exits and is reused by the next run; stop it with
 //! `pg_ctl -D target/pgtide-postgres stop`.
+//!
+//! Tests that need a server of their own (crashes, TLS, passwords) start a [`Cluster`], with
+//! certificates from a [`Pki`].
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+mod cluster;
+mod pki;
+mod tls;
+
+pub use cluster::{Cluster, ClusterBuilder};
+pub use pki::Pki;
+pub use tls::TlsCluster;
 
 use tokio::sync::OnceCell;
 

@@ -54,7 +54,7 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
     let (client, mut connection) = tokio::select! {
         biased;
         _ = token.cancelled() => return Ok(()),
-        c = config.connect(tokio_postgres::NoTls) => c?,
+        c = config.connect(shared.tls.clone()) => c?,
     };
     // The connection is polled here, in the same task, for as long as the session lasts: it
     // carries the LISTEN reply and then the notifications.

@@ -60,6 +60,8 @@ pub(crate) struct Shared {
     channel: String,
     /// Connection settings for the listener (without the pool's `pgtide.notify = off`).
     listen_config: tokio_postgres::Config,
+    /// The TLS connector of the listener connection.
+    tls: super::connect::Tls,
     scout: ScoutConfig,
     /// This process's scout candidate id.
     holder: String,
@@ -146,6 +148,8 @@ pub(crate) struct Settings {
     pub sql: Arc<Statements>,
     pub namespace: String,
     pub listen_config: tokio_postgres::Config,
+    /// The TLS connector the listener connects with (the pool's).
+    pub tls: super::connect::Tls,
     pub scout: ScoutConfig,
 }
 
@@ -163,6 +167,7 @@ impl Background {
                 channel: wake::channel(&settings.namespace),
                 namespace: settings.namespace,
                 listen_config: settings.listen_config,
+                tls: settings.tls,
                 scout: settings.scout,
                 holder,
                 bus: broadcast::channel(1024).0,

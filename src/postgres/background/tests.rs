@@ -8,8 +8,11 @@ use crate::Error;
 
 fn background() -> Background {
     // Nothing here connects: the pool opens connections lazily.
-    let config: tokio_postgres::Config = "postgres://nobody@127.0.0.1:1/none".parse().unwrap();
-    let manager = deadpool_postgres::Manager::new(config.clone(), tokio_postgres::NoTls);
+    let connect =
+        crate::postgres::connect::ConnectConfig::from_url("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+    let config = connect.pg.clone();
+    let manager = deadpool_postgres::Manager::new(config.clone(), connect.tls.clone());
     let pool = Pool::builder(manager)
         .max_size(1)
         .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -23,6 +26,7 @@ fn background() -> Background {
         )),
         namespace: "t".to_owned(),
         listen_config: config,
+        tls: connect.tls,
         scout: ScoutConfig {
             ttl: Duration::from_secs(10),
             max_interval: Duration::from_secs(1),

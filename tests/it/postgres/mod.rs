@@ -8,6 +8,7 @@ mod publish_rule;
 mod registry;
 mod sql_checks;
 mod sql_surface;
+mod tls;
 mod upgrade;
 mod wakeups;
 mod worker;

@@ -23,6 +23,7 @@ mod certs;
 #[allow(dead_code)]
 #[path = "../../../../tests/it/faults/servers.rs"]
 mod servers;
+mod tls;
 mod usability;
 
 use std::process::Stdio;
