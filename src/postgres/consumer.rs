@@ -208,10 +208,7 @@ impl PgConsumer {
     /// The lease override obeys the duration rule ([`crate::MAX_DURATION`], positive); checked
     /// before a claim so a bad override never leaves claimed deliveries behind.
     fn check_lease(&self) -> Result<()> {
-        match self.lease {
-            Some(lease) => crate::limits::check_duration("lease", lease, false),
-            None => Ok(()),
-        }
+        crate::limits::check_lease_override(self.lease)
     }
 
     fn error(&self, e: tokio_postgres::Error) -> Error {
@@ -430,9 +427,7 @@ impl PgConsumer {
         delay: Option<Duration>,
         error: Option<&str>,
     ) -> Result<SettleReport> {
-        if let Some(d) = delay {
-            crate::limits::check_duration("nack delay", d, true)?;
-        }
+        crate::limits::check_nack_delay(delay)?;
         let client = self.pg.client().await?;
         let delays: Option<Vec<Option<i64>>> = delay.map(|d| vec![Some(micros(d)); ds.len()]);
         let errors: Option<Vec<Option<&str>>> = error.map(|e| vec![Some(e); ds.len()]);
@@ -497,9 +492,7 @@ impl PgConsumer {
         lease: Option<Duration>,
     ) -> Result<SettleReport> {
         let lease = lease.or(self.lease);
-        if let Some(l) = lease {
-            crate::limits::check_duration("lease", l, false)?;
-        }
+        crate::limits::check_lease_override(lease)?;
         let client = self.pg.client().await?;
         let lease = lease.map(micros);
         let refs: Vec<&Delivery> = ds.iter().map(|d| &**d).collect();
