@@ -435,20 +435,25 @@ impl PgConsumer {
         let rows = self
             .run_settle(&**client, &stmt, ds, &[&delays, &errors])
             .await?;
-        if !rows.is_empty() {
-            // A retry comes due later: let the scout recompute its next due time.
-            self.pg.poke(match delay {
-                Some(d) if d.is_zero() => Wake::Stream(self.stream.as_str().into()),
-                _ => Wake::Due(0),
-            });
-        }
         let (mut settled, mut dead) = (vec![], vec![]);
+        let mut at_ms = 0i64;
         for r in rows {
             if r.try_get::<_, bool>(1)? {
                 dead.push(r.try_get(0)?);
             } else {
                 settled.push(r.try_get(0)?);
+                at_ms = r.try_get(2)?;
             }
+        }
+        if !settled.is_empty() {
+            // Sent after the commit, with a due time no later than the retries' (the nack's
+            // now() plus the delay, in the database's clock): the scout then also covers a
+            // retry whose due time passed before it was committed.
+            self.pg.poke(match delay {
+                Some(d) if d.is_zero() => Wake::Stream(self.stream.as_str().into()),
+                Some(d) => Wake::Due(at_ms.saturating_add(micros(d) / 1000)),
+                None => Wake::Due(at_ms),
+            });
         }
         Ok(SettleReport::from_parts(ds, settled, dead))
     }

@@ -7,5 +7,6 @@ mod registry;
 mod sql_checks;
 mod sql_surface;
 mod upgrade;
+mod late_commits;
 mod wakeups;
 mod worker;
