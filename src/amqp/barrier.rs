@@ -37,7 +37,11 @@ const MAX_ROUNDS: usize = 8;
 impl Shared {
     /// Returns once the group queue applied every settle written on `ch` (the channel of
     /// `generation`) before this call.
-    pub(crate) async fn settle_barrier(self: &Arc<Self>, ch: &Channel, generation: u64) -> Result<()> {
+    pub(crate) async fn settle_barrier(
+        self: &Arc<Self>,
+        ch: &Channel,
+        generation: u64,
+    ) -> Result<()> {
         self.prefetch(ch, generation, 1).await?;
         let mut clean = 0;
         for _ in 0..MAX_ROUNDS {
@@ -71,7 +75,9 @@ impl Shared {
             // A push precedes the cancel-ok on the wire, so it is queued in the consumer by now.
             clean += 1;
             while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
-                tracing::debug!("pgtide amqp: the settle barrier was pushed a message; handing it back");
+                tracing::debug!(
+                    "pgtide amqp: the settle barrier was pushed a message; handing it back"
+                );
                 self.hand_back(generation, d).await?;
                 clean = 0;
             }

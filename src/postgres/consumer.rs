@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::wake::Wake;
@@ -297,7 +298,33 @@ impl PgConsumer {
     ///
     /// Cancel safety: as [`PgConsumer::try_fetch`].
     pub async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
-        if max == 0 {
+        self.fetch_or_stop(max, timeout, None).await
+    }
+
+    /// As [`PgConsumer::fetch`], but stops waiting as soon as `stop` is cancelled, returning an
+    /// empty vector. A claim already running is never interrupted: whatever it claimed is
+    /// returned, so the caller can process it or hand it back with
+    /// [`PgConsumer::release_batch`]. This is how a consumer stops on a signal without dropping
+    /// a fetch (which could leave a committed claim leased to nobody until its lease ends).
+    ///
+    /// Cancel safety: as [`PgConsumer::try_fetch`].
+    pub async fn fetch_until(
+        &self,
+        max: usize,
+        timeout: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Delivery>> {
+        self.fetch_or_stop(max, timeout, Some(stop)).await
+    }
+
+    async fn fetch_or_stop(
+        &self,
+        max: usize,
+        timeout: Duration,
+        stop: Option<&CancellationToken>,
+    ) -> Result<Vec<Delivery>> {
+        let stopped = || stop.is_some_and(CancellationToken::is_cancelled);
+        if max == 0 || stopped() {
             return Ok(vec![]);
         }
         // Capped: a hostile timeout (Duration::MAX) must not overflow the clock.
@@ -307,14 +334,24 @@ impl PgConsumer {
         loop {
             let batch = self.try_fetch(max).await?;
             let now = tokio::time::Instant::now();
-            if !batch.is_empty() || now >= deadline {
+            if !batch.is_empty() || now >= deadline || stopped() {
                 return Ok(batch);
             }
             let poll_at = (now + self.pg.poll_interval()).min(deadline);
             let _waiting = self.pg.waiting();
-            match wakes.as_mut() {
-                Some(rx) => wait_for_stream(rx, &self.stream, poll_at).await,
-                None => tokio::time::sleep_until(poll_at).await,
+            let wait = async {
+                match wakes.as_mut() {
+                    Some(rx) => wait_for_stream(rx, &self.stream, poll_at).await,
+                    None => tokio::time::sleep_until(poll_at).await,
+                }
+            };
+            match stop {
+                Some(stop) => tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Ok(vec![]),
+                    _ = wait => {}
+                },
+                None => wait.await,
             }
         }
     }

@@ -948,15 +948,25 @@ pub async fn out_of_range_durations_are_refused<Q: Queue>(q: Q) {
     let before = got[0].lease_expires_at;
     for lease in [too_long, Duration::MAX, Duration::ZERO] {
         let r = c.in_progress(&mut got[0], Some(lease)).await;
-        assert!(matches!(r, Err(Error::InvalidConfig(_))), "{lease:?}: {r:?}");
-        assert_eq!(got[0].lease_expires_at, before, "a refused extension moved the lease");
+        assert!(
+            matches!(r, Err(Error::InvalidConfig(_))),
+            "{lease:?}: {r:?}"
+        );
+        assert_eq!(
+            got[0].lease_expires_at, before,
+            "a refused extension moved the lease"
+        );
     }
     // Nothing was settled, retried or dead-lettered: both are still ours to ack, and nothing
     // comes back afterwards.
     assert!(q.dead_letters("bounds", "g", 10).await.unwrap().is_empty());
     if q.capabilities().exact_stats {
         let s = q.stats("bounds", "g").await.unwrap();
-        assert_eq!((s.ready, s.delayed, s.in_flight, s.dead), (0, 0, 2, 0), "{s:?}");
+        assert_eq!(
+            (s.ready, s.delayed, s.in_flight, s.dead),
+            (0, 0, 2, 0),
+            "{s:?}"
+        );
     }
     let refs: Vec<&Delivery> = got.iter().collect();
     let report = c.ack_batch(&refs).await.unwrap();

@@ -27,7 +27,10 @@ async fn until_nack_blocked(raw: &tokio_postgres::Client) {
         if row.get::<_, i64>(0) > 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "the nack never blocked on the lock");
+        assert!(
+            Instant::now() < deadline,
+            "the nack never blocked on the lock"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -74,9 +77,12 @@ async fn a_retry_committed_after_its_due_time_still_wakes_waiting_consumers() {
         .unwrap()
         .get(0);
     let past_due = blocked_at + chrono::Duration::milliseconds(100);
-    wait_for(&mut scout, WAIT, "a due check past the retry's due time", |s| {
-        s.last_check_at.is_some_and(|at| at > past_due)
-    })
+    wait_for(
+        &mut scout,
+        WAIT,
+        "a due check past the retry's due time",
+        |s| s.last_check_at.is_some_and(|at| at > past_due),
+    )
     .await;
 
     // A consumer waiting from now on can only be woken by the scout.

@@ -1,5 +1,6 @@
 mod consume;
 mod hostile;
+mod late_commits;
 mod plans;
 mod publish;
 mod publish_rule;
@@ -7,6 +8,5 @@ mod registry;
 mod sql_checks;
 mod sql_surface;
 mod upgrade;
-mod late_commits;
 mod wakeups;
 mod worker;
