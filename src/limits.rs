@@ -47,6 +47,24 @@ pub fn check_time(what: &str, at: DateTime<Utc>) -> Result<()> {
     Ok(())
 }
 
+/// The nack delay rule every backend applies before settling anything: at most
+/// [`MAX_DURATION`] (zero retries at once).
+pub(crate) fn check_nack_delay(delay: Option<Duration>) -> Result<()> {
+    match delay {
+        Some(d) => check_duration("nack delay", d, true),
+        None => Ok(()),
+    }
+}
+
+/// The rule for a lease given to `in_progress` (or a consumer's lease override): positive and
+/// at most [`MAX_DURATION`], checked before anything is extended.
+pub(crate) fn check_lease_override(lease: Option<Duration>) -> Result<()> {
+    match lease {
+        Some(l) => check_duration("lease", l, false),
+        None => Ok(()),
+    }
+}
+
 /// Checks the delay and `deliver_at` of every message of a batch before anything is written, so
 /// a batch is rejected whole. Every backend's publish runs it.
 pub(crate) fn check_messages(msgs: &[crate::OutgoingMessage]) -> Result<()> {

@@ -162,6 +162,11 @@ BEGIN
     SELECT r.message_id, false FROM retry r
     UNION ALL
     SELECT e.message_id, true FROM exhausted e;
+    -- SQL callers (not the engine's pool, which hints after its commit): a transactional hint,
+    -- delivered at commit, so the scout also covers a retry committed after its due time.
+    IF FOUND AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+        PERFORM pg_notify('pgtide.' || @ns_lit@, '@' || floor(extract(epoch FROM now()) * 1000)::bigint);
+    END IF;
 END $$;
 
 -- Dead-letter now, with a reason.

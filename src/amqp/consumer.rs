@@ -201,6 +201,7 @@ impl QueueConsumer for AmqpConsumer {
         delay: Option<Duration>,
         error: Option<&str>,
     ) -> Result<SettleReport> {
+        crate::limits::check_nack_delay(delay)?;
         settle_by_copy(&self.shared.stream, &self.shared.group, ds, |d, token| {
             let shared = &token.shared;
             let config = &shared.config;
@@ -242,6 +243,7 @@ impl QueueConsumer for AmqpConsumer {
     }
 
     async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
+        crate::limits::check_lease_override(lease)?;
         let id = d.id();
         let extended = d.token::<Token>().and_then(|token| {
             let shared = &token.shared;

@@ -272,7 +272,8 @@ impl Shared {
     /// Closes the consumer channel gracefully (for [`crate::Queue::close`]). Buffered messages
     /// never reached anyone, so they go back first with the attempt unchanged; then the
     /// channel close waits for the broker's close-ok, which comes after every settle written
-    /// on the channel before it was processed. Leased deliveries return to the queue with the
+    /// on the channel before it was processed, and a barrier (`barrier.rs`) makes sure the
+    /// queue applied those settles first. Leased deliveries return to the queue with the
     /// channel (the attempt counted). A later fetch opens a new channel.
     pub(crate) async fn close(self: &Arc<Self>) -> Result<()> {
         let unclaimed: Vec<Buffered> = self
@@ -286,24 +287,36 @@ impl Shared {
                 tracing::warn!(error = %e, "pgtide amqp: handing back an unclaimed message at close failed; it was requeued instead");
             }
         }
-        let mut slot = self.slot.lock().await;
-        let Some((ch, _)) = slot.take() else {
+        let current = self.slot.lock().await.clone();
+        let Some((ch, generation)) = current else {
             tracing::debug!("pgtide amqp: close: no channel");
             return Ok(());
         };
+        // Close-ok alone does not mean the queue applied the acks (see `barrier.rs`). Run while
+        // the channel is still current, so a message pushed to the barrier can be handed back.
+        let barrier = if ch.status().connected() {
+            self.settle_barrier(&ch, generation).await
+        } else {
+            Ok(())
+        };
+        {
+            let mut slot = self.slot.lock().await;
+            if slot.as_ref().is_some_and(|(_, g)| *g == generation) {
+                *slot = None;
+                let mut t = self.tracked();
+                t.generation += 1;
+                t.entries.clear();
+            }
+        }
         tracing::debug!(
             connected = ch.status().connected(),
             "pgtide amqp: close: closing the consumer channel"
         );
-        {
-            let mut t = self.tracked();
-            t.generation += 1;
-            t.entries.clear();
-        }
         if !ch.status().connected() {
-            return Ok(()); // already closed: the broker requeued what it held
+            return barrier; // already closed: the broker requeued what it held
         }
-        super::conn::closed(ch.close(200, "pgtide: consumer closed".into()).await)
+        let closed = super::conn::closed(ch.close(200, "pgtide: consumer closed".into()).await);
+        barrier.and(closed)
     }
 
     /// Wakes the reaper (a new deadline may be earlier than the one it sleeps for).

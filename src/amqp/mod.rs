@@ -1,10 +1,12 @@
 //! RabbitMQ (AMQP 0.9.1) backend (feature `amqp`, lapin). The topology, the semantics and
 //! what is emulated are documented on [`AmqpBackend`]. Files: `topology.rs` (declares),
 //! `registry.rs` (what exists), `publish.rs`, `fetch.rs` (pull + doorbell), `lease.rs` (lease
-//! tracking and reaper), `consumer.rs` (settles), `admin.rs` (namespace teardown, the stream
-//! log, queue depths); the handle and its `Queue` impl are here.
+//! tracking and reaper), `consumer.rs` (settles), `barrier.rs` (settles applied before a
+//! channel closes), `admin.rs` (namespace teardown, the stream log, queue depths); the handle
+//! and its `Queue` impl are here.
 
 mod admin;
+mod barrier;
 mod codec;
 mod conn;
 mod consumer;

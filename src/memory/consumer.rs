@@ -194,6 +194,7 @@ impl QueueConsumer for MemoryConsumer {
         delay: Option<Duration>,
         error: Option<&str>,
     ) -> Result<SettleReport> {
+        crate::limits::check_nack_delay(delay)?;
         let (stream, group) = (self.stream.clone(), self.group.clone());
         self.settle(ds, |s, d| {
             let config = s.config.clone();
@@ -254,6 +255,7 @@ impl QueueConsumer for MemoryConsumer {
     }
 
     async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
+        crate::limits::check_lease_override(lease)?;
         let group = self.group.clone();
         let mut expires = None;
         let report = self.settle(&[&*d], |s, d| {

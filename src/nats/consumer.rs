@@ -317,6 +317,7 @@ impl QueueConsumer for NatsConsumer {
         delay: Option<Duration>,
         error: Option<&str>,
     ) -> Result<SettleReport> {
+        crate::limits::check_nack_delay(delay)?;
         let config = &self.meta.config;
         self.settle_all(ds, |d| async move {
             if d.attempt >= config.max_deliver {
@@ -339,8 +340,10 @@ impl QueueConsumer for NatsConsumer {
     }
 
     /// Resets the lease to the group's `ack_wait` (JetStream `+WPI`); the `lease` argument
-    /// cannot be honoured and is ignored. `LeaseLost` only if the group is gone: settles are not fenced on JetStream.
-    async fn in_progress(&self, d: &mut Delivery, _lease: Option<Duration>) -> Result<()> {
+    /// cannot be honoured: it is checked by the duration rule like on every backend, then
+    /// ignored. `LeaseLost` only if the group is gone: settles are not fenced on JetStream.
+    async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
+        crate::limits::check_lease_override(lease)?;
         if !self.reply(d, Bytes::from_static(b"+WPI")).await? {
             return Err(Error::LeaseLost { id: d.id() });
         }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::exec::{Caller, Exec, Statement};
@@ -215,10 +216,7 @@ impl PgConsumer {
     /// The lease override obeys the duration rule ([`crate::MAX_DURATION`], positive); checked
     /// before a claim so a bad override never leaves claimed deliveries behind.
     fn check_lease(&self) -> Result<()> {
-        match self.lease {
-            Some(lease) => crate::limits::check_duration("lease", lease, false),
-            None => Ok(()),
-        }
+        crate::limits::check_lease_override(self.lease)
     }
 
     fn error(&self, e: tokio_postgres::Error) -> Error {
@@ -307,7 +305,33 @@ impl PgConsumer {
     ///
     /// Cancel safety: as [`PgConsumer::try_fetch`].
     pub async fn fetch(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>> {
-        if max == 0 {
+        self.fetch_or_stop(max, timeout, None).await
+    }
+
+    /// As [`PgConsumer::fetch`], but stops waiting as soon as `stop` is cancelled, returning an
+    /// empty vector. A claim already running is never interrupted: whatever it claimed is
+    /// returned, so the caller can process it or hand it back with
+    /// [`PgConsumer::release_batch`]. This is how a consumer stops on a signal without dropping
+    /// a fetch (which could leave a committed claim leased to nobody until its lease ends).
+    ///
+    /// Cancel safety: as [`PgConsumer::try_fetch`].
+    pub async fn fetch_until(
+        &self,
+        max: usize,
+        timeout: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Delivery>> {
+        self.fetch_or_stop(max, timeout, Some(stop)).await
+    }
+
+    async fn fetch_or_stop(
+        &self,
+        max: usize,
+        timeout: Duration,
+        stop: Option<&CancellationToken>,
+    ) -> Result<Vec<Delivery>> {
+        let stopped = || stop.is_some_and(CancellationToken::is_cancelled);
+        if max == 0 || stopped() {
             return Ok(vec![]);
         }
         // Capped: a hostile timeout (Duration::MAX) must not overflow the clock.
@@ -317,14 +341,24 @@ impl PgConsumer {
         loop {
             let batch = self.try_fetch(max).await?;
             let now = tokio::time::Instant::now();
-            if !batch.is_empty() || now >= deadline {
+            if !batch.is_empty() || now >= deadline || stopped() {
                 return Ok(batch);
             }
             let poll_at = (now + self.pg.poll_interval()).min(deadline);
             let _waiting = self.pg.waiting();
-            match wakes.as_mut() {
-                Some(rx) => wait_for_stream(rx, &self.stream, poll_at).await,
-                None => tokio::time::sleep_until(poll_at).await,
+            let wait = async {
+                match wakes.as_mut() {
+                    Some(rx) => wait_for_stream(rx, &self.stream, poll_at).await,
+                    None => tokio::time::sleep_until(poll_at).await,
+                }
+            };
+            match stop {
+                Some(stop) => tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Ok(vec![]),
+                    _ = wait => {}
+                },
+                None => wait.await,
             }
         }
     }
@@ -435,29 +469,32 @@ impl PgConsumer {
         delay: Option<Duration>,
         error: Option<&str>,
     ) -> Result<SettleReport> {
-        if let Some(d) = delay {
-            crate::limits::check_duration("nack delay", d, true)?;
-        }
+        crate::limits::check_nack_delay(delay)?;
         let client = self.pg.client().await?;
         let delays: Option<Vec<Option<i64>>> = delay.map(|d| vec![Some(micros(d)); ds.len()]);
         let errors: Option<Vec<Option<&str>>> = error.map(|e| vec![Some(e); ds.len()]);
         let rows = self
             .run_settle(&*client, &self.pg.inner.sql.nack, ds, &[&delays, &errors])
             .await?;
-        if !rows.is_empty() {
-            // A retry comes due later: let the scout recompute its next due time.
-            self.pg.poke(match delay {
-                Some(d) if d.is_zero() => Wake::Stream(self.stream.as_str().into()),
-                _ => Wake::Due(0),
-            });
-        }
         let (mut settled, mut dead) = (vec![], vec![]);
+        let mut at_ms = 0i64;
         for r in rows {
             if r.try_get::<_, bool>(1)? {
                 dead.push(r.try_get(0)?);
             } else {
                 settled.push(r.try_get(0)?);
+                at_ms = r.try_get(2)?;
             }
+        }
+        if !settled.is_empty() {
+            // Sent after the commit, with a due time no later than the retries' (the nack's
+            // now() plus the delay, in the database's clock): the scout then also covers a
+            // retry whose due time passed before it was committed.
+            self.pg.poke(match delay {
+                Some(d) if d.is_zero() => Wake::Stream(self.stream.as_str().into()),
+                Some(d) => Wake::Due(at_ms.saturating_add(micros(d) / 1000)),
+                None => Wake::Due(at_ms),
+            });
         }
         Ok(SettleReport::from_parts(ds, settled, dead))
     }
@@ -501,9 +538,7 @@ impl PgConsumer {
         lease: Option<Duration>,
     ) -> Result<SettleReport> {
         let lease = lease.or(self.lease);
-        if let Some(l) = lease {
-            crate::limits::check_duration("lease", l, false)?;
-        }
+        crate::limits::check_lease_override(lease)?;
         let client = self.pg.client().await?;
         let lease = lease.map(micros);
         let refs: Vec<&Delivery> = ds.iter().map(|d| &**d).collect();

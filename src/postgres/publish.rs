@@ -113,6 +113,9 @@ impl PgBackend {
             return Ok(vec![]);
         }
         self.check_publish(stream, msgs).await?;
+        // Taken before the statement, so a delayed message's hint is no later than its due time
+        // (which the database computes from its own, later, now()): see `due_waker.rs`.
+        let sent_ms = chrono::Utc::now().timestamp_millis();
         let mut client = self.client().await?;
         let receipts = if msgs.iter().all(|m| m.dedupe_key.is_none()) {
             match self.statement_mode() {
@@ -127,7 +130,7 @@ impl PgBackend {
         };
         drop(client);
         // Our pool's connections do not fire the NOTIFY trigger: wake consumers after commit.
-        self.wake_after_publish(msgs, stream, &receipts);
+        self.wake_after_publish(msgs, stream, &receipts, sent_ms);
         metrics::published(stream, &receipts);
         Ok(receipts)
     }
@@ -158,6 +161,7 @@ impl PgBackend {
         msgs: &[OutgoingMessage],
         stream: &str,
         receipts: &[PublishReceipt],
+        sent_ms: i64,
     ) {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut ready = false;
@@ -168,12 +172,16 @@ impl PgBackend {
             }
             let at = match (m.deliver_at, m.delay) {
                 (Some(at), _) => at.timestamp_millis(),
-                (None, Some(d)) => now_ms + micros(d) / 1000,
+                (None, Some(d)) => sent_ms.saturating_add(micros(d) / 1000),
                 (None, None) => now_ms,
             };
-            if at > now_ms {
+            // A delay counts from the database's now(), which our clock cannot see: hint it
+            // to the scout even when it seems due already.
+            let delayed = m.deliver_at.is_none() && m.delay.is_some_and(|d| !d.is_zero());
+            if at > now_ms || delayed {
                 due = Some(due.map_or(at, |d: i64| d.min(at)));
-            } else {
+            }
+            if at <= now_ms {
                 ready = true;
             }
         }

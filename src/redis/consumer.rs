@@ -340,6 +340,7 @@ impl QueueConsumer for RedisConsumer {
         delay: Option<Duration>,
         error: Option<&str>,
     ) -> Result<SettleReport> {
+        crate::limits::check_nack_delay(delay)?;
         let config = self.config.clone();
         self.report("nack", ds, error, move |d| {
             delay.unwrap_or_else(|| config.backoff.delay(d.attempt))
@@ -353,6 +354,7 @@ impl QueueConsumer for RedisConsumer {
     }
 
     async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
+        crate::limits::check_lease_override(lease)?;
         let result = self
             .settle("in_progress", &[&*d], None, lease, |_| Duration::ZERO)
             .await?;

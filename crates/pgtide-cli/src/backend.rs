@@ -162,6 +162,10 @@ pub trait Target: Queue {
     /// an interrupted fetch claimed).
     fn postgres(&self) -> Option<&PgBackend>;
 
+    /// The Postgres consumer inside `consumer`, for what only it has (a fetch that stops
+    /// waiting on a signal without interrupting a claim).
+    fn postgres_consumer<'a>(&self, consumer: &'a Self::Consumer) -> Option<&'a PgConsumer>;
+
     /// A consumer, with `lease` instead of the stream's lease (Postgres only).
     fn open_consumer(
         &self,
@@ -194,6 +198,10 @@ impl Target for PgBackend {
         Some(self)
     }
 
+    fn postgres_consumer<'a>(&self, consumer: &'a PgConsumer) -> Option<&'a PgConsumer> {
+        Some(consumer)
+    }
+
     async fn open_consumer(
         &self,
         stream: &str,
@@ -217,6 +225,13 @@ impl Target for AnyBackend {
     fn postgres(&self) -> Option<&PgBackend> {
         match self {
             AnyBackend::Postgres(pg) => Some(pg),
+            _ => None,
+        }
+    }
+
+    fn postgres_consumer<'a>(&self, consumer: &'a AnyConsumer) -> Option<&'a PgConsumer> {
+        match consumer {
+            AnyConsumer::Postgres(c) => Some(c),
             _ => None,
         }
     }

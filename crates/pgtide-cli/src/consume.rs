@@ -2,15 +2,16 @@
 //!
 //! Order of effects per batch: print, flush, ack. A crash between flush and ack redelivers (at
 //! least once); nothing is acknowledged that was not written. On SIGINT/SIGTERM the command stops
-//! fetching, finishes the batch in hand, and hands back whatever an interrupted fetch claimed
-//! (the backend runs on one connection, so that release runs after the claim), so nothing stays
-//! leased to a process that is gone.
+//! fetching, finishes the batch in hand, and hands back what a fetch claimed after the signal,
+//! so nothing stays leased to a process that is gone.
 //!
-//! Other backends cannot hand back what a dropped fetch claimed, so there a fetch is never
-//! dropped: it waits at most [`FETCH_SLICE`] at a time, the signal is noticed between slices, and
-//! whatever the last fetch returned after it is released. The same holds with `--no-ack` on
-//! Postgres, where releasing everything leased to the consumer would also hand back what it
-//! printed.
+//! A fetch is never dropped, since a dropped claim may have committed and would stay leased to
+//! nobody: on Postgres the fetch stops waiting when the signal comes (`fetch_until`) but a claim
+//! already running finishes and its batch is released; other backends wait at most
+//! [`FETCH_SLICE`] at a time, the signal is noticed between slices, and whatever the last fetch
+//! returned after it is released. Nothing relies on statement order on one connection, so the
+//! Postgres backend runs on a small pool of its own, shared with this process's scout and
+//! notifier without starving the consumer.
 //!
 //! Only what was never printed is released (attempt not counted). What `--no-ack` printed stays
 //! leased, so it comes back after the lease with the attempt counted (a poison message reaches
@@ -20,7 +21,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use pgtide::{Delivery, QueueConsumer};
+use pgtide::{Delivery, PgConsumer, QueueConsumer};
 use serde_json::json;
 
 use crate::backend::Target;
@@ -54,21 +55,24 @@ fn default_consumer_name() -> String {
 /// Longest single wait of a fetch on backends whose fetches must not be dropped.
 const FETCH_SLICE: Duration = Duration::from_secs(1);
 
-async fn fetch<C: QueueConsumer>(
-    c: &C,
+/// A Postgres fetch for `consume`: waits as the flags say, stops waiting once `token` is
+/// cancelled, and never interrupts a claim.
+async fn fetch_until(
+    c: &PgConsumer,
     args: &ConsumeArgs,
     want: usize,
+    token: &pgtide::CancellationToken,
 ) -> pgtide::Result<Vec<Delivery>> {
     if args.follow {
-        c.fetch(want, Duration::from_secs(3600)).await
+        c.fetch_until(want, Duration::from_secs(3600), token).await
     } else if args.wait.is_zero() {
         c.try_fetch(want).await
     } else {
-        c.fetch(want, args.wait).await
+        c.fetch_until(want, args.wait, token).await
     }
 }
 
-/// As [`fetch`], in waits of at most [`FETCH_SLICE`], returning early once `token` is cancelled.
+/// As [`fetch_until`], on any backend: in waits of at most [`FETCH_SLICE`], returning early once `token` is cancelled.
 async fn fetch_in_slices<C: QueueConsumer>(
     c: &C,
     args: &ConsumeArgs,
@@ -110,9 +114,6 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
     // Claimed but never printed (released at the end), and printed by --no-ack.
     let mut unprinted: Vec<Delivery> = vec![];
     let mut printed: Vec<Delivery> = vec![];
-    // A Postgres fetch may be dropped on a signal, and what it claimed released by consumer
-    // name afterwards: only when nothing printed is still leased to that name.
-    let droppable = b.postgres().is_some() && !args.no_ack;
     let mut seen = 0u64;
     let mut interrupted = false;
     let mut failures = 0u32;
@@ -121,29 +122,22 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
             break Ok(());
         }
         let want = (limit - seen).min(u64::from(args.batch)) as usize;
-        let fetched = if droppable {
-            tokio::select! {
-                biased;
-                _ = token.cancelled() => {
-                    interrupted = true;
-                    break Ok(());
-                }
-                r = fetch(&consumer, &args, want) => r,
-            }
-        } else {
-            if token.is_cancelled() {
+        if token.is_cancelled() {
+            interrupted = true;
+            break Ok(());
+        }
+        let fetched = match b.postgres_consumer(&consumer) {
+            Some(pg) => fetch_until(pg, &args, want, &token).await,
+            None => fetch_in_slices(&consumer, &args, want, &token).await,
+        };
+        let fetched = match fetched {
+            // Claimed after the signal: hand it back unprinted.
+            Ok(batch) if token.is_cancelled() => {
+                unprinted.extend(batch);
                 interrupted = true;
                 break Ok(());
             }
-            match fetch_in_slices(&consumer, &args, want, &token).await {
-                // Claimed after the signal: hand it back unprinted.
-                Ok(batch) if token.is_cancelled() => {
-                    unprinted.extend(batch);
-                    interrupted = true;
-                    break Ok(());
-                }
-                r => r,
-            }
+            r => r,
         };
         let batch = match fetched {
             Ok(b) => {
@@ -227,21 +221,6 @@ pub async fn run<B: Target>(b: &B, args: ConsumeArgs) -> CliResult {
     }
     if args.requeue_on_exit && !printed.is_empty() {
         requeue(&consumer, &args, &printed).await;
-    }
-    if interrupted && droppable {
-        // On Postgres a fetch was dropped; it may have claimed a batch we never saw.
-        if let Some(pg) = b.postgres() {
-            match pg.release_consumer(&args.stream, &args.group, &name).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    released = n,
-                    "pgtide consume: released what the interrupted fetch had claimed"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "pgtide consume: release at shutdown failed; the leases will expire")
-                }
-            }
-        }
     }
     if interrupted {
         tracing::info!(consumed = seen, "pgtide consume: stopped");

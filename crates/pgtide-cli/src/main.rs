@@ -219,15 +219,14 @@ fn postgres(global: &Global, command: &Command, url: &BackendUrl) -> CliResult<P
         .namespace(global.namespace.clone())
         .connect_timeout(Duration::from_secs(10));
     match command {
-        // One connection: after an interrupted fetch, the release that follows runs after the
-        // claim on the same connection, so nothing stays leased to a consumer that is gone.
-        Command::Consume(_) => builder = builder.pool_size(1),
         Command::Scout(args) => {
             builder = builder
                 .pool_size(4)
                 .scout_ttl(args.ttl)
                 .maintenance_interval(args.maintenance_interval)
         }
+        // `consume` too: its claims share the pool with this process's scout and notifier, and
+        // an interrupted fetch needs no statement order on one connection (see `consume.rs`).
         _ => builder = builder.pool_size(4),
     }
     Ok(builder.build()?)

@@ -3,6 +3,13 @@
 //! `@<ms>` notifications of new delayed work), bounded by the scout's max interval, rather than
 //! polling blindly, and NOTIFYs (through the notifier) every stream with newly visible work.
 //!
+//! Each check wakes the streams whose work became visible since the previous check. Work
+//! committed after a check with an earlier due time (a nack's retry takes `now()` at the start
+//! of its transaction; a slow commit, a lock wait or a long caller transaction can put that
+//! behind the check) would fall outside every later range, so its `@<ms>` hint, sent after the
+//! commit with a due time no later than the work's, reopens the range from that time. The
+//! streams woken again because of the overlap cost one empty fetch each.
+//!
 //! It acts only while [`Shared::elected`] holds a term and stops as soon as the elector steps
 //! down. A failed due check returns the error; the supervisor restarts it, and the restarted
 //! task checks everything again (a duplicate wake-up costs one empty fetch, a lost one a poll
@@ -62,6 +69,15 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
                 }
                 wake = wakes.recv() => match wake {
                     Ok(Wake::Due(ms)) => {
+                        // A hint comes after its commit and names a time no later than the due
+                        // time of what it announces. If that time is already inside the range
+                        // checked, the work was committed too late for that check (a nack's
+                        // now() is its transaction's start): reopen the range from there.
+                        if ms > 0 {
+                            if let Some(at) = DateTime::<Utc>::from_timestamp_millis(ms - 1) {
+                                since = since.min(at);
+                            }
+                        }
                         let now_ms = Utc::now().timestamp_millis();
                         let ahead = u64::try_from(ms.saturating_sub(now_ms)).unwrap_or(0);
                         // A due time too far ahead for the clock changes nothing: the periodic

@@ -927,3 +927,57 @@ pub async fn worker_keeps_every_lease<Q: Queue>(q: Q) {
     assert_eq!(lease_lost, 0, "settles refused for a lost lease");
     assert_eq!(acked, n as u64);
 }
+
+/// A nack delay or lease past [`pgtide::MAX_DURATION`] (or a zero lease) is refused with the
+/// typed error of the duration rule before anything is sent, on every backend: the deliveries
+/// stay leased to their consumer, unchanged.
+pub async fn out_of_range_durations_are_refused<Q: Queue>(q: Q) {
+    setup(&q, "bounds", StreamConfig::default(), &["g"]).await;
+    let ids = publish_n(&q, "bounds", 2).await;
+    let c = q.consumer("bounds", "g", "c").await.unwrap();
+    let mut got = fetch_n(&c, 2).await;
+    assert_eq!(got.len(), 2);
+    let too_long = pgtide::MAX_DURATION + Duration::from_secs(1);
+    let refs: Vec<&Delivery> = got.iter().collect();
+    for delay in [too_long, Duration::MAX] {
+        let r = c.nack_batch(&refs, Some(delay), Some("never")).await;
+        assert!(matches!(r, Err(Error::InvalidConfig(_))), "{r:?}");
+        let r = c.nack(&got[0], Some(delay), None).await;
+        assert!(matches!(r, Err(Error::InvalidConfig(_))), "{r:?}");
+    }
+    let before = got[0].lease_expires_at;
+    for lease in [too_long, Duration::MAX, Duration::ZERO] {
+        let r = c.in_progress(&mut got[0], Some(lease)).await;
+        assert!(
+            matches!(r, Err(Error::InvalidConfig(_))),
+            "{lease:?}: {r:?}"
+        );
+        assert_eq!(
+            got[0].lease_expires_at, before,
+            "a refused extension moved the lease"
+        );
+    }
+    // Nothing was settled, retried or dead-lettered: both are still ours to ack, and nothing
+    // comes back afterwards.
+    assert!(q.dead_letters("bounds", "g", 10).await.unwrap().is_empty());
+    if q.capabilities().exact_stats {
+        let s = q.stats("bounds", "g").await.unwrap();
+        assert_eq!(
+            (s.ready, s.delayed, s.in_flight, s.dead),
+            (0, 0, 2, 0),
+            "{s:?}"
+        );
+    }
+    let refs: Vec<&Delivery> = got.iter().collect();
+    let report = c.ack_batch(&refs).await.unwrap();
+    let mut settled = report.settled.clone();
+    settled.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(settled, want, "{report:?}");
+    assert!(c
+        .fetch(10, Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_empty());
+}

@@ -15,7 +15,7 @@ macro_rules! conformance {
                 release_makes_visible_at_once_and_fences, ack_and_fetch_acks_then_claims,
                 purge_and_delete, group_start_oldest, priority_overtakes,
                 stale_handle_settles_are_fenced, try_fetch_zero_claims_nothing,
-                expired_last_lease_dead_letters);
+                expired_last_lease_dead_letters, out_of_range_durations_are_refused);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {

@@ -1,5 +1,6 @@
 //! Postgres-only consuming behaviour: the all-groups stats listing, replay and purge of dead
-//! letters, acks inside the handler's transaction, `create_group`, and claim order. What every backend promises is checked once in `conformance/cases.rs`.
+//! letters, acks inside the handler's transaction, `create_group`, claim order and
+//! `fetch_until`. What every backend promises is checked once in `conformance/cases.rs`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -267,4 +268,44 @@ async fn stale_handle_after_dead_letter_and_replay_is_fenced() {
     b.ack(&fresh).await.unwrap();
     let s = ns.stats("s", "g").await.unwrap();
     assert_eq!((s.ready, s.in_flight, s.dead), (0, 0, 0));
+}
+
+/// `fetch_until`, what `pgtide consume` stops on a signal with: a cancelled token ends the wait
+/// at once with nothing claimed, and a token cancelled before the fetch claims nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_until_stops_waiting_when_cancelled() {
+    let ns = namespace().await;
+    ns.stream_with_groups("s", StreamConfig::default(), &["g"])
+        .await;
+    let c = ns.consumer("s", "g", "c").await.unwrap();
+    let stop = pgtide::CancellationToken::new();
+    let waiting = {
+        let (c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move { c.fetch_until(10, Duration::from_secs(3600), &stop).await })
+    };
+    let mut blocked = ns.watch_waiting_fetches();
+    tokio::time::timeout(WAIT, blocked.wait_for(|n| *n >= 1))
+        .await
+        .expect("the fetch waits")
+        .unwrap();
+    stop.cancel();
+    let got = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the fetch stopped waiting")
+        .unwrap()
+        .unwrap();
+    assert!(got.is_empty());
+
+    ns.publish("s", json(serde_json::json!(1))).await.unwrap();
+    assert!(c.fetch_until(10, WAIT, &stop).await.unwrap().is_empty());
+    let s = ns.stats("s", "g").await.unwrap();
+    assert_eq!(
+        (s.ready, s.in_flight),
+        (1, 0),
+        "a stopped fetch claimed: {s:?}"
+    );
+    let running = pgtide::CancellationToken::new();
+    let got = c.fetch_until(10, WAIT, &running).await.unwrap();
+    assert_eq!(got.len(), 1);
+    c.ack(&got[0]).await.unwrap();
 }

@@ -1,5 +1,6 @@
 mod consume;
 mod hostile;
+mod late_commits;
 mod plans;
 mod pooler;
 mod privileges;

@@ -11,14 +11,14 @@ use tokio::sync::watch;
 
 use crate::common::{json, namespace, WAIT};
 
-const HOUR: Duration = Duration::from_secs(3600);
+pub(super) const HOUR: Duration = Duration::from_secs(3600);
 
-fn handle(url: &str, ns: &str) -> pgtide::PgBackendBuilder {
+pub(super) fn handle(url: &str, ns: &str) -> pgtide::PgBackendBuilder {
     PgBackend::builder(url).namespace(ns).pool_size(4)
 }
 
 /// Waits until the watched value satisfies `check`; panics after `limit`. Returns the value.
-async fn wait_for<T: Clone + std::fmt::Debug>(
+pub(super) async fn wait_for<T: Clone + std::fmt::Debug>(
     rx: &mut watch::Receiver<T>,
     limit: Duration,
     what: &str,
@@ -37,7 +37,7 @@ async fn wait_for<T: Clone + std::fmt::Debug>(
 
 /// Waits until `n` fetches of `pg` are blocked waiting for a wake-up: a publish after this
 /// can only reach them through a notification (or their poll interval).
-async fn until_waiting(pg: &PgBackend, n: usize) {
+pub(super) async fn until_waiting(pg: &PgBackend, n: usize) {
     wait_for(
         &mut pg.watch_waiting_fetches(),
         WAIT,
