@@ -31,6 +31,7 @@ pub use exec::StatementMode;
 pub use admin::MaintenanceReport;
 pub use background::{ListenerStatus, ScoutStatus};
 pub use migrate::{migration_sql, MigrateReport};
+pub use ops::ScoutLease;
 pub use registry::{GroupInfo, StreamInfo};
 
 // The wake bus vocabulary, under the path the engine's modules use.
@@ -497,6 +498,15 @@ impl PgBackend {
             wanted |= services::LISTENER;
         }
         self.inner.background.ensure(wanted);
+    }
+
+    /// Starts this handle's LISTEN connection now, rather than when a fetch first waits: for
+    /// processes that only watch (a dashboard showing [`PgBackend::listener_status`]). Does
+    /// nothing in poll-only mode. Needs a tokio runtime.
+    pub fn start_listening(&self) {
+        if self.inner.options.notifications {
+            self.inner.background.ensure(services::LISTENER);
+        }
     }
 
     /// State of this handle's LISTEN connection.
