@@ -146,6 +146,32 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// The data of the first `count` `sample` events of `/api/events`.
+async fn sse_events(addr: &str, count: usize) -> Vec<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req =
+        format!("GET /api/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(s).lines();
+    let mut events = vec![];
+    tokio::time::timeout(WAIT, async {
+        while events.len() < count {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            // Chunked framing puts sizes on their own lines; only `data:` lines matter here.
+            if let Some(data) = line.strip_prefix("data: ") {
+                events.push(data.to_owned());
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{count} events: got {events:?}"));
+    events
+}
+
 /// A stream `orders` with groups `billing` and `audit`, `published` messages, and one dead letter
 /// (terminated) in `billing`, whose id is returned.
 async fn traffic(ns: &TestNs, published: usize) -> String {
@@ -221,6 +247,12 @@ async fn dashboard_read_only_role_sees_counts_and_dead_letters_and_cannot_write(
     assert_eq!(status, 200, "{one}");
     assert_eq!(one["payload"], json!({"order": 0}), "{one}");
     assert_eq!(one["headers"]["kind"], "order", "{one}");
+
+    // Live updates: the current sample at once, then one per interval with a chart point.
+    let events = sse_events(&dash.addr, 2).await;
+    assert!(events[0].contains("\"billing\""), "{events:?}");
+    let second: Value = serde_json::from_str(&events[1]).unwrap();
+    assert!(second["point"]["lag"].is_object(), "{second}");
 
     // Writes are off: 403, and nothing moved.
     for (path, token) in [
@@ -383,7 +415,9 @@ async fn browser(addr: &str) {
         return;
     }
     let profile = std::env::temp_dir().join(unique("chromium"));
-    let url = format!("http://{addr}/");
+    // The snapshot form: the live connection would stop the browser's virtual clock (the
+    // events are tested over HTTP above).
+    let url = format!("http://{addr}/?snapshot");
     let run = |extra: Vec<String>| {
         let mut c = tokio::process::Command::new(CHROMIUM);
         c.args([

@@ -163,12 +163,21 @@ async function start() {
   $("replay-all").addEventListener("click", () => settle("replay", { all: true }));
   $("purge-all").addEventListener("click", () => settle("purge", { all: true }));
   try {
-    render(await api("/api/overview"));
-    for (const p of (await api("/api/history")).points) addPoint(p);
+    // Both at once, drawn together: a page loaded once (a headless browser dumping the DOM)
+    // shows the tables and the charts at the same time.
+    const [overview, history] = await Promise.all([api("/api/overview"), api("/api/history")]);
+    for (const p of history.points) addPoint(p);
+    render(overview);
   } catch (e) {
     $("status").textContent = "cannot reach the dashboard: " + e.message;
   }
   drawCharts();
+  // `/?snapshot`: the page as loaded, without the live connection (for printing and for
+  // headless browsers, whose virtual clock stops while a request stays open).
+  if (new URLSearchParams(location.search).has("snapshot")) {
+    $("status").textContent = "snapshot";
+    return;
+  }
   const events = new EventSource("/api/events");
   events.addEventListener("open", () => { $("status").textContent = "live"; });
   events.addEventListener("error", () => { $("status").textContent = "reconnecting…"; });
