@@ -329,19 +329,19 @@ async fn dashboard_replays_with_the_token_and_renders_in_a_browser() {
     })
     .await;
 
-    let replay = format!("/api/dead/orders/billing/replay");
+    let replay = "/api/dead/orders/billing/replay";
     let body = json!({ "ids": [dead_id] }).to_string();
     let json_header = ("content-type", "application/json");
     let (status, answer) = dash
         .request(
             "POST",
-            &replay,
+            replay,
             &[json_header, ("x-pgtide-token", "wrong-token-0123456789")],
             &body,
         )
         .await;
     assert_eq!(status, 403, "{answer}");
-    let (status, answer) = dash.request("POST", &replay, &[json_header], &body).await;
+    let (status, answer) = dash.request("POST", replay, &[json_header], &body).await;
     assert_eq!(status, 403, "{answer}");
     for bad in [
         r#"{"ids":["nope"]}"#,
@@ -354,7 +354,7 @@ async fn dashboard_replays_with_the_token_and_renders_in_a_browser() {
         let (status, answer) = dash
             .request(
                 "POST",
-                &replay,
+                replay,
                 &[json_header, ("x-pgtide-token", token)],
                 bad,
             )
@@ -369,7 +369,7 @@ async fn dashboard_replays_with_the_token_and_renders_in_a_browser() {
     let (status, answer) = dash
         .request(
             "POST",
-            &replay,
+            replay,
             &[json_header, ("x-pgtide-token", token)],
             &body,
         )
