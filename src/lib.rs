@@ -75,7 +75,8 @@ pub use crate::postgres::{connect_raw, redact_url, RawConnection};
 #[cfg(feature = "postgres")]
 pub use crate::postgres::{
     migration_sql, GroupInfo, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,
-    PgBackendBuilder, PgConsumer, ScoutStatus, StatementMode, StreamInfo, DEFAULT_NAMESPACE,
+    PgBackendBuilder, PgConsumer, ScoutLease, ScoutStatus, StatementMode, StreamInfo,
+    DEFAULT_NAMESPACE,
 };
 pub use crate::queue::{
     Capabilities, DeadLetter, Delivery, GroupStats, Headers, Message, OutgoingMessage,

@@ -31,6 +31,7 @@ pub use exec::StatementMode;
 pub use admin::MaintenanceReport;
 pub use background::{ListenerStatus, ScoutStatus};
 pub use migrate::{migration_sql, MigrateReport};
+pub use ops::ScoutLease;
 pub use registry::{GroupInfo, StreamInfo};
 
 // The wake bus vocabulary, under the path the engine's modules use.
@@ -338,7 +339,7 @@ impl PgBackendBuilder {
         // session settings are then the pooler's and the database's.
         if mode == StatementMode::Prepared {
             let url_options = pg_config.get_options().unwrap_or_default().to_owned();
-            pg_config.options(&format!(
+            pg_config.options(format!(
                 "{SESSION_SETTINGS} {url_options} -c pgtide.notify=off"
             ));
         }
@@ -497,6 +498,15 @@ impl PgBackend {
             wanted |= services::LISTENER;
         }
         self.inner.background.ensure(wanted);
+    }
+
+    /// Starts this handle's LISTEN connection now, rather than when a fetch first waits: for
+    /// processes that only watch (a dashboard showing [`PgBackend::listener_status`]). Does
+    /// nothing in poll-only mode. Needs a tokio runtime.
+    pub fn start_listening(&self) {
+        if self.inner.options.notifications {
+            self.inner.background.ensure(services::LISTENER);
+        }
     }
 
     /// State of this handle's LISTEN connection.

@@ -16,6 +16,21 @@ use crate::error::Ctx;
 use crate::names::validate_name;
 use crate::{Error, Result};
 
+/// The scout lease as the database records it ([`PgBackend::scout_lease`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ScoutLease {
+    /// The id of the process holding the lease.
+    pub holder: String,
+    /// The lease's term: it grows each time another process (or the same one, after losing it)
+    /// takes the lease, and fences the scout's work.
+    pub term: i64,
+    /// When the holder acquired the lease (unknown on a lease taken before it was recorded).
+    pub since: Option<DateTime<Utc>>,
+    /// When the lease expires unless renewed.
+    pub expires_at: DateTime<Utc>,
+}
+
 /// Role names are passed as bind parameters and quoted with `%I` by the grant functions; this
 /// only rejects what PostgreSQL could never have created.
 fn check_role(role: &str) -> Result<()> {
@@ -193,6 +208,23 @@ impl PgBackend {
             .await?
         {
             Some(row) => Ok(row.try_get(0)?),
+            None => Ok(None),
+        }
+    }
+
+    /// The scout lease when a scout holds it: holder, term and times (from the `scout` view, so a
+    /// read-only role can see it), or `None` when no scout holds it.
+    pub async fn scout_lease(&self) -> Result<Option<ScoutLease>> {
+        match self
+            .sql_row_opt(&self.inner.sql.scout_lease, &[], Ctx::default())
+            .await?
+        {
+            Some(row) => Ok(Some(ScoutLease {
+                holder: row.try_get(0)?,
+                term: row.try_get(1)?,
+                since: row.try_get(2)?,
+                expires_at: row.try_get(3)?,
+            })),
             None => Ok(None),
         }
     }

@@ -92,6 +92,7 @@ statements! {
     dead_purge => "dead_purge.sql" [TEXT, TEXT, UUID_ARRAY],
     // scout
     scout_holder => "scout_holder.sql" [],
+    scout_lease => "scout_lease.sql" [],
     scout_acquire => "scout_acquire.sql" [TEXT, INT8, INT8],
     scout_resign => "scout_resign.sql" [TEXT, INT8],
     scout_maintain => "scout_maintain.sql" [TEXT, INT8],

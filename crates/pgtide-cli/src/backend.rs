@@ -112,6 +112,8 @@ pub fn postgres_only(command: &Command) -> Option<&'static str> {
         Command::Trim { .. } => "trim",
         Command::Health { .. } => "health",
         Command::Scout(_) => "scout",
+        // It lists every stream and group and shows the scout: only the Postgres registry has them.
+        Command::Dashboard(_) => "dashboard",
         Command::Stream(StreamCommand::List { .. }) => "stream list",
         Command::Stream(StreamCommand::Show { .. }) => "stream show",
         Command::Stream(StreamCommand::Update { .. }) => "stream update",

@@ -143,6 +143,10 @@ pub enum Command {
     /// until SIGINT or SIGTERM.
     #[command(after_help = help::SCOUT)]
     Scout(ScoutArgs),
+    /// Serve a live web dashboard of the namespace: counts, rates, lag, the scout, dead letters
+    /// (needs the `dashboard` feature; read-only unless --allow-writes).
+    #[command(after_help = help::DASHBOARD)]
+    Dashboard(DashboardArgs),
     /// Run the throughput/latency harness against raw PostgreSQL baselines.
     #[command(after_help = help::BENCH)]
     Bench(BenchArgs),
@@ -439,6 +443,24 @@ pub struct ScoutArgs {
     /// How often the per-group gauges are refreshed (with --metrics-listen).
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     pub stats_interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// Address to serve on. Loopback by default: the page shows payloads, so put it behind an
+    /// authenticating proxy before exposing it.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Allow replaying and purging dead letters from the page. The page must send a token:
+    /// --token, PGTIDE_DASHBOARD_TOKEN, or a random one printed at start.
+    #[arg(long)]
+    pub allow_writes: bool,
+    /// The token write requests must carry (header `x-pgtide-token`), with --allow-writes.
+    #[arg(long, env = "PGTIDE_DASHBOARD_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// How often the dashboard samples stats (the page updates as often); 1s or more.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -12,7 +12,11 @@ use crate::error::{CliError, CliResult};
 use crate::human::{format_time, payload_json, plural, print_table};
 
 /// The groups a command applies to: the one given (checked), or every group of the stream.
-async fn groups_of(pg: &PgBackend, stream: &str, group: Option<&str>) -> CliResult<Vec<String>> {
+pub(crate) async fn groups_of(
+    pg: &PgBackend,
+    stream: &str,
+    group: Option<&str>,
+) -> CliResult<Vec<String>> {
     pgtide::validate_name("stream", stream)?;
     if pg.stream(stream).await?.is_none() {
         return Err(pgtide::Error::StreamNotFound(stream.to_owned()).into());
@@ -37,7 +41,7 @@ async fn groups_of(pg: &PgBackend, stream: &str, group: Option<&str>) -> CliResu
     }
 }
 
-fn dead_json(d: &DeadLetter) -> serde_json::Value {
+pub(crate) fn dead_json(d: &DeadLetter) -> serde_json::Value {
     let (payload, encoding) = match &d.payload {
         Some(bytes) => {
             let (v, e) = payload_json(bytes, None);

@@ -114,6 +114,11 @@ pub const SCOUT: &str = "\
 Example:
   pgtide scout --metrics-listen 127.0.0.1:9464";
 
+pub const DASHBOARD: &str = "\
+Examples:
+  pgtide dashboard                                   # read-only, http://127.0.0.1:8080
+  pgtide dashboard --listen 127.0.0.1:0 --allow-writes   # prints the address and a token";
+
 pub const BENCH: &str = "\
 Examples:
   pgtide bench --quick

@@ -29,6 +29,8 @@ mod cli;
 #[cfg(test)]
 mod cli_fuzz;
 mod consume;
+#[cfg(feature = "dashboard")]
+mod dashboard;
 mod dead;
 mod error;
 mod help;
@@ -119,7 +121,9 @@ fn init_logging(cli: &Cli) {
     // Long-running commands report leadership and shutdown at info; one-shot commands stay quiet.
     let long_running = matches!(
         &cli.command,
-        Command::Scout(_) | Command::Consume(cli::ConsumeArgs { follow: true, .. })
+        Command::Scout(_)
+            | Command::Dashboard(_)
+            | Command::Consume(cli::ConsumeArgs { follow: true, .. })
     );
     // lapin logs failures the amqp backend handles or reports itself (a passive declare of a
     // missing queue closes its channel) at ERROR: keep them off the one line an error gets.
@@ -210,6 +214,12 @@ async fn dispatch<B: Target>(b: &B, command: Command) -> CliResult {
         Command::Stats(args) => stats::run(b, args).await,
         Command::Dead(c) => dead::run(b, c).await,
         Command::Scout(args) => stats::scout(b.require_postgres("scout")?, args).await,
+        #[cfg(feature = "dashboard")]
+        Command::Dashboard(args) => dashboard::run(b.require_postgres("dashboard")?, args).await,
+        #[cfg(not(feature = "dashboard"))]
+        Command::Dashboard(_) => Err(CliError::usage(
+            "`pgtide dashboard` is not in this build: install it with `cargo install pgtide-cli --features dashboard`",
+        )),
         Command::Health { .. } | Command::Bench(_) => unreachable!("handled before connecting"),
     }
 }

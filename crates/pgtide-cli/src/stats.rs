@@ -17,19 +17,33 @@ use crate::cli::{Global, ScoutArgs, StatsArgs};
 use crate::error::{CliError, CliResult};
 use crate::human::{format_age, format_duration, format_time, print_table};
 
-struct Sample {
-    at: Instant,
-    wall: DateTime<Utc>,
-    groups: Vec<GroupStats>,
+pub(crate) struct Sample {
+    pub(crate) at: Instant,
+    pub(crate) wall: DateTime<Utc>,
+    pub(crate) groups: Vec<GroupStats>,
     /// Messages published so far per stream (Postgres only), for rates.
-    published: Option<HashMap<String, i64>>,
+    pub(crate) published: Option<HashMap<String, i64>>,
 }
 
 /// Messages per second in (published, per stream) and out (settled: acked or dead-lettered, per
 /// group), from two samples: out = in - growth of the group's pending deliveries.
-struct Rates {
-    publish: HashMap<String, f64>,
-    settle: HashMap<(String, String), f64>,
+pub(crate) struct Rates {
+    pub(crate) publish: HashMap<String, f64>,
+    pub(crate) settle: HashMap<(String, String), f64>,
+}
+
+/// Every group of the namespace with publish counts (the dashboard's sample): the stats
+/// functions and views only, so a read-only role can run it.
+#[cfg(feature = "dashboard")]
+pub(crate) async fn sample_all(pg: &PgBackend) -> CliResult<Sample> {
+    let groups = pg.stats_all().await?;
+    let published = pg.publish_counts().await?.into_iter().collect();
+    Ok(Sample {
+        at: Instant::now(),
+        wall: Utc::now(),
+        groups,
+        published: Some(published),
+    })
 }
 
 async fn sample<B: Target>(b: &B, args: &StatsArgs) -> CliResult<Sample> {
@@ -75,7 +89,7 @@ fn pending(g: &GroupStats) -> i64 {
 }
 
 /// Rates between two samples, when both carry publish counts.
-fn rates(prev: &Sample, cur: &Sample) -> Option<Rates> {
+pub(crate) fn rates(prev: &Sample, cur: &Sample) -> Option<Rates> {
     let (before, now) = (prev.published.as_ref()?, cur.published.as_ref()?);
     let secs = cur.at.duration_since(prev.at).as_secs_f64().max(1e-3);
     let publish: HashMap<String, f64> = now

@@ -3,6 +3,8 @@
 //! binary, in this package because `CARGO_BIN_EXE_pgtide` exists only here.
 
 mod backends;
+#[cfg(feature = "dashboard")]
+mod dashboard;
 // The library's own test fixtures (a fresh namespace per test), shared rather than copied; the
 // CLI tests use only part of them.
 #[allow(dead_code)]

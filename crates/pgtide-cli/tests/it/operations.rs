@@ -99,9 +99,10 @@ async fn cli_print_sql_applied_by_psql_matches_migrate() {
 }
 
 /// Drops a role created by a test (after its namespace is gone: declare it first).
-struct RoleGuard {
-    url: String,
-    role: String,
+/// Drops a test role (and what it owns) at the end of a test.
+pub(crate) struct RoleGuard {
+    pub(crate) url: String,
+    pub(crate) role: String,
 }
 
 impl Drop for RoleGuard {

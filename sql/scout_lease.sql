@@ -1,0 +1,1 @@
+SELECT holder, term, since, expires_at FROM @ns@.scout WHERE active
