@@ -51,6 +51,7 @@ mod metrics;
 mod names;
 #[cfg(feature = "nats")]
 mod nats;
+mod otel;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod queue;

@@ -113,6 +113,8 @@ impl PgBackend {
             return Ok(vec![]);
         }
         self.check_publish(stream, msgs).await?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         let mut client = self.client().await?;
         let receipts = if msgs.iter().all(|m| m.dedupe_key.is_none()) {
             match self.statement_mode() {
@@ -198,6 +200,8 @@ impl PgBackend {
             return Ok(vec![]);
         }
         self.check_publish(stream, msgs).await?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         let receipts = self.run_publish(&Caller(client), stream, msgs).await?;
         metrics::published(stream, &receipts);
         Ok(receipts)
@@ -275,6 +279,8 @@ impl PgBackend {
             return Ok(vec![]);
         }
         self.check_publish(stream, msgs).await?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         let ctx = || Ctx {
             stream: Some(stream),
             group: None,

@@ -5,5 +5,7 @@ mod conformance;
 mod examples;
 mod faults;
 mod model;
+#[cfg(feature = "otel")]
+mod otel;
 mod postgres;
 mod relay;

@@ -85,6 +85,6 @@ conformance!(any_postgres, crate::conformance::backends::any_postgres);
 #[cfg(feature = "amqp")]
 mod amqp;
 #[cfg(feature = "nats")]
-mod nats;
+pub(crate) mod nats;
 #[cfg(feature = "redis")]
-mod redis;
+pub(crate) mod redis;
