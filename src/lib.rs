@@ -75,7 +75,7 @@ pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
 pub use crate::postgres::{connect_raw, redact_url, RawConnection};
 #[cfg(feature = "postgres")]
 pub use crate::postgres::{
-    migration_sql, GroupInfo, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,
+    migration_sql, GroupInfo, Inbox, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,
     PgBackendBuilder, PgConsumer, ScoutStatus, StatementMode, StreamInfo, DEFAULT_NAMESPACE,
 };
 pub use crate::queue::{

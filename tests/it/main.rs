@@ -4,6 +4,8 @@ mod common;
 mod conformance;
 mod examples;
 mod faults;
+#[cfg(feature = "redis")]
+mod inbox;
 mod model;
 #[cfg(feature = "otel")]
 mod otel;
