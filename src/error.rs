@@ -64,6 +64,15 @@ pub enum Error {
         /// The message whose settle was refused.
         id: Uuid,
     },
+    /// A message read as an event lacks a required envelope header or has a malformed one
+    /// (see [`crate::Envelope`]). Retrying does not help.
+    #[error("event envelope: header {header:?} {problem}")]
+    Envelope {
+        /// The header at fault.
+        header: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The backend cannot do this (see its [`crate::Capabilities`]).
     #[error("{backend} backend does not support {what}")]
     Unsupported {

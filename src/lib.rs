@@ -51,6 +51,7 @@ mod metrics;
 mod names;
 #[cfg(feature = "nats")]
 mod nats;
+mod otel;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod queue;
@@ -74,17 +75,21 @@ pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
 pub use crate::postgres::{connect_raw, redact_url, RawConnection};
 #[cfg(feature = "postgres")]
 pub use crate::postgres::{
-    migration_sql, GroupInfo, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,
+    migration_sql, GroupInfo, Inbox, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,
     PgBackendBuilder, PgConsumer, ScoutLease, ScoutStatus, StatementMode, StreamInfo,
     DEFAULT_NAMESPACE,
 };
 pub use crate::queue::{
-    Capabilities, DeadLetter, Delivery, GroupStats, Headers, Message, OutgoingMessage,
-    PublishReceipt, Queue, QueueConsumer, SettleReport,
+    Capabilities, DeadLetter, Delivery, Envelope, Event, GroupStats, Headers, Message,
+    OutgoingMessage, PublishReceipt, Queue, QueueConsumer, SettleReport, EVENT_ID_HEADER,
+    EVENT_PRODUCED_AT_HEADER, EVENT_PRODUCER_HEADER, EVENT_SCHEMA_VERSION_HEADER,
+    EVENT_TYPE_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER,
 };
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisBackend, RedisConsumer};
 pub use crate::relay::{Relay, RelayReport, Tee, TeeMode, SOURCE_ID_HEADER};
-pub use crate::worker::{HandlerResult, Outcome, Worker, WorkerConfig, WorkerHook, WorkerReport};
+pub use crate::worker::{
+    HandlerResult, Outcome, Worker, WorkerConfig, WorkerHook, WorkerReport, MALFORMED,
+};
 /// Re-exported: stops workers and background tasks.
 pub use tokio_util::sync::CancellationToken;

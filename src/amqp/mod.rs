@@ -444,6 +444,7 @@ impl Queue for AmqpBackend {
 
     async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
         crate::limits::check_messages(std::slice::from_ref(&msg))?;
+        let msg = crate::otel::traced_one(msg);
         let mut r = self
             .publish_messages(stream, std::slice::from_ref(&msg))
             .await?;
@@ -458,6 +459,8 @@ impl Queue for AmqpBackend {
         msgs: &[OutgoingMessage],
     ) -> Result<Vec<PublishReceipt>> {
         crate::limits::check_messages(msgs)?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         self.publish_messages(stream, msgs).await
     }
 

@@ -195,6 +195,8 @@ impl Queue for MemoryBackend {
     ) -> Result<Vec<PublishReceipt>> {
         validate_name("stream", stream)?;
         crate::limits::check_messages(msgs)?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         let mut state = self.lock();
         let s = state
             .streams

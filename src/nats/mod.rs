@@ -382,6 +382,7 @@ impl Queue for NatsBackend {
 
     async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
         crate::limits::check_messages(std::slice::from_ref(&msg))?;
+        let msg = crate::otel::traced_one(msg);
         let mut receipts = self.publish_all(stream, std::slice::from_ref(&msg)).await?;
         receipts
             .pop()
@@ -394,6 +395,8 @@ impl Queue for NatsBackend {
         msgs: &[OutgoingMessage],
     ) -> Result<Vec<PublishReceipt>> {
         crate::limits::check_messages(msgs)?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         self.publish_all(stream, msgs).await
     }
 

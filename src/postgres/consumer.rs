@@ -287,7 +287,7 @@ impl PgConsumer {
         let ids: Vec<Uuid> = malformed.iter().map(|m| m.0).collect();
         let attempts: Vec<i32> = malformed.iter().map(|m| m.1).collect();
         let tokens: Vec<i64> = malformed.iter().map(|m| m.2).collect();
-        let reasons = vec!["malformed"; malformed.len()];
+        let reasons = vec![crate::worker::MALFORMED; malformed.len()];
         client
             .run(
                 &self.pg.inner.sql.term,

@@ -11,6 +11,7 @@ mod background;
 mod connect;
 mod consumer;
 mod exec;
+mod inbox;
 mod migrate;
 mod ops;
 mod publish;
@@ -27,6 +28,7 @@ use tokio::sync::{broadcast, watch};
 pub use connect::{connect_raw, redact_url, RawConnection};
 pub use consumer::PgConsumer;
 pub use exec::StatementMode;
+pub use inbox::Inbox;
 
 pub use admin::MaintenanceReport;
 pub use background::{ListenerStatus, ScoutStatus};

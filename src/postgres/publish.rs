@@ -116,6 +116,8 @@ impl PgBackend {
         // Taken before the statement, so a delayed message's hint is no later than its due time
         // (which the database computes from its own, later, now()): see `due_waker.rs`.
         let sent_ms = chrono::Utc::now().timestamp_millis();
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         let mut client = self.client().await?;
         let receipts = if msgs.iter().all(|m| m.dedupe_key.is_none()) {
             match self.statement_mode() {
@@ -206,6 +208,8 @@ impl PgBackend {
             return Ok(vec![]);
         }
         self.check_publish(stream, msgs).await?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         let receipts = self.run_publish(&Caller(client), stream, msgs).await?;
         metrics::published(stream, &receipts);
         Ok(receipts)
@@ -283,6 +287,8 @@ impl PgBackend {
             return Ok(vec![]);
         }
         self.check_publish(stream, msgs).await?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         let ctx = || Ctx {
             stream: Some(stream),
             group: None,

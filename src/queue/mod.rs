@@ -10,6 +10,7 @@
 //! only on the crate's config and error types: no backend is a dependency of the seam.
 
 mod delivery;
+mod envelope;
 mod message;
 mod stats;
 
@@ -17,6 +18,10 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use self::delivery::{Delivery, SettleReport};
+pub use self::envelope::{
+    Envelope, Event, EVENT_ID_HEADER, EVENT_PRODUCED_AT_HEADER, EVENT_PRODUCER_HEADER,
+    EVENT_SCHEMA_VERSION_HEADER, EVENT_TYPE_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER,
+};
 pub(crate) use self::message::uuid_time;
 #[cfg(feature = "postgres")]
 pub(crate) use self::message::{headers_from_json, headers_to_json};

@@ -368,6 +368,7 @@ impl Queue for RedisBackend {
 
     async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
         crate::limits::check_messages(std::slice::from_ref(&msg))?;
+        let msg = crate::otel::traced_one(msg);
         let mut receipts = publish::publish(self, stream, std::slice::from_ref(&msg)).await?;
         receipts.pop().ok_or_else(|| bad_reply("no receipt"))
     }
@@ -378,6 +379,8 @@ impl Queue for RedisBackend {
         msgs: &[OutgoingMessage],
     ) -> Result<Vec<PublishReceipt>> {
         crate::limits::check_messages(msgs)?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
         publish::publish(self, stream, msgs).await
     }
 

@@ -41,6 +41,7 @@ impl<C: QueueConsumer> Job<C> {
             message_id = %delivery.id(),
             attempt = delivery.attempt,
         );
+        crate::otel::set_parent(&span, &delivery.message.headers);
         for h in &self.hooks {
             h.before(&delivery);
         }

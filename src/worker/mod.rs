@@ -32,9 +32,11 @@ mod run;
 mod settle;
 mod shutdown;
 
+use serde::de::DeserializeOwned;
+
 use crate::error::Result;
-use crate::queue::Delivery;
 use crate::queue::QueueConsumer;
+use crate::queue::{Delivery, Event};
 
 /// What a handler decided about a delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +133,10 @@ pub struct WorkerReport {
     pub lease_lost: u64,
 }
 
+/// The dead-letter reason of a delivery that cannot be decoded: the engine's own for stored
+/// messages it cannot read, and [`Worker::events`]' for payloads that are not the handler's type.
+pub const MALFORMED: &str = "malformed";
+
 type BoxHandler = Arc<
     dyn Fn(
             Delivery,
@@ -176,6 +182,53 @@ impl<C: QueueConsumer> Worker<C> {
     {
         let handler: BoxHandler =
             Arc::new(move |d| handler(d).map(|r| r.map_err(|e| e.to_string())).boxed());
+        Worker {
+            consumer,
+            handler,
+            config: WorkerConfig::default(),
+            hooks: vec![],
+        }
+    }
+
+    /// A worker running `handler` for every delivery of `consumer`'s group read as an event
+    /// (see [`Delivery::event`]): the handler gets the [`Event`] with its payload decoded into
+    /// `T`, and the delivery (attempt, group, ...).
+    ///
+    /// A delivery that is not an event of `T` (an envelope header missing or malformed, or a
+    /// payload that does not decode into `T`) never reaches the handler: it is dead-lettered at
+    /// once with reason `malformed`, on its first attempt, since a retry would decode the same
+    /// bytes the same way. The decode error is logged (warn) with the message id.
+    ///
+    /// ```no_run
+    /// # async fn demo(pg: pgtide::PgBackend) -> pgtide::Result<()> {
+    /// #[derive(serde::Deserialize)]
+    /// struct OrderCreated { order: u64 }
+    /// let consumer = pg.consumer("orders", "billing", "billing-1").await?;
+    /// let worker = pgtide::Worker::events(consumer, |ev: pgtide::Event<OrderCreated>, _d| async move {
+    ///     println!("{} v{}: order {}", ev.envelope.event_type, ev.envelope.schema_version, ev.data.order);
+    ///     Ok::<_, String>(pgtide::Outcome::Ack)
+    /// });
+    /// # let _ = worker; Ok(()) }
+    /// ```
+    pub fn events<T, F, Fut, E>(consumer: C, handler: F) -> Worker<C>
+    where
+        T: DeserializeOwned + Send + 'static,
+        F: Fn(Event<T>, Delivery) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Outcome, E>> + Send + 'static,
+        E: Display + 'static,
+    {
+        let handler: BoxHandler = Arc::new(move |d: Delivery| match d.event::<T>() {
+            Ok(event) => handler(event, d)
+                .map(|r| r.map_err(|e| e.to_string()))
+                .boxed(),
+            Err(e) => {
+                tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: not an event of the handler's type; dead-lettering it as malformed");
+                futures_util::future::ready(Ok(Outcome::DeadLetter {
+                    reason: MALFORMED.to_owned(),
+                }))
+                .boxed()
+            }
+        });
         Worker {
             consumer,
             handler,

@@ -4,6 +4,10 @@ mod common;
 mod conformance;
 mod examples;
 mod faults;
+#[cfg(feature = "redis")]
+mod inbox;
 mod model;
+#[cfg(feature = "otel")]
+mod otel;
 mod postgres;
 mod relay;

@@ -981,3 +981,164 @@ pub async fn out_of_range_durations_are_refused<Q: Queue>(q: Q) {
         .unwrap()
         .is_empty());
 }
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct OrderCreated {
+    order: u64,
+    lines: Vec<String>,
+}
+
+/// The event envelope travels as headers: every field comes back as published, the event id
+/// defaults to the message id, and a plain message is a typed `Envelope` error, not a panic.
+pub async fn event_envelope_round_trips<Q: Queue>(q: Q) {
+    setup(&q, "events", StreamConfig::default(), &["g"]).await;
+    let data = OrderCreated {
+        order: 7,
+        lines: vec!["a".into(), "ü".into()],
+    };
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let given = OutgoingMessage::event("order.created", &data)
+        .unwrap()
+        .schema_version(3)
+        .producer("checkout")
+        .event_id("upstream-42")
+        .header(pgtide::TRACEPARENT_HEADER, traceparent)
+        .header(pgtide::TRACESTATE_HEADER, "vendor=x")
+        .header("source", "conformance");
+    let r1 = q.publish("events", given).await.unwrap();
+    let r2 = q
+        .publish(
+            "events",
+            OutgoingMessage::event("order.created", &data).unwrap(),
+        )
+        .await
+        .unwrap();
+    let r3 = q
+        .publish("events", msg(serde_json::json!(1)))
+        .await
+        .unwrap();
+    let c = q.consumer("events", "g", "c").await.unwrap();
+    let ds = fetch_n(&c, 3).await;
+    assert_eq!(ds.len(), 3);
+    let by_id: HashMap<uuid::Uuid, &Delivery> = ds.iter().map(|d| (d.id(), d)).collect();
+
+    let ev = by_id[&r1.id].event::<OrderCreated>().unwrap();
+    assert_eq!(ev.data, data);
+    let e = &ev.envelope;
+    assert_eq!(e.event_id, "upstream-42");
+    assert_eq!(e.event_type, "order.created");
+    assert_eq!(e.schema_version, 3);
+    assert_eq!(e.producer.as_deref(), Some("checkout"));
+    assert!(e.produced_at >= before && e.produced_at <= chrono::Utc::now());
+    assert_eq!(e.traceparent.as_deref(), Some(traceparent));
+    assert_eq!(e.tracestate.as_deref(), Some("vendor=x"));
+    assert_eq!(by_id[&r1.id].headers["source"], "conformance");
+
+    let ev = by_id[&r2.id].event::<OrderCreated>().unwrap();
+    assert_eq!(ev.envelope.event_id, r2.id.to_string());
+    assert_eq!(ev.envelope.schema_version, 1);
+    assert_eq!(ev.envelope.producer, None);
+    assert_eq!(ev.envelope.traceparent, None);
+
+    match by_id[&r3.id].event::<OrderCreated>() {
+        Err(Error::Envelope { header, .. }) => assert_eq!(header, pgtide::EVENT_TYPE_HEADER),
+        other => panic!("a plain message is not an event: {other:?}"),
+    }
+    assert!(matches!(
+        by_id[&r2.id].event::<Vec<bool>>(),
+        Err(Error::Json(_))
+    ));
+    c.ack_batch(&ds.iter().collect::<Vec<_>>()).await.unwrap();
+}
+
+/// A typed event worker dead-letters what it cannot decode on the first attempt, with reason
+/// `malformed`, and handles the rest.
+pub async fn event_worker_dead_letters_malformed<Q: Queue>(q: Q) {
+    let config = StreamConfig::default()
+        .max_deliver(5)
+        .backoff(pgtide::Backoff::schedule([Duration::from_millis(50)]));
+    setup(&q, "typed", config, &["g"]).await;
+    let good = q
+        .publish(
+            "typed",
+            OutgoingMessage::event(
+                "order.created",
+                &OrderCreated {
+                    order: 1,
+                    lines: vec![],
+                },
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // Wrong payload shape for the handler's type.
+    let wrong_shape = q
+        .publish(
+            "typed",
+            OutgoingMessage::event("order.created", &serde_json::json!({"order": "x"})).unwrap(),
+        )
+        .await
+        .unwrap();
+    // Not JSON at all, with a valid envelope.
+    let not_json = OutgoingMessage::bytes(&b"\xff\x00"[..])
+        .header(pgtide::EVENT_TYPE_HEADER, "order.created")
+        .header(pgtide::EVENT_SCHEMA_VERSION_HEADER, "1")
+        .header(
+            pgtide::EVENT_PRODUCED_AT_HEADER,
+            chrono::Utc::now().to_rfc3339(),
+        );
+    let not_json = q.publish("typed", not_json).await.unwrap();
+    // Malformed envelope.
+    let bad_version = q
+        .publish(
+            "typed",
+            OutgoingMessage::event(
+                "order.created",
+                &OrderCreated {
+                    order: 2,
+                    lines: vec![],
+                },
+            )
+            .unwrap()
+            .header(pgtide::EVENT_SCHEMA_VERSION_HEADER, "two"),
+        )
+        .await
+        .unwrap();
+    let seen: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+    let c = q.consumer("typed", "g", "w").await.unwrap();
+    let worker = Worker::events(c, {
+        let seen = seen.clone();
+        move |ev: pgtide::Event<OrderCreated>, d: Delivery| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push((ev.data.order, d.attempt));
+                Ok::<_, String>(Outcome::Ack)
+            }
+        }
+    });
+    let token = CancellationToken::new();
+    let run = tokio::spawn(worker.run(token.clone()));
+    let dead = dead_letters(&q, "typed", "g", 3).await;
+    crate::common::eventually(WAIT, "the good event to be handled", || {
+        seen.lock().unwrap().len() == 1
+    })
+    .await;
+    token.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![(1, 1)]);
+    assert_eq!(report.acked, 1);
+    assert_eq!(report.dead_lettered, 3);
+    assert_eq!(report.retried, 0, "malformed events are not retried");
+    let dead_ids: HashSet<uuid::Uuid> = dead.iter().map(|d| d.id).collect();
+    assert_eq!(
+        dead_ids,
+        HashSet::from([wrong_shape.id, not_json.id, bad_version.id])
+    );
+    for d in &dead {
+        assert_eq!(d.reason, pgtide::MALFORMED);
+        assert_eq!(d.attempts, 1, "dead-lettered on the first attempt");
+    }
+    assert!(!dead_ids.contains(&good.id));
+}

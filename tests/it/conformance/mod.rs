@@ -15,7 +15,8 @@ macro_rules! conformance {
                 release_makes_visible_at_once_and_fences, ack_and_fetch_acks_then_claims,
                 purge_and_delete, group_start_oldest, priority_overtakes,
                 stale_handle_settles_are_fenced, try_fetch_zero_claims_nothing,
-                expired_last_lease_dead_letters, out_of_range_durations_are_refused);
+                expired_last_lease_dead_letters, out_of_range_durations_are_refused,
+                event_envelope_round_trips, event_worker_dead_letters_malformed);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -84,6 +85,6 @@ conformance!(any_postgres, crate::conformance::backends::any_postgres);
 #[cfg(feature = "amqp")]
 mod amqp;
 #[cfg(feature = "nats")]
-mod nats;
+pub(crate) mod nats;
 #[cfg(feature = "redis")]
-mod redis;
+pub(crate) mod redis;

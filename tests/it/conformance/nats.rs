@@ -53,7 +53,7 @@ impl Drop for Cleanup {
     }
 }
 
-async fn fresh() -> (NatsBackend, Cleanup) {
+pub(crate) async fn fresh() -> (NatsBackend, Cleanup) {
     let namespace = crate::common::unique("t");
     let backend = NatsBackend::connect(&url(), &namespace).await.unwrap();
     let cleanup = Cleanup {

@@ -34,7 +34,7 @@ impl Drop for Cleanup {
     }
 }
 
-async fn fresh() -> (RedisBackend, Cleanup) {
+pub(crate) async fn fresh() -> (RedisBackend, Cleanup) {
     let ns = crate::common::unique("t");
     let backend = RedisBackend::connect(&url(), &ns).await.unwrap();
     (backend, Cleanup(ns))

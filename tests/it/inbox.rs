@@ -1,0 +1,98 @@
+//! The inbox across a broker: the handler commits its effect and the inbox record, dies before
+//! the ack, the broker redelivers after the lease, and the effect is applied once.
+
+use std::time::Duration;
+
+use pgtide::{GroupStart, Inbox, OutgoingMessage, Queue, QueueConsumer, StreamConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivery_after_commit_applies_the_effect_once() {
+    let ns = crate::common::namespace().await;
+    let mut pg = ns.raw().await;
+    // The application's schema, unique per run so parallel runs do not meet.
+    let schema = crate::common::unique("inbox_app").replace('-', "_");
+    let inbox = Inbox::new(&schema, "billing").unwrap();
+    inbox.install(&pg).await.unwrap();
+    inbox.install(&pg).await.unwrap(); // idempotent
+    pg.batch_execute(&format!(
+        "CREATE TABLE \"{schema}\".balance (total bigint NOT NULL);
+         INSERT INTO \"{schema}\".balance VALUES (0);"
+    ))
+    .await
+    .unwrap();
+    let inbox_sql = |sql: &str| sql.replace("inbox_app", &schema);
+
+    let (q, _cleanup) = crate::conformance::redis::fresh().await;
+    let config = StreamConfig::default().lease(Duration::from_secs(1));
+    q.ensure_stream("payments", &config).await.unwrap();
+    q.ensure_group("payments", "billing", GroupStart::New)
+        .await
+        .unwrap();
+    q.publish(
+        "payments",
+        OutgoingMessage::event("payment.made", &5u64).unwrap(),
+    )
+    .await
+    .unwrap();
+
+    // First consumer: commits, then "dies" before the ack.
+    {
+        let c1 = q.consumer("payments", "billing", "c1").await.unwrap();
+        let d = c1.fetch(1, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(d.len(), 1);
+        let tx_handle = handle_with(&mut pg, &inbox, &d[0], &inbox_sql).await;
+        assert!(tx_handle, "the first delivery is new");
+    }
+
+    // The lease lapses; the broker redelivers to another consumer.
+    let c2 = q.consumer("payments", "billing", "c2").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let d = loop {
+        let got = c2.fetch(1, Duration::from_secs(1)).await.unwrap();
+        if let Some(d) = got.into_iter().next() {
+            break d;
+        }
+        assert!(std::time::Instant::now() < deadline, "no redelivery");
+    };
+    assert_eq!(d.attempt, 2, "a redelivery");
+    assert!(!handle_with(&mut pg, &inbox, &d, &inbox_sql).await);
+    c2.ack(&d).await.unwrap();
+
+    let total: i64 = pg
+        .query_one(&inbox_sql("SELECT total FROM inbox_app.balance"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, 5, "the effect was applied once");
+
+    // Retention by age: a young id stays, everything goes with max_age 0.
+    assert_eq!(
+        inbox.prune(&pg, Duration::from_secs(3600)).await.unwrap(),
+        0
+    );
+    assert_eq!(inbox.prune(&pg, Duration::ZERO).await.unwrap(), 1);
+    pg.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+}
+
+async fn handle_with(
+    pg: &mut tokio_postgres::Client,
+    inbox: &Inbox,
+    d: &pgtide::Delivery,
+    sql: &impl Fn(&str) -> String,
+) -> bool {
+    let event = d.event::<u64>().unwrap();
+    let tx = pg.transaction().await.unwrap();
+    let new = inbox.record(&tx, &event.envelope.event_id).await.unwrap();
+    if new {
+        tx.execute(
+            &sql("UPDATE inbox_app.balance SET total = total + $1"),
+            &[&(event.data as i64)],
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    new
+}
