@@ -3,7 +3,7 @@
 //! the scout holder's process killed — on a cluster of the test's own with fsync and
 //! synchronous_commit on.
 
-use super::cluster::Cluster;
+use pgtide_testing::Cluster;
 use super::run::{kill_a_consumer, run, ConsumerProcess, Fault};
 
 /// Runs a statement on the test's cluster from a fault (faults are synchronous).

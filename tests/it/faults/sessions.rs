@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pgtide::{CancellationToken, Delivery, Outcome, PgBackend, StreamConfig, Worker};
 use tokio::sync::watch;
 
-use super::cluster::Cluster;
+use pgtide_testing::Cluster;
 use crate::common::{json, WAIT};
 
 async fn connect(url: &str) -> tokio_postgres::Client {

@@ -15,8 +15,7 @@ use pgtide::{
 use sqlx::Connection;
 
 use crate::common::{eventually, json, unique, WAIT};
-use crate::faults::cluster::Cluster;
-use crate::faults::servers::Server;
+use pgtide_testing::{Cluster, Server};
 
 /// A cluster and a PgBouncer in front of it; the pooler goes first on drop.
 struct Pooled {

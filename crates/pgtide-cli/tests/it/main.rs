@@ -15,14 +15,6 @@ mod hostile;
 mod metrics;
 mod operations;
 mod pooler;
-// The library's test servers (PgBouncer here) and the certificates its TLS servers take, shared
-// rather than copied.
-#[allow(dead_code)]
-#[path = "../../../../tests/it/faults/certs.rs"]
-mod certs;
-#[allow(dead_code)]
-#[path = "../../../../tests/it/faults/servers.rs"]
-mod servers;
 mod tls;
 mod usability;
 

@@ -2,7 +2,7 @@
 //! front of the test database): the URL parameter `pgtide_statements=unnamed` makes `publish`
 //! and `consume` (poll-only) work there; without it the pooler refuses the connection.
 
-use crate::servers::Server;
+use pgtide_testing::Server;
 use crate::{command, fresh_namespace, pgtide, run_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
