@@ -70,6 +70,7 @@ fn command(ns: &TestNs, args: &[&str]) -> tokio::process::Command {
         .env("DATABASE_URL", &ns.url)
         .env("PGTIDE_NAMESPACE", ns.namespace())
         .env_remove("PGTIDE_BACKEND")
+        .env_remove("PGTIDE_LISTEN_URL")
         .env_remove("PGTIDE_METRICS_LISTEN")
         .env_remove("PGTIDE_LOG")
         .env_remove("RUST_LOG")
