@@ -57,13 +57,7 @@ impl TestNs {
 
     /// A raw tokio-postgres connection for assertions in plain SQL.
     pub async fn raw(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        client
+        raw_client(&self.url).await
     }
 }
 
@@ -109,4 +103,33 @@ pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> 
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until the watched value satisfies `check`; panics after `limit`. Returns the value.
+pub async fn wait_for<T: Clone + std::fmt::Debug>(
+    rx: &mut tokio::sync::watch::Receiver<T>,
+    limit: Duration,
+    what: &str,
+    check: impl FnMut(&T) -> bool,
+) -> T {
+    let seen = tokio::time::timeout(limit, async {
+        rx.wait_for(check).await.map(|value| value.clone())
+    })
+    .await;
+    match seen {
+        Ok(Ok(value)) => value,
+        Ok(Err(_)) => panic!("the handle went away while waiting for {what}"),
+        Err(_) => panic!("timed out waiting for {what}; last seen {:?}", *rx.borrow()),
+    }
+}
+
+/// A plain tokio-postgres connection to `url` (no TLS), its connection task spawned.
+pub async fn raw_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
 }

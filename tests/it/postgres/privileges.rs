@@ -53,13 +53,7 @@ impl Role {
     }
 
     pub(crate) async fn raw(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        client
+        crate::common::raw_client(&self.url).await
     }
 }
 

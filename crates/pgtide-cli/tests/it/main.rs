@@ -63,12 +63,12 @@ impl Run {
     }
 }
 
-/// `pgtide` with the namespace's database and namespace in the environment.
-fn command(ns: &TestNs, args: &[&str]) -> tokio::process::Command {
+/// `pgtide` in namespace `ns` with none of its settings inherited from the test's environment
+/// (no database either): the caller adds the arguments and what it configures.
+fn bare_command(ns: &str) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtide"));
-    c.args(args)
-        .env("DATABASE_URL", &ns.url)
-        .env("PGTIDE_NAMESPACE", ns.namespace())
+    c.env("PGTIDE_NAMESPACE", ns)
+        .env_remove("DATABASE_URL")
         .env_remove("PGTIDE_BACKEND")
         .env_remove("PGTIDE_LISTEN_URL")
         .env_remove("PGTIDE_METRICS_LISTEN")
@@ -78,6 +78,13 @@ fn command(ns: &TestNs, args: &[&str]) -> tokio::process::Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    c
+}
+
+/// `pgtide` with the namespace's database and namespace in the environment.
+fn command(ns: &TestNs, args: &[&str]) -> tokio::process::Command {
+    let mut c = bare_command(ns.namespace());
+    c.args(args).env("DATABASE_URL", &ns.url);
     c
 }
 
