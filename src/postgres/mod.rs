@@ -338,7 +338,7 @@ impl PgBackendBuilder {
         // session settings are then the pooler's and the database's.
         if mode == StatementMode::Prepared {
             let url_options = pg_config.get_options().unwrap_or_default().to_owned();
-            pg_config.options(&format!(
+            pg_config.options(format!(
                 "{SESSION_SETTINGS} {url_options} -c pgtide.notify=off"
             ));
         }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use pgtide::{AnyBackend, Error, GroupStart, OutgoingMessage, Queue, QueueConsumer, StreamConfig};
 
-use pgtide_testing::{Pki, Server};
 use crate::common::unique;
+use pgtide_testing::{Pki, Server};
 
 /// Publishes `n` messages, fetches and acks them all, and checks every id came back once.
 async fn round_trip(backend: &AnyBackend, n: usize) {

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use pgtide::{CancellationToken, Delivery, Outcome, PgBackend, StreamConfig, Worker};
 use tokio::sync::watch;
 
-use pgtide_testing::Cluster;
 use crate::common::{json, raw_client as connect, wait_for, WAIT};
-
+use pgtide_testing::Cluster;
 
 /// A handle on `url` with stream `s`, group `g` and a scout started (its lease short, so a
 /// replacement takes over fast).
@@ -44,7 +43,10 @@ async fn terminated_backends_recover_and_lose_nothing() {
     let url = cluster.url();
     let pg = scouted(&url, "sessions").await;
     wait_for(&mut pg.watch_scout(), WAIT, "a scout", |s| s.is_leader).await;
-    wait_for(&mut pg.watch_listener(), WAIT, "the listener", |s| s.connected).await;
+    wait_for(&mut pg.watch_listener(), WAIT, "the listener", |s| {
+        s.connected
+    })
+    .await;
 
     // The worker: every handled sequence number, and a watch of how many.
     let handled: Arc<Mutex<HashSet<u64>>> = Arc::default();
@@ -124,7 +126,10 @@ async fn terminated_backends_recover_and_lose_nothing() {
             s.connected && s.reconnects > before_listener
         })
         .await;
-        wait_for(&mut pg.watch_scout(), WAIT, "a scout again", |s| s.is_leader).await;
+        wait_for(&mut pg.watch_scout(), WAIT, "a scout again", |s| {
+            s.is_leader
+        })
+        .await;
         progress(&mut count, before_handled + 100, "the worker going on").await;
         println!(
             "round {round}: {killed} backends terminated, listener, scout and worker back in {:?}",
@@ -201,7 +206,10 @@ async fn database_timeouts_set_by_a_dba_do_not_reach_pgtide() {
 
     let pg = scouted(&url, "hostile").await;
     let scout = wait_for(&mut pg.watch_scout(), WAIT, "a scout", |s| s.is_leader).await;
-    let listener = wait_for(&mut pg.watch_listener(), WAIT, "the listener", |s| s.connected).await;
+    let listener = wait_for(&mut pg.watch_listener(), WAIT, "the listener", |s| {
+        s.connected
+    })
+    .await;
     let tasks = pg.background_tasks();
 
     // A consumer blocked in fetch well past every timeout is woken by a publish (and not by the
@@ -214,9 +222,12 @@ async fn database_timeouts_set_by_a_dba_do_not_reach_pgtide() {
             (got, Instant::now())
         }
     });
-    wait_for(&mut pg.watch_waiting_fetches(), WAIT, "a waiting fetch", |n| {
-        *n > 0
-    })
+    wait_for(
+        &mut pg.watch_waiting_fetches(),
+        WAIT,
+        "a waiting fetch",
+        |n| *n > 0,
+    )
     .await;
     // Time must pass here: it is what the server's timeouts count.
     tokio::time::sleep(Duration::from_millis(3500)).await;

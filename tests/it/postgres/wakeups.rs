@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use pgtide::{PgBackend, StreamConfig};
-use tokio::sync::watch;
 
 use crate::common::{json, namespace, wait_for, WAIT};
 

@@ -3,7 +3,6 @@
 //! loopback defaults), each test in a namespace of its own; the rest is refused before
 //! connecting, with exit code 2.
 
-
 use super::run_with;
 use crate::common::unique;
 

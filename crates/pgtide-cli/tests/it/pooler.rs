@@ -106,7 +106,9 @@ async fn cli_listen_url_migrates_and_wakes_consumers_through_pgbouncer() {
     assert_ne!(refused.code, 0, "{refused:?}");
     let migrated = run_with(through(&["migrate"]), None).await.ok();
     assert!(ns.pg.is_migrated().await.unwrap(), "{migrated:?}");
-    run_with(through(&["stream", "create", "s"]), None).await.ok();
+    run_with(through(&["stream", "create", "s"]), None)
+        .await
+        .ok();
     run_with(through(&["group", "create", "s", "g"]), None)
         .await
         .ok();
