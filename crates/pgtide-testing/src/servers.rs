@@ -2,12 +2,25 @@
 //! same data directory: brokers (NATS, Redis) and PgBouncer in front of a PostgreSQL. Panics on
 //! failure: it is test set-up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::{free_port, is_root, unique_temp_dir, ServerCert};
+
+/// The arguments of a NATS server with JetStream on loopback, its store in `dir`.
+fn nats_args(port: u16, dir: &Path) -> Vec<String> {
+    vec![
+        "-a".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "-js".into(),
+        "-sd".into(),
+        dir.display().to_string(),
+    ]
+}
 
 /// A server process of the test's own, killed (and its directory removed) on drop.
 pub struct Server {
@@ -25,37 +38,22 @@ impl Server {
     /// default): a killed server process loses nothing written (the page cache survives it);
     /// only a power loss could lose the last interval, which a process kill does not test.
     pub fn nats() -> Server {
-        Self::start("/usr/sbin/nats-server", |port, dir| {
-            vec![
-                "-a".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-                "-js".into(),
-                "-sd".into(),
-                dir.display().to_string(),
-            ]
-        })
+        Self::start("/usr/sbin/nats-server", nats_args)
     }
 
     /// NATS with JetStream that speaks TLS only, with the server certificate of `certs`.
     pub fn nats_tls(certs: &ServerCert) -> Server {
         let (cert, key) = (certs.cert.clone(), certs.key.clone());
         Self::start("/usr/sbin/nats-server", move |port, dir| {
-            vec![
-                "-a".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-                "-js".into(),
-                "-sd".into(),
-                dir.display().to_string(),
+            let mut args = nats_args(port, dir);
+            args.extend([
                 "--tls".into(),
                 "--tlscert".into(),
                 cert.display().to_string(),
                 "--tlskey".into(),
                 key.display().to_string(),
-            ]
+            ]);
+            args
         })
     }
 
@@ -146,7 +144,7 @@ impl Server {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    fn start(program: &'static str, args: impl Fn(u16, &PathBuf) -> Vec<String>) -> Server {
+    fn start(program: &'static str, args: impl Fn(u16, &Path) -> Vec<String>) -> Server {
         let port = free_port();
         let dir = unique_temp_dir("server");
         std::fs::create_dir_all(&dir).unwrap();
