@@ -63,26 +63,11 @@ impl TestNs {
 
 impl Drop for TestNs {
     fn drop(&mut self) {
-        let url = self.url.clone();
-        let ns = self.pg.namespace().to_owned();
-        // Drop the schema on a thread of its own: Drop cannot await.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{ns}\" CASCADE"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        let ns = self.pg.namespace();
+        execute_detached(
+            &self.url,
+            &format!("DROP SCHEMA IF EXISTS \"{ns}\" CASCADE"),
+        );
     }
 }
 
@@ -132,4 +117,23 @@ pub async fn raw_client(url: &str) -> tokio_postgres::Client {
         let _ = conn.await;
     });
     client
+}
+
+/// Runs `sql` on `url` from a `Drop` (which cannot await): on a thread and runtime of its own,
+/// waiting for it; errors are ignored, as clean-up is best effort.
+pub fn execute_detached(url: &str, sql: &str) {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                tokio::spawn(conn);
+                let _ = client.batch_execute(&sql).await;
+            }
+        });
+    })
+    .join();
 }
