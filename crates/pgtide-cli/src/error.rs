@@ -193,11 +193,22 @@ impl From<pgtide::Error> for CliError {
                     url_options()
                 ))
             }
-            E::Migrate(source) => CliError::runtime(format!(
-                "migrating namespace {:?} failed: {}",
-                namespace(),
-                chain(source.as_ref())
-            )),
+            E::Migrate(source) => {
+                let text = chain(source.as_ref());
+                match LISTEN_URL.get() {
+                    // Migrations connect to the direct URL: say which one failed.
+                    Some(listen) if text.contains("error communicating") || text.contains("connect") => {
+                        CliError::runtime(format!(
+                            "migrating namespace {:?} failed: {text}; migrate connects to --listen-url/PGTIDE_LISTEN_URL ({listen}): check it and that the server is running",
+                            namespace()
+                        ))
+                    }
+                    _ => CliError::runtime(format!(
+                        "migrating namespace {:?} failed: {text}",
+                        namespace()
+                    )),
+                }
+            }
             e @ (E::InvalidName { .. }
             | E::InvalidNamespace(_)
             | E::InvalidConfig(_)

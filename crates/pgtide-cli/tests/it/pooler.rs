@@ -159,3 +159,23 @@ async fn cli_listen_url_migrates_and_wakes_consumers_through_pgbouncer() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A `--listen-url` that cannot be reached fails `migrate` with a message naming it, its
+/// password replaced by `***`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_listen_url_errors_name_it_without_its_password() {
+    let ns = fresh_namespace().await;
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let listen = format!("postgres://app:S3cretPw@127.0.0.1:{port}/app");
+    let out = pgtide(&ns, &["migrate", "--listen-url", &listen]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(!out.stderr.contains("S3cretPw"), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "--listen-url/PGTIDE_LISTEN_URL (postgres://app:***@127.0.0.1:{port}/app)"
+        )),
+        "{out:?}"
+    );
+}
