@@ -57,38 +57,17 @@ impl TestNs {
 
     /// A raw tokio-postgres connection for assertions in plain SQL.
     pub async fn raw(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        client
+        raw_client(&self.url).await
     }
 }
 
 impl Drop for TestNs {
     fn drop(&mut self) {
-        let url = self.url.clone();
-        let ns = self.pg.namespace().to_owned();
-        // Drop the schema on a thread of its own: Drop cannot await.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{ns}\" CASCADE"))
-                        .await;
-                }
-            });
-        })
-        .join();
+        let ns = self.pg.namespace();
+        execute_detached(
+            &self.url,
+            &format!("DROP SCHEMA IF EXISTS \"{ns}\" CASCADE"),
+        );
     }
 }
 
@@ -109,4 +88,52 @@ pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> 
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Waits until the watched value satisfies `check`; panics after `limit`. Returns the value.
+pub async fn wait_for<T: Clone + std::fmt::Debug>(
+    rx: &mut tokio::sync::watch::Receiver<T>,
+    limit: Duration,
+    what: &str,
+    check: impl FnMut(&T) -> bool,
+) -> T {
+    let seen = tokio::time::timeout(limit, async {
+        rx.wait_for(check).await.map(|value| value.clone())
+    })
+    .await;
+    match seen {
+        Ok(Ok(value)) => value,
+        Ok(Err(_)) => panic!("the handle went away while waiting for {what}"),
+        Err(_) => panic!("timed out waiting for {what}; last seen {:?}", *rx.borrow()),
+    }
+}
+
+/// A plain tokio-postgres connection to `url` (no TLS), its connection task spawned.
+pub async fn raw_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Runs `sql` on `url` from a `Drop` (which cannot await): on a thread and runtime of its own,
+/// waiting for it; errors are ignored, as clean-up is best effort.
+pub fn execute_detached(url: &str, sql: &str) {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                tokio::spawn(conn);
+                let _ = client.batch_execute(&sql).await;
+            }
+        });
+    })
+    .join();
 }

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use pgtide::{AnyBackend, AnyConsumer, PgBackend, PgConsumer, Queue};
+use pgtide::{AnyBackend, AnyConsumer, PgBackend, PgBackendBuilder, PgConsumer, Queue};
 
 use crate::cli::{
     Command, ConsumeArgs, DeadCommand, Global, GroupCommand, StatsArgs, StreamCommand,
@@ -83,6 +83,21 @@ pub fn backend_url(global: &Global) -> CliResult<BackendUrl> {
     };
     let _ = error::URL.set(redact_url(&url.url));
     Ok(url)
+}
+
+/// A Postgres engine builder for `url` with what every command shares: the namespace, the
+/// connect timeout and the direct `--listen-url` when given (pool settings are the caller's).
+pub fn pg_builder(global: &Global, url: String, connect_timeout: Duration) -> PgBackendBuilder {
+    let builder = PgBackend::builder(url)
+        .namespace(global.namespace.clone())
+        .connect_timeout(connect_timeout);
+    match global.listen_url.as_deref().filter(|u| !u.is_empty()) {
+        Some(listen) => {
+            let _ = error::LISTEN_URL.set(redact_url(listen));
+            builder.listen_url(listen)
+        }
+        None => builder,
+    }
 }
 
 /// The Postgres URL for a command only the Postgres engine runs (`what`, e.g. "migrate").

@@ -45,6 +45,11 @@ pub struct Global {
     /// PostgreSQL URL (postgres://user:password@host:port/database).
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Direct PostgreSQL URL (no pooler) for what needs a session: the LISTEN connection that
+    /// wakes consumers, and `migrate`. Set it when --database-url goes through a pooler in
+    /// transaction mode (with ?pgtide_statements=unnamed); defaults to --database-url.
+    #[arg(long, env = "PGTIDE_LISTEN_URL", global = true, hide_env_values = true)]
+    pub listen_url: Option<String>,
     /// Namespace: the Postgres schema holding the pgtide installation.
     #[arg(
         long,

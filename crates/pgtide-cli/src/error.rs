@@ -22,6 +22,19 @@ pub const INTERRUPTED: u8 = 130;
 pub static NAMESPACE: OnceLock<String> = OnceLock::new();
 /// The (redacted) database URL, for connection errors.
 pub static URL: OnceLock<String> = OnceLock::new();
+/// The (redacted) `--listen-url`, when given, for connection errors.
+pub static LISTEN_URL: OnceLock<String> = OnceLock::new();
+
+/// The options a connection error points at: the direct `--listen-url` too when one is set,
+/// since LISTEN and `migrate` connect there.
+fn url_options() -> String {
+    match LISTEN_URL.get() {
+        Some(listen) => {
+            format!("--database-url/DATABASE_URL and --listen-url/PGTIDE_LISTEN_URL ({listen})")
+        }
+        None => "--database-url/DATABASE_URL".to_owned(),
+    }
+}
 
 /// A failure: one line for stderr and an exit code.
 #[derive(Debug)]
@@ -103,7 +116,8 @@ fn database_message(source: &(dyn std::error::Error + Send + Sync + 'static)) ->
     let url = URL.get().map(String::as_str).unwrap_or("the database");
     if text.starts_with("error connecting") || text.contains("Connection refused") {
         return CliError::runtime(format!(
-            "cannot connect to {url}: {text}; check --database-url/DATABASE_URL and that the server is running"
+            "cannot connect to {url}: {text}; check {} and that the server is running",
+            url_options()
         ));
     }
     match sqlstate(source).as_deref() {
@@ -113,8 +127,9 @@ fn database_message(source: &(dyn std::error::Error + Send + Sync + 'static)) ->
             db_detail(source)
         )),
         Some("28000" | "28P01") => CliError::runtime(format!(
-            "authentication failed at {url}: {}; check the user and password in --database-url/DATABASE_URL",
-            db_detail(source)
+            "authentication failed at {url}: {}; check the user and password in {}",
+            db_detail(source),
+            url_options()
         )),
         Some("3D000") => CliError::runtime(format!(
             "{}; check the database name in --database-url/DATABASE_URL",
@@ -173,15 +188,27 @@ impl From<pgtide::Error> for CliError {
             E::Pool(source) => {
                 let url = URL.get().map(String::as_str).unwrap_or("the database");
                 CliError::runtime(format!(
-                    "no database connection to {url}: {}; check --database-url/DATABASE_URL and that the server is running",
-                    chain(source.as_ref())
+                    "no database connection to {url}: {}; check {} and that the server is running",
+                    chain(source.as_ref()),
+                    url_options()
                 ))
             }
-            E::Migrate(source) => CliError::runtime(format!(
-                "migrating namespace {:?} failed: {}",
-                namespace(),
-                chain(source.as_ref())
-            )),
+            E::Migrate(source) => {
+                let text = chain(source.as_ref());
+                match LISTEN_URL.get() {
+                    // Migrations connect to the direct URL: say which one failed.
+                    Some(listen) if text.contains("error communicating") || text.contains("connect") => {
+                        CliError::runtime(format!(
+                            "migrating namespace {:?} failed: {text}; migrate connects to --listen-url/PGTIDE_LISTEN_URL ({listen}): check it and that the server is running",
+                            namespace()
+                        ))
+                    }
+                    _ => CliError::runtime(format!(
+                        "migrating namespace {:?} failed: {text}",
+                        namespace()
+                    )),
+                }
+            }
             e @ (E::InvalidName { .. }
             | E::InvalidNamespace(_)
             | E::InvalidConfig(_)

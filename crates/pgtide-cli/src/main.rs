@@ -225,9 +225,7 @@ async fn dispatch<B: Target>(b: &B, command: Command) -> CliResult {
 }
 
 fn postgres(global: &Global, command: &Command, url: &BackendUrl) -> CliResult<PgBackend> {
-    let mut builder = PgBackend::builder(url.url.clone())
-        .namespace(global.namespace.clone())
-        .connect_timeout(Duration::from_secs(10));
+    let mut builder = backend::pg_builder(global, url.url.clone(), Duration::from_secs(10));
     match command {
         Command::Scout(args) => {
             builder = builder

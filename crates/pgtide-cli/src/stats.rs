@@ -248,10 +248,8 @@ struct Check {
 /// lease and (with `--max-lag`) no group lags more; exit 4 with the reasons otherwise.
 pub async fn health(global: &Global, json: bool, max_lag: Option<Duration>) -> CliResult<u8> {
     let url = crate::backend::postgres_url(global, "health")?;
-    let pg = PgBackend::builder(url)
-        .namespace(global.namespace.clone())
+    let pg = crate::backend::pg_builder(global, url, Duration::from_secs(5))
         .pool_size(1)
-        .connect_timeout(Duration::from_secs(5))
         .build()?;
     let ns = pg.namespace().to_owned();
     let mut checks = vec![];

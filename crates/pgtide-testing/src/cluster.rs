@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A running throwaway cluster; stopped and deleted on drop.
 pub struct Cluster {
@@ -72,25 +71,6 @@ fn server_bin_dir() -> PathBuf {
         .1
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// A directory name no other cluster of this or another process uses.
-fn unique_dir() -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    std::env::temp_dir().join(format!(
-        "pgtide-cluster-{}-{}-{nanos}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
 impl Cluster {
     /// Initialises and starts a cluster with the given extra `postgresql.conf` lines.
     pub fn start(settings: &[&str]) -> Cluster {
@@ -111,10 +91,10 @@ impl Cluster {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
             .unwrap_or(false);
-        let dir = unique_dir();
+        let dir = crate::unique_temp_dir("cluster");
         std::fs::create_dir_all(&dir).unwrap();
         let cluster = Cluster {
-            port: free_port(),
+            port: crate::free_port(),
             bin: server_bin_dir(),
             dir,
             as_postgres,

@@ -11,7 +11,8 @@
 //! `pg_ctl -D target/pgtide-postgres stop`.
 //!
 //! Tests that need a server of their own (crashes, TLS, passwords) start a [`Cluster`], with
-//! certificates from a [`Pki`].
+//! certificates from a [`Pki`]; brokers (NATS, Redis) and PgBouncer of their own are a
+//! [`Server`].
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,10 +20,12 @@ use std::time::Duration;
 
 mod cluster;
 mod pki;
+mod servers;
 mod tls;
 
 pub use cluster::{Cluster, ClusterBuilder};
-pub use pki::Pki;
+pub use pki::{Pki, ServerCert};
+pub use servers::Server;
 pub use tls::TlsCluster;
 
 use tokio::sync::OnceCell;
@@ -100,6 +103,26 @@ fn server_bin_dir() -> Option<PathBuf> {
             .unwrap_or(0)
     });
     found.pop()
+}
+
+/// A free loopback TCP port (free when asked; a server of the test's own takes it next).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A path under the system temp directory that no other server, PKI or process uses.
+fn unique_temp_dir(kind: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!(
+        "pgtide-{kind}-{}-{}-{nanos}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ))
 }
 
 fn is_root() -> bool {

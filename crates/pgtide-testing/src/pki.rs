@@ -10,14 +10,21 @@ pub struct Pki {
     dir: PathBuf,
 }
 
+/// The files of a server certificate made by [`Pki::localhost`] (PEM, key unencrypted).
+#[derive(Debug, Clone)]
+pub struct ServerCert {
+    /// The CA certificate that signed it: what a client trusts.
+    pub ca: PathBuf,
+    /// The server certificate.
+    pub cert: PathBuf,
+    /// The server's private key.
+    pub key: PathBuf,
+}
+
 impl Pki {
     /// An empty directory under the system temp directory.
     pub fn new() -> Pki {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("pgtide-pki-{}-{nanos}", std::process::id()));
+        let dir = crate::unique_temp_dir("pki");
         std::fs::create_dir_all(&dir).unwrap();
         Pki { dir }
     }
@@ -106,6 +113,18 @@ impl Pki {
             std::fs::read(self.path(&crt)).unwrap(),
             std::fs::read(self.path(&key)).unwrap(),
         )
+    }
+
+    /// Makes a CA `ca` and a server certificate `server` it signed for `localhost` and
+    /// `127.0.0.1`: what a throwaway server on loopback presents.
+    pub fn localhost(&self) -> ServerCert {
+        let ca = self.ca("ca");
+        self.server("ca", "server", "DNS:localhost,IP:127.0.0.1");
+        ServerCert {
+            ca,
+            cert: self.path("server.crt"),
+            key: self.path("server.key"),
+        }
     }
 
     fn openssl(&self, args: &[&str]) {

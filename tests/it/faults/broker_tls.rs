@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use pgtide::{AnyBackend, Error, GroupStart, OutgoingMessage, Queue, QueueConsumer, StreamConfig};
 
-use super::certs::Certs;
-use super::servers::Server;
 use crate::common::unique;
+use pgtide_testing::{Pki, Server};
 
 /// Publishes `n` messages, fetches and acks them all, and checks every id came back once.
 async fn round_trip(backend: &AnyBackend, n: usize) {
@@ -70,9 +69,10 @@ fn assert_refused(result: pgtide::Result<AnyBackend>, backend: &str) {
 #[cfg(feature = "nats")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_over_tls_with_a_private_ca() {
-    let certs = Certs::generate();
+    let pki = Pki::new();
+    let certs = pki.localhost();
     let server = Server::nats_tls(&certs);
-    let ca = certs.ca().display().to_string();
+    let ca = certs.ca.display().to_string();
 
     let url = format!("tls://127.0.0.1:{}?tls_ca={ca}", server.port);
     let nats = AnyBackend::connect(&url, &unique("tls")).await.unwrap();
@@ -80,7 +80,7 @@ async fn nats_over_tls_with_a_private_ca() {
     round_trip(&nats, 50).await;
 
     // The other spelling, with the CA given by the options instead of the URL.
-    let options = pgtide::NatsOptions::default().tls_ca(certs.ca());
+    let options = pgtide::NatsOptions::default().tls_ca(certs.ca.clone());
     let url = format!("nats+tls://127.0.0.1:{}", server.port);
     let nats = pgtide::NatsBackend::connect_with(&url, &unique("tls"), options)
         .await
@@ -88,11 +88,11 @@ async fn nats_over_tls_with_a_private_ca() {
     round_trip(&AnyBackend::Nats(nats), 5).await;
 
     // Another CA, and the system roots alone: refused, with one clear error.
-    let other = Certs::generate();
+    let other = Pki::new();
     let url = format!(
         "tls://127.0.0.1:{}?tls_ca={}",
         server.port,
-        other.ca().display()
+        other.ca("other-ca").display()
     );
     assert_refused(AnyBackend::connect(&url, "tls").await, "nats");
     let url = format!("tls://127.0.0.1:{}", server.port);
@@ -107,23 +107,24 @@ async fn nats_over_tls_with_a_private_ca() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_over_tls_with_a_private_ca() {
-    let certs = Certs::generate();
+    let pki = Pki::new();
+    let certs = pki.localhost();
     let server = Server::redis_tls(&certs);
 
     let url = format!(
         "rediss://127.0.0.1:{}/0?tls_ca={}",
         server.port,
-        certs.ca().display()
+        certs.ca.display()
     );
     let redis = AnyBackend::connect(&url, &unique("tls")).await.unwrap();
     assert_eq!(redis.kind(), "redis");
     round_trip(&redis, 50).await;
 
-    let other = Certs::generate();
+    let other = Pki::new();
     let url = format!(
         "rediss://127.0.0.1:{}/0?tls_ca={}",
         server.port,
-        other.ca().display()
+        other.ca("other-ca").display()
     );
     assert_refused(AnyBackend::connect(&url, "tls").await, "redis");
 }

@@ -3,7 +3,7 @@
 //! own.
 
 use super::run::{kill_a_consumer, run, Fault};
-use super::servers::Server;
+use pgtide_testing::Server;
 
 async fn under_faults(server: &Server, url: &str, restart_allowance: usize) {
     let restart: Fault = Box::new(|_| {

@@ -5,10 +5,6 @@
 mod broker_tls;
 #[cfg(any(feature = "nats", feature = "redis"))]
 mod brokers;
-#[cfg(any(feature = "nats", feature = "redis"))]
-mod certs;
-pub(crate) mod cluster;
 mod postgres;
 mod run;
-pub(crate) mod servers;
 mod sessions;

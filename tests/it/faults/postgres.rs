@@ -3,8 +3,8 @@
 //! the scout holder's process killed — on a cluster of the test's own with fsync and
 //! synchronous_commit on.
 
-use super::cluster::Cluster;
 use super::run::{kill_a_consumer, run, ConsumerProcess, Fault};
+use pgtide_testing::Cluster;
 
 /// Runs a statement on the test's cluster from a fault (faults are synchronous).
 fn query(url: &str, sql: &str) -> Vec<tokio_postgres::Row> {

@@ -10,44 +10,14 @@ use std::time::{Duration, Instant};
 use pgtide::{CancellationToken, Delivery, Outcome, PgBackend, StreamConfig, Worker};
 use tokio::sync::watch;
 
-use super::cluster::Cluster;
-use crate::common::{json, WAIT};
+use crate::common::{json, raw_client as connect, wait_for, WAIT};
+use pgtide_testing::Cluster;
 
-async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
-async fn wait_for<T: Clone + std::fmt::Debug>(
-    rx: &mut watch::Receiver<T>,
-    what: &str,
-    check: impl FnMut(&T) -> bool,
-) -> T {
-    let seen = tokio::time::timeout(WAIT, async {
-        rx.wait_for(check).await.map(|value| value.clone())
-    })
-    .await;
-    match seen {
-        Ok(Ok(value)) => value,
-        Ok(Err(_)) => panic!("the handle went away while waiting for {what}"),
-        Err(_) => panic!("timed out waiting for {what}; last seen {:?}", *rx.borrow()),
-    }
-}
-
-/// Waits until `count` (a watch of handled messages) passes `above`.
-async fn progress(count: &mut watch::Receiver<usize>, above: usize, what: &str) {
-    wait_for(count, what, |n| *n > above).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn terminated_backends_recover_and_lose_nothing() {
-    let cluster = Cluster::start(&[]);
-    let url = cluster.url();
-    let pg = PgBackend::builder(url.clone())
-        .namespace("sessions")
+/// A handle on `url` with stream `s`, group `g` and a scout started (its lease short, so a
+/// replacement takes over fast).
+async fn scouted(url: &str, namespace: &str) -> PgBackend {
+    let pg = PgBackend::builder(url)
+        .namespace(namespace)
         .scout_ttl(Duration::from_secs(2))
         .build()
         .unwrap();
@@ -59,8 +29,24 @@ async fn terminated_backends_recover_and_lose_nothing() {
         .await
         .unwrap();
     pg.start_scout();
-    wait_for(&mut pg.watch_scout(), "a scout", |s| s.is_leader).await;
-    wait_for(&mut pg.watch_listener(), "the listener", |s| s.connected).await;
+    pg
+}
+
+/// Waits until `count` (a watch of handled messages) passes `above`.
+async fn progress(count: &mut watch::Receiver<usize>, above: usize, what: &str) {
+    wait_for(count, WAIT, what, |n| *n > above).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_backends_recover_and_lose_nothing() {
+    let cluster = Cluster::start(&[]);
+    let url = cluster.url();
+    let pg = scouted(&url, "sessions").await;
+    wait_for(&mut pg.watch_scout(), WAIT, "a scout", |s| s.is_leader).await;
+    wait_for(&mut pg.watch_listener(), WAIT, "the listener", |s| {
+        s.connected
+    })
+    .await;
 
     // The worker: every handled sequence number, and a watch of how many.
     let handled: Arc<Mutex<HashSet<u64>>> = Arc::default();
@@ -136,11 +122,14 @@ async fn terminated_backends_recover_and_lose_nothing() {
             "round {round}: only {killed} backends to terminate"
         );
         let started = Instant::now();
-        wait_for(&mut pg.watch_listener(), "the listener back", |s| {
+        wait_for(&mut pg.watch_listener(), WAIT, "the listener back", |s| {
             s.connected && s.reconnects > before_listener
         })
         .await;
-        wait_for(&mut pg.watch_scout(), "a scout again", |s| s.is_leader).await;
+        wait_for(&mut pg.watch_scout(), WAIT, "a scout again", |s| {
+            s.is_leader
+        })
+        .await;
         progress(&mut count, before_handled + 100, "the worker going on").await;
         println!(
             "round {round}: {killed} backends terminated, listener, scout and worker back in {:?}",
@@ -215,21 +204,12 @@ async fn database_timeouts_set_by_a_dba_do_not_reach_pgtide() {
         Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
     );
 
-    let pg = PgBackend::builder(url.clone())
-        .namespace("hostile")
-        .scout_ttl(Duration::from_secs(2))
-        .build()
-        .unwrap();
-    pg.migrate().await.unwrap();
-    pg.ensure_stream("s", &StreamConfig::default())
-        .await
-        .unwrap();
-    pg.ensure_group("s", "g", pgtide::GroupStart::New)
-        .await
-        .unwrap();
-    pg.start_scout();
-    let scout = wait_for(&mut pg.watch_scout(), "a scout", |s| s.is_leader).await;
-    let listener = wait_for(&mut pg.watch_listener(), "the listener", |s| s.connected).await;
+    let pg = scouted(&url, "hostile").await;
+    let scout = wait_for(&mut pg.watch_scout(), WAIT, "a scout", |s| s.is_leader).await;
+    let listener = wait_for(&mut pg.watch_listener(), WAIT, "the listener", |s| {
+        s.connected
+    })
+    .await;
     let tasks = pg.background_tasks();
 
     // A consumer blocked in fetch well past every timeout is woken by a publish (and not by the
@@ -242,9 +222,12 @@ async fn database_timeouts_set_by_a_dba_do_not_reach_pgtide() {
             (got, Instant::now())
         }
     });
-    wait_for(&mut pg.watch_waiting_fetches(), "a waiting fetch", |n| {
-        *n > 0
-    })
+    wait_for(
+        &mut pg.watch_waiting_fetches(),
+        WAIT,
+        "a waiting fetch",
+        |n| *n > 0,
+    )
     .await;
     // Time must pass here: it is what the server's timeouts count.
     tokio::time::sleep(Duration::from_millis(3500)).await;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use pgtide::StreamConfig;
 
-use super::wakeups::{handle, until_waiting, wait_for, HOUR};
+use super::wakeups::{handle, until_waiting, HOUR};
+use crate::common::wait_for;
 use crate::common::{json, namespace, WAIT};
 
 /// Waits until a statement of this namespace's `_nack` is blocked on a row lock.

@@ -15,8 +15,7 @@ use pgtide::{
 use sqlx::Connection;
 
 use crate::common::{eventually, json, unique, WAIT};
-use crate::faults::cluster::Cluster;
-use crate::faults::servers::Server;
+use pgtide_testing::{Cluster, Server};
 
 /// A cluster and a PgBouncer in front of it; the pooler goes first on drop.
 struct Pooled {
@@ -52,13 +51,7 @@ impl Pooled {
 
 /// A raw tokio-postgres connection (the application's own) through `url`.
 async fn app_client(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
+    crate::common::raw_client(url).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

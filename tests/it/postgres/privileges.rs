@@ -53,41 +53,22 @@ impl Role {
     }
 
     pub(crate) async fn raw(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        client
+        crate::common::raw_client(&self.url).await
     }
 }
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let (url, name) = (self.admin_url.clone(), self.name.clone());
-        // Drop cannot await: a thread of its own. DROP OWNED takes the role's privileges (and
-        // default privileges) in this database with it; it owns nothing else.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!(
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}';
+        let name = &self.name;
+        // DROP OWNED takes the role's privileges (and default privileges) in this database with
+        // it; it owns nothing else.
+        crate::common::execute_detached(
+            &self.admin_url,
+            &format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}';
                              DROP OWNED BY \"{name}\"; DROP ROLE IF EXISTS \"{name}\""
-                        ))
-                        .await;
-                }
-            });
-        })
-        .join();
+            ),
+        );
     }
 }
 

@@ -7,32 +7,13 @@
 use std::time::{Duration, Instant};
 
 use pgtide::{PgBackend, StreamConfig};
-use tokio::sync::watch;
 
-use crate::common::{json, namespace, WAIT};
+use crate::common::{json, namespace, wait_for, WAIT};
 
 pub(super) const HOUR: Duration = Duration::from_secs(3600);
 
 pub(super) fn handle(url: &str, ns: &str) -> pgtide::PgBackendBuilder {
     PgBackend::builder(url).namespace(ns).pool_size(4)
-}
-
-/// Waits until the watched value satisfies `check`; panics after `limit`. Returns the value.
-pub(super) async fn wait_for<T: Clone + std::fmt::Debug>(
-    rx: &mut watch::Receiver<T>,
-    limit: Duration,
-    what: &str,
-    check: impl FnMut(&T) -> bool,
-) -> T {
-    let seen = tokio::time::timeout(limit, async {
-        rx.wait_for(check).await.map(|value| value.clone())
-    })
-    .await;
-    match seen {
-        Ok(Ok(value)) => value,
-        Ok(Err(_)) => panic!("the handle went away while waiting for {what}"),
-        Err(_) => panic!("timed out waiting for {what}; last seen {:?}", *rx.borrow()),
-    }
 }
 
 /// Waits until `n` fetches of `pg` are blocked waiting for a wake-up: a publish after this

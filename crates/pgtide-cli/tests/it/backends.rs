@@ -3,27 +3,13 @@
 //! loopback defaults), each test in a namespace of its own; the rest is refused before
 //! connecting, with exit code 2.
 
-use std::process::Stdio;
-
 use super::run_with;
 use crate::common::unique;
 
 /// `pgtide --backend URL` in namespace `ns`, without Postgres in the environment.
 fn command(url: &str, ns: &str, args: &[&str]) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtide"));
-    c.arg("--backend")
-        .arg(url)
-        .args(args)
-        .env("PGTIDE_NAMESPACE", ns)
-        .env_remove("DATABASE_URL")
-        .env_remove("PGTIDE_BACKEND")
-        .env_remove("PGTIDE_METRICS_LISTEN")
-        .env_remove("PGTIDE_LOG")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut c = crate::bare_command(ns);
+    c.arg("--backend").arg(url).args(args);
     c
 }
 

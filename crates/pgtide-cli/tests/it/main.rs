@@ -17,14 +17,6 @@ mod hostile;
 mod metrics;
 mod operations;
 mod pooler;
-// The library's test servers (PgBouncer here) and the certificates its TLS servers take, shared
-// rather than copied.
-#[allow(dead_code)]
-#[path = "../../../../tests/it/faults/certs.rs"]
-mod certs;
-#[allow(dead_code)]
-#[path = "../../../../tests/it/faults/servers.rs"]
-mod servers;
 mod tls;
 mod usability;
 
@@ -73,13 +65,14 @@ impl Run {
     }
 }
 
-/// `pgtide` with the namespace's database and namespace in the environment.
-fn command(ns: &TestNs, args: &[&str]) -> tokio::process::Command {
+/// `pgtide` in namespace `ns` with none of its settings inherited from the test's environment
+/// (no database either): the caller adds the arguments and what it configures.
+fn bare_command(ns: &str) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtide"));
-    c.args(args)
-        .env("DATABASE_URL", &ns.url)
-        .env("PGTIDE_NAMESPACE", ns.namespace())
+    c.env("PGTIDE_NAMESPACE", ns)
+        .env_remove("DATABASE_URL")
         .env_remove("PGTIDE_BACKEND")
+        .env_remove("PGTIDE_LISTEN_URL")
         .env_remove("PGTIDE_METRICS_LISTEN")
         .env_remove("PGTIDE_LOG")
         .env_remove("RUST_LOG")
@@ -87,6 +80,13 @@ fn command(ns: &TestNs, args: &[&str]) -> tokio::process::Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    c
+}
+
+/// `pgtide` with the namespace's database and namespace in the environment.
+fn command(ns: &TestNs, args: &[&str]) -> tokio::process::Command {
+    let mut c = bare_command(ns.namespace());
+    c.args(args).env("DATABASE_URL", &ns.url);
     c
 }
 

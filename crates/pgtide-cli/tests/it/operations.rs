@@ -107,24 +107,11 @@ pub(crate) struct RoleGuard {
 
 impl Drop for RoleGuard {
     fn drop(&mut self) {
-        let (url, role) = (self.url.clone(), self.role.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
-                {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""))
-                        .await;
-                }
-            });
-        })
-        .join();
+        let role = &self.role;
+        crate::common::execute_detached(
+            &self.url,
+            &format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\""),
+        );
     }
 }
 

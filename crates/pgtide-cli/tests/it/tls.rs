@@ -2,8 +2,6 @@
 //! and `PGHOST`/`PGPORT`/`PGUSER`/`PGDATABASE` plus a password file instead of a URL, against a
 //! cluster that accepts only `hostssl … scram-sha-256` (`pgtide_testing::TlsCluster`).
 
-use std::process::Stdio;
-
 use pgtide_testing::TlsCluster;
 
 use super::{run_with, Run};
@@ -11,9 +9,8 @@ use crate::common::unique;
 
 /// `pgtide args...` with only the libpq variables (no DATABASE_URL) and `extra`.
 async fn libpq(server: &TlsCluster, ns: &str, extra: &[(&str, &str)], args: &[&str]) -> Run {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgtide"));
+    let mut c = super::bare_command(ns);
     c.args(args)
-        .env("PGTIDE_NAMESPACE", ns)
         .env("PGHOST", "localhost")
         .env("PGPORT", server.cluster.port.to_string())
         .env("PGUSER", "app")
@@ -21,16 +18,7 @@ async fn libpq(server: &TlsCluster, ns: &str, extra: &[(&str, &str)], args: &[&s
         .env("PGSSLMODE", "verify-full")
         .env("PGSSLROOTCERT", &server.ca)
         .env("PGPASSFILE", server.pki.path("pgpass"))
-        .env_remove("PGPASSWORD")
-        .env_remove("DATABASE_URL")
-        .env_remove("PGTIDE_BACKEND")
-        .env_remove("PGTIDE_METRICS_LISTEN")
-        .env_remove("PGTIDE_LOG")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .env_remove("PGPASSWORD");
     for (k, v) in extra {
         c.env(k, v);
     }

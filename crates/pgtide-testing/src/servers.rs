@@ -1,13 +1,30 @@
 //! Servers of the test's own, on free loopback ports, killed with SIGKILL and started again on the
-//! same data directory: brokers (NATS, Redis) and PgBouncer in front of a PostgreSQL. Also used by
-//! the CLI tests (`#[path]`), which is why the broker constructors are behind their features.
+//! same data directory: brokers (NATS, Redis) and PgBouncer in front of a PostgreSQL. Panics on
+//! failure: it is test set-up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::{free_port, is_root, unique_temp_dir, ServerCert};
+
+/// The arguments of a NATS server with JetStream on loopback, its store in `dir`.
+fn nats_args(port: u16, dir: &Path) -> Vec<String> {
+    vec![
+        "-a".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+        "-js".into(),
+        "-sd".into(),
+        dir.display().to_string(),
+    ]
+}
+
+/// A server process of the test's own, killed (and its directory removed) on drop.
 pub struct Server {
+    /// The loopback port it listens on.
     pub port: u16,
     dir: PathBuf,
     program: &'static str,
@@ -15,58 +32,35 @@ pub struct Server {
     child: Mutex<Option<Child>>,
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 impl Server {
     /// NATS with JetStream on file storage. JetStream writes each message to its file before it
     /// acknowledges the publish and fsyncs on its own schedule (`sync_interval`, 2 minutes by
     /// default): a killed server process loses nothing written (the page cache survives it);
     /// only a power loss could lose the last interval, which a process kill does not test.
-    #[cfg(feature = "nats")]
     pub fn nats() -> Server {
-        Self::start("/usr/sbin/nats-server", |port, dir| {
-            vec![
-                "-a".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-                "-js".into(),
-                "-sd".into(),
-                dir.display().to_string(),
-            ]
-        })
+        Self::start("/usr/sbin/nats-server", nats_args)
     }
 
     /// NATS with JetStream that speaks TLS only, with the server certificate of `certs`.
-    #[cfg(feature = "nats")]
-    pub fn nats_tls(certs: &super::certs::Certs) -> Server {
-        let (cert, key) = (certs.server_cert(), certs.server_key());
+    pub fn nats_tls(certs: &ServerCert) -> Server {
+        let (cert, key) = (certs.cert.clone(), certs.key.clone());
         Self::start("/usr/sbin/nats-server", move |port, dir| {
-            vec![
-                "-a".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-                "-js".into(),
-                "-sd".into(),
-                dir.display().to_string(),
+            let mut args = nats_args(port, dir);
+            args.extend([
                 "--tls".into(),
                 "--tlscert".into(),
                 cert.display().to_string(),
                 "--tlskey".into(),
                 key.display().to_string(),
-            ]
+            ]);
+            args
         })
     }
 
     /// Redis that speaks TLS only (no plaintext port), with the server certificate of `certs`
     /// and no client certificates asked for.
-    #[cfg(feature = "redis")]
-    pub fn redis_tls(certs: &super::certs::Certs) -> Server {
-        let (cert, key, ca) = (certs.server_cert(), certs.server_key(), certs.ca());
+    pub fn redis_tls(certs: &ServerCert) -> Server {
+        let (cert, key, ca) = (certs.cert.clone(), certs.key.clone(), certs.ca.clone());
         Self::start("redis-server", move |port, dir| {
             vec![
                 "--port".into(),
@@ -93,7 +87,6 @@ impl Server {
 
     /// Redis with an append-only file fsynced on every write, so a restarted server has every
     /// acknowledged command.
-    #[cfg(feature = "redis")]
     pub fn redis() -> Server {
         Self::start("redis-server", |port, dir| {
             vec![
@@ -125,11 +118,6 @@ impl Server {
         Self::start("/usr/sbin/pgbouncer", move |port, dir| {
             let userlist = dir.join("userlist.txt");
             std::fs::write(&userlist, "\"postgres\" \"\"\n").unwrap();
-            let is_root = Command::new("id")
-                .arg("-u")
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-                .unwrap_or(false);
             let mut ini = format!(
                 "[databases]\n* = host=127.0.0.1 port={server_port}\n\n[pgbouncer]\n\
                  listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
@@ -138,7 +126,7 @@ impl Server {
                  server_reset_query =\n",
                 userlist.display()
             );
-            if is_root {
+            if is_root() {
                 ini.push_str("user = postgres\n");
             }
             for s in &settings {
@@ -156,9 +144,9 @@ impl Server {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    fn start(program: &'static str, args: impl Fn(u16, &PathBuf) -> Vec<String>) -> Server {
+    fn start(program: &'static str, args: impl Fn(u16, &Path) -> Vec<String>) -> Server {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("pgtide-faults-{}", uuid::Uuid::now_v7()));
+        let dir = unique_temp_dir("server");
         std::fs::create_dir_all(&dir).unwrap();
         let server = Server {
             port,
