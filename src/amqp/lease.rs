@@ -315,7 +315,11 @@ impl Shared {
         if !ch.status().connected() {
             return barrier; // already closed: the broker requeued what it held
         }
-        let closed = super::conn::closed(ch.close(200, "pgtide: consumer closed".into()).await);
+        let closed = super::conn::close_ok(
+            "consumer channel",
+            ch.close(200, "pgtide: consumer closed".into()),
+        )
+        .await;
         barrier.and(closed)
     }
 
