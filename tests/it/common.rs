@@ -137,3 +137,14 @@ pub fn execute_detached(url: &str, sql: &str) {
     })
     .join();
 }
+
+/// Runs `sql` and returns its SQLSTATE (panics if it succeeds).
+pub async fn sqlstate(raw: &tokio_postgres::Client, sql: &str) -> String {
+    match raw.batch_execute(sql).await {
+        Ok(()) => panic!("{sql} succeeded"),
+        Err(e) => e
+            .code()
+            .map(|c| c.code().to_owned())
+            .unwrap_or_else(|| panic!("{sql}: no SQLSTATE: {e}")),
+    }
+}

@@ -290,27 +290,13 @@ impl<'a> Bench<'a> {
     )> {
         if let Some(url) = &self.config.backend {
             let rows = self.backend_rows_for(url).await?;
-            let rss = Rss {
-                backlog: 0,
-                drained: 0,
-                drain_secs: 0.0,
-                hwm_reset: false,
-                hwm_before_mib: None,
-                hwm_after_mib: None,
-            };
+            let rss = Rss::default();
             return Ok((vec![], vec![], vec![], vec![], rss, rows));
         }
         let (mut baselines, mut cases) = (vec![], vec![]);
         if self.config.only_statement_modes {
             self.statement_cases(&mut baselines, &mut cases).await?;
-            let rss = Rss {
-                backlog: 0,
-                drained: 0,
-                drain_secs: 0.0,
-                hwm_reset: false,
-                hwm_before_mib: None,
-                hwm_after_mib: None,
-            };
+            let rss = Rss::default();
             return Ok((baselines, cases, vec![], vec![], rss, vec![]));
         }
         self.publish_cases(&mut baselines, &mut cases).await?;

@@ -227,8 +227,9 @@ pub struct Timing {
     pub max_ms: f64,
 }
 
-/// Peak resident memory of the bench process around draining the large backlog.
-#[derive(Debug, Clone, Serialize)]
+/// Peak resident memory of the bench process around draining the large backlog (`Default`:
+/// not measured, for runs that skip the drain).
+#[derive(Debug, Clone, Default, Serialize)]
 #[non_exhaustive]
 pub struct Rss {
     /// Messages in the backlog.

@@ -9,20 +9,9 @@ use chrono::Utc;
 use pgtide::{Error, GroupStart, OutgoingMessage, PgBackend, StreamConfig, MAX_DURATION};
 use proptest::prelude::*;
 
-use crate::common::{json, namespace, TestNs, WAIT};
+use crate::common::{json, namespace, sqlstate, TestNs, WAIT};
 
 const TOO_LONG: Duration = Duration::from_secs(MAX_DURATION.as_secs() + 1);
-
-/// Runs `sql` and returns its SQLSTATE (panics if it succeeds).
-async fn sqlstate(raw: &tokio_postgres::Client, sql: &str) -> String {
-    match raw.batch_execute(sql).await {
-        Ok(()) => panic!("{sql} succeeded"),
-        Err(e) => e
-            .code()
-            .map(|c| c.code().to_owned())
-            .unwrap_or_else(|| panic!("{sql}: no SQLSTATE: {e}")),
-    }
-}
 
 async fn pending(ns: &TestNs, stream: &str) -> i64 {
     ns.raw()

@@ -18,7 +18,7 @@ use pgtide::{
 use sqlx::Connection;
 use uuid::Uuid;
 
-use crate::common::{eventually, json, namespace, unique, TestNs, WAIT};
+use crate::common::{eventually, json, namespace, sqlstate, unique, TestNs, WAIT};
 
 /// A LOGIN role of the test's own, dropped (with every privilege it holds) when the guard goes.
 pub(crate) struct Role {
@@ -87,17 +87,6 @@ fn url_as(base: &str, user: &str) -> String {
     let port = config.get_ports().first().copied().unwrap_or(5432);
     let db = config.get_dbname().unwrap_or("postgres");
     format!("postgres://{user}@{host}:{port}/{db}")
-}
-
-/// Runs `sql` and returns its SQLSTATE (panics if it succeeds).
-async fn sqlstate(raw: &tokio_postgres::Client, sql: &str) -> String {
-    match raw.batch_execute(sql).await {
-        Ok(()) => panic!("{sql} succeeded"),
-        Err(e) => e
-            .code()
-            .map(|c| c.code().to_owned())
-            .unwrap_or_else(|| panic!("{sql}: no SQLSTATE: {e}")),
-    }
 }
 
 /// Tables (partitions included) and sequences of namespace `ns` on which `role` holds any
