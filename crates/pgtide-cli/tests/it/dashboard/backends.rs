@@ -182,6 +182,63 @@ async fn dashboard_on_redis_shows_the_groups_named_read_only() {
         .await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(q.stats("orders", "billing").await.unwrap().dead, 1);
+
+    // The page says what the backend cannot show, and offers no writes.
+    let b = crate::browser::Browser::start(1280, 900).await;
+    b.client
+        .goto(&format!("http://{}/", dash.addr))
+        .await
+        .unwrap();
+    let billing = r#"tr[data-stream="orders"][data-group="billing"]"#;
+    let ready = b
+        .until(
+            "billing's counts",
+            &format!("return document.querySelector('{billing} td.ready')?.textContent ?? null;"),
+        )
+        .await;
+    assert_eq!(ready, "2");
+    for (id, says) in [
+        ("rates-note", "not available on the redis backend"),
+        ("scout", "none on the redis backend"),
+        ("listener", "none on the redis backend"),
+    ] {
+        b.until(
+            &format!("#{id} says {says:?}"),
+            &format!(
+                "const e = document.getElementById('{id}'); \
+                 return !e.hidden && e.textContent.includes('{says}');"
+            ),
+        )
+        .await;
+    }
+    b.until(
+        "the lag chart",
+        "const c = document.getElementById('chart-lag'); \
+         return Number(c.dataset.points) >= 1 && c.dataset.series === 'orders/audit,orders/billing';",
+    )
+    .await;
+    b.click(&format!("{billing} td.dead button")).await;
+    let row = format!(r#"#dead-letters tr[data-id="{dead_id}"]"#);
+    let reason = b
+        .until(
+            "the dead letter listed",
+            &format!("return document.querySelector('{row} td.reason')?.textContent ?? null;"),
+        )
+        .await;
+    assert_eq!(reason, "bad order");
+    let writes = b
+        .client
+        .execute(
+            &format!(
+                "return [document.querySelectorAll('{row} button[data-action]').length, \
+                 document.getElementById('writes').hidden];"
+            ),
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(writes, json!([0, true]), "no replay or purge on a broker");
+    b.close().await;
     dash.stop().await;
 }
 
