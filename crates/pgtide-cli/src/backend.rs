@@ -193,6 +193,7 @@ pub trait Target: Queue {
 
     /// The backend as the run-time enum (a cheap clone), for what keeps it beyond one command
     /// (the dashboard's sampler).
+    #[cfg(feature = "dashboard")]
     fn to_any(&self) -> AnyBackend;
 
     /// The Postgres engine for `pgtide {what}`, or the error saying it needs one.
@@ -214,6 +215,7 @@ impl Target for PgBackend {
         "postgres"
     }
 
+    #[cfg(feature = "dashboard")]
     fn to_any(&self) -> AnyBackend {
         AnyBackend::Postgres(self.clone())
     }
@@ -246,6 +248,7 @@ impl Target for AnyBackend {
         AnyBackend::kind(self)
     }
 
+    #[cfg(feature = "dashboard")]
     fn to_any(&self) -> AnyBackend {
         self.clone()
     }

@@ -217,9 +217,12 @@ async fn dispatch<B: Target>(b: &B, namespace: &str, command: Command) -> CliRes
         #[cfg(feature = "dashboard")]
         Command::Dashboard(args) => dashboard::run(b.to_any(), namespace, args).await,
         #[cfg(not(feature = "dashboard"))]
-        Command::Dashboard(_) => Err(CliError::usage(
-            "`pgtide dashboard` is not in this build: install it with `cargo install pgtide-cli --features dashboard`",
-        )),
+        Command::Dashboard(_) => {
+            let _ = namespace; // only the dashboard needs it
+            Err(CliError::usage(
+                "`pgtide dashboard` is not in this build: install it with `cargo install pgtide-cli --features dashboard`",
+            ))
+        }
         Command::Health { .. } | Command::Bench(_) => unreachable!("handled before connecting"),
     }
 }
