@@ -144,7 +144,7 @@ impl Source {
             }
             Source::Queue { queue, .. } => {
                 let none = format!(
-                    "none on the {} backend: the broker delivers due messages itself",
+                    "none on the {} backend: the scout and the LISTEN wake-ups belong to the Postgres engine",
                     queue.kind()
                 );
                 (json!({"unavailable": none}), json!({"unavailable": none}))
