@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::{traffic, Dashboard};
+use super::{group, traffic, Dashboard};
 use crate::browser::Browser;
 use crate::common::{json as message, namespace, WAIT};
 
@@ -71,6 +71,11 @@ async fn dashboard_in_a_browser_shows_counts_and_charts_and_replays_a_dead_lette
         h["points"].as_array().is_some_and(|p| p.len() >= 2)
     })
     .await;
+    dash.wait_for("/api/overview", "the new counts", |o| {
+        group(o, "orders", "billing").is_some_and(|g| g["ready"] == 8)
+            && group(o, "orders", "audit").is_some_and(|g| g["ready"] == 10)
+    })
+    .await;
 
     let b = Browser::start(1280, 1150).await;
     b.client
@@ -78,9 +83,11 @@ async fn dashboard_in_a_browser_shows_counts_and_charts_and_replays_a_dead_lette
         .await
         .unwrap();
     let row = |group: &str| format!(r#"tr[data-stream="orders"][data-group="{group}"]"#);
-    let cell = |group: &str, class: &str| {
+    // True once the cell shows `n` (the page may first show a sample from before the last
+    // publishes).
+    let cell_is = |group: &str, class: &str, n: &str| {
         format!(
-            "return document.querySelector('{} td.{class}')?.textContent ?? null;",
+            "return document.querySelector('{} td.{class}')?.textContent === '{n}';",
             row(group)
         )
     };
@@ -96,10 +103,8 @@ async fn dashboard_in_a_browser_shows_counts_and_charts_and_replays_a_dead_lette
         ("audit", "ready", "10"),
     ];
     for (group, class, n) in want {
-        let v = b
-            .until(&format!("{group} {class}"), &cell(group, class))
+        b.until(&format!("{group} {class} = {n}"), &cell_is(group, class, n))
             .await;
-        assert_eq!(v, n, "{group} {class}");
     }
     let term = b
         .until(
@@ -205,14 +210,8 @@ async fn dashboard_in_a_browser_shows_counts_and_charts_and_replays_a_dead_lette
 
     // The page follows without a reload: a later sample shows the new counts.
     for (group, class, n) in [("billing", "ready", "9"), ("billing", "dead", "0")] {
-        b.until(
-            &format!("{group} {class} = {n}"),
-            &format!(
-                "return document.querySelector('{} td.{class}')?.textContent === '{n}';",
-                row(group)
-            ),
-        )
-        .await;
+        b.until(&format!("{group} {class} = {n}"), &cell_is(group, class, n))
+            .await;
     }
     b.close().await;
     dash.stop().await;
