@@ -14,6 +14,8 @@
 //!
 //! The names are lower case ASCII with `-` only, so they are valid as NATS, AMQP and HTTP header
 //! names alike and stay clear of every backend's reserved prefixes (`Nats-`, `pgtide-`, `x-`).
+//!
+//! Whose clock `produced_at` is: see [`Envelope`].
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{de::DeserializeOwned, Serialize};
@@ -40,6 +42,21 @@ pub const TRACESTATE_HEADER: &str = "tracestate";
 const MAX_FIELD: usize = 256;
 
 /// The envelope of an event, read from a delivered message's headers.
+///
+/// # Whose clock `produced_at` is
+///
+/// [`OutgoingMessage::event`] stamps `event-produced-at` with the wall clock of the process that
+/// builds the message, when it builds it: before the publish, and before the commit of a
+/// transactional publish. It is not taken from the database, even on
+/// Postgres, on purpose: the envelope must mean the same on every backend (a broker has no clock
+/// to ask before the message is sent), it is the time the event happened in the producer's
+/// domain (a message built now and published after a retry keeps it), and a header the engine
+/// rewrote at commit could no longer be set by an upstream producer. So two producers' stamps are
+/// only as comparable as their clocks are synchronized (under NTP, typically milliseconds apart;
+/// a clock may also step backwards): do not order events by it, nor measure sub-second lags
+/// across hosts with it. The message's own [`Message::published_at`] is the time in its UUID v7 id,
+/// which is made by the publishing process too, except for messages published by the SQL
+/// functions (`publish`, `publish_bytes`), whose ids come from the database's clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Envelope {
@@ -52,7 +69,9 @@ pub struct Envelope {
     pub schema_version: u32,
     /// Who produced the event, when the producer said so.
     pub producer: Option<String>,
-    /// When the event was produced (the producer's clock).
+    /// When the event was produced, by the producer's wall clock (not the database's, even on
+    /// Postgres: see [whose clock](Envelope#whose-clock-produced_at-is) before comparing it
+    /// across hosts).
     pub produced_at: DateTime<Utc>,
     /// The W3C `traceparent` of the producer's span, when there was one.
     pub traceparent: Option<String>,

@@ -2,7 +2,8 @@
 //!
 //! Every command runs on the Postgres engine. Other backends (`nats://`, `redis://`, `amqp://`,
 //! `memory://`) run what the [`Queue`] traits offer: stream create/delete/purge, group
-//! create/delete, publish, consume, stats of one group and the dead letters of one group. The
+//! create/delete, publish, consume, stats of one group, the dead letters of one group, and a
+//! read-only dashboard of the groups named with `--group`. The
 //! rest needs what only Postgres has (a registry to list, SQL, the scout) and is refused before
 //! connecting, with an error that says so (exit 2).
 
@@ -127,8 +128,6 @@ pub fn postgres_only(command: &Command) -> Option<&'static str> {
         Command::Trim { .. } => "trim",
         Command::Health { .. } => "health",
         Command::Scout(_) => "scout",
-        // It lists every stream and group and shows the scout: only the Postgres registry has them.
-        Command::Dashboard(_) => "dashboard",
         Command::Stream(StreamCommand::List { .. }) => "stream list",
         Command::Stream(StreamCommand::Show { .. }) => "stream show",
         Command::Stream(StreamCommand::Update { .. }) => "stream update",
@@ -192,6 +191,11 @@ pub trait Target: Queue {
         lease: Option<Duration>,
     ) -> impl std::future::Future<Output = CliResult<Self::Consumer>> + Send;
 
+    /// The backend as the run-time enum (a cheap clone), for what keeps it beyond one command
+    /// (the dashboard's sampler).
+    #[cfg(feature = "dashboard")]
+    fn to_any(&self) -> AnyBackend;
+
     /// The Postgres engine for `pgtide {what}`, or the error saying it needs one.
     fn require_postgres(&self, what: &str) -> CliResult<&PgBackend> {
         self.postgres()
@@ -209,6 +213,11 @@ pub fn unsupported(what: &str, kind: &str) -> CliError {
 impl Target for PgBackend {
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    #[cfg(feature = "dashboard")]
+    fn to_any(&self) -> AnyBackend {
+        AnyBackend::Postgres(self.clone())
     }
 
     fn postgres(&self) -> Option<&PgBackend> {
@@ -237,6 +246,11 @@ impl Target for PgBackend {
 impl Target for AnyBackend {
     fn kind(&self) -> &'static str {
         AnyBackend::kind(self)
+    }
+
+    #[cfg(feature = "dashboard")]
+    fn to_any(&self) -> AnyBackend {
+        self.clone()
     }
 
     fn postgres(&self) -> Option<&PgBackend> {

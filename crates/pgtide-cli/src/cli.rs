@@ -466,6 +466,10 @@ pub struct DashboardArgs {
     /// How often the dashboard samples stats (the page updates as often); 1s or more.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub interval: Duration,
+    /// A group to show, as STREAM/GROUP (repeatable): required with --backend nats://,
+    /// redis://, amqp://, whose streams cannot be listed. Postgres shows every group.
+    #[arg(long = "group", value_name = "STREAM/GROUP")]
+    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -117,7 +117,8 @@ Example:
 pub const DASHBOARD: &str = "\
 Examples:
   pgtide dashboard                                   # read-only, http://127.0.0.1:8080
-  pgtide dashboard --listen 127.0.0.1:0 --allow-writes   # prints the address and a token";
+  pgtide dashboard --listen 127.0.0.1:0 --allow-writes   # prints the address and a token
+  pgtide dashboard --backend nats://127.0.0.1:4222 --group orders/billing   # a broker's groups";
 
 pub const BENCH: &str = "\
 Examples:

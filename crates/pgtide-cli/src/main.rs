@@ -174,7 +174,7 @@ async fn run(cli: Cli) -> CliResult<u8> {
             let url = backend::backend_url(&global)?;
             if url.is_postgres() {
                 let pg = postgres(&global, &command, &url)?;
-                let result = dispatch(&pg, command).await;
+                let result = dispatch(&pg, &global.namespace, command).await;
                 // Flushes pending wake-ups (publish, replay) and resigns a scout role.
                 pg.shutdown().await;
                 return result.map(|()| error::OK);
@@ -184,7 +184,7 @@ async fn run(cli: Cli) -> CliResult<u8> {
                 return Err(backend::needs_postgres(what, &url));
             }
             let queue = backend::connect(&url, &global.namespace).await?;
-            let result = dispatch(&queue, command).await;
+            let result = dispatch(&queue, &global.namespace, command).await;
             // On every path: the last settles reach the broker before the process exits.
             let closed = pgtide::Queue::close(&queue).await.map_err(|e| {
                 CliError::from(e).prefixed("closing the connection failed; the last settles may not have reached the server")
@@ -194,7 +194,7 @@ async fn run(cli: Cli) -> CliResult<u8> {
     }
 }
 
-async fn dispatch<B: Target>(b: &B, command: Command) -> CliResult {
+async fn dispatch<B: Target>(b: &B, namespace: &str, command: Command) -> CliResult {
     match command {
         Command::Migrate { .. } => admin::migrate(b.require_postgres("migrate")?).await,
         Command::Grant {
@@ -215,11 +215,14 @@ async fn dispatch<B: Target>(b: &B, command: Command) -> CliResult {
         Command::Dead(c) => dead::run(b, c).await,
         Command::Scout(args) => stats::scout(b.require_postgres("scout")?, args).await,
         #[cfg(feature = "dashboard")]
-        Command::Dashboard(args) => dashboard::run(b.require_postgres("dashboard")?, args).await,
+        Command::Dashboard(args) => dashboard::run(b.to_any(), namespace, args).await,
         #[cfg(not(feature = "dashboard"))]
-        Command::Dashboard(_) => Err(CliError::usage(
-            "`pgtide dashboard` is not in this build: install it with `cargo install pgtide-cli --features dashboard`",
-        )),
+        Command::Dashboard(_) => {
+            let _ = namespace; // only the dashboard needs it
+            Err(CliError::usage(
+                "`pgtide dashboard` is not in this build: install it with `cargo install pgtide-cli --features dashboard`",
+            ))
+        }
         Command::Health { .. } | Command::Bench(_) => unreachable!("handled before connecting"),
     }
 }

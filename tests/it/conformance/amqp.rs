@@ -37,7 +37,7 @@ impl Drop for Cleanup {
     }
 }
 
-async fn fresh() -> (AmqpBackend, Cleanup) {
+pub(crate) async fn fresh() -> (AmqpBackend, Cleanup) {
     let ns = crate::common::unique("t");
     let backend = AmqpBackend::connect(&url(), &ns).await.unwrap();
     (backend, Cleanup { ns })

@@ -83,7 +83,7 @@ conformance!(any_memory, crate::conformance::backends::any_memory);
 conformance!(any_postgres, crate::conformance::backends::any_postgres);
 
 #[cfg(feature = "amqp")]
-mod amqp;
+pub(crate) mod amqp;
 #[cfg(feature = "nats")]
 pub(crate) mod nats;
 #[cfg(feature = "redis")]

@@ -9,12 +9,12 @@ use pgtide::{
     Error, GroupStart, OutgoingMessage, Queue, QueueConsumer, RedisBackend, StreamConfig,
 };
 
-fn url() -> String {
+pub(crate) fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
 /// Deletes every key of the test's namespace when the test ends.
-pub struct Cleanup(String);
+pub struct Cleanup(pub(crate) String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {

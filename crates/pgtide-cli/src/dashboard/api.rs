@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::error::{rejection, ApiError};
 use super::AppState;
-use crate::dead::{dead_json, groups_of};
+use crate::dead::dead_json;
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
@@ -94,13 +94,14 @@ pub(crate) async fn dead_list(
     };
     let group = q.group.filter(|g| !g.is_empty());
     let mut letters = vec![];
-    for g in groups_of(&s.pg, &q.stream, group.as_deref()).await? {
+    for g in s.source.groups_of(&q.stream, group.as_deref()).await? {
         let room = limit - letters.len();
         if room == 0 {
             break;
         }
         letters.extend(
-            s.pg.dead_letters(&q.stream, &g, room)
+            s.source
+                .dead_letters(&q.stream, &g, room)
                 .await?
                 .iter()
                 .map(dead_json),
@@ -117,7 +118,7 @@ pub(crate) async fn dead_show(
     let Path((stream, group, id)) = p.map_err(rejection)?;
     let id = parse_id(&id)?;
     let group = one_group(&s, &stream, &group).await?;
-    match s.pg.dead_letter(&stream, &group, id).await? {
+    match s.source.dead_letter(&stream, &group, id).await? {
         Some(d) => Ok(Json(dead_json(&d))),
         None => Err(ApiError::not_found(format!(
             "message {id} is not a dead letter of stream {stream:?} group {group:?}"
@@ -191,10 +192,15 @@ async fn settle(
         ),
     };
     let group = one_group(s, &stream, &group).await?;
+    // Writes are allowed on Postgres only (checked at start); a broker has no replay.
+    let pg = s
+        .source
+        .postgres()
+        .ok_or_else(|| ApiError::forbidden("writes are disabled on this backend"))?;
     let n = if replay {
-        s.pg.replay_dead(&stream, &group, ids.as_deref()).await?
+        pg.replay_dead(&stream, &group, ids.as_deref()).await?
     } else {
-        s.pg.purge_dead(&stream, &group, ids.as_deref()).await?
+        pg.purge_dead(&stream, &group, ids.as_deref()).await?
     };
     tracing::info!(
         stream,
@@ -210,7 +216,7 @@ async fn settle(
 /// The group, checked to exist in the stream (names validated by the library).
 async fn one_group(s: &AppState, stream: &str, group: &str) -> Result<String, ApiError> {
     pgtide::validate_name("group", group)?;
-    let mut groups = groups_of(&s.pg, stream, Some(group)).await?;
+    let mut groups = s.source.groups_of(stream, Some(group)).await?;
     groups
         .pop()
         .ok_or_else(|| ApiError::not_found(format!("group {group:?} not found")))

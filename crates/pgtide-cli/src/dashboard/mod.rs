@@ -4,13 +4,15 @@
 //! Invariants: the page reads only what `stats`, `dead list` and the `scout` view read, so a
 //! `grant --read-only` role runs it; writes (replay, purge) exist only with `--allow-writes` and
 //! a token the page sends in a header; the history behind the charts lives in this process and
-//! is lost when it stops. Postgres only: other backends have no registry to list every stream.
+//! is lost when it stops. On another backend (`--backend`) it shows the groups named with
+//! `--group` through the `Queue` trait, read-only (see `source.rs`).
 
 mod api;
 mod assets;
 mod auth;
 mod error;
 mod sampler;
+mod source;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,14 +20,14 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use pgtide::PgBackend;
+use pgtide::AnyBackend;
 
 use crate::cli::DashboardArgs;
 use crate::error::{CliError, CliResult};
 
 /// What every request handler shares.
 pub(crate) struct AppState {
-    pg: PgBackend,
+    source: Arc<source::Source>,
     sampler: sampler::Sampler,
     auth: auth::WriteAuth,
 }
@@ -33,24 +35,33 @@ pub(crate) struct AppState {
 /// Request bodies are a list of ids at most: anything larger is hostile.
 const MAX_BODY: usize = 64 * 1024;
 
-/// `dashboard [--listen ADDR] [--allow-writes [--token T]] [--interval D]`.
-pub async fn run(pg: &PgBackend, args: DashboardArgs) -> CliResult {
+/// `dashboard [--listen ADDR] [--allow-writes [--token T]] [--interval D] [--group S/G]...`.
+pub async fn run(backend: AnyBackend, namespace: &str, args: DashboardArgs) -> CliResult {
     if args.interval < Duration::from_secs(1) {
         return Err(CliError::usage(
             "--interval must be 1s or more: each sample runs the stats queries of every group",
         ));
     }
-    let namespace = pg.namespace().to_owned();
-    // Fail before serving when the namespace is missing or the role cannot read it.
-    crate::stats::sample_all(pg).await?;
+    let source = Arc::new(source::Source::new(backend, namespace, &args.groups)?);
+    if args.allow_writes && source.postgres().is_none() {
+        return Err(CliError::usage(format!(
+            "--allow-writes: replay and purge are not supported by the {} backend (its Queue trait has no replay); the dashboard shows it read-only",
+            source.kind()
+        )));
+    }
+    // Fail before serving when the namespace, a stream or a group is missing, or the role
+    // cannot read it.
+    source.sample().await?;
     let auth = auth::WriteAuth::new(args.allow_writes, args.token)?;
-    // The listener status the page shows is this process's own LISTEN connection: it proves
-    // that notifications reach a listener of this namespace.
-    pg.start_listening();
+    if let Some(pg) = source.postgres() {
+        // The listener status the page shows is this process's own LISTEN connection: it
+        // proves that notifications reach a listener of this namespace.
+        pg.start_listening();
+    }
     let token = crate::shutdown_signal();
-    let sampler = sampler::Sampler::start(pg.clone(), args.interval, token.clone());
+    let sampler = sampler::Sampler::start(source.clone(), args.interval, token.clone());
     let state = Arc::new(AppState {
-        pg: pg.clone(),
+        source: source.clone(),
         sampler,
         auth,
     });
@@ -73,7 +84,7 @@ pub async fn run(pg: &PgBackend, args: DashboardArgs) -> CliResult {
         );
         println!("token {t}");
     }
-    tracing::info!(%addr, namespace, writes = state.auth.enabled(), "pgtide dashboard: serving");
+    tracing::info!(%addr, namespace, backend = source.kind(), writes = state.auth.enabled(), "pgtide dashboard: serving");
     let stop = token.clone();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -1,20 +1,21 @@
 //! The sampling task: every interval it reads the stats of every group (the same queries as
-//! `pgtide stats`), the publish counts, the scout lease and this process's listener, keeps an
-//! hour of rates and lag in memory for the charts, and publishes each sample to the page's
-//! event streams. A failed sample is shown on the page and retried at the next tick: the task
-//! never dies while the dashboard runs.
+//! `pgtide stats`), the publish counts, the scout lease and this process's listener (on a broker:
+//! the stats of the groups given, see `source.rs`), keeps an hour of rates and lag in memory for
+//! the charts, and publishes each sample to the page's event streams. A failed sample is shown on
+//! the page and retried at the next tick: the task never dies while the dashboard runs.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgtide::{CancellationToken, PgBackend};
+use pgtide::CancellationToken;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::source::Source;
 use crate::human::format_time;
-use crate::stats::{rates, sample_all, Sample};
+use crate::stats::{rates, Sample};
 
 /// How far back the charts go.
 const HISTORY: Duration = Duration::from_secs(3600);
@@ -23,7 +24,7 @@ const HISTORY: Duration = Duration::from_secs(3600);
 #[derive(Debug, Clone)]
 pub(crate) struct Point {
     t: f64,
-    /// Messages per second published, by stream.
+    /// Messages per second published, by stream (Postgres only: brokers keep no counts).
     publish: BTreeMap<String, f64>,
     /// Messages per second settled (acked or dead-lettered), by `stream/group`.
     ack: BTreeMap<String, f64>,
@@ -53,13 +54,17 @@ pub(crate) struct Sampler {
 
 impl Sampler {
     /// Starts sampling every `interval` until `token` is cancelled.
-    pub(crate) fn start(pg: PgBackend, interval: Duration, token: CancellationToken) -> Sampler {
+    pub(crate) fn start(
+        source: Arc<Source>,
+        interval: Duration,
+        token: CancellationToken,
+    ) -> Sampler {
         let (tx, latest) = watch::channel(Arc::new(Latest {
             overview: json!({"at": null, "groups": [], "error": "no sample yet"}),
             point: None,
         }));
         let history = Arc::new(Mutex::new(VecDeque::new()));
-        let task = tokio::spawn(run(pg, interval, token, tx, history.clone()));
+        let task = tokio::spawn(run(source, interval, token, tx, history.clone()));
         Sampler {
             latest,
             history,
@@ -100,7 +105,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 async fn run(
-    pg: PgBackend,
+    source: Arc<Source>,
     interval: Duration,
     token: CancellationToken,
     tx: watch::Sender<Arc<Latest>>,
@@ -117,12 +122,12 @@ async fn run(
             _ = token.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let scout = pg.scout_lease().await;
-        let sample = sample_all(&pg).await;
+        let (scout, listener) = source.engine_status().await;
+        let sample = source.sample().await;
         let latest = match sample {
             Ok(cur) => {
-                let point = prev.as_ref().and_then(|p| point(p, &cur));
-                let overview = overview(&pg, &cur, prev.as_ref(), scout);
+                let point = prev.as_ref().map(|p| point(p, &cur));
+                let overview = overview(&source, &cur, prev.as_ref(), scout, listener);
                 if let Some(p) = &point {
                     let mut h = lock(&history);
                     h.push_back(p.clone());
@@ -155,15 +160,19 @@ fn key(stream: &str, group: &str) -> String {
     format!("{stream}/{group}")
 }
 
-/// The charts' point between two samples (None on the first sample: rates need two).
-fn point(prev: &Sample, cur: &Sample) -> Option<Point> {
-    let r = rates(prev, cur)?;
+/// The charts' point between two samples (rates need two; without publish counts, on a
+/// broker, the point has the lag only).
+fn point(prev: &Sample, cur: &Sample) -> Point {
+    let r = rates(prev, cur);
     let mut ack = BTreeMap::new();
     let mut lag = BTreeMap::new();
     for g in &cur.groups {
         let Some(name) = &g.group else { continue };
         let k = key(&g.stream, name);
-        if let Some(v) = r.settle.get(&(g.stream.clone(), name.clone())) {
+        if let Some(v) = r
+            .as_ref()
+            .and_then(|r| r.settle.get(&(g.stream.clone(), name.clone())))
+        {
             ack.insert(k.clone(), round(*v));
         }
         lag.insert(
@@ -171,16 +180,16 @@ fn point(prev: &Sample, cur: &Sample) -> Option<Point> {
             round(g.oldest_ready_age.map_or(0.0, |d| d.as_secs_f64())),
         );
     }
-    Some(Point {
+    Point {
         t: cur.wall.timestamp_millis() as f64 / 1000.0,
         publish: r
-            .publish
             .iter()
+            .flat_map(|r| &r.publish)
             .map(|(s, v)| (s.clone(), round(*v)))
             .collect(),
         ack,
         lag,
-    })
+    }
 }
 
 fn round(v: f64) -> f64 {
@@ -189,10 +198,11 @@ fn round(v: f64) -> f64 {
 
 /// The page's tables: every group with its counts and rates, the scout and the listener.
 fn overview(
-    pg: &PgBackend,
+    source: &Source,
     cur: &Sample,
     prev: Option<&Sample>,
-    scout: pgtide::Result<Option<pgtide::ScoutLease>>,
+    scout: Value,
+    listener: Value,
 ) -> Value {
     let r = prev.and_then(|p| rates(p, cur));
     let groups: Vec<Value> = cur
@@ -212,27 +222,15 @@ fn overview(
             })
         })
         .collect();
-    let scout = match scout {
-        Ok(Some(l)) => json!({
-            "holder": l.holder, "term": l.term,
-            "since": l.since.map(format_time), "expires_at": format_time(l.expires_at),
-        }),
-        Ok(None) => json!({"holder": null}),
-        Err(e) => json!({"error": crate::error::CliError::from(e).message}),
-    };
-    let l = pg.listener_status();
     json!({
-        "namespace": pg.namespace(),
+        "namespace": source.namespace(),
+        "backend": source.kind(),
+        // Brokers keep no publish counts: the page says so instead of drawing empty rates.
+        "rates": cur.published.is_some(),
         "at": format_time(cur.wall),
         "groups": groups,
         "scout": scout,
-        "listener": {
-            "connected": l.connected,
-            "last_notification_at": l.last_notification_at.map(format_time),
-            "reconnects": l.reconnects,
-            "restarts": l.restarts,
-            "last_error": l.last_error,
-        },
+        "listener": listener,
         "error": null,
     })
 }

@@ -317,3 +317,99 @@ async fn cli_bad_input_writes_nothing_and_exits_with_documented_codes() {
         .ok();
     assert_eq!(super::depth(&ns, "s1", "g").await, (201, 1, 0, 0));
 }
+
+/// A payload an event worker cannot decode (published with the CLI, a valid envelope but not the
+/// handler's type) is dead-lettered at once, and `dead list` shows it with reason `malformed`
+/// and the attempt it died on, in the table and in JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_dead_list_shows_malformed_for_an_undecodable_event() {
+    use std::sync::{Arc, Mutex};
+
+    use pgtide::{CancellationToken, Outcome, OutgoingMessage, Worker};
+
+    let ns = namespace().await;
+    pgtide(&ns, &["stream", "create", "events", "--max-deliver", "5"])
+        .await
+        .ok();
+    pgtide(&ns, &["group", "create", "events", "billing"])
+        .await
+        .ok();
+    // The handler takes events whose payload is a number; this one is an object.
+    let produced_at = chrono::Utc::now().to_rfc3339();
+    let bad = pgtide(
+        &ns,
+        &[
+            "publish",
+            "events",
+            "--data",
+            r#"{"order":"x"}"#,
+            "--header",
+            "event-type=order.created",
+            "--header",
+            "event-schema-version=1",
+            "--header",
+            &format!("event-produced-at={produced_at}"),
+        ],
+    )
+    .await
+    .ok();
+    let bad_id = bad.stdout.trim().to_owned();
+    ns.publish(
+        "events",
+        OutgoingMessage::event("order.created", &7u64).unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let consumer = ns.consumer("events", "billing", "w").await.unwrap();
+    let worker = Worker::events(consumer, {
+        let seen = seen.clone();
+        move |ev: pgtide::Event<u64>, _d| {
+            seen.lock().unwrap().push(ev.data);
+            async { Ok::<_, String>(Outcome::Ack) }
+        }
+    });
+    let token = CancellationToken::new();
+    let run = tokio::spawn(worker.run(token.clone()));
+    let deadline = tokio::time::Instant::now() + crate::common::WAIT;
+    while ns.stats("events", "billing").await.unwrap().dead < 1 || seen.lock().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker dead-letters the bad event and handles the good one"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    token.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![7]);
+    assert_eq!(
+        (report.dead_lettered, report.retried),
+        (1, 0),
+        "dead-lettered at once, not retried: {report:?}"
+    );
+
+    let table = pgtide(&ns, &["dead", "list", "events", "--group", "billing"])
+        .await
+        .ok();
+    let lines = table.lines();
+    assert_eq!(lines.len(), 2, "a header and one dead letter: {table:?}");
+    let cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        &cells[..4],
+        &["billing", bad_id.as_str(), "1", "malformed"],
+        "GROUP ID ATTEMPTS REASON: {table:?}"
+    );
+    let json = pgtide(
+        &ns,
+        &["dead", "list", "events", "--group", "billing", "--json"],
+    )
+    .await
+    .ok()
+    .json();
+    assert_eq!(json["id"], bad_id.as_str());
+    assert_eq!(json["reason"], pgtide::MALFORMED);
+    assert_eq!(json["attempts"], 1);
+    assert_eq!(json["payload"], serde_json::json!({"order": "x"}));
+    assert_eq!(json["headers"]["event-type"], "order.created");
+}

@@ -4,6 +4,8 @@
 
 mod backends;
 #[cfg(feature = "dashboard")]
+mod browser;
+#[cfg(feature = "dashboard")]
 mod dashboard;
 // The library's own test fixtures (a fresh namespace per test), shared rather than copied; the
 // CLI tests use only part of them.

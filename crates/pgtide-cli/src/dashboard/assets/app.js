@@ -37,7 +37,10 @@ async function api(path, options) {
 }
 
 function render(o) {
-  $("namespace").textContent = o.namespace ? "· " + o.namespace : "";
+  $("namespace").textContent = o.namespace ? "· " + o.namespace + (o.backend && o.backend !== "postgres" ? " (" + o.backend + ")" : "") : "";
+  const note = $("rates-note");
+  note.hidden = o.rates !== false;
+  note.textContent = o.rates === false ? "Publish and ack rates: not available on the " + o.backend + " backend, which keeps no publish counts; lag is charted." : "";
   $("at").textContent = o.at ? "sampled " + new Date(o.at).toLocaleTimeString() : "";
   const err = $("error");
   err.hidden = !o.error;
@@ -59,13 +62,14 @@ function render(o) {
   $("groups").tBodies[0].replaceChildren(...rows);
 
   const s = o.scout || {};
-  $("scout").replaceChildren(s.error ? el("span", { class: "bad" }, s.error)
+  $("scout").replaceChildren(s.unavailable ? el("span", { class: "muted" }, s.unavailable)
+    : s.error ? el("span", { class: "bad" }, s.error)
     : s.holder ? el("span", {}, el("b", { class: "ok" }, s.holder), " holds the lease, term ", el("b", { id: "scout-term" }, s.term),
         s.since ? ", since " + new Date(s.since).toLocaleString() : "", ", expires " + new Date(s.expires_at).toLocaleTimeString())
       : el("span", { class: "bad" }, "no scout holds the lease: run `pgtide scout` or a consuming process"));
 
   const l = o.listener || {};
-  $("listener").replaceChildren(el("span", {},
+  $("listener").replaceChildren(l.unavailable ? el("span", { class: "muted" }, l.unavailable) : el("span", {},
     el("b", { class: l.connected ? "ok" : "bad" }, l.connected ? "connected" : "not connected"),
     ", last notification " + (l.last_notification_at ? new Date(l.last_notification_at).toLocaleTimeString() : "none yet"),
     ", reconnects " + (l.reconnects || 0),
@@ -108,11 +112,11 @@ async function loadDead(stream, group) {
     const r = await api("/api/dead?" + new URLSearchParams({ stream, group, limit: "100" }));
     const rows = r.dead_letters.map((d) => el("tr", { "data-id": d.id },
       el("td", {}, el("button", { class: "link", type: "button", onclick: () => showDead(d) }, d.id)),
-      el("td", {}, d.group), el("td", { class: "num" }, d.attempts), el("td", {}, d.reason),
+      el("td", {}, d.group), el("td", { class: "num" }, d.attempts), el("td", { class: "reason" }, d.reason),
       el("td", {}, new Date(d.dead_at).toLocaleString()), el("td", { class: "err" }, d.error || ""),
       el("td", {}, state.writes ? el("span", {},
-        el("button", { type: "button", onclick: () => settle("replay", { ids: [d.id] }) }, "Replay"), " ",
-        el("button", { type: "button", class: "danger", onclick: () => settle("purge", { ids: [d.id] }) }, "Purge")) : "")));
+        el("button", { type: "button", "data-action": "replay", onclick: () => settle("replay", { ids: [d.id] }) }, "Replay"), " ",
+        el("button", { type: "button", class: "danger", "data-action": "purge", onclick: () => settle("purge", { ids: [d.id] }) }, "Purge")) : "")));
     $("dead-letters").tBodies[0].replaceChildren(...rows);
     $("dead-msg").textContent = rows.length ? "" : "no dead letters";
   } catch (e) {

@@ -1,5 +1,9 @@
-//! `pgtide dashboard`: the JSON API and its guards over HTTP (as a read-only role, and with
-//! writes and a token), then the page in a real browser (headless Chromium).
+//! `pgtide dashboard`: the JSON API and its guards over HTTP as a read-only role (here), the page
+//! in a real browser with writes and a token (`browser.rs`), a broker through `--backend` and a
+//! restart (`backends.rs`).
+
+mod backends;
+mod browser;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -8,7 +12,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Child;
 
-use super::{command, pgtide, terminate, url_as};
+use super::{bare_command, command, pgtide, terminate, url_as};
 use crate::common::{json as message, namespace, unique, TestNs, WAIT};
 use crate::operations::RoleGuard;
 
@@ -22,10 +26,21 @@ impl Dashboard {
     /// Starts `pgtide dashboard --listen 127.0.0.1:0 --interval 1s ARGS…` and reads the address
     /// it prints first.
     async fn start(ns: &TestNs, database_url: &str, args: &[&str]) -> Dashboard {
-        let mut all = vec!["dashboard", "--listen", "127.0.0.1:0", "--interval", "1s"];
-        all.extend_from_slice(args);
-        let mut c = command(ns, &all);
-        c.env("DATABASE_URL", database_url)
+        let mut c = command(ns, &[]);
+        c.env("DATABASE_URL", database_url);
+        Dashboard::spawn(c, args).await
+    }
+
+    /// Starts `pgtide dashboard` on a broker: `--backend url` in namespace `ns`.
+    async fn start_on(url: &str, ns: &str, args: &[&str]) -> Dashboard {
+        let mut c = bare_command(ns);
+        c.arg("--backend").arg(url);
+        Dashboard::spawn(c, args).await
+    }
+
+    async fn spawn(mut c: tokio::process::Command, args: &[&str]) -> Dashboard {
+        c.args(["dashboard", "--listen", "127.0.0.1:0", "--interval", "1s"])
+            .args(args)
             .env_remove("PGTIDE_DASHBOARD_TOKEN")
             .stderr(Stdio::inherit());
         let mut child = c.spawn().expect("pgtide binary");
@@ -314,194 +329,4 @@ async fn dashboard_read_only_role_sees_counts_and_dead_letters_and_cannot_write(
     assert_eq!(status, 200);
     assert!(js.contains("uPlot"));
     dash.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_replays_with_the_token_and_renders_in_a_browser() {
-    let ns = namespace().await;
-    let dead_id = traffic(&ns, 5).await;
-    // A scout in this process, so the page has a holder and term to show.
-    ns.start_scout();
-    let token = "test-token-0123456789";
-    let dash = Dashboard::start(&ns, &ns.url, &["--allow-writes", "--token", token]).await;
-    dash.wait_for("/api/overview", "the scout holder", |o| {
-        o["scout"]["holder"].is_string() && o["writes"] == true
-    })
-    .await;
-
-    let replay = "/api/dead/orders/billing/replay";
-    let body = json!({ "ids": [dead_id] }).to_string();
-    let json_header = ("content-type", "application/json");
-    let (status, answer) = dash
-        .request(
-            "POST",
-            replay,
-            &[json_header, ("x-pgtide-token", "wrong-token-0123456789")],
-            &body,
-        )
-        .await;
-    assert_eq!(status, 403, "{answer}");
-    let (status, answer) = dash.request("POST", replay, &[json_header], &body).await;
-    assert_eq!(status, 403, "{answer}");
-    for bad in [
-        r#"{"ids":["nope"]}"#,
-        r#"{"ids":[]}"#,
-        r#"{"all":true,"ids":["x"]}"#,
-        r#"{"bogus":1}"#,
-        "not json",
-        "[]",
-    ] {
-        let (status, answer) = dash
-            .request(
-                "POST",
-                replay,
-                &[json_header, ("x-pgtide-token", token)],
-                bad,
-            )
-            .await;
-        assert!((400..500).contains(&status), "{bad}: {status} {answer}");
-    }
-    assert_eq!(
-        ns.stats("orders", "billing").await.unwrap().dead,
-        1,
-        "nothing moved yet"
-    );
-    let (status, answer) = dash
-        .request(
-            "POST",
-            replay,
-            &[json_header, ("x-pgtide-token", token)],
-            &body,
-        )
-        .await;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(
-        serde_json::from_str::<Value>(&answer).unwrap(),
-        json!({"replayed": 1})
-    );
-    let stats = ns.stats("orders", "billing").await.unwrap();
-    assert_eq!(
-        (stats.dead, stats.ready),
-        (0, 5),
-        "the dead letter is back: {stats:?}"
-    );
-
-    // Two samples at least give the charts a point; more traffic gives them a rate.
-    for n in 0..5 {
-        ns.publish("orders", message(json!({"more": n})))
-            .await
-            .unwrap();
-    }
-    dash.wait_for("/api/history", "two chart points", |h| {
-        h["points"].as_array().is_some_and(|p| p.len() >= 2)
-    })
-    .await;
-    dash.wait_for("/api/overview", "the new counts", |o| {
-        group(o, "orders", "billing").is_some_and(|g| g["ready"] == 10)
-    })
-    .await;
-
-    browser(&dash.addr).await;
-    dash.stop().await;
-}
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-
-/// Loads the page in headless Chromium: the DOM has the streams, the counts and drawn charts;
-/// a screenshot goes to `PGTIDE_DASHBOARD_SCREENSHOT` when set (the README's picture).
-async fn browser(addr: &str) {
-    if !std::path::Path::new(CHROMIUM).exists() {
-        eprintln!("SKIPPED the browser part of the dashboard test: {CHROMIUM} is missing (apt-get install chromium; .ci/run installs it)");
-        return;
-    }
-    let profile = std::env::temp_dir().join(unique("chromium"));
-    // The snapshot form: the live connection would stop the browser's virtual clock (the
-    // events are tested over HTTP above).
-    let url = format!("http://{addr}/?snapshot");
-    let run = |extra: Vec<String>| {
-        let mut c = tokio::process::Command::new(CHROMIUM);
-        c.args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
-            "--window-size=1280,900",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(extra)
-        .arg(&url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-        c
-    };
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        run(vec!["--dump-dom".into()]).output(),
-    )
-    .await
-    .expect("chromium finishes")
-    .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        dom.contains(r#"data-stream="orders" data-group="billing""#),
-        "{dom}"
-    );
-    assert!(
-        dom.contains(r#"data-stream="orders" data-group="audit""#),
-        "{dom}"
-    );
-    assert!(dom.contains(r#"<td class="num ready">10</td>"#), "{dom}");
-    assert!(
-        dom.contains(r#"id="scout-term""#),
-        "the scout's term is shown: {dom}"
-    );
-    for chart in ["publish", "ack", "lag"] {
-        let start = dom
-            .find(&format!(r#"id="chart-{chart}""#))
-            .unwrap_or_else(|| panic!("{dom}"));
-        let tail = &dom[start..];
-        let points: usize = tail
-            .split("data-points=\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        assert!(points >= 2, "chart {chart} has {points} points: {dom}");
-        assert!(
-            tail[..tail.len().min(4000)].contains("<canvas"),
-            "chart {chart} is drawn: {dom}"
-        );
-    }
-    assert!(
-        dom.contains("data-series=\"orders\""),
-        "the publish chart plots the stream: {dom}"
-    );
-    if let Ok(path) = std::env::var("PGTIDE_DASHBOARD_SCREENSHOT") {
-        let out = tokio::time::timeout(
-            Duration::from_secs(120),
-            run(vec![format!("--screenshot={path}")]).output(),
-        )
-        .await
-        .expect("chromium finishes")
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            std::fs::metadata(&path).is_ok_and(|m| m.len() > 10_000),
-            "a screenshot at {path}"
-        );
-    }
-    let _ = std::fs::remove_dir_all(&profile);
 }
