@@ -4,19 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{
-    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
-    Message as SqsMessage, MessageSystemAttributeName,
-};
+use aws_sdk_sqs::types::{Message as SqsMessage, MessageSystemAttributeName};
 use chrono::Utc;
-use futures_util::future::join_all;
 use tokio::time::Instant;
-use uuid::Uuid;
 
 use super::admin::{group_not_found, MAX_VISIBILITY};
 use super::api::{self, seconds_up};
-use super::codec::{self, Dead, Meta, Received};
-use super::publish::{Outgoing, SendError};
+use super::codec::{self, Received};
+use super::settle::{Settled, Token};
 use super::{SqsBackend, StreamMeta};
 use crate::error::{Error, Result};
 use crate::names::validate_name;
@@ -28,34 +23,19 @@ const MAX_WAIT: u64 = 20;
 /// in whole seconds).
 const SHORT_POLL: Duration = Duration::from_millis(50);
 /// Messages per receive and entries per settle batch.
-const BATCH: usize = 10;
-
-/// The settle handle of a delivery: its receipt handle, and what a re-send or a dead letter
-/// copies.
-struct Token {
-    handle: String,
-    body: String,
-    meta: Meta,
-}
-
-/// What a settle did to one delivery.
-enum Settled {
-    Done,
-    Dead,
-    Lost,
-}
+pub(super) const BATCH: usize = 10;
 
 /// A consumer of the SQS backend: one named receiver of a group's queue. Cheap to clone.
 #[derive(Clone)]
 pub struct SqsConsumer {
-    backend: SqsBackend,
-    meta: Arc<StreamMeta>,
-    stream: String,
-    group: String,
+    pub(super) backend: SqsBackend,
+    pub(super) meta: Arc<StreamMeta>,
+    pub(super) stream: String,
+    pub(super) group: String,
     name: String,
-    url: String,
+    pub(super) url: String,
     /// The lease in whole seconds, as the visibility timeout of every receive.
-    visibility: i32,
+    pub(super) visibility: i32,
 }
 
 impl std::fmt::Debug for SqsConsumer {
@@ -95,12 +75,12 @@ impl SqsConsumer {
         })
     }
 
-    fn client(&self) -> &aws_sdk_sqs::Client {
+    pub(super) fn client(&self) -> &aws_sdk_sqs::Client {
         &self.backend.inner.client
     }
 
     /// The group's queue is gone: forget it and say so.
-    fn gone(&self) -> Error {
+    pub(super) fn gone(&self) -> Error {
         self.backend.forget_url(&self.meta.names.group(&self.group));
         self.backend.forget(&self.stream);
         group_not_found(&self.stream, &self.group)
@@ -179,206 +159,6 @@ impl SqsConsumer {
                 meta: r.meta,
             })),
         }
-    }
-
-    /// The delivery's token, if it is one of this consumer's group.
-    fn token<'a>(&self, d: &'a Delivery) -> Option<&'a Token> {
-        if d.group != self.group || d.stream != self.stream {
-            return None;
-        }
-        d.token::<Token>()
-    }
-
-    /// Sends a copy due at `due` (Unix ms) and deletes the one at `handle`. Used for early
-    /// messages and nack delays past 12 h; the copy keeps the id and the attempts.
-    async fn resend(&self, handle: &str, body: &str, meta: Meta, due: i64) -> Result<bool> {
-        let native = self.backend.inner.options.max_native_delay;
-        let copy = Outgoing::new(body.to_owned(), meta, Some(due), native)?;
-        match self.backend.send_batch(&self.url, &[&copy]).await {
-            Ok(()) => {}
-            Err(SendError::Gone) => return Err(self.gone()),
-            Err(SendError::Failed(e)) => return Err(e),
-        }
-        self.delete(handle).await
-    }
-
-    /// Deletes one message; false if its handle is no longer valid.
-    async fn delete(&self, handle: &str) -> Result<bool> {
-        let call = self
-            .client()
-            .delete_message()
-            .queue_url(&self.url)
-            .receipt_handle(handle);
-        match self.backend.timed(async { Ok(call.send().await) }).await? {
-            Ok(_) => Ok(true),
-            Err(e) if api::handle_gone(api::code(&e)) => Ok(false),
-            Err(e) if api::queue_missing(api::code(&e)) => Err(self.gone()),
-            Err(e) => Err(api::sdk(e)),
-        }
-    }
-
-    /// Sets one message's visibility; false if its handle is no longer valid.
-    async fn set_visibility(&self, handle: &str, seconds: i32) -> Result<bool> {
-        let call = self
-            .client()
-            .change_message_visibility()
-            .queue_url(&self.url)
-            .receipt_handle(handle)
-            .visibility_timeout(seconds);
-        match self.backend.timed(async { Ok(call.send().await) }).await? {
-            Ok(_) => Ok(true),
-            Err(e) if api::handle_gone(api::code(&e)) => Ok(false),
-            Err(e) if api::queue_missing(api::code(&e)) => Err(self.gone()),
-            Err(e) => Err(api::sdk(e)),
-        }
-    }
-
-    /// Copies a message into the group's dead-letter queue with its record, then deletes it.
-    async fn bury(
-        &self,
-        handle: &str,
-        body: &str,
-        meta: &Meta,
-        reason: &str,
-        error: Option<&str>,
-        attempts: u32,
-    ) -> Result<Settled> {
-        let dead_name = self.meta.names.dead(&self.group);
-        let dead_url = self
-            .backend
-            .url(&dead_name)
-            .await?
-            .ok_or_else(|| self.gone())?;
-        let mut meta = meta.clone();
-        meta.due = None;
-        meta.dead = Some(Dead {
-            reason: reason.to_owned(),
-            error: error.map(str::to_owned),
-            attempts,
-            at: Utc::now().timestamp_millis(),
-        });
-        let copy = Outgoing::new(body.to_owned(), meta, None, Duration::ZERO)?;
-        match self.backend.send_batch(&dead_url, &[&copy]).await {
-            Ok(()) => {}
-            Err(SendError::Gone) => {
-                self.backend.forget_url(&dead_name);
-                return Err(self.gone());
-            }
-            Err(SendError::Failed(e)) => return Err(e),
-        }
-        Ok(if self.delete(handle).await? {
-            Settled::Dead
-        } else {
-            Settled::Lost
-        })
-    }
-
-    /// Runs `settle` on every delivery concurrently and reports.
-    async fn settle_each<'a, F, Fut>(
-        &'a self,
-        ds: &[&'a Delivery],
-        settle: F,
-    ) -> Result<SettleReport>
-    where
-        F: Fn(&'a Delivery, &'a Token) -> Fut,
-        Fut: std::future::Future<Output = Result<Settled>>,
-    {
-        let results = join_all(ds.iter().map(|d| async {
-            match self.token(d) {
-                Some(t) => settle(d, t).await,
-                None => Ok(Settled::Lost),
-            }
-        }))
-        .await;
-        let (mut settled, mut dead) = (vec![], vec![]);
-        for (d, r) in ds.iter().zip(results) {
-            match r? {
-                Settled::Done => settled.push(d.id()),
-                Settled::Dead => dead.push(d.id()),
-                Settled::Lost => {}
-            }
-        }
-        Ok(SettleReport::from_parts(ds, settled, dead))
-    }
-
-    /// Deletes (`visibility` None) or sets the visibility of deliveries, ten per call; the ids
-    /// SQS confirmed.
-    async fn batch(&self, ds: &[&Delivery], visibility: Option<i32>) -> Result<Vec<Uuid>> {
-        let own: Vec<(Uuid, &Token)> = ds
-            .iter()
-            .filter_map(|d| self.token(d).map(|t| (d.id(), t)))
-            .collect();
-        let mut done = vec![];
-        for chunk in own.chunks(BATCH) {
-            let (ok, failed) = match visibility {
-                None => {
-                    let mut call = self.client().delete_message_batch().queue_url(&self.url);
-                    for (i, (_, t)) in chunk.iter().enumerate() {
-                        call = call.entries(
-                            DeleteMessageBatchRequestEntry::builder()
-                                .id(i.to_string())
-                                .receipt_handle(&t.handle)
-                                .build()
-                                .map_err(|e| api::broker(e, false))?,
-                        );
-                    }
-                    match self.backend.timed(async { Ok(call.send().await) }).await? {
-                        Ok(out) => (
-                            out.successful()
-                                .iter()
-                                .map(|s| s.id().to_owned())
-                                .collect::<Vec<_>>(),
-                            out.failed().to_vec(),
-                        ),
-                        Err(e) if api::queue_missing(api::code(&e)) => return Err(self.gone()),
-                        Err(e) => return Err(api::sdk(e)),
-                    }
-                }
-                Some(seconds) => {
-                    let mut call = self
-                        .client()
-                        .change_message_visibility_batch()
-                        .queue_url(&self.url);
-                    for (i, (_, t)) in chunk.iter().enumerate() {
-                        call = call.entries(
-                            ChangeMessageVisibilityBatchRequestEntry::builder()
-                                .id(i.to_string())
-                                .receipt_handle(&t.handle)
-                                .visibility_timeout(seconds)
-                                .build()
-                                .map_err(|e| api::broker(e, false))?,
-                        );
-                    }
-                    match self.backend.timed(async { Ok(call.send().await) }).await? {
-                        Ok(out) => (
-                            out.successful()
-                                .iter()
-                                .map(|s| s.id().to_owned())
-                                .collect::<Vec<_>>(),
-                            out.failed().to_vec(),
-                        ),
-                        Err(e) if api::queue_missing(api::code(&e)) => return Err(self.gone()),
-                        Err(e) => return Err(api::sdk(e)),
-                    }
-                }
-            };
-            if let Some(f) = failed.iter().find(|f| !api::handle_gone(Some(f.code()))) {
-                return Err(api::broker(
-                    format!(
-                        "SQS failed a settle: {}: {}",
-                        f.code(),
-                        f.message().unwrap_or_default()
-                    ),
-                    !f.sender_fault(),
-                ));
-            }
-            done.extend(
-                ok.iter()
-                    .filter_map(|id| id.parse::<usize>().ok())
-                    .filter_map(|i| chunk.get(i).map(|(id, _)| *id)),
-            );
-        }
-        Ok(done)
     }
 
     /// Receives without waiting until `max` deliveries are in hand or the queue runs short.

@@ -261,3 +261,33 @@ async fn sqs_limits_are_refused_up_front() {
         Err(pgtide::Error::Unsupported { .. })
     ));
 }
+
+/// A group whose queue is gone while the group is still registered: the publish reaches the
+/// other group, then fails with a retryable error that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_fan_out_is_reported() {
+    let (q, server) = fresh().await;
+    setup(&q, StreamConfig::default()).await;
+    q.ensure_group("s", "h", GroupStart::New).await.unwrap();
+    let client = raw(&server).await;
+    let url = client
+        .get_queue_url()
+        .queue_name(format!("{}-g-s_s_h", q.namespace()))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    client.delete_queue().queue_url(url).send().await.unwrap();
+    let err = q.publish("s", msg(1)).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(
+        err.to_string().contains("published to 1 of 2 groups"),
+        "{err}"
+    );
+    let d = one(&q.consumer("s", "g", "c").await.unwrap()).await;
+    assert_eq!(d.json::<i32>().unwrap(), 1);
+    // Deleting the broken group repairs the stream: publishes succeed again.
+    assert!(q.delete_group("s", "h").await.unwrap());
+    q.publish("s", msg(2)).await.unwrap();
+}
