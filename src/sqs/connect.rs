@@ -11,10 +11,12 @@ struct Endpoint {
     url: String,
     region: Option<String>,
     credentials: Option<(String, String)>,
+    /// `tls_ca=PATH`: a PEM file of the CA to trust instead of the system roots.
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 /// Reads `sqs://[KEY:SECRET@]HOST[:PORT][?region=R]` (plain HTTP, for local servers) or
-/// `sqss://…` (HTTPS, e.g. `sqss://sqs.eu-west-1.amazonaws.com?region=eu-west-1`).
+/// `sqss://…[&tls_ca=PATH]` (HTTPS, e.g. `sqss://sqs.eu-west-1.amazonaws.com?region=eu-west-1`).
 fn parse_url(text: &str) -> Result<Endpoint> {
     // Errors never repeat the URL: it may hold a secret key.
     let url = url::Url::parse(text)
@@ -37,12 +39,21 @@ fn parse_url(text: &str) -> Result<Endpoint> {
         None => format!("{scheme}://{host}"),
     };
     let mut region = None;
+    let mut tls_ca = None;
     for (key, value) in url.query_pairs() {
         match key.as_ref() {
             "region" if !value.is_empty() => region = Some(value.into_owned()),
+            "tls_ca" if !value.is_empty() && scheme == "https" => {
+                tls_ca = Some(std::path::PathBuf::from(value.as_ref()))
+            }
+            "tls_ca" => {
+                return Err(Error::InvalidConfig(
+                    "SQS URL: tls_ca needs sqss:// (HTTPS) and the path of a PEM file".into(),
+                ))
+            }
             other => {
                 return Err(Error::InvalidConfig(format!(
-                    "SQS URL: unknown parameter {other:?} (only region=… is read)"
+                    "SQS URL: unknown parameter {other:?} (region=… and tls_ca=… are read)"
                 )))
             }
         }
@@ -65,6 +76,7 @@ fn parse_url(text: &str) -> Result<Endpoint> {
         url: endpoint,
         region,
         credentials,
+        tls_ca,
     })
 }
 
@@ -84,6 +96,24 @@ fn percent_decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// Reads a PEM CA file, checking that it holds a certificate so that a wrong path fails here
+/// and not as a puzzling handshake error.
+fn read_ca(path: &std::path::Path) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).map_err(|e| {
+        Error::InvalidConfig(format!(
+            "SQS: cannot read the TLS CA file {}: {e}",
+            path.display()
+        ))
+    })?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        return Err(Error::InvalidConfig(format!(
+            "SQS: the TLS CA file {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(pem)
 }
 
 fn env(name: &str) -> Option<String> {
@@ -118,11 +148,24 @@ pub(super) fn client(url: &str, options: &SqsOptions) -> Result<Client> {
         },
     };
     // rustls on ring, like every other backend (the SDK's default client builds aws-lc-rs).
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
+    use aws_smithy_http_client::tls;
+    let mut http = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(
+        tls::rustls_provider::CryptoMode::Ring,
+    ));
+    if let Some(path) = &endpoint.tls_ca {
+        let pem = read_ca(path)?;
+        let trust = tls::TrustStore::empty()
+            .with_native_roots(false)
+            .with_pem_certificate(pem);
+        let context = tls::TlsContext::builder()
+            .with_trust_store(trust)
+            .build()
+            .map_err(|e| {
+                Error::InvalidConfig(format!("SQS: the TLS CA file {}: {e}", path.display()))
+            })?;
+        http = http.tls_context(context);
+    }
+    let http = http.build_https();
     let config = aws_sdk_sqs::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new(region))
@@ -145,7 +188,17 @@ mod tests {
         assert_eq!(e.credentials, Some(("k/x".into(), "s@y".into())));
         let e = parse_url("sqss://sqs.eu-west-1.amazonaws.com").unwrap();
         assert_eq!(e.url, "https://sqs.eu-west-1.amazonaws.com");
-        assert!(e.region.is_none() && e.credentials.is_none());
+        assert!(e.region.is_none() && e.credentials.is_none() && e.tls_ca.is_none());
+        let e = parse_url("sqss://h:4566?tls_ca=/etc/ca.pem&region=r").unwrap();
+        assert_eq!(
+            e.tls_ca.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        let missing = client(
+            "sqss://h?tls_ca=/nonexistent.pem&region=r",
+            &SqsOptions::default().credentials("k", "s"),
+        );
+        assert!(matches!(missing, Err(Error::InvalidConfig(_))));
         for bad in [
             "sqs://",
             "http://h",
@@ -154,6 +207,7 @@ mod tests {
             "sqs://:S3CR3T@h",
             "sqs://k:S3CR3T%ff@h",
             "sqs://k:S3CR3T@h?x=S3CR3T",
+            "sqs://h?tls_ca=/etc/ca.pem",
         ] {
             let err = parse_url(bad).err().map(|e| e.to_string());
             assert!(

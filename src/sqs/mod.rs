@@ -53,8 +53,8 @@
 //!
 //! * Settles are not fenced: SQS deletes a message through any of its receipt handles, also one
 //!   of an earlier receive, so a late ack from a consumer whose lease expired acks the
-//!   redelivery another consumer holds (a handle of a deleted message is refused, which is
-//!   reported as lost).
+//!   redelivery another consumer holds. Only a visibility change (nack, term, `in_progress`,
+//!   release) through the handle of a message that is gone is refused, and reported as lost.
 //! * `release` counts as an attempt (a receive is a receive).
 //! * No dedupe keys: only FIFO queues deduplicate, and they have no per-message delay, a fixed
 //!   5-minute window and answer a duplicate without naming the original, which pgtide's

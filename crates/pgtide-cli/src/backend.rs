@@ -78,7 +78,7 @@ pub fn backend_url(global: &Global) -> CliResult<BackendUrl> {
         }
         _ => {
             return Err(CliError::usage(
-                "no database: set DATABASE_URL, pass --database-url postgres://user@host:5432/db, or set PGHOST/PGDATABASE/PGUSER as for psql (or --backend nats://…, redis://…, amqp://…)",
+                "no database: set DATABASE_URL, pass --database-url postgres://user@host:5432/db, or set PGHOST/PGDATABASE/PGUSER as for psql (or --backend nats://…, redis://…, amqp://…, sqs://…)",
             ))
         }
     };
