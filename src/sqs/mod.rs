@@ -18,7 +18,7 @@
 //! # Semantics
 //!
 //! * **Fan-out** is done by the publisher: every message is sent to every group's queue with
-//!   `SendMessageBatch` (direct sends rather than SNS → SQS subscriptions: SNS has no per-message
+//!   `SendMessageBatch` (batches in order within a group, groups at once) (direct sends rather than SNS → SQS subscriptions: SNS has no per-message
 //!   delay and would add a second service for nothing the sends lack). Entries a batch
 //!   reports failed are sent again (three tries) with the same pgtide id; if one still fails,
 //!   the publish fails with a retryable error saying how many groups got the message. Those

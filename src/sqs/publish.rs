@@ -1,5 +1,6 @@
 //! Publishing: every message to every group's queue (fan-out by the publisher), in batches of
-//! up to 10 entries and 1 MiB, entries that fail sent again with the same pgtide id.
+//! up to 10 entries and 1 MiB sent in order per group (groups concurrently), entries that fail
+//! sent again with the same pgtide id.
 
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ pub(super) const MAX_NATIVE_DELAY: u64 = 900;
 const BATCH: usize = 10;
 /// Tries of one batch's failed entries.
 const TRIES: u32 = 3;
-/// Batches in flight at once for one publish call.
+/// Groups sent to at once by one publish call.
 const CONCURRENCY: usize = 16;
 
 /// One message, encoded for SQS.
@@ -167,25 +168,30 @@ impl SqsBackend {
         })))
     }
 
-    /// Sends one batch to the queue `name` of `group`.
+    /// Sends the batches to the queue `name` of `group` one after another, so that a queue
+    /// that keeps arrival order (moto; SQS standard queues only try) keeps the caller's order.
     async fn send_to_group<'a>(
         &self,
         name: String,
         group: &'a String,
-        batch: &[&Outgoing],
+        batches: &[Vec<&Outgoing>],
     ) -> (&'a String, std::result::Result<(), SendError>) {
-        let r = match self.url(&name).await {
-            Ok(Some(url)) => match self.send_batch(&url, batch).await {
+        let url = match self.url(&name).await {
+            Ok(Some(url)) => url,
+            Ok(None) => return (group, Err(SendError::Gone)),
+            Err(e) => return (group, Err(SendError::Failed(e))),
+        };
+        for batch in batches {
+            match self.send_batch(&url, batch).await {
+                Ok(()) => {}
                 Err(SendError::Gone) => {
                     self.forget_url(&name);
-                    Err(SendError::Gone)
+                    return (group, Err(SendError::Gone));
                 }
-                other => other,
-            },
-            Ok(None) => Err(SendError::Gone),
-            Err(e) => Err(SendError::Failed(e)),
-        };
-        (group, r)
+                Err(e) => return (group, Err(e)),
+            }
+        }
+        (group, Ok(()))
     }
 
     /// Publishes `msgs` to every group of the stream; receipts in input order. See the module
@@ -253,11 +259,9 @@ impl SqsBackend {
             return Ok(receipts);
         }
         let batches = batches(&out);
-        let mut jobs = Vec::with_capacity(meta.groups.len() * batches.len());
+        let mut jobs = Vec::with_capacity(meta.groups.len());
         for group in &meta.groups {
-            for batch in &batches {
-                jobs.push(self.send_to_group(meta.names.group(group), group, batch));
-            }
+            jobs.push(self.send_to_group(meta.names.group(group), group, &batches));
         }
         let results: Vec<(&String, std::result::Result<(), SendError>)> = stream::iter(jobs)
             .buffer_unordered(CONCURRENCY)
