@@ -291,3 +291,46 @@ async fn partial_fan_out_is_reported() {
     assert!(q.delete_group("s", "h").await.unwrap());
     q.publish("s", msg(2)).await.unwrap();
 }
+
+/// The outbox relay runs unchanged with SQS as the sink: a Postgres outbox drained into SQS,
+/// each message once, with its source id (SQS has no dedupe, so none is asked for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_relay_into_sqs() {
+    let ns = crate::common::namespace().await;
+    ns.stream_with_groups("outbox", StreamConfig::default(), &["relay"])
+        .await;
+    let (sink, _server) = fresh().await;
+    setup(&sink, StreamConfig::default()).await;
+    let ids: Vec<String> = ns
+        .publish_batch("outbox", &(0..10).map(msg).collect::<Vec<_>>())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id.to_string())
+        .collect();
+    let outbox = ns.consumer("outbox", "relay", "relay-1").await.unwrap();
+    let token = pgtide::CancellationToken::new();
+    let relay = tokio::spawn(pgtide::Relay::new(outbox, sink.clone(), "s").run(token.clone()));
+    let c = sink.consumer("s", "g", "c").await.unwrap();
+    let mut sources = vec![];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sources.len() < ids.len() {
+        assert!(Instant::now() < deadline, "relayed {} of 10", sources.len());
+        let batch = c.fetch(10, Duration::from_secs(1)).await.unwrap();
+        c.ack_batch(&batch.iter().collect::<Vec<_>>())
+            .await
+            .unwrap();
+        sources.extend(
+            batch
+                .iter()
+                .filter_map(|d| d.headers.get(pgtide::SOURCE_ID_HEADER).cloned()),
+        );
+    }
+    token.cancel();
+    let report = relay.await.unwrap().unwrap();
+    assert_eq!(report.relayed, 10);
+    sources.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(sources, want);
+}
