@@ -1,6 +1,6 @@
 //! Choosing a backend at run time from a URL: `memory://`, and with their cargo features
 //! `postgres://` (on by default), `nats://` (`tls://`, `nats+tls://`), `redis://`
-//! (`rediss://`), `amqp://` (`amqps://`).
+//! (`rediss://`), `amqp://` (`amqps://`), `sqs://` (`sqss://`).
 
 use std::time::Duration;
 
@@ -48,6 +48,9 @@ pub enum AnyBackend {
     /// RabbitMQ.
     #[cfg(feature = "amqp")]
     Amqp(crate::amqp::AmqpBackend),
+    /// Amazon SQS.
+    #[cfg(feature = "sqs")]
+    Sqs(crate::sqs::SqsBackend),
 }
 
 /// A consumer of [`AnyBackend`].
@@ -68,6 +71,9 @@ pub enum AnyConsumer {
     /// RabbitMQ.
     #[cfg(feature = "amqp")]
     Amqp(crate::amqp::AmqpConsumer),
+    /// Amazon SQS.
+    #[cfg(feature = "sqs")]
+    Sqs(crate::sqs::SqsConsumer),
 }
 
 macro_rules! dispatch {
@@ -82,6 +88,8 @@ macro_rules! dispatch {
             $enum::Redis($b) => $e,
             #[cfg(feature = "amqp")]
             $enum::Amqp($b) => $e,
+            #[cfg(feature = "sqs")]
+            $enum::Sqs($b) => $e,
         }
     };
 }
@@ -119,6 +127,14 @@ impl AnyBackend {
             "amqp" | "amqps" => Ok(AnyBackend::Amqp(
                 crate::amqp::AmqpBackend::connect(url, namespace).await?,
             )),
+            #[cfg(feature = "sqs")]
+            "sqs" | "sqss" => Ok(AnyBackend::Sqs(
+                crate::sqs::SqsBackend::connect(url, namespace).await?,
+            )),
+            #[cfg(not(feature = "sqs"))]
+            "sqs" | "sqss" => Err(Error::InvalidConfig(
+                "backend URL sqs://… needs pgtide built with the cargo feature \"sqs\"".into(),
+            )),
             #[allow(unreachable_patterns)]
             "postgres" | "postgresql" | "nats" | "tls" | "nats+tls" | "redis" | "rediss" | "amqp"
             | "amqps" => {
@@ -136,12 +152,12 @@ impl AnyBackend {
                 )))
             }
             _ => Err(Error::InvalidConfig(format!(
-                "backend URL scheme {scheme:?} is unknown: use postgres://, memory://, nats:// (tls://), redis:// (rediss://) or amqp:// (amqps://)"
+                "backend URL scheme {scheme:?} is unknown: use postgres://, memory://, nats:// (tls://), redis:// (rediss://), amqp:// (amqps://) or sqs:// (sqss://)"
             ))),
         }
     }
 
-    /// The backend's short name: `postgres`, `memory`, `nats`, `redis` or `amqp`.
+    /// The backend's short name: `postgres`, `memory`, `nats`, `redis`, `amqp` or `sqs`.
     pub fn kind(&self) -> &'static str {
         match self {
             #[cfg(feature = "postgres")]
@@ -153,6 +169,8 @@ impl AnyBackend {
             AnyBackend::Redis(_) => "redis",
             #[cfg(feature = "amqp")]
             AnyBackend::Amqp(_) => "amqp",
+            #[cfg(feature = "sqs")]
+            AnyBackend::Sqs(_) => "sqs",
         }
     }
 }
@@ -226,6 +244,8 @@ impl Queue for AnyBackend {
             AnyBackend::Amqp(b) => {
                 AnyConsumer::Amqp(Queue::consumer(b, stream, group, name).await?)
             }
+            #[cfg(feature = "sqs")]
+            AnyBackend::Sqs(b) => AnyConsumer::Sqs(Queue::consumer(b, stream, group, name).await?),
         })
     }
 }

@@ -58,6 +58,8 @@ mod queue;
 #[cfg(feature = "redis")]
 mod redis;
 mod relay;
+#[cfg(feature = "sqs")]
+mod sqs;
 mod worker;
 
 #[cfg(feature = "amqp")]
@@ -88,6 +90,8 @@ pub use crate::queue::{
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisBackend, RedisConsumer};
 pub use crate::relay::{Relay, RelayReport, Tee, TeeMode, SOURCE_ID_HEADER};
+#[cfg(feature = "sqs")]
+pub use crate::sqs::{SqsBackend, SqsConsumer, SqsOptions};
 pub use crate::worker::{
     HandlerResult, Outcome, Worker, WorkerConfig, WorkerHook, WorkerReport, MALFORMED,
 };

@@ -90,7 +90,7 @@ pub trait Queue: Clone + Send + Sync + 'static {
     ///
     /// Per backend: Postgres [`crate::PgBackend::shutdown`]; NATS flushes the connection;
     /// RabbitMQ closes every consumer channel, the publisher channel and the connection, each
-    /// waiting for the broker's close-ok; Redis and memory have nothing pending. Using the
+    /// waiting for the broker's close-ok; Redis, SQS and memory have nothing pending. Using the
     /// handle afterwards reconnects where the backend can (RabbitMQ), and is not recommended.
     fn close(&self) -> impl Future<Output = Result<()>> + Send {
         async { Ok(()) }

@@ -1,7 +1,7 @@
 //! The same publish and consume cases on every backend (issue 4, item 9), through
 //! [`AnyBackend`] and the [`Queue`] / [`QueueConsumer`] traits only: Postgres, memory, and NATS,
-//! Redis and RabbitMQ when built with their cargo feature and their server answers (`NATS_URL`,
-//! `REDIS_URL`, `AMQP_URL`, with loopback defaults). A backend that cannot be measured is listed
+//! Redis, RabbitMQ and SQS when built with their cargo feature and their server answers
+//! (`NATS_URL`, `REDIS_URL`, `AMQP_URL`, `SQS_URL`, with loopback defaults). A backend that cannot be measured is listed
 //! with the reason.
 //!
 //! Per backend: `publish` 1 per call and `publish_batch` 100 per call from one client for
@@ -61,6 +61,11 @@ impl Bench<'_> {
                 cfg!(feature = "amqp"),
                 from_env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
             ),
+            (
+                "sqs",
+                cfg!(feature = "sqs"),
+                from_env("SQS_URL", "sqs://test:test@127.0.0.1:5000?region=us-east-1"),
+            ),
         ];
         let mut rows = vec![];
         for (kind, built, url) in backends {
@@ -78,6 +83,7 @@ impl Bench<'_> {
             "nats" => ("nats", cfg!(feature = "nats")),
             "redis" | "rediss" => ("redis", cfg!(feature = "redis")),
             "amqp" | "amqps" => ("amqp", cfg!(feature = "amqp")),
+            "sqs" | "sqss" => ("sqs", cfg!(feature = "sqs")),
             _ => ("postgres", true),
         };
         let mut rows = vec![];

@@ -250,7 +250,7 @@ pub struct Rss {
 #[derive(Debug, Clone, Default, Serialize)]
 #[non_exhaustive]
 pub struct BackendRow {
-    /// `postgres`, `memory`, `nats`, `redis` or `amqp`.
+    /// `postgres`, `memory`, `nats`, `redis`, `amqp` or `sqs`.
     pub backend: String,
     /// The server, without credentials.
     pub endpoint: String,

@@ -1,7 +1,7 @@
 //! The backend a command runs on, chosen by `--backend` / `PGTIDE_BACKEND` (else `DATABASE_URL`).
 //!
 //! Every command runs on the Postgres engine. Other backends (`nats://`, `redis://`, `amqp://`,
-//! `memory://`) run what the [`Queue`] traits offer: stream create/delete/purge, group
+//! `sqs://`, `memory://`) run what the [`Queue`] traits offer: stream create/delete/purge, group
 //! create/delete, publish, consume, stats of one group, the dead letters of one group, and a
 //! read-only dashboard of the groups named with `--group`. The
 //! rest needs what only Postgres has (a registry to list, SQL, the scout) and is refused before
@@ -22,7 +22,7 @@ use crate::human::{parse_point, redact_url, Point};
 pub struct BackendUrl {
     /// The URL as given.
     pub url: String,
-    /// `postgres`, `nats`, `redis`, `amqp` or `memory`.
+    /// `postgres`, `nats`, `redis`, `amqp`, `sqs` or `memory`.
     pub kind: &'static str,
     /// Where it came from, for messages.
     pub source: &'static str,
@@ -47,11 +47,12 @@ pub fn backend_url(global: &Global) -> CliResult<BackendUrl> {
                 "postgres" | "postgresql" => "postgres",
                 "redis" | "rediss" => "redis",
                 "amqp" | "amqps" => "amqp",
+                "sqs" | "sqss" => "sqs",
                 "nats" => "nats",
                 "memory" => "memory",
                 _ => {
                     return Err(CliError::usage(format!(
-                        "--backend/PGTIDE_BACKEND {:?} is not a backend URL: use postgres://, nats://, redis://, amqp:// or memory://",
+                        "--backend/PGTIDE_BACKEND {:?} is not a backend URL: use postgres://, nats://, redis://, amqp://, sqs:// or memory://",
                         redact_url(b)
                     )))
                 }
@@ -78,7 +79,7 @@ pub fn backend_url(global: &Global) -> CliResult<BackendUrl> {
         }
         _ => {
             return Err(CliError::usage(
-                "no database: set DATABASE_URL, pass --database-url postgres://user@host:5432/db, or set PGHOST/PGDATABASE/PGUSER as for psql (or --backend nats://…, redis://…, amqp://…)",
+                "no database: set DATABASE_URL, pass --database-url postgres://user@host:5432/db, or set PGHOST/PGDATABASE/PGUSER as for psql (or --backend nats://…, redis://…, amqp://…, sqs://…)",
             ))
         }
     };

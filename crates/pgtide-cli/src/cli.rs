@@ -58,7 +58,7 @@ pub struct Global {
         default_value = "pgtide"
     )]
     pub namespace: String,
-    /// Backend URL: postgres://, nats://, redis://, amqp:// or memory://; overrides
+    /// Backend URL: postgres://, nats://, redis://, amqp://, sqs:// or memory://; overrides
     /// --database-url. On backends other than Postgres: stream create|delete|purge, group
     /// create|delete, publish, consume, stats STREAM --group G and dead list --group G.
     #[arg(long, env = "PGTIDE_BACKEND", global = true, hide_env_values = true)]

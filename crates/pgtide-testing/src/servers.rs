@@ -1,6 +1,6 @@
 //! Servers of the test's own, on free loopback ports, killed with SIGKILL and started again on the
-//! same data directory: brokers (NATS, Redis) and PgBouncer in front of a PostgreSQL. Panics on
-//! failure: it is test set-up.
+//! same data directory: brokers (NATS, Redis, moto for SQS) and PgBouncer in front of a
+//! PostgreSQL. Panics on failure: it is test set-up.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -104,6 +104,29 @@ impl Server {
                 String::new(),
             ]
         })
+    }
+
+    /// moto's server (`pip install 'moto[server]'`, which `.ci/run` does), answering SQS on
+    /// loopback, through `moto/sqs_server.py` beside this crate: it makes moto's receives
+    /// atomic (moto 5.2 can hand one message to two concurrent receives; see the script). Run
+    /// by `python3` rather than moto's `moto_server` script, which a pyenv install only puts
+    /// on the PATH after a `pyenv rehash`. It keeps everything in memory: a restart starts
+    /// empty. Connect with [`Server::sqs_url`].
+    pub fn sqs() -> Server {
+        Self::start("python3", |port, _| {
+            vec![
+                concat!(env!("CARGO_MANIFEST_DIR"), "/moto/sqs_server.py").into(),
+                "-H".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+            ]
+        })
+    }
+
+    /// The `sqs://` URL of a [`Server::sqs`], with moto's fixed test credentials and region.
+    pub fn sqs_url(&self) -> String {
+        format!("sqs://test:test@127.0.0.1:{}?region=us-east-1", self.port)
     }
 
     /// PgBouncer 1.18 (Debian's) in transaction mode in front of the PostgreSQL at

@@ -88,3 +88,5 @@ pub(crate) mod amqp;
 pub(crate) mod nats;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(feature = "sqs")]
+mod sqs;
