@@ -22,6 +22,7 @@ async fn cli_backend_postgres_only_commands_say_so() {
         "redis://127.0.0.1:1",
         "nats://127.0.0.1:1",
         "amqp://guest:guest@127.0.0.1:1/%2f",
+        "sqs://test:test@127.0.0.1:1?region=us-east-1",
     ] {
         let kind = url.split("://").next().unwrap();
         let cases: &[&[&str]] = &[
@@ -101,13 +102,14 @@ async fn cli_backend_memory_is_accepted() {
 }
 
 /// A backend whose cargo feature is not built in gets the library's error (exit 2).
-#[cfg(not(all(feature = "nats", feature = "redis", feature = "amqp")))]
+#[cfg(not(all(feature = "nats", feature = "redis", feature = "amqp", feature = "sqs")))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_backend_not_built_in_names_the_feature() {
     let missing = [
         (cfg!(feature = "nats"), "nats", "nats://127.0.0.1:4222"),
         (cfg!(feature = "redis"), "redis", "redis://127.0.0.1:6379"),
         (cfg!(feature = "amqp"), "amqp", "amqp://127.0.0.1:5672"),
+        (cfg!(feature = "sqs"), "sqs", "sqs://127.0.0.1:5000"),
     ];
     for (_, feature, url) in missing.iter().filter(|(built, ..)| !built) {
         let r = run_with(command(url, "t", &["stream", "create", "s"]), None).await;
@@ -120,7 +122,7 @@ async fn cli_backend_not_built_in_names_the_feature() {
 }
 
 /// The trait commands end to end on the brokers built in.
-#[cfg(any(feature = "nats", feature = "redis", feature = "amqp"))]
+#[cfg(any(feature = "nats", feature = "redis", feature = "amqp", feature = "sqs"))]
 mod brokers {
     use std::collections::HashSet;
 
@@ -564,5 +566,14 @@ mod brokers {
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
         )
         .await;
+    }
+
+    /// On moto (a server of the test's own). `settles_before_exit` is not run on it: its
+    /// 5 000-message backlog takes moto minutes (each send costs O(queue length) there).
+    #[cfg(feature = "sqs")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_backend_sqs_stream_publish_consume_stats() {
+        let server = pgtide_testing::Server::sqs();
+        flow(server.sqs_url()).await;
     }
 }
