@@ -1,6 +1,6 @@
 //! Choosing a backend at run time from a URL: `memory://`, and with their cargo features
 //! `postgres://` (on by default), `nats://` (`tls://`, `nats+tls://`), `redis://`
-//! (`rediss://`), `amqp://` (`amqps://`).
+//! (`rediss://`), `amqp://` (`amqps://`), `kafka://`.
 
 use std::time::Duration;
 
@@ -48,6 +48,9 @@ pub enum AnyBackend {
     /// RabbitMQ.
     #[cfg(feature = "amqp")]
     Amqp(crate::amqp::AmqpBackend),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(crate::kafka::KafkaBackend),
 }
 
 /// A consumer of [`AnyBackend`].
@@ -68,6 +71,9 @@ pub enum AnyConsumer {
     /// RabbitMQ.
     #[cfg(feature = "amqp")]
     Amqp(crate::amqp::AmqpConsumer),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(crate::kafka::KafkaConsumer),
 }
 
 macro_rules! dispatch {
@@ -82,6 +88,8 @@ macro_rules! dispatch {
             $enum::Redis($b) => $e,
             #[cfg(feature = "amqp")]
             $enum::Amqp($b) => $e,
+            #[cfg(feature = "kafka")]
+            $enum::Kafka($b) => $e,
         }
     };
 }
@@ -119,6 +127,14 @@ impl AnyBackend {
             "amqp" | "amqps" => Ok(AnyBackend::Amqp(
                 crate::amqp::AmqpBackend::connect(url, namespace).await?,
             )),
+            #[cfg(feature = "kafka")]
+            "kafka" => Ok(AnyBackend::Kafka(
+                crate::kafka::KafkaBackend::connect(url, namespace).await?,
+            )),
+            #[cfg(not(feature = "kafka"))]
+            "kafka" => Err(Error::InvalidConfig(
+                "backend URL kafka://… needs pgtide built with the cargo feature \"kafka\"".into(),
+            )),
             #[allow(unreachable_patterns)]
             "postgres" | "postgresql" | "nats" | "tls" | "nats+tls" | "redis" | "rediss" | "amqp"
             | "amqps" => {
@@ -136,12 +152,12 @@ impl AnyBackend {
                 )))
             }
             _ => Err(Error::InvalidConfig(format!(
-                "backend URL scheme {scheme:?} is unknown: use postgres://, memory://, nats:// (tls://), redis:// (rediss://) or amqp:// (amqps://)"
+                "backend URL scheme {scheme:?} is unknown: use postgres://, memory://, nats:// (tls://), redis:// (rediss://), amqp:// (amqps://) or kafka://"
             ))),
         }
     }
 
-    /// The backend's short name: `postgres`, `memory`, `nats`, `redis` or `amqp`.
+    /// The backend's short name: `postgres`, `memory`, `nats`, `redis`, `amqp` or `kafka`.
     pub fn kind(&self) -> &'static str {
         match self {
             #[cfg(feature = "postgres")]
@@ -153,6 +169,8 @@ impl AnyBackend {
             AnyBackend::Redis(_) => "redis",
             #[cfg(feature = "amqp")]
             AnyBackend::Amqp(_) => "amqp",
+            #[cfg(feature = "kafka")]
+            AnyBackend::Kafka(_) => "kafka",
         }
     }
 }
@@ -225,6 +243,10 @@ impl Queue for AnyBackend {
             #[cfg(feature = "amqp")]
             AnyBackend::Amqp(b) => {
                 AnyConsumer::Amqp(Queue::consumer(b, stream, group, name).await?)
+            }
+            #[cfg(feature = "kafka")]
+            AnyBackend::Kafka(b) => {
+                AnyConsumer::Kafka(Queue::consumer(b, stream, group, name).await?)
             }
         })
     }

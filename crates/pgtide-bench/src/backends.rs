@@ -61,6 +61,11 @@ impl Bench<'_> {
                 cfg!(feature = "amqp"),
                 from_env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
             ),
+            (
+                "kafka",
+                cfg!(feature = "kafka"),
+                from_env("KAFKA_URL", "kafka://127.0.0.1:9092"),
+            ),
         ];
         let mut rows = vec![];
         for (kind, built, url) in backends {
@@ -78,6 +83,7 @@ impl Bench<'_> {
             "nats" => ("nats", cfg!(feature = "nats")),
             "redis" | "rediss" => ("redis", cfg!(feature = "redis")),
             "amqp" | "amqps" => ("amqp", cfg!(feature = "amqp")),
+            "kafka" => ("kafka", cfg!(feature = "kafka")),
             _ => ("postgres", true),
         };
         let mut rows = vec![];

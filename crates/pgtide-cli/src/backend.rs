@@ -1,7 +1,7 @@
 //! The backend a command runs on, chosen by `--backend` / `PGTIDE_BACKEND` (else `DATABASE_URL`).
 //!
 //! Every command runs on the Postgres engine. Other backends (`nats://`, `redis://`, `amqp://`,
-//! `memory://`) run what the [`Queue`] traits offer: stream create/delete/purge, group
+//! `kafka://`, `memory://`) run what the [`Queue`] traits offer: stream create/delete/purge, group
 //! create/delete, publish, consume, stats of one group and the dead letters of one group. The
 //! rest needs what only Postgres has (a registry to list, SQL, the scout) and is refused before
 //! connecting, with an error that says so (exit 2).
@@ -21,7 +21,7 @@ use crate::human::{parse_point, redact_url, Point};
 pub struct BackendUrl {
     /// The URL as given.
     pub url: String,
-    /// `postgres`, `nats`, `redis`, `amqp` or `memory`.
+    /// `postgres`, `nats`, `redis`, `amqp`, `kafka` or `memory`.
     pub kind: &'static str,
     /// Where it came from, for messages.
     pub source: &'static str,
@@ -47,10 +47,11 @@ pub fn backend_url(global: &Global) -> CliResult<BackendUrl> {
                 "redis" | "rediss" => "redis",
                 "amqp" | "amqps" => "amqp",
                 "nats" => "nats",
+                "kafka" => "kafka",
                 "memory" => "memory",
                 _ => {
                     return Err(CliError::usage(format!(
-                        "--backend/PGTIDE_BACKEND {:?} is not a backend URL: use postgres://, nats://, redis://, amqp:// or memory://",
+                        "--backend/PGTIDE_BACKEND {:?} is not a backend URL: use postgres://, nats://, redis://, amqp://, kafka:// or memory://",
                         redact_url(b)
                     )))
                 }

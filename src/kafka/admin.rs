@@ -1,0 +1,586 @@
+//! Streams and groups: topics, the registry topic, purge marks, stats and dead letters.
+//!
+//! librdkafka's metadata, watermark, offset and reader calls block: they run on the blocking
+//! pool, bounded by the request timeout.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::Producer as _;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::codec::{self, MetaRecord, RecordHeaders, StoredConfig};
+use super::group::Topic;
+use super::naming::{Names, MAX_TOPIC_LEN};
+use super::{broker, lock, KafkaBackend, StreamMeta};
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
+use crate::names::validate_name;
+use crate::queue::{DeadLetter, GroupStats};
+
+/// One record read back: offset, headers, payload.
+type Raw = (i64, RecordHeaders, Option<Vec<u8>>);
+
+pub(super) fn group_not_found(stream: &str, group: &str) -> Error {
+    Error::GroupNotFound {
+        stream: stream.to_owned(),
+        group: group.to_owned(),
+    }
+}
+
+/// Runs a blocking librdkafka call on the blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| broker(e, true))?
+}
+
+impl KafkaBackend {
+    /// A consumer for reads and offset commits outside a group runtime.
+    fn plain_consumer(&self, group_id: &str) -> Result<BaseConsumer> {
+        self.client_config()
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()
+            .map_err(|e| broker(e, false))
+    }
+
+    /// The partition count of a topic, `None` if it does not exist.
+    pub(super) async fn partitions_of(&self, topic: &str) -> Result<Option<i32>> {
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.options.request_timeout;
+        let topic = topic.to_owned();
+        blocking(move || {
+            let md = producer
+                .client()
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| broker(e, true))?;
+            Ok(md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+                .map(|t| t.partitions().len() as i32))
+        })
+        .await
+    }
+
+    /// Every topic name of the cluster.
+    async fn all_topics(&self) -> Result<Vec<String>> {
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.options.request_timeout;
+        blocking(move || {
+            let md = producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map_err(|e| broker(e, true))?;
+            Ok(md.topics().iter().map(|t| t.name().to_owned()).collect())
+        })
+        .await
+    }
+
+    /// (low, high) watermarks of every partition of `topic`.
+    async fn watermarks(&self, topic: &str, partitions: i32) -> Result<Vec<(i64, i64)>> {
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.options.request_timeout;
+        let topic = topic.to_owned();
+        blocking(move || {
+            (0..partitions)
+                .map(|p| {
+                    producer
+                        .client()
+                        .fetch_watermarks(&topic, p, timeout)
+                        .map_err(|e| broker(e, true))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Creates topics; true for each that was created, false for each that existed.
+    async fn create_topics(&self, topics: &[(&str, i32)]) -> Result<Vec<bool>> {
+        let replication = self.inner.options.replication;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|(name, partitions)| {
+                NewTopic::new(name, *partitions, TopicReplication::Fixed(replication))
+            })
+            .collect();
+        let options = AdminOptions::new()
+            .operation_timeout(Some(self.inner.options.request_timeout))
+            .request_timeout(Some(self.inner.options.request_timeout));
+        let admin = self.admin()?;
+        let results = admin
+            .create_topics(new.iter(), &options)
+            .await
+            .map_err(|e| broker(e, true))?;
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(_) => Ok(true),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => Ok(false),
+                Err((name, code)) => Err(broker(format!("creating topic {name}: {code}"), true)),
+            })
+            .collect()
+    }
+
+    /// Deletes topics; true for each that existed.
+    async fn delete_topics(&self, topics: &[&str]) -> Result<Vec<bool>> {
+        if topics.is_empty() {
+            return Ok(vec![]);
+        }
+        let options = AdminOptions::new()
+            .operation_timeout(Some(self.inner.options.request_timeout))
+            .request_timeout(Some(self.inner.options.request_timeout));
+        let results = self
+            .admin()?
+            .delete_topics(topics, &options)
+            .await
+            .map_err(|e| broker(e, true))?;
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(_) => Ok(true),
+                Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => Ok(false),
+                Err((name, code)) => Err(broker(format!("deleting topic {name}: {code}"), true)),
+            })
+            .collect()
+    }
+
+    fn admin(&self) -> Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>> {
+        self.client_config().create().map_err(|e| broker(e, false))
+    }
+
+    /// Reads up to `max` records of one partition from `from`, up to its end at call time.
+    async fn read_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        max: usize,
+    ) -> Result<Vec<Raw>> {
+        let consumer = self.plain_consumer("pgtide-reader")?;
+        let timeout = self.inner.options.request_timeout;
+        let topic = topic.to_owned();
+        blocking(move || {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, partition, timeout)
+                .map_err(|e| broker(e, true))?;
+            let from = from.max(low);
+            let mut out = vec![];
+            if from >= high || max == 0 {
+                return Ok(out);
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, partition, Offset::Offset(from))
+                .map_err(|e| broker(e, false))?;
+            consumer.assign(&tpl).map_err(|e| broker(e, true))?;
+            let deadline = Instant::now() + timeout;
+            while out.len() < max {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(broker(format!("reading {topic} timed out"), true));
+                }
+                match consumer.poll(left.min(Duration::from_millis(200))) {
+                    Some(Ok(m)) => {
+                        let offset = m.offset();
+                        out.push((
+                            offset,
+                            RecordHeaders::read(m.headers()),
+                            m.payload().map(<[u8]>::to_vec),
+                        ));
+                        if offset + 1 >= high {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => return Err(broker(e, true)),
+                    None => {}
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Appends a record to the stream's registry.
+    async fn append_meta(&self, names: &Names, record: &MetaRecord) -> Result<()> {
+        let body = serde_json::to_vec(record)?;
+        self.produce(&names.meta, &body, rdkafka::message::OwnedHeaders::new())
+            .await
+    }
+
+    /// Reads the stream's registry; `None` if the stream does not exist.
+    pub(super) async fn read_registry(&self, stream: &str) -> Result<Option<StreamMeta>> {
+        let names = self.names(stream);
+        if self.partitions_of(&names.main).await?.is_none() {
+            return Ok(None);
+        }
+        let records = self.read_partition(&names.meta, 0, 0, usize::MAX).await?;
+        let mut meta = StreamMeta {
+            names,
+            config: StreamConfig::default(),
+            groups: Default::default(),
+            marks: BTreeMap::new(),
+        };
+        let mut configured = false;
+        for (_, _, payload) in records {
+            let Some(record) = payload.and_then(|p| serde_json::from_slice::<MetaRecord>(&p).ok())
+            else {
+                continue;
+            };
+            match record {
+                MetaRecord::Config(c) => {
+                    if let (false, Some(config)) = (configured, c.config()) {
+                        meta.config = config;
+                        configured = true;
+                    }
+                }
+                MetaRecord::Group { name } => {
+                    meta.groups.insert(name);
+                }
+                MetaRecord::GroupDeleted { name } => {
+                    meta.groups.remove(&name);
+                }
+                MetaRecord::Purge { marks } => {
+                    for (topic, m) in marks {
+                        meta.marks.insert(topic, m);
+                    }
+                }
+            }
+        }
+        if !configured {
+            return Err(Error::InvalidConfig(format!(
+                "Kafka topic {:?} was not created by pgtide: pick another stream name or namespace",
+                meta.names.main
+            )));
+        }
+        Ok(Some(meta))
+    }
+
+    pub(super) async fn create_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
+        validate_name("stream", stream)?;
+        config.validate()?;
+        let names = self.names(stream);
+        if names.dead(&"x".repeat(64)).len() > MAX_TOPIC_LEN {
+            return Err(Error::InvalidConfig(format!(
+                "Kafka topic names of stream {stream:?} in namespace {:?} could pass 249 characters: use a shorter namespace or stream name",
+                self.inner.namespace
+            )));
+        }
+        if self.partitions_of(&names.main).await?.is_some() {
+            return Ok(false);
+        }
+        // The registry first, then the delay topic, the main topic last: a stream whose main
+        // topic exists is complete.
+        self.create_topics(&[(&names.meta, 1)]).await?;
+        if self.read_partition(&names.meta, 0, 0, 1).await?.is_empty() {
+            self.append_meta(&names, &MetaRecord::Config(StoredConfig::of(config)))
+                .await?;
+        }
+        let partitions = self.inner.options.partitions;
+        self.create_topics(&[(&names.delay, partitions)]).await?;
+        let created = self.create_topics(&[(&names.main, partitions)]).await?;
+        lock(&self.inner.streams).remove(stream);
+        Ok(created.first().copied().unwrap_or(false))
+    }
+
+    pub(super) async fn remove_stream(&self, stream: &str) -> Result<bool> {
+        validate_name("stream", stream)?;
+        let names = self.names(stream);
+        let groups = match self.read_registry(stream).await {
+            Ok(Some(meta)) => meta.groups.into_iter().collect(),
+            _ => vec![],
+        };
+        self.forget(stream);
+        // The main topic first: from then on the stream does not exist.
+        let existed = self.delete_topics(&[&names.main]).await?;
+        let rest: Vec<String> = self
+            .all_topics()
+            .await?
+            .into_iter()
+            .filter(|t| *t == names.delay || *t == names.meta || names.is_group_topic(t))
+            .collect();
+        let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+        self.delete_topics(&rest).await?;
+        self.delete_kafka_groups(&names, &groups).await;
+        self.forget(stream);
+        Ok(existed.first().copied().unwrap_or(false))
+    }
+
+    /// Deletes the Kafka consumer groups of pgtide groups (their committed offsets).
+    async fn delete_kafka_groups(&self, names: &Names, groups: &[String]) {
+        let ids: Vec<String> = groups.iter().map(|g| names.group_id(g)).collect();
+        if ids.is_empty() {
+            return;
+        }
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().request_timeout(Some(self.inner.options.request_timeout));
+        let Ok(admin) = self.admin() else { return };
+        if let Err(e) = admin.delete_groups(&ids, &options).await {
+            // Only offsets are at stake: a group created again commits its own start.
+            tracing::debug!(error = %e, "pgtide kafka: deleting consumer groups failed");
+        }
+    }
+
+    pub(super) async fn create_group(
+        &self,
+        stream: &str,
+        group: &str,
+        start: GroupStart,
+    ) -> Result<bool> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        let meta = self.fresh_meta(stream).await?;
+        let names = &meta.names;
+        let (retry, dead) = (names.retry(group), names.dead(group));
+        let partitions = self
+            .partitions_of(&names.main)
+            .await?
+            .ok_or_else(|| Error::StreamNotFound(stream.to_owned()))?;
+        self.create_topics(&[(&retry, partitions), (&dead, 1)])
+            .await?;
+        if meta.groups.contains(group) {
+            return Ok(false);
+        }
+        // Start offsets, committed before the group is registered: New starts at the current
+        // ends, Oldest at the oldest retained (unpurged) record.
+        let mut tpl = TopicPartitionList::new();
+        for topic in [&names.main, &names.delay, &retry] {
+            let ends = self.watermarks(topic, partitions).await?;
+            let marks = meta.marks.get(topic.as_str());
+            for (p, (low, high)) in ends.into_iter().enumerate() {
+                let floor = marks.and_then(|m| m.get(p)).copied().unwrap_or(0).max(low);
+                let at = match (start, topic == &retry) {
+                    (GroupStart::Oldest, false) => floor,
+                    _ => high,
+                };
+                tpl.add_partition_offset(topic, p as i32, Offset::Offset(at))
+                    .map_err(|e| broker(e, false))?;
+            }
+        }
+        let consumer = self.plain_consumer(&names.group_id(group))?;
+        blocking(move || {
+            consumer
+                .commit(&tpl, CommitMode::Sync)
+                .map_err(|e| broker(e, true))
+        })
+        .await?;
+        self.append_meta(
+            names,
+            &MetaRecord::Group {
+                name: group.to_owned(),
+            },
+        )
+        .await?;
+        self.fresh_meta(stream).await?;
+        Ok(true)
+    }
+
+    pub(super) async fn remove_group(&self, stream: &str, group: &str) -> Result<bool> {
+        validate_name("group", group)?;
+        let meta = self.fresh_meta(stream).await?;
+        if !meta.groups.contains(group) {
+            return Ok(false);
+        }
+        let names = &meta.names;
+        self.append_meta(
+            names,
+            &MetaRecord::GroupDeleted {
+                name: group.to_owned(),
+            },
+        )
+        .await?;
+        self.forget_group(stream, group);
+        self.delete_topics(&[&names.retry(group), &names.dead(group)])
+            .await?;
+        self.delete_kafka_groups(names, &[group.to_owned()]).await;
+        self.fresh_meta(stream).await?;
+        Ok(true)
+    }
+
+    /// Every topic a purge marks, with its partition count.
+    async fn purgeable(&self, meta: &StreamMeta) -> Result<Vec<(String, i32)>> {
+        let names = &meta.names;
+        let mut topics = vec![names.main.clone(), names.delay.clone()];
+        for g in &meta.groups {
+            topics.push(names.retry(g));
+            topics.push(names.dead(g));
+        }
+        let mut out = vec![];
+        for t in topics {
+            if let Some(p) = self.partitions_of(&t).await? {
+                out.push((t, p));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn purge_stream(&self, stream: &str) -> Result<()> {
+        let meta = self.fresh_meta(stream).await?;
+        let mut marks = BTreeMap::new();
+        for (topic, partitions) in self.purgeable(&meta).await? {
+            let ends = self.watermarks(&topic, partitions).await?;
+            marks.insert(
+                topic,
+                ends.into_iter().map(|(_, high)| high).collect::<Vec<_>>(),
+            );
+        }
+        self.append_meta(
+            &meta.names,
+            &MetaRecord::Purge {
+                marks: marks.clone(),
+            },
+        )
+        .await?;
+        self.fresh_meta(stream).await?;
+        let groups: Vec<_> = lock(&self.inner.groups)
+            .iter()
+            .filter(|((s, _), _)| s == stream)
+            .map(|(_, g)| g.clone())
+            .collect();
+        for g in groups {
+            g.apply_marks(&marks);
+        }
+        Ok(())
+    }
+
+    pub(super) async fn group_stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
+        validate_name("group", group)?;
+        let meta = self.fresh_meta(stream).await?;
+        if !meta.groups.contains(group) {
+            return Err(group_not_found(stream, group));
+        }
+        let names = &meta.names;
+        let topics = [
+            (Topic::Main, names.main.clone()),
+            (Topic::Delay, names.delay.clone()),
+            (Topic::Retry, names.retry(group)),
+        ];
+        let mut ends = vec![];
+        let mut tpl = TopicPartitionList::new();
+        for (kind, topic) in &topics {
+            let Some(partitions) = self.partitions_of(topic).await? else {
+                continue;
+            };
+            for (p, (low, high)) in self
+                .watermarks(topic, partitions)
+                .await?
+                .into_iter()
+                .enumerate()
+            {
+                let floor = meta
+                    .marks
+                    .get(topic)
+                    .and_then(|m| m.get(p))
+                    .copied()
+                    .unwrap_or(0);
+                ends.push((*kind, p as i32, low.max(floor), high));
+                tpl.add_partition(topic, p as i32);
+            }
+        }
+        let consumer = self.plain_consumer(&names.group_id(group))?;
+        let timeout = self.inner.options.request_timeout;
+        let committed = blocking(move || {
+            consumer
+                .committed_offsets(tpl, timeout)
+                .map_err(|e| broker(e, true))
+        })
+        .await?;
+        let local = lock(&self.inner.groups)
+            .get(&(stream.to_owned(), group.to_owned()))
+            .cloned();
+        let (progress, (_, held, leased), oldest) = match &local {
+            Some(g) => {
+                let s = g.lock();
+                let oldest = s.ready.front().map(|e| {
+                    (Utc::now() - e.record.message.published_at)
+                        .to_std()
+                        .unwrap_or_default()
+                });
+                (s.progress(), s.counts(), oldest)
+            }
+            None => (vec![], (0, 0, 0), None),
+        };
+        let mut unfinished = 0i64;
+        for (kind, p, floor, high) in ends {
+            let topic = &topics
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map(|(_, t)| t.clone())
+                .unwrap_or_default();
+            let (start, finished) =
+                match progress.iter().find(|(k, pp, _, _)| *k == kind && *pp == p) {
+                    Some((_, _, point, finished)) => (*point, *finished),
+                    None => (
+                        committed
+                            .find_partition(topic, p)
+                            .and_then(|e| e.offset().to_raw())
+                            .filter(|o| *o >= 0)
+                            .unwrap_or(floor),
+                        0,
+                    ),
+                };
+            unfinished += (high - start.max(floor) - finished).max(0);
+        }
+        let (held, leased) = (held as i64, leased as i64);
+        let dead_topic = names.dead(group);
+        let dead = match self.partitions_of(&dead_topic).await? {
+            Some(p) => {
+                let floor = meta
+                    .marks
+                    .get(&dead_topic)
+                    .and_then(|m| m.first())
+                    .copied()
+                    .unwrap_or(0);
+                self.watermarks(&dead_topic, p)
+                    .await?
+                    .into_iter()
+                    .map(|(low, high)| high - low.max(floor))
+                    .sum::<i64>()
+                    .max(0)
+            }
+            None => 0,
+        };
+        Ok(GroupStats {
+            stream: stream.to_owned(),
+            group: Some(group.to_owned()),
+            ready: (unfinished - leased - held).max(0),
+            delayed: held,
+            in_flight: leased,
+            dead,
+            oldest_ready_age: oldest,
+        })
+    }
+
+    pub(super) async fn read_dead_letters(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        validate_name("group", group)?;
+        let meta = self.fresh_meta(stream).await?;
+        if !meta.groups.contains(group) {
+            return Err(group_not_found(stream, group));
+        }
+        let topic = meta.names.dead(group);
+        let floor = meta
+            .marks
+            .get(&topic)
+            .and_then(|m| m.first())
+            .copied()
+            .unwrap_or(0);
+        let records = self.read_partition(&topic, 0, floor, limit).await?;
+        Ok(records
+            .into_iter()
+            .map(|(offset, h, payload)| {
+                codec::decode_dead(stream, group, &h, payload.as_deref(), 0, offset)
+            })
+            .collect())
+    }
+}
