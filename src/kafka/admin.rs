@@ -40,6 +40,46 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| broker(e, true))?
 }
 
+/// Commits `tpl` asynchronously and waits (blocking, at most `timeout`) until the group's
+/// committed offsets read back as at least these. librdkafka's synchronous commit has no timeout
+/// of its own.
+pub(super) fn commit_confirmed<X, C>(
+    consumer: &X,
+    tpl: &TopicPartitionList,
+    timeout: Duration,
+) -> Result<()>
+where
+    X: Consumer<C>,
+    C: rdkafka::consumer::ConsumerContext + 'static,
+{
+    consumer
+        .commit(tpl, CommitMode::Async)
+        .map_err(|e| broker(e, true))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(broker(
+                "the broker did not confirm an offset commit in time",
+                true,
+            ));
+        }
+        let read = consumer
+            .committed_offsets(tpl.clone(), left)
+            .map_err(|e| broker(e, true))?;
+        let done = tpl.elements().iter().all(|want| {
+            read.find_partition(want.topic(), want.partition())
+                .and_then(|got| got.offset().to_raw())
+                .zip(want.offset().to_raw())
+                .is_some_and(|(got, want)| got >= want)
+        });
+        if done {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl KafkaBackend {
     /// A consumer for reads and offset commits outside a group runtime.
     fn plain_consumer(&self, group_id: &str) -> Result<BaseConsumer> {
@@ -364,12 +404,8 @@ impl KafkaBackend {
             }
         }
         let consumer = self.plain_consumer(&names.group_id(group))?;
-        blocking(move || {
-            consumer
-                .commit(&tpl, CommitMode::Sync)
-                .map_err(|e| broker(e, true))
-        })
-        .await?;
+        let timeout = self.inner.options.request_timeout;
+        blocking(move || commit_confirmed(&consumer, &tpl, timeout)).await?;
         self.append_meta(
             names,
             &MetaRecord::Group {

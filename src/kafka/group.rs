@@ -226,7 +226,7 @@ impl State {
     }
 
     /// The offsets to commit (those that moved since the last commit).
-    fn to_commit(&mut self, topics: &Topics) -> Option<TopicPartitionList> {
+    fn take_commit(&mut self, topics: &Topics) -> Option<TopicPartitionList> {
         if !self.dirty {
             return None;
         }
@@ -333,33 +333,44 @@ pub(super) struct Ctx {
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
-        let mut commit = TopicPartitionList::new();
-        {
-            let mut state = lock(&self.state);
-            for e in tpl.elements() {
-                let Some(topic) = self.topics.kind(e.topic()) else {
-                    continue;
-                };
-                if let Some(p) = state.parts.get(&(topic, e.partition())) {
-                    let point = p.commit_point();
-                    if point > p.committed {
-                        let _ = commit.add_partition_offset(
-                            e.topic(),
-                            e.partition(),
-                            Offset::Offset(point),
-                        );
-                    }
-                }
+        // Finished offsets of these partitions that the driver has not committed yet are
+        // delivered again by their next owner (at-least-once). No commit here: this callback
+        // also runs inside the consumer's close, where librdkafka waits for an answer that
+        // tansu never sends to a leaving member.
+        let mut state = lock(&self.state);
+        for e in tpl.elements() {
+            if let Some(topic) = self.topics.kind(e.topic()) {
                 state.drop_partition(topic, e.partition());
             }
         }
-        if commit.count() > 0 {
-            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                tracing::warn!(error = %e, "pgtide kafka: committing revoked partitions failed; they are delivered again");
+    }
+}
+
+/// A group's Kafka consumer, closed on a thread of its own when the last reference goes.
+///
+/// Closing blocks until the consumer has left the group (tansu 0.6 never completes it): never
+/// on a runtime worker, nor on the blocking pool, which a runtime waits for when it shuts down.
+pub(super) struct Closer(Option<StreamConsumer<Ctx>>);
+
+impl std::ops::Deref for Closer {
+    type Target = StreamConsumer<Ctx>;
+    fn deref(&self) -> &StreamConsumer<Ctx> {
+        self.0.as_ref().expect("taken only by drop")
+    }
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let spawned = std::thread::Builder::new()
+                .name("pgtide-kafka-close".into())
+                .spawn(move || drop(consumer));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "pgtide kafka: no thread to close a consumer on");
             }
         }
     }
@@ -374,7 +385,7 @@ pub(super) struct Group {
     pub topics: Topics,
     pub state: Arc<Mutex<State>>,
     pub notify: Arc<Notify>,
-    consumer: Arc<StreamConsumer<Ctx>>,
+    consumer: Arc<Closer>,
     pub token: CancellationToken,
     /// The handle's producer and (weakly) the handle: the handle's map holds this runtime.
     producer: FutureProducer,
@@ -434,7 +445,7 @@ impl Group {
             topics,
             state,
             notify: Arc::new(Notify::new()),
-            consumer: Arc::new(consumer),
+            consumer: Arc::new(Closer(Some(consumer))),
             token: backend.inner.token.child_token(),
             producer: backend.inner.producer.clone(),
             backend: Arc::downgrade(&backend.inner),
@@ -450,6 +461,7 @@ impl Group {
 
     /// The driver: reads records, reaps leases, releases due records, commits progress.
     async fn drive(self: Arc<Self>) {
+        let consumer = self.consumer.clone();
         let mut failures = 0u32;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -462,7 +474,7 @@ impl Group {
                 _ = self.token.cancelled() => break,
                 _ = tick.tick() => self.housekeep().await,
                 _ = refresh.tick() => self.refresh().await,
-                r = self.consumer.recv(), if can_read => match r {
+                r = consumer.recv(), if can_read => match r {
                     Ok(m) => {
                         failures = 0;
                         let headers = RecordHeaders::read(m.headers());
@@ -485,7 +497,9 @@ impl Group {
                 }
             }
         }
-        // Stopped (deleted, or the handle closed): commit what was finished.
+        // Stopped (deleted, or the handle closed): commit what was finished. The consumer is
+        // closed when its last reference goes (see `Closer`).
+        drop(consumer);
         self.commit(CommitMode::Sync).await;
     }
 
@@ -624,16 +638,23 @@ impl Group {
 
     /// Commits the finished prefixes that moved.
     pub(super) async fn commit(&self, mode: CommitMode) {
-        let Some(tpl) = self.lock().to_commit(&self.topics) else {
+        let Some(tpl) = self.lock().take_commit(&self.topics) else {
             return;
         };
         let consumer = self.consumer.clone();
         let result = match mode {
-            CommitMode::Async => consumer.commit(&tpl, CommitMode::Async),
+            CommitMode::Async => consumer
+                .commit(&tpl, CommitMode::Async)
+                .map_err(|e| broker(e, true)),
+            // librdkafka's synchronous commit has no timeout (and tansu left some unanswered):
+            // an asynchronous one, confirmed by reading the offsets back, bounded.
             CommitMode::Sync => {
-                tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
-                    .await
-                    .unwrap_or(Err(rdkafka::error::KafkaError::Canceled))
+                let timeout = self.timeout;
+                tokio::task::spawn_blocking(move || {
+                    super::admin::commit_confirmed(&**consumer, &tpl, timeout)
+                })
+                .await
+                .unwrap_or_else(|e| Err(broker(e, true)))
             }
         };
         if let Err(e) = result {
