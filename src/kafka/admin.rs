@@ -23,6 +23,9 @@ use crate::error::{Error, Result};
 use crate::names::validate_name;
 use crate::queue::{DeadLetter, GroupStats};
 
+/// How long a read waits for more records once it reached the reported end.
+const QUIET: Duration = Duration::from_millis(40);
+
 /// One record read back: offset, headers, payload.
 type Raw = (i64, RecordHeaders, Option<Vec<u8>>);
 
@@ -80,6 +83,51 @@ where
     }
 }
 
+/// One past the last record of a partition whose reported end is `high` (see
+/// [`KafkaBackend::watermarks`]): reads from `high - 1` until a short quiet spell.
+fn read_end(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    low: i64,
+    high: i64,
+    timeout: Duration,
+) -> Result<i64> {
+    if high <= low {
+        return Ok(high);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(high - 1))
+        .map_err(|e| broker(e, false))?;
+    consumer.assign(&tpl).map_err(|e| broker(e, true))?;
+    let deadline = Instant::now() + timeout;
+    let mut end = high;
+    let mut seen = false;
+    loop {
+        // Wait long for the first record (it exists), then stop at the first quiet spell.
+        let wait = if seen {
+            QUIET
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        if wait.is_zero() {
+            return Err(broker(
+                format!("reading the end of {topic} timed out"),
+                true,
+            ));
+        }
+        match consumer.poll(wait) {
+            Some(Ok(m)) => {
+                end = end.max(m.offset() + 1);
+                seen = true;
+            }
+            Some(Err(e)) => return Err(broker(e, true)),
+            None if seen => return Ok(end),
+            None => {}
+        }
+    }
+}
+
 impl KafkaBackend {
     /// A consumer for reads and offset commits outside a group runtime.
     fn plain_consumer(&self, group_id: &str) -> Result<BaseConsumer> {
@@ -110,34 +158,24 @@ impl KafkaBackend {
         .await
     }
 
-    /// Every topic name of the cluster.
-    async fn all_topics(&self) -> Result<Vec<String>> {
-        let producer = self.inner.producer.clone();
-        let timeout = self.inner.options.request_timeout;
-        blocking(move || {
-            let md = producer
-                .client()
-                .fetch_metadata(None, timeout)
-                .map_err(|e| broker(e, true))?;
-            Ok(md.topics().iter().map(|t| t.name().to_owned()).collect())
-        })
-        .await
-    }
-
-    /// (low, high) watermarks of every partition of `topic`.
+    /// (low, end) of every partition of `topic`, `end` being one past the last record.
+    ///
+    /// tansu 0.6 answers a ListOffsets for the latest offset with the base offset of the last
+    /// record batch plus one, not the end of that batch; so the end is found by reading from
+    /// there until nothing more comes (the Fetch path reports true offsets).
     async fn watermarks(&self, topic: &str, partitions: i32) -> Result<Vec<(i64, i64)>> {
-        let producer = self.inner.producer.clone();
+        let consumer = self.plain_consumer("pgtide-reader")?;
         let timeout = self.inner.options.request_timeout;
         let topic = topic.to_owned();
         blocking(move || {
-            (0..partitions)
-                .map(|p| {
-                    producer
-                        .client()
-                        .fetch_watermarks(&topic, p, timeout)
-                        .map_err(|e| broker(e, true))
-                })
-                .collect()
+            let mut out = Vec::with_capacity(partitions as usize);
+            for p in 0..partitions {
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, p, timeout)
+                    .map_err(|e| broker(e, true))?;
+                out.push((low, read_end(&consumer, &topic, p, low, high, timeout)?));
+            }
+            Ok(out)
         })
         .await
     }
@@ -169,29 +207,6 @@ impl KafkaBackend {
             .collect()
     }
 
-    /// Deletes topics; true for each that existed.
-    async fn delete_topics(&self, topics: &[&str]) -> Result<Vec<bool>> {
-        if topics.is_empty() {
-            return Ok(vec![]);
-        }
-        let options = AdminOptions::new()
-            .operation_timeout(Some(self.inner.options.request_timeout))
-            .request_timeout(Some(self.inner.options.request_timeout));
-        let results = self
-            .admin()?
-            .delete_topics(topics, &options)
-            .await
-            .map_err(|e| broker(e, true))?;
-        results
-            .into_iter()
-            .map(|r| match r {
-                Ok(_) => Ok(true),
-                Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => Ok(false),
-                Err((name, code)) => Err(broker(format!("deleting topic {name}: {code}"), true)),
-            })
-            .collect()
-    }
-
     fn admin(&self) -> Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>> {
         self.client_config().create().map_err(|e| broker(e, false))
     }
@@ -211,6 +226,8 @@ impl KafkaBackend {
             let (low, high) = consumer
                 .fetch_watermarks(&topic, partition, timeout)
                 .map_err(|e| broker(e, true))?;
+            // `high` may be short of the end (see `watermarks`): read on past it until a
+            // quiet spell.
             let from = from.max(low);
             let mut out = vec![];
             if from >= high || max == 0 {
@@ -221,12 +238,17 @@ impl KafkaBackend {
                 .map_err(|e| broker(e, false))?;
             consumer.assign(&tpl).map_err(|e| broker(e, true))?;
             let deadline = Instant::now() + timeout;
+            let mut reached = false;
             while out.len() < max {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
+                let wait = if reached {
+                    QUIET
+                } else {
+                    deadline.saturating_duration_since(Instant::now())
+                };
+                if wait.is_zero() {
                     return Err(broker(format!("reading {topic} timed out"), true));
                 }
-                match consumer.poll(left.min(Duration::from_millis(200))) {
+                match consumer.poll(wait) {
                     Some(Ok(m)) => {
                         let offset = m.offset();
                         out.push((
@@ -234,11 +256,10 @@ impl KafkaBackend {
                             RecordHeaders::read(m.headers()),
                             m.payload().map(<[u8]>::to_vec),
                         ));
-                        if offset + 1 >= high {
-                            break;
-                        }
+                        reached |= offset + 1 >= high;
                     }
                     Some(Err(e)) => return Err(broker(e, true)),
+                    None if reached => break,
                     None => {}
                 }
             }
@@ -268,6 +289,7 @@ impl KafkaBackend {
             marks: BTreeMap::new(),
         };
         let mut configured = false;
+        let mut deleted = false;
         for (_, _, payload) in records {
             let Some(record) = payload.and_then(|p| serde_json::from_slice::<MetaRecord>(&p).ok())
             else {
@@ -283,23 +305,42 @@ impl KafkaBackend {
                 MetaRecord::Group { name } => {
                     meta.groups.insert(name);
                 }
-                MetaRecord::GroupDeleted { name } => {
+                MetaRecord::GroupDeleted { name, marks } => {
                     meta.groups.remove(&name);
+                    meta.marks.extend(marks);
                 }
-                MetaRecord::Purge { marks } => {
-                    for (topic, m) in marks {
-                        meta.marks.insert(topic, m);
-                    }
+                MetaRecord::Purge { marks } => meta.marks.extend(marks),
+                MetaRecord::StreamDeleted { marks } => {
+                    meta.marks.extend(marks);
+                    meta.groups.clear();
+                    configured = false;
+                    deleted = true;
                 }
             }
         }
-        if !configured {
-            return Err(Error::InvalidConfig(format!(
+        match (configured, deleted) {
+            (true, _) => Ok(Some(meta)),
+            (false, true) => Ok(None),
+            (false, false) => Err(Error::InvalidConfig(format!(
                 "Kafka topic {:?} was not created by pgtide: pick another stream name or namespace",
                 meta.names.main
-            )));
+            ))),
         }
-        Ok(Some(meta))
+    }
+
+    /// The end offsets of `topics` (those that exist), as registry marks.
+    async fn ends(&self, topics: &[String]) -> Result<BTreeMap<String, Vec<i64>>> {
+        let mut marks = BTreeMap::new();
+        for topic in topics {
+            if let Some(partitions) = self.partitions_of(topic).await? {
+                let ends = self.watermarks(topic, partitions).await?;
+                marks.insert(
+                    topic.clone(),
+                    ends.into_iter().map(|(_, high)| high).collect(),
+                );
+            }
+        }
+        Ok(marks)
     }
 
     pub(super) async fn create_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
@@ -313,7 +354,14 @@ impl KafkaBackend {
             )));
         }
         if self.partitions_of(&names.main).await?.is_some() {
-            return Ok(false);
+            if self.read_registry(stream).await?.is_some() {
+                return Ok(false);
+            }
+            // Deleted before: its topics stayed, so it comes back by its registry.
+            self.append_meta(&names, &MetaRecord::Config(StoredConfig::of(config)))
+                .await?;
+            self.forget(stream);
+            return Ok(true);
         }
         // The registry first, then the delay topic, the main topic last: a stream whose main
         // topic exists is complete.
@@ -329,27 +377,29 @@ impl KafkaBackend {
         Ok(created.first().copied().unwrap_or(false))
     }
 
+    /// Deletes a stream in its registry: its topics stay on the broker, and a stream created
+    /// again under the name ignores their records (marks). Deleting the topics is what Kafka
+    /// would do, but librdkafka 2.12 crashes on tansu 0.6's metadata for deleted topics.
     pub(super) async fn remove_stream(&self, stream: &str) -> Result<bool> {
         validate_name("stream", stream)?;
-        let names = self.names(stream);
-        let groups = match self.read_registry(stream).await {
-            Ok(Some(meta)) => meta.groups.into_iter().collect(),
-            _ => vec![],
+        let Some(meta) = self.read_registry(stream).await? else {
+            self.forget(stream);
+            return Ok(false);
         };
-        self.forget(stream);
-        // The main topic first: from then on the stream does not exist.
-        let existed = self.delete_topics(&[&names.main]).await?;
-        let rest: Vec<String> = self
-            .all_topics()
+        let topics: Vec<String> = self
+            .purgeable(&meta)
             .await?
             .into_iter()
-            .filter(|t| *t == names.delay || *t == names.meta || names.is_group_topic(t))
+            .map(|(t, _)| t)
             .collect();
-        let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
-        self.delete_topics(&rest).await?;
-        self.delete_kafka_groups(&names, &groups).await;
+        let marks = self.ends(&topics).await?;
         self.forget(stream);
-        Ok(existed.first().copied().unwrap_or(false))
+        self.append_meta(&meta.names, &MetaRecord::StreamDeleted { marks })
+            .await?;
+        let groups: Vec<String> = meta.groups.iter().cloned().collect();
+        self.delete_kafka_groups(&meta.names, &groups).await;
+        self.forget(stream);
+        Ok(true)
     }
 
     /// Deletes the Kafka consumer groups of pgtide groups (their committed offsets).
@@ -424,16 +474,17 @@ impl KafkaBackend {
             return Ok(false);
         }
         let names = &meta.names;
+        // Its topics stay (see `remove_stream`); a group created again ignores their records.
+        let marks = self.ends(&[names.retry(group), names.dead(group)]).await?;
+        self.forget_group(stream, group);
         self.append_meta(
             names,
             &MetaRecord::GroupDeleted {
                 name: group.to_owned(),
+                marks,
             },
         )
         .await?;
-        self.forget_group(stream, group);
-        self.delete_topics(&[&names.retry(group), &names.dead(group)])
-            .await?;
         self.delete_kafka_groups(names, &[group.to_owned()]).await;
         self.fresh_meta(stream).await?;
         Ok(true)
@@ -458,14 +509,13 @@ impl KafkaBackend {
 
     pub(super) async fn purge_stream(&self, stream: &str) -> Result<()> {
         let meta = self.fresh_meta(stream).await?;
-        let mut marks = BTreeMap::new();
-        for (topic, partitions) in self.purgeable(&meta).await? {
-            let ends = self.watermarks(&topic, partitions).await?;
-            marks.insert(
-                topic,
-                ends.into_iter().map(|(_, high)| high).collect::<Vec<_>>(),
-            );
-        }
+        let topics: Vec<String> = self
+            .purgeable(&meta)
+            .await?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        let marks = self.ends(&topics).await?;
         self.append_meta(
             &meta.names,
             &MetaRecord::Purge {

@@ -217,10 +217,18 @@ pub(super) enum MetaRecord {
         /// Its name.
         name: String,
     },
-    /// A group was deleted.
+    /// A group was deleted; its retry and dead-letter topics stay, ignored below `marks`.
     GroupDeleted {
         /// Its name.
         name: String,
+        /// Topic → end offset per partition at deletion.
+        #[serde(default)]
+        marks: std::collections::BTreeMap<String, Vec<i64>>,
+    },
+    /// The stream was deleted; its topics stay, ignored below `marks` if it is created again.
+    StreamDeleted {
+        /// Topic → end offset per partition at deletion.
+        marks: std::collections::BTreeMap<String, Vec<i64>>,
     },
     /// The stream was purged: every record below these offsets is gone for pgtide.
     Purge {

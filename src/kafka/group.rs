@@ -350,15 +350,18 @@ impl ConsumerContext for Ctx {
     }
 }
 
-/// A group's Kafka consumer, closed on a thread of its own when the last reference goes.
-///
-/// Closing blocks until the consumer has left the group (tansu 0.6 never completes it): never
-/// on a runtime worker, nor on the blocking pool, which a runtime waits for when it shuts down.
+/// A group's Kafka consumer. When the last reference goes it unsubscribes (the broker hands
+/// its partitions to the other members after the session timeout) and is then left open, not
+/// closed: closing a group consumer blocks until the broker confirms that it left the group,
+/// which tansu 0.6 never does, and a close still running when the process exits crashes it.
+/// So a stopped runtime (its group deleted, or its handle dropped) keeps its idle librdkafka
+/// client until the process exits.
 pub(super) struct Closer(Option<StreamConsumer<Ctx>>);
 
 impl std::ops::Deref for Closer {
     type Target = StreamConsumer<Ctx>;
     fn deref(&self) -> &StreamConsumer<Ctx> {
+        // Some until `drop`.
         self.0.as_ref().expect("taken only by drop")
     }
 }
@@ -366,12 +369,8 @@ impl std::ops::Deref for Closer {
 impl Drop for Closer {
     fn drop(&mut self) {
         if let Some(consumer) = self.0.take() {
-            let spawned = std::thread::Builder::new()
-                .name("pgtide-kafka-close".into())
-                .spawn(move || drop(consumer));
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "pgtide kafka: no thread to close a consumer on");
-            }
+            consumer.unsubscribe();
+            std::mem::forget(consumer);
         }
     }
 }
@@ -432,6 +431,10 @@ impl Group {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "100")
+            // A member that stopped without leaving the group (see `Closer`) keeps its
+            // partitions until this passes.
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
             .create_with_context(ctx)
             .map_err(|e| broker(e, false))?;
         consumer

@@ -54,13 +54,6 @@ impl Names {
     pub(super) fn group_id(&self, group: &str) -> String {
         format!("{}.GROUP.{}", self.prefix, encode(group))
     }
-
-    /// Whether `topic` is one of this stream's per-group topics.
-    pub(super) fn is_group_topic(&self, topic: &str) -> bool {
-        topic
-            .strip_prefix(&self.prefix)
-            .is_some_and(|rest| rest.starts_with(".RETRY.") || rest.starts_with(".DEAD."))
-    }
 }
 
 #[cfg(test)]
@@ -75,8 +68,6 @@ mod tests {
         assert_ne!(a.main, b.main);
         assert_eq!(a.retry("a.b"), "PGTIDE.shop.hook_Dsync.RETRY.a_Db");
         assert_eq!(a.dead("g"), "PGTIDE.shop.hook_Dsync.DEAD.g");
-        assert!(a.is_group_topic(&a.dead("g")));
-        assert!(!a.is_group_topic(&a.delay));
         // Kafka's '.'/'_' metric collision: distinct encoded names stay distinct.
         let fold = |s: &str| s.replace('.', "_");
         assert_ne!(fold(&a.main), fold(&b.main));
