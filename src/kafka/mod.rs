@@ -29,7 +29,9 @@
 //! * **Nack and delayed publish** write a copy to the retry / delay topic with its due time;
 //!   the group holds it in memory until then. Dead letters are copies in the dead-letter topic.
 //! * **Purge** records the current end offsets as marks in the registry; records below them are
-//!   skipped (the broker used for testing has no DeleteRecords).
+//!   skipped (the broker used for testing has no DeleteRecords). Deleting a stream or group
+//!   marks it deleted the same way and leaves its topics: librdkafka 2.12 crashes on tansu 0.6's
+//!   metadata for deleted topics. Every group runtime reads the registry again every 5 s.
 //!
 //! # Limits (see [`Capabilities`])
 //!
@@ -43,6 +45,8 @@
 //! * Records waiting for their due time are held in memory (a very large backlog of delayed
 //!   messages costs memory in every consuming process).
 //! * Plain TCP only (no TLS, no SASL).
+//! * A stopped group runtime leaves its idle librdkafka consumer open until the process exits
+//!   (closing one never completes on tansu 0.6); see `group.rs`.
 
 mod admin;
 mod codec;
