@@ -1,6 +1,6 @@
 //! Choosing a backend at run time from a URL: `memory://`, and with their cargo features
 //! `postgres://` (on by default), `nats://` (`tls://`, `nats+tls://`), `redis://`
-//! (`rediss://`), `amqp://` (`amqps://`), `sqs://` (`sqss://`).
+//! (`rediss://`), `amqp://` (`amqps://`), `sqs://` (`sqss://`), `kafka://`.
 
 use std::time::Duration;
 
@@ -51,6 +51,9 @@ pub enum AnyBackend {
     /// Amazon SQS.
     #[cfg(feature = "sqs")]
     Sqs(crate::sqs::SqsBackend),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(crate::kafka::KafkaBackend),
 }
 
 /// A consumer of [`AnyBackend`].
@@ -74,6 +77,9 @@ pub enum AnyConsumer {
     /// Amazon SQS.
     #[cfg(feature = "sqs")]
     Sqs(crate::sqs::SqsConsumer),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(crate::kafka::KafkaConsumer),
 }
 
 macro_rules! dispatch {
@@ -90,6 +96,8 @@ macro_rules! dispatch {
             $enum::Amqp($b) => $e,
             #[cfg(feature = "sqs")]
             $enum::Sqs($b) => $e,
+            #[cfg(feature = "kafka")]
+            $enum::Kafka($b) => $e,
         }
     };
 }
@@ -134,6 +142,13 @@ impl AnyBackend {
             #[cfg(not(feature = "sqs"))]
             "sqs" | "sqss" => Err(Error::InvalidConfig(
                 "backend URL sqs://… needs pgtide built with the cargo feature \"sqs\"".into(),
+            #[cfg(feature = "kafka")]
+            "kafka" => Ok(AnyBackend::Kafka(
+                crate::kafka::KafkaBackend::connect(url, namespace).await?,
+            )),
+            #[cfg(not(feature = "kafka"))]
+            "kafka" => Err(Error::InvalidConfig(
+                "backend URL kafka://… needs pgtide built with the cargo feature \"kafka\"".into(),
             )),
             #[allow(unreachable_patterns)]
             "postgres" | "postgresql" | "nats" | "tls" | "nats+tls" | "redis" | "rediss" | "amqp"
@@ -152,12 +167,12 @@ impl AnyBackend {
                 )))
             }
             _ => Err(Error::InvalidConfig(format!(
-                "backend URL scheme {scheme:?} is unknown: use postgres://, memory://, nats:// (tls://), redis:// (rediss://), amqp:// (amqps://) or sqs:// (sqss://)"
+                "backend URL scheme {scheme:?} is unknown: use postgres://, memory://, nats:// (tls://), redis:// (rediss://), amqp:// (amqps://), sqs:// (sqss://) or kafka://"
             ))),
         }
     }
 
-    /// The backend's short name: `postgres`, `memory`, `nats`, `redis`, `amqp` or `sqs`.
+    /// The backend's short name: `postgres`, `memory`, `nats`, `redis`, `amqp`, `sqs` or `kafka`.
     pub fn kind(&self) -> &'static str {
         match self {
             #[cfg(feature = "postgres")]
@@ -171,6 +186,8 @@ impl AnyBackend {
             AnyBackend::Amqp(_) => "amqp",
             #[cfg(feature = "sqs")]
             AnyBackend::Sqs(_) => "sqs",
+            #[cfg(feature = "kafka")]
+            AnyBackend::Kafka(_) => "kafka",
         }
     }
 }
@@ -246,6 +263,10 @@ impl Queue for AnyBackend {
             }
             #[cfg(feature = "sqs")]
             AnyBackend::Sqs(b) => AnyConsumer::Sqs(Queue::consumer(b, stream, group, name).await?),
+            #[cfg(feature = "kafka")]
+            AnyBackend::Kafka(b) => {
+                AnyConsumer::Kafka(Queue::consumer(b, stream, group, name).await?)
+            }
         })
     }
 }

@@ -45,6 +45,8 @@ mod any;
 mod broker_tls;
 mod config;
 mod error;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod limits;
 mod memory;
 mod metrics;
@@ -67,6 +69,8 @@ pub use crate::amqp::{AmqpBackend, AmqpConsumer};
 pub use crate::any::{AnyBackend, AnyConsumer};
 pub use crate::config::{Backoff, GroupStart, StreamConfig};
 pub use crate::error::{ConnectProblem, Error, Result};
+#[cfg(feature = "kafka")]
+pub use crate::kafka::{KafkaBackend, KafkaConsumer, KafkaOptions};
 pub use crate::limits::{check_duration, check_time, MAX_DURATION};
 pub use crate::memory::{MemoryBackend, MemoryConsumer};
 pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};

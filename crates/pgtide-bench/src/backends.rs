@@ -65,6 +65,9 @@ impl Bench<'_> {
                 "sqs",
                 cfg!(feature = "sqs"),
                 from_env("SQS_URL", "sqs://test:test@127.0.0.1:5000?region=us-east-1"),
+                "kafka",
+                cfg!(feature = "kafka"),
+                from_env("KAFKA_URL", "kafka://127.0.0.1:9092"),
             ),
         ];
         let mut rows = vec![];
@@ -84,6 +87,7 @@ impl Bench<'_> {
             "redis" | "rediss" => ("redis", cfg!(feature = "redis")),
             "amqp" | "amqps" => ("amqp", cfg!(feature = "amqp")),
             "sqs" | "sqss" => ("sqs", cfg!(feature = "sqs")),
+            "kafka" => ("kafka", cfg!(feature = "kafka")),
             _ => ("postgres", true),
         };
         let mut rows = vec![];

@@ -1,7 +1,7 @@
 //! The backend a command runs on, chosen by `--backend` / `PGTIDE_BACKEND` (else `DATABASE_URL`).
 //!
 //! Every command runs on the Postgres engine. Other backends (`nats://`, `redis://`, `amqp://`,
-//! `sqs://`, `memory://`) run what the [`Queue`] traits offer: stream create/delete/purge, group
+//! `sqs://`, `kafka://`, `memory://`) run what the [`Queue`] traits offer: stream create/delete/purge, group
 //! create/delete, publish, consume, stats of one group, the dead letters of one group, and a
 //! read-only dashboard of the groups named with `--group`. The
 //! rest needs what only Postgres has (a registry to list, SQL, the scout) and is refused before
@@ -22,7 +22,7 @@ use crate::human::{parse_point, redact_url, Point};
 pub struct BackendUrl {
     /// The URL as given.
     pub url: String,
-    /// `postgres`, `nats`, `redis`, `amqp`, `sqs` or `memory`.
+    /// `postgres`, `nats`, `redis`, `amqp`, `sqs`, `kafka` or `memory`.
     pub kind: &'static str,
     /// Where it came from, for messages.
     pub source: &'static str,
@@ -49,10 +49,11 @@ pub fn backend_url(global: &Global) -> CliResult<BackendUrl> {
                 "amqp" | "amqps" => "amqp",
                 "sqs" | "sqss" => "sqs",
                 "nats" => "nats",
+                "kafka" => "kafka",
                 "memory" => "memory",
                 _ => {
                     return Err(CliError::usage(format!(
-                        "--backend/PGTIDE_BACKEND {:?} is not a backend URL: use postgres://, nats://, redis://, amqp://, sqs:// or memory://",
+                        "--backend/PGTIDE_BACKEND {:?} is not a backend URL: use postgres://, nats://, redis://, amqp://, sqs://, kafka:// or memory://",
                         redact_url(b)
                     )))
                 }

@@ -1,5 +1,5 @@
 //! Servers of the test's own, on free loopback ports, killed with SIGKILL and started again on the
-//! same data directory: brokers (NATS, Redis, moto for SQS) and PgBouncer in front of a
+//! same data directory: brokers (NATS, Redis, moto for SQS, Kafka) and PgBouncer in front of a
 //! PostgreSQL. Panics on failure: it is test set-up.
 
 use std::path::{Path, PathBuf};
@@ -124,9 +124,36 @@ impl Server {
         })
     }
 
+    /// A Kafka-compatible broker: tansu (`$TANSU`, else `tansu` on the `PATH`; `.ci/run`
+    /// installs it) with in-memory storage, so a restart starts empty. Clients reach it at
+    /// [`Server::kafka_url`].
+    pub fn kafka() -> Server {
+        let program: &'static str = match std::env::var("TANSU") {
+            Ok(path) => Box::leak(path.into_boxed_str()),
+            Err(_) => "tansu",
+        };
+        Self::start(program, |port, _dir| {
+            let url = format!("tcp://127.0.0.1:{port}");
+            vec![
+                "broker".into(),
+                "--listener-url".into(),
+                url.clone(),
+                "--advertised-listener-url".into(),
+                url,
+                "--storage-engine".into(),
+                "memory://tansu/".into(),
+            ]
+        })
+    }
+
     /// The `sqs://` URL of a [`Server::sqs`], with moto's fixed test credentials and region.
     pub fn sqs_url(&self) -> String {
         format!("sqs://test:test@127.0.0.1:{}?region=us-east-1", self.port)
+    }
+
+    /// `kafka://127.0.0.1:<port>`.
+    pub fn kafka_url(&self) -> String {
+        format!("kafka://127.0.0.1:{}", self.port)
     }
 
     /// PgBouncer 1.18 (Debian's) in transaction mode in front of the PostgreSQL at

@@ -1,0 +1,498 @@
+//! Kafka backend (feature `kafka`), written against the Kafka protocol as librdkafka speaks it;
+//! tested with tansu 0.6 (in-memory storage).
+//!
+//! # Layout on the broker
+//!
+//! Every name is derived from the namespace and the pgtide name (see `naming.rs`):
+//!
+//! * `PGTIDE.<ns>.<stream>`: the stream's messages, [`KafkaOptions::partitions`] partitions.
+//!   Every group reads it (fan-out: each pgtide group is its own Kafka consumer group,
+//!   `PGTIDE.<ns>.<stream>.GROUP.<group>`).
+//! * `PGTIDE.<ns>.<stream>.DELAY`: delayed publishes, each with its due time; every group reads
+//!   it too and holds each record until it is due.
+//! * `PGTIDE.<ns>.<stream>.RETRY.<group>`: one group's nacks, each with its due time and attempt.
+//! * `PGTIDE.<ns>.<stream>.DEAD.<group>`: one group's dead letters, with reason headers.
+//! * `PGTIDE.<ns>.<stream>.META`: the stream's registry (one partition): its settings, its
+//!   groups and its purge marks, as JSON records read from the start.
+//!
+//! # Semantics
+//!
+//! * **Per-delivery settles on a log**: see `group.rs`. Each handle runs one Kafka consumer per
+//!   group it consumes; its [`KafkaConsumer`]s share it and compete for its records. Acks may
+//!   come in any order; the committed offset of each partition is the lowest unfinished one
+//!   (committed every 50 ms and on [`Queue::close`]). Processes share a group's partitions as
+//!   Kafka assigns them: a group spreads over at most as many processes as the stream has
+//!   partitions.
+//! * **Leases are emulated** in the process holding the partition: a delivery not settled
+//!   within its lease is handed out again (attempt + 1), or dead-lettered on the last attempt.
+//!   Settles are fenced by a claim number per lease, also after a release.
+//! * **Nack and delayed publish** write a copy to the retry / delay topic with its due time;
+//!   the group holds it in memory until then. Dead letters are copies in the dead-letter topic.
+//! * **Purge** records the current end offsets as marks in the registry; records below them are
+//!   skipped (the broker used for testing has no DeleteRecords). Deleting a stream or group
+//!   marks it deleted the same way and leaves its topics: librdkafka 2.12 crashes on tansu 0.6's
+//!   metadata for deleted topics. Every group runtime reads the registry again every 5 s.
+//!
+//! # Limits (see [`Capabilities`])
+//!
+//! * No dedupe keys (`Unsupported`): Kafka has no per-key duplicate detection. The producer is
+//!   idempotent, so a retried send inside the client is never written twice.
+//! * Priority is ignored (Kafka delivers in log order).
+//! * Stats are approximate: counts come from end offsets and committed offsets, corrected by
+//!   what this process holds.
+//! * Attempt numbers of lease expiries live in the process holding the partition: after a crash
+//!   or a rebalance a record starts again from the attempt it was written with.
+//! * Records waiting for their due time are held in memory (a very large backlog of delayed
+//!   messages costs memory in every consuming process).
+//! * Plain TCP only (no TLS, no SASL).
+//! * A stopped group runtime leaves its idle librdkafka consumer open until the process exits
+//!   (closing one never completes on tansu 0.6); see `group.rs`.
+
+mod admin;
+mod codec;
+mod consumer;
+mod group;
+mod naming;
+mod publish;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{GroupStart, StreamConfig};
+use crate::error::{Error, Result};
+use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
+
+pub use self::consumer::KafkaConsumer;
+use self::group::Group;
+use self::naming::Names;
+
+/// The backend's name in errors.
+pub(crate) const NAME: &str = "kafka";
+
+/// What the Kafka backend supports.
+pub(crate) const KAFKA_CAPABILITIES: Capabilities = Capabilities {
+    delay: true,
+    native_delay: false,
+    dedupe: false,
+    nack_delay: true,
+    lease_timeout: true,
+    lease_extension: true,
+    transactional_publish: false,
+    priority: false,
+    exact_stats: false,
+    group_start_oldest: true,
+    fenced_settle: true,
+    fenced_after_release: true,
+};
+
+/// Options of a [`KafkaBackend`].
+///
+/// ```
+/// let options = pgtide::KafkaOptions::default().partitions(6);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct KafkaOptions {
+    /// Partitions of the main and delay topics of the streams this handle creates (a group
+    /// spreads over at most this many processes). The URL parameter `partitions=N` sets it
+    /// too. Defaults to 1.
+    pub partitions: i32,
+    /// Replication factor of the topics this handle creates. Defaults to 1.
+    pub replication: i32,
+    /// Timeout of one request to the cluster (metadata, admin, a publish's acknowledgement).
+    /// Defaults to 10 s.
+    pub request_timeout: Duration,
+}
+
+impl Default for KafkaOptions {
+    fn default() -> Self {
+        KafkaOptions {
+            partitions: 1,
+            replication: 1,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl KafkaOptions {
+    /// Sets [`KafkaOptions::partitions`].
+    pub fn partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions;
+        self
+    }
+    /// Sets [`KafkaOptions::replication`].
+    pub fn replication(mut self, replication: i32) -> Self {
+        self.replication = replication;
+        self
+    }
+    /// Sets [`KafkaOptions::request_timeout`].
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+}
+
+/// A stream's names, config, groups and purge marks, as recorded in its registry topic.
+#[derive(Debug, Clone)]
+struct StreamMeta {
+    names: Names,
+    config: StreamConfig,
+    groups: HashSet<String>,
+    marks: BTreeMap<String, Vec<i64>>,
+}
+
+struct Inner {
+    brokers: String,
+    namespace: String,
+    options: KafkaOptions,
+    producer: FutureProducer,
+    streams: Mutex<HashMap<String, Arc<StreamMeta>>>,
+    groups: Mutex<HashMap<(String, String), Arc<Group>>>,
+    tracker: TaskTracker,
+    token: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle is gone: stop the group drivers.
+        self.token.cancel();
+        self.tracker.close();
+    }
+}
+
+/// Kafka backend handle. Cheap to clone; clones share one producer and the group consumers.
+///
+/// ```no_run
+/// # async fn demo() -> pgtide::Result<()> {
+/// use pgtide::{KafkaBackend, Queue, StreamConfig};
+/// let kafka = KafkaBackend::connect("kafka://127.0.0.1:9092", "shop").await?;
+/// kafka.ensure_stream("orders", &StreamConfig::default()).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct KafkaBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBackend")
+            .field("namespace", &self.inner.namespace)
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps guarded here stay consistent across a panic (single inserts and removes).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A broker error.
+pub(super) fn broker(
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    retryable: bool,
+) -> Error {
+    Error::Broker {
+        backend: NAME,
+        source: e.into(),
+        retryable,
+    }
+}
+
+/// Splits `kafka://host:port[,host:port…][?partitions=N]` into the bootstrap list and options.
+fn parse_url(url: &str, mut options: KafkaOptions) -> Result<(String, KafkaOptions)> {
+    let bad = |why: &str| {
+        // Not echoing the URL: it may carry credentials.
+        Error::InvalidConfig(format!(
+            "Kafka URL: {why}: use kafka://host:port[,host:port...][?partitions=N]"
+        ))
+    };
+    let rest = url
+        .strip_prefix("kafka://")
+        .ok_or_else(|| bad("the scheme must be kafka://"))?;
+    let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let hosts = hosts.trim_end_matches('/');
+    if hosts.is_empty() || hosts.contains(['@', '/', ' ']) {
+        return Err(bad("expected host:port pairs (no user, path or spaces)"));
+    }
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("partitions", n)) => {
+                options.partitions = n.parse().map_err(|_| bad("partitions must be a number"))?;
+            }
+            _ => return Err(bad("the only parameter is partitions=N")),
+        }
+    }
+    Ok((hosts.to_owned(), options))
+}
+
+impl KafkaBackend {
+    /// Connects to `url` (`kafka://host:port`, several bootstrap servers comma-separated, and
+    /// `?partitions=N` for the streams this handle creates); every broker-side name is
+    /// prefixed by `namespace`. Uses [`KafkaOptions::default`].
+    pub async fn connect(url: &str, namespace: &str) -> Result<Self> {
+        Self::connect_with(url, namespace, KafkaOptions::default()).await
+    }
+
+    /// Connects with explicit options. Fails with a retryable [`Error::Broker`] if no broker
+    /// answers within [`KafkaOptions::request_timeout`]; once connected, the client reconnects
+    /// on its own and operations fail with retryable errors meanwhile.
+    pub async fn connect_with(url: &str, namespace: &str, options: KafkaOptions) -> Result<Self> {
+        crate::names::validate_namespace(namespace)?;
+        let (brokers, options) = parse_url(url, options)?;
+        if !(1..=10_000).contains(&options.partitions) {
+            return Err(Error::InvalidConfig(format!(
+                "Kafka partitions must be 1 to 10000, not {}",
+                options.partitions
+            )));
+        }
+        if !(1..=16).contains(&options.replication) {
+            return Err(Error::InvalidConfig(format!(
+                "Kafka replication must be 1 to 16, not {}",
+                options.replication
+            )));
+        }
+        crate::limits::check_duration("request_timeout", options.request_timeout, false)?;
+        let mut config = base_config(&brokers, &options);
+        let producer: FutureProducer = config
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "0")
+            .set("message.max.bytes", "16777216")
+            .create()
+            .map_err(|e| broker(e, false))?;
+        // Reach the cluster now, so that a wrong address fails here.
+        let timeout = options.request_timeout;
+        let probe = producer.clone();
+        tokio::task::spawn_blocking(move || probe.client().fetch_metadata(None, timeout))
+            .await
+            .map_err(|e| broker(e, true))?
+            .map_err(|e| broker(e, true))?;
+        Ok(KafkaBackend {
+            inner: Arc::new(Inner {
+                brokers,
+                namespace: namespace.to_owned(),
+                options,
+                producer,
+                streams: Mutex::default(),
+                groups: Mutex::default(),
+                tracker: TaskTracker::new(),
+                token: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// The namespace (prefix of every broker-side name).
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    fn names(&self, stream: &str) -> Names {
+        Names::new(&self.inner.namespace, stream)
+    }
+
+    /// A client config with the bootstrap servers and pgtide's defaults.
+    fn client_config(&self) -> ClientConfig {
+        base_config(&self.inner.brokers, &self.inner.options)
+    }
+
+    /// Writes one record and waits for the broker's acknowledgement.
+    async fn produce(&self, topic: &str, payload: &[u8], headers: OwnedHeaders) -> Result<()> {
+        let timeout = self.inner.options.request_timeout;
+        produce(&self.inner.producer, timeout, topic, payload, headers).await
+    }
+
+    /// The stream's meta: cached, else read from the registry.
+    async fn meta(&self, stream: &str) -> Result<Arc<StreamMeta>> {
+        crate::names::validate_name("stream", stream)?;
+        if let Some(m) = lock(&self.inner.streams).get(stream) {
+            return Ok(m.clone());
+        }
+        self.fresh_meta(stream).await
+    }
+
+    /// Reads the stream's registry again (groups and purge marks may have changed).
+    async fn fresh_meta(&self, stream: &str) -> Result<Arc<StreamMeta>> {
+        crate::names::validate_name("stream", stream)?;
+        let meta = Arc::new(
+            self.read_registry(stream)
+                .await?
+                .ok_or_else(|| Error::StreamNotFound(stream.to_owned()))?,
+        );
+        lock(&self.inner.streams).insert(stream.to_owned(), meta.clone());
+        Ok(meta)
+    }
+
+    /// Drops the cached meta and stops the local group runtimes of a stream.
+    fn forget(&self, stream: &str) {
+        lock(&self.inner.streams).remove(stream);
+        lock(&self.inner.groups).retain(|(s, _), g| {
+            let keep = s != stream;
+            if !keep {
+                g.token.cancel();
+            }
+            keep
+        });
+    }
+
+    /// Stops the local runtime of one group.
+    fn forget_group(&self, stream: &str, group: &str) {
+        if let Some(g) = lock(&self.inner.groups).remove(&(stream.to_owned(), group.to_owned())) {
+            g.token.cancel();
+        }
+    }
+}
+
+/// Writes one record and waits for the broker's acknowledgement.
+async fn produce(
+    producer: &FutureProducer,
+    timeout: Duration,
+    topic: &str,
+    payload: &[u8],
+    headers: OwnedHeaders,
+) -> Result<()> {
+    let record = FutureRecord::<(), [u8]>::to(topic)
+        .payload(payload)
+        .headers(headers);
+    producer
+        .send(record, Timeout::After(timeout))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| broker(e, true))
+}
+
+fn base_config(brokers: &str, options: &KafkaOptions) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    let ms = options
+        .request_timeout
+        .as_millis()
+        .min(i32::MAX as u128)
+        .to_string();
+    c.set("bootstrap.servers", brokers)
+        .set("client.id", "pgtide")
+        .set("allow.auto.create.topics", "false")
+        .set("socket.timeout.ms", &ms)
+        .set("message.timeout.ms", &ms)
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    c
+}
+
+impl Queue for KafkaBackend {
+    type Consumer = KafkaConsumer;
+
+    fn capabilities(&self) -> Capabilities {
+        KAFKA_CAPABILITIES
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Commit what every local group finished, then flush the producer.
+        let groups: Vec<Arc<Group>> = lock(&self.inner.groups).values().cloned().collect();
+        for g in groups {
+            g.commit(rdkafka::consumer::CommitMode::Sync).await;
+        }
+        let producer = self.inner.producer.clone();
+        let timeout = self.inner.options.request_timeout;
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| broker(e, true))?
+            .map_err(|e| broker(e, true))
+    }
+
+    async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
+        self.create_stream(stream, config).await
+    }
+
+    async fn delete_stream(&self, stream: &str) -> Result<bool> {
+        self.remove_stream(stream).await
+    }
+
+    async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
+        self.create_group(stream, group, start).await
+    }
+
+    async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
+        self.remove_group(stream, group).await
+    }
+
+    async fn purge(&self, stream: &str) -> Result<()> {
+        self.purge_stream(stream).await
+    }
+
+    async fn stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
+        self.group_stats(stream, group).await
+    }
+
+    async fn dead_letters(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        self.read_dead_letters(stream, group, limit).await
+    }
+
+    async fn publish(&self, stream: &str, msg: OutgoingMessage) -> Result<PublishReceipt> {
+        crate::limits::check_messages(std::slice::from_ref(&msg))?;
+        let msg = crate::otel::traced_one(msg);
+        let mut receipts = self.publish_all(stream, std::slice::from_ref(&msg)).await?;
+        receipts
+            .pop()
+            .ok_or_else(|| broker("publish returned no receipt", false))
+    }
+
+    async fn publish_batch(
+        &self,
+        stream: &str,
+        msgs: &[OutgoingMessage],
+    ) -> Result<Vec<PublishReceipt>> {
+        crate::limits::check_messages(msgs)?;
+        let msgs = crate::otel::traced(msgs);
+        let msgs = &*msgs;
+        self.publish_all(stream, msgs).await
+    }
+
+    async fn consumer(&self, stream: &str, group: &str, name: &str) -> Result<KafkaConsumer> {
+        KafkaConsumer::open(self, stream, group, name).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let (b, o) = parse_url(
+            "kafka://a:9092,b:9092?partitions=6",
+            KafkaOptions::default(),
+        )
+        .unwrap();
+        assert_eq!((b.as_str(), o.partitions), ("a:9092,b:9092", 6));
+        let (b, o) = parse_url("kafka://127.0.0.1:9092/", KafkaOptions::default()).unwrap();
+        assert_eq!((b.as_str(), o.partitions), ("127.0.0.1:9092", 1));
+        for bad in [
+            "nats://x:1",
+            "kafka://",
+            "kafka://u:p@x:1",
+            "kafka://x:1?partitions=many",
+            "kafka://x:1?tls=1",
+        ] {
+            assert!(
+                matches!(
+                    parse_url(bad, KafkaOptions::default()),
+                    Err(Error::InvalidConfig(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+}
