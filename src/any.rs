@@ -142,6 +142,7 @@ impl AnyBackend {
             #[cfg(not(feature = "sqs"))]
             "sqs" | "sqss" => Err(Error::InvalidConfig(
                 "backend URL sqs://… needs pgtide built with the cargo feature \"sqs\"".into(),
+            )),
             #[cfg(feature = "kafka")]
             "kafka" => Ok(AnyBackend::Kafka(
                 crate::kafka::KafkaBackend::connect(url, namespace).await?,

@@ -65,6 +65,8 @@ impl Bench<'_> {
                 "sqs",
                 cfg!(feature = "sqs"),
                 from_env("SQS_URL", "sqs://test:test@127.0.0.1:5000?region=us-east-1"),
+            ),
+            (
                 "kafka",
                 cfg!(feature = "kafka"),
                 from_env("KAFKA_URL", "kafka://127.0.0.1:9092"),
