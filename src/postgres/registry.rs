@@ -116,7 +116,17 @@ impl PgBackend {
             .sql_value(&self.inner.sql.stream_create, &values, Ctx::stream(name))
             .await;
         self.forget_stream(name);
-        created
+        let created = created?;
+        // A statement of its own: the partitions' locks are then held for one short
+        // transaction instead of to the end of the stream's (`create_stream` in SQL).
+        let _: i32 = self
+            .sql_value(
+                &self.inner.sql.stream_partitions,
+                &[&name],
+                Ctx::stream(name),
+            )
+            .await?;
+        Ok(created)
     }
 
     /// Creates a stream. Fails with [`Error::StreamExists`] if it exists.
