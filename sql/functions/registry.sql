@@ -89,9 +89,11 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
             / 8 / 2)
 $$;
 
--- Creates the time partitions of `stream` for now and the three intervals ahead (what
--- `maintain()` does for every stream). Returns how many it created. Run it in its own transaction
--- after `create_stream`: its relations then are locked only briefly.
+-- Creates the time partitions of `stream` for now and the next interval; `maintain()` (every
+-- minute in the scout) adds the two after. Returns how many it created. Run it in its own
+-- transaction after `create_stream`: its relations then are locked only briefly. Two, not four:
+-- each costs about as much as creating the stream, and creation time matters when a deployment
+-- provisions hundreds of streams.
 CREATE OR REPLACE FUNCTION @ns@.ensure_partitions(stream text) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -102,7 +104,7 @@ BEGIN
     PERFORM @ns@._check_name('stream', stream);
     sid := @ns@.stream_id(stream);
     SELECT partition_interval INTO width FROM @ns@.streams WHERE id = sid;
-    FOR i IN 0..3 LOOP
+    FOR i IN 0..1 LOOP
         IF @ns@.ensure_partition(sid, now() + width * i) THEN
             n := n + 1;
         END IF;
