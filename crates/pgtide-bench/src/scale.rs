@@ -360,7 +360,7 @@ async fn count_queries(admin: &Client, db: &str, window: Duration) -> Result<(u6
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut top: Vec<(String, u64)> = by_text.into_iter().collect();
-    top.sort_by(|a, b| b.1.cmp(&a.1));
+    top.sort_by_key(|t| std::cmp::Reverse(t.1));
     let top = top
         .iter()
         .take(3)

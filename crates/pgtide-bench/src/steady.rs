@@ -162,6 +162,7 @@ impl Bench<'_> {
     }
 
     /// Samples the load every `every` until `until`, labelling rows with `phase`.
+    #[allow(clippy::too_many_arguments)]
     async fn sample(
         &self,
         load: &Load,
