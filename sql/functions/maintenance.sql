@@ -68,18 +68,31 @@ BEGIN
     FOR p IN SELECT * FROM @ns@.partitions
              WHERE stream_id = p_stream_id AND upper <= at - keep ORDER BY lower
     LOOP
-        WITH gone AS (
-            DELETE FROM @ns@.delivery_state d USING @ns@.groups g
-            WHERE g.stream_id = p_stream_id AND d.group_id = g.id
+        -- Rows are locked in primary-key order first, the order settles lock them in (`= ANY`
+        -- on the key): a consumer acking old deliveries while retention drops them then waits
+        -- instead of deadlocking (seen in `pgtide bench --soak` with consumers minutes behind).
+        WITH doomed AS (
+            SELECT d.group_id, d.message_id FROM @ns@.delivery_state d
+            WHERE d.group_id IN (SELECT g.id FROM @ns@.groups g WHERE g.stream_id = p_stream_id)
               AND d.message_id >= @ns@.uuid_floor(p.lower) AND d.message_id < @ns@.uuid_floor(p.upper)
+            ORDER BY d.group_id, d.message_id
+            FOR UPDATE
+        ), gone AS (
+            DELETE FROM @ns@.delivery_state d USING doomed x
+            WHERE d.group_id = x.group_id AND d.message_id = x.message_id
             RETURNING d.group_id
         )
         INSERT INTO @ns@.counter_deltas (group_id, pending)
         SELECT group_id, -count(*) FROM gone GROUP BY group_id;
-        WITH gone AS (
-            DELETE FROM @ns@.dead_letter_state d USING @ns@.groups g
-            WHERE g.stream_id = p_stream_id AND d.group_id = g.id
+        WITH doomed AS (
+            SELECT d.group_id, d.message_id FROM @ns@.dead_letter_state d
+            WHERE d.group_id IN (SELECT g.id FROM @ns@.groups g WHERE g.stream_id = p_stream_id)
               AND d.message_id >= @ns@.uuid_floor(p.lower) AND d.message_id < @ns@.uuid_floor(p.upper)
+            ORDER BY d.group_id, d.message_id
+            FOR UPDATE
+        ), gone AS (
+            DELETE FROM @ns@.dead_letter_state d USING doomed x
+            WHERE d.group_id = x.group_id AND d.message_id = x.message_id
             RETURNING d.group_id
         )
         INSERT INTO @ns@.counter_deltas (group_id, dead)

@@ -267,11 +267,20 @@ impl PgBackend {
             .collect()
     }
 
-    /// Stream metadata from a short-lived cache (publish needs the payload limit).
+    /// Stream metadata from a short-lived cache.
     pub(crate) async fn cached_stream(&self, name: &str) -> Result<StreamInfo> {
+        self.cached_stream_within(name, STREAM_CACHE_TTL).await
+    }
+
+    /// Stream metadata from the cache if it was read less than `max_age` ago.
+    pub(crate) async fn cached_stream_within(
+        &self,
+        name: &str,
+        max_age: std::time::Duration,
+    ) -> Result<StreamInfo> {
         if let Ok(cache) = self.inner.streams.lock() {
             if let Some((info, at)) = cache.get(name) {
-                if at.elapsed() < STREAM_CACHE_TTL {
+                if at.elapsed() < max_age {
                     return Ok(info.clone());
                 }
             }

@@ -153,6 +153,7 @@ impl BenchReport {
                     format!("{:.0}", r.published_per_s),
                     format!("{:.0}", r.acked_per_s),
                     r.nacked.to_string(),
+                    r.errors.to_string(),
                     format!("{:.3}", r.claim_p50_ms),
                     format!("{:.3}", r.claim_p99_ms),
                     r.backlog.to_string(),
@@ -170,13 +171,16 @@ impl BenchReport {
                 "published/s",
                 "acked/s",
                 "nacked",
+                "errors",
                 "claim p50 ms",
                 "p99 ms",
                 "backlog",
                 "tables MiB",
                 "indexes MiB",
             ],
-            &[true, false, true, true, true, true, true, true, true, true],
+            &[
+                true, false, true, true, true, true, true, true, true, true, true,
+            ],
             &rows,
         )
     }

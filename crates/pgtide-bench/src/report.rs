@@ -60,6 +60,8 @@ pub struct Interval {
     pub acked_per_s: f64,
     /// Deliveries nacked (retried later) in the interval.
     pub nacked: u64,
+    /// Retryable errors (deadlocks, serialization failures) the load met in the interval.
+    pub errors: u64,
     /// Claim (`try_fetch(10)`) median, in milliseconds.
     pub claim_p50_ms: f64,
     /// Claim 99th percentile, in milliseconds.

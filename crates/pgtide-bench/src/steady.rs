@@ -35,18 +35,32 @@ struct Counters {
     published: AtomicU64,
     acked: AtomicU64,
     nacked: AtomicU64,
+    /// Retryable errors (deadlock, serialization) the load's tasks met and went on after.
+    errors: AtomicU64,
     claims: Mutex<Vec<Duration>>,
 }
 
 impl Counters {
-    fn take(&self) -> (u64, u64, u64, Vec<Duration>) {
+    fn take(&self) -> (u64, u64, u64, u64, Vec<Duration>) {
         let claims = std::mem::take(&mut *self.claims.lock().unwrap_or_else(|e| e.into_inner()));
         (
             self.published.swap(0, Ordering::Relaxed),
             self.acked.swap(0, Ordering::Relaxed),
             self.nacked.swap(0, Ordering::Relaxed),
+            self.errors.swap(0, Ordering::Relaxed),
             claims,
         )
+    }
+
+    /// Counts a retryable error and lets the task go on; any other error ends the run.
+    fn tolerate(&self, r: Result<()>) -> Result<()> {
+        match r {
+            Err(e) if e.is_retryable() => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            other => other,
+        }
     }
 }
 
@@ -130,9 +144,12 @@ impl Bench<'_> {
                     if n == 0 {
                         continue;
                     }
-                    pg.publish_batch(stream, &vec![msg.clone(); n]).await?;
-                    sent += n as u64;
-                    counters.published.fetch_add(n as u64, Ordering::Relaxed);
+                    let r = pg.publish_batch(stream, &vec![msg.clone(); n]).await;
+                    if r.is_ok() {
+                        sent += n as u64;
+                        counters.published.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    counters.tolerate(r.map(|_| ()))?;
                 }
                 Ok(())
             });
@@ -145,11 +162,16 @@ impl Bench<'_> {
             let (counters, stop) = (counters.clone(), stop.clone());
             tasks.spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if step(&c, &counters).await? == 0 {
-                        // Idle: wait for a wake-up (not timed), then settle what it brought.
-                        let ds = c.fetch(BATCH, Duration::from_millis(100)).await?;
-                        settle(&c, &counters, ds).await?;
+                    let r = async {
+                        if step(&c, &counters).await? == 0 {
+                            // Idle: wait for a wake-up (not timed), then settle what it brought.
+                            let ds = c.fetch(BATCH, Duration::from_millis(100)).await?;
+                            settle(&c, &counters, ds).await?;
+                        }
+                        Ok(())
                     }
+                    .await;
+                    counters.tolerate(r)?;
                 }
                 Ok(())
             });
@@ -180,7 +202,7 @@ impl Bench<'_> {
             tokio::time::sleep_until(next.into()).await;
             let secs = last.elapsed().as_secs_f64();
             last = Instant::now();
-            let (published, acked, nacked, claims) = load.counters.take();
+            let (published, acked, nacked, errors, claims) = load.counters.take();
             let summary = Summary::of(claims);
             let backlog = self.pg.stats(stream, GROUP).await?;
             let (table_mib, index_mib) = if sizes {
@@ -195,6 +217,7 @@ impl Bench<'_> {
                 published_per_s: published as f64 / secs,
                 acked_per_s: acked as f64 / secs,
                 nacked,
+                errors,
                 claim_p50_ms: summary.p50_ms,
                 claim_p99_ms: summary.p99_ms,
                 backlog: backlog.ready + backlog.delayed + backlog.in_flight,
