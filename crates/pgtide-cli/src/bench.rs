@@ -45,7 +45,7 @@ pub async fn run(url: &str, args: BenchArgs, backend: Option<String>) -> CliResu
             "pgtide bench: namespace {namespace}, {} run; progress below, the table at the end",
             match (args.soak, args.quick) {
                 (Some(_), _) => "soak",
-                (None, true) => "quick (about five minutes)",
+                (None, true) => "quick (about eight minutes)",
                 (None, false) => "full (about twelve minutes)",
             }
         );

@@ -470,7 +470,7 @@ pub struct DashboardArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Short run (about a minute).
+    /// Short run (about eight minutes; a full run takes about twelve).
     #[arg(long)]
     pub quick: bool,
     /// Measured window of each case (default 5s, 2s with --quick).
