@@ -14,14 +14,15 @@
 //! backends comparison or not (default: only in a full run; brokers at `NATS_URL`, `REDIS_URL`,
 //! `AMQP_URL` when built with their feature), `PGTIDE_BENCH_JSON` for the JSON report path
 //! (default `target/pgtide-bench.json`), `PGTIDE_BENCH_ONLY=statements` for the statement-mode
-//! comparison alone (prepared against unnamed statements). The run works in a fresh `bench_<random>` namespace and
+//! comparison alone (prepared against unnamed statements), `=scale`, `=held-xmin` or `=collapse` for
+//! that case alone. The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
 //! `pgtide_bench::run_worker_process`). The cases and caveats are documented in `pgtide_bench`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use pgtide_bench::{run, run_worker_process, worker_process_requested, BenchConfig};
+use pgtide_bench::{run, run_worker_process, worker_process_requested, BenchConfig, Only};
 
 fn main() -> ExitCode {
     if worker_process_requested() {
@@ -40,10 +41,14 @@ fn main() -> ExitCode {
     config.progress = true;
     // Started again with no arguments, this executable runs a worker process (see above).
     config.worker_args = Some(vec![]);
-    config.only_statement_modes = matches!(
-        std::env::var("PGTIDE_BENCH_ONLY").as_deref(),
-        Ok("statements")
-    );
+    let only = std::env::var("PGTIDE_BENCH_ONLY");
+    config.only_statement_modes = matches!(only.as_deref(), Ok("statements"));
+    config.only = match only.as_deref() {
+        Ok("scale") => Some(Only::Scale),
+        Ok("held-xmin") => Some(Only::HeldXmin),
+        Ok("collapse") => Some(Only::Collapse),
+        _ => None,
+    };
     match std::env::var("PGTIDE_BENCH_BACKENDS").as_deref() {
         Ok("1" | "true" | "yes") => config.backends = true,
         Ok("0" | "false" | "no") => config.backends = false,

@@ -101,6 +101,11 @@ pub enum Error {
     )]
     NotMigrated(String),
 
+    /// The server's lock table is full: a transaction created more streams than it can hold
+    /// locks for (SQLSTATE `PT010`). Not retryable as is.
+    #[error("{0}: create streams in separate transactions (or fewer per transaction), or raise max_locks_per_transaction")]
+    LockTableFull(String),
+
     /// The connected role may not do this in the namespace (SQLSTATE 42501): an admin operation
     /// (migrate, delete, purge, trim, reset, replay, updating a stream) as a runtime role, or
     /// anything as a role that was never granted. The message is the server's.
@@ -326,6 +331,7 @@ impl Error {
                 }
                 "PT005" => return Error::StreamExists(stream),
                 "PT006" => return Error::GroupExists { stream, group },
+                "PT010" => return Error::LockTableFull(db.message().to_owned()),
                 "42P01" | "42883" | "3F000" => {
                     let namespace = match db.schema() {
                         Some(schema) if !schema.is_empty() => schema.to_owned(),
@@ -367,6 +373,7 @@ impl Error {
                 }
                 Some("PT005") => return Error::StreamExists(stream),
                 Some("PT006") => return Error::GroupExists { stream, group },
+                Some("PT010") => return Error::LockTableFull(db.message().to_owned()),
                 Some("42501") => return permission_denied(db.message()),
                 _ => {}
             }

@@ -68,18 +68,31 @@ BEGIN
     FOR p IN SELECT * FROM @ns@.partitions
              WHERE stream_id = p_stream_id AND upper <= at - keep ORDER BY lower
     LOOP
-        WITH gone AS (
-            DELETE FROM @ns@.delivery_state d USING @ns@.groups g
-            WHERE g.stream_id = p_stream_id AND d.group_id = g.id
+        -- Rows are locked in primary-key order first, the order settles lock them in (`= ANY`
+        -- on the key): a consumer acking old deliveries while retention drops them then waits
+        -- instead of deadlocking (seen in `pgtide bench --soak` with consumers minutes behind).
+        WITH doomed AS (
+            SELECT d.group_id, d.message_id FROM @ns@.delivery_state d
+            WHERE d.group_id IN (SELECT g.id FROM @ns@.groups g WHERE g.stream_id = p_stream_id)
               AND d.message_id >= @ns@.uuid_floor(p.lower) AND d.message_id < @ns@.uuid_floor(p.upper)
+            ORDER BY d.group_id, d.message_id
+            FOR UPDATE
+        ), gone AS (
+            DELETE FROM @ns@.delivery_state d USING doomed x
+            WHERE d.group_id = x.group_id AND d.message_id = x.message_id
             RETURNING d.group_id
         )
         INSERT INTO @ns@.counter_deltas (group_id, pending)
         SELECT group_id, -count(*) FROM gone GROUP BY group_id;
-        WITH gone AS (
-            DELETE FROM @ns@.dead_letter_state d USING @ns@.groups g
-            WHERE g.stream_id = p_stream_id AND d.group_id = g.id
+        WITH doomed AS (
+            SELECT d.group_id, d.message_id FROM @ns@.dead_letter_state d
+            WHERE d.group_id IN (SELECT g.id FROM @ns@.groups g WHERE g.stream_id = p_stream_id)
               AND d.message_id >= @ns@.uuid_floor(p.lower) AND d.message_id < @ns@.uuid_floor(p.upper)
+            ORDER BY d.group_id, d.message_id
+            FOR UPDATE
+        ), gone AS (
+            DELETE FROM @ns@.dead_letter_state d USING doomed x
+            WHERE d.group_id = x.group_id AND d.message_id = x.message_id
             RETURNING d.group_id
         )
         INSERT INTO @ns@.counter_deltas (group_id, dead)
@@ -108,12 +121,25 @@ BEGIN
 END $$;
 
 -- One maintenance pass: partitions ahead, retention, dedupe window, counters. Returns a summary.
+--
+-- A pass creates and drops at most 64 partitions (`_maintain_budget()`): every relation created
+-- or dropped stays locked to commit, and the lock table is shared by the whole server, so a
+-- namespace of a thousand streams whose partitions all come due at once (the first pass after
+-- they were created, or the day their first partitions expire) would otherwise fail with "out of
+-- shared memory" on every pass. A pass that used its whole budget leaves the rest to the next
+-- one: the Rust `maintain()` and the scout repeat it, each in its own transaction, until a pass
+-- does less; `SELECT maintain()` from psql or pg_cron does the same over successive calls.
+-- Streams are walked by one query each for missing and expired partitions, not one call per
+-- stream, so a pass with nothing to do stays cheap with thousands of streams.
+CREATE OR REPLACE FUNCTION @ns@._maintain_budget() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 64 $$;
+
 CREATE OR REPLACE FUNCTION @ns@.maintain(at timestamptz DEFAULT now())
 RETURNS TABLE (partitions_created integer, partitions_dropped integer, dedupe_removed integer)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
-    s record;
-    i integer;
+    s      record;
+    budget integer := @ns@._maintain_budget();
 BEGIN
     PERFORM @ns@._check(at IS NOT NULL, 'at must not be NULL', 'leave it out for now()');
     -- A pass "as if" later drops partitions before their retention is up: only for members of
@@ -127,13 +153,35 @@ BEGIN
     PERFORM @ns@._lock_partitions();
     partitions_created := 0;
     partitions_dropped := 0;
-    FOR s IN SELECT id, partition_interval FROM @ns@.streams ORDER BY id LOOP
-        FOR i IN 0..3 LOOP
-            IF @ns@.ensure_partition(s.id, at + s.partition_interval * i) THEN
-                partitions_created := partitions_created + 1;
-            END IF;
-        END LOOP;
-        partitions_dropped := partitions_dropped + @ns@.drop_expired_partitions(s.id, at);
+    -- Expired first: retention is what frees space. The same test as drop_expired_partitions.
+    FOR s IN SELECT DISTINCT p.stream_id FROM @ns@.partitions p JOIN @ns@.streams st ON st.id = p.stream_id
+             WHERE p.upper <= at - st.retention ORDER BY p.stream_id LOOP
+        EXIT WHEN partitions_created + partitions_dropped >= budget;
+        partitions_dropped := partitions_dropped + @ns@.drop_expired_partitions(s.stream_id, at);
+    END LOOP;
+    -- The slots (now and three intervals ahead) with no partition overlapping them, computed as
+    -- ensure_partition does.
+    FOR s IN
+        SELECT st.id, slot.at_i
+        FROM @ns@.streams st
+        CROSS JOIN LATERAL (
+            SELECT at + st.partition_interval * i AS at_i,
+                   floor(extract(epoch FROM st.partition_interval) * 1000)::bigint AS w_ms
+            FROM generate_series(0, 3) i
+        ) slot
+        CROSS JOIN LATERAL (
+            SELECT floor(extract(epoch FROM slot.at_i) * 1000)::bigint / slot.w_ms * slot.w_ms AS lo_ms
+        ) b
+        WHERE NOT EXISTS (
+            SELECT 1 FROM @ns@.partitions p
+            WHERE p.stream_id = st.id AND p.lower < to_timestamp((b.lo_ms + slot.w_ms) / 1000.0)
+              AND p.upper > to_timestamp(b.lo_ms / 1000.0))
+        ORDER BY st.id, slot.at_i
+    LOOP
+        EXIT WHEN partitions_created + partitions_dropped >= budget;
+        IF @ns@.ensure_partition(s.id, s.at_i) THEN
+            partitions_created := partitions_created + 1;
+        END IF;
     END LOOP;
     DELETE FROM @ns@.dedupe WHERE expires_at < at;
     GET DIAGNOSTICS dedupe_removed = ROW_COUNT;

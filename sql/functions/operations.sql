@@ -31,7 +31,7 @@ LANGUAGE sql IMMUTABLE AS $$
                  'uuid_v7', '_visible_at', '_publish', '_publish_batch', 'publish', 'publish_bytes',
                  '_claim', '_ack', '_nack', '_term', '_extend', '_release',
                  'read', 'ack', 'nack', 'term', 'in_progress', 'extend', 'release_consumer',
-                 'create_stream', 'create_group', 'maintain',
+                 'create_stream', 'ensure_partitions', 'streams_per_transaction', 'create_group', 'maintain',
                  '_scout_acquire', '_scout_resign', '_scout_due', '_scout_maintain'] END
 $$;
 

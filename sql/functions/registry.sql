@@ -53,14 +53,63 @@ BEGIN
     VALUES (stream, lease, max_deliver, backoff, retention, dedupe_window, max_payload,
             partition_interval, backoff_jitter)
     RETURNING id INTO sid;
-    EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.messages FOR VALUES IN (%s) PARTITION BY RANGE (id)',
-                   @ns_lit@, 'messages_s' || sid, @ns_lit@, sid);
-    EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.%I DEFAULT',
-                   @ns_lit@, 'messages_s' || sid || '_default', @ns_lit@, 'messages_s' || sid);
-    FOR i IN 0..3 LOOP
-        PERFORM @ns@.ensure_partition(sid, now() + partition_interval * i);
-    END LOOP;
+    -- Only the stream's own table and its default partition here (six relations with their keys
+    -- and TOAST tables): every relation created stays locked to commit, and the lock table is
+    -- shared by the whole server (max_locks_per_transaction x max_connections entries), so the
+    -- time partitions (four more relations each) come from `ensure_partitions`, which the Rust
+    -- API and the CLI call in their own transaction right after, and from `maintain()`. Until
+    -- then publishes land in the default partition, and `ensure_partition` moves them.
+    BEGIN
+        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.messages FOR VALUES IN (%s) PARTITION BY RANGE (id)',
+                       @ns_lit@, 'messages_s' || sid, @ns_lit@, sid);
+        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.%I DEFAULT',
+                       @ns_lit@, 'messages_s' || sid || '_default', @ns_lit@, 'messages_s' || sid);
+    EXCEPTION WHEN out_of_memory THEN
+        -- "out of shared memory": the lock table is full, nearly always because this transaction
+        -- created hundreds of streams. Say so, with what to do, as a pgtide error.
+        RAISE EXCEPTION 'pgtide: cannot create stream %: the server''s lock table is full (%)', quote_literal(stream), SQLERRM
+            USING ERRCODE = 'PT010',
+                  HINT = format('each stream created in a transaction holds locks on %s relations until commit: '
+                                'create streams in separate transactions (or batches of at most %s), or raise '
+                                'max_locks_per_transaction (now %s)', 6, @ns@.streams_per_transaction(),
+                                current_setting('max_locks_per_transaction'));
+    END;
     RETURN true;
+END $$;
+
+-- How many streams one transaction can safely create: the lock table has
+-- max_locks_per_transaction x (max_connections + max_prepared_transactions) entries for the whole
+-- server and each stream created holds about 6 to commit (1 167 fitted in one transaction with
+-- the defaults, 64 x 100, on an idle server). Other sessions' locks share the table, so this
+-- plans with 8 per stream and half the table.
+CREATE OR REPLACE FUNCTION @ns@.streams_per_transaction() RETURNS integer
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT (current_setting('max_locks_per_transaction')::int
+            * (current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int)
+            / 8 / 2)
+$$;
+
+-- Creates the time partitions of `stream` for now and the next interval; `maintain()` (every
+-- minute in the scout) adds the two after. Returns how many it created. Run it in its own
+-- transaction after `create_stream`: its relations then are locked only briefly. Two, not four:
+-- each costs about as much as creating the stream, and creation time matters when a deployment
+-- provisions hundreds of streams.
+CREATE OR REPLACE FUNCTION @ns@.ensure_partitions(stream text) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    sid   integer;
+    width interval;
+    n     integer := 0;
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    sid := @ns@.stream_id(stream);
+    SELECT partition_interval INTO width FROM @ns@.streams WHERE id = sid;
+    FOR i IN 0..1 LOOP
+        IF @ns@.ensure_partition(sid, now() + width * i) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
 END $$;
 
 CREATE OR REPLACE FUNCTION @ns@.delete_stream(stream text) RETURNS boolean

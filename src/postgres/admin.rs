@@ -22,6 +22,37 @@ pub struct MaintenanceReport {
     pub dedupe_removed: i32,
 }
 
+/// Most partitions one SQL `maintain()` call creates or drops (`_maintain_budget()` in
+/// `sql/functions/maintenance.sql`); a pass that reaches it leaves the rest to the next pass.
+pub(crate) const MAINTAIN_BUDGET: i32 = 64;
+
+impl MaintenanceReport {
+    pub(crate) fn from_row(row: &tokio_postgres::Row) -> Result<MaintenanceReport> {
+        Ok(MaintenanceReport {
+            partitions_created: row.try_get(0)?,
+            partitions_dropped: row.try_get(1)?,
+            dedupe_removed: row.try_get(2)?,
+        })
+    }
+
+    /// Whether this pass stopped at [`MAINTAIN_BUDGET`], so another pass has work left.
+    pub(crate) fn budget_used(&self) -> bool {
+        self.partitions_created
+            .saturating_add(self.partitions_dropped)
+            >= MAINTAIN_BUDGET
+    }
+
+    fn add(&mut self, pass: MaintenanceReport) {
+        self.partitions_created = self
+            .partitions_created
+            .saturating_add(pass.partitions_created);
+        self.partitions_dropped = self
+            .partitions_dropped
+            .saturating_add(pass.partitions_dropped);
+        self.dedupe_removed = self.dedupe_removed.saturating_add(pass.dedupe_removed);
+    }
+}
+
 impl PgBackend {
     /// Depth of every group of every stream in the namespace (a stream without groups has one
     /// row with `group: None`).
@@ -70,22 +101,29 @@ impl PgBackend {
         })
     }
 
-    /// One maintenance pass: creates partitions ahead, drops partitions past retention, removes
-    /// expired dedupe keys and folds counters. The scout runs this; it is safe to call by hand.
+    /// Maintenance: creates partitions ahead, drops partitions past retention, removes expired
+    /// dedupe keys and folds counters. The scout runs this; it is safe to call by hand.
+    ///
+    /// One SQL `maintain()` call creates or drops at most 64 partitions (each
+    /// relation stays locked to commit, and the server's lock table is shared); this repeats it,
+    /// each pass its own transaction, until a pass does less, and returns the sum.
     pub async fn maintain(&self) -> Result<MaintenanceReport> {
         self.maintain_at(Utc::now()).await
     }
 
     /// [`PgBackend::maintain`] as if the time were `at` (for retention tests and backfills).
     pub async fn maintain_at(&self, at: DateTime<Utc>) -> Result<MaintenanceReport> {
-        let row = self
-            .sql_row(&self.inner.sql.maintain, &[&at], Ctx::default())
-            .await?;
-        Ok(MaintenanceReport {
-            partitions_created: row.try_get(0)?,
-            partitions_dropped: row.try_get(1)?,
-            dedupe_removed: row.try_get(2)?,
-        })
+        let mut total = MaintenanceReport::default();
+        loop {
+            let row = self
+                .sql_row(&self.inner.sql.maintain, &[&at], Ctx::default())
+                .await?;
+            let pass = MaintenanceReport::from_row(&row)?;
+            total.add(pass);
+            if !pass.budget_used() {
+                return Ok(total);
+            }
+        }
     }
 
     /// Dead letters of a group, oldest first, at most `limit`.

@@ -2,6 +2,8 @@
 //! (tokio-postgres or sqlx). Messages without a dedupe key take a single prepared statement
 //! (`sql/publish.sql`); messages with one go through `_publish()`, which owns the dedupe rule.
 
+use std::time::Duration;
+
 use tokio_postgres::types::ToSql;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
@@ -75,12 +77,23 @@ impl PgBackend {
     /// reject from the cached limit, before any round trip (and without aborting a caller's
     /// transaction); the rule itself is SQL's `_payload_ok` (`sql/functions/publish.sql`), which
     /// every publish path runs, so a stale cache never lets an oversized payload in.
+    ///
+    /// Because SQL is the authority, a payload within the cached limit goes on however old the
+    /// entry is: only a refusal re-reads the limit first (it may have been raised since). A
+    /// publisher spread over a thousand streams then reads each stream's row once, not once
+    /// per stream every few seconds.
     async fn check_publish(&self, stream: &str, msgs: &[OutgoingMessage]) -> Result<()> {
         validate_name("stream", stream)?;
         crate::limits::check_messages(msgs)?;
+        let too_large = |limit: usize| msgs.iter().find(|m| m.payload.len() > limit);
+        let info = self.cached_stream_within(stream, Duration::MAX).await?;
+        if too_large(info.config.max_payload).is_none() {
+            return Ok(());
+        }
+        self.forget_stream(stream);
         let info = self.cached_stream(stream).await?;
         let limit = info.config.max_payload;
-        if let Some(m) = msgs.iter().find(|m| m.payload.len() > limit) {
+        if let Some(m) = too_large(limit) {
             return Err(Error::PayloadTooLarge {
                 stream: stream.to_owned(),
                 size: m.payload.len(),

@@ -116,7 +116,17 @@ impl PgBackend {
             .sql_value(&self.inner.sql.stream_create, &values, Ctx::stream(name))
             .await;
         self.forget_stream(name);
-        created
+        let created = created?;
+        // A statement of its own: the partitions' locks are then held for one short
+        // transaction instead of to the end of the stream's (`create_stream` in SQL).
+        let _: i32 = self
+            .sql_value(
+                &self.inner.sql.stream_partitions,
+                &[&name],
+                Ctx::stream(name),
+            )
+            .await?;
+        Ok(created)
     }
 
     /// Creates a stream. Fails with [`Error::StreamExists`] if it exists.
@@ -257,11 +267,20 @@ impl PgBackend {
             .collect()
     }
 
-    /// Stream metadata from a short-lived cache (publish needs the payload limit).
+    /// Stream metadata from a short-lived cache.
     pub(crate) async fn cached_stream(&self, name: &str) -> Result<StreamInfo> {
+        self.cached_stream_within(name, STREAM_CACHE_TTL).await
+    }
+
+    /// Stream metadata from the cache if it was read less than `max_age` ago.
+    pub(crate) async fn cached_stream_within(
+        &self,
+        name: &str,
+        max_age: std::time::Duration,
+    ) -> Result<StreamInfo> {
         if let Ok(cache) = self.inner.streams.lock() {
             if let Some((info, at)) = cache.get(name) {
-                if at.elapsed() < STREAM_CACHE_TTL {
+                if at.elapsed() < max_age {
                     return Ok(info.clone());
                 }
             }

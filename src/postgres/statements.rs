@@ -71,6 +71,7 @@ statements! {
     scout_due => "scout_due.sql" [TIMESTAMPTZ],
     // registry
     stream_create => "stream_create.sql" [TEXT, INT8, INT4, INT8_ARRAY, INT8, INT8, INT4, INT8, FLOAT4, BOOL],
+    stream_partitions => "stream_partitions.sql" [TEXT],
     stream_update => "stream_update.sql" [TEXT, INT8, INT4, INT8_ARRAY, INT8, INT8, INT4, INT8, FLOAT4],
     stream_read => "stream_read.sql" [TEXT],
     stream_delete => "stream_delete.sql" [TEXT],

@@ -25,6 +25,10 @@
 //! | peak RSS | `VmHWM` of `/proc/self/status` around draining the large backlog with 4 consumers, batch 100 (at most [`BenchConfig::drain_cap`]) |
 //! | publish → handler start | 500 msg/s published from one handle, a worker (no-op handler, concurrency 16) on another handle of this process woken through NOTIFY → listener; alternating with the raw NOTIFY round trip at the same rate (the floor) |
 //! | delayed lateness | 50 msg/s due 1 s after publish; handler start − due time |
+//! | scale | [`BenchConfig::scale_streams`] streams × 2 groups in a database of their own: creating a stream with its partitions (p50), `maintain()` over all of them, publishing spread over all against one stream (4 publishers, alternating), the statements/s 200 idle consumers on 4 handles cost beyond the fallback poll, and publish → idle consumer wake-up |
+//! | collapse condition | claim + ack round trips at the large vs a 10 000 backlog after a fresh `ANALYZE`, on connections with `plan_cache_mode = force_generic_plan` |
+//! | held xmin | a steady load at half the measured drain maximum (claims, acks, 1 in 20 nacked once) before, during and after another session holds `BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1` for [`BenchConfig::held_xmin`]; acked/s, claim p50/p99 and backlog per interval |
+//! | soak | only with [`BenchConfig::soak`], instead of every other case: the same steady load with 2-minute retention and `maintain()` every 30 s, a row a minute with table and index sizes |
 //! | backends | with [`BenchConfig::backends`]: publish (1 per call; 100 per call), consume (4 consumers, `ack_and_fetch` of 100) and publish → fetch latency through [`pgtide::AnyBackend`] on Postgres, memory, and NATS / Redis / RabbitMQ when built with their feature and their server answers |
 //!
 //! Raw baselines use tokio-postgres directly with prepared statements, one connection per
@@ -44,13 +48,16 @@
 //! count. The worker and backend cases run once each, not alternated with a baseline.
 
 mod backends;
+mod collapse;
 mod harness;
 mod latency;
 mod postgres;
 mod raw;
 mod render;
 mod report;
+mod scale;
 mod statements;
+mod steady;
 mod trigger;
 mod workers;
 
@@ -68,7 +75,7 @@ use pgtide::{
 };
 
 pub use self::report::{
-    BackendRow, BenchReport, Case, Latency, Machine, Rss, Target, Timing, Unit,
+    BackendRow, BenchReport, Case, Interval, Latency, Machine, Rss, Target, Timing, Unit,
 };
 pub use self::workers::{run_worker_process, worker_process_requested, WORKER_PROCESS_ENV};
 
@@ -127,6 +134,26 @@ pub struct BenchConfig {
     /// Measure only the statement-mode comparison (prepared against unnamed statements, with
     /// its raw INSERT baseline). Defaults to false.
     pub only_statement_modes: bool,
+    /// Measure only this case (and what it needs). Defaults to `None`: every case.
+    pub only: Option<Only>,
+    /// Streams of the scale case (2 groups each; at least 200). Defaults to 1000 (250 when quick).
+    pub scale_streams: usize,
+    /// How long the held-xmin case holds its snapshot. Defaults to 2 min (30 s when quick).
+    pub held_xmin: Duration,
+    /// Run only the soak, a steady load for this long. Defaults to `None`.
+    pub soak: Option<Duration>,
+}
+
+/// A case [`BenchConfig::only`] can pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Only {
+    /// Many streams: create, maintain, spread publish, idle consumers (`scale.rs`).
+    Scale,
+    /// Steady load while another session holds a snapshot (`steady.rs`).
+    HeldXmin,
+    /// Claims at a large and a small backlog after ANALYZE with generic plans (`collapse.rs`).
+    Collapse,
 }
 
 impl BenchConfig {
@@ -147,14 +174,19 @@ impl BenchConfig {
             worker_args: None,
             progress: false,
             only_statement_modes: false,
+            only: None,
+            scale_streams: if quick { 250 } else { 1000 },
+            held_xmin: Duration::from_secs(if quick { 30 } else { 120 }),
+            soak: None,
         }
     }
 }
 
 /// Runs every case in a fresh namespace and drops the namespace afterwards (also on failure).
 ///
-/// Takes about five minutes for a full run (about one and a half with `quick`). Needs the right
-/// to create and drop a schema. Fails if the configured namespace already exists, so that it can
+/// Takes about twelve minutes for a full run (about eight with `quick`; the held-xmin case alone
+/// is 3.5 minutes of it, 1.7 when quick). Needs the right to create and drop a schema, and for
+/// the scale case a database (it reports itself unmeasured without). Fails if the configured namespace already exists, so that it can
 /// never drop data it did not create. A panic in a bench task is resumed here after the
 /// namespace is dropped.
 ///
@@ -192,6 +224,19 @@ pub async fn run(config: BenchConfig) -> Result<BenchReport> {
         Err(Failure::Error(e)) => Err(e),
         Err(Failure::Panic(panic)) => std::panic::resume_unwind(panic),
     }
+}
+
+/// What the cases of a run measured.
+#[derive(Default)]
+struct Outcome {
+    baselines: Vec<Case>,
+    cases: Vec<Case>,
+    latencies: Vec<Latency>,
+    wakeups: Vec<Timing>,
+    rss: Rss,
+    backends: Vec<BackendRow>,
+    held_xmin: Vec<Interval>,
+    soak: Vec<Interval>,
 }
 
 /// One run: its settings, namespace, engine handle and payload.
@@ -255,7 +300,16 @@ impl<'a> Bench<'a> {
         let outcome = bench.cases().await;
         // Background tasks hold pooled connections and locks: stop them before the schema goes.
         bench.pg.shutdown().await;
-        let (baselines, cases, latencies, wakeups, rss, backends) = outcome?;
+        let Outcome {
+            baselines,
+            cases,
+            latencies,
+            wakeups,
+            rss,
+            backends,
+            held_xmin,
+            soak,
+        } = outcome?;
         let mut all = baselines;
         all.extend(cases);
         Ok(BenchReport {
@@ -273,46 +327,60 @@ impl<'a> Bench<'a> {
             wakeups,
             rss,
             backends,
+            held_xmin,
+            soak,
         })
     }
 
-    /// Every case in order: baselines and pgtide rows, claim latencies, wake-ups, RSS, backends.
-    #[allow(clippy::type_complexity)]
-    async fn cases(
-        &self,
-    ) -> Step<(
-        Vec<Case>,
-        Vec<Case>,
-        Vec<Latency>,
-        Vec<Timing>,
-        Rss,
-        Vec<BackendRow>,
-    )> {
+    /// Every case in order: baselines and pgtide rows, claim latencies, wake-ups, RSS, backends,
+    /// then scale, the collapse condition and held xmin; or only the soak, or only one case.
+    async fn cases(&self) -> Step<Outcome> {
+        let mut out = Outcome::default();
         if let Some(url) = &self.config.backend {
-            let rows = self.backend_rows_for(url).await?;
-            let rss = Rss::default();
-            return Ok((vec![], vec![], vec![], vec![], rss, rows));
+            out.backends = self.backend_rows_for(url).await?;
+            return Ok(out);
         }
-        let (mut baselines, mut cases) = (vec![], vec![]);
+        if let Some(duration) = self.config.soak {
+            self.soak_case(duration, &mut out.cases, &mut out.soak)
+                .await?;
+            return Ok(out);
+        }
         if self.config.only_statement_modes {
-            self.statement_cases(&mut baselines, &mut cases).await?;
-            let rss = Rss::default();
-            return Ok((baselines, cases, vec![], vec![], rss, vec![]));
+            self.statement_cases(&mut out.baselines, &mut out.cases)
+                .await?;
+            return Ok(out);
         }
-        self.publish_cases(&mut baselines, &mut cases).await?;
-        self.trigger_cases(&mut baselines, &mut cases).await?;
-        self.statement_cases(&mut baselines, &mut cases).await?;
-        let consume = self.consume_cases(&mut baselines, &mut cases).await?;
-        self.worker_cases(consume, &mut cases).await?;
-        let latencies = self.claim_latency(&mut cases).await?;
-        let rss = self.peak_rss(&mut cases).await?;
-        let wakeups = self.wakeup_cases(&mut cases).await?;
-        let backends = if self.config.backends {
-            self.backend_rows().await?
-        } else {
-            vec![]
-        };
-        Ok((baselines, cases, latencies, wakeups, rss, backends))
+        let only = self.config.only;
+        if only.is_none() {
+            self.publish_cases(&mut out.baselines, &mut out.cases)
+                .await?;
+            self.trigger_cases(&mut out.baselines, &mut out.cases)
+                .await?;
+            self.statement_cases(&mut out.baselines, &mut out.cases)
+                .await?;
+            let consume = self
+                .consume_cases(&mut out.baselines, &mut out.cases)
+                .await?;
+            self.worker_cases(consume, &mut out.cases).await?;
+            out.latencies = self.claim_latency(&mut out.cases).await?;
+            out.rss = self.peak_rss(&mut out.cases).await?;
+            out.wakeups = self.wakeup_cases(&mut out.cases).await?;
+            if self.config.backends {
+                out.backends = self.backend_rows().await?;
+            }
+        }
+        if matches!(only, None | Some(Only::Scale)) {
+            self.scale_case(&mut out.cases, &mut out.wakeups).await?;
+        }
+        if matches!(only, None | Some(Only::Collapse)) {
+            self.collapse_case(&mut out.cases, &mut out.latencies)
+                .await?;
+        }
+        if matches!(only, None | Some(Only::HeldXmin)) {
+            self.held_xmin_case(&mut out.cases, &mut out.held_xmin)
+                .await?;
+        }
+        Ok(out)
     }
 
     fn progress(&self, what: fmt::Arguments<'_>) {

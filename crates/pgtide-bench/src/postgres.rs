@@ -298,7 +298,19 @@ impl Bench<'_> {
         warmup: Duration,
         window: Duration,
     ) -> Step<Vec<Duration>> {
-        let consumer = self.pg.consumer(stream, GROUP, "latency").await?;
+        self.claim_samples_on(&self.pg, stream, warmup, window)
+            .await
+    }
+
+    /// [`Bench::claim_samples`] through another handle (other connection settings).
+    pub(super) async fn claim_samples_on(
+        &self,
+        pg: &PgBackend,
+        stream: &'static str,
+        warmup: Duration,
+        window: Duration,
+    ) -> Step<Vec<Duration>> {
+        let consumer = pg.consumer(stream, GROUP, "latency").await?;
         let refill = vec![self.msg.clone(); 10];
         let from = Instant::now() + warmup;
         let until = from + window;
@@ -315,8 +327,7 @@ impl Bench<'_> {
             if started >= from {
                 samples.push(took);
             }
-            self.pg
-                .publish_batch(stream, &refill[..deliveries.len()])
+            pg.publish_batch(stream, &refill[..deliveries.len()])
                 .await?;
         }
         Ok(samples)

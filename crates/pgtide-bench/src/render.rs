@@ -137,6 +137,55 @@ impl BenchReport {
     }
 }
 
+impl BenchReport {
+    fn interval_table(
+        f: &mut fmt::Formatter<'_>,
+        title: &str,
+        rows: &[super::Interval],
+    ) -> fmt::Result {
+        let mib = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_default();
+        let rows: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    format!("{:.0}", r.at_secs),
+                    r.phase.clone(),
+                    format!("{:.0}", r.published_per_s),
+                    format!("{:.0}", r.acked_per_s),
+                    r.nacked.to_string(),
+                    r.errors.to_string(),
+                    format!("{:.3}", r.claim_p50_ms),
+                    format!("{:.3}", r.claim_p99_ms),
+                    r.backlog.to_string(),
+                    mib(r.table_mib),
+                    mib(r.index_mib),
+                ]
+            })
+            .collect();
+        writeln!(f, "{title}")?;
+        table(
+            f,
+            &[
+                "t s",
+                "phase",
+                "published/s",
+                "acked/s",
+                "nacked",
+                "errors",
+                "claim p50 ms",
+                "p99 ms",
+                "backlog",
+                "tables MiB",
+                "indexes MiB",
+            ],
+            &[
+                true, false, true, true, true, true, true, true, true, true, true,
+            ],
+            &rows,
+        )
+    }
+}
+
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = &self.machine;
@@ -163,6 +212,18 @@ impl fmt::Display for BenchReport {
         writeln!(f)?;
         self.backends_table(f)?;
         writeln!(f)?;
+        if !self.held_xmin.is_empty() {
+            BenchReport::interval_table(
+                f,
+                "held xmin (a REPEATABLE READ snapshot held in phase `held`):",
+                &self.held_xmin,
+            )?;
+            writeln!(f)?;
+        }
+        if !self.soak.is_empty() {
+            BenchReport::interval_table(f, "soak (a row a minute):", &self.soak)?;
+            writeln!(f)?;
+        }
         for c in self.cases.iter().filter(|c| c.note.is_some()) {
             writeln!(
                 f,

@@ -40,6 +40,38 @@ pub struct BenchReport {
     /// The same publish and consume cases on every backend; empty when
     /// [`crate::BenchConfig::backends`] is off.
     pub backends: Vec<BackendRow>,
+    /// The held-xmin case, interval by interval (empty when it did not run).
+    pub held_xmin: Vec<Interval>,
+    /// The soak, minute by minute (empty without [`crate::BenchConfig::soak`]).
+    pub soak: Vec<Interval>,
+}
+
+/// One interval of a steady load (held xmin, soak).
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct Interval {
+    /// Seconds since the run started, at the end of the interval.
+    pub at_secs: f64,
+    /// `warm-up`, `before`, `held`, `after` (held xmin) or `soak`.
+    pub phase: String,
+    /// Messages published per second.
+    pub published_per_s: f64,
+    /// Deliveries acked per second.
+    pub acked_per_s: f64,
+    /// Deliveries nacked (retried later) in the interval.
+    pub nacked: u64,
+    /// Retryable errors (deadlocks, serialization failures) the load met in the interval.
+    pub errors: u64,
+    /// Claim (`try_fetch(10)`) median, in milliseconds.
+    pub claim_p50_ms: f64,
+    /// Claim 99th percentile, in milliseconds.
+    pub claim_p99_ms: f64,
+    /// Ready, delayed and in-flight deliveries of the group at the end.
+    pub backlog: i64,
+    /// Size of the namespace's tables with TOAST, in MiB (soak only).
+    pub table_mib: Option<f64>,
+    /// Size of their indexes, in MiB (soak only).
+    pub index_mib: Option<f64>,
 }
 
 /// The machine and server a report comes from.
@@ -92,12 +124,17 @@ pub enum Unit {
     /// Mebibytes.
     #[serde(rename = "MiB")]
     Mebibytes,
+    /// A count of things.
+    #[serde(rename = "count")]
+    Count,
 }
 
 impl Unit {
     pub(super) fn format(self, v: f64) -> String {
         match self {
-            Unit::PerSecond => format!("{v:.0}"),
+            // Small rates (idle statements per second) need their decimals.
+            Unit::PerSecond if v.abs() < 10.0 => format!("{v:.2}"),
+            Unit::PerSecond | Unit::Count => format!("{v:.0}"),
             Unit::Millis => format!("{v:.3} ms"),
             Unit::Mebibytes => format!("{v:.1} MiB"),
         }

@@ -2,9 +2,9 @@
 
 use std::io::IsTerminal;
 
-use pgtide_bench::BenchConfig;
+use pgtide_bench::{BenchConfig, Only};
 
-use crate::cli::BenchArgs;
+use crate::cli::{BenchArgs, BenchCase};
 use crate::error::{CliError, CliResult};
 
 /// `bench [--quick] [--phase D] [--json PATH] [--check]`.
@@ -23,6 +23,18 @@ pub async fn run(url: &str, args: BenchArgs, backend: Option<String>) -> CliResu
     if let Some(phase) = args.phase {
         config.phase = phase;
     }
+    config.only = args.only.map(|c| match c {
+        BenchCase::Scale => Only::Scale,
+        BenchCase::HeldXmin => Only::HeldXmin,
+        BenchCase::Collapse => Only::Collapse,
+    });
+    if let Some(n) = args.streams {
+        config.scale_streams = n as usize;
+    }
+    if let Some(hold) = args.held_xmin {
+        config.held_xmin = hold;
+    }
+    config.soak = args.soak;
     // Named here, so that an interrupted run can drop what it created.
     let id = uuid::Uuid::now_v7().simple().to_string();
     let namespace = format!("bench_{}", &id[id.len() - 8..]);
@@ -31,10 +43,10 @@ pub async fn run(url: &str, args: BenchArgs, backend: Option<String>) -> CliResu
     if !args.quiet && std::io::stderr().is_terminal() {
         eprintln!(
             "pgtide bench: namespace {namespace}, {} run; progress below, the table at the end",
-            if args.quick {
-                "quick (about a minute and a half)"
-            } else {
-                "full (about five minutes)"
+            match (args.soak, args.quick) {
+                (Some(_), _) => "soak",
+                (None, true) => "quick (about eight minutes)",
+                (None, false) => "full (about twelve minutes)",
             }
         );
     }
@@ -71,6 +83,14 @@ async fn drop_namespace(url: &str, namespace: &str) {
             .await
         {
             eprintln!("pgtide: could not drop {namespace} ({e}); drop it by hand: DROP SCHEMA {namespace} CASCADE");
+        }
+        // The scale case's database, if the run got that far.
+        let db = format!("{namespace}_scale");
+        if let Err(e) = client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+            .await
+        {
+            eprintln!("pgtide: could not drop the database {db} ({e}); drop it by hand: DROP DATABASE {db} WITH (FORCE)");
         }
     }
 }

@@ -474,7 +474,7 @@ pub struct DashboardArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Short run (about a minute).
+    /// Short run (about eight minutes; a full run takes about twelve).
     #[arg(long)]
     pub quick: bool,
     /// Measured window of each case (default 5s, 2s with --quick).
@@ -489,4 +489,28 @@ pub struct BenchArgs {
     /// No progress lines on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Run only this case (and what it needs).
+    #[arg(long, value_enum)]
+    pub only: Option<BenchCase>,
+    /// Streams of the scale case, 2 groups each (default 1000, 250 with --quick; at least 200).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub streams: Option<u32>,
+    /// How long the held-xmin case holds its snapshot (default 2m, 30s with --quick).
+    #[arg(long, value_parser = parse_duration)]
+    pub held_xmin: Option<Duration>,
+    /// Run only a soak: steady load at half the measured maximum for this long (e.g. 30m),
+    /// reporting claim latency and table sizes a minute.
+    #[arg(long, value_parser = parse_duration)]
+    pub soak: Option<Duration>,
+}
+
+/// A case `pgtide bench --only` runs alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchCase {
+    /// Many streams: create, maintain, spread publish, idle consumers (needs CREATE DATABASE).
+    Scale,
+    /// Steady load while another session holds a REPEATABLE READ snapshot.
+    HeldXmin,
+    /// Claims at a large vs a small backlog after ANALYZE, with generic plans.
+    Collapse,
 }

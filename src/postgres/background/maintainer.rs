@@ -12,6 +12,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use super::{wait_elected, Shared};
+use crate::postgres::MaintenanceReport;
 
 /// Runs until `token` is cancelled.
 pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate::Result<()> {
@@ -48,13 +49,22 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
     }
 }
 
+/// Repeats the fenced pass while one stops at its partition budget (a namespace of many streams
+/// whose partitions come due together), each pass its own transaction so its locks stay few.
 async fn maintain(shared: &Shared, term: i64) -> crate::Result<()> {
     let client = shared.pool.get().await?;
-    // Fenced: runs only while this holder still has this term.
-    shared
-        .sql
-        .scout_maintain
-        .rows(&client, &[&shared.holder, &term])
-        .await?;
-    Ok(())
+    loop {
+        // Fenced: runs only while this holder still has this term (no row otherwise).
+        let rows = shared
+            .sql
+            .scout_maintain
+            .rows(&client, &[&shared.holder, &term])
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(());
+        };
+        if !MaintenanceReport::from_row(row)?.budget_used() {
+            return Ok(());
+        }
+    }
 }

@@ -1,6 +1,7 @@
 mod consume;
 mod hostile;
 mod late_commits;
+mod many_streams;
 mod plans;
 mod pooler;
 mod privileges;

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use pgtide::{Error, OutgoingMessage, StreamConfig};
+use pgtide::{Error, OutgoingMessage, PgBackend, StreamConfig};
 use sqlx::Connection;
 
 use crate::common::{json, namespace, WAIT};
@@ -372,4 +372,32 @@ async fn bad_input_is_rejected_and_writes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code().unwrap().code(), "PT004");
+}
+
+/// The payload limit a publisher cached never refuses what the stream now accepts, nor lets in
+/// what it now refuses: another handle raising or lowering `max_payload` takes effect at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_payload_limit_follows_changes_made_elsewhere() {
+    let ns = crate::common::namespace().await;
+    let config = StreamConfig::default().max_payload(100);
+    ns.create_stream("s", &config).await.unwrap();
+    let small = OutgoingMessage::bytes(vec![1u8; 50]);
+    let big = OutgoingMessage::bytes(vec![1u8; 500]);
+    ns.publish("s", small.clone()).await.unwrap(); // caches the limit of 100
+    let other = PgBackend::builder(ns.url.clone())
+        .namespace(ns.namespace())
+        .build()
+        .unwrap();
+    other
+        .update_stream("s", &config.clone().max_payload(1000))
+        .await
+        .unwrap();
+    ns.publish("s", big.clone()).await.unwrap();
+    other
+        .update_stream("s", &config.max_payload(10))
+        .await
+        .unwrap();
+    let err = ns.publish("s", small).await.unwrap_err();
+    assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err:?}");
+    other.shutdown().await;
 }

@@ -174,7 +174,10 @@ async fn retention_drops_old_partitions_with_their_deliveries() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(parts, 4, "current partition plus three ahead");
+    assert_eq!(
+        parts, 2,
+        "created with the stream: now and the next interval"
+    );
 
     // Nothing is old yet.
     let now = chrono::Utc::now();

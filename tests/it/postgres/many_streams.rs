@@ -1,0 +1,184 @@
+//! Many streams in one namespace: provisioning hundreds in one transaction, a lock table too
+//! small for that (a typed error that says what to do), and maintenance in bounded passes.
+
+use std::time::Duration;
+
+use pgtide::{Error, PgBackend, StreamConfig};
+use pgtide_testing::Cluster;
+
+use crate::common::{namespace, raw_client, unique};
+
+async fn count(raw: &impl tokio_postgres::GenericClient, sql: &str) -> i64 {
+    raw.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// 400 streams in one SQL transaction on a server with the default lock table (64 x 100):
+/// creating a stream locks six relations, not the thirty it did with its time partitions (it
+/// failed at about 330). Maintenance then prepares their partitions in passes of at most 64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_streams_in_one_transaction_then_bounded_maintenance() {
+    let ns = namespace().await;
+    let n = ns.namespace().to_owned();
+    let mut raw = ns.raw().await;
+    let tx = raw.transaction().await.unwrap();
+    let created = count(
+        &tx,
+        &format!("SELECT count(*) FILTER (WHERE \"{n}\".create_stream('s' || i)) FROM generate_series(1, 400) i"),
+    )
+    .await;
+    assert_eq!(created, 400);
+    tx.commit().await.unwrap();
+    // Publishing before any partition exists works: the default partition holds the message.
+    ns.publish("s400", crate::common::json(serde_json::json!(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&raw, &format!("SELECT count(*) FROM \"{n}\".partitions")).await,
+        0
+    );
+
+    // One SQL pass stops at its budget ...
+    let row = raw
+        .query_one(&format!("SELECT * FROM \"{n}\".maintain()"), &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 64);
+    // ... and the Rust call repeats passes until the work is done: four per stream.
+    let report = ns.maintain().await.unwrap();
+    assert_eq!(report.partitions_created, 400 * 4 - 64, "{report:?}");
+    assert_eq!(
+        count(&raw, &format!("SELECT count(*) FROM \"{n}\".partitions")).await,
+        1600
+    );
+    // The message caught by the default partition moved into its own partition.
+    assert_eq!(
+        count(
+            &raw,
+            &format!("SELECT count(*) FROM \"{n}\".messages_s400_default")
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &raw,
+            &format!("SELECT count(*) FROM \"{n}\".messages WHERE stream_id = 400")
+        )
+        .await,
+        1
+    );
+    // Nothing left: a pass with nothing to do creates and drops nothing.
+    assert_eq!(ns.maintain().await.unwrap().partitions_created, 0);
+    // Past retention every stream's partitions expire at once: dropped in passes too, and the
+    // partitions of the new "now" created.
+    let later = chrono::Utc::now() + chrono::Duration::days(30);
+    let report = ns.maintain_at(later).await.unwrap();
+    assert_eq!(report.partitions_dropped, 1600, "{report:?}");
+    assert_eq!(report.partitions_created, 1600, "{report:?}");
+    // A namespace this size cannot go in one DROP SCHEMA ... CASCADE with the default lock
+    // table (it locks every relation): its streams go first, one transaction each.
+    for i in 1..=400 {
+        assert!(ns.delete_stream(&format!("s{i}")).await.unwrap());
+    }
+}
+
+/// The Rust API and the CLI create a stream with the partitions of now and the next interval
+/// (`ensure_partitions` runs in its own transaction right after `create_stream`); an existing
+/// stream gets missing ones back; maintain() adds the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_stream_prepares_partitions() {
+    let ns = namespace().await;
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    ns.ensure_stream("a", &StreamConfig::default())
+        .await
+        .unwrap();
+    let parts = format!("SELECT count(*) FROM \"{n}\".partitions");
+    assert_eq!(count(&raw, &parts).await, 2, "now and the next interval");
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('b'); SELECT \"{n}\".ensure_partitions('a')"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(count(&raw, &parts).await, 2, "SQL create_stream: none yet");
+    assert!(!ns
+        .ensure_stream("b", &StreamConfig::default())
+        .await
+        .unwrap());
+    assert_eq!(count(&raw, &parts).await, 4);
+    // maintain() adds the two after each.
+    assert_eq!(ns.maintain().await.unwrap().partitions_created, 4);
+    assert_eq!(count(&raw, &parts).await, 8);
+    let code =
+        crate::common::sqlstate(&raw, &format!("SELECT \"{n}\".ensure_partitions('nope')")).await;
+    assert_eq!(code, "PT002");
+}
+
+/// On a server whose lock table is small, creating too many streams in one transaction fails
+/// with PT010 (a typed [`Error::LockTableFull`]) whose hint says what to do, and the streams
+/// created in separate transactions all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_streams_in_one_transaction_is_a_typed_error() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start(&["max_locks_per_transaction = 10", "max_connections = 20"])
+    })
+    .await
+    .unwrap();
+    let url = cluster.url();
+    let ns = unique("locks");
+    let pg = PgBackend::builder(url.clone())
+        .namespace(ns.clone())
+        .pool_size(2)
+        .build()
+        .unwrap();
+    pg.migrate().await.unwrap();
+    let mut raw = raw_client(&url).await;
+    let per_tx: i32 = raw
+        .query_one(&format!("SELECT \"{ns}\".streams_per_transaction()"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(per_tx, 10 * 20 / 8 / 2);
+    let tx = raw.transaction().await.unwrap();
+    let err = tx
+        .query_one(
+            &format!(
+                "SELECT count(\"{ns}\".create_stream('s' || i)) FROM generate_series(1, 500) i"
+            ),
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "PT010", "{db:?}");
+    assert!(
+        db.message().contains("lock table is full"),
+        "{}",
+        db.message()
+    );
+    let hint = db.hint().unwrap_or_default();
+    assert!(
+        hint.contains("separate transactions") && hint.contains("max_locks_per_transaction"),
+        "{hint}"
+    );
+    let typed = Error::from(err);
+    assert!(matches!(typed, Error::LockTableFull(_)), "{typed:?}");
+    assert!(!typed.is_retryable());
+    tx.rollback().await.unwrap();
+    // One stream per transaction (what the Rust API does) fits any number.
+    for i in 0..60 {
+        pg.create_stream(&format!("s{i}"), &StreamConfig::default())
+            .await
+            .unwrap();
+    }
+    let report = tokio::time::timeout(Duration::from_secs(120), pg.maintain())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        report.partitions_created,
+        60 * 2,
+        "two with each stream, two by maintain"
+    );
+    pg.shutdown().await;
+}
