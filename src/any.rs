@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::config::{GroupStart, StreamConfig};
+use crate::config::{GroupConfig, GroupStart, StreamConfig};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryBackend, MemoryConsumer};
 #[cfg(feature = "postgres")]
@@ -177,6 +177,14 @@ impl Queue for AnyBackend {
     }
     async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
         dispatch!(AnyBackend, self, b => Queue::ensure_group(b, stream, group, start).await)
+    }
+    async fn ensure_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<bool> {
+        dispatch!(AnyBackend, self, b => Queue::ensure_group_with(b, stream, group, config).await)
     }
     async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
         dispatch!(AnyBackend, self, b => Queue::delete_group(b, stream, group).await)

@@ -191,6 +191,39 @@ pub enum GroupStart {
     Oldest,
 }
 
+/// Per-group configuration, fixed when the group is created
+/// ([`crate::Queue::ensure_group_with`], [`crate::PgBackend::create_group_with`]).
+///
+/// ```
+/// let config = pgtide::GroupConfig::default().ordered(true);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct GroupConfig {
+    /// Where the group starts reading. Defaults to [`GroupStart::New`].
+    pub start: GroupStart,
+    /// Per-key order: the messages of one ordering key ([`crate::OutgoingMessage::key`]) are
+    /// delivered one at a time, in publish order, across every consumer and process. A key
+    /// whose head is in flight, delayed or waiting for a retry holds back only that key; when
+    /// the head is acked or becomes a dead letter, the key's next message goes. Messages
+    /// without a key are not ordered. Needs [`crate::Capabilities::ordering_keys`]. Defaults
+    /// to false.
+    pub ordered: bool,
+}
+
+impl GroupConfig {
+    /// Sets [`GroupConfig::start`].
+    pub fn start(mut self, start: GroupStart) -> Self {
+        self.start = start;
+        self
+    }
+    /// Sets [`GroupConfig::ordered`].
+    pub fn ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
+        self
+    }
+}
+
 // The spelling both the SQL functions and the Redis group records use.
 #[cfg(any(feature = "postgres", feature = "redis"))]
 impl GroupStart {

@@ -42,23 +42,33 @@ impl MemoryConsumer {
                 if at > now {
                     break;
                 }
-                let Some(p) = g.remove(&id) else { break };
                 let msg = s.messages.get(&id).cloned();
-                let Some(msg) = msg else { continue };
-                if p.attempts >= config.max_deliver {
-                    let error = p
-                        .last_error
-                        .or_else(|| Some(format!("lease expired on attempt {}", p.attempts)));
+                let Some(msg) = msg else {
+                    g.remove(&id);
+                    continue;
+                };
+                let Some((attempts, last_error)) = g
+                    .pending
+                    .get(&id)
+                    .map(|p| (p.attempts, p.last_error.clone()))
+                else {
+                    break;
+                };
+                if attempts >= config.max_deliver {
+                    let error =
+                        last_error.or_else(|| Some(format!("lease expired on attempt {attempts}")));
+                    // A dead head lets its key's next delivery go (ordered groups).
                     g.bury(
                         (stream, group),
                         Some(&msg),
                         id,
-                        p.attempts,
+                        attempts,
                         "max_deliver",
                         error,
                     );
                     continue;
                 }
+                let Some(p) = g.remove(&id) else { break };
                 let attempts = p.attempts + 1;
                 g.claims += 1;
                 let claim = g.claims;
@@ -70,6 +80,7 @@ impl MemoryConsumer {
                         consumer: Some(name.clone()),
                         last_error: p.last_error,
                         claim,
+                        key: p.key,
                     },
                 );
                 out.push(Delivery {
@@ -80,6 +91,7 @@ impl MemoryConsumer {
                         is_json: msg.is_json,
                         headers: msg.headers.clone(),
                         published_at: uuid_time(&msg.id),
+                        key: msg.key.clone(),
                     },
                     group: group.clone(),
                     consumer: name.clone(),
@@ -181,10 +193,13 @@ impl QueueConsumer for MemoryConsumer {
     async fn ack_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         let group = self.group.clone();
         self.settle(ds, |s, d| {
-            if let Some(g) = s.groups.get_mut(&group) {
-                g.remove(&d.id());
+            // An acked head lets its key's next delivery go (ordered groups).
+            let ready = s.groups.get_mut(&group).is_some_and(|g| g.finish(&d.id()));
+            if ready {
+                Settled::Ready
+            } else {
+                Settled::Done
             }
-            Settled::Done
         })
     }
 
@@ -204,17 +219,20 @@ impl QueueConsumer for MemoryConsumer {
             };
             let attempts = g.pending.get(&d.id()).map_or(d.attempt, |p| p.attempts);
             if attempts >= config.max_deliver {
-                g.bury(
+                if g.bury(
                     (&stream, &group),
                     msg.as_deref(),
                     d.id(),
                     attempts,
                     "max_deliver",
                     error.map(str::to_owned),
-                );
+                ) {
+                    s.wake.notify_waiters();
+                }
                 return Settled::Dead;
             }
             let wait = delay.unwrap_or_else(|| config.backoff.delay(attempts));
+            let key = g.pending.get(&d.id()).and_then(|p| p.key.clone());
             g.set(
                 d.id(),
                 Pending {
@@ -223,6 +241,7 @@ impl QueueConsumer for MemoryConsumer {
                     consumer: None,
                     last_error: error.map(str::to_owned),
                     claim: 0,
+                    key,
                 },
             );
             if wait.is_zero() {
@@ -241,14 +260,16 @@ impl QueueConsumer for MemoryConsumer {
             let msg = s.messages.get(&d.id()).cloned();
             if let Some(g) = s.groups.get_mut(&group) {
                 let last = g.pending.get(&d.id()).and_then(|p| p.last_error.clone());
-                g.bury(
+                if g.bury(
                     (&stream, &group),
                     msg.as_deref(),
                     d.id(),
                     d.attempt,
                     reason,
                     last,
-                );
+                ) {
+                    s.wake.notify_waiters();
+                }
             }
             Settled::Dead
         })

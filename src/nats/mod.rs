@@ -99,6 +99,7 @@ pub(crate) const NATS_CAPABILITIES: Capabilities = Capabilities {
     group_start_oldest: true,
     fenced_settle: false,
     fenced_after_release: false,
+    ordering_keys: false,
 };
 
 /// Options of a [`NatsBackend`].

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 
 use super::{micros, PgBackend, STREAM_CACHE_TTL};
-use crate::config::{GroupStart, StreamConfig};
+use crate::config::{GroupConfig, GroupStart, StreamConfig};
 use crate::error::Ctx;
 use crate::names::validate_name;
 use crate::{Backoff, Error, Result};
@@ -32,6 +32,8 @@ pub struct GroupInfo {
     pub name: String,
     /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// Whether it is ordered ([`GroupConfig::ordered`]).
+    pub ordered: bool,
 }
 
 /// A stream configuration as SQL parameters $2..$9 (durations in microseconds), after the name.
@@ -199,14 +201,20 @@ impl PgBackend {
         &self,
         stream: &str,
         group: &str,
-        start: GroupStart,
+        config: &GroupConfig,
         if_not_exists: bool,
     ) -> Result<bool> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
         self.sql_value(
             &self.inner.sql.group_create,
-            &[&stream, &group, &start.as_sql(), &if_not_exists],
+            &[
+                &stream,
+                &group,
+                &config.start.as_sql(),
+                &if_not_exists,
+                &config.ordered,
+            ],
             Ctx::group(stream, group),
         )
         .await
@@ -216,14 +224,39 @@ impl PgBackend {
     /// (and, with [`GroupStart::Oldest`], every retained message). Fails with
     /// [`Error::GroupExists`] if it exists.
     pub async fn create_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<()> {
-        self.create_group_inner(stream, group, start, false)
+        self.create_group_with(stream, group, &GroupConfig::default().start(start))
+            .await
+    }
+
+    /// Creates a consumer group with `config` (an ordered group, say). Fails with
+    /// [`Error::GroupExists`] if it exists.
+    pub async fn create_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<()> {
+        self.create_group_inner(stream, group, config, false)
             .await
             .map(|_| ())
     }
 
     /// Creates the group unless it exists. Returns true if it was created.
     pub async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
-        self.create_group_inner(stream, group, start, true).await
+        self.ensure_group_with(stream, group, &GroupConfig::default().start(start))
+            .await
+    }
+
+    /// Creates the group with `config` unless it exists. Returns true if it was created. An
+    /// existing group whose `ordered` setting differs is an [`Error::InvalidConfig`]: ordering is
+    /// fixed at creation.
+    pub async fn ensure_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<bool> {
+        self.create_group_inner(stream, group, config, true).await
     }
 
     /// Deletes a group with its pending deliveries and dead letters. Returns false if it did not
@@ -252,6 +285,7 @@ impl PgBackend {
                     stream: r.try_get(0)?,
                     name: r.try_get(1)?,
                     created_at: r.try_get(2)?,
+                    ordered: r.try_get(3)?,
                 })
             })
             .collect()

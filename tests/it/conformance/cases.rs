@@ -11,6 +11,8 @@ use pgtide::{
     StreamConfig, Worker,
 };
 
+pub use super::ordering::ordered_group_delivers_each_key_in_order;
+
 const WAIT: Duration = Duration::from_secs(15);
 
 fn msg(v: serde_json::Value) -> OutgoingMessage {
@@ -33,7 +35,7 @@ async fn setup<Q: Queue>(q: &Q, stream: &str, config: StreamConfig, groups: &[&s
 }
 
 /// Fetches until `n` deliveries arrived (or WAIT passes).
-async fn fetch_n<C: QueueConsumer>(c: &C, n: usize) -> Vec<Delivery> {
+pub(super) async fn fetch_n<C: QueueConsumer>(c: &C, n: usize) -> Vec<Delivery> {
     let deadline = Instant::now() + WAIT;
     let mut out = vec![];
     while out.len() < n && Instant::now() < deadline {

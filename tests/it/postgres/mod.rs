@@ -1,6 +1,7 @@
 mod consume;
 mod hostile;
 mod late_commits;
+mod ordering;
 mod plans;
 mod pooler;
 mod privileges;
