@@ -14,7 +14,8 @@
 //! backends comparison or not (default: only in a full run; brokers at `NATS_URL`, `REDIS_URL`,
 //! `AMQP_URL` when built with their feature), `PGTIDE_BENCH_JSON` for the JSON report path
 //! (default `target/pgtide-bench.json`), `PGTIDE_BENCH_ONLY=statements` for the statement-mode
-//! comparison alone (prepared against unnamed statements). The run works in a fresh `bench_<random>` namespace and
+//! comparison alone (prepared against unnamed statements), `PGTIDE_BENCH_ONLY=ordering` for the
+//! unordered publish and consume rows with the ordered-group comparison. The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
 //! `pgtide_bench::run_worker_process`). The cases and caveats are documented in `pgtide_bench`.
 
@@ -43,6 +44,10 @@ fn main() -> ExitCode {
     config.only_statement_modes = matches!(
         std::env::var("PGTIDE_BENCH_ONLY").as_deref(),
         Ok("statements")
+    );
+    config.only_ordering = matches!(
+        std::env::var("PGTIDE_BENCH_ONLY").as_deref(),
+        Ok("ordering")
     );
     match std::env::var("PGTIDE_BENCH_BACKENDS").as_deref() {
         Ok("1" | "true" | "yes") => config.backends = true,

@@ -10,6 +10,9 @@
 -- columns and never enter the two partial indexes below.
 ALTER TABLE @ns@.messages ADD COLUMN key text;
 ALTER TABLE @ns@.groups ADD COLUMN ordered boolean NOT NULL DEFAULT false;
+-- Concurrency limit (issue 12.2): at most this many deliveries of the group leased at once,
+-- across every consumer and process; NULL for none.
+ALTER TABLE @ns@.groups ADD COLUMN max_in_flight integer CHECK (max_in_flight > 0);
 -- `key`: the message's key, set only in ordered groups. `key_seq`: place in the key's line
 -- (taken under the key's lock at enqueue, so it is the order publishes of the key committed).
 ALTER TABLE @ns@.delivery_state ADD COLUMN key text, ADD COLUMN key_seq bigint;

@@ -209,6 +209,11 @@ pub struct GroupConfig {
     /// without a key are not ordered. Needs [`crate::Capabilities::ordering_keys`]. Defaults
     /// to false.
     pub ordered: bool,
+    /// Concurrency limit: at most this many deliveries of the group leased at once, across
+    /// every consumer and process (claims take turns on Postgres and never lease past it).
+    /// Needs [`crate::Capabilities::concurrency_limits`]. Set at creation; change it with
+    /// [`crate::PgBackend::set_max_in_flight`]. Defaults to `None` (no limit).
+    pub max_in_flight: Option<u32>,
 }
 
 impl GroupConfig {
@@ -221,6 +226,20 @@ impl GroupConfig {
     pub fn ordered(mut self, ordered: bool) -> Self {
         self.ordered = ordered;
         self
+    }
+    /// Sets [`GroupConfig::max_in_flight`].
+    pub fn max_in_flight(mut self, limit: u32) -> Self {
+        self.max_in_flight = Some(limit);
+        self
+    }
+
+    pub(crate) fn validate(&self) -> crate::error::Result<()> {
+        match self.max_in_flight {
+            Some(n) if n == 0 || n > i32::MAX as u32 => Err(crate::error::Error::InvalidConfig(
+                format!("max_in_flight must be between 1 and 2147483647, not {n}"),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 

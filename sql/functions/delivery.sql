@@ -28,11 +28,21 @@ DECLARE
     v_lease   interval;
     v_max     integer;
     v_ordered boolean;
+    v_cap     integer;
 BEGIN
-    SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered INTO sid, v_lease, v_max, v_ordered
+    SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight
+    INTO sid, v_lease, v_max, v_ordered, v_cap
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
     IF sid IS NULL THEN
         RAISE EXCEPTION 'pgtide: group id % does not exist', p_group USING ERRCODE = 'PT003';
+    END IF;
+    IF v_cap IS NOT NULL THEN
+        -- A limited group: claims take turns (the group's row lock, held to commit) and take
+        -- at most what the limit leaves (`_in_flight_room`).
+        p_limit := least(p_limit, @ns@._in_flight_room(p_group, v_cap));
+        IF p_limit <= 0 THEN
+            RETURN;
+        END IF;
     END IF;
     IF v_ordered THEN
         -- Same walk; heads that die here let their keys move on (ordering.sql).

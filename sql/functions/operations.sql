@@ -28,7 +28,7 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['uuid_time', 'uuid_floor', 'valid_name', 'stream_id', 'group_id', 'stats',
                  'group_stats', 'publish_counts', '_stream_list', '_group_list', '_group_ref', '_migration_status',
                  -- constants the `deliveries` view reads (ordering.sql)
-                 '_parked_bound', '_parked_offset', 'key_stats']
+                 '_parked_bound', '_parked_offset']
            || CASE WHEN p_read_only THEN '{}'::text[] ELSE ARRAY[
                  'uuid_v7', '_visible_at', '_publish', '_publish_batch', '_publish_keyed', 'publish', 'publish_bytes',
                  '_claim', '_ack', '_nack', '_term', '_extend', '_release',

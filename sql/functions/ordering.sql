@@ -50,8 +50,6 @@ END $$;
 -- read an old line, so it is refused.
 CREATE OR REPLACE FUNCTION @ns@._lock_keys(p_group integer, p_keys text[]) RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    h integer;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'pgtide: ordered groups need READ COMMITTED transactions, not %',
@@ -59,9 +57,9 @@ BEGIN
             USING ERRCODE = 'PT001',
                   HINT = 'publish keyed messages and settle deliveries of ordered groups in READ COMMITTED transactions';
     END IF;
-    FOR h IN SELECT DISTINCT hashtext(k) FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1 LOOP
-        PERFORM pg_advisory_xact_lock(p_group, h);
-    END LOOP;
+    -- One statement for the whole batch: the locks are taken as the sorted rows come out.
+    PERFORM pg_advisory_xact_lock(p_group, x.h)
+    FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) x;
 END $$;
 
 -- Queues deliveries of keyed messages in the ordered group `p_group`, in array order: a message
@@ -221,4 +219,30 @@ BEGIN
         SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
         WHERE mm.stream_id = p_stream AND mm.id = c.id LIMIT 1
     ) m;
+END $$;
+
+---------------------------------------------------------------------------------------------------
+-- concurrency limit (issue 12.2)
+
+-- How many more deliveries group `p_group` may lease now under its limit `p_cap`. Locks the
+-- group's row first (to the end of the claim's transaction), so claims of a limited group take
+-- turns across every process and each sees the leases the previous one committed. Counts leased
+-- rows in the non-ready part of the claim index, stopping at `p_cap`; delayed rows in that range
+-- are walked too, so the count costs O(leased + delayed), never the ready backlog.
+CREATE OR REPLACE FUNCTION @ns@._in_flight_room(p_group integer, p_cap integer) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+DECLARE
+    busy integer;
+BEGIN
+    PERFORM 1 FROM @ns@.groups g WHERE g.id = p_group FOR NO KEY UPDATE;
+    SELECT count(*) INTO busy FROM (
+        SELECT 1 FROM @ns@.delivery_state d
+        WHERE d.group_id = p_group AND d.visible_at > now() AND d.visible_at < @ns@._parked_bound()
+          AND d.consumer IS NOT NULL
+        LIMIT p_cap
+    ) x;
+    RETURN p_cap - busy;
 END $$;

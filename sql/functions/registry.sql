@@ -84,9 +84,12 @@ END $$;
 -- `start`: 'new' (messages published from now on) or 'oldest' (every retained message too).
 -- `ordered`: deliver the messages of one key one at a time, in publish order (ordering.sql).
 -- Fixed at creation: an existing group with the other setting raises PT001.
+-- `max_in_flight`: at most this many deliveries leased at once across every consumer (NULL: no
+-- limit); set at creation, changed with `set_max_in_flight`.
 DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean);
 CREATE OR REPLACE FUNCTION @ns@.create_group(stream text, "group" text, start text DEFAULT 'new',
-                                  if_not_exists boolean DEFAULT true, ordered boolean DEFAULT false)
+                                  if_not_exists boolean DEFAULT true, ordered boolean DEFAULT false,
+                                  max_in_flight integer DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -103,6 +106,9 @@ BEGIN
         'pass true to accept an existing group, false to raise PT006');
     PERFORM @ns@._check(ordered IS NOT NULL, 'ordered must not be NULL',
         'pass true for per-key order, false (the default) for none');
+    PERFORM @ns@._check(max_in_flight IS NULL OR max_in_flight > 0,
+        format('max_in_flight must be positive, not %s', max_in_flight),
+        'leave it out (NULL) for no limit');
     sid := @ns@.stream_id(stream);
     PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.group.' || sid || '.' || "group"));
     SELECT g.ordered INTO was FROM @ns@.groups g WHERE g.stream_id = sid AND g.name = "group";
@@ -117,7 +123,8 @@ BEGIN
             'ordering is fixed when a group is created: delete the group and create it again to change it');
         RETURN false;
     END IF;
-    INSERT INTO @ns@.groups (stream_id, name, ordered) VALUES (sid, "group", ordered) RETURNING id INTO gid;
+    INSERT INTO @ns@.groups (stream_id, name, ordered, max_in_flight)
+    VALUES (sid, "group", ordered, max_in_flight) RETURNING id INTO gid;
     INSERT INTO @ns@.group_counters (group_id) VALUES (gid);
     IF start = 'oldest' THEN
         -- Ordered: keyed messages wait in their keys' lines (id order), then each key gets a head.
@@ -137,6 +144,23 @@ BEGIN
         END IF;
     END IF;
     RETURN true;
+END $$;
+
+-- Sets (or, with NULL, removes) the group's concurrency limit: at most `max_in_flight`
+-- deliveries leased at once across every consumer and process. Claims already made keep their
+-- leases; new claims wait for room. Returns false when the group does not exist.
+CREATE OR REPLACE FUNCTION @ns@.set_max_in_flight(stream text, "group" text, max_in_flight integer)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    PERFORM @ns@._check(max_in_flight IS NULL OR max_in_flight > 0,
+        format('max_in_flight must be positive, not %s', max_in_flight),
+        'pass NULL to remove the limit');
+    UPDATE @ns@.groups g SET max_in_flight = set_max_in_flight.max_in_flight
+    FROM @ns@.streams s WHERE s.id = g.stream_id AND s.name = stream AND g.name = "group";
+    RETURN FOUND;
 END $$;
 
 CREATE OR REPLACE FUNCTION @ns@.delete_group(stream text, "group" text) RETURNS boolean
@@ -190,12 +214,12 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Groups of the stream `p_stream` (of every stream when NULL), by stream and name.
--- The result gained `ordered` (migration 0010): a new result type needs the DROP.
+-- The result gained `ordered` and `max_in_flight` (migration 0010): a new result type needs the DROP.
 DROP FUNCTION IF EXISTS @ns@._group_list(text);
 CREATE OR REPLACE FUNCTION @ns@._group_list(p_stream text DEFAULT NULL)
-RETURNS TABLE (stream text, "group" text, created_at timestamptz, ordered boolean)
+RETURNS TABLE (stream text, "group" text, created_at timestamptz, ordered boolean, max_in_flight integer)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT s.name, g.name, g.created_at, g.ordered
+    SELECT s.name, g.name, g.created_at, g.ordered, g.max_in_flight
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
     WHERE p_stream IS NULL OR s.name = p_stream
     ORDER BY s.name, g.name

@@ -49,6 +49,7 @@ pub(crate) const AMQP_CAPABILITIES: Capabilities = Capabilities {
     fenced_settle: true,
     fenced_after_release: true,
     ordering_keys: false,
+    concurrency_limits: false,
 };
 
 /// RabbitMQ (AMQP 0.9.1) backend handle, tested against RabbitMQ 3.10. Cheap to clone; clones

@@ -43,8 +43,10 @@ impl Stream {
             }
             return Ok(false);
         }
+        config.validate()?;
         let mut g = Group {
             ordered: config.ordered,
+            max_in_flight: config.max_in_flight,
             ..Group::default()
         };
         if config.start == GroupStart::Oldest {
@@ -66,6 +68,7 @@ impl Stream {
         for g in self.groups.values_mut() {
             *g = Group {
                 ordered: g.ordered,
+                max_in_flight: g.max_in_flight,
                 ..Group::default()
             };
         }

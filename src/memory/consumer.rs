@@ -35,6 +35,7 @@ impl MemoryConsumer {
                 .get_mut(group)
                 .ok_or_else(|| group_not_found(stream, group))?;
             let mut out = vec![];
+            let max = max.min(g.room(now));
             while out.len() < max {
                 let Some(&(at, id)) = g.order.iter().next() else {
                     break;

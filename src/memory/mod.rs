@@ -43,6 +43,7 @@ pub(crate) const MEMORY_CAPABILITIES: Capabilities = Capabilities {
     fenced_settle: true,
     fenced_after_release: true,
     ordering_keys: true,
+    concurrency_limits: true,
 };
 
 /// In-process backend. Cheap to clone; clones share state.

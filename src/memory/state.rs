@@ -59,6 +59,8 @@ pub(super) struct Group {
     /// `pending` (its head, marked with the key); the rest wait in `lines` with their due times.
     pub(super) ordered: bool,
     pub(super) lines: HashMap<String, VecDeque<(Uuid, Instant)>>,
+    /// At most this many leased at once (`GroupConfig::max_in_flight`).
+    pub(super) max_in_flight: Option<u32>,
 }
 
 pub(super) struct Stream {
@@ -134,6 +136,20 @@ impl Group {
                 false
             }
         }
+    }
+
+    /// How many more deliveries the group may lease now under its limit (`usize::MAX` without
+    /// one).
+    pub(super) fn room(&self, now: Instant) -> usize {
+        let Some(cap) = self.max_in_flight else {
+            return usize::MAX;
+        };
+        let leased = self
+            .pending
+            .values()
+            .filter(|p| p.consumer.is_some() && p.visible_at > now)
+            .count();
+        (cap as usize).saturating_sub(leased)
     }
 
     /// Deliveries waiting behind their keys' heads.

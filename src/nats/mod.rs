@@ -100,6 +100,7 @@ pub(crate) const NATS_CAPABILITIES: Capabilities = Capabilities {
     fenced_settle: false,
     fenced_after_release: false,
     ordering_keys: false,
+    concurrency_limits: false,
 };
 
 /// Options of a [`NatsBackend`].

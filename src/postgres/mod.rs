@@ -140,6 +140,7 @@ const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
     fenced_settle: true,
     fenced_after_release: true,
     ordering_keys: true,
+    concurrency_limits: true,
 };
 
 // The trait's methods are the inherent ones of the same name and signature (registry.rs,

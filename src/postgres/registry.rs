@@ -34,6 +34,8 @@ pub struct GroupInfo {
     pub created_at: DateTime<Utc>,
     /// Whether it is ordered ([`GroupConfig::ordered`]).
     pub ordered: bool,
+    /// Its concurrency limit ([`GroupConfig::max_in_flight`]).
+    pub max_in_flight: Option<u32>,
 }
 
 /// A stream configuration as SQL parameters $2..$9 (durations in microseconds), after the name.
@@ -206,6 +208,8 @@ impl PgBackend {
     ) -> Result<bool> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
+        config.validate()?;
+        let limit = config.max_in_flight.map(|n| n as i32);
         self.sql_value(
             &self.inner.sql.group_create,
             &[
@@ -214,6 +218,7 @@ impl PgBackend {
                 &config.start.as_sql(),
                 &if_not_exists,
                 &config.ordered,
+                &limit,
             ],
             Ctx::group(stream, group),
         )
@@ -259,6 +264,39 @@ impl PgBackend {
         self.create_group_inner(stream, group, config, true).await
     }
 
+    /// Sets (`Some`) or removes (`None`) the group's concurrency limit
+    /// ([`GroupConfig::max_in_flight`]). Deliveries already leased keep their leases; new claims
+    /// wait for room. Fails with [`Error::GroupNotFound`] if the group does not exist.
+    pub async fn set_max_in_flight(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: Option<u32>,
+    ) -> Result<()> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        GroupConfig {
+            max_in_flight: limit,
+            ..GroupConfig::default()
+        }
+        .validate()?;
+        let limit = limit.map(|n| n as i32);
+        let found: bool = self
+            .sql_value(
+                &self.inner.sql.group_limit,
+                &[&stream, &group, &limit],
+                Ctx::group(stream, group),
+            )
+            .await?;
+        if !found {
+            return Err(Error::GroupNotFound {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// Deletes a group with its pending deliveries and dead letters. Returns false if it did not
     /// exist.
     pub async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
@@ -286,6 +324,7 @@ impl PgBackend {
                     name: r.try_get(1)?,
                     created_at: r.try_get(2)?,
                     ordered: r.try_get(3)?,
+                    max_in_flight: r.try_get::<_, Option<i32>>(4)?.map(|n| n.max(0) as u32),
                 })
             })
             .collect()

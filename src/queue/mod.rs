@@ -67,6 +67,9 @@ pub struct Capabilities {
     /// Backends without it accept keyed messages but neither order nor carry the key, and
     /// refuse to create ordered groups ([`crate::Error::Unsupported`]).
     pub ordering_keys: bool,
+    /// Group concurrency limits ([`crate::GroupConfig::max_in_flight`]) enforced across every
+    /// consumer and process.
+    pub concurrency_limits: bool,
 }
 
 /// A handle to one backend: publish, administer, inspect, and make consumers. Cheap to clone.
@@ -134,6 +137,12 @@ pub trait Queue: Clone + Send + Sync + 'static {
                 return Err(crate::Error::Unsupported {
                     backend: "this",
                     what: "ordered groups (Capabilities::ordering_keys)",
+                });
+            }
+            if config.max_in_flight.is_some() && !self.capabilities().concurrency_limits {
+                return Err(crate::Error::Unsupported {
+                    backend: "this",
+                    what: "group concurrency limits (Capabilities::concurrency_limits)",
                 });
             }
             self.ensure_group(stream, group, config.start).await

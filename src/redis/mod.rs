@@ -83,6 +83,7 @@ pub(crate) const REDIS_CAPABILITIES: Capabilities = Capabilities {
     fenced_settle: true,
     fenced_after_release: true,
     ordering_keys: false,
+    concurrency_limits: false,
 };
 
 /// Redis Streams backend handle. Cheap to clone; clones share one auto-reconnecting connection.

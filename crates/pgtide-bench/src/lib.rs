@@ -25,6 +25,7 @@
 //! | peak RSS | `VmHWM` of `/proc/self/status` around draining the large backlog with 4 consumers, batch 100 (at most [`BenchConfig::drain_cap`]) |
 //! | publish → handler start | 500 msg/s published from one handle, a worker (no-op handler, concurrency 16) on another handle of this process woken through NOTIFY → listener; alternating with the raw NOTIFY round trip at the same rate (the floor) |
 //! | delayed lateness | 50 msg/s due 1 s after publish; handler start − due time |
+//! | ordered group | 4 consumers looping `ack_and_fetch` (B = 10 and 100) on an ordered group whose backlog spreads over 1 000 ordering keys, against an unordered group with the same keyed messages; `publish_batch` of 100 keyed messages into a stream with an ordered group against 100 unkeyed |
 //! | backends | with [`BenchConfig::backends`]: publish (1 per call; 100 per call), consume (4 consumers, `ack_and_fetch` of 100) and publish → fetch latency through [`pgtide::AnyBackend`] on Postgres, memory, and NATS / Redis / RabbitMQ when built with their feature and their server answers |
 //!
 //! Raw baselines use tokio-postgres directly with prepared statements, one connection per
@@ -46,6 +47,7 @@
 mod backends;
 mod harness;
 mod latency;
+mod ordering;
 mod postgres;
 mod raw;
 mod render;
@@ -127,6 +129,9 @@ pub struct BenchConfig {
     /// Measure only the statement-mode comparison (prepared against unnamed statements, with
     /// its raw INSERT baseline). Defaults to false.
     pub only_statement_modes: bool,
+    /// Measure only the publish and consume cases of the unordered path and the ordered-group
+    /// comparison. Defaults to false.
+    pub only_ordering: bool,
 }
 
 impl BenchConfig {
@@ -147,6 +152,7 @@ impl BenchConfig {
             worker_args: None,
             progress: false,
             only_statement_modes: false,
+            only_ordering: false,
         }
     }
 }
@@ -299,8 +305,16 @@ impl<'a> Bench<'a> {
             let rss = Rss::default();
             return Ok((baselines, cases, vec![], vec![], rss, vec![]));
         }
+        if self.config.only_ordering {
+            self.publish_cases(&mut baselines, &mut cases).await?;
+            self.consume_cases(&mut baselines, &mut cases).await?;
+            self.ordering_cases(&mut cases).await?;
+            let rss = Rss::default();
+            return Ok((baselines, cases, vec![], vec![], rss, vec![]));
+        }
         self.publish_cases(&mut baselines, &mut cases).await?;
         self.trigger_cases(&mut baselines, &mut cases).await?;
+        self.ordering_cases(&mut cases).await?;
         self.statement_cases(&mut baselines, &mut cases).await?;
         let consume = self.consume_cases(&mut baselines, &mut cases).await?;
         self.worker_cases(consume, &mut cases).await?;

@@ -344,13 +344,17 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             from,
             if_not_exists,
             ordered,
+            max_in_flight,
         } => {
             let point = parse_point(&from).map_err(CliError::usage)?;
             let start = match point {
                 Point::Oldest => GroupStart::Oldest,
                 Point::New | Point::At(_) => GroupStart::New,
             };
-            let config = GroupConfig::default().start(start).ordered(ordered);
+            let mut config = GroupConfig::default().start(start).ordered(ordered);
+            if let Some(limit) = max_in_flight {
+                config = config.max_in_flight(limit);
+            }
             let created = match b.postgres() {
                 Some(pg) if !if_not_exists => {
                     pg.create_group_with(&stream, &group, &config).await?;
@@ -398,7 +402,7 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             if json {
                 let list: Vec<_> = groups
                     .iter()
-                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at), "ordered": g.ordered}))
+                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at), "ordered": g.ordered, "max_in_flight": g.max_in_flight}))
                     .collect();
                 println!("{}", serde_json::Value::Array(list));
             } else {

@@ -259,6 +259,10 @@ pub enum GroupCommand {
         /// publish order, across every consumer. Fixed at creation (Postgres and memory).
         #[arg(long)]
         ordered: bool,
+        /// At most this many deliveries of the group leased at once, across every consumer and
+        /// process (Postgres and memory).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_147_483_647))]
+        max_in_flight: Option<u32>,
     },
     /// List groups (of one stream, or of all).
     #[command(after_help = help::GROUP_LIST)]

@@ -11,7 +11,7 @@ use pgtide::{
     StreamConfig, Worker,
 };
 
-pub use super::ordering::ordered_group_delivers_each_key_in_order;
+pub use super::ordering::{max_in_flight_caps_the_group, ordered_group_delivers_each_key_in_order};
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -18,7 +18,7 @@ macro_rules! conformance {
                 stale_handle_settles_are_fenced, try_fetch_zero_claims_nothing,
                 expired_last_lease_dead_letters, out_of_range_durations_are_refused,
                 event_envelope_round_trips, event_worker_dead_letters_malformed,
-                ordered_group_delivers_each_key_in_order);
+                ordered_group_delivers_each_key_in_order, max_in_flight_caps_the_group);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -87,6 +87,33 @@ mod slow {
             .unwrap();
         crate::conformance::ordering::ordered_keys_under_load(&[queue, other], 10_000, 100, 8)
             .await;
+    }
+
+    /// Issue 12.2: max_in_flight = 5 across 3 handles with their own pools (standing for three
+    /// processes), sampled from the database while they run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn max_in_flight_holds_across_processes_postgres() {
+        let (queue, ns) = crate::conformance::backends::postgres().await;
+        let handle = || {
+            pgtide::PgBackend::builder(ns.url.clone())
+                .namespace(ns.namespace())
+                .pool_size(4)
+                .build()
+                .unwrap()
+        };
+        let raw = ns.raw().await;
+        let sql = format!(
+            "SELECT count(*) FROM \"{}\".deliveries WHERE state = 'in_flight'",
+            ns.namespace()
+        );
+        let sample = || async { raw.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) };
+        crate::conformance::ordering::max_in_flight_holds_under_load(
+            &[queue, handle(), handle()],
+            5,
+            600,
+            sample,
+        )
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

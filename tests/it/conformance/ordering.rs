@@ -257,3 +257,121 @@ pub async fn ordered_keys_under_load<Q: Queue>(
     let stats = q.stats("load", "o").await.unwrap();
     assert_eq!((stats.ready, stats.in_flight, stats.dead), (0, 0, 0));
 }
+
+/// A group's concurrency limit: claims never lease past it, across consumers; an ack makes
+/// room. Backends without `concurrency_limits` refuse such a group.
+pub async fn max_in_flight_caps_the_group<Q: Queue>(q: Q) {
+    q.ensure_stream("capped", &StreamConfig::default())
+        .await
+        .unwrap();
+    let config = GroupConfig::default().max_in_flight(3);
+    if !q.capabilities().concurrency_limits {
+        let refused = q.ensure_group_with("capped", "g", &config).await;
+        assert!(
+            matches!(refused, Err(Error::Unsupported { .. })),
+            "{refused:?}"
+        );
+        return;
+    }
+    let zero = q
+        .ensure_group_with("capped", "z", &GroupConfig::default().max_in_flight(0))
+        .await;
+    assert!(matches!(zero, Err(Error::InvalidConfig(_))), "{zero:?}");
+    q.ensure_group_with("capped", "g", &config).await.unwrap();
+    let msgs: Vec<OutgoingMessage> = (0..10)
+        .map(|n| OutgoingMessage::json(&serde_json::json!({ "n": n })).unwrap())
+        .collect();
+    q.publish_batch("capped", &msgs).await.unwrap();
+    let c1 = q.consumer("capped", "g", "c1").await.unwrap();
+    let c2 = q.consumer("capped", "g", "c2").await.unwrap();
+    let first = c1.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(first.len(), 3, "the limit caps one fetch");
+    assert!(
+        c2.try_fetch(10).await.unwrap().is_empty(),
+        "and every other consumer"
+    );
+    c1.ack(&first[0]).await.unwrap();
+    let more = c2.fetch(10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(more.len(), 1, "an ack makes room for one");
+    let stats = q.stats("capped", "g").await.unwrap();
+    assert_eq!((stats.in_flight, stats.ready), (3, 6));
+}
+
+/// Consumers on several handles (standing for processes) fetch greedily and hold deliveries for
+/// a moment; `sample` reports how many are leased right now (from the database where there is
+/// one). Neither the consumers' own count nor any sample ever exceeds the limit, and the limit is
+/// reached (the test is not vacuous).
+pub async fn max_in_flight_holds_under_load<Q: Queue, F, Fut>(
+    handles: &[Q],
+    limit: u32,
+    messages: usize,
+    sample: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    let q = &handles[0];
+    q.ensure_stream("load-cap", &StreamConfig::default())
+        .await
+        .unwrap();
+    q.ensure_group_with(
+        "load-cap",
+        "g",
+        &GroupConfig::default().max_in_flight(limit),
+    )
+    .await
+    .unwrap();
+    let msgs: Vec<OutgoingMessage> = (0..messages)
+        .map(|n| OutgoingMessage::json(&serde_json::json!({ "n": n })).unwrap())
+        .collect();
+    q.publish_batch("load-cap", &msgs).await.unwrap();
+    let held = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = vec![];
+    for (i, h) in handles.iter().enumerate() {
+        let c = h.consumer("load-cap", "g", &format!("c{i}")).await.unwrap();
+        let (held, peak, acked) = (held.clone(), peak.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            while acked.load(SeqCst) < messages {
+                let batch = c.fetch(10, Duration::from_millis(100)).await.unwrap();
+                let now = held.fetch_add(batch.len() as i64, SeqCst) + batch.len() as i64;
+                peak.fetch_max(now, SeqCst);
+                for d in &batch {
+                    tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 5)).await;
+                    // Uncounted before the ack commits: the room it makes is not yet taken.
+                    held.fetch_sub(1, SeqCst);
+                    c.ack(d).await.unwrap();
+                    acked.fetch_add(1, SeqCst);
+                }
+            }
+        }));
+    }
+    let mut max_sampled = 0;
+    let all = futures_util::future::join_all(tasks);
+    tokio::pin!(all);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        tokio::select! {
+            done = &mut all => {
+                for r in done {
+                    r.unwrap();
+                }
+                break;
+            }
+            n = sample() => {
+                assert!(n <= i64::from(limit), "{n} leased with max_in_flight = {limit}");
+                max_sampled = max_sampled.max(n);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumers did not finish"
+        );
+    }
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(peak <= i64::from(limit), "consumers held {peak}");
+    assert_eq!(peak, i64::from(limit), "the limit was never reached");
+    assert!(max_sampled > 0, "no sample saw a lease");
+}

@@ -362,8 +362,8 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
     );
 }
 
-/// The same for an ordered group (issue 12): a backlog of 200 000 over 1 000 keys, a head per
-/// key and the rest waiting in the keys' lines. Claims must still walk only the batch, and the
+/// The same for an ordered group with a concurrency limit (issue 12): a backlog of 200 000 over
+/// 1 000 keys, a head per key and the rest waiting in the keys' lines. Claims must still walk only the batch, and the
 /// statements that move a key on (`_advance_keys` under ack, term and dead letters) or queue a
 /// keyed message (`_enqueue_keyed` under publish) must look lines up by index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,9 +372,16 @@ async fn ordered_group_statements_stay_o_batch_under_generic_plans_and_hostile_c
     ns.create_stream("plans", &StreamConfig::default().max_deliver(3))
         .await
         .unwrap();
-    ns.create_group_with("plans", "o", &pgtide::GroupConfig::default().ordered(true))
-        .await
-        .unwrap();
+    // With a concurrency limit too, so the claim also counts the group's leases.
+    ns.create_group_with(
+        "plans",
+        "o",
+        &pgtide::GroupConfig::default()
+            .ordered(true)
+            .max_in_flight(1000),
+    )
+    .await
+    .unwrap();
     let n = ns.namespace().to_owned();
     let raw = ns.raw().await;
     raw.batch_execute(&format!(

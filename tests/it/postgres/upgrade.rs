@@ -104,8 +104,8 @@ async fn data(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String
                 &format!(
                     // Columns added by later migrations (lease_token, the ordering key's) are
                     // not the old data.
-                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered}}'::text[])::text, ',' \
-                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered}}'::text[])::text)) \
+                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight}}'::text[])::text, ',' \
+                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight}}'::text[])::text)) \
                      FROM \"{ns}\".{table} t"
                 ),
                 &[],
@@ -388,6 +388,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_group_list",
             "_group_ref",
             "_group_stats",
+            "_in_flight_room",
             "_is_ordered",
             "_lock_keys",
             "_lock_partitions",
@@ -418,6 +419,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "publish",
             "publish_bytes",
             "revoke_runtime",
+            "set_max_in_flight",
             "term",
         ],
         "{added:?}"
