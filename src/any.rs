@@ -284,4 +284,11 @@ impl QueueConsumer for AnyConsumer {
     async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         dispatch!(AnyConsumer, self, c => QueueConsumer::release_batch(c, ds).await)
     }
+    async fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SettleReport> {
+        dispatch!(AnyConsumer, self, c => QueueConsumer::pause_batch(c, ds, until).await)
+    }
 }

@@ -246,3 +246,26 @@ BEGIN
     ) x;
     RETURN p_cap - busy;
 END $$;
+
+---------------------------------------------------------------------------------------------------
+-- pause (issue 12.4)
+
+-- Hands deliveries back to be claimed again at `p_until` (now, if it has passed), the attempt
+-- not counted: a handler's `PauseKey`. In an ordered group the delivery is its key's head and
+-- stays it, so the whole key waits while the others go on. Fenced like every settle.
+CREATE OR REPLACE FUNCTION @ns@._pause(p_group integer, p_ids uuid[], p_attempts integer[],
+                                       p_tokens bigint[], p_until timestamptz)
+RETURNS SETOF uuid
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+    UPDATE @ns@.delivery_state d
+    SET visible_at = greatest(p_until, now()), consumer = NULL, lease_token = NULL,
+        attempts = greatest(d.attempts - 1, 0)
+    FROM unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
+    WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+      AND (u.attempt IS NULL OR d.attempts = u.attempt)
+      AND (u.token IS NULL OR d.lease_token = u.token)
+    RETURNING d.message_id
+$$;

@@ -321,4 +321,33 @@ impl QueueConsumer for MemoryConsumer {
             Settled::Ready
         })
     }
+
+    async fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SettleReport> {
+        crate::limits::check_time("pause until", until)?;
+        let group = self.group.clone();
+        let wait = (until - Utc::now()).to_std().unwrap_or_default();
+        self.settle(ds, |s, d| {
+            if let Some(g) = s.groups.get_mut(&group) {
+                if let Some(p) = g.remove(&d.id()) {
+                    g.set(
+                        d.id(),
+                        Pending {
+                            visible_at: Instant::now() + wait,
+                            attempts: p.attempts.saturating_sub(1),
+                            consumer: None,
+                            claim: 0,
+                            ..p
+                        },
+                    );
+                }
+            }
+            // Waiters recompute their next due time when woken.
+            s.wake.notify_waiters();
+            Settled::Done
+        })
+    }
 }

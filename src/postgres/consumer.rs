@@ -589,6 +589,32 @@ impl PgConsumer {
         self.in_progress_batch(&mut [d], lease).await?.single(id)
     }
 
+    /// Hands deliveries back to be claimed again at `until` (at once if it has passed), the
+    /// attempt not counted: a handler's [`crate::Outcome::PauseKey`]. In an ordered group the
+    /// delivery stays its key's head, so the key waits while other keys go on.
+    pub async fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SettleReport> {
+        crate::limits::check_time("pause until", until)?;
+        let client = self.pg.client().await?;
+        let rows = self
+            .run_settle(&*client, &self.pg.inner.sql.pause, ds, &[&until])
+            .await?;
+        if !rows.is_empty() {
+            // The scout wakes the group when the pause ends (the pool does not notify).
+            self.pg.poke(Wake::Due(until.timestamp_millis()));
+        }
+        Ok(SettleReport::from_parts(
+            ds,
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
+            vec![],
+        ))
+    }
+
     /// Hands deliveries back unprocessed: visible to the group again at once, and the attempt
     /// does not count. For shutdown.
     pub async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
@@ -664,6 +690,14 @@ impl QueueConsumer for PgConsumer {
 
     async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         PgConsumer::release_batch(self, ds).await
+    }
+
+    async fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SettleReport> {
+        PgConsumer::pause_batch(self, ds, until).await
     }
 }
 

@@ -67,6 +67,7 @@ statements! {
     term => "term.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT8_ARRAY, TEXT_ARRAY],
     extend => "extend.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT8_ARRAY, INT8],
     release => "release.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT8_ARRAY],
+    pause => "pause.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT8_ARRAY, TIMESTAMPTZ],
     stats => "stats.sql" [],
     group_stats => "group_stats.sql" [TEXT, TEXT],
     scout_due => "scout_due.sql" [TIMESTAMPTZ],

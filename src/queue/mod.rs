@@ -247,6 +247,22 @@ pub trait QueueConsumer: Clone + Send + Sync + 'static {
     /// the attempt counts toward `max_deliver`.
     fn release_batch(&self, ds: &[&Delivery]) -> impl Future<Output = Result<SettleReport>> + Send;
 
+    /// Hands deliveries back to be tried again at `until` (now if it has passed), the attempt not
+    /// counted: what a handler's [`crate::Outcome::PauseKey`] does. In an ordered group the
+    /// delivery is its key's head, so the key waits. Backends without their own (brokers) nack
+    /// with the delay instead, which counts the attempt (and on the last one dead-letters).
+    fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> impl Future<Output = Result<SettleReport>> + Send {
+        async move {
+            crate::limits::check_time("pause until", until)?;
+            let delay = (until - chrono::Utc::now()).to_std().unwrap_or_default();
+            self.nack_batch(ds, Some(delay), Some("paused")).await
+        }
+    }
+
     /// Acknowledges `done`, then claims up to `max` new deliveries without waiting (none when
     /// `max` is 0). Backends that can do both in one round trip (Postgres: one statement, one
     /// commit) override this.

@@ -11,7 +11,10 @@ use pgtide::{
     StreamConfig, Worker,
 };
 
-pub use super::ordering::{max_in_flight_caps_the_group, ordered_group_delivers_each_key_in_order};
+pub use super::ordering::{
+    max_in_flight_caps_the_group, ordered_group_delivers_each_key_in_order,
+    pause_key_holds_one_key_while_others_drain,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -18,7 +18,8 @@ macro_rules! conformance {
                 stale_handle_settles_are_fenced, try_fetch_zero_claims_nothing,
                 expired_last_lease_dead_letters, out_of_range_durations_are_refused,
                 event_envelope_round_trips, event_worker_dead_letters_malformed,
-                ordered_group_delivers_each_key_in_order, max_in_flight_caps_the_group);
+                ordered_group_delivers_each_key_in_order, max_in_flight_caps_the_group,
+                pause_key_holds_one_key_while_others_drain);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {

@@ -375,3 +375,110 @@ pub async fn max_in_flight_holds_under_load<Q: Queue, F, Fut>(
     assert_eq!(peak, i64::from(limit), "the limit was never reached");
     assert!(max_sampled > 0, "no sample saw a lease");
 }
+
+/// A handler's `PauseKey`: one key of ten is paused for 2 s on its first message; the other nine
+/// keys drain meanwhile, nothing of the paused key is handled before the pause ends, then its
+/// messages go in order, and the pause did not count as an attempt (where the backend has its
+/// own pause).
+pub async fn pause_key_holds_one_key_while_others_drain<Q: Queue>(q: Q) {
+    q.ensure_stream("pause", &StreamConfig::default())
+        .await
+        .unwrap();
+    if !q.capabilities().ordering_keys {
+        // No ordered groups: a pause is a nack with the delay (the attempt counts).
+        q.ensure_group("pause", "g", GroupStart::New).await.unwrap();
+        q.publish("pause", keyed("k0", 0)).await.unwrap();
+        let c = q.consumer("pause", "g", "c").await.unwrap();
+        let got = fetch_n(&c, 1).await;
+        let until = chrono::Utc::now() + chrono::Duration::milliseconds(500);
+        let report = c.pause_batch(&[&got[0]], until).await.unwrap();
+        assert_eq!(report.settled, [got[0].id()]);
+        assert!(c.try_fetch(1).await.unwrap().is_empty(), "paused");
+        let again = fetch_n(&c, 1).await;
+        assert!(chrono::Utc::now() + chrono::Duration::milliseconds(50) >= until);
+        assert_eq!(again[0].attempt, 2);
+        return;
+    }
+    q.ensure_group_with("pause", "o", &GroupConfig::default().ordered(true))
+        .await
+        .unwrap();
+    let per_key = 5u32;
+    let mut batch = vec![];
+    for n in 0..per_key {
+        for k in 0..10 {
+            batch.push(keyed(&format!("k{k}"), n));
+        }
+    }
+    q.publish_batch("pause", &batch).await.unwrap();
+    // (key, n, attempt, when handled)
+    type Log = Arc<Mutex<Vec<(String, u32, u32, tokio::time::Instant)>>>;
+    let log: Log = Arc::default();
+    let paused_until: Arc<Mutex<Option<tokio::time::Instant>>> = Arc::default();
+    let c = q.consumer("pause", "o", "w").await.unwrap();
+    let worker = pgtide::Worker::new(c, {
+        let (log, paused_until) = (log.clone(), paused_until.clone());
+        move |d: Delivery| {
+            let (log, paused_until) = (log.clone(), paused_until.clone());
+            async move {
+                let v: serde_json::Value = d.json().map_err(|e| e.to_string())?;
+                let key = v["key"].as_str().unwrap_or_default().to_owned();
+                let n = v["n"].as_u64().unwrap_or_default() as u32;
+                let now = tokio::time::Instant::now();
+                let first_pause = key == "k0" && n == 0 && paused_until.lock().unwrap().is_none();
+                log.lock().unwrap().push((key, n, d.attempt, now));
+                if first_pause {
+                    *paused_until.lock().unwrap() = Some(now + Duration::from_secs(2));
+                    return Ok::<_, String>(pgtide::Outcome::PauseKey {
+                        until: chrono::Utc::now() + chrono::Duration::seconds(2),
+                    });
+                }
+                Ok(pgtide::Outcome::Ack)
+            }
+        }
+    })
+    .concurrency(4);
+    let token = pgtide::CancellationToken::new();
+    let run = tokio::spawn(worker.run(token.clone()));
+    let total = 10 * per_key as usize + 1;
+    crate::common::eventually(Duration::from_secs(30), "every message handled", || {
+        log.lock().unwrap().len() >= total
+    })
+    .await;
+    token.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.paused, 1, "{report:?}");
+    let log = log.lock().unwrap().clone();
+    let until = paused_until.lock().unwrap().expect("k0 was paused");
+    let pause_started = until - Duration::from_secs(2);
+    let others_done = log
+        .iter()
+        .filter(|(k, ..)| k != "k0")
+        .map(|(.., at)| *at)
+        .max()
+        .unwrap();
+    assert!(
+        others_done < until,
+        "the other keys drained during the pause ({:?} after it began)",
+        others_done - pause_started
+    );
+    let k0: Vec<(u32, u32, tokio::time::Instant)> = log
+        .iter()
+        .filter(|(k, ..)| k == "k0")
+        .map(|(_, n, a, at)| (*n, *a, *at))
+        .collect();
+    assert_eq!(
+        k0.iter().map(|(n, ..)| *n).collect::<Vec<_>>(),
+        [0, 0, 1, 2, 3, 4],
+        "k0 in order, its head twice"
+    );
+    // The clock is the database's for the pause and ours here: allow a little skew.
+    let resumed = k0[1].2;
+    assert!(
+        resumed + Duration::from_millis(100) >= until,
+        "k0 resumed {:?} early",
+        until - resumed
+    );
+    if q.capabilities().ordering_keys {
+        assert_eq!(k0[1].1, 1, "the pause did not count as an attempt");
+    }
+}

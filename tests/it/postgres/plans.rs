@@ -418,6 +418,7 @@ async fn ordered_group_statements_stay_o_batch_under_generic_plans_and_hostile_c
     let term = render(include_str!("../../../sql/term.sql"), &n);
     let release = render(include_str!("../../../sql/release.sql"), &n);
     let publish_keyed = render(include_str!("../../../sql/publish_keyed.sql"), &n);
+    let pause = render(include_str!("../../../sql/pause.sql"), &n);
     let publish_one = render(include_str!("../../../sql/publish_one.sql"), &n);
     let stats = render(include_str!("../../../sql/stats.sql"), &n);
 
@@ -463,10 +464,19 @@ async fn ordered_group_statements_stay_o_batch_under_generic_plans_and_hostile_c
         assert_eq!(termed.len(), 2);
         check_plans(&mut rx, "ordered term (keys move on)", &mut faults);
 
-        let (i, a, t) = slice(6, 8);
+        let (i, a, t) = slice(6, 7);
         let released = s.query(&release, &[&group, &i, &a, &t]).await.unwrap();
-        assert_eq!(released.len(), 2);
+        assert_eq!(released.len(), 1);
         check_plans(&mut rx, "ordered release", &mut faults);
+
+        let (i, a, t) = slice(7, 8);
+        let until = chrono::Utc::now() + chrono::Duration::seconds(60);
+        let paused = s
+            .query(&pause, &[&group, &i, &a, &t, &until])
+            .await
+            .unwrap();
+        assert_eq!(paused.len(), 1);
+        check_plans(&mut rx, "ordered pause (PauseKey)", &mut faults);
 
         let (i, a, t) = slice(8, 10);
         let rows = s

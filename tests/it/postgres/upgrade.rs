@@ -397,6 +397,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_nack",
             "_parked_bound",
             "_parked_offset",
+            "_pause",
             "_payload_ok",
             "_payload_too_large",
             "_publish",
