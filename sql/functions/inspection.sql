@@ -117,3 +117,28 @@ CREATE OR REPLACE VIEW @ns@.scout AS
 SELECT holder, term, acquired_at AS since, renewed_at, expires_at,
        holder IS NOT NULL AND expires_at > now() AS active
 FROM @ns@.scout_lease;
+
+-- Ordering keys of ordered groups (issue 12): per (stream, group, key) the pending deliveries,
+-- how many wait behind the head, the head's state (ready, delayed — a retry or a handler's
+-- PauseKey — or in_flight), when a delayed head resumes, who holds an in-flight head, and the
+-- age of the key's oldest pending message. Walks the keyed rows of the groups it reads:
+-- filter by stream and group for large backlogs (e.g. top keys:
+-- `SELECT * FROM pgtide.keys WHERE "group" = 'shipping' ORDER BY pending DESC LIMIT 10`).
+CREATE OR REPLACE VIEW @ns@.keys AS
+SELECT s.name AS stream, g.name AS "group", d.key,
+       count(*) AS pending,
+       count(*) FILTER (WHERE d.visible_at >= @ns@._parked_bound()) AS waiting,
+       min(CASE WHEN d.visible_at >= @ns@._parked_bound() THEN NULL
+                WHEN d.visible_at <= now() THEN 'ready'
+                WHEN d.consumer IS NOT NULL THEN 'in_flight'
+                ELSE 'delayed' END) AS head_state,
+       min(d.visible_at) FILTER (WHERE d.visible_at > now() AND d.visible_at < @ns@._parked_bound()
+                                   AND d.consumer IS NULL) AS resumes_at,
+       min(d.consumer) FILTER (WHERE d.visible_at > now() AND d.visible_at < @ns@._parked_bound())
+           AS consumer,
+       greatest(now() - min(@ns@.uuid_time(d.message_id)), interval '0') AS oldest_age
+FROM @ns@.delivery_state d
+JOIN @ns@.groups g ON g.id = d.group_id
+JOIN @ns@.streams s ON s.id = g.stream_id
+WHERE d.key IS NOT NULL
+GROUP BY s.name, g.name, d.key;

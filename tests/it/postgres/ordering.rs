@@ -6,6 +6,9 @@ use uuid::Uuid;
 
 use crate::common::{namespace, sqlstate};
 
+/// A row of the `keys` view: key, pending, waiting, head state, consumer.
+type KeyRow = (String, i64, i64, Option<String>, Option<String>);
+
 /// `(key, n, state)` of every delivery of group `g`, by key and publish order.
 async fn lines(raw: &tokio_postgres::Client, n: &str, g: &str) -> Vec<(String, i64, String)> {
     raw.query(
@@ -58,6 +61,28 @@ async fn sql_surface_publishes_keys_and_reads_one_head_per_key() {
     let keys: Vec<Option<String>> = read.iter().map(|r| r.get(1)).collect();
     assert_eq!(keys.len(), 2, "one head per key: {keys:?}");
     assert!(keys.contains(&Some("a".into())) && keys.contains(&Some("b".into())));
+    // The keys view: each key's head in flight to `psql`, two of a's waiting behind it.
+    let keys_view: Vec<KeyRow> = raw
+        .query(
+            &format!(
+                "SELECT key, pending, waiting, head_state, consumer FROM \"{n}\".keys
+                 WHERE \"group\" = 'o' ORDER BY pending DESC, key"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let held = || (Some("in_flight".to_owned()), Some("psql".to_owned()));
+    assert_eq!(
+        keys_view,
+        [
+            ("a".to_owned(), 3, 2, held().0, held().1),
+            ("b".to_owned(), 1, 0, held().0, held().1)
+        ]
+    );
     let unordered = raw
         .query(
             &format!("SELECT key FROM \"{n}\".read('s', 'u', 'psql', 10)"),

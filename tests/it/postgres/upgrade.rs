@@ -422,6 +422,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "revoke_runtime",
             "set_max_in_flight",
             "term",
+            "view keys",
         ],
         "{added:?}"
     );
