@@ -15,7 +15,8 @@
 //! `AMQP_URL` when built with their feature), `PGTIDE_BENCH_JSON` for the JSON report path
 //! (default `target/pgtide-bench.json`), `PGTIDE_BENCH_ONLY=statements` for the statement-mode
 //! comparison alone (prepared against unnamed statements), `=scale`, `=held-xmin` or `=collapse` for
-//! that case alone. The run works in a fresh `bench_<random>` namespace and
+//! that case alone, `=ordering` for the unordered publish and consume rows with the
+//! ordered-group comparison. The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
 //! `pgtide_bench::run_worker_process`). The cases and caveats are documented in `pgtide_bench`.
 
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
     // Started again with no arguments, this executable runs a worker process (see above).
     config.worker_args = Some(vec![]);
     let only = std::env::var("PGTIDE_BENCH_ONLY");
+    config.only_ordering = matches!(only.as_deref(), Ok("ordering"));
     config.only_statement_modes = matches!(only.as_deref(), Ok("statements"));
     config.only = match only.as_deref() {
         Ok("scale") => Some(Only::Scale),

@@ -8,6 +8,6 @@ WITH acked AS (
     FROM @ns@._ack($1, $2::uuid[], $3::int4[], $7::int8[]) AS a (id)
 )
 SELECT acked.ids, c.id, c.attempt, c.lease_expires_at, c.payload, c.is_json, c.headers, c.lease_expired,
-       c.lease_token
+       c.lease_token, c.key
 FROM acked
 LEFT JOIN LATERAL @ns@._claim($1, $4, $5, $6::int8 * interval '1 microsecond') AS c ON true

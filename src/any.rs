@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::config::{GroupStart, StreamConfig};
+use crate::config::{GroupConfig, GroupStart, StreamConfig};
 use crate::error::{Error, Result};
 use crate::memory::{MemoryBackend, MemoryConsumer};
 #[cfg(feature = "postgres")]
@@ -214,6 +214,14 @@ impl Queue for AnyBackend {
     async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
         dispatch!(AnyBackend, self, b => Queue::ensure_group(b, stream, group, start).await)
     }
+    async fn ensure_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<bool> {
+        dispatch!(AnyBackend, self, b => Queue::ensure_group_with(b, stream, group, config).await)
+    }
     async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
         dispatch!(AnyBackend, self, b => Queue::delete_group(b, stream, group).await)
     }
@@ -317,5 +325,12 @@ impl QueueConsumer for AnyConsumer {
     }
     async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         dispatch!(AnyConsumer, self, c => QueueConsumer::release_batch(c, ds).await)
+    }
+    async fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SettleReport> {
+        dispatch!(AnyConsumer, self, c => QueueConsumer::pause_batch(c, ds, until).await)
     }
 }

@@ -191,6 +191,58 @@ pub enum GroupStart {
     Oldest,
 }
 
+/// Per-group configuration, fixed when the group is created
+/// ([`crate::Queue::ensure_group_with`], [`crate::PgBackend::create_group_with`]).
+///
+/// ```
+/// let config = pgtide::GroupConfig::default().ordered(true);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct GroupConfig {
+    /// Where the group starts reading. Defaults to [`GroupStart::New`].
+    pub start: GroupStart,
+    /// Per-key order: the messages of one ordering key ([`crate::OutgoingMessage::key`]) are
+    /// delivered one at a time, in publish order, across every consumer and process. A key
+    /// whose head is in flight, delayed or waiting for a retry holds back only that key; when
+    /// the head is acked or becomes a dead letter, the key's next message goes. Messages
+    /// without a key are not ordered. Needs [`crate::Capabilities::ordering_keys`]. Defaults
+    /// to false.
+    pub ordered: bool,
+    /// Concurrency limit: at most this many deliveries of the group leased at once, across
+    /// every consumer and process (claims take turns on Postgres and never lease past it).
+    /// Needs [`crate::Capabilities::concurrency_limits`]. Set at creation; change it with
+    /// [`crate::PgBackend::set_max_in_flight`]. Defaults to `None` (no limit).
+    pub max_in_flight: Option<u32>,
+}
+
+impl GroupConfig {
+    /// Sets [`GroupConfig::start`].
+    pub fn start(mut self, start: GroupStart) -> Self {
+        self.start = start;
+        self
+    }
+    /// Sets [`GroupConfig::ordered`].
+    pub fn ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
+        self
+    }
+    /// Sets [`GroupConfig::max_in_flight`].
+    pub fn max_in_flight(mut self, limit: u32) -> Self {
+        self.max_in_flight = Some(limit);
+        self
+    }
+
+    pub(crate) fn validate(&self) -> crate::error::Result<()> {
+        match self.max_in_flight {
+            Some(n) if n == 0 || n > i32::MAX as u32 => Err(crate::error::Error::InvalidConfig(
+                format!("max_in_flight must be between 1 and 2147483647, not {n}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 // The spelling both the SQL functions and the Redis group records use.
 #[cfg(any(feature = "postgres", feature = "redis"))]
 impl GroupStart {

@@ -25,6 +25,9 @@ pub enum Error {
     /// A configuration value is out of range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// An ordering key does not follow the key rule ([`crate::validate_key`]).
+    #[error("key {0:?} is invalid: use 1-256 bytes of text without control characters")]
+    InvalidKey(String),
     /// The stream does not exist in this namespace.
     #[error("stream {0:?} does not exist: create it with create_stream/ensure_stream")]
     StreamNotFound(String),

@@ -67,13 +67,15 @@ mod worker;
 #[cfg(feature = "amqp")]
 pub use crate::amqp::{AmqpBackend, AmqpConsumer};
 pub use crate::any::{AnyBackend, AnyConsumer};
-pub use crate::config::{Backoff, GroupStart, StreamConfig};
+pub use crate::config::{Backoff, GroupConfig, GroupStart, StreamConfig};
 pub use crate::error::{ConnectProblem, Error, Result};
 #[cfg(feature = "kafka")]
 pub use crate::kafka::{KafkaBackend, KafkaConsumer, KafkaOptions};
 pub use crate::limits::{check_duration, check_time, MAX_DURATION};
 pub use crate::memory::{MemoryBackend, MemoryConsumer};
-pub use crate::names::{validate_name, validate_namespace, MAX_NAME_LEN};
+pub use crate::names::{
+    validate_key, validate_name, validate_namespace, MAX_KEY_LEN, MAX_NAME_LEN,
+};
 #[cfg(feature = "nats")]
 pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
 #[cfg(feature = "postgres")]

@@ -65,10 +65,13 @@ pub(crate) fn check_lease_override(lease: Option<Duration>) -> Result<()> {
     }
 }
 
-/// Checks the delay and `deliver_at` of every message of a batch before anything is written, so
+/// Checks the ordering key, delay and `deliver_at` of every message of a batch before anything is written, so
 /// a batch is rejected whole. Every backend's publish runs it.
 pub(crate) fn check_messages(msgs: &[crate::OutgoingMessage]) -> Result<()> {
     for m in msgs {
+        if let Some(key) = &m.key {
+            crate::names::validate_key(key)?;
+        }
         if let Some(d) = m.delay {
             check_duration("delay", d, true)?;
         }

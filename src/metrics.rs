@@ -176,7 +176,7 @@ impl WorkerMetrics {
             use crate::worker::Outcome;
             let outcome = match _result {
                 HandlerResult::Outcome(Outcome::Ack) => 0,
-                HandlerResult::Outcome(Outcome::Retry { .. }) => 1,
+                HandlerResult::Outcome(Outcome::Retry { .. } | Outcome::PauseKey { .. }) => 1,
                 HandlerResult::Outcome(Outcome::DeadLetter { .. }) => 2,
                 HandlerResult::Failed(_) => 3,
                 HandlerResult::Panicked(_) => 4,

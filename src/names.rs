@@ -25,6 +25,19 @@ pub fn validate_name(kind: &'static str, name: &str) -> Result<()> {
     }
 }
 
+/// Longest ordering key ([`crate::OutgoingMessage::key`]), in bytes.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// Checks an ordering key: 1 to [`MAX_KEY_LEN`] bytes of text without control characters (the
+/// same rule as the SQL functions' `_check_key`). Keys are data, never identifiers; the rule
+/// keeps them printable in inspection output and storable as PostgreSQL `text` (no NUL).
+pub fn validate_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN || key.chars().any(char::is_control) {
+        return Err(Error::InvalidKey(key.to_owned()));
+    }
+    Ok(())
+}
+
 /// Checks a namespace (Postgres schema) name: 1-63 of `a-z`, `0-9`, `_`, not starting with a digit
 /// and not starting with `pg_`.
 pub fn validate_namespace(name: &str) -> Result<()> {
@@ -65,6 +78,15 @@ mod tests {
             assert!(
                 matches!(validate_name("stream", bad), Err(Error::InvalidName { .. })),
                 "{bad}"
+            );
+        }
+        for good in ["customer-42", "A b/c:é", &"k".repeat(MAX_KEY_LEN)] {
+            assert!(validate_key(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a\nb", "a\0b", "\u{7f}", &"k".repeat(MAX_KEY_LEN + 1)] {
+            assert!(
+                matches!(validate_key(bad), Err(Error::InvalidKey(_))),
+                "{bad:?}"
             );
         }
         assert!(validate_namespace("pgtide").is_ok());

@@ -30,7 +30,13 @@ pub(crate) fn traced(msgs: &[OutgoingMessage]) -> Cow<'_, [OutgoingMessage]> {
 }
 
 /// One message with the current span's trace context (see [`traced`]).
-#[cfg(any(feature = "nats", feature = "redis", feature = "amqp", feature = "sqs", feature = "kafka"))]
+#[cfg(any(
+    feature = "nats",
+    feature = "redis",
+    feature = "amqp",
+    feature = "sqs",
+    feature = "kafka"
+))]
 pub(crate) fn traced_one(msg: OutgoingMessage) -> OutgoingMessage {
     match current_context() {
         Some(ctx) => with(msg, &ctx),

@@ -10,11 +10,11 @@
 -- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
 -- in `migrations/`, never here.
 
--- The result gained `lease_token` (migration 0008): a new result type needs the DROP.
+-- The result gained `lease_token` (migration 0008) and `key` (0010): a new result type needs the DROP.
 DROP FUNCTION IF EXISTS @ns@._claim(integer, integer, text, interval);
 CREATE OR REPLACE FUNCTION @ns@._claim(p_group integer, p_limit integer, p_consumer text, p_lease interval DEFAULT NULL)
 RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
-               lease_expired boolean, lease_token bigint)
+               lease_expired boolean, lease_token bigint, key text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
@@ -24,14 +24,30 @@ SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
 AS $$
 #variable_conflict use_column
 DECLARE
-    sid     integer;
-    v_lease interval;
-    v_max   integer;
+    sid       integer;
+    v_lease   interval;
+    v_max     integer;
+    v_ordered boolean;
+    v_cap     integer;
 BEGIN
-    SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver INTO sid, v_lease, v_max
+    SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight
+    INTO sid, v_lease, v_max, v_ordered, v_cap
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
     IF sid IS NULL THEN
         RAISE EXCEPTION 'pgtide: group id % does not exist', p_group USING ERRCODE = 'PT003';
+    END IF;
+    IF v_cap IS NOT NULL THEN
+        -- A limited group: claims take turns (the group's row lock, held to commit) and take
+        -- at most what the limit leaves (`_in_flight_room`).
+        p_limit := least(p_limit, @ns@._in_flight_room(p_group, v_cap));
+        IF p_limit <= 0 THEN
+            RETURN;
+        END IF;
+    END IF;
+    IF v_ordered THEN
+        -- Same walk; heads that die here let their keys move on (ordering.sql).
+        RETURN QUERY SELECT * FROM @ns@._claim_ordered(p_group, p_limit, p_consumer, sid, v_lease, v_max);
+        RETURN;
     END IF;
     RETURN QUERY
     WITH picked AS MATERIALIZED (
@@ -68,10 +84,10 @@ BEGIN
     -- LATERAL ... LIMIT 1: one primary-key lookup per claimed row, never a join strategy that
     -- walks the stream's messages.
     SELECT c.message_id, c.attempts, c.visible_at, m.payload, m.is_json, m.headers, c.expired,
-           c.lease_token
+           c.lease_token, m.key
     FROM claimed c
     CROSS JOIN LATERAL (
-        SELECT mm.payload, mm.is_json, mm.headers FROM @ns@.messages mm
+        SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
         WHERE mm.stream_id = sid AND mm.id = c.message_id LIMIT 1
     ) m;
 END $$;
@@ -88,24 +104,47 @@ DROP FUNCTION IF EXISTS @ns@._ack(integer, uuid[], integer[]);
 CREATE OR REPLACE FUNCTION @ns@._ack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                                      p_tokens bigint[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET jit = off
 AS $$
+DECLARE
+    v_ids  uuid[];
+    v_keys text[];
+BEGIN
+    IF NOT @ns@._is_ordered(p_group) THEN
+        RETURN QUERY
+        WITH done AS (
+            DELETE FROM @ns@.delivery_state d
+            USING unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
+            WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+              AND (u.attempt IS NULL OR d.attempts = u.attempt)
+              AND (u.token IS NULL OR d.lease_token = u.token)
+            RETURNING d.message_id
+        ), counted AS (
+            INSERT INTO @ns@.counter_deltas (group_id, pending)
+            SELECT p_group, -count(*) FROM done HAVING count(*) > 0
+        )
+        SELECT message_id FROM done;
+        RETURN;
+    END IF;
+    -- Ordered: the acked heads' keys move on once the deletes are seen (a statement later).
     WITH done AS (
         DELETE FROM @ns@.delivery_state d
         USING unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
         WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
           AND (u.token IS NULL OR d.lease_token = u.token)
-        RETURNING d.message_id
+        RETURNING d.message_id, d.key
     ), counted AS (
         INSERT INTO @ns@.counter_deltas (group_id, pending)
         SELECT p_group, -count(*) FROM done HAVING count(*) > 0
     )
-    SELECT message_id FROM done
-$$;
+    SELECT array_agg(message_id), array_agg(key) FILTER (WHERE key IS NOT NULL) INTO v_ids, v_keys FROM done;
+    PERFORM @ns@._advance_keys(p_group, v_keys);
+    RETURN QUERY SELECT x FROM unnest(v_ids) x;
+END $$;
 
 -- Retry later: after the given delay, or the stream's backoff for the attempt. A delivery on its
 -- last allowed attempt goes to the dead letters instead (`dead` = true).
@@ -124,10 +163,12 @@ DECLARE
     v_max     integer;
     v_backoff interval[];
     v_jitter  real;
+    v_ids     uuid[];
+    v_dead    boolean[];
+    v_keys    text[];
 BEGIN
     SELECT s.max_deliver, s.backoff, s.backoff_jitter INTO v_max, v_backoff, v_jitter
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
-    RETURN QUERY
     WITH t AS MATERIALIZED (
         SELECT d.message_id, d.attempts, u.delay, u.error
         FROM @ns@.delivery_state d
@@ -150,7 +191,7 @@ BEGIN
     ), exhausted AS (
         DELETE FROM @ns@.delivery_state d USING t
         WHERE d.group_id = p_group AND d.message_id = t.message_id AND t.attempts >= v_max
-        RETURNING d.message_id, d.attempts, t.error
+        RETURNING d.message_id, d.attempts, t.error, d.key
     ), buried AS (
         INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
         SELECT p_group, e.message_id, e.attempts, 'max_deliver', e.error FROM exhausted e
@@ -159,12 +200,17 @@ BEGIN
         INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
         SELECT p_group, -count(*), count(*) FROM buried HAVING count(*) > 0
     )
-    SELECT r.message_id, false FROM retry r
-    UNION ALL
-    SELECT e.message_id, true FROM exhausted e;
+    SELECT array_agg(r.message_id), array_agg(r.dead), array_agg(r.key) FILTER (WHERE r.dead AND r.key IS NOT NULL)
+    INTO v_ids, v_dead, v_keys
+    FROM (SELECT r.message_id, false AS dead, NULL::text AS key FROM retry r
+          UNION ALL
+          SELECT e.message_id, true, e.key FROM exhausted e) r;
+    -- A dead head lets its key move on (ordered groups; nothing to do elsewhere).
+    PERFORM @ns@._advance_keys(p_group, v_keys);
+    RETURN QUERY SELECT x.id, x.dead FROM unnest(v_ids, v_dead) AS x (id, dead);
     -- SQL callers (not the engine's pool, which hints after its commit): a transactional hint,
     -- delivered at commit, so the scout also covers a retry committed after its due time.
-    IF FOUND AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+    IF cardinality(v_ids) > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
         PERFORM pg_notify('pgtide.' || @ns_lit@, '@' || floor(extract(epoch FROM now()) * 1000)::bigint);
     END IF;
 END $$;
@@ -174,18 +220,22 @@ DROP FUNCTION IF EXISTS @ns@._term(integer, uuid[], integer[], text[]);
 CREATE OR REPLACE FUNCTION @ns@._term(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                            p_reasons text[] DEFAULT NULL, p_tokens bigint[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Settles look deliveries up by primary key, never by scanning or hashing the table.
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET jit = off
 AS $$
+DECLARE
+    v_ids  uuid[];
+    v_keys text[];
+BEGIN
     WITH gone AS (
         DELETE FROM @ns@.delivery_state d
         USING unnest(p_ids, p_attempts, p_reasons, p_tokens) AS u(id, attempt, reason, token)
         WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
           AND (u.token IS NULL OR d.lease_token = u.token)
-        RETURNING d.message_id, d.attempts, coalesce(u.reason, 'terminated') AS reason, d.last_error
+        RETURNING d.message_id, d.attempts, coalesce(u.reason, 'terminated') AS reason, d.last_error, d.key
     ), buried AS (
         INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
         SELECT p_group, message_id, attempts, reason, last_error FROM gone
@@ -194,8 +244,11 @@ AS $$
         INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
         SELECT p_group, -count(*), count(*) FROM buried HAVING count(*) > 0
     )
-    SELECT message_id FROM gone
-$$;
+    SELECT array_agg(message_id), array_agg(key) FILTER (WHERE key IS NOT NULL) INTO v_ids, v_keys FROM gone;
+    -- A dead-lettered head lets the next delivery of its key go (ordered groups).
+    PERFORM @ns@._advance_keys(p_group, v_keys);
+    RETURN QUERY SELECT x FROM unnest(v_ids) x;
+END $$;
 
 -- Extend the lease (in_progress): visible again only `p_lease` (default: the stream's lease) from now.
 DROP FUNCTION IF EXISTS @ns@._extend(integer, uuid[], integer[], interval);
@@ -239,23 +292,44 @@ AS $$
 $$;
 
 -- Dead letters back into the group with a fresh attempt count (all of the group's when p_ids is NULL).
+-- In an ordered group a keyed message rejoins its key at the end of the line (or becomes its
+-- head when the key has nothing pending).
+DROP FUNCTION IF EXISTS @ns@._replay_dead(integer, uuid[]);
 CREATE OR REPLACE FUNCTION @ns@._replay_dead(p_group integer, p_ids uuid[] DEFAULT NULL)
 RETURNS SETOF uuid
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_ids     uuid[];
+    v_keys    text[];
+    v_stream  integer;
+    v_ordered boolean;
+BEGIN
+    SELECT g.stream_id, g.ordered INTO v_stream, v_ordered FROM @ns@.groups g WHERE g.id = p_group;
     WITH back AS (
         DELETE FROM @ns@.dead_letter_state d
         WHERE d.group_id = p_group AND (p_ids IS NULL OR d.message_id = ANY (p_ids))
         RETURNING d.message_id
-    ), queued AS (
-        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
-        SELECT p_group, message_id, now() FROM back
-        ON CONFLICT DO NOTHING
     ), counted AS (
         INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
         SELECT p_group, count(*), -count(*) FROM back HAVING count(*) > 0
     )
-    SELECT message_id FROM back
-$$;
+    SELECT array_agg(message_id ORDER BY message_id) INTO v_ids FROM back;
+    IF v_ids IS NULL THEN
+        RETURN;
+    END IF;
+    IF v_ordered THEN
+        SELECT array_agg(m.key ORDER BY u.i) INTO v_keys
+        FROM unnest(v_ids) WITH ORDINALITY AS u (id, i)
+        LEFT JOIN LATERAL (SELECT mm.key FROM @ns@.messages mm
+                           WHERE mm.stream_id = v_stream AND mm.id = u.id LIMIT 1) m ON true;
+        PERFORM @ns@._enqueue_keyed(p_group, v_ids, v_keys, array_fill(now(), ARRAY[cardinality(v_ids)]));
+    END IF;
+    INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
+    SELECT p_group, u.id, now() FROM unnest(v_ids, v_keys) AS u (id, key)
+    WHERE u.key IS NULL
+    ON CONFLICT (group_id, message_id) DO NOTHING;
+    RETURN QUERY SELECT x FROM unnest(v_ids) x;
+END $$;
 
 CREATE OR REPLACE FUNCTION @ns@._purge_dead(p_group integer, p_ids uuid[] DEFAULT NULL)
 RETURNS bigint
@@ -281,11 +355,12 @@ CREATE OR REPLACE FUNCTION @ns@._max_batch() RETURNS integer
 LANGUAGE sql IMMUTABLE AS $$ SELECT 10000 $$;
 
 -- Returns `lease_token` (migration 0008): pass it back to the settle functions to fence them.
+-- And `key` (migration 0010), the message's ordering key.
 DROP FUNCTION IF EXISTS @ns@.read(text, text, text, integer, interval);
 CREATE OR REPLACE FUNCTION @ns@.read(stream text, "group" text, consumer text, n integer DEFAULT 1,
                           lease interval DEFAULT NULL)
 RETURNS TABLE (id uuid, payload jsonb, payload_bytes bytea, headers jsonb, attempt integer,
-               published_at timestamptz, lease_expires_at timestamptz, lease_token bigint)
+               published_at timestamptz, lease_expires_at timestamptz, lease_token bigint, key text)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     gid integer;
@@ -301,7 +376,7 @@ BEGIN
     RETURN QUERY
     SELECT c.id,
            CASE WHEN c.is_json THEN convert_from(c.payload, 'UTF8')::jsonb END,
-           c.payload, c.headers, c.attempt, @ns@.uuid_time(c.id), c.lease_expires_at, c.lease_token
+           c.payload, c.headers, c.attempt, @ns@.uuid_time(c.id), c.lease_expires_at, c.lease_token, c.key
     FROM @ns@._claim(gid, n, consumer, @ns@._check_duration('lease', lease, false)) c;
 END $$;
 

@@ -14,7 +14,11 @@
 -- `group_stats()`. A NULL group (a stream without groups in `stats()`) counts as empty.
 CREATE OR REPLACE FUNCTION @ns@._group_stats(p_group integer)
 RETURNS TABLE (ready bigint, delayed bigint, in_flight bigint, dead bigint, oldest_ready_age interval)
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp STABLE SET jit = off AS $$
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp STABLE SET jit = off
+-- Index range scans only: with an ordered group's key lines (past year 5000) most of the group's
+-- rows lie after now(), and the planner would otherwise scan the table for the in-flight count.
+SET enable_seqscan = off SET enable_bitmapscan = off
+AS $$
     SELECT greatest(coalesce(c.pending, 0) + coalesce(x.pending, 0) - f.in_flight - f.delayed, 0)::bigint,
            f.delayed, f.in_flight,
            (coalesce(c.dead, 0) + coalesce(x.dead, 0))::bigint,
@@ -28,7 +32,10 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp STABLE SET j
     LEFT JOIN LATERAL (
         SELECT count(*) FILTER (WHERE d.consumer IS NOT NULL) AS in_flight,
                count(*) FILTER (WHERE d.consumer IS NULL) AS delayed
-        FROM @ns@.delivery_state d WHERE d.group_id = g.id AND d.visible_at > now()
+        -- Deliveries waiting in an ordered group's key lines (past `_parked_bound()`) are not
+        -- walked: they count as ready.
+        FROM @ns@.delivery_state d
+        WHERE d.group_id = g.id AND d.visible_at > now() AND d.visible_at < @ns@._parked_bound()
     ) f ON true
     LEFT JOIN LATERAL (
         SELECT greatest(now() - @ns@.uuid_time(d.message_id), interval '0') AS age
@@ -72,15 +79,20 @@ END $$;
 
 CREATE OR REPLACE VIEW @ns@.stream_stats AS SELECT * FROM @ns@.stats();
 
+-- `state` 'waiting': behind its key's head in an ordered group (`visible_at` then is its own
+-- due time, without the line's offset). `key`: its ordering key in an ordered group.
 CREATE OR REPLACE VIEW @ns@.deliveries AS
 SELECT s.name AS stream, g.name AS "group", d.message_id, d.consumer, d.attempts AS attempt,
-       CASE WHEN d.visible_at <= now() THEN 'ready'
+       CASE WHEN d.visible_at >= @ns@._parked_bound() THEN 'waiting'
+            WHEN d.visible_at <= now() THEN 'ready'
             WHEN d.consumer IS NOT NULL THEN 'in_flight'
             ELSE 'delayed' END AS state,
-       d.visible_at,
+       CASE WHEN d.visible_at >= @ns@._parked_bound() THEN d.visible_at - @ns@._parked_offset()
+            ELSE d.visible_at END AS visible_at,
        CASE WHEN d.consumer IS NOT NULL AND d.visible_at > now() THEN d.visible_at END AS lease_expires_at,
        d.last_error,
-       @ns@.uuid_time(d.message_id) AS published_at
+       @ns@.uuid_time(d.message_id) AS published_at,
+       d.key
 FROM @ns@.delivery_state d
 JOIN @ns@.groups g ON g.id = d.group_id
 JOIN @ns@.streams s ON s.id = g.stream_id;
@@ -98,10 +110,35 @@ LEFT JOIN @ns@.messages m ON m.stream_id = s.id AND m.id = d.message_id;
 CREATE OR REPLACE VIEW @ns@.messages_view AS
 SELECT s.name AS stream, m.id, @ns@.uuid_time(m.id) AS published_at,
        CASE WHEN m.is_json THEN convert_from(m.payload, 'UTF8')::jsonb END AS payload,
-       m.payload AS payload_bytes, m.headers, m.dedupe_key
+       m.payload AS payload_bytes, m.headers, m.dedupe_key, m.key
 FROM @ns@.messages m JOIN @ns@.streams s ON s.id = m.stream_id;
 
 CREATE OR REPLACE VIEW @ns@.scout AS
 SELECT holder, term, acquired_at AS since, renewed_at, expires_at,
        holder IS NOT NULL AND expires_at > now() AS active
 FROM @ns@.scout_lease;
+
+-- Ordering keys of ordered groups (issue 12): per (stream, group, key) the pending deliveries,
+-- how many wait behind the head, the head's state (ready, delayed — a retry or a handler's
+-- PauseKey — or in_flight), when a delayed head resumes, who holds an in-flight head, and the
+-- age of the key's oldest pending message. Walks the keyed rows of the groups it reads:
+-- filter by stream and group for large backlogs (e.g. top keys:
+-- `SELECT * FROM pgtide.keys WHERE "group" = 'shipping' ORDER BY pending DESC LIMIT 10`).
+CREATE OR REPLACE VIEW @ns@.keys AS
+SELECT s.name AS stream, g.name AS "group", d.key,
+       count(*) AS pending,
+       count(*) FILTER (WHERE d.visible_at >= @ns@._parked_bound()) AS waiting,
+       min(CASE WHEN d.visible_at >= @ns@._parked_bound() THEN NULL
+                WHEN d.visible_at <= now() THEN 'ready'
+                WHEN d.consumer IS NOT NULL THEN 'in_flight'
+                ELSE 'delayed' END) AS head_state,
+       min(d.visible_at) FILTER (WHERE d.visible_at > now() AND d.visible_at < @ns@._parked_bound()
+                                   AND d.consumer IS NULL) AS resumes_at,
+       min(d.consumer) FILTER (WHERE d.visible_at > now() AND d.visible_at < @ns@._parked_bound())
+           AS consumer,
+       greatest(now() - min(@ns@.uuid_time(d.message_id)), interval '0') AS oldest_age
+FROM @ns@.delivery_state d
+JOIN @ns@.groups g ON g.id = d.group_id
+JOIN @ns@.streams s ON s.id = g.stream_id
+WHERE d.key IS NOT NULL
+GROUP BY s.name, g.name, d.key;

@@ -101,6 +101,10 @@ BEGIN
         DELETE FROM @ns@.partitions WHERE stream_id = p_stream_id AND lower = p.lower;
         n := n + 1;
     END LOOP;
+    IF n > 0 THEN
+        -- Heads may have gone with their partitions: their keys move on (ordering.sql).
+        PERFORM @ns@._repair_keys(g.id) FROM @ns@.groups g WHERE g.stream_id = p_stream_id AND g.ordered;
+    END IF;
     RETURN n;
 END $$;
 

@@ -26,10 +26,12 @@
 CREATE OR REPLACE FUNCTION @ns@._granted_functions(p_read_only boolean) RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['uuid_time', 'uuid_floor', 'valid_name', 'stream_id', 'group_id', 'stats',
-                 'group_stats', 'publish_counts', '_stream_list', '_group_list', '_migration_status']
+                 'group_stats', 'publish_counts', '_stream_list', '_group_list', '_group_ref', '_migration_status',
+                 -- constants the `deliveries` view reads (ordering.sql)
+                 '_parked_bound', '_parked_offset']
            || CASE WHEN p_read_only THEN '{}'::text[] ELSE ARRAY[
-                 'uuid_v7', '_visible_at', '_publish', '_publish_batch', 'publish', 'publish_bytes',
-                 '_claim', '_ack', '_nack', '_term', '_extend', '_release',
+                 'uuid_v7', '_visible_at', '_publish', '_publish_batch', '_publish_keyed', 'publish', 'publish_bytes',
+                 '_claim', '_ack', '_nack', '_term', '_extend', '_release', '_pause',
                  'read', 'ack', 'nack', 'term', 'in_progress', 'extend', 'release_consumer',
                  'create_stream', 'ensure_partitions', 'streams_per_transaction', 'create_group', 'maintain',
                  '_scout_acquire', '_scout_resign', '_scout_due', '_scout_maintain'] END
@@ -168,11 +170,12 @@ DECLARE
     n_skip bigint;
     n_back bigint;
     n_dead bigint;
+    v_ordered boolean;
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
     gid := @ns@.group_id(stream, "group");
-    SELECT g.stream_id INTO sid FROM @ns@.groups g WHERE g.id = gid;
+    SELECT g.stream_id, g.ordered INTO sid, v_ordered FROM @ns@.groups g WHERE g.id = gid;
     bound := CASE WHEN from_time IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
                   ELSE @ns@.uuid_floor(greatest(from_time, 'epoch'::timestamptz)) END;
     -- One reset of a group at a time; publishes and claims go on.
@@ -181,13 +184,23 @@ BEGIN
         DELETE FROM @ns@.delivery_state d WHERE d.group_id = gid AND d.message_id < bound
         RETURNING 1
     ) SELECT count(*) INTO n_skip FROM gone;
+    -- In an ordered group keyed messages are queued behind their key's line (in id order);
+    -- `_repair_keys` then gives every key without a head its first.
     WITH back AS (
-        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
-        SELECT gid, m.id, least(@ns@.uuid_time(m.id), now())
+        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
+        SELECT gid, m.id,
+               least(@ns@.uuid_time(m.id), now())
+                   + CASE WHEN v_ordered AND m.key IS NOT NULL THEN @ns@._parked_offset() ELSE interval '0' END,
+               CASE WHEN v_ordered THEN m.key END,
+               CASE WHEN v_ordered AND m.key IS NOT NULL THEN nextval('@ns@.key_seq') END
         FROM @ns@.messages m WHERE m.stream_id = sid AND m.id >= bound
-        ON CONFLICT DO NOTHING
+        ORDER BY m.id
+        ON CONFLICT (group_id, message_id) DO NOTHING
         RETURNING 1
     ) SELECT count(*) INTO n_back FROM back;
+    IF v_ordered THEN
+        PERFORM @ns@._repair_keys(gid);
+    END IF;
     WITH gone AS (
         DELETE FROM @ns@.dead_letter_state d WHERE d.group_id = gid AND d.message_id >= bound
         RETURNING 1
@@ -269,6 +282,8 @@ BEGIN
     END LOOP;
     DELETE FROM @ns@.messages m WHERE m.stream_id = sid AND m.id < bound;
     GET DIAGNOSTICS c = ROW_COUNT;
+    -- Trimmed heads let their keys move on (ordering.sql).
+    PERFORM @ns@._repair_keys(g.id) FROM @ns@.groups g WHERE g.stream_id = sid AND g.ordered;
     RETURN n + c;
 END $$;
 
@@ -286,7 +301,8 @@ AS $$
     WITH back AS (
         UPDATE @ns@.delivery_state d
         SET visible_at = now(), consumer = NULL, attempts = greatest(d.attempts - 1, 0)
-        WHERE d.group_id = p_group AND d.visible_at > now() AND d.consumer = p_consumer
+        WHERE d.group_id = p_group AND d.visible_at > now() AND d.visible_at < @ns@._parked_bound()
+          AND d.consumer = p_consumer
         RETURNING 1
     )
     SELECT count(*) FROM back

@@ -53,6 +53,8 @@ $$;
 -- message and whether this call was a duplicate of an earlier publish inside the dedupe window.
 -- `p_visible_at` is the delivery's visibility (`_visible_at` of deliver_at/delay), NULL for now
 -- adjusted by `p_priority`.
+-- `p_key`: the ordering key (migration 0010); a new argument needs the DROP.
+DROP FUNCTION IF EXISTS @ns@._publish(text, uuid, bytea, boolean, jsonb, timestamptz, text, integer);
 CREATE OR REPLACE FUNCTION @ns@._publish(
     p_stream     text,
     p_id         uuid,
@@ -61,7 +63,8 @@ CREATE OR REPLACE FUNCTION @ns@._publish(
     p_headers    jsonb,
     p_visible_at timestamptz,
     p_dedupe_key text,
-    p_priority   integer DEFAULT 0
+    p_priority   integer DEFAULT 0,
+    p_key        text DEFAULT NULL
 ) RETURNS TABLE (message_id uuid, duplicate boolean)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
@@ -97,11 +100,17 @@ BEGIN
             -- the entry vanished between the two statements (cleanup): try again
         END LOOP;
     END IF;
-    INSERT INTO @ns@.messages (stream_id, id, payload, is_json, headers, dedupe_key)
-    VALUES (s.id, p_id, p_payload, p_is_json, p_headers, p_dedupe_key);
+    INSERT INTO @ns@.messages (stream_id, id, payload, is_json, headers, dedupe_key, key)
+    VALUES (s.id, p_id, p_payload, p_is_json, p_headers, p_dedupe_key, @ns@._check_key(p_key));
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
     SELECT g.id, p_id, @ns@._visible_at(p_visible_at, NULL, p_priority)
-    FROM @ns@.groups g WHERE g.stream_id = s.id;
+    FROM @ns@.groups g WHERE g.stream_id = s.id AND (p_key IS NULL OR NOT g.ordered);
+    IF p_key IS NOT NULL THEN
+        -- Ordered groups queue it in its key's line (ordering.sql).
+        PERFORM @ns@._enqueue_keyed(g.id, ARRAY[p_id], ARRAY[p_key],
+                                    ARRAY[@ns@._visible_at(p_visible_at, NULL, p_priority)])
+        FROM @ns@.groups g WHERE g.stream_id = s.id AND g.ordered ORDER BY g.id;
+    END IF;
     INSERT INTO @ns@.counter_deltas (group_id, pending)
     SELECT g.id, 1 FROM @ns@.groups g WHERE g.stream_id = s.id;
     message_id := p_id;
@@ -150,6 +159,56 @@ BEGIN
     RETURN n;
 END $$;
 
+-- The engine's path for batches in which some message has an ordering key
+-- (`sql/publish_keyed.sql`): `_publish_batch` plus the keys. Unordered groups get plain
+-- deliveries; each ordered group queues keyed messages in their keys' lines (`_enqueue_keyed`,
+-- in group id order, so publishers take key locks in one global order). Returns how many
+-- messages were written (0: no such stream).
+CREATE OR REPLACE FUNCTION @ns@._publish_keyed(
+    p_stream     text,
+    p_ids        uuid[],
+    p_payloads   bytea[],
+    p_is_json    boolean[],
+    p_headers    jsonb[],
+    p_deliver_at timestamptz[],
+    p_delay_us   bigint[],
+    p_priority   integer[],
+    p_keys       text[]
+) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
+DECLARE
+    sid       integer;
+    v_limit   integer;
+    v_visible timestamptz[];
+    grp       integer;
+    n         bigint;
+BEGIN
+    SELECT id, max_payload INTO sid, v_limit FROM @ns@.streams WHERE name = p_stream;
+    IF sid IS NULL THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO @ns@.messages (stream_id, id, payload, is_json, headers, key)
+    SELECT sid, u.id, u.payload, u.is_json, u.headers, @ns@._check_key(u.key)
+    FROM unnest(p_ids, p_payloads, p_is_json, p_headers, p_keys) AS u (id, payload, is_json, headers, key)
+    WHERE @ns@._payload_ok(p_stream, u.payload, v_limit);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    SELECT array_agg(@ns@._visible_at(u.deliver_at, u.delay_us * interval '1 microsecond', u.priority) ORDER BY u.i)
+    INTO v_visible
+    FROM unnest(p_deliver_at, p_delay_us, p_priority) WITH ORDINALITY AS u (deliver_at, delay_us, priority, i);
+    INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
+    SELECT g.id, u.id, u.visible
+    FROM @ns@.groups g, unnest(p_ids, p_keys, v_visible) AS u (id, key, visible)
+    WHERE g.stream_id = sid AND (u.key IS NULL OR NOT g.ordered);
+    FOR grp IN SELECT id FROM @ns@.groups WHERE stream_id = sid AND ordered ORDER BY id LOOP
+        PERFORM @ns@._enqueue_keyed(grp, p_ids, p_keys, v_visible);
+    END LOOP;
+    INSERT INTO @ns@.counter_deltas (group_id, pending)
+    SELECT g.id, cardinality(p_ids) FROM @ns@.groups g WHERE g.stream_id = sid;
+    RETURN n;
+END $$;
+
 -- The checks both public publish functions share (the Rust API's rules): a valid stream name, a
 -- payload, headers as a JSON object, a priority. PT001 with a hint; nothing is written.
 CREATE OR REPLACE FUNCTION @ns@._check_publish(p_stream text, p_has_payload boolean, p_headers jsonb,
@@ -167,34 +226,42 @@ BEGIN
         'leave it out for 0; a priority p > 0 counts as ready p seconds earlier');
 END $$;
 
+-- `key` (migration 0010): a new argument needs the DROP.
+DROP FUNCTION IF EXISTS @ns@.publish(text, jsonb, jsonb, interval, text, integer);
 CREATE OR REPLACE FUNCTION @ns@.publish(
     stream     text,
     payload    jsonb,
     headers    jsonb DEFAULT NULL,
     delay      interval DEFAULT NULL,
     dedupe_key text DEFAULT NULL,
-    priority   integer DEFAULT 0
+    priority   integer DEFAULT 0,
+    key        text DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_publish(stream, payload IS NOT NULL, headers, priority);
     RETURN (SELECT p.message_id FROM @ns@._publish(
         stream, @ns@.uuid_v7(), convert_to(payload::text, 'UTF8'), true, headers,
-        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority) p);
+        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority,
+        @ns@._check_key(key)) p);
 END $$;
 
+-- `key` (migration 0010): a new argument needs the DROP.
+DROP FUNCTION IF EXISTS @ns@.publish_bytes(text, bytea, jsonb, interval, text, integer);
 CREATE OR REPLACE FUNCTION @ns@.publish_bytes(
     stream     text,
     payload    bytea,
     headers    jsonb DEFAULT NULL,
     delay      interval DEFAULT NULL,
     dedupe_key text DEFAULT NULL,
-    priority   integer DEFAULT 0
+    priority   integer DEFAULT 0,
+    key        text DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM @ns@._check_publish(stream, payload IS NOT NULL, headers, priority);
     RETURN (SELECT p.message_id FROM @ns@._publish(
         stream, @ns@.uuid_v7(), payload, false, headers,
-        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority) p);
+        @ns@._visible_at(NULL, @ns@._check_duration('delay', delay, true), priority), dedupe_key, priority,
+        @ns@._check_key(key)) p);
 END $$;

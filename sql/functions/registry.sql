@@ -131,13 +131,20 @@ BEGIN
 END $$;
 
 -- `start`: 'new' (messages published from now on) or 'oldest' (every retained message too).
+-- `ordered`: deliver the messages of one key one at a time, in publish order (ordering.sql).
+-- Fixed at creation: an existing group with the other setting raises PT001.
+-- `max_in_flight`: at most this many deliveries leased at once across every consumer (NULL: no
+-- limit); set at creation, changed with `set_max_in_flight`.
+DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean);
 CREATE OR REPLACE FUNCTION @ns@.create_group(stream text, "group" text, start text DEFAULT 'new',
-                                  if_not_exists boolean DEFAULT true)
+                                  if_not_exists boolean DEFAULT true, ordered boolean DEFAULT false,
+                                  max_in_flight integer DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     sid integer;
     gid integer;
+    was boolean;
     n   bigint;
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
@@ -146,23 +153,63 @@ BEGIN
         'use ''new'' (messages published from now on) or ''oldest'' (every retained message)');
     PERFORM @ns@._check(if_not_exists IS NOT NULL, 'if_not_exists must not be NULL',
         'pass true to accept an existing group, false to raise PT006');
+    PERFORM @ns@._check(ordered IS NOT NULL, 'ordered must not be NULL',
+        'pass true for per-key order, false (the default) for none');
+    PERFORM @ns@._check(max_in_flight IS NULL OR max_in_flight > 0,
+        format('max_in_flight must be positive, not %s', max_in_flight),
+        'leave it out (NULL) for no limit');
     sid := @ns@.stream_id(stream);
     PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.group.' || sid || '.' || "group"));
-    IF EXISTS (SELECT 1 FROM @ns@.groups WHERE stream_id = sid AND name = "group") THEN
-        IF if_not_exists THEN RETURN false; END IF;
-        RAISE EXCEPTION 'pgtide: group % already exists on stream %', quote_literal("group"), quote_literal(stream)
-            USING ERRCODE = 'PT006';
+    SELECT g.ordered INTO was FROM @ns@.groups g WHERE g.stream_id = sid AND g.name = "group";
+    IF FOUND THEN
+        IF NOT if_not_exists THEN
+            RAISE EXCEPTION 'pgtide: group % already exists on stream %', quote_literal("group"), quote_literal(stream)
+                USING ERRCODE = 'PT006';
+        END IF;
+        PERFORM @ns@._check(was = ordered,
+            format('group %s on stream %s exists and is %s', quote_literal("group"), quote_literal(stream),
+                   CASE WHEN was THEN 'ordered' ELSE 'not ordered' END),
+            'ordering is fixed when a group is created: delete the group and create it again to change it');
+        RETURN false;
     END IF;
-    INSERT INTO @ns@.groups (stream_id, name) VALUES (sid, "group") RETURNING id INTO gid;
+    INSERT INTO @ns@.groups (stream_id, name, ordered, max_in_flight)
+    VALUES (sid, "group", ordered, max_in_flight) RETURNING id INTO gid;
     INSERT INTO @ns@.group_counters (group_id) VALUES (gid);
     IF start = 'oldest' THEN
-        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
-        SELECT gid, m.id, @ns@.uuid_time(m.id) FROM @ns@.messages m WHERE m.stream_id = sid
-        ON CONFLICT DO NOTHING;
+        -- Ordered: keyed messages wait in their keys' lines (id order), then each key gets a head.
+        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
+        SELECT gid, m.id,
+               @ns@.uuid_time(m.id)
+                   + CASE WHEN ordered AND m.key IS NOT NULL THEN @ns@._parked_offset() ELSE interval '0' END,
+               CASE WHEN ordered THEN m.key END,
+               CASE WHEN ordered AND m.key IS NOT NULL THEN nextval('@ns@.key_seq') END
+        FROM @ns@.messages m WHERE m.stream_id = sid
+        ORDER BY m.id
+        ON CONFLICT (group_id, message_id) DO NOTHING;
         GET DIAGNOSTICS n = ROW_COUNT;
         UPDATE @ns@.group_counters SET pending = n WHERE group_id = gid;
+        IF ordered THEN
+            PERFORM @ns@._repair_keys(gid);
+        END IF;
     END IF;
     RETURN true;
+END $$;
+
+-- Sets (or, with NULL, removes) the group's concurrency limit: at most `max_in_flight`
+-- deliveries leased at once across every consumer and process. Claims already made keep their
+-- leases; new claims wait for room. Returns false when the group does not exist.
+CREATE OR REPLACE FUNCTION @ns@.set_max_in_flight(stream text, "group" text, max_in_flight integer)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    PERFORM @ns@._check(max_in_flight IS NULL OR max_in_flight > 0,
+        format('max_in_flight must be positive, not %s', max_in_flight),
+        'pass NULL to remove the limit');
+    UPDATE @ns@.groups g SET max_in_flight = set_max_in_flight.max_in_flight
+    FROM @ns@.streams s WHERE s.id = g.stream_id AND s.name = stream AND g.name = "group";
+    RETURN FOUND;
 END $$;
 
 CREATE OR REPLACE FUNCTION @ns@.delete_group(stream text, "group" text) RETURNS boolean
@@ -216,11 +263,21 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Groups of the stream `p_stream` (of every stream when NULL), by stream and name.
+-- The result gained `ordered` and `max_in_flight` (migration 0010): a new result type needs the DROP.
+DROP FUNCTION IF EXISTS @ns@._group_list(text);
 CREATE OR REPLACE FUNCTION @ns@._group_list(p_stream text DEFAULT NULL)
-RETURNS TABLE (stream text, "group" text, created_at timestamptz)
+RETURNS TABLE (stream text, "group" text, created_at timestamptz, ordered boolean, max_in_flight integer)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT s.name, g.name, g.created_at
+    SELECT s.name, g.name, g.created_at, g.ordered, g.max_in_flight
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
     WHERE p_stream IS NULL OR s.name = p_stream
     ORDER BY s.name, g.name
+$$;
+
+-- The id of a group and whether it is ordered, by name (PT002 / PT003 when missing): what a
+-- consumer needs to know about its group.
+CREATE OR REPLACE FUNCTION @ns@._group_ref(p_stream text, p_group text)
+RETURNS TABLE (id integer, ordered boolean)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT g.id, g.ordered FROM @ns@.groups g WHERE g.id = @ns@.group_id(p_stream, p_group)
 $$;

@@ -288,6 +288,8 @@ impl Shared {
                     is_json: m.is_json,
                     headers: m.headers,
                     published_at: uuid_time(&m.id),
+                    // Keys are not carried by this backend (no ordered groups here).
+                    key: None,
                 },
                 group: self.group.clone(),
                 consumer: self.name.clone(),

@@ -48,6 +48,8 @@ pub(crate) const AMQP_CAPABILITIES: Capabilities = Capabilities {
     group_start_oldest: false,
     fenced_settle: true,
     fenced_after_release: true,
+    ordering_keys: false,
+    concurrency_limits: false,
 };
 
 /// RabbitMQ (AMQP 0.9.1) backend handle, tested against RabbitMQ 3.10. Cheap to clone; clones

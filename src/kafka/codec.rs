@@ -172,6 +172,7 @@ pub(super) fn decode(
                 .and_then(|v| serde_json::from_str(v).ok())
                 .unwrap_or_default(),
             published_at: uuid_time(&id),
+            key: None,
         },
         deliver_at: h.get(DELIVER_AT).and_then(parse_time),
         attempt: h

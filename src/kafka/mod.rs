@@ -91,6 +91,8 @@ pub(crate) const KAFKA_CAPABILITIES: Capabilities = Capabilities {
     group_start_oldest: true,
     fenced_settle: true,
     fenced_after_release: true,
+    ordering_keys: false,
+    concurrency_limits: false,
 };
 
 /// Options of a [`KafkaBackend`].

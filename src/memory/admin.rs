@@ -8,8 +8,9 @@ use chrono::Utc;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::state::{Group, Pending, Stream};
-use crate::config::{GroupStart, StreamConfig};
+use super::state::{Group, Stored, Stream};
+use crate::config::{GroupConfig, GroupStart, StreamConfig};
+use crate::error::{Error, Result};
 use crate::queue::{uuid_time, GroupStats};
 
 impl Stream {
@@ -24,29 +25,40 @@ impl Stream {
     }
 
     /// Adds `group` unless it exists; returns true if it was added. From `Oldest`, every
-    /// retained message is pending for it at once.
-    pub(super) fn add_group(&mut self, group: &str, start: GroupStart) -> bool {
-        if self.groups.contains_key(group) {
-            return false;
+    /// retained message is pending for it at once (in an ordered group, in its key's line, in
+    /// publish order). An existing group with the other `ordered` setting is an error, as on
+    /// Postgres.
+    pub(super) fn add_group(
+        &mut self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<bool> {
+        if let Some(g) = self.groups.get(group) {
+            if g.ordered != config.ordered {
+                return Err(Error::InvalidConfig(format!(
+                    "group {group:?} on stream {stream:?} exists and is {}: ordering is fixed when a group is created",
+                    if g.ordered { "ordered" } else { "not ordered" }
+                )));
+            }
+            return Ok(false);
         }
-        let mut g = Group::default();
-        if start == GroupStart::Oldest {
+        config.validate()?;
+        let mut g = Group {
+            ordered: config.ordered,
+            max_in_flight: config.max_in_flight,
+            ..Group::default()
+        };
+        if config.start == GroupStart::Oldest {
             let now = Instant::now();
-            for id in self.messages.keys() {
-                g.set(
-                    *id,
-                    Pending {
-                        visible_at: now,
-                        attempts: 0,
-                        consumer: None,
-                        last_error: None,
-                        claim: 0,
-                    },
-                );
+            let mut all: Vec<&Arc<Stored>> = self.messages.values().collect();
+            all.sort_by_key(|m| m.id);
+            for m in all {
+                g.enqueue(m.id, m.key.as_deref(), now);
             }
         }
         self.groups.insert(group.to_owned(), g);
-        true
+        Ok(true)
     }
 
     /// Drops every message, dedupe key, pending delivery and dead letter; groups stay.
@@ -54,7 +66,11 @@ impl Stream {
         self.messages.clear();
         self.dedupe.clear();
         for g in self.groups.values_mut() {
-            *g = Group::default();
+            *g = Group {
+                ordered: g.ordered,
+                max_in_flight: g.max_in_flight,
+                ..Group::default()
+            };
         }
     }
 
@@ -78,7 +94,8 @@ impl Stream {
         GroupStats {
             stream: stream.to_owned(),
             group: Some(group.to_owned()),
-            ready,
+            // Deliveries waiting behind their keys' heads count as ready, as on Postgres.
+            ready: ready + g.waiting() as i64,
             delayed,
             in_flight,
             dead: g.dead.len() as i64,

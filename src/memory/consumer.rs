@@ -35,6 +35,7 @@ impl MemoryConsumer {
                 .get_mut(group)
                 .ok_or_else(|| group_not_found(stream, group))?;
             let mut out = vec![];
+            let max = max.min(g.room(now));
             while out.len() < max {
                 let Some(&(at, id)) = g.order.iter().next() else {
                     break;
@@ -42,23 +43,33 @@ impl MemoryConsumer {
                 if at > now {
                     break;
                 }
-                let Some(p) = g.remove(&id) else { break };
                 let msg = s.messages.get(&id).cloned();
-                let Some(msg) = msg else { continue };
-                if p.attempts >= config.max_deliver {
-                    let error = p
-                        .last_error
-                        .or_else(|| Some(format!("lease expired on attempt {}", p.attempts)));
+                let Some(msg) = msg else {
+                    g.remove(&id);
+                    continue;
+                };
+                let Some((attempts, last_error)) = g
+                    .pending
+                    .get(&id)
+                    .map(|p| (p.attempts, p.last_error.clone()))
+                else {
+                    break;
+                };
+                if attempts >= config.max_deliver {
+                    let error =
+                        last_error.or_else(|| Some(format!("lease expired on attempt {attempts}")));
+                    // A dead head lets its key's next delivery go (ordered groups).
                     g.bury(
                         (stream, group),
                         Some(&msg),
                         id,
-                        p.attempts,
+                        attempts,
                         "max_deliver",
                         error,
                     );
                     continue;
                 }
+                let Some(p) = g.remove(&id) else { break };
                 let attempts = p.attempts + 1;
                 g.claims += 1;
                 let claim = g.claims;
@@ -70,6 +81,7 @@ impl MemoryConsumer {
                         consumer: Some(name.clone()),
                         last_error: p.last_error,
                         claim,
+                        key: p.key,
                     },
                 );
                 out.push(Delivery {
@@ -80,6 +92,7 @@ impl MemoryConsumer {
                         is_json: msg.is_json,
                         headers: msg.headers.clone(),
                         published_at: uuid_time(&msg.id),
+                        key: msg.key.clone(),
                     },
                     group: group.clone(),
                     consumer: name.clone(),
@@ -181,10 +194,13 @@ impl QueueConsumer for MemoryConsumer {
     async fn ack_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         let group = self.group.clone();
         self.settle(ds, |s, d| {
-            if let Some(g) = s.groups.get_mut(&group) {
-                g.remove(&d.id());
+            // An acked head lets its key's next delivery go (ordered groups).
+            let ready = s.groups.get_mut(&group).is_some_and(|g| g.finish(&d.id()));
+            if ready {
+                Settled::Ready
+            } else {
+                Settled::Done
             }
-            Settled::Done
         })
     }
 
@@ -204,17 +220,20 @@ impl QueueConsumer for MemoryConsumer {
             };
             let attempts = g.pending.get(&d.id()).map_or(d.attempt, |p| p.attempts);
             if attempts >= config.max_deliver {
-                g.bury(
+                if g.bury(
                     (&stream, &group),
                     msg.as_deref(),
                     d.id(),
                     attempts,
                     "max_deliver",
                     error.map(str::to_owned),
-                );
+                ) {
+                    s.wake.notify_waiters();
+                }
                 return Settled::Dead;
             }
             let wait = delay.unwrap_or_else(|| config.backoff.delay(attempts));
+            let key = g.pending.get(&d.id()).and_then(|p| p.key.clone());
             g.set(
                 d.id(),
                 Pending {
@@ -223,6 +242,7 @@ impl QueueConsumer for MemoryConsumer {
                     consumer: None,
                     last_error: error.map(str::to_owned),
                     claim: 0,
+                    key,
                 },
             );
             if wait.is_zero() {
@@ -241,14 +261,16 @@ impl QueueConsumer for MemoryConsumer {
             let msg = s.messages.get(&d.id()).cloned();
             if let Some(g) = s.groups.get_mut(&group) {
                 let last = g.pending.get(&d.id()).and_then(|p| p.last_error.clone());
-                g.bury(
+                if g.bury(
                     (&stream, &group),
                     msg.as_deref(),
                     d.id(),
                     d.attempt,
                     reason,
                     last,
-                );
+                ) {
+                    s.wake.notify_waiters();
+                }
             }
             Settled::Dead
         })
@@ -297,6 +319,35 @@ impl QueueConsumer for MemoryConsumer {
                 }
             }
             Settled::Ready
+        })
+    }
+
+    async fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SettleReport> {
+        crate::limits::check_time("pause until", until)?;
+        let group = self.group.clone();
+        let wait = (until - Utc::now()).to_std().unwrap_or_default();
+        self.settle(ds, |s, d| {
+            if let Some(g) = s.groups.get_mut(&group) {
+                if let Some(p) = g.remove(&d.id()) {
+                    g.set(
+                        d.id(),
+                        Pending {
+                            visible_at: Instant::now() + wait,
+                            attempts: p.attempts.saturating_sub(1),
+                            consumer: None,
+                            claim: 0,
+                            ..p
+                        },
+                    );
+                }
+            }
+            // Waiters recompute their next due time when woken.
+            s.wake.notify_waiters();
+            Settled::Done
         })
     }
 }

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 pub use self::consumer::MemoryConsumer;
-use self::state::{group_not_found, stream_not_found, Pending, State, Stored, Stream};
-use crate::config::{GroupStart, StreamConfig};
+use self::state::{group_not_found, stream_not_found, State, Stored, Stream};
+use crate::config::{GroupConfig, GroupStart, StreamConfig};
 use crate::error::{Error, Result};
 use crate::names::validate_name;
 use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
@@ -42,6 +42,8 @@ pub(crate) const MEMORY_CAPABILITIES: Capabilities = Capabilities {
     group_start_oldest: true,
     fenced_settle: true,
     fenced_after_release: true,
+    ordering_keys: true,
+    concurrency_limits: true,
 };
 
 /// In-process backend. Cheap to clone; clones share state.
@@ -130,6 +132,16 @@ impl Queue for MemoryBackend {
     }
 
     async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
+        self.ensure_group_with(stream, group, &GroupConfig::default().start(start))
+            .await
+    }
+
+    async fn ensure_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<bool> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
         let mut state = self.lock();
@@ -137,7 +149,7 @@ impl Queue for MemoryBackend {
             .streams
             .get_mut(stream)
             .ok_or_else(|| stream_not_found(stream))?;
-        Ok(s.add_group(group, start))
+        s.add_group(stream, group, config)
     }
 
     async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
@@ -245,19 +257,11 @@ impl Queue for MemoryBackend {
                     payload: m.payload.clone(),
                     is_json: m.is_json,
                     headers: m.headers.clone(),
+                    key: m.key.clone(),
                 }),
             );
             for g in s.groups.values_mut() {
-                g.set(
-                    id,
-                    Pending {
-                        visible_at,
-                        attempts: 0,
-                        consumer: None,
-                        last_error: None,
-                        claim: 0,
-                    },
-                );
+                g.enqueue(id, m.key.as_deref(), visible_at);
             }
             receipts.push(PublishReceipt {
                 id,

@@ -1,7 +1,7 @@
 //! What the memory backend holds: streams, their messages, and per group the pending
 //! deliveries ordered by when they become visible.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -18,6 +18,7 @@ pub(super) struct Stored {
     pub(super) payload: bytes::Bytes,
     pub(super) is_json: bool,
     pub(super) headers: Headers,
+    pub(super) key: Option<String>,
 }
 
 pub(super) struct Pending {
@@ -28,6 +29,22 @@ pub(super) struct Pending {
     /// The fence token of the current claim (0 when unclaimed). A release hands the attempt
     /// back, so the attempt alone cannot tell a stale handle from the new holder's.
     pub(super) claim: u64,
+    /// In an ordered group: the key whose head this delivery is.
+    pub(super) key: Option<String>,
+}
+
+impl Pending {
+    /// A new delivery, visible at `visible_at`.
+    pub(super) fn new(visible_at: Instant, key: Option<String>) -> Pending {
+        Pending {
+            visible_at,
+            attempts: 0,
+            consumer: None,
+            last_error: None,
+            claim: 0,
+            key,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -38,6 +55,12 @@ pub(super) struct Group {
     pub(super) dead: Vec<DeadLetter>,
     /// Claims made so far: the source of fence tokens, never reused.
     pub(super) claims: u64,
+    /// Per-key order (as the Postgres engine's ordered groups): a key's first delivery is in
+    /// `pending` (its head, marked with the key); the rest wait in `lines` with their due times.
+    pub(super) ordered: bool,
+    pub(super) lines: HashMap<String, VecDeque<(Uuid, Instant)>>,
+    /// At most this many leased at once (`GroupConfig::max_in_flight`).
+    pub(super) max_in_flight: Option<u32>,
 }
 
 pub(super) struct Stream {
@@ -79,6 +102,61 @@ impl Group {
         Some(p)
     }
 
+    /// Queues a new delivery of message `id` (ordering key `key`) due at `visible_at`: in an
+    /// ordered group a keyed message whose key already has a head joins the key's line.
+    pub(super) fn enqueue(&mut self, id: Uuid, key: Option<&str>, visible_at: Instant) {
+        match key.filter(|_| self.ordered) {
+            Some(k) => match self.lines.get_mut(k) {
+                Some(line) => line.push_back((id, visible_at)),
+                None => {
+                    self.lines.insert(k.to_owned(), VecDeque::new());
+                    self.set(id, Pending::new(visible_at, Some(k.to_owned())));
+                }
+            },
+            None => self.set(id, Pending::new(visible_at, None)),
+        }
+    }
+
+    /// Removes a delivery for good (acked or dead): a head's key moves on to its next delivery,
+    /// due at its own time or now. Returns whether a next delivery was queued (waiting consumers
+    /// then have something new to claim or to wait for).
+    pub(super) fn finish(&mut self, id: &Uuid) -> bool {
+        let Some(p) = self.remove(id) else {
+            return false;
+        };
+        let Some(key) = p.key else { return false };
+        let next = self.lines.get_mut(&key).and_then(VecDeque::pop_front);
+        match next {
+            Some((next, at)) => {
+                self.set(next, Pending::new(at.max(Instant::now()), Some(key)));
+                true
+            }
+            None => {
+                self.lines.remove(&key);
+                false
+            }
+        }
+    }
+
+    /// How many more deliveries the group may lease now under its limit (`usize::MAX` without
+    /// one).
+    pub(super) fn room(&self, now: Instant) -> usize {
+        let Some(cap) = self.max_in_flight else {
+            return usize::MAX;
+        };
+        let leased = self
+            .pending
+            .values()
+            .filter(|p| p.consumer.is_some() && p.visible_at > now)
+            .count();
+        (cap as usize).saturating_sub(leased)
+    }
+
+    /// Deliveries waiting behind their keys' heads.
+    pub(super) fn waiting(&self) -> usize {
+        self.lines.values().map(VecDeque::len).sum()
+    }
+
     /// The pending delivery `d` refers to, if its lease is still this claim's.
     pub(super) fn fenced(&self, d: &Delivery) -> bool {
         self.pending.get(&d.id()).is_some_and(|p| {
@@ -96,8 +174,8 @@ impl Group {
         attempts: u32,
         reason: &str,
         error: Option<String>,
-    ) {
-        self.remove(&id);
+    ) -> bool {
+        let ready = self.finish(&id);
         self.dead.push(DeadLetter {
             stream: stream.to_owned(),
             group: group.to_owned(),
@@ -109,5 +187,6 @@ impl Group {
             payload: msg.map(|m| m.payload.to_vec()),
             headers: msg.map(|m| m.headers.clone()).unwrap_or_default(),
         });
+        ready
     }
 }

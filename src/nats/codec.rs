@@ -154,6 +154,8 @@ pub(super) fn decode(stream: &str, h: Option<&HeaderMap>, payload: Bytes, seq: u
         is_json: get(h, JSON) == Some("true"),
         headers: user_headers(h),
         published_at: uuid_time(&id),
+        // Keys are not carried by this backend (no ordered groups here).
+        key: None,
     }
 }
 

@@ -99,6 +99,8 @@ pub(crate) const NATS_CAPABILITIES: Capabilities = Capabilities {
     group_start_oldest: true,
     fenced_settle: false,
     fenced_after_release: false,
+    ordering_keys: false,
+    concurrency_limits: false,
 };
 
 /// Options of a [`NatsBackend`].

@@ -33,6 +33,9 @@ pub struct PgConsumer {
     group: String,
     name: String,
     group_id: i32,
+    /// The group is ordered: a settle that ends a key's head may make the key's next delivery
+    /// ready, so it wakes the group's consumers (the engine's pool does not fire the trigger).
+    ordered: bool,
     lease: Option<Duration>,
     metrics: ClaimMetrics,
 }
@@ -50,19 +53,24 @@ impl PgBackend {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
         validate_name("consumer", name)?;
-        let group_id = self
-            .sql_value(
+        let row = self
+            .sql_row_opt(
                 &self.inner.sql.group_id,
                 &[&stream, &group],
                 Ctx::group(stream, group),
             )
-            .await?;
+            .await?
+            .ok_or_else(|| Error::GroupNotFound {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+            })?;
         Ok(PgConsumer {
             pg: self.clone(),
             stream: stream.to_owned(),
             group: group.to_owned(),
             name: name.to_owned(),
-            group_id,
+            group_id: row.try_get(0)?,
+            ordered: row.try_get(1)?,
             lease: None,
             metrics: ClaimMetrics::new(stream, group),
         })
@@ -210,7 +218,17 @@ impl PgConsumer {
         self.term_malformed(&*client, &malformed).await?;
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 7));
+        self.heads_left(acked.len());
         Ok((SettleReport::from_parts(done, acked, vec![]), batch))
+    }
+
+    /// After `n` deliveries of an ordered group left it (acked or dead-lettered): their keys'
+    /// next deliveries may be ready now, and the pool's connections do not notify, so wake the
+    /// group's consumers (coalesced with other wake-ups into few NOTIFYs).
+    fn heads_left(&self, n: usize) {
+        if self.ordered && n > 0 {
+            self.pg.poke(Wake::Stream(self.stream.as_str().into()));
+        }
     }
 
     /// The lease override obeys the duration rule ([`crate::MAX_DURATION`], positive); checked
@@ -230,7 +248,7 @@ impl PgConsumer {
     }
 
     /// Decodes one claim row whose columns start at `at` (id, attempt, lease end, payload,
-    /// is_json, headers, lease_expired, lease token) into `batch`. A row whose fence columns
+    /// is_json, headers, lease_expired, lease token, key) into `batch`. A row whose fence columns
     /// decode but whose message does not (headers nested past serde_json's depth limit, written
     /// through SQL) goes to `malformed` instead: failing the whole fetch would leave the batch
     /// leased and let one stored message block the group on every retry.
@@ -253,6 +271,7 @@ impl PgConsumer {
                 is_json: r.try_get(at + 4)?,
                 headers: headers_from_json(r.try_get(at + 5)?),
                 published_at: uuid_time(&id),
+                key: r.try_get(at + 8)?,
             })
         })();
         // A lease end past chrono's range (a lease stored before the duration rule existed)
@@ -396,6 +415,7 @@ impl PgConsumer {
         let rows = self
             .run_settle(&*client, &self.pg.inner.sql.ack, ds, &[])
             .await?;
+        self.heads_left(rows.len());
         Ok(SettleReport::from_parts(
             ds,
             rows.iter()
@@ -486,6 +506,7 @@ impl PgConsumer {
                 at_ms = r.try_get(2)?;
             }
         }
+        self.heads_left(dead.len());
         if !settled.is_empty() {
             // Sent after the commit, with a due time no later than the retries' (the nack's
             // now() plus the delay, in the database's clock): the scout then also covers a
@@ -516,6 +537,7 @@ impl PgConsumer {
         let rows = self
             .run_settle(&*client, &self.pg.inner.sql.term, ds, &[&reasons])
             .await?;
+        self.heads_left(rows.len());
         Ok(SettleReport::from_parts(
             ds,
             vec![],
@@ -565,6 +587,32 @@ impl PgConsumer {
     pub async fn in_progress(&self, d: &mut Delivery, lease: Option<Duration>) -> Result<()> {
         let id = d.id();
         self.in_progress_batch(&mut [d], lease).await?.single(id)
+    }
+
+    /// Hands deliveries back to be claimed again at `until` (at once if it has passed), the
+    /// attempt not counted: a handler's [`crate::Outcome::PauseKey`]. In an ordered group the
+    /// delivery stays its key's head, so the key waits while other keys go on.
+    pub async fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SettleReport> {
+        crate::limits::check_time("pause until", until)?;
+        let client = self.pg.client().await?;
+        let rows = self
+            .run_settle(&*client, &self.pg.inner.sql.pause, ds, &[&until])
+            .await?;
+        if !rows.is_empty() {
+            // The scout wakes the group when the pause ends (the pool does not notify).
+            self.pg.poke(Wake::Due(until.timestamp_millis()));
+        }
+        Ok(SettleReport::from_parts(
+            ds,
+            rows.iter()
+                .map(|r| r.try_get(0))
+                .collect::<std::result::Result<_, _>>()?,
+            vec![],
+        ))
     }
 
     /// Hands deliveries back unprocessed: visible to the group again at once, and the attempt
@@ -642,6 +690,14 @@ impl QueueConsumer for PgConsumer {
 
     async fn release_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
         PgConsumer::release_batch(self, ds).await
+    }
+
+    async fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SettleReport> {
+        PgConsumer::pause_batch(self, ds, until).await
     }
 }
 

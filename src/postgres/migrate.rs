@@ -34,6 +34,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (7, "sql_files", include_str!("../../migrations/0007_sql_files.sql")),
     (8, "lease_tokens", include_str!("../../migrations/0008_lease_tokens.sql")),
     (9, "least_privilege", include_str!("../../migrations/0009_least_privilege.sql")),
+    (10, "ordering", include_str!("../../migrations/0010_ordering.sql")),
 ];
 
 /// The function and view files, in the order they are applied: a file may use what an earlier
@@ -41,6 +42,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 #[rustfmt::skip]
 const FUNCTION_FILES: &[(&str, &str)] = &[
     ("functions/core.sql", include_str!("../../sql/functions/core.sql")),
+    ("functions/ordering.sql", include_str!("../../sql/functions/ordering.sql")),
     ("functions/maintenance.sql", include_str!("../../sql/functions/maintenance.sql")),
     ("functions/registry.sql", include_str!("../../sql/functions/registry.sql")),
     ("functions/publish.sql", include_str!("../../sql/functions/publish.sql")),

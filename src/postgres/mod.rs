@@ -50,7 +50,7 @@ pub(crate) fn connect_problem(
 }
 use statements::Statements;
 
-use crate::config::{GroupStart, StreamConfig};
+use crate::config::{GroupConfig, GroupStart, StreamConfig};
 use crate::error::{Error, Result};
 use crate::names::validate_namespace;
 use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
@@ -139,6 +139,8 @@ const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
     group_start_oldest: true,
     fenced_settle: true,
     fenced_after_release: true,
+    ordering_keys: true,
+    concurrency_limits: true,
 };
 
 // The trait's methods are the inherent ones of the same name and signature (registry.rs,
@@ -171,6 +173,15 @@ impl Queue for PgBackend {
 
     async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
         PgBackend::ensure_group(self, stream, group, start).await
+    }
+
+    async fn ensure_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<bool> {
+        PgBackend::ensure_group_with(self, stream, group, config).await
     }
 
     async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {

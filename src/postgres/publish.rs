@@ -30,6 +30,7 @@ struct Columns {
     deliver_at: Vec<Option<chrono::DateTime<chrono::Utc>>>,
     delay_us: Vec<Option<i64>>,
     priority: Vec<i32>,
+    keys: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -41,6 +42,13 @@ impl Columns {
         self.deliver_at.push(m.deliver_at);
         self.delay_us.push(m.delay.map(micros));
         self.priority.push(m.priority);
+        self.keys.push(m.key.clone());
+    }
+
+    /// Whether some message has an ordering key: then the batch takes `sql/publish_keyed.sql`,
+    /// and a batch without keys keeps the unordered fast path untouched.
+    fn keyed(&self) -> bool {
+        self.keys.iter().any(Option::is_some)
     }
 }
 
@@ -241,7 +249,7 @@ impl PgBackend {
         let mut plan = plan(msgs);
         if !plan.fast.ids.is_empty() {
             let f = &plan.fast;
-            let params: [&(dyn ToSql + Sync); 8] = [
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
                 &stream,
                 &f.ids,
                 &f.payloads,
@@ -251,8 +259,14 @@ impl PgBackend {
                 &f.delay_us,
                 &f.priority,
             ];
+            let statement = if f.keyed() {
+                params.push(&f.keys);
+                &self.inner.sql.publish_keyed
+            } else {
+                &self.inner.sql.publish
+            };
             let n: i64 = client
-                .run_one(&self.inner.sql.publish, &params)
+                .run_one(statement, &params)
                 .await
                 .map_err(|e| Error::from_pg(e, ctx()))?
                 .try_get(0)?;
@@ -276,6 +290,7 @@ impl PgBackend {
                         &m.delay.map(micros),
                         &m.dedupe_key,
                         &m.priority,
+                        &m.key,
                     ],
                 )
                 .await
@@ -309,8 +324,13 @@ impl PgBackend {
         let mut plan = plan(msgs);
         if !plan.fast.ids.is_empty() {
             let f = &plan.fast;
-            let n: i64 = sqlx::query_scalar(&self.inner.sql.publish.sql)
-                .persistent(self.inner.sql.publish.sqlx_persistent())
+            let statement = if f.keyed() {
+                &self.inner.sql.publish_keyed
+            } else {
+                &self.inner.sql.publish
+            };
+            let mut query = sqlx::query_scalar(&statement.sql)
+                .persistent(statement.sqlx_persistent())
                 .bind(stream)
                 .bind(&f.ids)
                 .bind(&f.payloads)
@@ -318,7 +338,11 @@ impl PgBackend {
                 .bind(&f.headers)
                 .bind(&f.deliver_at)
                 .bind(&f.delay_us)
-                .bind(&f.priority)
+                .bind(&f.priority);
+            if f.keyed() {
+                query = query.bind(&f.keys);
+            }
+            let n: i64 = query
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(|e| Error::from_sqlx(e, ctx()))?;
@@ -340,6 +364,7 @@ impl PgBackend {
                 .bind(m.delay.map(micros))
                 .bind(&m.dedupe_key)
                 .bind(m.priority)
+                .bind(&m.key)
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(|e| Error::from_sqlx(e, ctx()))?;

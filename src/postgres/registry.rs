@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 
 use super::{micros, PgBackend, STREAM_CACHE_TTL};
-use crate::config::{GroupStart, StreamConfig};
+use crate::config::{GroupConfig, GroupStart, StreamConfig};
 use crate::error::Ctx;
 use crate::names::validate_name;
 use crate::{Backoff, Error, Result};
@@ -32,6 +32,10 @@ pub struct GroupInfo {
     pub name: String,
     /// When it was created.
     pub created_at: DateTime<Utc>,
+    /// Whether it is ordered ([`GroupConfig::ordered`]).
+    pub ordered: bool,
+    /// Its concurrency limit ([`GroupConfig::max_in_flight`]).
+    pub max_in_flight: Option<u32>,
 }
 
 /// A stream configuration as SQL parameters $2..$9 (durations in microseconds), after the name.
@@ -209,14 +213,23 @@ impl PgBackend {
         &self,
         stream: &str,
         group: &str,
-        start: GroupStart,
+        config: &GroupConfig,
         if_not_exists: bool,
     ) -> Result<bool> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
+        config.validate()?;
+        let limit = config.max_in_flight.map(|n| n as i32);
         self.sql_value(
             &self.inner.sql.group_create,
-            &[&stream, &group, &start.as_sql(), &if_not_exists],
+            &[
+                &stream,
+                &group,
+                &config.start.as_sql(),
+                &if_not_exists,
+                &config.ordered,
+                &limit,
+            ],
             Ctx::group(stream, group),
         )
         .await
@@ -226,14 +239,72 @@ impl PgBackend {
     /// (and, with [`GroupStart::Oldest`], every retained message). Fails with
     /// [`Error::GroupExists`] if it exists.
     pub async fn create_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<()> {
-        self.create_group_inner(stream, group, start, false)
+        self.create_group_with(stream, group, &GroupConfig::default().start(start))
+            .await
+    }
+
+    /// Creates a consumer group with `config` (an ordered group, say). Fails with
+    /// [`Error::GroupExists`] if it exists.
+    pub async fn create_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<()> {
+        self.create_group_inner(stream, group, config, false)
             .await
             .map(|_| ())
     }
 
     /// Creates the group unless it exists. Returns true if it was created.
     pub async fn ensure_group(&self, stream: &str, group: &str, start: GroupStart) -> Result<bool> {
-        self.create_group_inner(stream, group, start, true).await
+        self.ensure_group_with(stream, group, &GroupConfig::default().start(start))
+            .await
+    }
+
+    /// Creates the group with `config` unless it exists. Returns true if it was created. An
+    /// existing group whose `ordered` setting differs is an [`Error::InvalidConfig`]: ordering is
+    /// fixed at creation.
+    pub async fn ensure_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<bool> {
+        self.create_group_inner(stream, group, config, true).await
+    }
+
+    /// Sets (`Some`) or removes (`None`) the group's concurrency limit
+    /// ([`GroupConfig::max_in_flight`]). Deliveries already leased keep their leases; new claims
+    /// wait for room. Fails with [`Error::GroupNotFound`] if the group does not exist.
+    pub async fn set_max_in_flight(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: Option<u32>,
+    ) -> Result<()> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        GroupConfig {
+            max_in_flight: limit,
+            ..GroupConfig::default()
+        }
+        .validate()?;
+        let limit = limit.map(|n| n as i32);
+        let found: bool = self
+            .sql_value(
+                &self.inner.sql.group_limit,
+                &[&stream, &group, &limit],
+                Ctx::group(stream, group),
+            )
+            .await?;
+        if !found {
+            return Err(Error::GroupNotFound {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// Deletes a group with its pending deliveries and dead letters. Returns false if it did not
@@ -262,6 +333,8 @@ impl PgBackend {
                     stream: r.try_get(0)?,
                     name: r.try_get(1)?,
                     created_at: r.try_get(2)?,
+                    ordered: r.try_get(3)?,
+                    max_in_flight: r.try_get::<_, Option<i32>>(4)?.map(|n| n.max(0) as u32),
                 })
             })
             .collect()

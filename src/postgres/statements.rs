@@ -58,7 +58,8 @@ macro_rules! statements {
 statements! {
     // hot paths: prepared, and checked for O(batch) plans by tests/it/postgres/plans.rs
     publish => "publish.sql" [TEXT, UUID_ARRAY, BYTEA_ARRAY, BOOL_ARRAY, JSONB_ARRAY, TIMESTAMPTZ_ARRAY, INT8_ARRAY, INT4_ARRAY],
-    publish_one => "publish_one.sql" [TEXT, UUID, BYTEA, BOOL, JSONB, TIMESTAMPTZ, INT8, TEXT, INT4],
+    publish_keyed => "publish_keyed.sql" [TEXT, UUID_ARRAY, BYTEA_ARRAY, BOOL_ARRAY, JSONB_ARRAY, TIMESTAMPTZ_ARRAY, INT8_ARRAY, INT4_ARRAY, TEXT_ARRAY],
+    publish_one => "publish_one.sql" [TEXT, UUID, BYTEA, BOOL, JSONB, TIMESTAMPTZ, INT8, TEXT, INT4, TEXT],
     claim => "claim.sql" [INT4, INT4, TEXT, INT8],
     ack_claim => "ack_claim.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT4, TEXT, INT8, INT8_ARRAY],
     ack => "ack.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT8_ARRAY],
@@ -66,6 +67,7 @@ statements! {
     term => "term.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT8_ARRAY, TEXT_ARRAY],
     extend => "extend.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT8_ARRAY, INT8],
     release => "release.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT8_ARRAY],
+    pause => "pause.sql" [INT4, UUID_ARRAY, INT4_ARRAY, INT8_ARRAY, TIMESTAMPTZ],
     stats => "stats.sql" [],
     group_stats => "group_stats.sql" [TEXT, TEXT],
     scout_due => "scout_due.sql" [TIMESTAMPTZ],
@@ -77,7 +79,8 @@ statements! {
     stream_delete => "stream_delete.sql" [TEXT],
     stream_purge => "stream_purge.sql" [TEXT],
     stream_trim => "stream_trim.sql" [TEXT, INT8, INT8],
-    group_create => "group_create.sql" [TEXT, TEXT, TEXT, BOOL],
+    group_create => "group_create.sql" [TEXT, TEXT, TEXT, BOOL, BOOL, INT4],
+    group_limit => "group_limit.sql" [TEXT, TEXT, INT4],
     group_delete => "group_delete.sql" [TEXT, TEXT],
     group_list => "group_list.sql" [TEXT],
     group_id => "group_id.sql" [TEXT, TEXT],

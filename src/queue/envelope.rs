@@ -274,6 +274,7 @@ mod tests {
             is_json: msg.is_json,
             headers: msg.headers,
             published_at: Utc::now(),
+            key: msg.key,
         }
     }
 

@@ -20,6 +20,7 @@ pub type Headers = BTreeMap<String, String>;
 /// let msg = pgtide::OutgoingMessage::json(&serde_json::json!({"order": 7}))?
 ///     .header("source", "checkout")
 ///     .dedupe_key("order-7")
+///     .key("customer-42")
 ///     .delay(Duration::from_secs(5));
 /// # Ok::<(), pgtide::Error>(())
 /// ```
@@ -29,6 +30,7 @@ pub struct OutgoingMessage {
     pub(crate) is_json: bool,
     pub(crate) headers: Headers,
     pub(crate) dedupe_key: Option<String>,
+    pub(crate) key: Option<String>,
     pub(crate) priority: i32,
     pub(crate) deliver_at: Option<DateTime<Utc>>,
     pub(crate) delay: Option<Duration>,
@@ -80,6 +82,22 @@ impl OutgoingMessage {
     pub fn dedupe_key(mut self, key: impl Into<String>) -> Self {
         self.dedupe_key = Some(key.into());
         self
+    }
+
+    /// The ordering key: in a group created ordered ([`crate::GroupConfig::ordered`]) the
+    /// messages of one key are delivered one at a time, in publish order; other groups ignore
+    /// it. A key is 1 to 256 bytes of text without control characters ([`crate::MAX_KEY_LEN`]);
+    /// publish checks it and fails with [`crate::Error::InvalidKey`]. Backends without
+    /// [`crate::Capabilities::ordering_keys`] (which cannot have ordered groups) accept the
+    /// message and drop the key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The ordering key, if any.
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
 
     /// Priority: a message with priority `p > 0` counts as ready `p` seconds before it was
@@ -134,6 +152,8 @@ pub struct Message {
     pub headers: Headers,
     /// When it was published (from the UUID v7 id).
     pub published_at: DateTime<Utc>,
+    /// Its ordering key, if it was published with one (on backends that carry keys).
+    pub key: Option<String>,
 }
 
 impl Message {

@@ -27,7 +27,7 @@ pub(crate) use self::message::uuid_time;
 pub(crate) use self::message::{headers_from_json, headers_to_json};
 pub use self::message::{Headers, Message, OutgoingMessage, PublishReceipt};
 pub use self::stats::{DeadLetter, GroupStats};
-use crate::config::{GroupStart, StreamConfig};
+use crate::config::{GroupConfig, GroupStart, StreamConfig};
 use crate::error::Result;
 
 /// What a backend can do natively. Operations a backend lacks either are emulated (documented
@@ -62,6 +62,14 @@ pub struct Capabilities {
     /// attempt number, which a release gives back (Postgres): such a stale handle could settle
     /// the new claim. The worker never settles a delivery it released.
     pub fenced_after_release: bool,
+    /// Ordered groups ([`crate::GroupConfig::ordered`]): per-key order with at most one
+    /// delivery of a key in flight, and the key carried to consumers ([`Message::key`]).
+    /// Backends without it accept keyed messages but neither order nor carry the key, and
+    /// refuse to create ordered groups ([`crate::Error::Unsupported`]).
+    pub ordering_keys: bool,
+    /// Group concurrency limits ([`crate::GroupConfig::max_in_flight`]) enforced across every
+    /// consumer and process.
+    pub concurrency_limits: bool,
 }
 
 /// A handle to one backend: publish, administer, inspect, and make consumers. Cheap to clone.
@@ -113,6 +121,33 @@ pub trait Queue: Clone + Send + Sync + 'static {
         group: &str,
         start: GroupStart,
     ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Creates the group with `config` unless it exists. Returns true if it was created. An
+    /// ordered group needs [`Capabilities::ordering_keys`]; backends without it fail with
+    /// [`crate::Error::Unsupported`] and create nothing. Where a backend keeps the setting
+    /// (Postgres, memory), an existing group with the other `ordered` setting is an error.
+    fn ensure_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> impl Future<Output = Result<bool>> + Send {
+        async move {
+            if config.ordered && !self.capabilities().ordering_keys {
+                return Err(crate::Error::Unsupported {
+                    backend: "this",
+                    what: "ordered groups (Capabilities::ordering_keys)",
+                });
+            }
+            if config.max_in_flight.is_some() && !self.capabilities().concurrency_limits {
+                return Err(crate::Error::Unsupported {
+                    backend: "this",
+                    what: "group concurrency limits (Capabilities::concurrency_limits)",
+                });
+            }
+            self.ensure_group(stream, group, config.start).await
+        }
+    }
 
     /// Deletes a group. Returns false if it did not exist.
     fn delete_group(&self, stream: &str, group: &str) -> impl Future<Output = Result<bool>> + Send;
@@ -211,6 +246,22 @@ pub trait QueueConsumer: Clone + Send + Sync + 'static {
     /// handed out goes back with [`QueueConsumer::nack_batch`] (no delay to retry at once), so
     /// the attempt counts toward `max_deliver`.
     fn release_batch(&self, ds: &[&Delivery]) -> impl Future<Output = Result<SettleReport>> + Send;
+
+    /// Hands deliveries back to be tried again at `until` (now if it has passed), the attempt not
+    /// counted: what a handler's [`crate::Outcome::PauseKey`] does. In an ordered group the
+    /// delivery is its key's head, so the key waits. Backends without their own (brokers) nack
+    /// with the delay instead, which counts the attempt (and on the last one dead-letters).
+    fn pause_batch(
+        &self,
+        ds: &[&Delivery],
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> impl Future<Output = Result<SettleReport>> + Send {
+        async move {
+            crate::limits::check_time("pause until", until)?;
+            let delay = (until - chrono::Utc::now()).to_std().unwrap_or_default();
+            self.nack_batch(ds, Some(delay), Some("paused")).await
+        }
+    }
 
     /// Acknowledges `done`, then claims up to `max` new deliveries without waiting (none when
     /// `max` is 0). Backends that can do both in one round trip (Postgres: one statement, one

@@ -143,6 +143,8 @@ impl RedisConsumer {
                 is_json,
                 headers,
                 published_at: uuid_time(&id),
+                // Keys are not carried by this backend (no ordered groups here).
+                key: None,
             },
             group: self.group.clone(),
             consumer: self.name.clone(),

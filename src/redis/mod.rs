@@ -82,6 +82,8 @@ pub(crate) const REDIS_CAPABILITIES: Capabilities = Capabilities {
     group_start_oldest: true,
     fenced_settle: true,
     fenced_after_release: true,
+    ordering_keys: false,
+    concurrency_limits: false,
 };
 
 /// Redis Streams backend handle. Cheap to clone; clones share one auto-reconnecting connection.

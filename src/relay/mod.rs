@@ -64,13 +64,14 @@ impl<S: QueueConsumer, D: Queue> Relay<S, D> {
         self
     }
 
-    /// The sink copy of a source delivery: same payload and headers, the source id as header
+    /// The sink copy of a source delivery: same payload, headers and ordering key, the source id as header
     /// and (when the sink dedupes) as dedupe key.
     fn copy(&self, d: &Delivery, dedupe: bool) -> OutgoingMessage {
         let mut m = OutgoingMessage::bytes(d.message.payload.clone())
             .headers(d.message.headers.clone())
             .header(SOURCE_ID_HEADER, d.id().to_string());
         m.is_json = d.message.is_json;
+        m.key = d.message.key.clone();
         if dedupe {
             m = m.dedupe_key(d.id().to_string());
         }

@@ -3,7 +3,7 @@
 //! from the primary. Switch reads by swapping primary and secondary once the secondary has caught
 //! up, then drop the tee.
 
-use crate::config::{GroupStart, StreamConfig};
+use crate::config::{GroupConfig, GroupStart, StreamConfig};
 use crate::error::{Error, Result};
 use crate::queue::{Capabilities, DeadLetter, GroupStats, OutgoingMessage, PublishReceipt, Queue};
 
@@ -97,6 +97,25 @@ impl<A: Queue, B: Queue> Queue for Tee<A, B> {
         self.second(
             "ensure_group",
             self.secondary.ensure_group(stream, group, start).await,
+        )?;
+        Ok(created)
+    }
+
+    async fn ensure_group_with(
+        &self,
+        stream: &str,
+        group: &str,
+        config: &GroupConfig,
+    ) -> Result<bool> {
+        let created = self
+            .primary
+            .ensure_group_with(stream, group, config)
+            .await?;
+        self.second(
+            "ensure_group",
+            self.secondary
+                .ensure_group_with(stream, group, config)
+                .await,
         )?;
         Ok(created)
     }

@@ -161,6 +161,7 @@ impl Received {
             is_json: self.meta.json,
             headers: self.meta.headers.clone(),
             published_at: uuid_time(&self.meta.id),
+            key: None,
         }
     }
 }

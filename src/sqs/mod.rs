@@ -103,6 +103,8 @@ pub(crate) const SQS_CAPABILITIES: Capabilities = Capabilities {
     group_start_oldest: false,
     fenced_settle: false,
     fenced_after_release: false,
+    ordering_keys: false,
+    concurrency_limits: false,
 };
 
 /// Options of an [`SqsBackend`].

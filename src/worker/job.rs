@@ -103,6 +103,7 @@ impl<C: QueueConsumer> Job<C> {
             HandlerResult::Outcome(Outcome::DeadLetter { reason }) => {
                 Settle::Term(delivery, reason)
             }
+            HandlerResult::Outcome(Outcome::PauseKey { until }) => Settle::Pause(delivery, until),
             HandlerResult::Failed(e) => Settle::Nack(delivery, None, Some(e)),
             HandlerResult::Panicked(msg) => {
                 Settle::Nack(delivery, None, Some(format!("handler panicked: {msg}")))

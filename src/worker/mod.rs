@@ -53,6 +53,16 @@ pub enum Outcome {
         /// Why.
         reason: String,
     },
+    /// Not now, and not this key: the delivery is handed back to be tried again at `until`,
+    /// and the attempt does not count (an upstream's `Retry-After` is back-pressure, not a
+    /// failure). In an ordered group ([`crate::GroupConfig::ordered`]) the delivery is its key's
+    /// head, so the whole key waits while other keys go on; elsewhere only this delivery waits.
+    /// Settled with [`QueueConsumer::pause_batch`]; backends without their own pause count the
+    /// attempt (a nack with the delay).
+    PauseKey {
+        /// When the delivery (and its key) may go again.
+        until: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 /// How a handler invocation ended, as hooks see it.
@@ -131,6 +141,8 @@ pub struct WorkerReport {
     pub released: u64,
     /// Settles refused because the lease was lost.
     pub lease_lost: u64,
+    /// Handed back by [`Outcome::PauseKey`] (the attempt not counted where the backend can).
+    pub paused: u64,
 }
 
 /// The dead-letter reason of a delivery that cannot be decoded: the engine's own for stored

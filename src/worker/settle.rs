@@ -16,6 +16,7 @@ use crate::queue::{Delivery, SettleReport};
 pub(super) enum Settle {
     Nack(Delivery, Option<Duration>, Option<String>),
     Term(Delivery, String),
+    Pause(Delivery, chrono::DateTime<chrono::Utc>),
 }
 
 /// The run's report and its metrics.
@@ -98,6 +99,15 @@ pub(super) async fn run_settler<C: QueueConsumer>(
                 Ok(r) => counters.termed(&r),
                 Err(e) => {
                     tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: term failed; the lease will expire")
+                }
+            },
+            Settle::Pause(d, until) => match consumer.pause_batch(&[&d], until).await {
+                Ok(r) => counters.add(|c| {
+                    c.paused += (r.settled.len() + r.dead_lettered.len()) as u64;
+                    c.lease_lost += r.lost.len() as u64;
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, message_id = %d.id(), "pgtide worker: pause failed; the lease will expire")
                 }
             },
         }

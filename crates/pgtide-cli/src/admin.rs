@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use pgtide::{Backoff, GroupStart, PgBackend, StreamConfig, StreamInfo};
+use pgtide::{Backoff, GroupConfig, GroupStart, PgBackend, StreamConfig, StreamInfo};
 use serde_json::json;
 
 use crate::backend::Target;
@@ -343,22 +343,28 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             group,
             from,
             if_not_exists,
+            ordered,
+            max_in_flight,
         } => {
             let point = parse_point(&from).map_err(CliError::usage)?;
             let start = match point {
                 Point::Oldest => GroupStart::Oldest,
                 Point::New | Point::At(_) => GroupStart::New,
             };
+            let mut config = GroupConfig::default().start(start).ordered(ordered);
+            if let Some(limit) = max_in_flight {
+                config = config.max_in_flight(limit);
+            }
             let created = match b.postgres() {
                 Some(pg) if !if_not_exists => {
-                    pg.create_group(&stream, &group, start).await?;
+                    pg.create_group_with(&stream, &group, &config).await?;
                     true
                 }
                 _ => {
                     if let Point::At(_) = point {
                         b.require_postgres("group create --from <time or age>")?;
                     }
-                    b.ensure_group(&stream, &group, start).await?
+                    b.ensure_group_with(&stream, &group, &config).await?
                 }
             };
             if !created {
@@ -374,7 +380,8 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
                     .await?;
             }
             println!(
-                "created group {group:?} on stream {stream:?}, starting with {}",
+                "created {}group {group:?} on stream {stream:?}, starting with {}",
+                if ordered { "ordered " } else { "" },
                 point_text(point)
             );
         }
@@ -395,15 +402,22 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             if json {
                 let list: Vec<_> = groups
                     .iter()
-                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at)}))
+                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at), "ordered": g.ordered, "max_in_flight": g.max_in_flight}))
                     .collect();
                 println!("{}", serde_json::Value::Array(list));
             } else {
                 let rows: Vec<Vec<String>> = groups
                     .iter()
-                    .map(|g| vec![g.stream.clone(), g.name.clone(), format_time(g.created_at)])
+                    .map(|g| {
+                        vec![
+                            g.stream.clone(),
+                            g.name.clone(),
+                            format_time(g.created_at),
+                            if g.ordered { "yes" } else { "no" }.to_owned(),
+                        ]
+                    })
                     .collect();
-                print_table(&["STREAM", "GROUP", "CREATED"], &rows);
+                print_table(&["STREAM", "GROUP", "CREATED", "ORDERED"], &rows);
             }
         }
         GroupCommand::Reset {

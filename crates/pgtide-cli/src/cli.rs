@@ -255,6 +255,14 @@ pub enum GroupCommand {
         /// Succeed without changes if the group exists.
         #[arg(long)]
         if_not_exists: bool,
+        /// Per-key order: the messages of one key (`publish --key`) go one at a time, in
+        /// publish order, across every consumer. Fixed at creation (Postgres and memory).
+        #[arg(long)]
+        ordered: bool,
+        /// At most this many deliveries of the group leased at once, across every consumer and
+        /// process (Postgres and memory).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_147_483_647))]
+        max_in_flight: Option<u32>,
     },
     /// List groups (of one stream, or of all).
     #[command(after_help = help::GROUP_LIST)]
@@ -313,6 +321,11 @@ pub struct PublishArgs {
     /// Dedupe key (one message only): a repeat inside the stream's window publishes nothing.
     #[arg(long)]
     pub dedupe_key: Option<String>,
+    /// Ordering key of every message published: ordered groups (`group create --ordered`)
+    /// deliver one key's messages one at a time, in publish order. 1-256 bytes, no control
+    /// characters.
+    #[arg(long)]
+    pub key: Option<String>,
     /// Messages per transaction when reading lines. Each batch is all or nothing.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,

@@ -42,6 +42,7 @@ pub fn delivery_json(d: &Delivery) -> serde_json::Value {
         "published_at": format_time(d.published_at),
         "lease_expires_at": format_time(d.lease_expires_at),
         "headers": d.headers,
+        "key": d.message.key,
         "payload": payload,
         "payload_encoding": encoding,
     })

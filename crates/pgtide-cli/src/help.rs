@@ -48,7 +48,8 @@ Examples:
 pub const GROUP_CREATE: &str = "\
 Examples:
   pgtide group create orders billing               # new messages only
-  pgtide group create orders audit --from oldest   # every retained message too";
+  pgtide group create orders audit --from oldest   # every retained message too
+  pgtide group create orders ship --ordered        # one key at a time, in publish order";
 
 pub const GROUP_LIST: &str = "\
 Example:
@@ -66,6 +67,7 @@ Examples:
 pub const PUBLISH: &str = "\
 Examples:
   pgtide publish orders --data '{\"id\": 1}' --header source=cli
+  pgtide publish orders --data '{\"id\": 2}' --key customer-42   # per-key order
   pgtide publish orders < orders.jsonl            # one message per line
   pgtide publish orders --file orders.jsonl --lines --dry-run";
 

@@ -35,6 +35,8 @@ struct Template {
     raw: bool,
     headers: Headers,
     delay: Option<Duration>,
+    /// The ordering key of every message (checked before any input is read).
+    key: Option<String>,
     /// The stream's limit when known up front (Postgres); other backends check it on publish.
     max_payload: Option<usize>,
 }
@@ -60,6 +62,9 @@ impl Template {
         if let Some(d) = self.delay {
             msg = msg.delay(d);
         }
+        if let Some(key) = &self.key {
+            msg = msg.key(key.clone());
+        }
         Ok(msg)
     }
 
@@ -78,6 +83,7 @@ impl Template {
             "headers": self.headers,
             "delay_secs": self.delay.map(|d| d.as_secs_f64()),
             "dedupe_key": dedupe_key,
+            "key": self.key,
         })
     }
 }
@@ -116,6 +122,9 @@ fn parse_headers(pairs: &[String]) -> CliResult<Headers> {
 pub async fn run<B: Target>(b: &B, args: PublishArgs) -> CliResult {
     pgtide::validate_name("stream", &args.stream)?;
     let headers = parse_headers(&args.headers)?;
+    if let Some(key) = &args.key {
+        pgtide::validate_key(key).map_err(|e| CliError::usage(format!("--key: {e}")))?;
+    }
     let max_payload = match b.postgres() {
         // An unknown stream fails before any input is read.
         Some(pg) => Some(
@@ -132,6 +141,7 @@ pub async fn run<B: Target>(b: &B, args: PublishArgs) -> CliResult {
         raw: args.raw,
         headers,
         delay: args.delay,
+        key: args.key.clone(),
         max_payload,
     };
     let single =

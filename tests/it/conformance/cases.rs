@@ -11,6 +11,11 @@ use pgtide::{
     StreamConfig, Worker,
 };
 
+pub use super::ordering::{
+    max_in_flight_caps_the_group, ordered_group_delivers_each_key_in_order,
+    pause_key_holds_one_key_while_others_drain,
+};
+
 const WAIT: Duration = Duration::from_secs(15);
 
 fn msg(v: serde_json::Value) -> OutgoingMessage {
@@ -33,7 +38,7 @@ async fn setup<Q: Queue>(q: &Q, stream: &str, config: StreamConfig, groups: &[&s
 }
 
 /// Fetches until `n` deliveries arrived (or WAIT passes).
-async fn fetch_n<C: QueueConsumer>(c: &C, n: usize) -> Vec<Delivery> {
+pub(super) async fn fetch_n<C: QueueConsumer>(c: &C, n: usize) -> Vec<Delivery> {
     let deadline = Instant::now() + WAIT;
     let mut out = vec![];
     while out.len() < n && Instant::now() < deadline {

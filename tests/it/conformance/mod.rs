@@ -2,6 +2,7 @@
 //! instance per test (its own Postgres namespace, or its own broker-side prefix).
 
 mod cases;
+pub(crate) mod ordering;
 
 /// Generates one `#[tokio::test]` per case for a backend made by `$make` (an async fn).
 macro_rules! conformance {
@@ -16,7 +17,9 @@ macro_rules! conformance {
                 purge_and_delete, group_start_oldest, priority_overtakes,
                 stale_handle_settles_are_fenced, try_fetch_zero_claims_nothing,
                 expired_last_lease_dead_letters, out_of_range_durations_are_refused,
-                event_envelope_round_trips, event_worker_dead_letters_malformed);
+                event_envelope_round_trips, event_worker_dead_letters_malformed,
+                ordered_group_delivers_each_key_in_order, max_in_flight_caps_the_group,
+                pause_key_holds_one_key_while_others_drain);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -70,6 +73,60 @@ mod slow {
     async fn worker_keeps_every_lease_postgres() {
         let (queue, _guard) = crate::conformance::backends::postgres().await;
         crate::conformance::cases::worker_keeps_every_lease(queue).await;
+    }
+
+    /// Issue 12: 10 000 messages over 100 keys, 8 consumers split over two handles with their
+    /// own connection pools (standing for two processes: nothing is shared but the database),
+    /// random failures and retries.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ordered_keys_under_load_postgres() {
+        let (queue, ns) = crate::conformance::backends::postgres().await;
+        let other = pgtide::PgBackend::builder(ns.url.clone())
+            .namespace(ns.namespace())
+            .pool_size(8)
+            .build()
+            .unwrap();
+        crate::conformance::ordering::ordered_keys_under_load(&[queue, other], 10_000, 100, 8)
+            .await;
+    }
+
+    /// Issue 12.2: max_in_flight = 5 across 3 handles with their own pools (standing for three
+    /// processes), sampled from the database while they run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn max_in_flight_holds_across_processes_postgres() {
+        let (queue, ns) = crate::conformance::backends::postgres().await;
+        let handle = || {
+            pgtide::PgBackend::builder(ns.url.clone())
+                .namespace(ns.namespace())
+                .pool_size(4)
+                .build()
+                .unwrap()
+        };
+        let raw = ns.raw().await;
+        let sql = format!(
+            "SELECT count(*) FROM \"{}\".deliveries WHERE state = 'in_flight'",
+            ns.namespace()
+        );
+        let sample = || async { raw.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) };
+        crate::conformance::ordering::max_in_flight_holds_under_load(
+            &[queue, handle(), handle()],
+            5,
+            600,
+            sample,
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ordered_keys_under_load_memory() {
+        let (queue, _guard) = crate::conformance::backends::memory().await;
+        crate::conformance::ordering::ordered_keys_under_load(
+            &[queue.clone(), queue],
+            10_000,
+            100,
+            8,
+        )
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

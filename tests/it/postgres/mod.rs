@@ -2,6 +2,7 @@ mod consume;
 mod hostile;
 mod late_commits;
 mod many_streams;
+mod ordering;
 mod plans;
 mod pooler;
 mod privileges;

@@ -300,6 +300,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
                 &None::<i64>,
                 &key,
                 &0i32,
+                &None::<String>,
             ],
         )
         .await
@@ -353,6 +354,219 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
         .await
         .unwrap();
         check_plans(&mut rx, "SQL publish", &mut faults);
+    }
+    assert!(
+        faults.is_empty(),
+        "O(backlog) plans:\n{}",
+        faults.join("\n")
+    );
+}
+
+/// The same for an ordered group with a concurrency limit (issue 12): a backlog of 200 000 over
+/// 1 000 keys, a head per key and the rest waiting in the keys' lines. Claims must still walk only the batch, and the
+/// statements that move a key on (`_advance_keys` under ack, term and dead letters) or queue a
+/// keyed message (`_enqueue_keyed` under publish) must look lines up by index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_group_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
+    let ns = namespace().await;
+    ns.create_stream("plans", &StreamConfig::default().max_deliver(3))
+        .await
+        .unwrap();
+    // With a concurrency limit too, so the claim also counts the group's leases.
+    ns.create_group_with(
+        "plans",
+        "o",
+        &pgtide::GroupConfig::default()
+            .ordered(true)
+            .max_in_flight(1000),
+    )
+    .await
+    .unwrap();
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    raw.batch_execute(&format!(
+        "INSERT INTO \"{n}\".messages (stream_id, id, payload, is_json, key)
+         SELECT s.id, \"{n}\".uuid_v7(now() - (({BACKLOG} - i) * interval '1 ms')), '{{\"n\": 1}}', true,
+                'k' || (i % 1000)
+         FROM \"{n}\".streams s, generate_series(1, {BACKLOG}) i WHERE s.name = 'plans';
+         INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at, key, key_seq)
+         SELECT g.id, m.id,
+                \"{n}\".uuid_time(m.id) - interval '1 hour'
+                  + CASE WHEN row_number() OVER (PARTITION BY m.key ORDER BY m.id) = 1 THEN interval '0'
+                         ELSE \"{n}\"._parked_offset() END,
+                m.key, row_number() OVER (ORDER BY m.id)
+         FROM \"{n}\".groups g JOIN \"{n}\".messages m ON m.stream_id = g.stream_id;
+         SELECT setval('\"{n}\".key_seq', {BACKLOG});
+         INSERT INTO \"{n}\".counter_deltas (group_id, pending) SELECT id, {BACKLOG} FROM \"{n}\".groups;
+         ANALYZE \"{n}\".messages, \"{n}\".delivery_state, \"{n}\".streams, \"{n}\".groups;"
+    ))
+    .await
+    .unwrap();
+    let group: i32 = raw
+        .query_one(&format!("SELECT id FROM \"{n}\".groups"), &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let (s, mut rx) = explaining_session(&ns.url).await;
+    let mut faults = vec![];
+    let lease_us: i64 = 30_000_000;
+    let claim = render(include_str!("../../../sql/claim.sql"), &n);
+    let ack_claim = render(include_str!("../../../sql/ack_claim.sql"), &n);
+    let ack = render(include_str!("../../../sql/ack.sql"), &n);
+    let nack = render(include_str!("../../../sql/nack.sql"), &n);
+    let term = render(include_str!("../../../sql/term.sql"), &n);
+    let release = render(include_str!("../../../sql/release.sql"), &n);
+    let publish_keyed = render(include_str!("../../../sql/publish_keyed.sql"), &n);
+    let pause = render(include_str!("../../../sql/pause.sql"), &n);
+    let publish_one = render(include_str!("../../../sql/publish_one.sql"), &n);
+    let stats = render(include_str!("../../../sql/stats.sql"), &n);
+
+    for round in 0..2 {
+        let rows = s
+            .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+            .await
+            .unwrap();
+        check_plans(&mut rx, "ordered claim", &mut faults);
+        assert_eq!(rows.len(), BATCH as usize, "claim returned a short batch");
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.get("id")).collect();
+        let attempts: Vec<i32> = rows.iter().map(|r| r.get("attempt")).collect();
+        let tokens: Vec<i64> = rows.iter().map(|r| r.get("lease_token")).collect();
+        let slice = |a: usize, b: usize| {
+            (
+                ids[a..b].to_vec(),
+                attempts[a..b].to_vec(),
+                tokens[a..b].to_vec(),
+            )
+        };
+
+        let (i, a, t) = slice(0, 2);
+        let acked = s.query(&ack, &[&group, &i, &a, &t]).await.unwrap();
+        assert_eq!(acked.len(), 2);
+        check_plans(&mut rx, "ordered ack (keys move on)", &mut faults);
+
+        let (i, a, t) = slice(2, 4);
+        let delays: Vec<i64> = vec![60_000_000; 2];
+        let errors: Vec<String> = vec!["boom".into(); 2];
+        let nacked = s
+            .query(&nack, &[&group, &i, &a, &t, &delays, &errors])
+            .await
+            .unwrap();
+        assert_eq!(nacked.len(), 2);
+        check_plans(&mut rx, "ordered nack", &mut faults);
+
+        let (i, a, t) = slice(4, 6);
+        let reasons: Vec<String> = vec!["bad".into(); 2];
+        let termed = s
+            .query(&term, &[&group, &i, &a, &t, &reasons])
+            .await
+            .unwrap();
+        assert_eq!(termed.len(), 2);
+        check_plans(&mut rx, "ordered term (keys move on)", &mut faults);
+
+        let (i, a, t) = slice(6, 7);
+        let released = s.query(&release, &[&group, &i, &a, &t]).await.unwrap();
+        assert_eq!(released.len(), 1);
+        check_plans(&mut rx, "ordered release", &mut faults);
+
+        let (i, a, t) = slice(7, 8);
+        let until = chrono::Utc::now() + chrono::Duration::seconds(60);
+        let paused = s
+            .query(&pause, &[&group, &i, &a, &t, &until])
+            .await
+            .unwrap();
+        assert_eq!(paused.len(), 1);
+        check_plans(&mut rx, "ordered pause (PauseKey)", &mut faults);
+
+        let (i, a, t) = slice(8, 10);
+        let rows = s
+            .query(&ack_claim, &[&group, &i, &a, &BATCH, &"c1", &lease_us, &t])
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), BATCH as usize);
+        check_plans(&mut rx, "ordered ack_and_fetch", &mut faults);
+
+        // Keyed publishes: keys with long lines and new keys.
+        let new_ids: Vec<Uuid> = (0..BATCH).map(|_| Uuid::now_v7()).collect();
+        let payloads: Vec<Vec<u8>> = vec![b"{}".to_vec(); BATCH as usize];
+        let is_json = vec![true; BATCH as usize];
+        let headers: Vec<Option<Value>> = vec![None; BATCH as usize];
+        let deliver_at: Vec<Option<chrono::DateTime<chrono::Utc>>> = vec![None; BATCH as usize];
+        let delay: Vec<Option<i64>> = vec![None; BATCH as usize];
+        let priority = vec![0i32; BATCH as usize];
+        let keys: Vec<Option<String>> = (0..BATCH)
+            .map(|i| {
+                Some(if i % 2 == 0 {
+                    format!("k{i}")
+                } else {
+                    format!("new{round}-{i}")
+                })
+            })
+            .collect();
+        s.query(
+            &publish_keyed,
+            &[
+                &"plans",
+                &new_ids,
+                &payloads,
+                &is_json,
+                &headers,
+                &deliver_at,
+                &delay,
+                &priority,
+                &keys,
+            ],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "keyed publish", &mut faults);
+
+        s.query(
+            &publish_one,
+            &[
+                &"plans",
+                &Uuid::now_v7(),
+                &b"{}".to_vec(),
+                &true,
+                &None::<Value>,
+                &None::<chrono::DateTime<chrono::Utc>>,
+                &None::<i64>,
+                &format!("d{round}"),
+                &0i32,
+                &"k7",
+            ],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "keyed publish with dedupe key", &mut faults);
+
+        s.query(&stats, &[]).await.unwrap();
+        check_plans(&mut rx, "stats with key lines", &mut faults);
+
+        let read = s
+            .query(
+                &format!("SELECT id FROM \"{n}\".read('plans', 'o', 'psql', $1)"),
+                &[&BATCH],
+            )
+            .await
+            .unwrap();
+        assert_eq!(read.len(), BATCH as usize);
+        check_plans(&mut rx, "SQL read (ordered)", &mut faults);
+        let read_ids: Vec<Uuid> = read.iter().map(|r| r.get(0)).collect();
+        s.query(
+            &format!("SELECT \"{n}\".ack('plans', 'o', $1::uuid[])"),
+            &[&read_ids],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "SQL ack (ordered)", &mut faults);
+        s.query(
+            &format!("SELECT \"{n}\".publish('plans', '{{}}', key => $1)"),
+            &[&format!("k{round}")],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "SQL publish with key", &mut faults);
     }
     assert!(
         faults.is_empty(),

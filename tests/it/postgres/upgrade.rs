@@ -32,6 +32,7 @@ const RELEASED: &[(i64, &str, &str)] = &[
 /// Every function file; all are applied on the first `migrate()` of the new release.
 const FILES: &[&str] = &[
     "functions/core.sql",
+    "functions/ordering.sql",
     "functions/maintenance.sql",
     "functions/registry.sql",
     "functions/publish.sql",
@@ -101,9 +102,11 @@ async fn data(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String
         let digest: Option<String> = raw
             .query_one(
                 &format!(
-                    // Columns added by later migrations (lease_token) are not the old data.
-                    "SELECT md5(string_agg((to_jsonb(t) - 'lease_token')::text, ',' \
-                     ORDER BY (to_jsonb(t) - 'lease_token')::text)) FROM \"{ns}\".{table} t"
+                    // Columns added by later migrations (lease_token, the ordering key's) are
+                    // not the old data.
+                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight}}'::text[])::text, ',' \
+                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight}}'::text[])::text)) \
+                     FROM \"{ns}\".{table} t"
                 ),
                 &[],
             )
@@ -253,7 +256,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
         vec![
             "0007_sql_files".to_owned(),
             "0008_lease_tokens".to_owned(),
-            "0009_least_privilege".to_owned()
+            "0009_least_privilege".to_owned(),
+            "0010_ordering".to_owned()
         ]
     );
     assert_eq!(report.sql_files, FILES);
@@ -359,6 +363,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "stream_id",
             "term",
             "trim_stream",
+            "view deliveries",
+            "view messages_view",
         ],
         "{changed:?}"
     );
@@ -366,41 +372,60 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
         names(&added),
         [
             "_ack",
+            "_advance_keys",
             "_apply_grant",
             "_check",
             "_check_duration",
             "_check_grantee",
+            "_check_key",
             "_check_name",
             "_check_publish",
             "_check_settle",
+            "_claim_ordered",
+            "_enqueue_keyed",
             "_extend",
             "_granted_functions",
             "_group_list",
+            "_group_ref",
             "_group_stats",
+            "_in_flight_room",
+            "_is_ordered",
+            "_lock_keys",
             "_lock_partitions",
             "_maintain_budget",
             "_max_batch",
             "_migration_status",
             "_nack",
+            "_parked_bound",
+            "_parked_offset",
+            "_pause",
             "_payload_ok",
             "_payload_too_large",
+            "_publish",
             "_publish_batch",
+            "_publish_keyed",
             "_regrant",
             "_release",
+            "_repair_keys",
             "_scout_maintain",
             "_stream_list",
             "_term",
             "_visible_at",
             "ack",
             "ensure_partitions",
+            "create_group",
             "extend",
             "grant_runtime",
             "group_stats",
             "in_progress",
             "nack",
+            "publish",
+            "publish_bytes",
             "revoke_runtime",
             "streams_per_transaction",
+            "set_max_in_flight",
             "term",
+            "view keys",
         ],
         "{added:?}"
     );

@@ -18,6 +18,7 @@ mod hostile;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod operations;
+mod ordering;
 mod pooler;
 mod tls;
 mod usability;

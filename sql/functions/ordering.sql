@@ -1,0 +1,271 @@
+-- pgtide ordering keys: the key rule, and the lines of an ordered group (migration 0010).
+--
+-- In an ordered group the deliveries of one key form a line. Its head is an ordinary delivery
+-- row (claimed, leased, retried, released like any other); the others wait with `visible_at`
+-- moved `_parked_offset()` past their own due time, beyond year 5000, where no claim looks.
+-- The unique index `delivery_state_key_head` allows one head per key: at most one delivery of a
+-- key is ready, delayed, retrying or in flight at a time, across every consumer and process.
+-- When a head leaves the group (ack, term, dead letter) `_advance_keys` makes the next of the
+-- line the head. Publishers (`_enqueue_keyed`) and advancers take the key's transaction-scoped
+-- advisory lock, in one global order (group id, then hash of the key), and read the line only
+-- after holding it: an advance never misses a delivery published concurrently, and two
+-- publishers of a new key never both make a head.
+--
+-- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
+-- other function files, under the namespace's migration lock) whenever its text changes; the
+-- checksum of what was applied is kept in `@ns@._pgtide_sql`. Every statement here must be
+-- re-runnable: CREATE OR REPLACE. It cannot change a function's result type or argument names, or
+-- drop or retype a view's columns: such a change needs a `DROP ... IF EXISTS` just before it in
+-- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
+-- in `migrations/`, never here.
+
+-- How far a waiting delivery's `visible_at` is moved: 80 000 000 hours (about 9 100 years), so
+-- any due time pgtide accepts (at most 100 years ahead) lands past the indexes' year-5000
+-- bound. Whole hours, so adding and taking it back is exact in every time zone.
+CREATE OR REPLACE FUNCTION @ns@._parked_offset() RETURNS interval
+LANGUAGE sql IMMUTABLE AS $$ SELECT interval '80000000 hours' $$;
+
+-- The bound of the partial indexes of migration 0010: a `visible_at` at or past it waits in a line.
+CREATE OR REPLACE FUNCTION @ns@._parked_bound() RETURNS timestamptz
+LANGUAGE sql IMMUTABLE AS $$ SELECT '5000-01-01 00:00:00+00'::timestamptz $$;
+
+-- The key rule (the Rust API's `check_key`): NULL (no key) or 1-256 bytes of text without
+-- control characters. Raises PT001 otherwise.
+CREATE OR REPLACE FUNCTION @ns@._check_key(p_key text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_key IS NOT NULL AND (octet_length(p_key) NOT BETWEEN 1 AND 256 OR p_key ~ '[[:cntrl:]]') THEN
+        RAISE EXCEPTION 'pgtide: key % is invalid',
+            CASE WHEN length(p_key) > 80 THEN quote_literal(left(p_key, 80)) || '...'
+                 ELSE quote_literal(p_key) END
+            USING ERRCODE = 'PT001',
+                  HINT = 'use 1-256 bytes of text without control characters, e.g. ''customer-42''';
+    END IF;
+    RETURN p_key;
+END $$;
+
+-- Takes the advisory locks of the keys `p_keys` of group `p_group` for the rest of the
+-- transaction, in the one global order. The line is read afresh by every statement after this
+-- one only under READ COMMITTED; a caller's REPEATABLE READ or SERIALIZABLE transaction would
+-- read an old line, so it is refused.
+CREATE OR REPLACE FUNCTION @ns@._lock_keys(p_group integer, p_keys text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgtide: ordered groups need READ COMMITTED transactions, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'PT001',
+                  HINT = 'publish keyed messages and settle deliveries of ordered groups in READ COMMITTED transactions';
+    END IF;
+    -- One statement for the whole batch: the locks are taken as the sorted rows come out.
+    PERFORM pg_advisory_xact_lock(p_group, x.h)
+    FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) x;
+END $$;
+
+-- Queues deliveries of keyed messages in the ordered group `p_group`, in array order: a message
+-- whose key has no delivery in the group yet becomes the key's head (visible at `p_visible`);
+-- the others join the end of their key's line. Elements with a NULL key are skipped (the
+-- caller queues them as plain deliveries). A message already pending in the group is skipped.
+-- Counters are the caller's.
+CREATE OR REPLACE FUNCTION @ns@._enqueue_keyed(p_group integer, p_ids uuid[], p_keys text[],
+                                               p_visible timestamptz[])
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM @ns@._lock_keys(p_group, p_keys);
+    -- `key_seq` is taken in array order (volatile output expressions are computed after the
+    -- sort), under the keys' locks: a key's line is the order its publishes committed.
+    INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
+    SELECT p_group, u.id,
+           CASE WHEN u.i = u.first
+                     AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state h
+                                     WHERE h.group_id = p_group AND h.key = u.key
+                                       AND h.visible_at < @ns@._parked_bound())
+                     AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state l
+                                     WHERE l.group_id = p_group AND l.key = u.key
+                                       AND l.visible_at >= @ns@._parked_bound())
+                THEN u.visible
+                ELSE u.visible + @ns@._parked_offset() END,
+           u.key, nextval('@ns@.key_seq')
+    FROM (SELECT x.id, x.key, x.visible, x.i, min(x.i) OVER (PARTITION BY x.key) AS first
+          FROM unnest(p_ids, p_keys, p_visible) WITH ORDINALITY AS x (id, key, visible, i)
+          WHERE x.key IS NOT NULL) u
+    ORDER BY u.i
+    ON CONFLICT (group_id, message_id) DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END $$;
+
+-- Lets the keys `p_keys` of group `p_group` move on after their heads left the group: a key
+-- without a head gets the first of its line as head, due at its own due time (or now). Returns
+-- how many heads it made. SQL callers' consumers are woken at commit; the engine's pool (whose
+-- connections set `pgtide.notify = off`) wakes them itself.
+CREATE OR REPLACE FUNCTION @ns@._advance_keys(p_group integer, p_keys text[]) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET enable_sort = off SET jit = off
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF p_keys IS NULL OR cardinality(p_keys) = 0 THEN
+        RETURN 0;
+    END IF;
+    PERFORM @ns@._lock_keys(p_group, p_keys);
+    UPDATE @ns@.delivery_state d
+    SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
+    FROM (SELECT DISTINCT k FROM unnest(p_keys) k WHERE k IS NOT NULL) k
+    CROSS JOIN LATERAL (
+        SELECT l.message_id FROM @ns@.delivery_state l
+        WHERE l.group_id = p_group AND l.key = k.k AND l.visible_at >= @ns@._parked_bound()
+        ORDER BY l.key_seq LIMIT 1
+    ) nxt
+    WHERE d.group_id = p_group AND d.message_id = nxt.message_id
+      AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state h
+                      WHERE h.group_id = p_group AND h.key = k.k AND h.visible_at < @ns@._parked_bound());
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+        PERFORM pg_notify('pgtide.' || @ns_lit@, s.name)
+        FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
+    END IF;
+    RETURN n;
+END $$;
+
+-- After a bulk change to an ordered group (a reset, a trim, retention, a group created from the
+-- oldest message): every key whose line has no head gets one. Walks the group's waiting
+-- deliveries once: an administrative path, never a claim's.
+CREATE OR REPLACE FUNCTION @ns@._repair_keys(p_group integer) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_keys text[];
+BEGIN
+    SELECT array_agg(DISTINCT l.key) INTO v_keys FROM @ns@.delivery_state l
+    WHERE l.group_id = p_group AND l.key IS NOT NULL AND l.visible_at >= @ns@._parked_bound();
+    RETURN @ns@._advance_keys(p_group, v_keys);
+END $$;
+
+-- Whether group `p_group` is ordered (false for a missing group).
+CREATE OR REPLACE FUNCTION @ns@._is_ordered(p_group integer) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce((SELECT g.ordered FROM @ns@.groups g WHERE g.id = p_group), false)
+$$;
+
+-- `_claim` of an ordered group: the same O(batch) walk of the claim index (only heads are
+-- there), but heads whose last allowed attempt's lease expired are dead-lettered first, in a
+-- statement of their own, so their keys can move on (`_advance_keys` must see them gone).
+DROP FUNCTION IF EXISTS @ns@._claim_ordered(integer, integer, text, integer, interval, integer);
+CREATE OR REPLACE FUNCTION @ns@._claim_ordered(p_group integer, p_limit integer, p_consumer text,
+                                               p_stream integer, p_lease interval, p_max integer)
+RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
+               lease_expired boolean, lease_token bigint, key text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
+SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_ids     uuid[];
+    v_att     integer[];
+    v_until   timestamptz[];
+    v_expired boolean[];
+    v_tokens  bigint[];
+    v_dead    text[];
+BEGIN
+    WITH picked AS MATERIALIZED (
+        SELECT d.message_id, d.attempts, d.consumer FROM @ns@.delivery_state d
+        WHERE d.group_id = p_group AND d.visible_at <= now()
+        ORDER BY d.visible_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    ), exhausted AS (
+        DELETE FROM @ns@.delivery_state d USING picked p
+        WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts >= p_max
+        RETURNING d.message_id, d.attempts, d.last_error, d.key
+    ), dead AS (
+        INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
+        SELECT p_group, e.message_id, e.attempts, 'max_deliver',
+               coalesce(e.last_error, 'lease expired on attempt ' || e.attempts)
+        FROM exhausted e
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
+        SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
+    ), claimed AS (
+        UPDATE @ns@.delivery_state d
+        SET attempts = d.attempts + 1, visible_at = now() + p_lease, consumer = p_consumer,
+            lease_token = nextval('@ns@.lease_tokens')
+        FROM picked p
+        WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts < p_max
+        RETURNING d.message_id, d.attempts, d.visible_at, p.consumer IS NOT NULL AS expired,
+                  d.lease_token
+    )
+    SELECT (SELECT array_agg(c.message_id ORDER BY c.message_id) FROM claimed c),
+           (SELECT array_agg(c.attempts ORDER BY c.message_id) FROM claimed c),
+           (SELECT array_agg(c.visible_at ORDER BY c.message_id) FROM claimed c),
+           (SELECT array_agg(c.expired ORDER BY c.message_id) FROM claimed c),
+           (SELECT array_agg(c.lease_token ORDER BY c.message_id) FROM claimed c),
+           (SELECT array_agg(e.key) FROM exhausted e WHERE e.key IS NOT NULL)
+    INTO v_ids, v_att, v_until, v_expired, v_tokens, v_dead;
+    PERFORM @ns@._advance_keys(p_group, v_dead);
+    RETURN QUERY
+    SELECT c.id, c.attempt, c.until, m.payload, m.is_json, m.headers, c.expired, c.token, m.key
+    FROM unnest(v_ids, v_att, v_until, v_expired, v_tokens) AS c (id, attempt, until, expired, token)
+    CROSS JOIN LATERAL (
+        SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
+        WHERE mm.stream_id = p_stream AND mm.id = c.id LIMIT 1
+    ) m;
+END $$;
+
+---------------------------------------------------------------------------------------------------
+-- concurrency limit (issue 12.2)
+
+-- How many more deliveries group `p_group` may lease now under its limit `p_cap`. Locks the
+-- group's row first (to the end of the claim's transaction), so claims of a limited group take
+-- turns across every process and each sees the leases the previous one committed. Counts leased
+-- rows in the non-ready part of the claim index, stopping at `p_cap`; delayed rows in that range
+-- are walked too, so the count costs O(leased + delayed), never the ready backlog.
+CREATE OR REPLACE FUNCTION @ns@._in_flight_room(p_group integer, p_cap integer) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+DECLARE
+    busy integer;
+BEGIN
+    PERFORM 1 FROM @ns@.groups g WHERE g.id = p_group FOR NO KEY UPDATE;
+    SELECT count(*) INTO busy FROM (
+        SELECT 1 FROM @ns@.delivery_state d
+        WHERE d.group_id = p_group AND d.visible_at > now() AND d.visible_at < @ns@._parked_bound()
+          AND d.consumer IS NOT NULL
+        LIMIT p_cap
+    ) x;
+    RETURN p_cap - busy;
+END $$;
+
+---------------------------------------------------------------------------------------------------
+-- pause (issue 12.4)
+
+-- Hands deliveries back to be claimed again at `p_until` (now, if it has passed), the attempt
+-- not counted: a handler's `PauseKey`. In an ordered group the delivery is its key's head and
+-- stays it, so the whole key waits while the others go on. Fenced like every settle.
+CREATE OR REPLACE FUNCTION @ns@._pause(p_group integer, p_ids uuid[], p_attempts integer[],
+                                       p_tokens bigint[], p_until timestamptz)
+RETURNS SETOF uuid
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+    UPDATE @ns@.delivery_state d
+    SET visible_at = greatest(p_until, now()), consumer = NULL, lease_token = NULL,
+        attempts = greatest(d.attempts - 1, 0)
+    FROM unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
+    WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+      AND (u.attempt IS NULL OR d.attempts = u.attempt)
+      AND (u.token IS NULL OR d.lease_token = u.token)
+    RETURNING d.message_id
+$$;
