@@ -18,9 +18,13 @@ RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload b
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
--- backlog would make claims O(backlog)).
+-- backlog would make claims O(backlog)). Custom plans always: a generic plan of the message
+-- lookup takes the stream as a parameter, and PostgreSQL 15 locks every partition of every
+-- stream before pruning it at run time (thousands of locks per claim with many streams, which
+-- fill the server's lock table); a custom plan prunes to the stream's partitions when planning.
 SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+SET plan_cache_mode = force_custom_plan
 AS $$
 #variable_conflict use_column
 DECLARE

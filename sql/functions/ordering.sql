@@ -166,6 +166,8 @@ RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload b
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
+-- custom plans: see _claim (a generic plan locks every stream's partitions)
+SET plan_cache_mode = force_custom_plan
 AS $$
 #variable_conflict use_column
 DECLARE

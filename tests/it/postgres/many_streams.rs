@@ -182,3 +182,56 @@ async fn too_many_streams_in_one_transaction_is_a_typed_error() {
     );
     pg.shutdown().await;
 }
+
+/// A claim locks its own stream's partitions, not every stream's: under a generic plan the
+/// message lookup (stream id as a parameter) made PostgreSQL 15 lock all partitions of all
+/// streams before pruning at run time — thousands of locks per claim with many streams, which
+/// filled the lock table of the whole server. `_claim` pins custom plans; this session forces
+/// generic ones, so the test fails without the pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_lock_their_own_stream_not_every_stream() {
+    let ns = namespace().await;
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('s' || i) FROM generate_series(1, 60) i;
+         SELECT \"{n}\".create_group('s1', 'g');"
+    ))
+    .await
+    .unwrap();
+    // Every stream with its time partitions, as in steady state.
+    ns.maintain().await.unwrap();
+    let partitions = count(&raw, &format!("SELECT count(*) FROM \"{n}\".partitions")).await;
+    assert!(partitions >= 120, "{partitions} partitions");
+    for i in 0..40 {
+        raw.execute(
+            &format!("SELECT \"{n}\".publish('s1', $1::text::jsonb)"),
+            &[&i.to_string()],
+        )
+        .await
+        .unwrap();
+    }
+    raw.batch_execute("SET plan_cache_mode = force_generic_plan; BEGIN")
+        .await
+        .unwrap();
+    let mut claimed = 0;
+    // More calls than the plan cache's five custom plans before it may go generic.
+    for _ in 0..8 {
+        claimed += count(
+            &raw,
+            &format!("SELECT count(*) FROM \"{n}\".read('s1', 'g', 'c', n => 2)"),
+        )
+        .await;
+    }
+    let locks = count(
+        &raw,
+        "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'relation'",
+    )
+    .await;
+    raw.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(claimed, 16);
+    assert!(
+        locks < partitions / 2,
+        "one session's claims hold {locks} relation locks with {partitions} partitions in the namespace"
+    );
+}
