@@ -83,8 +83,8 @@ pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
 pub use crate::postgres::{connect_raw, redact_url, RawConnection};
 #[cfg(feature = "postgres")]
 pub use crate::postgres::{
-    migration_sql, GroupInfo, Inbox, ListenerStatus, MaintenanceReport, MigrateReport, PgBackend,
-    PgBackendBuilder, PgConsumer, ScoutLease, ScoutStatus, StatementMode, StreamInfo,
+    migration_sql, GroupInfo, Inbox, KeyInfo, ListenerStatus, MaintenanceReport, MigrateReport,
+    PgBackend, PgBackendBuilder, PgConsumer, ScoutLease, ScoutStatus, StatementMode, StreamInfo,
     DEFAULT_NAMESPACE,
 };
 pub use crate::queue::{

@@ -34,7 +34,7 @@ pub use admin::MaintenanceReport;
 pub use background::{ListenerStatus, ScoutStatus};
 pub use migrate::{migration_sql, MigrateReport};
 pub use ops::ScoutLease;
-pub use registry::{GroupInfo, StreamInfo};
+pub use registry::{GroupInfo, KeyInfo, StreamInfo};
 
 // The wake bus vocabulary, under the path the engine's modules use.
 use background::services;

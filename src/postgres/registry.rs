@@ -38,6 +38,26 @@ pub struct GroupInfo {
     pub max_in_flight: Option<u32>,
 }
 
+/// One ordering key of an ordered group with pending deliveries ([`PgBackend::keys`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct KeyInfo {
+    /// The key.
+    pub key: String,
+    /// Its pending deliveries (the head and those waiting behind it).
+    pub pending: i64,
+    /// Those waiting behind the head.
+    pub waiting: i64,
+    /// The head's state: `ready`, `delayed` (a retry or a pause) or `in_flight`.
+    pub head_state: Option<String>,
+    /// When a delayed head (a paused key) goes again.
+    pub resumes_at: Option<DateTime<Utc>>,
+    /// The consumer holding an in-flight head.
+    pub consumer: Option<String>,
+    /// Age of the key's oldest pending message.
+    pub oldest_age: Duration,
+}
+
 /// A stream configuration as SQL parameters $2..$9 (durations in microseconds), after the name.
 struct ConfigParams {
     lease: i64,
@@ -305,6 +325,34 @@ impl PgBackend {
             });
         }
         Ok(())
+    }
+
+    /// The keys of an ordered group that have pending deliveries, most pending first, at most
+    /// `limit`: the `keys` view. It walks the group's keyed deliveries (an inspection call, not
+    /// a hot path). Empty for a group that is not ordered.
+    pub async fn keys(&self, stream: &str, group: &str, limit: usize) -> Result<Vec<KeyInfo>> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.sql_rows(
+            &self.inner.sql.keys,
+            &[&stream, &group, &limit],
+            Ctx::group(stream, group),
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(KeyInfo {
+                key: r.try_get(0)?,
+                pending: r.try_get(1)?,
+                waiting: r.try_get(2)?,
+                head_state: r.try_get(3)?,
+                resumes_at: r.try_get(4)?,
+                consumer: r.try_get(5)?,
+                oldest_age: secs(r.try_get::<_, Option<f64>>(6)?.unwrap_or_default()),
+            })
+        })
+        .collect()
     }
 
     /// Deletes a group with its pending deliveries and dead letters. Returns false if it did not

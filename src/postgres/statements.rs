@@ -81,6 +81,7 @@ statements! {
     stream_trim => "stream_trim.sql" [TEXT, INT8, INT8],
     group_create => "group_create.sql" [TEXT, TEXT, TEXT, BOOL, BOOL, INT4],
     group_limit => "group_limit.sql" [TEXT, TEXT, INT4],
+    keys => "keys.sql" [TEXT, TEXT, INT8],
     group_delete => "group_delete.sql" [TEXT, TEXT],
     group_list => "group_list.sql" [TEXT],
     group_id => "group_id.sql" [TEXT, TEXT],

@@ -385,6 +385,55 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
                 point_text(point)
             );
         }
+        GroupCommand::Keys {
+            stream,
+            group,
+            limit,
+            json,
+        } => {
+            let pg = b.require_postgres("group keys")?;
+            // A missing group is "not found", not an empty list.
+            pg.consumer(&stream, &group, "cli-keys").await?;
+            let keys = pg.keys(&stream, &group, limit as usize).await?;
+            if json {
+                let list: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        json!({
+                            "key": k.key,
+                            "pending": k.pending,
+                            "waiting": k.waiting,
+                            "head_state": k.head_state,
+                            "resumes_at": k.resumes_at.map(format_time),
+                            "consumer": k.consumer,
+                            "oldest_age_secs": k.oldest_age.as_secs_f64(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                let rows: Vec<Vec<String>> = keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.key.clone(),
+                            k.pending.to_string(),
+                            k.waiting.to_string(),
+                            k.head_state.clone().unwrap_or_default(),
+                            k.resumes_at.map(format_time).unwrap_or_default(),
+                            k.consumer.clone().unwrap_or_default(),
+                            format_duration(k.oldest_age),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "KEY", "PENDING", "WAITING", "HEAD", "RESUMES", "CONSUMER", "OLDEST",
+                    ],
+                    &rows,
+                );
+            }
+        }
         GroupCommand::Delete { stream, group } => {
             if !b.delete_group(&stream, &group).await? {
                 return Err(CliError::not_found(format!(

@@ -273,6 +273,21 @@ pub enum GroupCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The ordering keys of an ordered group with pending deliveries, most pending first:
+    /// waiting count, head state, resume time of a paused key, holder (Postgres).
+    #[command(after_help = help::GROUP_KEYS)]
+    Keys {
+        /// Stream name.
+        stream: String,
+        /// Group name.
+        group: String,
+        /// Show at most this many keys.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        limit: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a group with its pending deliveries and dead letters.
     #[command(after_help = help::GROUP_DELETE)]
     Delete {

@@ -55,6 +55,10 @@ pub const GROUP_LIST: &str = "\
 Example:
   pgtide group list orders";
 
+pub const GROUP_KEYS: &str = "\
+Example:
+  pgtide group keys orders ship --limit 10   # top keys by pending count";
+
 pub const GROUP_DELETE: &str = "\
 Example:
   pgtide group delete orders billing";

@@ -68,6 +68,24 @@ async fn cli_ordered_group_delivers_one_key_at_a_time() {
     got.sort();
     assert_eq!(got, [("a".to_owned(), 1), ("b".to_owned(), 1)], "{held:?}");
     assert_eq!(depth(&ns, "orders", "ship").await, (2, 0, 2, 0));
+
+    let keys = pgtide(&ns, &["group", "keys", "orders", "ship", "--json"])
+        .await
+        .ok()
+        .json();
+    assert_eq!(keys[0]["key"], "a", "{keys}");
+    assert_eq!(
+        (keys[0]["pending"].as_i64(), keys[0]["waiting"].as_i64()),
+        (Some(3), Some(2))
+    );
+    assert_eq!(keys[0]["head_state"], "in_flight");
+    assert_eq!(keys[1]["key"], "b");
+    let table = pgtide(&ns, &["group", "keys", "orders", "ship", "--limit", "1"])
+        .await
+        .ok();
+    assert_eq!(table.lines().len(), 2, "a header and one key: {table:?}");
+    let missing = pgtide(&ns, &["group", "keys", "orders", "nope"]).await;
+    assert_eq!(missing.code, 3, "{missing:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
