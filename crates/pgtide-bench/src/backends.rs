@@ -169,7 +169,11 @@ impl Bench<'_> {
         let batch = run_workers(hundred, warmup, window, publish_hundred).await?;
         row.publish_batch_per_s = Some(batch.rate());
 
-        let backlog = ((self.config.phase.as_secs_f64() * BACKLOG_PER_PHASE_SEC) as u64)
+        // A backend that publishes slowly (SQS on moto: ~100 msg/s) gets the backlog it can
+        // write in one window, so that its consume and latency rows are measured at all.
+        let backlog = ((self.config.phase.as_secs_f64() * BACKLOG_PER_PHASE_SEC)
+            .min(batch.rate() * window.as_secs_f64()) as u64)
+            .max(100)
             .next_multiple_of(100);
         fill(queue, &self.msg, backlog).await?;
         let (acked, secs) = consume(queue, backlog, self.config.drain_cap).await?;
