@@ -328,6 +328,21 @@ impl KafkaBackend {
         }
     }
 
+    /// The stream's meta for a group that must exist: the cached one when it knows the group
+    /// (reading the registry costs a client and a read), else read again.
+    async fn group_meta(&self, stream: &str, group: &str) -> Result<std::sync::Arc<StreamMeta>> {
+        let cached = self.meta(stream).await?;
+        let meta = if cached.groups.contains(group) {
+            cached
+        } else {
+            self.fresh_meta(stream).await?
+        };
+        if !meta.groups.contains(group) {
+            return Err(group_not_found(stream, group));
+        }
+        Ok(meta)
+    }
+
     /// The end offsets of `topics` (those that exist), as registry marks.
     async fn ends(&self, topics: &[String]) -> Result<BTreeMap<String, Vec<i64>>> {
         let mut marks = BTreeMap::new();
@@ -537,10 +552,7 @@ impl KafkaBackend {
 
     pub(super) async fn group_stats(&self, stream: &str, group: &str) -> Result<GroupStats> {
         validate_name("group", group)?;
-        let meta = self.fresh_meta(stream).await?;
-        if !meta.groups.contains(group) {
-            return Err(group_not_found(stream, group));
-        }
+        let meta = self.group_meta(stream, group).await?;
         let names = &meta.names;
         let topics = [
             (Topic::Main, names.main.clone()),
@@ -650,10 +662,7 @@ impl KafkaBackend {
         limit: usize,
     ) -> Result<Vec<DeadLetter>> {
         validate_name("group", group)?;
-        let meta = self.fresh_meta(stream).await?;
-        if !meta.groups.contains(group) {
-            return Err(group_not_found(stream, group));
-        }
+        let meta = self.group_meta(stream, group).await?;
         let topic = meta.names.dead(group);
         let floor = meta
             .marks

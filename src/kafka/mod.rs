@@ -268,6 +268,14 @@ impl KafkaBackend {
         let mut config = base_config(&brokers, &options);
         let producer: FutureProducer = config
             .set("enable.idempotence", "true")
+            .set(
+                "message.timeout.ms",
+                options
+                    .request_timeout
+                    .as_millis()
+                    .min(i32::MAX as u128)
+                    .to_string(),
+            )
             .set("linger.ms", "0")
             .set("message.max.bytes", "16777216")
             .create()
@@ -383,7 +391,6 @@ fn base_config(brokers: &str, options: &KafkaOptions) -> ClientConfig {
         .set("client.id", "pgtide")
         .set("allow.auto.create.topics", "false")
         .set("socket.timeout.ms", &ms)
-        .set("message.timeout.ms", &ms)
         .set("topic.metadata.refresh.interval.ms", "10000");
     c
 }

@@ -31,8 +31,9 @@ const CMP_CONSUME: &str = "cmp-consume";
 const CMP_LATENCY: &str = "cmp-latency";
 const CMP_STREAMS: [&str; 4] = [CMP_PUBLISH, CMP_BATCH, CMP_CONSUME, CMP_LATENCY];
 
-/// How long a server may take to accept the connection and the streams.
-const CONNECT_WAIT: Duration = Duration::from_secs(5);
+/// How long a server may take to accept the connection and the streams (Kafka creates
+/// several topics and reads its registry per stream and group: a few seconds for the four).
+const CONNECT_WAIT: Duration = Duration::from_secs(20);
 /// Consume backlog per second of phase.
 const BACKLOG_PER_PHASE_SEC: f64 = 10_000.0;
 /// Publish rate of the latency case.
