@@ -80,7 +80,7 @@ async fn out_of_order_acks_commit_the_contiguous_prefix() {
     let c2 = again.consumer("log", "g", "c").await.unwrap();
     // The old member left without telling the broker (see `Closer`): its partition moves after
     // the session timeout (6 s).
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let mut redelivered = vec![];
     while redelivered.len() < 3 && std::time::Instant::now() < deadline {
         redelivered.extend(
