@@ -53,9 +53,15 @@ impl KafkaBackend {
                 }
                 None => &meta.names.main,
             };
-            let record = FutureRecord::<(), [u8]>::to(topic)
+            let mut record = FutureRecord::<str, [u8]>::to(topic)
                 .payload(&m.payload[..])
                 .headers(headers.build());
+            // An ordering key is the record key, so Kafka's partitioner keeps one key's records
+            // in one partition, in publish order (groups still lease them independently:
+            // `ordering_keys` is false).
+            if let Some(key) = m.key.as_deref() {
+                record = record.key(key);
+            }
             match self.inner.producer.send_result(record) {
                 Ok(delivery) => pending.push((id, delivery)),
                 Err((e, _)) => return Err(self.publish_failed(stream, e).await),
