@@ -356,22 +356,19 @@ impl ConsumerContext for Ctx {
 /// which tansu 0.6 never does, and a close still running when the process exits crashes it.
 /// So a stopped runtime (its group deleted, or its handle dropped) keeps its idle librdkafka
 /// client until the process exits.
-pub(super) struct Closer(Option<StreamConsumer<Ctx>>);
+pub(super) struct Closer(std::mem::ManuallyDrop<StreamConsumer<Ctx>>);
 
 impl std::ops::Deref for Closer {
     type Target = StreamConsumer<Ctx>;
     fn deref(&self) -> &StreamConsumer<Ctx> {
-        // Some until `drop`.
-        self.0.as_ref().expect("taken only by drop")
+        &self.0
     }
 }
 
 impl Drop for Closer {
     fn drop(&mut self) {
-        if let Some(consumer) = self.0.take() {
-            consumer.unsubscribe();
-            std::mem::forget(consumer);
-        }
+        // Never dropped (see above): the client is unsubscribed and left to the process's end.
+        self.0.unsubscribe();
     }
 }
 
@@ -448,7 +445,7 @@ impl Group {
             topics,
             state,
             notify: Arc::new(Notify::new()),
-            consumer: Arc::new(Closer(Some(consumer))),
+            consumer: Arc::new(Closer(std::mem::ManuallyDrop::new(consumer))),
             token: backend.inner.token.child_token(),
             producer: backend.inner.producer.clone(),
             backend: Arc::downgrade(&backend.inner),
