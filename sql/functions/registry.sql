@@ -240,6 +240,10 @@ DECLARE
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     sid := @ns@.stream_id(stream);
+    -- The stream's messages first, before any row lock: maintenance (draining the default
+    -- partition, retention) holds the partitions and then waits on delivery rows, so taking the
+    -- rows first and the TRUNCATE's lock last deadlocked with it.
+    EXECUTE format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE', @ns_lit@, 'messages_s' || sid);
     SELECT count(*) INTO n FROM @ns@.delivery_state
     WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.delivery_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
