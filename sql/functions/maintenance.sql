@@ -40,6 +40,10 @@ BEGIN
         RETURN false;
     END IF;
     tbl := format('messages_s%s_%s', p_stream_id, lo_ms);
+    -- The stream's table before its default partition (the ATTACH below needs it anyway): the
+    -- same order as purge_stream, which locks the stream's table with every partition. Taking the
+    -- default partition first (the DELETE) and the parent last deadlocked with a purge.
+    EXECUTE format('LOCK TABLE %I.%I IN SHARE UPDATE EXCLUSIVE MODE', @ns_lit@, parent);
     EXECUTE format('CREATE TABLE %I.%I (LIKE %I.messages INCLUDING DEFAULTS)', @ns_lit@, tbl, @ns_lit@);
     EXECUTE format('WITH moved AS (DELETE FROM %I.%I WHERE id >= $1 AND id < $2 RETURNING *) '
                    'INSERT INTO %I.%I SELECT * FROM moved',
