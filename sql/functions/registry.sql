@@ -118,8 +118,15 @@ DECLARE
     sid integer;
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
-    SELECT id INTO sid FROM @ns@.streams WHERE name = stream FOR UPDATE;
-    IF sid IS NULL THEN RETURN false; END IF;
+    SELECT id INTO sid FROM @ns@.streams WHERE name = stream;
+    IF sid IS NULL OR to_regclass(format('%I.%I', @ns_lit@, 'messages_s' || sid)) IS NULL THEN
+        RETURN false;
+    END IF;
+    -- The stream's table before any row (the stream's own included), the order maintenance
+    -- (ensure_partition) takes them in; the other order deadlocked with it.
+    EXECUTE format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE', @ns_lit@, 'messages_s' || sid);
+    PERFORM 1 FROM @ns@.streams WHERE id = sid FOR UPDATE;
+    IF NOT FOUND THEN RETURN false; END IF;
     DELETE FROM @ns@.delivery_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.dead_letter_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.group_counters WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
