@@ -214,6 +214,17 @@ pub struct GroupConfig {
     /// Needs [`crate::Capabilities::concurrency_limits`]. Set at creation; change it with
     /// [`crate::PgBackend::set_max_in_flight`]. Defaults to `None` (no limit).
     pub max_in_flight: Option<u32>,
+    /// Rate limit of the whole group: a token bucket shared by every consumer and process,
+    /// taken at claim time (a fetch returns at most the tokens available and then waits for
+    /// the next one). Needs [`crate::Capabilities::rate_limits`]. Set at creation; change it
+    /// with [`crate::PgBackend::set_rate_limit`]. Defaults to `None` (no limit).
+    pub rate_limit: Option<crate::RateLimit>,
+    /// Rate limit of each ordering key ([`crate::OutgoingMessage::key`]) of the group: a
+    /// delivery whose key has no token left is put off until its key's next token, without
+    /// holding back the other keys (messages without a key are not limited by it). Works in
+    /// ordered and unordered groups. Needs [`crate::Capabilities::rate_limits`]. Defaults to
+    /// `None` (no limit).
+    pub rate_limit_per_key: Option<crate::RateLimit>,
 }
 
 impl GroupConfig {
@@ -233,7 +244,21 @@ impl GroupConfig {
         self
     }
 
+    /// Sets [`GroupConfig::rate_limit`].
+    pub fn rate_limit(mut self, limit: crate::RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+    /// Sets [`GroupConfig::rate_limit_per_key`].
+    pub fn rate_limit_per_key(mut self, limit: crate::RateLimit) -> Self {
+        self.rate_limit_per_key = Some(limit);
+        self
+    }
+
     pub(crate) fn validate(&self) -> crate::error::Result<()> {
+        for limit in [&self.rate_limit, &self.rate_limit_per_key].into_iter().flatten() {
+            limit.validate()?;
+        }
         match self.max_in_flight {
             Some(n) if n == 0 || n > i32::MAX as u32 => Err(crate::error::Error::InvalidConfig(
                 format!("max_in_flight must be between 1 and 2147483647, not {n}"),

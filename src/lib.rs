@@ -56,6 +56,7 @@ mod nats;
 mod otel;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod rate;
 mod queue;
 #[cfg(feature = "redis")]
 mod redis;
@@ -72,6 +73,7 @@ pub use crate::error::{ConnectProblem, Error, Result};
 #[cfg(feature = "kafka")]
 pub use crate::kafka::{KafkaBackend, KafkaConsumer, KafkaOptions};
 pub use crate::limits::{check_duration, check_time, MAX_DURATION};
+pub use crate::rate::RateLimit;
 pub use crate::memory::{MemoryBackend, MemoryConsumer};
 pub use crate::names::{
     validate_key, validate_name, validate_namespace, MAX_KEY_LEN, MAX_NAME_LEN,

@@ -33,9 +33,14 @@ DECLARE
     v_max     integer;
     v_ordered boolean;
     v_cap     integer;
+    v_rate    double precision;
+    v_burst   integer;
+    v_krate   double precision;
+    v_kburst  integer;
 BEGIN
-    SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight
-    INTO sid, v_lease, v_max, v_ordered, v_cap
+    SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight,
+           g.rate, g.burst, g.key_rate, g.key_burst
+    INTO sid, v_lease, v_max, v_ordered, v_cap, v_rate, v_burst, v_krate, v_kburst
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
     IF sid IS NULL THEN
         RAISE EXCEPTION 'pgtide: group id % does not exist', p_group USING ERRCODE = 'PT003';
@@ -47,6 +52,12 @@ BEGIN
         IF p_limit <= 0 THEN
             RETURN;
         END IF;
+    END IF;
+    IF v_rate IS NOT NULL OR v_krate IS NOT NULL THEN
+        -- Rate limits: a statement of their own (flow_control.sql), off the unlimited path.
+        RETURN QUERY SELECT * FROM @ns@._claim_limited(p_group, p_limit, p_consumer, sid, v_lease, v_max,
+                                                       v_rate, v_burst, v_krate, v_kburst);
+        RETURN;
     END IF;
     IF v_ordered THEN
         -- Same walk; heads that die here let their keys move on (ordering.sql).
@@ -381,7 +392,9 @@ BEGIN
     SELECT c.id,
            CASE WHEN c.is_json THEN convert_from(c.payload, 'UTF8')::jsonb END,
            c.payload, c.headers, c.attempt, @ns@.uuid_time(c.id), c.lease_expires_at, c.lease_token, c.key
-    FROM @ns@._claim(gid, n, consumer, @ns@._check_duration('lease', lease, false)) c;
+    FROM @ns@._claim(gid, n, consumer, @ns@._check_duration('lease', lease, false)) c
+    -- a rate-limited claim that got nothing says when to come back in a row without an id
+    WHERE c.id IS NOT NULL;
 END $$;
 
 -- The by-name settles take the `lease_token`s that `read` returned, in the order of `ids`, and

@@ -143,9 +143,13 @@ END $$;
 -- `max_in_flight`: at most this many deliveries leased at once across every consumer (NULL: no
 -- limit); set at creation, changed with `set_max_in_flight`.
 DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean);
+-- The rate limits joined the arguments in migration 0011: a new signature needs the DROP.
+DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean, boolean, integer);
 CREATE OR REPLACE FUNCTION @ns@.create_group(stream text, "group" text, start text DEFAULT 'new',
                                   if_not_exists boolean DEFAULT true, ordered boolean DEFAULT false,
-                                  max_in_flight integer DEFAULT NULL)
+                                  max_in_flight integer DEFAULT NULL,
+                                  rate double precision DEFAULT NULL, burst integer DEFAULT NULL,
+                                  key_rate double precision DEFAULT NULL, key_burst integer DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -165,6 +169,8 @@ BEGIN
     PERFORM @ns@._check(max_in_flight IS NULL OR max_in_flight > 0,
         format('max_in_flight must be positive, not %s', max_in_flight),
         'leave it out (NULL) for no limit');
+    PERFORM @ns@._check_rate('the rate', rate, burst);
+    PERFORM @ns@._check_rate('the per-key rate', key_rate, key_burst);
     sid := @ns@.stream_id(stream);
     PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.group.' || sid || '.' || "group"));
     SELECT g.ordered INTO was FROM @ns@.groups g WHERE g.stream_id = sid AND g.name = "group";
@@ -179,8 +185,10 @@ BEGIN
             'ordering is fixed when a group is created: delete the group and create it again to change it');
         RETURN false;
     END IF;
-    INSERT INTO @ns@.groups (stream_id, name, ordered, max_in_flight)
-    VALUES (sid, "group", ordered, max_in_flight) RETURNING id INTO gid;
+    INSERT INTO @ns@.groups (stream_id, name, ordered, max_in_flight, rate, burst, key_rate, key_burst)
+    VALUES (sid, "group", ordered, max_in_flight, rate, coalesce(burst, @ns@._default_burst(rate)),
+            key_rate, coalesce(key_burst, @ns@._default_burst(key_rate)))
+    RETURNING id INTO gid;
     INSERT INTO @ns@.group_counters (group_id) VALUES (gid);
     IF start = 'oldest' THEN
         -- Ordered: keyed messages wait in their keys' lines (id order), then each key gets a head.
@@ -274,12 +282,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Groups of the stream `p_stream` (of every stream when NULL), by stream and name.
--- The result gained `ordered` and `max_in_flight` (migration 0010): a new result type needs the DROP.
+-- The result gained `ordered` and `max_in_flight` (migration 0010) and the rate limits (0011): a
+-- new result type needs the DROP.
 DROP FUNCTION IF EXISTS @ns@._group_list(text);
 CREATE OR REPLACE FUNCTION @ns@._group_list(p_stream text DEFAULT NULL)
-RETURNS TABLE (stream text, "group" text, created_at timestamptz, ordered boolean, max_in_flight integer)
+RETURNS TABLE (stream text, "group" text, created_at timestamptz, ordered boolean, max_in_flight integer,
+               rate double precision, burst integer, key_rate double precision, key_burst integer)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT s.name, g.name, g.created_at, g.ordered, g.max_in_flight
+    SELECT s.name, g.name, g.created_at, g.ordered, g.max_in_flight, g.rate, g.burst, g.key_rate, g.key_burst
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
     WHERE p_stream IS NULL OR s.name = p_stream
     ORDER BY s.name, g.name

@@ -50,6 +50,8 @@ pub(crate) const AMQP_CAPABILITIES: Capabilities = Capabilities {
     fenced_after_release: true,
     ordering_keys: false,
     concurrency_limits: false,
+    rate_limits: false,
+    fair_share: false,
 };
 
 /// RabbitMQ (AMQP 0.9.1) backend handle, tested against RabbitMQ 3.10. Cheap to clone; clones

@@ -93,6 +93,8 @@ pub(crate) const KAFKA_CAPABILITIES: Capabilities = Capabilities {
     fenced_after_release: true,
     ordering_keys: false,
     concurrency_limits: false,
+    rate_limits: false,
+    fair_share: false,
 };
 
 /// Options of a [`KafkaBackend`].

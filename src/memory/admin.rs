@@ -47,6 +47,10 @@ impl Stream {
         let mut g = Group {
             ordered: config.ordered,
             max_in_flight: config.max_in_flight,
+            rate: config
+                .rate_limit
+                .map(|l| (l, super::state::Bucket::full(&l, Instant::now()))),
+            key_rate: config.rate_limit_per_key,
             ..Group::default()
         };
         if config.start == GroupStart::Oldest {
@@ -69,6 +73,8 @@ impl Stream {
             *g = Group {
                 ordered: g.ordered,
                 max_in_flight: g.max_in_flight,
+                rate: g.rate,
+                key_rate: g.key_rate,
                 ..Group::default()
             };
         }

@@ -35,7 +35,9 @@ impl MemoryConsumer {
                 .get_mut(group)
                 .ok_or_else(|| group_not_found(stream, group))?;
             let mut out = vec![];
-            let max = max.min(g.room(now));
+            let max = max.min(g.room(now)).min(g.tokens(now));
+            // Something ready was held back by a rate limit: come back then, not at once.
+            let mut held = None;
             while out.len() < max {
                 let Some(&(at, id)) = g.order.iter().next() else {
                     break;
@@ -69,6 +71,18 @@ impl MemoryConsumer {
                     );
                     continue;
                 }
+                // A key out of tokens is put off (the attempt not counted); other keys go on.
+                let key = g.pending.get(&id).and_then(|p| p.key.clone()).or(msg.key.clone());
+                if let Some(k) = key {
+                    if let Err(due) = g.key_token(&k, now) {
+                        if let Some(mut p) = g.remove(&id) {
+                            p.visible_at = due;
+                            p.consumer = None;
+                            g.set(id, p);
+                        }
+                        continue;
+                    }
+                }
                 let Some(p) = g.remove(&id) else { break };
                 let attempts = p.attempts + 1;
                 g.claims += 1;
@@ -101,7 +115,18 @@ impl MemoryConsumer {
                     token: Some(Arc::new(claim)),
                 });
             }
+            if let Some((limit, bucket)) = &mut g.rate {
+                bucket.tokens -= out.len() as f64;
+                let ready = g.order.iter().next().is_some_and(|(at, _)| *at <= now);
+                if out.is_empty() && ready {
+                    held = Some(bucket.next_token(limit, now));
+                }
+            }
             let next = g.order.iter().next().map(|(at, _)| *at);
+            let next = match held {
+                Some(h) => Some(h),
+                None => next,
+            };
             Ok((out, s.wake.clone(), next))
         })
     }

@@ -44,6 +44,8 @@ pub(crate) const MEMORY_CAPABILITIES: Capabilities = Capabilities {
     fenced_after_release: true,
     ordering_keys: true,
     concurrency_limits: true,
+    rate_limits: true,
+    fair_share: false,
 };
 
 /// In-process backend. Cheap to clone; clones share state.

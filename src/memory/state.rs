@@ -9,7 +9,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use std::time::Duration;
+
 use crate::config::StreamConfig;
+use crate::RateLimit;
 use crate::error::Error;
 use crate::queue::{DeadLetter, Delivery, Headers};
 
@@ -61,6 +64,44 @@ pub(super) struct Group {
     pub(super) lines: HashMap<String, VecDeque<(Uuid, Instant)>>,
     /// At most this many leased at once (`GroupConfig::max_in_flight`).
     pub(super) max_in_flight: Option<u32>,
+    /// The group's token bucket (`GroupConfig::rate_limit`), full when created.
+    pub(super) rate: Option<(RateLimit, Bucket)>,
+    /// Each key's rate (`GroupConfig::rate_limit_per_key`) and the keys' buckets (a missing
+    /// one is full).
+    pub(super) key_rate: Option<RateLimit>,
+    pub(super) key_buckets: HashMap<String, Bucket>,
+}
+
+/// A token bucket as on Postgres (`rate_buckets`): `tokens` as of `at`; `horizon`, up to when
+/// its tokens are promised to deliveries put off.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Bucket {
+    pub(super) tokens: f64,
+    pub(super) at: Instant,
+    pub(super) horizon: Instant,
+}
+
+impl Bucket {
+    pub(super) fn full(limit: &RateLimit, now: Instant) -> Bucket {
+        Bucket {
+            tokens: f64::from(limit.burst_size()),
+            at: now,
+            horizon: now,
+        }
+    }
+
+    /// Refills up to `now`; returns the tokens held.
+    pub(super) fn refill(&mut self, limit: &RateLimit, now: Instant) -> f64 {
+        let gained = now.saturating_duration_since(self.at).as_secs_f64() * limit.rate();
+        self.tokens = (self.tokens + gained).min(f64::from(limit.burst_size()));
+        self.at = self.at.max(now);
+        self.tokens
+    }
+
+    /// When the bucket next holds a whole token.
+    pub(super) fn next_token(&self, limit: &RateLimit, now: Instant) -> Instant {
+        now + Duration::from_secs_f64(((1.0 - self.tokens).max(0.0) / limit.rate()).min(86_400.0))
+    }
 }
 
 pub(super) struct Stream {
@@ -150,6 +191,33 @@ impl Group {
             .filter(|p| p.consumer.is_some() && p.visible_at > now)
             .count();
         (cap as usize).saturating_sub(leased)
+    }
+
+    /// How many deliveries the group's rate limit allows now (`usize::MAX` without one).
+    pub(super) fn tokens(&mut self, now: Instant) -> usize {
+        match &mut self.rate {
+            Some((limit, bucket)) => bucket.refill(limit, now).max(0.0) as usize,
+            None => usize::MAX,
+        }
+    }
+
+    /// Takes a token of `key`'s bucket, or says when the delivery is to come back: one token
+    /// apart from the key's horizon, which then moves there.
+    pub(super) fn key_token(&mut self, key: &str, now: Instant) -> std::result::Result<(), Instant> {
+        let Some(limit) = self.key_rate else {
+            return Ok(());
+        };
+        let bucket = self
+            .key_buckets
+            .entry(key.to_owned())
+            .or_insert_with(|| Bucket::full(&limit, now));
+        if bucket.refill(&limit, now) >= 1.0 {
+            bucket.tokens -= 1.0;
+            return Ok(());
+        }
+        let due = bucket.horizon.max(now) + Duration::from_secs_f64(1.0 / limit.rate());
+        bucket.horizon = due;
+        Err(due)
     }
 
     /// Deliveries waiting behind their keys' heads.

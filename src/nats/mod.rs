@@ -101,6 +101,8 @@ pub(crate) const NATS_CAPABILITIES: Capabilities = Capabilities {
     fenced_after_release: false,
     ordering_keys: false,
     concurrency_limits: false,
+    rate_limits: false,
+    fair_share: false,
 };
 
 /// Options of a [`NatsBackend`].

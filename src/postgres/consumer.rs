@@ -138,8 +138,14 @@ impl PgConsumer {
     /// Cancel safety: if dropped after the claim committed, the claimed deliveries become visible
     /// again when their lease expires; nothing is lost.
     pub async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
+        Ok(self.claim(max).await?.0)
+    }
+
+    /// [`PgConsumer::try_fetch`], and when a rate limit left the batch empty, how long until
+    /// a claim may get something (the claim's row without an id, `flow_control.sql`).
+    async fn claim(&self, max: usize) -> Result<(Vec<Delivery>, Option<Duration>)> {
         if max == 0 {
-            return Ok(vec![]);
+            return Ok((vec![], None));
         }
         self.check_lease()?;
         let started = metrics::start();
@@ -156,13 +162,19 @@ impl PgConsumer {
             .map_err(|e| self.error(e))?;
         let mut batch = vec![];
         let mut malformed = vec![];
+        let mut come_back = None;
         for r in &rows {
+            if r.try_get::<_, Option<Uuid>>(0)?.is_none() {
+                let micros = r.try_get::<_, Option<i64>>(7)?.unwrap_or(0);
+                come_back = Some(Duration::from_micros(micros.max(0) as u64));
+                continue;
+            }
             self.decode(r, 0, &mut batch, &mut malformed)?;
         }
         self.term_malformed(&*client, &malformed).await?;
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 6));
-        Ok(batch)
+        Ok((batch, come_back))
     }
 
     /// Acknowledges `done` and claims up to `max` new deliveries in one round trip and one
@@ -358,12 +370,18 @@ impl PgConsumer {
         // Subscribe before the first claim so a publish between the claim and the wait still wakes us.
         let mut wakes = self.pg.subscribe();
         loop {
-            let batch = self.try_fetch(max).await?;
+            let (batch, come_back) = self.claim(max).await?;
             let now = tokio::time::Instant::now();
             if !batch.is_empty() || now >= deadline || stopped() {
                 return Ok(batch);
             }
-            let poll_at = (now + self.pg.poll_interval()).min(deadline);
+            // A rate limit held the claim back: sleep until its next token (no wake-up comes
+            // for a token), never past the poll interval or the deadline.
+            let poll = match come_back {
+                Some(wait) => self.pg.poll_interval().min(wait),
+                None => self.pg.poll_interval(),
+            };
+            let poll_at = (now + poll).min(deadline);
             let _waiting = self.pg.waiting();
             let wait = async {
                 match wakes.as_mut() {

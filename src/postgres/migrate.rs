@@ -35,6 +35,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (8, "lease_tokens", include_str!("../../migrations/0008_lease_tokens.sql")),
     (9, "least_privilege", include_str!("../../migrations/0009_least_privilege.sql")),
     (10, "ordering", include_str!("../../migrations/0010_ordering.sql")),
+    (11, "flow_control", include_str!("../../migrations/0011_flow_control.sql")),
 ];
 
 /// The function and view files, in the order they are applied: a file may use what an earlier
@@ -43,6 +44,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 const FUNCTION_FILES: &[(&str, &str)] = &[
     ("functions/core.sql", include_str!("../../sql/functions/core.sql")),
     ("functions/ordering.sql", include_str!("../../sql/functions/ordering.sql")),
+    ("functions/flow_control.sql", include_str!("../../sql/functions/flow_control.sql")),
     ("functions/maintenance.sql", include_str!("../../sql/functions/maintenance.sql")),
     ("functions/registry.sql", include_str!("../../sql/functions/registry.sql")),
     ("functions/publish.sql", include_str!("../../sql/functions/publish.sql")),

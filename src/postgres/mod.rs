@@ -141,6 +141,8 @@ const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
     fenced_after_release: true,
     ordering_keys: true,
     concurrency_limits: true,
+    rate_limits: true,
+    fair_share: false,
 };
 
 // The trait's methods are the inherent ones of the same name and signature (registry.rs,

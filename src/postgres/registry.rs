@@ -36,6 +36,10 @@ pub struct GroupInfo {
     pub ordered: bool,
     /// Its concurrency limit ([`GroupConfig::max_in_flight`]).
     pub max_in_flight: Option<u32>,
+    /// Its rate limit ([`GroupConfig::rate_limit`]).
+    pub rate_limit: Option<crate::RateLimit>,
+    /// Its per-key rate limit ([`GroupConfig::rate_limit_per_key`]).
+    pub rate_limit_per_key: Option<crate::RateLimit>,
 }
 
 /// One ordering key of an ordered group with pending deliveries ([`PgBackend::keys`]).
@@ -240,6 +244,10 @@ impl PgBackend {
         validate_name("group", group)?;
         config.validate()?;
         let limit = config.max_in_flight.map(|n| n as i32);
+        let rate = config.rate_limit.map(|r| r.rate());
+        let burst = config.rate_limit.map(|r| r.burst_size() as i32);
+        let key_rate = config.rate_limit_per_key.map(|r| r.rate());
+        let key_burst = config.rate_limit_per_key.map(|r| r.burst_size() as i32);
         self.sql_value(
             &self.inner.sql.group_create,
             &[
@@ -249,6 +257,10 @@ impl PgBackend {
                 &if_not_exists,
                 &config.ordered,
                 &limit,
+                &rate,
+                &burst,
+                &key_rate,
+                &key_burst,
             ],
             Ctx::group(stream, group),
         )
@@ -327,6 +339,61 @@ impl PgBackend {
         Ok(())
     }
 
+    /// Sets (`Some`) or removes (`None`) the group's rate limit ([`GroupConfig::rate_limit`]).
+    /// The new bucket starts full. Deliveries already leased keep their leases. Fails with
+    /// [`Error::GroupNotFound`] if the group does not exist, [`Error::InvalidConfig`] for a
+    /// rate or burst out of bounds ([`crate::RateLimit::validate`]).
+    pub async fn set_rate_limit(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: Option<crate::RateLimit>,
+    ) -> Result<()> {
+        self.set_rate(stream, group, limit, false).await
+    }
+
+    /// Sets (`Some`) or removes (`None`) the rate limit of each key of the group
+    /// ([`GroupConfig::rate_limit_per_key`]); every key's bucket starts full again. Errors as
+    /// [`PgBackend::set_rate_limit`].
+    pub async fn set_rate_limit_per_key(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: Option<crate::RateLimit>,
+    ) -> Result<()> {
+        self.set_rate(stream, group, limit, true).await
+    }
+
+    async fn set_rate(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: Option<crate::RateLimit>,
+        per_key: bool,
+    ) -> Result<()> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        if let Some(l) = &limit {
+            l.validate()?;
+        }
+        let rate = limit.map(|r| r.rate());
+        let burst = limit.map(|r| r.burst_size() as i32);
+        let found: bool = self
+            .sql_value(
+                &self.inner.sql.group_rate,
+                &[&stream, &group, &rate, &burst, &per_key],
+                Ctx::group(stream, group),
+            )
+            .await?;
+        if !found {
+            return Err(Error::GroupNotFound {
+                stream: stream.to_owned(),
+                group: group.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
     /// The keys of an ordered group that have pending deliveries, most pending first, at most
     /// `limit`: the `keys` view. It walks the group's keyed deliveries (an inspection call, not
     /// a hot path). Empty for a group that is not ordered.
@@ -383,6 +450,12 @@ impl PgBackend {
                     created_at: r.try_get(2)?,
                     ordered: r.try_get(3)?,
                     max_in_flight: r.try_get::<_, Option<i32>>(4)?.map(|n| n.max(0) as u32),
+                    rate_limit: r
+                        .try_get::<_, Option<f64>>(5)?
+                        .and_then(|rate| crate::RateLimit::from_stored(rate, r.try_get(6).ok()?)),
+                    rate_limit_per_key: r
+                        .try_get::<_, Option<f64>>(7)?
+                        .and_then(|rate| crate::RateLimit::from_stored(rate, r.try_get(8).ok()?)),
                 })
             })
             .collect()

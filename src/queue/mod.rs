@@ -70,6 +70,13 @@ pub struct Capabilities {
     /// Group concurrency limits ([`crate::GroupConfig::max_in_flight`]) enforced across every
     /// consumer and process.
     pub concurrency_limits: bool,
+    /// Rate limits ([`crate::GroupConfig::rate_limit`], [`crate::GroupConfig::rate_limit_per_key`])
+    /// enforced across every consumer and process. Backends without it refuse rate-limited
+    /// groups ([`crate::Error::Unsupported`]).
+    pub rate_limits: bool,
+    /// Weighted fair share between the keys of a group. No backend offers it yet: the field is
+    /// here so that code can ask before relying on it.
+    pub fair_share: bool,
 }
 
 /// A handle to one backend: publish, administer, inspect, and make consumers. Cheap to clone.
@@ -143,6 +150,14 @@ pub trait Queue: Clone + Send + Sync + 'static {
                 return Err(crate::Error::Unsupported {
                     backend: "this",
                     what: "group concurrency limits (Capabilities::concurrency_limits)",
+                });
+            }
+            if (config.rate_limit.is_some() || config.rate_limit_per_key.is_some())
+                && !self.capabilities().rate_limits
+            {
+                return Err(crate::Error::Unsupported {
+                    backend: "this",
+                    what: "rate limits (Capabilities::rate_limits)",
                 });
             }
             self.ensure_group(stream, group, config.start).await

@@ -84,6 +84,8 @@ pub(crate) const REDIS_CAPABILITIES: Capabilities = Capabilities {
     fenced_after_release: true,
     ordering_keys: false,
     concurrency_limits: false,
+    rate_limits: false,
+    fair_share: false,
 };
 
 /// Redis Streams backend handle. Cheap to clone; clones share one auto-reconnecting connection.

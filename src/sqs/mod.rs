@@ -105,6 +105,8 @@ pub(crate) const SQS_CAPABILITIES: Capabilities = Capabilities {
     fenced_after_release: false,
     ordering_keys: false,
     concurrency_limits: false,
+    rate_limits: false,
+    fair_share: false,
 };
 
 /// Options of an [`SqsBackend`].

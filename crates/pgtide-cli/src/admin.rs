@@ -10,7 +10,7 @@ use pgtide::{Backoff, GroupConfig, GroupStart, PgBackend, StreamConfig, StreamIn
 use serde_json::json;
 
 use crate::backend::Target;
-use crate::cli::{GroupCommand, StreamCommand, StreamOptions};
+use crate::cli::{GroupCommand, RateSetting, StreamCommand, StreamOptions};
 use crate::error::{CliError, CliResult};
 use crate::human::{
     format_age, format_duration, format_time, parse_point, plural, print_table, Point,
@@ -345,6 +345,10 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             if_not_exists,
             ordered,
             max_in_flight,
+            rate,
+            burst,
+            key_rate,
+            key_burst,
         } => {
             let point = parse_point(&from).map_err(CliError::usage)?;
             let start = match point {
@@ -354,6 +358,12 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             let mut config = GroupConfig::default().start(start).ordered(ordered);
             if let Some(limit) = max_in_flight {
                 config = config.max_in_flight(limit);
+            }
+            if let Some(r) = rate {
+                config = config.rate_limit(burst.map_or(r, |b| r.burst(b)));
+            }
+            if let Some(r) = key_rate {
+                config = config.rate_limit_per_key(key_burst.map_or(r, |b| r.burst(b)));
             }
             let created = match b.postgres() {
                 Some(pg) if !if_not_exists => {
@@ -434,6 +444,36 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
                 );
             }
         }
+        GroupCommand::Rate {
+            stream,
+            group,
+            rate,
+            burst,
+            per_key,
+        } => {
+            let pg = b.require_postgres("group rate")?;
+            let limit = match rate {
+                RateSetting::Limit(r) => Some(burst.map_or(r, |b| r.burst(b))),
+                RateSetting::Off if burst.is_some() => {
+                    return Err(CliError::usage("--burst needs a rate, not `off`"))
+                }
+                RateSetting::Off => None,
+            };
+            if per_key {
+                pg.set_rate_limit_per_key(&stream, &group, limit).await?;
+            } else {
+                pg.set_rate_limit(&stream, &group, limit).await?;
+            }
+            let whose = if per_key { "each key of group" } else { "group" };
+            match limit {
+                Some(l) => println!(
+                    "{whose} {group:?} of stream {stream:?}: at most {} deliveries per second, burst {}",
+                    l.rate(),
+                    l.burst_size()
+                ),
+                None => println!("{whose} {group:?} of stream {stream:?}: no rate limit"),
+            }
+        }
         GroupCommand::Delete { stream, group } => {
             if !b.delete_group(&stream, &group).await? {
                 return Err(CliError::not_found(format!(
@@ -451,7 +491,9 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             if json {
                 let list: Vec<_> = groups
                     .iter()
-                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at), "ordered": g.ordered, "max_in_flight": g.max_in_flight}))
+                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at), "ordered": g.ordered, "max_in_flight": g.max_in_flight,
+                        "rate": g.rate_limit.map(|r| r.rate()), "burst": g.rate_limit.map(|r| r.burst_size()),
+                        "key_rate": g.rate_limit_per_key.map(|r| r.rate()), "key_burst": g.rate_limit_per_key.map(|r| r.burst_size())}))
                     .collect();
                 println!("{}", serde_json::Value::Array(list));
             } else {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pgtide::RateLimit;
 
 use crate::help;
 use crate::human::{parse_count, parse_duration, parse_interval, parse_size};
@@ -238,6 +239,27 @@ pub enum StreamCommand {
     },
 }
 
+/// `--rate`: the library's own rule ([`RateLimit`]'s `FromStr`), as a usage error.
+fn parse_rate(s: &str) -> Result<RateLimit, String> {
+    s.parse::<RateLimit>().map_err(|e| e.to_string())
+}
+
+/// `group rate`'s value: a rate, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub enum RateSetting {
+    /// Set this limit.
+    Limit(RateLimit),
+    /// Remove the limit.
+    Off,
+}
+
+fn parse_rate_or_off(s: &str) -> Result<RateSetting, String> {
+    if s == "off" {
+        return Ok(RateSetting::Off);
+    }
+    parse_rate(s).map(RateSetting::Limit)
+}
+
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
     /// Create a consumer group. Every group receives every message.
@@ -263,6 +285,39 @@ pub enum GroupCommand {
         /// process (Postgres and memory).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_147_483_647))]
         max_in_flight: Option<u32>,
+        /// Rate limit of the group, shared by every consumer and process: COUNT/UNIT such as
+        /// 100/s, 30/min, 2/h, 1/5s (Postgres and memory).
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<RateLimit>,
+        /// Most deliveries at once after a quiet spell (the bucket of --rate). Defaults to one
+        /// second's worth, at least 1.
+        #[arg(long, requires = "rate", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        burst: Option<u32>,
+        /// Rate limit of each ordering key (`publish --key`): a key out of tokens waits while
+        /// the others go on. Same syntax as --rate.
+        #[arg(long, value_parser = parse_rate)]
+        key_rate: Option<RateLimit>,
+        /// The bucket size of --key-rate. Defaults to one second's worth, at least 1.
+        #[arg(long, requires = "key_rate", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        key_burst: Option<u32>,
+    },
+    /// Set or remove a group's rate limit (or, with --per-key, each key's) (Postgres).
+    #[command(after_help = help::GROUP_RATE)]
+    Rate {
+        /// Stream name.
+        stream: String,
+        /// Group name.
+        group: String,
+        /// COUNT/UNIT such as 100/s, 30/min, 2/h, 1/5s; `off` removes the limit.
+        #[arg(value_parser = parse_rate_or_off)]
+        rate: RateSetting,
+        /// Most deliveries at once after a quiet spell. Defaults to one second's worth, at
+        /// least 1.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        burst: Option<u32>,
+        /// The limit of each ordering key instead of the group's.
+        #[arg(long)]
+        per_key: bool,
     },
     /// List groups (of one stream, or of all).
     #[command(after_help = help::GROUP_LIST)]

@@ -49,7 +49,15 @@ pub const GROUP_CREATE: &str = "\
 Examples:
   pgtide group create orders billing               # new messages only
   pgtide group create orders audit --from oldest   # every retained message too
-  pgtide group create orders ship --ordered        # one key at a time, in publish order";
+  pgtide group create orders ship --ordered        # one key at a time, in publish order
+  pgtide group create orders mail --rate 100/s     # at most 100 deliveries a second, all consumers
+  pgtide group create orders api --key-rate 2/s    # each key at most 2 a second, keys independent";
+
+pub const GROUP_RATE: &str = "\
+Examples:
+  pgtide group rate orders mail 50/s --burst 10   # change the group's limit
+  pgtide group rate orders api 1/s --per-key      # each key's limit
+  pgtide group rate orders mail off               # remove it";
 
 pub const GROUP_LIST: &str = "\
 Example:
