@@ -193,6 +193,7 @@ BEGIN
     END LOOP;
     DELETE FROM @ns@.dedupe WHERE expires_at < at;
     GET DIAGNOSTICS dedupe_removed = ROW_COUNT;
+    PERFORM @ns@._trim_rate_buckets();
     PERFORM @ns@.fold_counters();
     RETURN NEXT;
 END $$;

@@ -11,6 +11,9 @@ use pgtide::{
     StreamConfig, Worker,
 };
 
+pub use super::flow_control::{
+    rate_limit_holds_the_group, rate_limit_per_key_holds_one_key_while_others_drain,
+};
 pub use super::ordering::{
     max_in_flight_caps_the_group, ordered_group_delivers_each_key_in_order,
     pause_key_holds_one_key_while_others_drain,

@@ -3,6 +3,7 @@ mod hostile;
 mod late_commits;
 mod many_streams;
 mod ordering;
+mod rate_limits;
 mod plans;
 mod pooler;
 mod privileges;

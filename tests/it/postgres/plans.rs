@@ -574,3 +574,108 @@ async fn ordered_group_statements_stay_o_batch_under_generic_plans_and_hostile_c
         faults.join("\n")
     );
 }
+
+/// The claim of a rate-limited group (`_claim_limited`): a group bucket and per-key buckets, a
+/// backlog whose keys come in runs of a thousand (so every claim puts most of its batch off), a
+/// group out of tokens, and nothing ready (the "come back" lookup).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs() {
+    let ns = namespace().await;
+    ns.create_stream("plans", &StreamConfig::default().max_deliver(3))
+        .await
+        .unwrap();
+    let config = pgtide::GroupConfig::default()
+        .rate_limit(pgtide::RateLimit::per_second(1_000_000.0).burst(1_000_000))
+        .rate_limit_per_key(pgtide::RateLimit::per_second(1.0).burst(1));
+    ns.create_group_with("plans", "r", &config).await.unwrap();
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    raw.batch_execute(&format!(
+        "INSERT INTO \"{n}\".messages (stream_id, id, payload, is_json, key)
+         SELECT s.id, \"{n}\".uuid_v7(now() - (({BACKLOG} - i) * interval '1 ms')), '{{\"n\": 1}}', true,
+                'k' || (i / 1000)
+         FROM \"{n}\".streams s, generate_series(1, {BACKLOG}) i WHERE s.name = 'plans';
+         INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at)
+         SELECT g.id, m.id, \"{n}\".uuid_time(m.id) - interval '1 hour'
+         FROM \"{n}\".groups g JOIN \"{n}\".messages m ON m.stream_id = g.stream_id;
+         INSERT INTO \"{n}\".counter_deltas (group_id, pending) SELECT id, {BACKLOG} FROM \"{n}\".groups;
+         ANALYZE \"{n}\".messages, \"{n}\".delivery_state, \"{n}\".streams, \"{n}\".groups;"
+    ))
+    .await
+    .unwrap();
+    let group: i32 = raw
+        .query_one(&format!("SELECT id FROM \"{n}\".groups"), &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let (s, mut rx) = explaining_session(&ns.url).await;
+    let mut faults = vec![];
+    let lease_us: i64 = 30_000_000;
+    let claim = render(include_str!("../../../sql/claim.sql"), &n);
+    let ack_claim = render(include_str!("../../../sql/ack_claim.sql"), &n);
+    let claimed = |rows: &[tokio_postgres::Row]| {
+        rows.iter()
+            .filter(|r| r.get::<_, Option<Uuid>>("id").is_some())
+            .count()
+    };
+    for round in 0..2usize {
+        // Ten of one key: its one token, nine put off; then ten more of it, all put off.
+        let rows = s
+            .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+            .await
+            .unwrap();
+        check_plans(&mut rx, "rate-limited claim", &mut faults);
+        assert_eq!(claimed(&rows), 1 - round, "round {round}: the key's one token");
+        let ids: Vec<Uuid> = rows.iter().filter_map(|r| r.get("id")).collect();
+        let attempts: Vec<i32> = rows.iter().filter_map(|r| r.get("attempt")).collect();
+        let tokens: Vec<i64> = rows.iter().filter_map(|r| r.get("lease_token")).collect();
+        s.query(
+            &ack_claim,
+            &[&group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "rate-limited ack_and_fetch", &mut faults);
+        s.query(
+            &format!("SELECT id FROM \"{n}\".read('plans', 'r', 'psql', $1)"),
+            &[&BATCH],
+        )
+        .await
+        .unwrap();
+        check_plans(&mut rx, "SQL read (rate-limited)", &mut faults);
+    }
+    // The group out of tokens: the claim answers when to come back without walking anything.
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".set_rate_limit('plans', 'r', 1, 1);
+         INSERT INTO \"{n}\".rate_buckets (group_id, key, tokens, refilled_at)
+         SELECT id, '', 0, now() FROM \"{n}\".groups"
+    ))
+    .await
+    .unwrap();
+    let rows = s
+        .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+        .await
+        .unwrap();
+    check_plans(&mut rx, "rate-limited claim, group out of tokens", &mut faults);
+    assert_eq!(claimed(&rows), 0);
+    assert_eq!(rows.len(), 1, "a come-back row");
+    // Nothing ready: the come-back lookup of the next due delivery.
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".set_rate_limit('plans', 'r', NULL);
+         UPDATE \"{n}\".delivery_state SET visible_at = now() + interval '1 hour'"
+    ))
+    .await
+    .unwrap();
+    let rows = s
+        .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+        .await
+        .unwrap();
+    check_plans(&mut rx, "rate-limited claim, nothing ready", &mut faults);
+    assert_eq!(claimed(&rows), 0);
+    assert!(
+        faults.is_empty(),
+        "O(backlog) plans:\n{}",
+        faults.join("\n")
+    );
+}

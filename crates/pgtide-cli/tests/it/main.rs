@@ -19,6 +19,7 @@ mod hostile;
 mod metrics;
 mod operations;
 mod ordering;
+mod rate;
 mod pooler;
 mod tls;
 mod usability;
