@@ -63,7 +63,8 @@ BEGIN
         RETURN false;
     END IF;
     IF per_key THEN
-        UPDATE @ns@.groups g SET key_rate = rate, key_burst = coalesce(burst, @ns@._default_burst(rate))
+        UPDATE @ns@.groups g SET key_rate = set_rate_limit.rate,
+                                 key_burst = coalesce(set_rate_limit.burst, @ns@._default_burst(set_rate_limit.rate))
         WHERE g.id = gid;
         DELETE FROM @ns@.rate_buckets b WHERE b.group_id = gid AND b.key <> '';
     ELSE
