@@ -10,18 +10,18 @@ async fn cli_rate_limits_are_set_shown_changed_and_validated() {
     pgtide(&ns, &["migrate"]).await.ok();
     pgtide(&ns, &["stream", "create", "mail"]).await.ok();
     for bad in ["0/s", "-1/s", "NaN", "inf/s", "1e3/s", "10/fortnight", "2000000/s", ""] {
-        let run = pgtide(&ns, &["group", "create", "mail", "bad", "--rate", bad]).await;
+        // `--rate=VALUE`: a value starting with '-' is the value, not a flag.
+        let flag = format!("--rate={bad}");
+        let run = pgtide(&ns, &["group", "create", "mail", "bad", &flag]).await;
         assert_eq!(run.code, 2, "--rate {bad:?}: {run:?}");
         assert!(run.stderr.contains("rate"), "{run:?}");
-        let run = pgtide(&ns, &["group", "create", "mail", "bad", "--key-rate", bad]).await;
+        let flag = format!("--key-rate={bad}");
+        let run = pgtide(&ns, &["group", "create", "mail", "bad", &flag]).await;
         assert_eq!(run.code, 2, "--key-rate {bad:?}: {run:?}");
     }
     for burst in ["0", "1000001", "-1", "x"] {
-        let run = pgtide(
-            &ns,
-            &["group", "create", "mail", "bad", "--rate", "1/s", "--burst", burst],
-        )
-        .await;
+        let flag = format!("--burst={burst}");
+        let run = pgtide(&ns, &["group", "create", "mail", "bad", "--rate", "1/s", &flag]).await;
         assert_eq!(run.code, 2, "--burst {burst:?}: {run:?}");
     }
     let run = pgtide(&ns, &["group", "create", "mail", "bad", "--burst", "5"]).await;
