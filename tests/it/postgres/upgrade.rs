@@ -33,6 +33,7 @@ const RELEASED: &[(i64, &str, &str)] = &[
 const FILES: &[&str] = &[
     "functions/core.sql",
     "functions/ordering.sql",
+    "functions/flow_control.sql",
     "functions/maintenance.sql",
     "functions/registry.sql",
     "functions/publish.sql",
@@ -104,8 +105,8 @@ async fn data(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String
                 &format!(
                     // Columns added by later migrations (lease_token, the ordering key's) are
                     // not the old data.
-                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight}}'::text[])::text, ',' \
-                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight}}'::text[])::text)) \
+                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst}}'::text[])::text, ',' \
+                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst}}'::text[])::text)) \
                      FROM \"{ns}\".{table} t"
                 ),
                 &[],
@@ -257,7 +258,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "0007_sql_files".to_owned(),
             "0008_lease_tokens".to_owned(),
             "0009_least_privilege".to_owned(),
-            "0010_ordering".to_owned()
+            "0010_ordering".to_owned(),
+            "0011_flow_control".to_owned()
         ]
     );
     assert_eq!(report.sql_files, FILES);
@@ -380,8 +382,12 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_check_key",
             "_check_name",
             "_check_publish",
+            "_check_rate",
             "_check_settle",
+            "_claim_limited",
             "_claim_ordered",
+            "_come_back",
+            "_default_burst",
             "_enqueue_keyed",
             "_extend",
             "_granted_functions",
@@ -404,12 +410,14 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_publish",
             "_publish_batch",
             "_publish_keyed",
+            "_refill",
             "_regrant",
             "_release",
             "_repair_keys",
             "_scout_maintain",
             "_stream_list",
             "_term",
+            "_trim_rate_buckets",
             "_visible_at",
             "ack",
             "create_group",
@@ -423,6 +431,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "publish_bytes",
             "revoke_runtime",
             "set_max_in_flight",
+            "set_rate_limit",
             "streams_per_transaction",
             "term",
             "view keys",
