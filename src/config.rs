@@ -256,7 +256,10 @@ impl GroupConfig {
     }
 
     pub(crate) fn validate(&self) -> crate::error::Result<()> {
-        for limit in [&self.rate_limit, &self.rate_limit_per_key].into_iter().flatten() {
+        for limit in [&self.rate_limit, &self.rate_limit_per_key]
+            .into_iter()
+            .flatten()
+        {
             limit.validate()?;
         }
         match self.max_in_flight {

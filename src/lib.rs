@@ -56,8 +56,8 @@ mod nats;
 mod otel;
 #[cfg(feature = "postgres")]
 mod postgres;
-mod rate;
 mod queue;
+mod rate;
 #[cfg(feature = "redis")]
 mod redis;
 mod relay;
@@ -73,7 +73,6 @@ pub use crate::error::{ConnectProblem, Error, Result};
 #[cfg(feature = "kafka")]
 pub use crate::kafka::{KafkaBackend, KafkaConsumer, KafkaOptions};
 pub use crate::limits::{check_duration, check_time, MAX_DURATION};
-pub use crate::rate::RateLimit;
 pub use crate::memory::{MemoryBackend, MemoryConsumer};
 pub use crate::names::{
     validate_key, validate_name, validate_namespace, MAX_KEY_LEN, MAX_NAME_LEN,
@@ -95,6 +94,7 @@ pub use crate::queue::{
     EVENT_PRODUCED_AT_HEADER, EVENT_PRODUCER_HEADER, EVENT_SCHEMA_VERSION_HEADER,
     EVENT_TYPE_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER,
 };
+pub use crate::rate::RateLimit;
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisBackend, RedisConsumer};
 pub use crate::relay::{Relay, RelayReport, Tee, TeeMode, SOURCE_ID_HEADER};

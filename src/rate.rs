@@ -187,8 +187,23 @@ mod tests {
     #[test]
     fn refuses_hostile_rates() {
         for s in [
-            "", "/s", "0/s", "-1/s", "1e3/s", "inf/s", "NaN/s", "1/0s", "1/-1s", "1/", "1/x",
-            "1/s/s", "1..2/s", "1000001/s", "1/2d", "0.00001/s", "99999999999999999999/s",
+            "",
+            "/s",
+            "0/s",
+            "-1/s",
+            "1e3/s",
+            "inf/s",
+            "NaN/s",
+            "1/0s",
+            "1/-1s",
+            "1/",
+            "1/x",
+            "1/s/s",
+            "1..2/s",
+            "1000001/s",
+            "1/2d",
+            "0.00001/s",
+            "99999999999999999999/s",
         ] {
             assert!(
                 matches!(s.parse::<RateLimit>(), Err(Error::InvalidConfig(_))),
@@ -203,10 +218,19 @@ mod tests {
         assert!(RateLimit::per_second(f64::INFINITY).validate().is_err());
         assert!(RateLimit::per_second(-5.0).validate().is_err());
         assert!(RateLimit::per_second(1.0).burst(0).validate().is_err());
-        assert!(RateLimit::per_second(1.0).burst(MAX_BURST + 1).validate().is_err());
-        assert!(RateLimit::per_second(1.0).burst(MAX_BURST).validate().is_ok());
+        assert!(RateLimit::per_second(1.0)
+            .burst(MAX_BURST + 1)
+            .validate()
+            .is_err());
+        assert!(RateLimit::per_second(1.0)
+            .burst(MAX_BURST)
+            .validate()
+            .is_ok());
         assert_eq!(RateLimit::per_second(0.1).burst_size(), 1);
         assert_eq!(RateLimit::per_second(2.5).burst_size(), 3);
-        assert_eq!(RateLimit::per_second(f64::NAN), RateLimit::per_second(f64::NAN));
+        assert_eq!(
+            RateLimit::per_second(f64::NAN),
+            RateLimit::per_second(f64::NAN)
+        );
     }
 }

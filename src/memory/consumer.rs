@@ -72,7 +72,11 @@ impl MemoryConsumer {
                     continue;
                 }
                 // A key out of tokens is put off (the attempt not counted); other keys go on.
-                let key = g.pending.get(&id).and_then(|p| p.key.clone()).or(msg.key.clone());
+                let key = g
+                    .pending
+                    .get(&id)
+                    .and_then(|p| p.key.clone())
+                    .or(msg.key.clone());
                 if let Some(k) = key {
                     if let Err(due) = g.key_token(&k, now) {
                         if let Some(mut p) = g.remove(&id) {
@@ -115,6 +119,7 @@ impl MemoryConsumer {
                     token: Some(Arc::new(claim)),
                 });
             }
+            g.trim_key_buckets(now);
             if let Some((limit, bucket)) = &mut g.rate {
                 bucket.tokens -= out.len() as f64;
                 let ready = g.order.iter().next().is_some_and(|(at, _)| *at <= now);

@@ -12,9 +12,9 @@ use uuid::Uuid;
 use std::time::Duration;
 
 use crate::config::StreamConfig;
-use crate::RateLimit;
 use crate::error::Error;
 use crate::queue::{DeadLetter, Delivery, Headers};
+use crate::RateLimit;
 
 pub(super) struct Stored {
     pub(super) id: Uuid,
@@ -203,7 +203,11 @@ impl Group {
 
     /// Takes a token of `key`'s bucket, or says when the delivery is to come back: one token
     /// apart from the key's horizon, which then moves there.
-    pub(super) fn key_token(&mut self, key: &str, now: Instant) -> std::result::Result<(), Instant> {
+    pub(super) fn key_token(
+        &mut self,
+        key: &str,
+        now: Instant,
+    ) -> std::result::Result<(), Instant> {
         let Some(limit) = self.key_rate else {
             return Ok(());
         };
@@ -218,6 +222,21 @@ impl Group {
         let due = bucket.horizon.max(now) + Duration::from_secs_f64(1.0 / limit.rate());
         bucket.horizon = due;
         Err(due)
+    }
+
+    /// Forgets the key buckets that have refilled and promise nothing (a missing bucket is a
+    /// full one), once there are many: keys come and go, the map must not grow with them.
+    pub(super) fn trim_key_buckets(&mut self, now: Instant) {
+        let Some(limit) = self.key_rate else {
+            self.key_buckets.clear();
+            return;
+        };
+        if self.key_buckets.len() < 4_096 {
+            return;
+        }
+        let full = f64::from(limit.burst_size());
+        self.key_buckets
+            .retain(|_, b| b.horizon > now || b.refill(&limit, now) < full);
     }
 
     /// Deliveries waiting behind their keys' heads.

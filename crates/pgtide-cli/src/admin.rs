@@ -464,7 +464,11 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             } else {
                 pg.set_rate_limit(&stream, &group, limit).await?;
             }
-            let whose = if per_key { "each key of group" } else { "group" };
+            let whose = if per_key {
+                "each key of group"
+            } else {
+                "group"
+            };
             match limit {
                 Some(l) => println!(
                     "{whose} {group:?} of stream {stream:?}: at most {} deliveries per second, burst {}",

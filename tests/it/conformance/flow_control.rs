@@ -89,7 +89,10 @@ pub async fn rate_limit_holds_the_group<Q: Queue>(q: Q) {
     assert_eq!(burst.len(), 5, "a full bucket gives its burst, no more");
     let start = Instant::now();
     let mut at: Vec<Instant> = vec![start; burst.len()];
-    first.ack_batch(&burst.iter().collect::<Vec<_>>()).await.unwrap();
+    first
+        .ack_batch(&burst.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
     let mut tasks = vec![];
     for c in 0..2 {
         let q = q.clone();
@@ -104,7 +107,7 @@ pub async fn rate_limit_holds_the_group<Q: Queue>(q: Q) {
                     break;
                 }
                 let now = Instant::now();
-                got.extend(std::iter::repeat_n(now, batch.len()));
+                got.extend(batch.iter().map(|_| now));
                 consumer
                     .ack_batch(&batch.iter().collect::<Vec<_>>())
                     .await
@@ -160,7 +163,9 @@ pub async fn rate_limit_per_key_holds_one_key_while_others_drain<Q: Queue>(q: Q)
         for d in &batch {
             handled.push((d.message.key.clone().unwrap_or_default(), now));
         }
-        c.ack_batch(&batch.iter().collect::<Vec<_>>()).await.unwrap();
+        c.ack_batch(&batch.iter().collect::<Vec<_>>())
+            .await
+            .unwrap();
     }
     assert_eq!(handled.len(), msgs.len(), "every message delivered once");
     let slow: Vec<usize> = (0..handled.len())
@@ -208,7 +213,9 @@ pub async fn rate_limit_holds_under_load<Q: Queue>(
         .await
         .unwrap();
     let config = GroupConfig::default().rate_limit(RateLimit::per_second(rate).burst(burst));
-    q.ensure_group_with("load-rate", "g", &config).await.unwrap();
+    q.ensure_group_with("load-rate", "g", &config)
+        .await
+        .unwrap();
     let expected = rate * window.as_secs_f64();
     let backlog = (expected * 1.5) as usize + burst as usize;
     let msgs: Vec<OutgoingMessage> = (0..backlog)
@@ -223,12 +230,16 @@ pub async fn rate_limit_holds_under_load<Q: Queue>(
         let q = handles[c % handles.len()].clone();
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let consumer = q.consumer("load-rate", "g", &format!("c{c}")).await.unwrap();
+            let consumer = q
+                .consumer("load-rate", "g", &format!("c{c}"))
+                .await
+                .unwrap();
             let mut claimed_at = vec![];
             while !stop.is_cancelled() {
                 let batch = consumer.fetch(20, Duration::from_secs(1)).await.unwrap();
                 for d in &batch {
-                    claimed_at.push(d.lease_expires_at - chrono::Duration::from_std(lease).unwrap());
+                    claimed_at
+                        .push(d.lease_expires_at - chrono::Duration::from_std(lease).unwrap());
                 }
                 consumer
                     .ack_batch(&batch.iter().collect::<Vec<_>>())

@@ -626,7 +626,11 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
             .await
             .unwrap();
         check_plans(&mut rx, "rate-limited claim", &mut faults);
-        assert_eq!(claimed(&rows), 1 - round, "round {round}: the key's one token");
+        assert_eq!(
+            claimed(&rows),
+            1 - round,
+            "round {round}: the key's one token"
+        );
         let ids: Vec<Uuid> = rows.iter().filter_map(|r| r.get("id")).collect();
         let attempts: Vec<i32> = rows.iter().filter_map(|r| r.get("attempt")).collect();
         let tokens: Vec<i64> = rows.iter().filter_map(|r| r.get("lease_token")).collect();
@@ -657,7 +661,11 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
         .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
         .await
         .unwrap();
-    check_plans(&mut rx, "rate-limited claim, group out of tokens", &mut faults);
+    check_plans(
+        &mut rx,
+        "rate-limited claim, group out of tokens",
+        &mut faults,
+    );
     assert_eq!(claimed(&rows), 0);
     assert_eq!(rows.len(), 1, "a come-back row");
     // Nothing ready: the come-back lookup of the next due delivery.

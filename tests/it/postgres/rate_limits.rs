@@ -46,7 +46,11 @@ async fn sql_surface_sets_rate_limits_and_read_takes_only_the_tokens_there_are()
         .unwrap()
         .get(0);
     assert_eq!(put_off, 9, "the key's others wait for its tokens");
-    assert_eq!(read(&raw, &n, "free", 10).await, 10, "other groups unaffected");
+    assert_eq!(
+        read(&raw, &n, "free", 10).await,
+        10,
+        "other groups unaffected"
+    );
 
     // The group list shows the limits; set_rate_limit changes and removes them.
     let row = raw
@@ -59,12 +63,14 @@ async fn sql_surface_sets_rate_limits_and_read_takes_only_the_tokens_there_are()
     let got: (Option<f64>, Option<i32>, Option<f64>, Option<i32>) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     assert_eq!(got, (Some(0.2), Some(3), None, None));
-    raw.batch_execute(&format!(
-        "SELECT \"{n}\".set_rate_limit('s', 'g', 1000, 2)"
-    ))
-    .await
-    .unwrap();
-    assert_eq!(read(&raw, &n, "g", 10).await, 2, "a new bucket, full at its burst");
+    raw.batch_execute(&format!("SELECT \"{n}\".set_rate_limit('s', 'g', 1000, 2)"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&raw, &n, "g", 10).await,
+        2,
+        "a new bucket, full at its burst"
+    );
     raw.batch_execute(&format!("SELECT \"{n}\".set_rate_limit('s', 'g', NULL)"))
         .await
         .unwrap();
@@ -93,7 +99,9 @@ async fn sql_surface_sets_rate_limits_and_read_takes_only_the_tokens_there_are()
     ] {
         for sql in [
             format!("SELECT \"{n}\".create_group('s', 'bad', rate => {rate}, burst => {burst})"),
-            format!("SELECT \"{n}\".create_group('s', 'bad', key_rate => {rate}, key_burst => {burst})"),
+            format!(
+                "SELECT \"{n}\".create_group('s', 'bad', key_rate => {rate}, key_burst => {burst})"
+            ),
             format!("SELECT \"{n}\".set_rate_limit('s', 'k', {rate}, {burst})"),
             format!("SELECT \"{n}\".set_rate_limit('s', 'k', {rate}, {burst}, per_key => true)"),
         ] {
@@ -127,18 +135,26 @@ async fn rust_api_sets_limits_and_fetch_waits_for_the_next_token() {
 
     let ns = namespace().await;
     let pg = ns.pg.clone();
-    pg.create_stream("s", &StreamConfig::default()).await.unwrap();
+    pg.create_stream("s", &StreamConfig::default())
+        .await
+        .unwrap();
     let config = GroupConfig::default()
         .rate_limit(RateLimit::per_second(2.0).burst(1))
         .rate_limit_per_key("30/min".parse().unwrap());
     pg.create_group_with("s", "g", &config).await.unwrap();
     let info = pg.groups(Some("s")).await.unwrap();
-    assert_eq!(info[0].rate_limit, Some(RateLimit::per_second(2.0).burst(1)));
+    assert_eq!(
+        info[0].rate_limit,
+        Some(RateLimit::per_second(2.0).burst(1))
+    );
     assert_eq!(
         info[0].rate_limit_per_key,
         Some(RateLimit::per_second(0.5).burst(1))
     );
-    for bad in [RateLimit::per_second(f64::NAN), RateLimit::per_second(1.0).burst(0)] {
+    for bad in [
+        RateLimit::per_second(f64::NAN),
+        RateLimit::per_second(1.0).burst(0),
+    ] {
         let e = pg.set_rate_limit("s", "g", Some(bad)).await;
         assert!(matches!(e, Err(Error::InvalidConfig(_))), "{e:?}");
     }

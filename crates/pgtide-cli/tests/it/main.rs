@@ -19,8 +19,8 @@ mod hostile;
 mod metrics;
 mod operations;
 mod ordering;
-mod rate;
 mod pooler;
+mod rate;
 mod tls;
 mod usability;
 

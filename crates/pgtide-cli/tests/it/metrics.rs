@@ -250,3 +250,63 @@ async fn lease_expiries_are_counted_apart_from_nacks() {
         Some(2.0)
     );
 }
+
+/// A worker held by a rate limit does not spin: each claim that comes back empty says when the
+/// next token comes, and the fetch sleeps until then. Counted with the library's own claim
+/// metric (one `pgtide_fetch_duration_seconds` sample per claim, empty ones included): a
+/// consumer asking again at once would claim hundreds of times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_worker_claims_about_once_per_token() {
+    let handle = recorder();
+    let ns = namespace().await;
+    let stream = unique("m");
+    ns.create_stream(&stream, &StreamConfig::default())
+        .await
+        .unwrap();
+    let limit = pgtide::RateLimit::per_second(4.0).burst(1);
+    ns.create_group_with(
+        &stream,
+        "g",
+        &pgtide::GroupConfig::default().rate_limit(limit),
+    )
+    .await
+    .unwrap();
+    let total = 12;
+    for n in 0..total {
+        ns.publish(&stream, json(serde_json::json!({ "n": n })))
+            .await
+            .unwrap();
+    }
+    let (calls_tx, mut calls) = tokio::sync::mpsc::unbounded_channel();
+    let consumer = ns.consumer(&stream, "g", "w1").await.unwrap();
+    let worker = Worker::new(consumer, move |_d: pgtide::Delivery| {
+        let calls = calls_tx.clone();
+        async move {
+            let _ = calls.send(());
+            Ok::<_, String>(Outcome::Ack)
+        }
+    })
+    .concurrency(4);
+    let token = CancellationToken::new();
+    let run = tokio::spawn(worker.run(token.clone()));
+    for _ in 0..total {
+        tokio::time::timeout(WAIT, calls.recv())
+            .await
+            .expect("the worker handles every message under the limit")
+            .unwrap();
+    }
+    token.cancel();
+    run.await.unwrap().unwrap();
+    let body = handle.render();
+    let labels = [("stream", stream.as_str()), ("group", "g")];
+    let claims =
+        value(&body, "pgtide_fetch_duration_seconds_count", &labels).expect("claims recorded");
+    let delivered = value(&body, "pgtide_delivered_total", &labels).unwrap_or(0.0);
+    assert_eq!(delivered, total as f64);
+    // About one claim per token (11 after the burst, 4 a second: ~3 s), plus wake-ups from the
+    // publishes and the worker's own settles; a spinning fetch would make hundreds.
+    assert!(
+        claims <= 60.0,
+        "{claims} claims for {total} deliveries under {limit}: the fetch spins"
+    );
+}
