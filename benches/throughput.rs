@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         Ok("scale") => Some(Only::Scale),
         Ok("held-xmin") => Some(Only::HeldXmin),
         Ok("collapse") => Some(Only::Collapse),
+        Ok("consume") => Some(Only::Consume),
         _ => None,
     };
     match std::env::var("PGTIDE_BENCH_BACKENDS").as_deref() {

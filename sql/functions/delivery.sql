@@ -18,13 +18,16 @@ RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload b
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
--- backlog would make claims O(backlog)). Custom plans always: a generic plan of the message
--- lookup takes the stream as a parameter, and PostgreSQL 15 locks every partition of every
--- stream before pruning it at run time (thousands of locks per claim with many streams, which
--- fill the server's lock table); a custom plan prunes to the stream's partitions when planning.
+-- backlog would make claims O(backlog)). The claim itself touches only unpartitioned tables and
+-- runs on its cached generic plan: planning it afresh cost two thirds of a claim of ten (perf,
+-- docs/performance.md). The message lookup is planned on every call instead (EXECUTE below):
+-- a generic plan of it takes the stream as a parameter, and PostgreSQL 15 locks every partition
+-- of every stream before pruning it at run time (thousands of locks per claim with many
+-- streams, which fill the server's lock table); a one-shot plan prunes to the stream's
+-- partitions when planning.
 SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
-SET plan_cache_mode = force_custom_plan
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -37,6 +40,11 @@ DECLARE
     v_burst   integer;
     v_krate   double precision;
     v_kburst  integer;
+    c_ids     uuid[];
+    c_att     integer[];
+    c_vis     timestamptz[];
+    c_exp     boolean[];
+    c_tok     bigint[];
 BEGIN
     SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight,
            g.rate, g.burst, g.key_rate, g.key_burst
@@ -64,7 +72,6 @@ BEGIN
         RETURN QUERY SELECT * FROM @ns@._claim_ordered(p_group, p_limit, p_consumer, sid, v_lease, v_max);
         RETURN;
     END IF;
-    RETURN QUERY
     WITH picked AS MATERIALIZED (
         SELECT d.message_id, d.attempts, d.consumer FROM @ns@.delivery_state d
         WHERE d.group_id = p_group AND d.visible_at <= now()
@@ -96,15 +103,23 @@ BEGIN
         RETURNING d.message_id, d.attempts, d.visible_at, p.consumer IS NOT NULL AS expired,
                   d.lease_token
     )
+    SELECT array_agg(c.message_id), array_agg(c.attempts), array_agg(c.visible_at),
+           array_agg(c.expired), array_agg(c.lease_token)
+    INTO c_ids, c_att, c_vis, c_exp, c_tok
+    FROM claimed c;
+    IF c_ids IS NULL THEN
+        RETURN;
+    END IF;
     -- LATERAL ... LIMIT 1: one primary-key lookup per claimed row, never a join strategy that
-    -- walks the stream's messages.
-    SELECT c.message_id, c.attempts, c.visible_at, m.payload, m.is_json, m.headers, c.expired,
-           c.lease_token, m.key
-    FROM claimed c
-    CROSS JOIN LATERAL (
-        SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
-        WHERE mm.stream_id = sid AND mm.id = c.message_id LIMIT 1
-    ) m;
+    -- walks the stream's messages. EXECUTE: a one-shot plan, pruned to this stream (see above).
+    RETURN QUERY EXECUTE
+        'SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key
+         FROM unnest($1, $2, $3, $4, $5) AS c (id, attempt, visible_at, expired, token)
+         CROSS JOIN LATERAL (
+             SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
+             WHERE mm.stream_id = $6 AND mm.id = c.id LIMIT 1
+         ) m'
+        USING c_ids, c_att, c_vis, c_exp, c_tok, sid;
 END $$;
 
 ---------------------------------------------------------------------------------------------------
@@ -128,7 +143,9 @@ DECLARE
     v_ids  uuid[];
     v_keys text[];
 BEGIN
-    IF NOT @ns@._is_ordered(p_group) THEN
+    -- Inline rather than `_is_ordered`: a SQL function called from here is parsed and planned
+    -- on every call (a tenth of a claim-and-ack of ten, perf), this statement's plan is cached.
+    IF NOT coalesce((SELECT g.ordered FROM @ns@.groups g WHERE g.id = p_group), false) THEN
         RETURN QUERY
         WITH done AS (
             DELETE FROM @ns@.delivery_state d

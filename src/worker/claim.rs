@@ -1,5 +1,7 @@
-//! The claim step: wait for a free handler slot, then claim what can start well within a lease
-//! (see `pace.rs`; the full prefetch when handlers are quick). Acks of finished
+//! The claim step: wait for a free handler slot, then claim the free slots plus a reserve that
+//! keeps handlers busy while the next claim is under way and starts well within a lease (see
+//! `pace.rs`: up to the prefetch when handlers are quick, little more than the free slots when
+//! they are slow). Acks of finished
 //! handlers ride along with the claim (one round trip, one commit on Postgres); when nothing is
 //! ready it waits for work and flushes acks that arrive meanwhile on their own.
 
@@ -70,7 +72,9 @@ impl<C: QueueConsumer> Run<C> {
             .pace
             .claim_size(free, self.config.concurrency, self.prefetch, self.lease);
         let done: Vec<&Delivery> = self.pending_acks.iter().collect();
+        let started = std::time::Instant::now();
         let (report, batch) = self.consumer.ack_and_fetch(&done, max).await?;
+        self.pace.record_claim(started.elapsed());
         self.counters.acked(&report);
         self.pending_acks.clear();
         if !batch.is_empty() {

@@ -94,15 +94,22 @@ impl<T: WorkerHook> WorkerHook for Arc<T> {
     }
 }
 
+/// The default prefetch, per handler slot: large enough that quick handlers amortise a claim's
+/// round trip and commit over hundreds of deliveries (see [`WorkerConfig::prefetch`]).
+const DEFAULT_PREFETCH_PER_HANDLER: usize = 16;
+
 /// Worker settings.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct WorkerConfig {
     /// Most handlers running at once. Defaults to 16.
     pub concurrency: usize,
-    /// Most deliveries claimed per fetch. Defaults to the concurrency. A claim takes fewer when
-    /// handlers are slow: only what the running handlers get through in half a lease, at the
-    /// pace they have been finishing, beyond the free slots.
+    /// Most deliveries claimed per fetch. Defaults to 16 × the concurrency. A claim takes the
+    /// free handler slots plus what the handlers get through during two claim round trips at
+    /// the pace they have been finishing (quick handlers: up to the prefetch, so a claim's round
+    /// trip and commit are spread over many deliveries; slow handlers: little more than the free
+    /// slots), and never more beyond the free slots than the running handlers get through in
+    /// half a lease.
     pub prefetch: Option<usize>,
     /// Send `in_progress` for deliveries whose handler is still running once half a lease is
     /// left of their lease, so that long handlers keep it. Deliveries claimed and waiting for a
@@ -255,7 +262,8 @@ impl<C: QueueConsumer> Worker<C> {
         self
     }
 
-    /// Sets the most deliveries claimed per fetch (default: the concurrency).
+    /// Sets the most deliveries claimed per fetch (default: 16 × the concurrency; claims are
+    /// sized by how fast handlers finish, see [`WorkerConfig::prefetch`]).
     pub fn prefetch(mut self, n: usize) -> Self {
         self.config.prefetch = Some(n.max(1));
         self

@@ -65,7 +65,9 @@ impl<C: QueueConsumer> Run<C> {
         let settler = tokio::spawn(run_settler(consumer.clone(), settle_rx, counters.clone()));
         let lease = consumer.lease().await;
         Run {
-            prefetch: config.prefetch.unwrap_or(concurrency),
+            prefetch: config
+                .prefetch
+                .unwrap_or_else(|| concurrency.saturating_mul(super::DEFAULT_PREFETCH_PER_HANDLER)),
             permits: Arc::new(Semaphore::new(concurrency)),
             consumer,
             handler,

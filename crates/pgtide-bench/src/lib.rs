@@ -159,6 +159,9 @@ pub enum Only {
     HeldXmin,
     /// Claims at a large and a small backlog after ANALYZE with generic plans (`collapse.rs`).
     Collapse,
+    /// Consume at batch 10 and 100 against the raw DELETE loop, then the worker drain
+    /// (`postgres.rs`, `workers.rs`).
+    Consume,
 }
 
 impl BenchConfig {
@@ -383,6 +386,12 @@ impl<'a> Bench<'a> {
             if self.config.backends {
                 out.backends = self.backend_rows().await?;
             }
+        }
+        if only == Some(Only::Consume) {
+            let consume = self
+                .consume_cases(&mut out.baselines, &mut out.cases)
+                .await?;
+            self.worker_cases(consume, &mut out.cases).await?;
         }
         if matches!(only, None | Some(Only::Scale)) {
             self.scale_case(&mut out.cases, &mut out.wakeups).await?;

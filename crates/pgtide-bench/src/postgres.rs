@@ -31,6 +31,8 @@ const RAW_DRAIN_ROOM: f64 = 100_000.0;
 pub(super) struct ConsumeRates {
     pub b10: f64,
     pub b100: f64,
+    /// The raw `DELETE … SKIP LOCKED LIMIT 10` loop beside consume B=10.
+    pub raw10: f64,
 }
 
 impl Bench<'_> {
@@ -109,6 +111,7 @@ impl Bench<'_> {
         let mut rates = ConsumeRates {
             b10: 0.0,
             b100: 0.0,
+            raw10: 0.0,
         };
         for (stream, batch, target) in [(CONSUME_10, 10, 0.7), (CONSUME_100, 100, 1.0)] {
             // Room for RAW_DRAIN_ROOM rows/s over the window on each side; running out is noted.
@@ -128,6 +131,7 @@ impl Bench<'_> {
                 .await?;
             if batch == 10 {
                 rates.b10 = tide.rate();
+                rates.raw10 = raw.rate();
             } else {
                 rates.b100 = tide.rate();
             }

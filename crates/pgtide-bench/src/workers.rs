@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::harness::{joined, Failure, Step};
 use super::postgres::ConsumeRates;
-use super::{Bench, Case, Target, Unit, FILL_BATCH, GROUP};
+use super::{Bench, Case, Target, Unit, CONSUMERS, FILL_BATCH, GROUP};
 use pgtide::{Error, Outcome, PgBackend, PgConsumer, Result, Worker};
 
 pub(super) const WORKERS: &str = "workers";
@@ -51,6 +51,9 @@ struct WorkerSpec {
     group: String,
     name: String,
     concurrency: usize,
+    /// The worker's prefetch; `None`: its default (adaptive claims).
+    #[serde(default)]
+    prefetch: Option<usize>,
 }
 
 /// Handler starts of one drain: how many, the last one, and a signal at `target`.
@@ -78,8 +81,12 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-fn drain_worker(consumer: PgConsumer, counter: Arc<DrainCounter>) -> Worker<PgConsumer> {
-    Worker::new(consumer, move |_| {
+fn drain_worker(
+    consumer: PgConsumer,
+    counter: Arc<DrainCounter>,
+    prefetch: Option<usize>,
+) -> Worker<PgConsumer> {
+    let worker = Worker::new(consumer, move |_| {
         let counter = counter.clone();
         async move {
             counter.last_unix_ns.fetch_max(unix_ns(), Ordering::Relaxed);
@@ -89,7 +96,11 @@ fn drain_worker(consumer: PgConsumer, counter: Arc<DrainCounter>) -> Worker<PgCo
             Ok::<_, Infallible>(Outcome::Ack)
         }
     })
-    .concurrency(CONCURRENCY)
+    .concurrency(CONCURRENCY);
+    match prefetch {
+        Some(n) => worker.prefetch(n),
+        None => worker,
+    }
 }
 
 fn process_error(what: &str, e: impl std::fmt::Display) -> Error {
@@ -131,7 +142,8 @@ pub async fn run_worker_process() -> Result<()> {
     }
     let counter = DrainCounter::new(u64::MAX);
     let token = CancellationToken::new();
-    let worker = tokio::spawn(drain_worker(consumer, counter.clone()).run(token.clone()));
+    let worker =
+        tokio::spawn(drain_worker(consumer, counter.clone(), spec.prefetch).run(token.clone()));
     let mut ticks = tokio::time::interval(Duration::from_millis(25));
     loop {
         tokio::select! {
@@ -216,25 +228,10 @@ impl Bench<'_> {
     ) -> Step<()> {
         let backlog = ((self.config.phase.as_secs_f64() * BACKLOG_PER_PHASE_SEC) as u64)
             .next_multiple_of(FILL_BATCH as u64);
-        self.fill(WORKERS, backlog).await?;
-        self.progress(format_args!(
-            "worker drain: {PROCESSES} workers x concurrency {CONCURRENCY}, backlog {backlog}"
-        ));
-        let drain = match &self.config.worker_args {
-            Some(args) => match self.spawn_children(args).await {
-                Ok(mut children) => self.drain_children(&mut children, backlog).await?,
-                Err(e) => {
-                    let mut drain = self.drain_in_process(backlog).await?;
-                    drain.how = format!("{}; worker processes did not start: {e}", drain.how);
-                    drain
-                }
-            },
-            None => self.drain_in_process(backlog).await?,
-        };
-        self.progress(format_args!(
-            "drained {} in {:.1} s ({})",
-            drain.handled, drain.secs, drain.how
-        ));
+        let drain = self.worker_drain(backlog, None).await?;
+        // Claims fixed at the concurrency, the default before claims adapted: the same drain,
+        // to show what adaptive claims change in this run.
+        let fixed = self.worker_drain(backlog, Some(CONCURRENCY)).await?;
         let mut note = drain.how.clone();
         if drain.handled < backlog {
             note.push_str(&format!(
@@ -243,25 +240,65 @@ impl Bench<'_> {
                 self.config.drain_cap.as_secs_f64()
             ));
         }
+        let name = format!("worker {PROCESSES} x concurrency {CONCURRENCY} (no-op)");
+        cases.push(
+            Case::compared(
+                format!("{name} vs raw DELETE SKIP LOCKED 10, {CONSUMERS} clients"),
+                drain.rate(),
+                Unit::PerSecond,
+                consume.raw10,
+                Target::RatioAtLeast(1.4),
+            )
+            .note(Some(note)),
+        );
         for (batch, baseline) in [(10, consume.b10), (100, consume.b100)] {
-            cases.push(
-                Case::compared(
-                    format!(
-                        "worker {PROCESSES} x concurrency {CONCURRENCY} (no-op) vs consume B={batch}"
-                    ),
-                    drain.rate(),
-                    Unit::PerSecond,
-                    baseline,
-                    Target::RatioAtLeast(1.0),
-                )
-                .note((batch == 10).then(|| note.clone())),
-            );
+            cases.push(Case::compared(
+                format!("{name} vs consume B={batch}"),
+                drain.rate(),
+                Unit::PerSecond,
+                baseline,
+                Target::RatioAtLeast(1.0),
+            ));
         }
+        cases.push(Case::compared(
+            format!("{name}: adaptive claims vs prefetch {CONCURRENCY}"),
+            drain.rate(),
+            Unit::PerSecond,
+            fixed.rate(),
+            Target::RatioAtLeast(1.0),
+        ));
         Ok(())
     }
 
+    /// Fills the workers' stream with `backlog` and drains it with [`PROCESSES`] workers of
+    /// `prefetch` (`None`: the default).
+    async fn worker_drain(&self, backlog: u64, prefetch: Option<usize>) -> Step<Drain> {
+        self.fill(WORKERS, backlog).await?;
+        let claims =
+            prefetch.map_or_else(|| "adaptive claims".to_owned(), |n| format!("prefetch {n}"));
+        self.progress(format_args!(
+            "worker drain: {PROCESSES} workers x concurrency {CONCURRENCY}, {claims}, backlog {backlog}"
+        ));
+        let drain = match &self.config.worker_args {
+            Some(args) => match self.spawn_children(args, prefetch).await {
+                Ok(mut children) => self.drain_children(&mut children, backlog).await?,
+                Err(e) => {
+                    let mut drain = self.drain_in_process(backlog, prefetch).await?;
+                    drain.how = format!("{}; worker processes did not start: {e}", drain.how);
+                    drain
+                }
+            },
+            None => self.drain_in_process(backlog, prefetch).await?,
+        };
+        self.progress(format_args!(
+            "drained {} in {:.1} s ({})",
+            drain.handled, drain.secs, drain.how
+        ));
+        Ok(drain)
+    }
+
     /// Two workers on two independent handles of this process.
-    async fn drain_in_process(&self, backlog: u64) -> Step<Drain> {
+    async fn drain_in_process(&self, backlog: u64, prefetch: Option<usize>) -> Step<Drain> {
         let counter = DrainCounter::new(backlog);
         let token = CancellationToken::new();
         let _stop = token.clone().drop_guard();
@@ -274,7 +311,7 @@ impl Bench<'_> {
                 .build()?;
             let consumer = pg.consumer(WORKERS, GROUP, &format!("handle-{i}")).await?;
             handles.push(pg);
-            let worker = drain_worker(consumer, counter.clone());
+            let worker = drain_worker(consumer, counter.clone(), prefetch);
             workers.spawn(worker.run(token.clone()));
         }
         let go = unix_ns();
@@ -295,7 +332,7 @@ impl Bench<'_> {
     }
 
     /// Starts the worker processes and waits until each is ready.
-    async fn spawn_children(&self, args: &[String]) -> Result<Children> {
+    async fn spawn_children(&self, args: &[String], prefetch: Option<usize>) -> Result<Children> {
         let exe = std::env::current_exe().map_err(|e| process_error("current_exe", e))?;
         let (tx, lines) = mpsc::unbounded_channel();
         let mut children = Children {
@@ -310,6 +347,7 @@ impl Bench<'_> {
                 group: GROUP.to_owned(),
                 name: format!("process-{i}"),
                 concurrency: CONCURRENCY,
+                prefetch,
             })?;
             let mut child = Command::new(&exe)
                 .args(args)

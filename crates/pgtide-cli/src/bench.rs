@@ -27,6 +27,7 @@ pub async fn run(url: &str, args: BenchArgs, backend: Option<String>) -> CliResu
         BenchCase::Scale => Only::Scale,
         BenchCase::HeldXmin => Only::HeldXmin,
         BenchCase::Collapse => Only::Collapse,
+        BenchCase::Consume => Only::Consume,
     });
     if let Some(n) = args.streams {
         config.scale_streams = n as usize;

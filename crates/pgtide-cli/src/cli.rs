@@ -596,4 +596,6 @@ pub enum BenchCase {
     HeldXmin,
     /// Claims at a large vs a small backlog after ANALYZE, with generic plans.
     Collapse,
+    /// Consume at batch 10 and 100 against the raw DELETE loop, then the worker drain.
+    Consume,
 }
