@@ -23,6 +23,7 @@ async fn cli_backend_postgres_only_commands_say_so() {
         "nats://127.0.0.1:1",
         "amqp://guest:guest@127.0.0.1:1/%2f",
         "sqs://test:test@127.0.0.1:1?region=us-east-1",
+        "kafka://127.0.0.1:1",
     ] {
         let kind = url.split("://").next().unwrap();
         let cases: &[&[&str]] = &[
@@ -102,7 +103,13 @@ async fn cli_backend_memory_is_accepted() {
 }
 
 /// A backend whose cargo feature is not built in gets the library's error (exit 2).
-#[cfg(not(all(feature = "nats", feature = "redis", feature = "amqp", feature = "sqs")))]
+#[cfg(not(all(
+    feature = "nats",
+    feature = "redis",
+    feature = "amqp",
+    feature = "sqs",
+    feature = "kafka"
+)))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_backend_not_built_in_names_the_feature() {
     let missing = [
@@ -110,6 +117,7 @@ async fn cli_backend_not_built_in_names_the_feature() {
         (cfg!(feature = "redis"), "redis", "redis://127.0.0.1:6379"),
         (cfg!(feature = "amqp"), "amqp", "amqp://127.0.0.1:5672"),
         (cfg!(feature = "sqs"), "sqs", "sqs://127.0.0.1:5000"),
+        (cfg!(feature = "kafka"), "kafka", "kafka://127.0.0.1:9092"),
     ];
     for (_, feature, url) in missing.iter().filter(|(built, ..)| !built) {
         let r = run_with(command(url, "t", &["stream", "create", "s"]), None).await;
@@ -122,7 +130,13 @@ async fn cli_backend_not_built_in_names_the_feature() {
 }
 
 /// The trait commands end to end on the brokers built in.
-#[cfg(any(feature = "nats", feature = "redis", feature = "amqp", feature = "sqs"))]
+#[cfg(any(
+    feature = "nats",
+    feature = "redis",
+    feature = "amqp",
+    feature = "sqs",
+    feature = "kafka"
+))]
 mod brokers {
     use std::collections::HashSet;
 
@@ -575,5 +589,30 @@ mod brokers {
     async fn cli_backend_sqs_stream_publish_consume_stats() {
         let server = pgtide_testing::Server::sqs();
         flow(server.sqs_url()).await;
+    }
+
+    /// On tansu (a broker of the test's own). Each `pgtide` run is a new member of the Kafka
+    /// group; `close()` commits what it settled before the process exits.
+    #[cfg(feature = "kafka")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_backend_kafka_stream_publish_consume_stats() {
+        let server = pgtide_testing::Server::kafka();
+        flow(server.kafka_url()).await;
+    }
+
+    /// `kafkas://` and credentials in the URL are refused (no TLS or SASL in the bundled
+    /// librdkafka) before connecting: exit 2, one line that says so.
+    #[cfg(feature = "kafka")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cli_backend_kafka_tls_is_refused() {
+        for url in ["kafkas://127.0.0.1:1", "kafka://user:secret@127.0.0.1:1"] {
+            let r = run_with(command(url, &unique("t"), &["stream", "create", "s"]), None).await;
+            assert_eq!(r.code, 2, "{url}: {r:?}");
+            assert!(
+                r.stderr.contains("kafka backend does not support TLS and SASL"),
+                "{url}: {r:?}"
+            );
+            assert!(!r.stderr.contains("secret"), "{r:?}");
+        }
     }
 }
