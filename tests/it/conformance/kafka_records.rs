@@ -217,10 +217,10 @@ async fn held_records_stay_under_the_cap_and_none_is_lost() {
         .collect();
 
     let mut most_held = 0;
-    let mut watch = |q: &KafkaBackend| {
+    let watch = |q: &KafkaBackend, most_held: &mut usize| {
         let held = q.held_records("capped", "g").unwrap();
         assert!(held <= CAP, "{held} records held, over the cap of {CAP}");
-        most_held = most_held.max(held);
+        *most_held = (*most_held).max(held);
     };
 
     // The ready messages, before any delayed one is due.
@@ -231,7 +231,7 @@ async fn held_records_stay_under_the_cap_and_none_is_lost() {
             "the ready messages waited for the delayed ones"
         );
         let ds = c.fetch(10, Duration::from_millis(100)).await.unwrap();
-        watch(&q);
+        watch(&q, &mut most_held);
         c.ack_batch(&ds.iter().collect::<Vec<_>>()).await.unwrap();
         got.extend(ds.iter().map(|d| d.id()));
     }
@@ -239,7 +239,7 @@ async fn held_records_stay_under_the_cap_and_none_is_lost() {
     // The cap is reached while nothing is due (the reader paused at it).
     let deadline = Instant::now() + Duration::from_secs(2);
     while most_held < CAP && Instant::now() < deadline {
-        watch(&q);
+        watch(&q, &mut most_held);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(most_held, CAP, "the cap was reached before the first was due");
@@ -255,7 +255,7 @@ async fn held_records_stay_under_the_cap_and_none_is_lost() {
         );
         let ds = c.fetch(10, Duration::from_millis(200)).await.unwrap();
         let now = chrono::Utc::now();
-        watch(&q);
+        watch(&q, &mut most_held);
         for d in &ds {
             let i = d.json::<serde_json::Value>().unwrap()["delayed"]
                 .as_u64()
