@@ -432,6 +432,8 @@ pub(super) struct Group {
     pub token: CancellationToken,
     /// The handle's producer and (weakly) the handle: the handle's map holds this runtime.
     producer: FutureProducer,
+    /// The handle's producer of single-record batches (retries).
+    single: FutureProducer,
     backend: Weak<super::Inner>,
     timeout: Duration,
     /// [`super::KafkaOptions::max_held`].
@@ -500,6 +502,7 @@ impl Group {
             consumer: Arc::new(Closer(std::mem::ManuallyDrop::new(consumer))),
             token: backend.inner.token.child_token(),
             producer: backend.inner.producer.clone(),
+            single: backend.inner.single.clone(),
             backend: Arc::downgrade(&backend.inner),
             timeout: backend.inner.options.request_timeout,
             max_held: backend.inner.options.max_held,
@@ -776,7 +779,7 @@ impl Group {
             .deliver_at(at)
             .retry(attempt, error)
             .build();
-        self.produce(&self.topics.retry, &m.payload, headers).await
+        super::produce(&self.single, self.timeout, &self.topics.retry, &m.payload, headers).await
     }
 
     async fn produce(&self, topic: &str, payload: &[u8], headers: OwnedHeaders) -> Result<()> {

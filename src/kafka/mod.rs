@@ -184,6 +184,8 @@ struct Inner {
     namespace: String,
     options: KafkaOptions,
     producer: FutureProducer,
+    /// Writes the delay and retry topics, one record per batch.
+    single: FutureProducer,
     streams: Mutex<HashMap<String, Arc<StreamMeta>>>,
     groups: Mutex<HashMap<(String, String), Arc<Group>>>,
     tracker: TaskTracker,
@@ -320,7 +322,7 @@ impl KafkaBackend {
             )));
         }
         let mut config = base_config(&brokers, &options);
-        let producer: FutureProducer = config
+        config
             .set("enable.idempotence", "true")
             .set(
                 "message.timeout.ms",
@@ -331,7 +333,13 @@ impl KafkaBackend {
                     .to_string(),
             )
             .set("linger.ms", "0")
-            .set("message.max.bytes", "16777216")
+            .set("message.max.bytes", "16777216");
+        let producer: FutureProducer = config.create().map_err(|e| broker(e, false))?;
+        // Delay and retry topics get one record per batch: a group paused at its held cap
+        // (see `group.rs`) resumes from the middle of what may have been one batch, and tansu
+        // 0.6 answers a fetch from inside a batch with the next batch, skipping the rest.
+        let single: FutureProducer = config
+            .set("batch.num.messages", "1")
             .create()
             .map_err(|e| broker(e, false))?;
         // Reach the cluster now, so that a wrong address fails here.
@@ -347,6 +355,7 @@ impl KafkaBackend {
                 namespace: namespace.to_owned(),
                 options,
                 producer,
+                single,
                 streams: Mutex::default(),
                 groups: Mutex::default(),
                 tracker: TaskTracker::new(),
@@ -472,12 +481,14 @@ impl Queue for KafkaBackend {
         for g in groups {
             g.commit(rdkafka::consumer::CommitMode::Sync).await;
         }
-        let producer = self.inner.producer.clone();
+        let producers = [self.inner.producer.clone(), self.inner.single.clone()];
         let timeout = self.inner.options.request_timeout;
-        tokio::task::spawn_blocking(move || producer.flush(timeout))
-            .await
-            .map_err(|e| broker(e, true))?
-            .map_err(|e| broker(e, true))
+        tokio::task::spawn_blocking(move || {
+            producers.iter().try_for_each(|p| p.flush(timeout))
+        })
+        .await
+        .map_err(|e| broker(e, true))?
+        .map_err(|e| broker(e, true))
     }
 
     async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
