@@ -480,7 +480,10 @@ impl Group {
             .set("auto.offset.reset", "earliest")
             // An empty fetch waits this long at a broker that does not answer a long poll
             // when records arrive (tansu 0.6): the floor of the publish → fetch latency.
-            .set("fetch.wait.max.ms", millis(backend.inner.options.fetch_wait))
+            .set(
+                "fetch.wait.max.ms",
+                millis(backend.inner.options.fetch_wait),
+            )
             .set("fetch.min.bytes", "1")
             // A member that stopped without leaving the group (see `Closer`) keeps its
             // partitions until this passes.
@@ -779,7 +782,14 @@ impl Group {
             .deliver_at(at)
             .retry(attempt, error)
             .build();
-        super::produce(&self.single, self.timeout, &self.topics.retry, &m.payload, headers).await
+        super::produce(
+            &self.single,
+            self.timeout,
+            &self.topics.retry,
+            &m.payload,
+            headers,
+        )
+        .await
     }
 
     async fn produce(&self, topic: &str, payload: &[u8], headers: OwnedHeaders) -> Result<()> {

@@ -483,12 +483,10 @@ impl Queue for KafkaBackend {
         }
         let producers = [self.inner.producer.clone(), self.inner.single.clone()];
         let timeout = self.inner.options.request_timeout;
-        tokio::task::spawn_blocking(move || {
-            producers.iter().try_for_each(|p| p.flush(timeout))
-        })
-        .await
-        .map_err(|e| broker(e, true))?
-        .map_err(|e| broker(e, true))
+        tokio::task::spawn_blocking(move || producers.iter().try_for_each(|p| p.flush(timeout)))
+            .await
+            .map_err(|e| broker(e, true))?
+            .map_err(|e| broker(e, true))
     }
 
     async fn ensure_stream(&self, stream: &str, config: &StreamConfig) -> Result<bool> {
@@ -580,7 +578,13 @@ mod tests {
         for bad in ["kafkas://x:9093", "kafka://user:secret@x:9092"] {
             let e = parse_url(bad, KafkaOptions::default()).unwrap_err();
             assert!(
-                matches!(e, Error::Unsupported { backend: "kafka", .. }),
+                matches!(
+                    e,
+                    Error::Unsupported {
+                        backend: "kafka",
+                        ..
+                    }
+                ),
                 "{bad}: {e:?}"
             );
             assert!(!e.to_string().contains("secret"), "{e}");

@@ -224,8 +224,13 @@ mod kafka {
         let deadline = Instant::now() + Duration::from_secs(30);
         while out.len() < n {
             assert!(Instant::now() < deadline, "got {} of {n}", out.len());
-            let batch = c.fetch(n - out.len(), Duration::from_secs(1)).await.unwrap();
-            c.ack_batch(&batch.iter().collect::<Vec<_>>()).await.unwrap();
+            let batch = c
+                .fetch(n - out.len(), Duration::from_secs(1))
+                .await
+                .unwrap();
+            c.ack_batch(&batch.iter().collect::<Vec<_>>())
+                .await
+                .unwrap();
             out.extend(
                 batch
                     .iter()

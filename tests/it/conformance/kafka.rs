@@ -165,11 +165,7 @@ async fn typed_errors() {
         q.ensure_group("errs", "g", GroupStart::New).await,
         Err(Error::StreamNotFound(_))
     ));
-    for bad in [
-        "postgres://x",
-        "kafka://",
-        "kafka://h:1?partitions=0",
-    ] {
+    for bad in ["postgres://x", "kafka://", "kafka://h:1?partitions=0"] {
         let r = KafkaBackend::connect(bad, "t").await;
         assert!(matches!(r, Err(Error::InvalidConfig(_))), "{bad}: {r:?}");
     }
@@ -178,12 +174,24 @@ async fn typed_errors() {
     for bad in ["kafkas://127.0.0.1:1", "kafka://u:p@127.0.0.1:1"] {
         let r = KafkaBackend::connect(bad, "t").await;
         assert!(
-            matches!(r, Err(Error::Unsupported { backend: "kafka", .. })),
+            matches!(
+                r,
+                Err(Error::Unsupported {
+                    backend: "kafka",
+                    ..
+                })
+            ),
             "{bad}: {r:?}"
         );
         let r = pgtide::AnyBackend::connect(bad, "t").await;
         assert!(
-            matches!(r, Err(Error::Unsupported { backend: "kafka", .. })),
+            matches!(
+                r,
+                Err(Error::Unsupported {
+                    backend: "kafka",
+                    ..
+                })
+            ),
             "{bad}: {r:?}"
         );
     }

@@ -98,7 +98,11 @@ async fn ordering_key_is_the_record_key_and_keeps_order() {
     }
 
     // On the broker: the key is the record key, one partition per key, in publish order.
-    let bootstrap = url["kafka://".len()..].split('?').next().unwrap().to_owned();
+    let bootstrap = url["kafka://".len()..]
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
     let topic = format!("PGTIDE.{ns}.keyed");
     let records =
         tokio::task::spawn_blocking(move || read_topic(&bootstrap, &topic, 3, KEYS * PER_KEY))
@@ -121,7 +125,11 @@ async fn ordering_key_is_the_record_key_and_keeps_order() {
         seen.entry(k).or_default().push(n);
     }
     for (k, ns) in &seen {
-        assert_eq!(*ns, (0..PER_KEY).collect::<Vec<_>>(), "key {k} on the broker");
+        assert_eq!(
+            *ns,
+            (0..PER_KEY).collect::<Vec<_>>(),
+            "key {k} on the broker"
+        );
     }
     assert!(
         partition_of.values().collect::<HashSet<_>>().len() > 1,
@@ -242,7 +250,10 @@ async fn held_records_stay_under_the_cap_and_none_is_lost() {
         watch(&q, &mut most_held);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(most_held, CAP, "the cap was reached before the first was due");
+    assert_eq!(
+        most_held, CAP,
+        "the cap was reached before the first was due"
+    );
 
     // Every delayed message, once, not early.
     let mut delivered = vec![];

@@ -625,7 +625,8 @@ mod brokers {
             let r = run_with(command(url, &unique("t"), &["stream", "create", "s"]), None).await;
             assert_eq!(r.code, 2, "{url}: {r:?}");
             assert!(
-                r.stderr.contains("kafka backend does not support TLS and SASL"),
+                r.stderr
+                    .contains("kafka backend does not support TLS and SASL"),
                 "{url}: {r:?}"
             );
             assert!(!r.stderr.contains("secret"), "{r:?}");
