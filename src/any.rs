@@ -144,11 +144,11 @@ impl AnyBackend {
                 "backend URL sqs://… needs pgtide built with the cargo feature \"sqs\"".into(),
             )),
             #[cfg(feature = "kafka")]
-            "kafka" => Ok(AnyBackend::Kafka(
+            "kafka" | "kafkas" => Ok(AnyBackend::Kafka(
                 crate::kafka::KafkaBackend::connect(url, namespace).await?,
             )),
             #[cfg(not(feature = "kafka"))]
-            "kafka" => Err(Error::InvalidConfig(
+            "kafka" | "kafkas" => Err(Error::InvalidConfig(
                 "backend URL kafka://… needs pgtide built with the cargo feature \"kafka\"".into(),
             )),
             #[allow(unreachable_patterns)]

@@ -19,6 +19,14 @@
 //!   dropped from the buffers and leases (their settles become `LeaseLost`) after committing
 //!   what was finished; the new owner reads them from the committed offset.
 //!
+//! Not-yet-due records are bounded by [`super::KafkaOptions::max_held`]: a record of the delay or
+//! retry topic that would go over it is not buffered; its partition is paused and rewound to it
+//! (back-pressure, not spill: copying it to the end of its topic again would only move the
+//! problem, every record read again and again until due) and resumed once the held records fell
+//! to three quarters of the cap. The main topic is never paused, so delayed records do not hold
+//! up due ones; a delayed record behind a full cap of later-due ones is released late, when
+//! enough of them came due.
+//!
 //! Attempt numbers of lease expiries live in this process: a record redelivered by Kafka after
 //! a crash or a rebalance starts again from the attempt it was written with (1, or the retry's).
 
@@ -97,6 +105,16 @@ pub(super) struct Lease {
     pub entry: Entry,
 }
 
+/// A delay or retry partition paused because the held records reached the cap.
+#[derive(Debug, Clone, Copy)]
+struct Rewind {
+    /// The first offset not buffered: reading starts again there.
+    from: i64,
+    /// Still paused (records of the partition that arrive are dropped: librdkafka fetched them
+    /// before the pause took effect, and they come again from `from`).
+    paused: bool,
+}
+
 /// Offsets of one partition.
 #[derive(Debug, Default)]
 struct Part {
@@ -125,6 +143,8 @@ pub(super) struct State {
     pub leased: HashMap<Key, Lease>,
     next_claim: u64,
     dirty: bool,
+    /// Paused (or resumed and not yet back at their first unbuffered offset) partitions.
+    rewind: HashMap<(Topic, i32), Rewind>,
 }
 
 impl State {
@@ -223,6 +243,12 @@ impl State {
         self.held.retain(|_, e| !of(&e.key));
         self.leased.retain(|k, _| !of(k));
         self.parts.remove(&(topic, partition));
+        self.rewind.remove(&(topic, partition));
+    }
+
+    /// How many not-yet-due records are held.
+    pub(super) fn held(&self) -> usize {
+        self.held.len()
     }
 
     /// The offsets to commit (those that moved since the last commit).
@@ -319,6 +345,16 @@ impl Topics {
     }
 }
 
+/// Whether a record is to be held (due later than now).
+fn entry_due_later(record: &Record) -> bool {
+    record.deliver_at.is_some_and(|at| at > Utc::now())
+}
+
+/// A duration in whole milliseconds for librdkafka.
+fn millis(d: Duration) -> String {
+    d.as_millis().min(i32::MAX as u128).to_string()
+}
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // The state stays consistent across a panic: every change is a single insert or remove.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -333,7 +369,7 @@ pub(super) struct Ctx {
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
@@ -342,9 +378,20 @@ impl ConsumerContext for Ctx {
         // also runs inside the consumer's close, where librdkafka waits for an answer that
         // tansu never sends to a leaving member.
         let mut state = lock(&self.state);
+        let mut paused = TopicPartitionList::new();
         for e in tpl.elements() {
             if let Some(topic) = self.topics.kind(e.topic()) {
+                if state.rewind.contains_key(&(topic, e.partition())) {
+                    paused.add_partition(e.topic(), e.partition());
+                }
                 state.drop_partition(topic, e.partition());
+            }
+        }
+        drop(state);
+        // Whoever holds the partition next starts from its committed offset, unpaused.
+        if paused.count() > 0 {
+            if let Err(e) = consumer.resume(&paused) {
+                tracing::debug!(error = %e, "pgtide kafka: resuming revoked partitions failed");
             }
         }
     }
@@ -385,8 +432,12 @@ pub(super) struct Group {
     pub token: CancellationToken,
     /// The handle's producer and (weakly) the handle: the handle's map holds this runtime.
     producer: FutureProducer,
+    /// The handle's producer of single-record batches (retries).
+    single: FutureProducer,
     backend: Weak<super::Inner>,
     timeout: Duration,
+    /// [`super::KafkaOptions::max_held`].
+    max_held: usize,
 }
 
 impl Group {
@@ -427,7 +478,13 @@ impl Group {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "100")
+            // An empty fetch waits this long at a broker that does not answer a long poll
+            // when records arrive (tansu 0.6): the floor of the publish → fetch latency.
+            .set(
+                "fetch.wait.max.ms",
+                millis(backend.inner.options.fetch_wait),
+            )
+            .set("fetch.min.bytes", "1")
             // A member that stopped without leaving the group (see `Closer`) keeps its
             // partitions until this passes.
             .set("session.timeout.ms", "6000")
@@ -448,8 +505,10 @@ impl Group {
             consumer: Arc::new(Closer(std::mem::ManuallyDrop::new(consumer))),
             token: backend.inner.token.child_token(),
             producer: backend.inner.producer.clone(),
+            single: backend.inner.single.clone(),
             backend: Arc::downgrade(&backend.inner),
             timeout: backend.inner.options.request_timeout,
+            max_held: backend.inner.options.max_held,
         });
         backend.inner.tracker.spawn(g.clone().drive());
         Ok(g)
@@ -541,11 +600,39 @@ impl Group {
             offset,
         };
         let mut state = self.lock();
+        if let Some(r) = state.rewind.get(&(kind, partition)).copied() {
+            if r.paused || offset != r.from {
+                if !r.paused && offset > r.from {
+                    // Resumed, but the rewind has not taken effect: ask again (never skip
+                    // records between `from` and here).
+                    drop(state);
+                    self.seek(kind, partition, r.from);
+                }
+                return;
+            }
+            state.rewind.remove(&(kind, partition));
+        }
         let part = state.part(kind, partition);
         if offset < part.floor || offset < part.next {
             // Purged, or read again (a fetch retried by the client): already accounted for.
             return;
         }
+        let later = entry_due_later(&record);
+        if later && kind != Topic::Main && state.held.len() >= self.max_held {
+            // Not buffered: its offset stays unaccounted (`next` stays at or below it), so
+            // nothing past it is committed; read again from it once resumed.
+            state.rewind.insert(
+                (kind, partition),
+                Rewind {
+                    from: offset,
+                    paused: true,
+                },
+            );
+            drop(state);
+            self.pause(kind, partition, offset);
+            return;
+        }
+        let part = state.part(kind, partition);
         if part.outstanding.is_empty() && part.next < offset {
             // The first record seen (or a gap: compacted or transaction markers).
             part.next = offset;
@@ -567,7 +654,72 @@ impl Group {
         }
     }
 
-    /// Reaps leases and due records, dead-letters what is due for it, commits.
+    /// Pauses a partition at the held cap and rewinds it to `offset`.
+    fn pause(&self, kind: Topic, partition: i32, offset: i64) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(self.topics.name(kind), partition);
+        if let Err(e) = self.consumer.pause(&tpl) {
+            // Still rewound: records that arrive are dropped until the resume.
+            tracing::warn!(error = %e, stream = %self.stream, group = %self.group, "pgtide kafka: pausing a partition at the held cap failed");
+        }
+        self.seek(kind, partition, offset);
+    }
+
+    /// Asks librdkafka to read `partition` from `offset` (asynchronously; records fetched before
+    /// are discarded by librdkafka).
+    fn seek(&self, kind: Topic, partition: i32, offset: i64) {
+        let topic = self.topics.name(kind);
+        if let Err(e) = self
+            .consumer
+            .seek(topic, partition, Offset::Offset(offset), Duration::ZERO)
+        {
+            // The resume asks again; until the rewind is seen, records past it are dropped.
+            tracing::warn!(error = %e, stream = %self.stream, group = %self.group, "pgtide kafka: rewinding a paused partition failed");
+        }
+    }
+
+    /// Resumes paused partitions once the held records fell to three quarters of the cap.
+    fn resume_below_cap(&self) {
+        let resumed: Vec<(Topic, i32, i64)> = {
+            let mut state = self.lock();
+            if state.held.len() > self.max_held - self.max_held / 4 {
+                return;
+            }
+            state
+                .rewind
+                .iter_mut()
+                .filter(|(_, r)| r.paused)
+                .map(|((kind, partition), r)| {
+                    r.paused = false;
+                    (*kind, *partition, r.from)
+                })
+                .collect()
+        };
+        if resumed.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (kind, partition, _) in &resumed {
+            tpl.add_partition(self.topics.name(*kind), *partition);
+        }
+        if let Err(e) = self.consumer.resume(&tpl) {
+            tracing::warn!(error = %e, stream = %self.stream, group = %self.group, "pgtide kafka: resuming paused partitions failed; trying again");
+            let mut state = self.lock();
+            for (kind, partition, _) in &resumed {
+                if let Some(r) = state.rewind.get_mut(&(*kind, *partition)) {
+                    r.paused = true;
+                }
+            }
+            return;
+        }
+        // Resuming reads from where librdkafka stopped handing records out, past `from`.
+        for (kind, partition, from) in resumed {
+            self.seek(kind, partition, from);
+        }
+    }
+
+    /// Reaps leases and due records, dead-letters what is due for it, resumes paused
+    /// partitions, commits.
     pub(super) async fn housekeep(&self) {
         let (bury, woke) = {
             let mut state = self.lock();
@@ -575,6 +727,7 @@ impl Group {
             let bury = state.reap(self.config.max_deliver);
             (bury, state.ready.len() > before)
         };
+        self.resume_below_cap();
         if woke {
             self.notify.notify_waiters();
         }
@@ -629,7 +782,14 @@ impl Group {
             .deliver_at(at)
             .retry(attempt, error)
             .build();
-        self.produce(&self.topics.retry, &m.payload, headers).await
+        super::produce(
+            &self.single,
+            self.timeout,
+            &self.topics.retry,
+            &m.payload,
+            headers,
+        )
+        .await
     }
 
     async fn produce(&self, topic: &str, payload: &[u8], headers: OwnedHeaders) -> Result<()> {

@@ -42,9 +42,11 @@
 //!   what this process holds.
 //! * Attempt numbers of lease expiries live in the process holding the partition: after a crash
 //!   or a rebalance a record starts again from the attempt it was written with.
-//! * Records waiting for their due time are held in memory (a very large backlog of delayed
-//!   messages costs memory in every consuming process).
-//! * Plain TCP only (no TLS, no SASL).
+//! * Records waiting for their due time are held in memory, at most
+//!   [`KafkaOptions::max_held`] per group and handle; past it the delay and retry topics are
+//!   paused (back-pressure), so a delayed record behind a full cap of later-due ones comes late.
+//! * Plain TCP only: `kafkas://` and credentials in the URL are `Unsupported` (the bundled
+//!   librdkafka is built without OpenSSL and SASL).
 //! * A stopped group runtime leaves its idle librdkafka consumer open until the process exits
 //!   (closing one never completes on tansu 0.6); see `group.rs`.
 
@@ -115,6 +117,19 @@ pub struct KafkaOptions {
     /// Timeout of one request to the cluster (metadata, admin, a publish's acknowledgement).
     /// Defaults to 10 s.
     pub request_timeout: Duration,
+    /// How long a group's consumer waits at the broker for records before an empty fetch
+    /// answers (librdkafka's `fetch.wait.max.ms`). A broker that answers a waiting fetch as
+    /// soon as records arrive (Apache Kafka) makes this only the idle poll interval; one that
+    /// does not (tansu 0.6) adds up to this much to the publish → fetch latency. Lower means
+    /// more fetch requests from idle groups (one per broker and wait). 1 ms to 10 s.
+    /// Defaults to 5 ms.
+    pub fetch_wait: Duration,
+    /// How many not-yet-due records (delayed publishes, nacks with a delay) one group's
+    /// runtime holds in memory per handle. At the cap, the delay and retry topics' partitions
+    /// are paused (the main topic is still read) until a quarter of the held records came due;
+    /// a delayed record behind a full cap of later-due ones is delivered late. 1 to 10 000 000.
+    /// Defaults to 10 000.
+    pub max_held: usize,
 }
 
 impl Default for KafkaOptions {
@@ -123,6 +138,8 @@ impl Default for KafkaOptions {
             partitions: 1,
             replication: 1,
             request_timeout: Duration::from_secs(10),
+            fetch_wait: Duration::from_millis(5),
+            max_held: 10_000,
         }
     }
 }
@@ -143,6 +160,16 @@ impl KafkaOptions {
         self.request_timeout = timeout;
         self
     }
+    /// Sets [`KafkaOptions::fetch_wait`].
+    pub fn fetch_wait(mut self, wait: Duration) -> Self {
+        self.fetch_wait = wait;
+        self
+    }
+    /// Sets [`KafkaOptions::max_held`].
+    pub fn max_held(mut self, max: usize) -> Self {
+        self.max_held = max;
+        self
+    }
 }
 
 /// A stream's names, config, groups and purge marks, as recorded in its registry topic.
@@ -159,6 +186,8 @@ struct Inner {
     namespace: String,
     options: KafkaOptions,
     producer: FutureProducer,
+    /// Writes the delay and retry topics, one record per batch.
+    single: FutureProducer,
     streams: Mutex<HashMap<String, Arc<StreamMeta>>>,
     groups: Mutex<HashMap<(String, String), Arc<Group>>>,
     tracker: TaskTracker,
@@ -213,6 +242,14 @@ pub(super) fn broker(
     }
 }
 
+/// What `kafkas://` and credentials in a `kafka://` URL get: the bundled librdkafka is built
+/// without OpenSSL and SASL (see docs/backends.md for why), so the connection would be plain
+/// TCP; refusing beats sending credentials or data in the clear.
+const TLS_UNSUPPORTED: Error = Error::Unsupported {
+    backend: NAME,
+    what: "TLS and SASL (kafkas://, user:password@ in a kafka:// URL): pgtide's librdkafka is built without OpenSSL and SASL; use kafka:// on a network you trust",
+};
+
 /// Splits `kafka://host:port[,host:port…][?partitions=N]` into the bootstrap list and options.
 fn parse_url(url: &str, mut options: KafkaOptions) -> Result<(String, KafkaOptions)> {
     let bad = |why: &str| {
@@ -221,12 +258,19 @@ fn parse_url(url: &str, mut options: KafkaOptions) -> Result<(String, KafkaOptio
             "Kafka URL: {why}: use kafka://host:port[,host:port...][?partitions=N]"
         ))
     };
+    if url.starts_with("kafkas://") {
+        return Err(TLS_UNSUPPORTED);
+    }
     let rest = url
         .strip_prefix("kafka://")
         .ok_or_else(|| bad("the scheme must be kafka://"))?;
     let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
     let hosts = hosts.trim_end_matches('/');
-    if hosts.is_empty() || hosts.contains(['@', '/', ' ']) {
+    if hosts.contains('@') {
+        // user:password@ would be SASL credentials.
+        return Err(TLS_UNSUPPORTED);
+    }
+    if hosts.is_empty() || hosts.contains(['/', ' ']) {
         return Err(bad("expected host:port pairs (no user, path or spaces)"));
     }
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -267,8 +311,20 @@ impl KafkaBackend {
             )));
         }
         crate::limits::check_duration("request_timeout", options.request_timeout, false)?;
+        if !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&options.fetch_wait) {
+            return Err(Error::InvalidConfig(format!(
+                "Kafka fetch_wait must be 1 ms to 10 s, not {:?}",
+                options.fetch_wait
+            )));
+        }
+        if !(1..=10_000_000).contains(&options.max_held) {
+            return Err(Error::InvalidConfig(format!(
+                "Kafka max_held must be 1 to 10000000, not {}",
+                options.max_held
+            )));
+        }
         let mut config = base_config(&brokers, &options);
-        let producer: FutureProducer = config
+        config
             .set("enable.idempotence", "true")
             .set(
                 "message.timeout.ms",
@@ -279,7 +335,13 @@ impl KafkaBackend {
                     .to_string(),
             )
             .set("linger.ms", "0")
-            .set("message.max.bytes", "16777216")
+            .set("message.max.bytes", "16777216");
+        let producer: FutureProducer = config.create().map_err(|e| broker(e, false))?;
+        // Delay and retry topics get one record per batch: a group paused at its held cap
+        // (see `group.rs`) resumes from the middle of what may have been one batch, and tansu
+        // 0.6 answers a fetch from inside a batch with the next batch, skipping the rest.
+        let single: FutureProducer = config
+            .set("batch.num.messages", "1")
             .create()
             .map_err(|e| broker(e, false))?;
         // Reach the cluster now, so that a wrong address fails here.
@@ -295,6 +357,7 @@ impl KafkaBackend {
                 namespace: namespace.to_owned(),
                 options,
                 producer,
+                single,
                 streams: Mutex::default(),
                 groups: Mutex::default(),
                 tracker: TaskTracker::new(),
@@ -306,6 +369,16 @@ impl KafkaBackend {
     /// The namespace (prefix of every broker-side name).
     pub fn namespace(&self) -> &str {
         &self.inner.namespace
+    }
+
+    /// How many not-yet-due records (delayed publishes, nacks with a delay) this handle holds
+    /// in memory for the group: at most [`KafkaOptions::max_held`]. `None` when no consumer of
+    /// the group was opened through this handle (nothing is read, nothing held).
+    pub fn held_records(&self, stream: &str, group: &str) -> Option<usize> {
+        lock(&self.inner.groups)
+            .get(&(stream.to_owned(), group.to_owned()))
+            .filter(|g| !g.token.is_cancelled())
+            .map(|g| g.lock().held())
     }
 
     fn names(&self, stream: &str) -> Names {
@@ -410,9 +483,9 @@ impl Queue for KafkaBackend {
         for g in groups {
             g.commit(rdkafka::consumer::CommitMode::Sync).await;
         }
-        let producer = self.inner.producer.clone();
+        let producers = [self.inner.producer.clone(), self.inner.single.clone()];
         let timeout = self.inner.options.request_timeout;
-        tokio::task::spawn_blocking(move || producer.flush(timeout))
+        tokio::task::spawn_blocking(move || producers.iter().try_for_each(|p| p.flush(timeout)))
             .await
             .map_err(|e| broker(e, true))?
             .map_err(|e| broker(e, true))
@@ -493,7 +566,6 @@ mod tests {
         for bad in [
             "nats://x:1",
             "kafka://",
-            "kafka://u:p@x:1",
             "kafka://x:1?partitions=many",
             "kafka://x:1?tls=1",
         ] {
@@ -504,6 +576,20 @@ mod tests {
                 ),
                 "{bad}"
             );
+        }
+        for bad in ["kafkas://x:9093", "kafka://user:secret@x:9092"] {
+            let e = parse_url(bad, KafkaOptions::default()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::Unsupported {
+                        backend: "kafka",
+                        ..
+                    }
+                ),
+                "{bad}: {e:?}"
+            );
+            assert!(!e.to_string().contains("secret"), "{e}");
         }
     }
 }

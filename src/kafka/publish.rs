@@ -46,12 +46,12 @@ impl KafkaBackend {
             }
             .filter(|at| *at > now);
             let mut headers = Out::message(id, m.is_json, &m.headers)?;
-            let topic = match due {
+            let (topic, producer) = match due {
                 Some(at) => {
                     headers = headers.deliver_at(at);
-                    &meta.names.delay
+                    (&meta.names.delay, &self.inner.single)
                 }
-                None => &meta.names.main,
+                None => (&meta.names.main, &self.inner.producer),
             };
             let mut record = FutureRecord::<str, [u8]>::to(topic)
                 .payload(&m.payload[..])
@@ -62,7 +62,7 @@ impl KafkaBackend {
             if let Some(key) = m.key.as_deref() {
                 record = record.key(key);
             }
-            match self.inner.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => pending.push((id, delivery)),
                 Err((e, _)) => return Err(self.publish_failed(stream, e).await),
             }

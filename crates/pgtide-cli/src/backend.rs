@@ -49,7 +49,7 @@ pub fn backend_url(global: &Global) -> CliResult<BackendUrl> {
                 "amqp" | "amqps" => "amqp",
                 "sqs" | "sqss" => "sqs",
                 "nats" => "nats",
-                "kafka" => "kafka",
+                "kafka" | "kafkas" => "kafka",
                 "memory" => "memory",
                 _ => {
                     return Err(CliError::usage(format!(

@@ -165,14 +165,35 @@ async fn typed_errors() {
         q.ensure_group("errs", "g", GroupStart::New).await,
         Err(Error::StreamNotFound(_))
     ));
-    for bad in [
-        "postgres://x",
-        "kafka://",
-        "kafka://u:p@h:1",
-        "kafka://h:1?partitions=0",
-    ] {
+    for bad in ["postgres://x", "kafka://", "kafka://h:1?partitions=0"] {
         let r = KafkaBackend::connect(bad, "t").await;
         assert!(matches!(r, Err(Error::InvalidConfig(_))), "{bad}: {r:?}");
+    }
+    // TLS and SASL are refused before connecting (nothing listens on port 1), through the
+    // backend and through `AnyBackend`.
+    for bad in ["kafkas://127.0.0.1:1", "kafka://u:p@127.0.0.1:1"] {
+        let r = KafkaBackend::connect(bad, "t").await;
+        assert!(
+            matches!(
+                r,
+                Err(Error::Unsupported {
+                    backend: "kafka",
+                    ..
+                })
+            ),
+            "{bad}: {r:?}"
+        );
+        let r = pgtide::AnyBackend::connect(bad, "t").await;
+        assert!(
+            matches!(
+                r,
+                Err(Error::Unsupported {
+                    backend: "kafka",
+                    ..
+                })
+            ),
+            "{bad}: {r:?}"
+        );
     }
     // Nothing listens on port 1: a retryable broker error.
     let down = pgtide::KafkaBackend::connect_with(

@@ -168,6 +168,8 @@ conformance!(any_postgres, crate::conformance::backends::any_postgres);
 pub(crate) mod amqp;
 #[cfg(feature = "kafka")]
 pub(crate) mod kafka;
+#[cfg(feature = "kafka")]
+mod kafka_records;
 #[cfg(feature = "nats")]
 pub(crate) mod nats;
 #[cfg(feature = "redis")]
