@@ -130,6 +130,13 @@ pub struct KafkaOptions {
     /// a delayed record behind a full cap of later-due ones is delivered late. 1 to 10 000 000.
     /// Defaults to 10 000.
     pub max_held: usize,
+    /// Send every record of the main topic in a batch of its own (delay and retry topics always
+    /// are). For brokers that answer a fetch starting inside a record batch with the *next*
+    /// batch (tansu 0.6 does): there, a group restarting from a committed offset in the middle
+    /// of a batch would skip the rest of that batch. Costs publish throughput on brokers that
+    /// batch correctly (Apache Kafka, Redpanda), which need it off. The URL parameter
+    /// `single_record_batches=true` sets it too. Defaults to false.
+    pub single_record_batches: bool,
 }
 
 impl Default for KafkaOptions {
@@ -140,6 +147,7 @@ impl Default for KafkaOptions {
             request_timeout: Duration::from_secs(10),
             fetch_wait: Duration::from_millis(5),
             max_held: 10_000,
+            single_record_batches: false,
         }
     }
 }
@@ -168,6 +176,11 @@ impl KafkaOptions {
     /// Sets [`KafkaOptions::max_held`].
     pub fn max_held(mut self, max: usize) -> Self {
         self.max_held = max;
+        self
+    }
+    /// Sets [`KafkaOptions::single_record_batches`].
+    pub fn single_record_batches(mut self, single: bool) -> Self {
+        self.single_record_batches = single;
         self
     }
 }
@@ -250,12 +263,12 @@ const TLS_UNSUPPORTED: Error = Error::Unsupported {
     what: "TLS and SASL (kafkas://, user:password@ in a kafka:// URL): pgtide's librdkafka is built without OpenSSL and SASL; use kafka:// on a network you trust",
 };
 
-/// Splits `kafka://host:port[,host:port…][?partitions=N]` into the bootstrap list and options.
+/// Splits `kafka://host:port[,host:port…][?partitions=N&single_record_batches=B]` into the bootstrap list and options.
 fn parse_url(url: &str, mut options: KafkaOptions) -> Result<(String, KafkaOptions)> {
     let bad = |why: &str| {
         // Not echoing the URL: it may carry credentials.
         Error::InvalidConfig(format!(
-            "Kafka URL: {why}: use kafka://host:port[,host:port...][?partitions=N]"
+            "Kafka URL: {why}: use kafka://host:port[,host:port...][?partitions=N][&single_record_batches=true|false]"
         ))
     };
     if url.starts_with("kafkas://") {
@@ -278,7 +291,18 @@ fn parse_url(url: &str, mut options: KafkaOptions) -> Result<(String, KafkaOptio
             Some(("partitions", n)) => {
                 options.partitions = n.parse().map_err(|_| bad("partitions must be a number"))?;
             }
-            _ => return Err(bad("the only parameter is partitions=N")),
+            Some(("single_record_batches", flag)) => {
+                options.single_record_batches = match flag {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad("single_record_batches must be true or false")),
+                };
+            }
+            _ => {
+                return Err(bad(
+                    "the parameters are partitions=N and single_record_batches=true|false",
+                ))
+            }
         }
     }
     Ok((hosts.to_owned(), options))
@@ -336,7 +360,7 @@ impl KafkaBackend {
             )
             .set("linger.ms", "0")
             .set("message.max.bytes", "16777216");
-        let producer: FutureProducer = config.create().map_err(|e| broker(e, false))?;
+        let batched: FutureProducer = config.create().map_err(|e| broker(e, false))?;
         // Delay and retry topics get one record per batch: a group paused at its held cap
         // (see `group.rs`) resumes from the middle of what may have been one batch, and tansu
         // 0.6 answers a fetch from inside a batch with the next batch, skipping the rest.
@@ -344,6 +368,11 @@ impl KafkaBackend {
             .set("batch.num.messages", "1")
             .create()
             .map_err(|e| broker(e, false))?;
+        let producer = if options.single_record_batches {
+            single.clone()
+        } else {
+            batched
+        };
         // Reach the cluster now, so that a wrong address fails here.
         let timeout = options.request_timeout;
         let probe = producer.clone();

@@ -151,9 +151,11 @@ impl Server {
         format!("sqs://test:test@127.0.0.1:{}?region=us-east-1", self.port)
     }
 
-    /// `kafka://127.0.0.1:<port>`.
+    /// `kafka://127.0.0.1:<port>?single_record_batches=true`.
     pub fn kafka_url(&self) -> String {
-        format!("kafka://127.0.0.1:{}", self.port)
+        // tansu 0.6 answers a fetch from inside a record batch with the next batch: a group
+        // restarting mid-batch would skip records, so every record gets a batch of its own.
+        format!("kafka://127.0.0.1:{}?single_record_batches=true", self.port)
     }
 
     /// PgBouncer 1.18 (Debian's) in transaction mode in front of the PostgreSQL at

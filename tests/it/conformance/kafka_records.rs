@@ -79,7 +79,7 @@ fn read_topic(
 async fn ordering_key_is_the_record_key_and_keeps_order() {
     let server = Server::kafka();
     let ns = crate::common::unique("t");
-    let url = format!("{}?partitions=3", server.kafka_url());
+    let url = format!("{}&partitions=3", server.kafka_url());
     let q = KafkaBackend::connect(&url, &ns).await.unwrap();
     q.ensure_stream("keyed", &StreamConfig::default())
         .await

@@ -375,20 +375,27 @@ mod brokers {
             .unwrap();
         assert!(status.success(), "{status:?}");
         let left = 121 - 20 - printed.len();
-        let rest = b
-            .run(&[
-                "consume",
-                "orders",
-                "-g",
-                "billing",
-                "--count",
-                &left.to_string(),
-                "--wait",
-                b.wait,
-            ])
-            .await
-            .ok();
-        let rest: HashSet<String> = ids(&rest).into_iter().collect();
+        // The follower may have drained everything before the signal arrived (a fast broker
+        // hands out the whole backlog in a few batches): then there is nothing left to count,
+        // and the "nothing unseen turns up" check below covers the rest.
+        let rest: HashSet<String> = if left == 0 {
+            HashSet::new()
+        } else {
+            let rest = b
+                .run(&[
+                    "consume",
+                    "orders",
+                    "-g",
+                    "billing",
+                    "--count",
+                    &left.to_string(),
+                    "--wait",
+                    b.wait,
+                ])
+                .await
+                .ok();
+            ids(&rest).into_iter().collect()
+        };
         assert_eq!(
             rest.len(),
             left,
@@ -609,12 +616,10 @@ mod brokers {
 
     /// On tansu (a broker of the test's own). Each `pgtide` run is a new member of the Kafka
     /// group; `close()` commits what it settled before the process exits.
-    // Fails on tansu 0.6 at "nothing stayed leased to the stopped consumer": the consume after
-    // the SIGTERMed `--follow` gets none of the 30 messages left, most likely because it starts
-    // from a committed offset inside a record batch, which tansu answers with the next batch
-    // (see docs/backends.md). Everything before that step passes.
+    // The URL asks for single-record batches: tansu 0.6 answers a fetch from inside a batch with
+    // the next batch (docs/backends.md), which made the consume after the SIGTERMed `--follow`
+    // skip what the follower left.
     #[cfg(feature = "kafka")]
-    #[ignore = "tansu 0.6 skips the rest of a record batch fetched from inside it; see docs/backends.md"]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cli_backend_kafka_stream_publish_consume_stats() {
         let server = pgtide_testing::Server::kafka();
