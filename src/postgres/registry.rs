@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 
+use super::exec::{Params, Statement};
 use super::{micros, PgBackend, STREAM_CACHE_TTL};
 use crate::config::{GroupConfig, GroupStart, StreamConfig};
 use crate::error::Ctx;
@@ -323,20 +324,13 @@ impl PgBackend {
         }
         .validate()?;
         let limit = limit.map(|n| n as i32);
-        let found: bool = self
-            .sql_value(
-                &self.inner.sql.group_limit,
-                &[&stream, &group, &limit],
-                Ctx::group(stream, group),
-            )
-            .await?;
-        if !found {
-            return Err(Error::GroupNotFound {
-                stream: stream.to_owned(),
-                group: group.to_owned(),
-            });
-        }
-        Ok(())
+        self.update_group(
+            &self.inner.sql.group_limit,
+            &[&stream, &group, &limit],
+            stream,
+            group,
+        )
+        .await
     }
 
     /// Sets (`Some`) or removes (`None`) the group's rate limit ([`GroupConfig::rate_limit`]).
@@ -378,12 +372,25 @@ impl PgBackend {
         }
         let rate = limit.map(|r| r.rate());
         let burst = limit.map(|r| r.burst_size() as i32);
+        self.update_group(
+            &self.inner.sql.group_rate,
+            &[&stream, &group, &rate, &burst, &per_key],
+            stream,
+            group,
+        )
+        .await
+    }
+
+    /// Runs a statement that changes one group's settings and says whether the group was found.
+    async fn update_group(
+        &self,
+        stmt: &Statement,
+        params: &Params<'_>,
+        stream: &str,
+        group: &str,
+    ) -> Result<()> {
         let found: bool = self
-            .sql_value(
-                &self.inner.sql.group_rate,
-                &[&stream, &group, &rate, &burst, &per_key],
-                Ctx::group(stream, group),
-            )
+            .sql_value(stmt, params, Ctx::group(stream, group))
             .await?;
         if !found {
             return Err(Error::GroupNotFound {

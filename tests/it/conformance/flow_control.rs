@@ -227,10 +227,14 @@ pub async fn rate_limit_holds_under_load<Q: Queue>(
         q.publish_batch("load-rate", chunk).await.unwrap();
     }
     let stop = tokio_util::sync::CancellationToken::new();
+    // Each consumer reports its claim times, so that the test stops as soon as claims span the
+    // window, however late the first one came.
+    let (claims_tx, mut claims_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = vec![];
     for c in 0..consumers {
         let q = handles[c % handles.len()].clone();
         let stop = stop.clone();
+        let claims_tx = claims_tx.clone();
         tasks.push(tokio::spawn(async move {
             let consumer = q
                 .consumer("load-rate", "g", &format!("c{c}"))
@@ -240,8 +244,9 @@ pub async fn rate_limit_holds_under_load<Q: Queue>(
             while !stop.is_cancelled() {
                 let batch = consumer.fetch(20, Duration::from_secs(1)).await.unwrap();
                 for d in &batch {
-                    claimed_at
-                        .push(d.lease_expires_at - chrono::Duration::from_std(lease).unwrap());
+                    let at = d.lease_expires_at - chrono::Duration::from_std(lease).unwrap();
+                    claimed_at.push(at);
+                    let _ = claims_tx.send(at);
                 }
                 consumer
                     .ack_batch(&batch.iter().collect::<Vec<_>>())
@@ -251,8 +256,18 @@ pub async fn rate_limit_holds_under_load<Q: Queue>(
             claimed_at
         }));
     }
-    // Long enough for the window after the first claim, whatever the machine's pace.
-    tokio::time::sleep(window + Duration::from_secs(2)).await;
+    drop(claims_tx);
+    let spanned = tokio::time::timeout(window + WAIT, async {
+        let first = claims_rx.recv().await?;
+        let end = first + chrono::Duration::from_std(window).ok()?;
+        while claims_rx.recv().await? < end {}
+        Some(())
+    })
+    .await;
+    assert!(
+        matches!(spanned, Ok(Some(()))),
+        "claims never spanned the {window:?} window"
+    );
     stop.cancel();
     let mut at = vec![];
     for t in tasks {
