@@ -198,7 +198,8 @@ BEGIN
         'weights apply to fair groups: create the group with fair => true');
     INSERT INTO @ns@.fair_keys AS f (group_id, key, vt, weight)
     VALUES (gid, coalesce(key, ''), '-infinity', weight)
-    ON CONFLICT (group_id, key) DO UPDATE SET weight = excluded.weight;
+    -- By constraint name: the column `key` would clash with the argument of that name.
+    ON CONFLICT ON CONSTRAINT fair_keys_pkey DO UPDATE SET weight = excluded.weight;
     RETURN true;
 END $$;
 
