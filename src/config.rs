@@ -323,6 +323,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn weights_are_finite_and_within_bounds_and_fair_is_not_ordered() {
+        for ok in [MIN_WEIGHT, 0.5, 1.0, 3.0, MAX_WEIGHT] {
+            assert!(validate_weight(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            0.0,
+            -1.0,
+            0.009,
+            1000.001,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            assert!(validate_weight(bad).is_err(), "{bad}");
+        }
+        let both = GroupConfig::default().fair_share(true).ordered(true);
+        assert!(both.validate().is_err());
+        assert!(GroupConfig::default().fair_share(true).validate().is_ok());
+    }
+
+    #[test]
     fn backoff_delay_follows_the_schedule_and_repeats_the_last_step() {
         let b = Backoff::schedule([1, 5, 15].map(Duration::from_secs));
         let got: Vec<u64> = (0..=5).map(|a| b.delay(a).as_secs()).collect();
