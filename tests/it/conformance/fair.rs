@@ -231,3 +231,59 @@ pub async fn fair_share_retry_is_not_starved<Q: Queue>(q: Q) {
         "the delayed publish waits behind the backlog of 2 000"
     );
 }
+
+/// Keys of the next `n` deliveries (acked as they come).
+async fn next_keys<C: QueueConsumer>(c: &C, n: usize) -> Vec<String> {
+    let got = c.fetch(n, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(got.len(), n, "{n} ready");
+    c.ack_batch(&got.iter().collect::<Vec<_>>()).await.unwrap();
+    got.iter()
+        .map(|d| d.message.key.clone().unwrap_or_default())
+        .collect()
+}
+
+/// A key that was idle earns no credit: it joins at the group's virtual time, level with the
+/// keys that kept working, not ahead of them by what it did not use; and after the group
+/// drained, a key that worked a lot is not behind a new one.
+pub async fn fair_share_gives_no_credit_for_idleness<Q: Queue>(q: Q) {
+    if !q.capabilities().fair_share {
+        return;
+    }
+    q.ensure_stream("idle", &StreamConfig::default())
+        .await
+        .unwrap();
+    q.ensure_group_with("idle", "g", &GroupConfig::default().fair_share(true))
+        .await
+        .unwrap();
+    let c = q.consumer("idle", "g", "c").await.unwrap();
+    // b works once, then idles while a's backlog is half served.
+    publish_many(&q, "idle", "b", 1).await;
+    assert_eq!(next_keys(&c, 1).await, ["b"]);
+    publish_many(&q, "idle", "a", 200).await;
+    for _ in 0..10 {
+        next_keys(&c, 10).await;
+    }
+    publish_many(&q, "idle", "b", 10).await;
+    let next = next_keys(&c, 10).await;
+    let b = next.iter().filter(|k| *k == "b").count();
+    assert!(
+        (4..=6).contains(&b),
+        "b after idling gets its share, not a catch-up: {next:?}"
+    );
+    // Drain; then a new key and a busy one start level.
+    loop {
+        let got = c.try_fetch(100).await.unwrap();
+        if got.is_empty() {
+            break;
+        }
+        c.ack_batch(&got.iter().collect::<Vec<_>>()).await.unwrap();
+    }
+    publish_many(&q, "idle", "c", 10).await;
+    publish_many(&q, "idle", "a", 10).await;
+    let next = next_keys(&c, 10).await;
+    let a = next.iter().filter(|k| *k == "a").count();
+    assert!(
+        (4..=6).contains(&a),
+        "after a drain a busy key starts level with a new one: {next:?}"
+    );
+}

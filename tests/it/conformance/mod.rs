@@ -24,7 +24,7 @@ macro_rules! conformance {
                 pause_key_holds_one_key_while_others_drain, rate_limit_holds_the_group,
                 rate_limit_per_key_holds_one_key_while_others_drain,
                 fair_share_splits_by_weight, fair_share_is_work_conserving,
-                fair_share_retry_is_not_starved);
+                fair_share_retry_is_not_starved, fair_share_gives_no_credit_for_idleness);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
