@@ -222,6 +222,15 @@ impl Queue for AnyBackend {
     ) -> Result<bool> {
         dispatch!(AnyBackend, self, b => Queue::ensure_group_with(b, stream, group, config).await)
     }
+    async fn set_key_weight(
+        &self,
+        stream: &str,
+        group: &str,
+        key: Option<&str>,
+        weight: Option<f64>,
+    ) -> Result<()> {
+        dispatch!(AnyBackend, self, b => Queue::set_key_weight(b, stream, group, key, weight).await)
+    }
     async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
         dispatch!(AnyBackend, self, b => Queue::delete_group(b, stream, group).await)
     }

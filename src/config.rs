@@ -225,6 +225,13 @@ pub struct GroupConfig {
     /// ordered and unordered groups. Needs [`crate::Capabilities::rate_limits`]. Defaults to
     /// `None` (no limit).
     pub rate_limit_per_key: Option<crate::RateLimit>,
+    /// Weighted fair share between keys: while several keys (tenants) have ready deliveries,
+    /// each gets claims in proportion to its weight (1 unless set with
+    /// [`crate::PgBackend::set_key_weight`]), so a key with a huge backlog does not starve a key
+    /// with a small one; spare capacity goes to whoever has work. Messages without a key share
+    /// as one more key of weight 1. Not with [`GroupConfig::ordered`]. Fixed at creation. Needs
+    /// [`crate::Capabilities::fair_share`]. Defaults to false.
+    pub fair_share: bool,
 }
 
 impl GroupConfig {
@@ -254,8 +261,19 @@ impl GroupConfig {
         self.rate_limit_per_key = Some(limit);
         self
     }
+    /// Sets [`GroupConfig::fair_share`].
+    pub fn fair_share(mut self, fair: bool) -> Self {
+        self.fair_share = fair;
+        self
+    }
 
     pub(crate) fn validate(&self) -> crate::error::Result<()> {
+        if self.fair_share && self.ordered {
+            return Err(crate::error::Error::InvalidConfig(
+                "a group cannot be both ordered and fair: an ordered group already serves its keys one at a time each"
+                    .into(),
+            ));
+        }
         for limit in [&self.rate_limit, &self.rate_limit_per_key]
             .into_iter()
             .flatten()
@@ -268,6 +286,24 @@ impl GroupConfig {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+/// Smallest key weight of a fair group ([`validate_weight`]).
+pub const MIN_WEIGHT: f64 = 0.01;
+/// Largest key weight of a fair group ([`validate_weight`]).
+pub const MAX_WEIGHT: f64 = 1000.0;
+
+/// Checks a key's weight in a fair group ([`GroupConfig::fair_share`]): finite, between
+/// [`MIN_WEIGHT`] and [`MAX_WEIGHT`] (the same rule as the SQL functions' `_check_weight`).
+/// A key's messages take `10 ms / weight` of virtual time each, to the microsecond.
+pub fn validate_weight(weight: f64) -> crate::error::Result<()> {
+    if (MIN_WEIGHT..=MAX_WEIGHT).contains(&weight) {
+        Ok(())
+    } else {
+        Err(crate::error::Error::InvalidConfig(format!(
+            "a key's weight must be between {MIN_WEIGHT} and {MAX_WEIGHT}, not {weight}"
+        )))
     }
 }
 
@@ -285,6 +321,27 @@ impl GroupStart {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_are_finite_and_within_bounds_and_fair_is_not_ordered() {
+        for ok in [MIN_WEIGHT, 0.5, 1.0, 3.0, MAX_WEIGHT] {
+            assert!(validate_weight(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            0.0,
+            -1.0,
+            0.009,
+            1000.001,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            assert!(validate_weight(bad).is_err(), "{bad}");
+        }
+        let both = GroupConfig::default().fair_share(true).ordered(true);
+        assert!(both.validate().is_err());
+        assert!(GroupConfig::default().fair_share(true).validate().is_ok());
+    }
 
     #[test]
     fn backoff_delay_follows_the_schedule_and_repeats_the_last_step() {

@@ -68,7 +68,9 @@ mod worker;
 #[cfg(feature = "amqp")]
 pub use crate::amqp::{AmqpBackend, AmqpConsumer};
 pub use crate::any::{AnyBackend, AnyConsumer};
-pub use crate::config::{Backoff, GroupConfig, GroupStart, StreamConfig};
+pub use crate::config::{
+    validate_weight, Backoff, GroupConfig, GroupStart, StreamConfig, MAX_WEIGHT, MIN_WEIGHT,
+};
 pub use crate::error::{ConnectProblem, Error, Result};
 #[cfg(feature = "kafka")]
 pub use crate::kafka::{KafkaBackend, KafkaConsumer, KafkaOptions};

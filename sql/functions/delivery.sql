@@ -40,6 +40,7 @@ DECLARE
     v_burst   integer;
     v_krate   double precision;
     v_kburst  integer;
+    v_fair    boolean;
     c_ids     uuid[];
     c_att     integer[];
     c_vis     timestamptz[];
@@ -47,8 +48,8 @@ DECLARE
     c_tok     bigint[];
 BEGIN
     SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight,
-           g.rate, g.burst, g.key_rate, g.key_burst
-    INTO sid, v_lease, v_max, v_ordered, v_cap, v_rate, v_burst, v_krate, v_kburst
+           g.rate, g.burst, g.key_rate, g.key_burst, g.fair
+    INTO sid, v_lease, v_max, v_ordered, v_cap, v_rate, v_burst, v_krate, v_kburst, v_fair
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
     IF sid IS NULL THEN
         RAISE EXCEPTION 'pgtide: group id % does not exist', p_group USING ERRCODE = 'PT003';
@@ -60,6 +61,11 @@ BEGIN
         IF p_limit <= 0 THEN
             RETURN;
         END IF;
+    END IF;
+    IF v_fair THEN
+        -- A fair group: what came due at a real time joins the virtual queue first (fair.sql),
+        -- then the same walk serves the queue in stamp order.
+        PERFORM @ns@._fair_restamp(p_group, p_limit);
     END IF;
     IF v_rate IS NOT NULL OR v_krate IS NOT NULL THEN
         -- Rate limits: a statement of their own (flow_control.sql), off the unlimited path.

@@ -194,6 +194,7 @@ BEGIN
     DELETE FROM @ns@.dedupe WHERE expires_at < at;
     GET DIAGNOSTICS dedupe_removed = ROW_COUNT;
     PERFORM @ns@._trim_rate_buckets();
+    PERFORM @ns@._trim_fair_keys();
     PERFORM @ns@.fold_counters();
     RETURN NEXT;
 END $$;

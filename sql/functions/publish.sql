@@ -104,7 +104,11 @@ BEGIN
     VALUES (s.id, p_id, p_payload, p_is_json, p_headers, p_dedupe_key, @ns@._check_key(p_key));
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
     SELECT g.id, p_id, @ns@._visible_at(p_visible_at, NULL, p_priority)
-    FROM @ns@.groups g WHERE g.stream_id = s.id AND (p_key IS NULL OR NOT g.ordered);
+    FROM @ns@.groups g WHERE g.stream_id = s.id AND (p_key IS NULL OR NOT g.ordered) AND NOT g.fair;
+    -- Fair groups stamp it (fair.sql).
+    PERFORM @ns@._enqueue_fair(g.id, ARRAY[p_id], ARRAY[p_key],
+                               ARRAY[@ns@._visible_at(p_visible_at, NULL, p_priority)])
+    FROM @ns@.groups g WHERE g.stream_id = s.id AND g.fair ORDER BY g.id;
     IF p_key IS NOT NULL THEN
         -- Ordered groups queue it in its key's line (ordering.sql).
         PERFORM @ns@._enqueue_keyed(g.id, ARRAY[p_id], ARRAY[p_key],
@@ -137,6 +141,7 @@ CREATE OR REPLACE FUNCTION @ns@._publish_batch(
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n bigint;
+    f bigint;
 BEGIN
     WITH s AS (
         SELECT id, max_payload FROM @ns@.streams WHERE name = p_stream
@@ -149,13 +154,23 @@ BEGIN
     ), d AS (
         INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
         SELECT g.id, u.id, @ns@._visible_at(u.deliver_at, u.delay_us * interval '1 microsecond', u.priority)
-        FROM s JOIN @ns@.groups g ON g.stream_id = s.id,
+        FROM s JOIN @ns@.groups g ON g.stream_id = s.id AND NOT g.fair,
              unnest(p_ids, p_deliver_at, p_delay_us, p_priority) AS u (id, deliver_at, delay_us, priority)
+    ), fair AS (
+        -- Fair groups stamp their deliveries (fair.sql), in group order (the keys' row locks).
+        -- A stream without fair groups reads no row here.
+        SELECT @ns@._enqueue_fair(g.id, p_ids, NULL::text[], ARRAY(
+                   SELECT @ns@._visible_at(u.deliver_at, u.delay_us * interval '1 microsecond', u.priority)
+                   FROM unnest(p_deliver_at, p_delay_us, p_priority) WITH ORDINALITY
+                        AS u (deliver_at, delay_us, priority, i)
+                   ORDER BY u.i)) AS queued
+        FROM s JOIN @ns@.groups g ON g.stream_id = s.id AND g.fair
+        ORDER BY g.id
     ), c AS (
         INSERT INTO @ns@.counter_deltas (group_id, pending)
         SELECT g.id, cardinality(p_ids) FROM s JOIN @ns@.groups g ON g.stream_id = s.id
     )
-    SELECT count(*) INTO n FROM m;
+    SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM fair) INTO n, f;
     RETURN n;
 END $$;
 
@@ -183,6 +198,7 @@ DECLARE
     v_limit   integer;
     v_visible timestamptz[];
     grp       integer;
+    v_fair    boolean;
     n         bigint;
 BEGIN
     SELECT id, max_payload INTO sid, v_limit FROM @ns@.streams WHERE name = p_stream;
@@ -200,9 +216,15 @@ BEGIN
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
     SELECT g.id, u.id, u.visible
     FROM @ns@.groups g, unnest(p_ids, p_keys, v_visible) AS u (id, key, visible)
-    WHERE g.stream_id = sid AND (u.key IS NULL OR NOT g.ordered);
-    FOR grp IN SELECT id FROM @ns@.groups WHERE stream_id = sid AND ordered ORDER BY id LOOP
-        PERFORM @ns@._enqueue_keyed(grp, p_ids, p_keys, v_visible);
+    WHERE g.stream_id = sid AND (u.key IS NULL OR NOT g.ordered) AND NOT g.fair;
+    -- Ordered groups queue keyed messages in their lines, fair groups stamp every message
+    -- (fair.sql); a group is never both.
+    FOR grp, v_fair IN SELECT id, fair FROM @ns@.groups WHERE stream_id = sid AND (ordered OR fair) ORDER BY id LOOP
+        IF v_fair THEN
+            PERFORM @ns@._enqueue_fair(grp, p_ids, p_keys, v_visible);
+        ELSE
+            PERFORM @ns@._enqueue_keyed(grp, p_ids, p_keys, v_visible);
+        END IF;
     END LOOP;
     INSERT INTO @ns@.counter_deltas (group_id, pending)
     SELECT g.id, cardinality(p_ids) FROM @ns@.groups g WHERE g.stream_id = sid;

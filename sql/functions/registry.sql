@@ -145,18 +145,25 @@ END $$;
 DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean);
 -- The rate limits joined the arguments in migration 0011: a new signature needs the DROP.
 DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean, boolean, integer);
+-- `fair` joined the arguments in migration 0012: a new signature needs the DROP.
+-- `fair`: share the group's deliveries between keys by weight (fair.sql); fixed at creation,
+-- and not with `ordered`.
+DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean, boolean, integer,
+                                          double precision, integer, double precision, integer);
 CREATE OR REPLACE FUNCTION @ns@.create_group(stream text, "group" text, start text DEFAULT 'new',
                                   if_not_exists boolean DEFAULT true, ordered boolean DEFAULT false,
                                   max_in_flight integer DEFAULT NULL,
                                   rate double precision DEFAULT NULL, burst integer DEFAULT NULL,
-                                  key_rate double precision DEFAULT NULL, key_burst integer DEFAULT NULL)
+                                  key_rate double precision DEFAULT NULL, key_burst integer DEFAULT NULL,
+                                  fair boolean DEFAULT false)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    sid integer;
-    gid integer;
-    was boolean;
-    n   bigint;
+    sid      integer;
+    gid      integer;
+    was      boolean;
+    was_fair boolean;
+    n        bigint;
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
@@ -171,9 +178,13 @@ BEGIN
         'leave it out (NULL) for no limit');
     PERFORM @ns@._check_rate('the rate', rate, burst);
     PERFORM @ns@._check_rate('the per-key rate', key_rate, key_burst);
+    PERFORM @ns@._check(fair IS NOT NULL, 'fair must not be NULL',
+        'pass true to share deliveries between keys by weight, false (the default) for none');
+    PERFORM @ns@._check(NOT (fair AND ordered), 'a group cannot be both ordered and fair',
+        'an ordered group already serves its keys one at a time each: choose one of the two');
     sid := @ns@.stream_id(stream);
     PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.group.' || sid || '.' || "group"));
-    SELECT g.ordered INTO was FROM @ns@.groups g WHERE g.stream_id = sid AND g.name = "group";
+    SELECT g.ordered, g.fair INTO was, was_fair FROM @ns@.groups g WHERE g.stream_id = sid AND g.name = "group";
     IF FOUND THEN
         IF NOT if_not_exists THEN
             RAISE EXCEPTION 'pgtide: group % already exists on stream %', quote_literal("group"), quote_literal(stream)
@@ -183,14 +194,25 @@ BEGIN
             format('group %s on stream %s exists and is %s', quote_literal("group"), quote_literal(stream),
                    CASE WHEN was THEN 'ordered' ELSE 'not ordered' END),
             'ordering is fixed when a group is created: delete the group and create it again to change it');
+        PERFORM @ns@._check(was_fair = fair,
+            format('group %s on stream %s exists and is %s', quote_literal("group"), quote_literal(stream),
+                   CASE WHEN was_fair THEN 'fair' ELSE 'not fair' END),
+            'fair share is fixed when a group is created: delete the group and create it again to change it');
         RETURN false;
     END IF;
-    INSERT INTO @ns@.groups (stream_id, name, ordered, max_in_flight, rate, burst, key_rate, key_burst)
+    INSERT INTO @ns@.groups (stream_id, name, ordered, max_in_flight, rate, burst, key_rate, key_burst, fair)
     VALUES (sid, "group", ordered, max_in_flight, rate, coalesce(burst, @ns@._default_burst(rate)),
-            key_rate, coalesce(key_burst, @ns@._default_burst(key_rate)))
+            key_rate, coalesce(key_burst, @ns@._default_burst(key_rate)), fair)
     RETURNING id INTO gid;
     INSERT INTO @ns@.group_counters (group_id) VALUES (gid);
-    IF start = 'oldest' THEN
+    IF start = 'oldest' AND fair THEN
+        -- The retained backlog is stamped like a publish of it, in id order per key.
+        SELECT coalesce(sum(@ns@._enqueue_fair(gid, x.ids, x.keys, x.visible)), 0) INTO n
+        FROM (SELECT array_agg(m.id ORDER BY m.id) AS ids, array_agg(m.key ORDER BY m.id) AS keys,
+                     array_agg(@ns@.uuid_time(m.id) ORDER BY m.id) AS visible
+              FROM @ns@.messages m WHERE m.stream_id = sid HAVING count(*) > 0) x;
+        UPDATE @ns@.group_counters SET pending = n WHERE group_id = gid;
+    ELSIF start = 'oldest' THEN
         -- Ordered: keyed messages wait in their keys' lines (id order), then each key gets a head.
         INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
         SELECT gid, m.id,
@@ -282,14 +304,16 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- Groups of the stream `p_stream` (of every stream when NULL), by stream and name.
--- The result gained `ordered` and `max_in_flight` (migration 0010) and the rate limits (0011): a
--- new result type needs the DROP.
+-- The result gained `ordered` and `max_in_flight` (migration 0010), the rate limits (0011) and
+-- `fair` (0012): a new result type needs the DROP.
 DROP FUNCTION IF EXISTS @ns@._group_list(text);
 CREATE OR REPLACE FUNCTION @ns@._group_list(p_stream text DEFAULT NULL)
 RETURNS TABLE (stream text, "group" text, created_at timestamptz, ordered boolean, max_in_flight integer,
-               rate double precision, burst integer, key_rate double precision, key_burst integer)
+               rate double precision, burst integer, key_rate double precision, key_burst integer,
+               fair boolean)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT s.name, g.name, g.created_at, g.ordered, g.max_in_flight, g.rate, g.burst, g.key_rate, g.key_burst
+    SELECT s.name, g.name, g.created_at, g.ordered, g.max_in_flight, g.rate, g.burst, g.key_rate, g.key_burst,
+           g.fair
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
     WHERE p_stream IS NULL OR s.name = p_stream
     ORDER BY s.name, g.name

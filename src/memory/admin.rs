@@ -35,6 +35,12 @@ impl Stream {
         config: &GroupConfig,
     ) -> Result<bool> {
         if let Some(g) = self.groups.get(group) {
+            if g.fair.is_some() != config.fair_share {
+                return Err(Error::InvalidConfig(format!(
+                    "group {group:?} on stream {stream:?} exists and is {}: fair share is fixed when a group is created",
+                    if g.fair.is_some() { "fair" } else { "not fair" }
+                )));
+            }
             if g.ordered != config.ordered {
                 return Err(Error::InvalidConfig(format!(
                     "group {group:?} on stream {stream:?} exists and is {}: ordering is fixed when a group is created",
@@ -51,6 +57,7 @@ impl Stream {
                 .rate_limit
                 .map(|l| (l, super::state::Bucket::full(&l, Instant::now()))),
             key_rate: config.rate_limit_per_key,
+            fair: config.fair_share.then(super::fair::Fair::new),
             ..Group::default()
         };
         if config.start == GroupStart::Oldest {
@@ -75,6 +82,7 @@ impl Stream {
                 max_in_flight: g.max_in_flight,
                 rate: g.rate,
                 key_rate: g.key_rate,
+                fair: g.fair.as_ref().map(super::fair::Fair::emptied),
                 ..Group::default()
             };
         }
@@ -86,7 +94,7 @@ impl Stream {
         let now = Instant::now();
         let (mut ready, mut delayed, mut in_flight) = (0, 0, 0);
         let mut oldest = None;
-        for (at, id) in &g.order {
+        for (at, _, id) in &g.order {
             if *at <= now {
                 ready += 1;
                 let age = (Utc::now() - uuid_time(id)).to_std().unwrap_or_default();

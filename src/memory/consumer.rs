@@ -36,10 +36,12 @@ impl MemoryConsumer {
                 .ok_or_else(|| group_not_found(stream, group))?;
             let mut out = vec![];
             let max = max.min(g.room(now)).min(g.tokens(now));
+            // A fair group: what came due at a real time joins the virtual queue first.
+            g.restamp(now, max);
             // Something ready was held back by a rate limit: come back then, not at once.
             let mut held = None;
             while out.len() < max {
-                let Some(&(at, id)) = g.order.iter().next() else {
+                let Some(&(at, _, id)) = g.order.iter().next() else {
                     break;
                 };
                 if at > now {
@@ -100,6 +102,7 @@ impl MemoryConsumer {
                         last_error: p.last_error,
                         claim,
                         key: p.key,
+                        stamp: 0,
                     },
                 );
                 out.push(Delivery {
@@ -122,12 +125,12 @@ impl MemoryConsumer {
             g.trim_key_buckets(now);
             if let Some((limit, bucket)) = &mut g.rate {
                 bucket.tokens -= out.len() as f64;
-                let ready = g.order.iter().next().is_some_and(|(at, _)| *at <= now);
+                let ready = g.order.iter().next().is_some_and(|(at, _, _)| *at <= now);
                 if out.is_empty() && ready {
                     held = Some(bucket.next_token(limit, now));
                 }
             }
-            let next = g.order.iter().next().map(|(at, _)| *at);
+            let next = g.order.iter().next().map(|(at, _, _)| *at);
             let next = match held {
                 Some(h) => Some(h),
                 None => next,
@@ -273,6 +276,7 @@ impl QueueConsumer for MemoryConsumer {
                     last_error: error.map(str::to_owned),
                     claim: 0,
                     key,
+                    stamp: 0,
                 },
             );
             if wait.is_zero() {

@@ -11,6 +11,7 @@
 
 mod admin;
 mod consumer;
+mod fair;
 mod state;
 
 use std::collections::HashMap;
@@ -45,7 +46,7 @@ pub(crate) const MEMORY_CAPABILITIES: Capabilities = Capabilities {
     ordering_keys: true,
     concurrency_limits: true,
     rate_limits: true,
-    fair_share: false,
+    fair_share: true,
 };
 
 /// In-process backend. Cheap to clone; clones share state.
@@ -152,6 +153,36 @@ impl Queue for MemoryBackend {
             .get_mut(stream)
             .ok_or_else(|| stream_not_found(stream))?;
         s.add_group(stream, group, config)
+    }
+
+    async fn set_key_weight(
+        &self,
+        stream: &str,
+        group: &str,
+        key: Option<&str>,
+        weight: Option<f64>,
+    ) -> Result<()> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        if let Some(k) = key {
+            crate::names::validate_key(k)?;
+        }
+        if let Some(w) = weight {
+            crate::config::validate_weight(w)?;
+        }
+        self.with_group(stream, group, |s, group| {
+            let Some(fair) = s.groups.get_mut(group).and_then(|g| g.fair.as_mut()) else {
+                return Err(Error::InvalidConfig(format!(
+                    "group {group:?} on stream {stream:?} is not fair: weights apply to fair groups"
+                )));
+            };
+            let key = key.unwrap_or_default().to_owned();
+            match weight {
+                Some(w) => fair.weights.insert(key, w),
+                None => fair.weights.remove(&key),
+            };
+            Ok(())
+        })
     }
 
     async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {

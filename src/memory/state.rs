@@ -34,6 +34,9 @@ pub(super) struct Pending {
     pub(super) claim: u64,
     /// In an ordered group: the key whose head this delivery is.
     pub(super) key: Option<String>,
+    /// In a fair group: the virtual stamp of a delivery queued at the group's floor (0: due at
+    /// `visible_at`, a real time).
+    pub(super) stamp: u64,
 }
 
 impl Pending {
@@ -46,6 +49,7 @@ impl Pending {
             last_error: None,
             claim: 0,
             key,
+            stamp: 0,
         }
     }
 }
@@ -53,8 +57,8 @@ impl Pending {
 #[derive(Default)]
 pub(super) struct Group {
     pub(super) pending: HashMap<Uuid, Pending>,
-    /// (visible_at, id) of every pending delivery: claims walk it from the front.
-    pub(super) order: BTreeSet<(Instant, Uuid)>,
+    /// (visible_at, stamp, id) of every pending delivery: claims walk it from the front.
+    pub(super) order: BTreeSet<(Instant, u64, Uuid)>,
     pub(super) dead: Vec<DeadLetter>,
     /// Claims made so far: the source of fence tokens, never reused.
     pub(super) claims: u64,
@@ -70,6 +74,8 @@ pub(super) struct Group {
     /// one is full).
     pub(super) key_rate: Option<RateLimit>,
     pub(super) key_buckets: HashMap<String, Bucket>,
+    /// Weighted fair share between keys (`GroupConfig::fair_share`), see `fair.rs`.
+    pub(super) fair: Option<super::fair::Fair>,
 }
 
 /// A token bucket as on Postgres (`rate_buckets`): `tokens` as of `at`; `horizon`, up to when
@@ -129,23 +135,31 @@ pub(super) fn group_not_found(s: &str, g: &str) -> Error {
 }
 
 impl Group {
-    pub(super) fn set(&mut self, id: Uuid, p: Pending) {
+    pub(super) fn set(&mut self, id: Uuid, mut p: Pending) {
         if let Some(old) = self.pending.get(&id) {
-            self.order.remove(&(old.visible_at, id));
+            self.order.remove(&(old.visible_at, old.stamp, id));
         }
-        self.order.insert((p.visible_at, id));
+        // A delivery given a real time (a lease, a retry, a put-off) leaves the virtual queue.
+        if !self.fair.as_ref().is_some_and(|f| p.visible_at == f.floor) {
+            p.stamp = 0;
+        }
+        self.order.insert((p.visible_at, p.stamp, id));
         self.pending.insert(id, p);
     }
 
     pub(super) fn remove(&mut self, id: &Uuid) -> Option<Pending> {
         let p = self.pending.remove(id)?;
-        self.order.remove(&(p.visible_at, *id));
+        self.order.remove(&(p.visible_at, p.stamp, *id));
         Some(p)
     }
 
     /// Queues a new delivery of message `id` (ordering key `key`) due at `visible_at`: in an
     /// ordered group a keyed message whose key already has a head joins the key's line.
     pub(super) fn enqueue(&mut self, id: Uuid, key: Option<&str>, visible_at: Instant) {
+        if self.fair.is_some() {
+            self.enqueue_fair(id, key, visible_at);
+            return;
+        }
         match key.filter(|_| self.ordered) {
             Some(k) => match self.lines.get_mut(k) {
                 Some(line) => line.push_back((id, visible_at)),

@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (9, "least_privilege", include_str!("../../migrations/0009_least_privilege.sql")),
     (10, "ordering", include_str!("../../migrations/0010_ordering.sql")),
     (11, "flow_control", include_str!("../../migrations/0011_flow_control.sql")),
+    (12, "fair_share", include_str!("../../migrations/0012_fair_share.sql")),
 ];
 
 /// The function and view files, in the order they are applied: a file may use what an earlier
@@ -45,6 +46,7 @@ const FUNCTION_FILES: &[(&str, &str)] = &[
     ("functions/core.sql", include_str!("../../sql/functions/core.sql")),
     ("functions/ordering.sql", include_str!("../../sql/functions/ordering.sql")),
     ("functions/flow_control.sql", include_str!("../../sql/functions/flow_control.sql")),
+    ("functions/fair.sql", include_str!("../../sql/functions/fair.sql")),
     ("functions/maintenance.sql", include_str!("../../sql/functions/maintenance.sql")),
     ("functions/registry.sql", include_str!("../../sql/functions/registry.sql")),
     ("functions/publish.sql", include_str!("../../sql/functions/publish.sql")),

@@ -142,7 +142,7 @@ const POSTGRES_CAPABILITIES: Capabilities = Capabilities {
     ordering_keys: true,
     concurrency_limits: true,
     rate_limits: true,
-    fair_share: false,
+    fair_share: true,
 };
 
 // The trait's methods are the inherent ones of the same name and signature (registry.rs,
@@ -184,6 +184,16 @@ impl Queue for PgBackend {
         config: &GroupConfig,
     ) -> Result<bool> {
         PgBackend::ensure_group_with(self, stream, group, config).await
+    }
+
+    async fn set_key_weight(
+        &self,
+        stream: &str,
+        group: &str,
+        key: Option<&str>,
+        weight: Option<f64>,
+    ) -> Result<()> {
+        PgBackend::set_key_weight(self, stream, group, key, weight).await
     }
 
     async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {

@@ -41,6 +41,8 @@ pub struct GroupInfo {
     pub rate_limit: Option<crate::RateLimit>,
     /// Its per-key rate limit ([`GroupConfig::rate_limit_per_key`]).
     pub rate_limit_per_key: Option<crate::RateLimit>,
+    /// Whether it shares its deliveries between keys by weight ([`GroupConfig::fair_share`]).
+    pub fair_share: bool,
 }
 
 /// One ordering key of an ordered group with pending deliveries ([`PgBackend::keys`]).
@@ -262,6 +264,7 @@ impl PgBackend {
                 &burst,
                 &key_rate,
                 &key_burst,
+                &config.fair_share,
             ],
             Ctx::group(stream, group),
         )
@@ -381,6 +384,63 @@ impl PgBackend {
         .await
     }
 
+    /// Sets (`Some`) or resets to the default 1 (`None`) the weight of `key` in a fair group
+    /// ([`GroupConfig::fair_share`]); `key` `None` is the messages without a key. While several
+    /// keys have ready deliveries, each gets claims in proportion to its weight. The new weight
+    /// applies to the key's messages published after it (those already queued keep their
+    /// place). Fails with [`Error::InvalidKey`] for a key that breaks the key rule,
+    /// [`Error::InvalidConfig`] for a weight out of bounds ([`crate::validate_weight`]) or a
+    /// group that is not fair, [`Error::GroupNotFound`] if the group does not exist.
+    pub async fn set_key_weight(
+        &self,
+        stream: &str,
+        group: &str,
+        key: Option<&str>,
+        weight: Option<f64>,
+    ) -> Result<()> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        if let Some(k) = key {
+            crate::names::validate_key(k)?;
+        }
+        if let Some(w) = weight {
+            crate::config::validate_weight(w)?;
+        }
+        self.update_group(
+            &self.inner.sql.group_weight,
+            &[&stream, &group, &key, &weight],
+            stream,
+            group,
+        )
+        .await
+    }
+
+    /// The keys of a fair group with a weight of their own (every other key weighs 1), heaviest
+    /// first, at most `limit`: the `key_weights` view. The key `None` is the messages without a
+    /// key.
+    pub async fn key_weights(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<(Option<String>, f64)>> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.sql_rows(
+            &self.inner.sql.key_weights,
+            &[&stream, &group, &limit],
+            Ctx::group(stream, group),
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let key: String = r.try_get(0)?;
+            Ok(((!key.is_empty()).then_some(key), r.try_get(1)?))
+        })
+        .collect()
+    }
+
     /// Runs a statement that changes one group's settings and says whether the group was found.
     async fn update_group(
         &self,
@@ -463,6 +523,7 @@ impl PgBackend {
                     rate_limit_per_key: r
                         .try_get::<_, Option<f64>>(7)?
                         .and_then(|rate| crate::RateLimit::from_stored(rate, r.try_get(8).ok()?)),
+                    fair_share: r.try_get(9)?,
                 })
             })
             .collect()

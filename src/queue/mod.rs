@@ -74,8 +74,9 @@ pub struct Capabilities {
     /// enforced across every consumer and process. Backends without it refuse rate-limited
     /// groups ([`crate::Error::Unsupported`]).
     pub rate_limits: bool,
-    /// Weighted fair share between the keys of a group. No backend offers it yet: the field is
-    /// here so that code can ask before relying on it.
+    /// Weighted fair share between the keys of a group ([`crate::GroupConfig::fair_share`]),
+    /// across every consumer and process. Backends without it refuse fair groups
+    /// ([`crate::Error::Unsupported`]).
     pub fair_share: bool,
 }
 
@@ -160,7 +161,35 @@ pub trait Queue: Clone + Send + Sync + 'static {
                     what: "rate limits (Capabilities::rate_limits)",
                 });
             }
+            if config.fair_share && !self.capabilities().fair_share {
+                return Err(crate::Error::Unsupported {
+                    backend: "this",
+                    what: "fair groups (Capabilities::fair_share)",
+                });
+            }
             self.ensure_group(stream, group, config.start).await
+        }
+    }
+
+    /// Sets (`Some`) or resets to the default 1 (`None`) the weight of `key` (`None`: the
+    /// messages without a key) in a fair group ([`crate::GroupConfig::fair_share`]). It applies
+    /// to the key's messages published after it. Backends without
+    /// [`Capabilities::fair_share`] fail with [`crate::Error::Unsupported`]. Errors: an invalid
+    /// key ([`crate::Error::InvalidKey`]), a weight out of bounds ([`crate::validate_weight`])
+    /// or a group that is not fair ([`crate::Error::InvalidConfig`]), a missing group.
+    fn set_key_weight(
+        &self,
+        stream: &str,
+        group: &str,
+        key: Option<&str>,
+        weight: Option<f64>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (stream, group, key, weight);
+        async {
+            Err(crate::Error::Unsupported {
+                backend: "this",
+                what: "key weights (Capabilities::fair_share)",
+            })
         }
     }
 

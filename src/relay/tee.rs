@@ -120,6 +120,24 @@ impl<A: Queue, B: Queue> Queue for Tee<A, B> {
         Ok(created)
     }
 
+    async fn set_key_weight(
+        &self,
+        stream: &str,
+        group: &str,
+        key: Option<&str>,
+        weight: Option<f64>,
+    ) -> Result<()> {
+        self.primary
+            .set_key_weight(stream, group, key, weight)
+            .await?;
+        self.second(
+            "set_key_weight",
+            self.secondary
+                .set_key_weight(stream, group, key, weight)
+                .await,
+        )
+    }
+
     async fn delete_group(&self, stream: &str, group: &str) -> Result<bool> {
         let deleted = self.primary.delete_group(stream, group).await?;
         self.second(

@@ -10,7 +10,7 @@ use pgtide::{Backoff, GroupConfig, GroupStart, PgBackend, StreamConfig, StreamIn
 use serde_json::json;
 
 use crate::backend::Target;
-use crate::cli::{GroupCommand, RateSetting, StreamCommand, StreamOptions};
+use crate::cli::{GroupCommand, RateSetting, StreamCommand, StreamOptions, WeightSetting};
 use crate::error::{CliError, CliResult};
 use crate::human::{
     format_age, format_duration, format_time, parse_point, plural, print_table, Point,
@@ -349,13 +349,17 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             burst,
             key_rate,
             key_burst,
+            fair,
         } => {
             let point = parse_point(&from).map_err(CliError::usage)?;
             let start = match point {
                 Point::Oldest => GroupStart::Oldest,
                 Point::New | Point::At(_) => GroupStart::New,
             };
-            let mut config = GroupConfig::default().start(start).ordered(ordered);
+            let mut config = GroupConfig::default()
+                .start(start)
+                .ordered(ordered)
+                .fair_share(fair);
             if let Some(limit) = max_in_flight {
                 config = config.max_in_flight(limit);
             }
@@ -391,7 +395,13 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             }
             println!(
                 "created {}group {group:?} on stream {stream:?}, starting with {}",
-                if ordered { "ordered " } else { "" },
+                if ordered {
+                    "ordered "
+                } else if fair {
+                    "fair "
+                } else {
+                    ""
+                },
                 point_text(point)
             );
         }
@@ -404,6 +414,35 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             let pg = b.require_postgres("group keys")?;
             // A missing group is "not found", not an empty list.
             pg.consumer(&stream, &group, "cli-keys").await?;
+            let fair = pg
+                .groups(Some(&stream))
+                .await?
+                .iter()
+                .any(|g| g.name == group && g.fair_share);
+            if fair {
+                // A fair group's keys are not tracked one by one: its weights are what it keeps.
+                let weights = pg.key_weights(&stream, &group, limit as usize).await?;
+                if json {
+                    let list: Vec<_> = weights
+                        .iter()
+                        .map(|(k, w)| json!({"key": k, "weight": w}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(list));
+                } else {
+                    let rows: Vec<Vec<String>> = weights
+                        .iter()
+                        .map(|(k, w)| {
+                            vec![
+                                k.clone().unwrap_or_else(|| "(no key)".into()),
+                                w.to_string(),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["KEY", "WEIGHT"], &rows);
+                    println!("(every other key weighs 1)");
+                }
+                return Ok(());
+            }
             let keys = pg.keys(&stream, &group, limit as usize).await?;
             if json {
                 let list: Vec<_> = keys
@@ -478,6 +517,24 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
                 None => println!("{whose} {group:?} of stream {stream:?}: no rate limit"),
             }
         }
+        GroupCommand::Weight {
+            stream,
+            group,
+            key,
+            weight,
+        } => {
+            let pg = b.require_postgres("group weight")?;
+            let weight = match weight {
+                WeightSetting::Weight(w) => Some(w),
+                WeightSetting::Default => None,
+            };
+            pg.set_key_weight(&stream, &group, Some(&key), weight)
+                .await?;
+            println!(
+                "key {key:?} of group {group:?} of stream {stream:?}: weight {}",
+                weight.unwrap_or(1.0)
+            );
+        }
         GroupCommand::Delete { stream, group } => {
             if !b.delete_group(&stream, &group).await? {
                 return Err(CliError::not_found(format!(
@@ -495,7 +552,7 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             if json {
                 let list: Vec<_> = groups
                     .iter()
-                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at), "ordered": g.ordered, "max_in_flight": g.max_in_flight,
+                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at), "ordered": g.ordered, "fair": g.fair_share, "max_in_flight": g.max_in_flight,
                         "rate": g.rate_limit.map(|r| r.rate()), "burst": g.rate_limit.map(|r| r.burst_size()),
                         "key_rate": g.rate_limit_per_key.map(|r| r.rate()), "key_burst": g.rate_limit_per_key.map(|r| r.burst_size())}))
                     .collect();
@@ -509,10 +566,11 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
                             g.name.clone(),
                             format_time(g.created_at),
                             if g.ordered { "yes" } else { "no" }.to_owned(),
+                            if g.fair_share { "yes" } else { "no" }.to_owned(),
                         ]
                     })
                     .collect();
-                print_table(&["STREAM", "GROUP", "CREATED", "ORDERED"], &rows);
+                print_table(&["STREAM", "GROUP", "CREATED", "ORDERED", "FAIR"], &rows);
             }
         }
         GroupCommand::Reset {

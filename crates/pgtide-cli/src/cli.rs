@@ -260,6 +260,38 @@ fn parse_rate_or_off(s: &str) -> Result<RateSetting, String> {
     parse_rate(s).map(RateSetting::Limit)
 }
 
+/// A key's weight, or back to the default.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightSetting {
+    /// This weight.
+    Weight(f64),
+    /// The default, 1.
+    Default,
+}
+
+/// The library's key rule (`pgtide::validate_key`).
+fn parse_key(s: &str) -> Result<String, String> {
+    pgtide::validate_key(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+/// Plain decimal numbers only (no signs, exponents, `inf` or `NaN`), within the library's
+/// bounds (`pgtide::validate_weight`).
+fn parse_weight(s: &str) -> Result<WeightSetting, String> {
+    if s == "default" {
+        return Ok(WeightSetting::Default);
+    }
+    let plain = !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && s.bytes().filter(|&b| b == b'.').count() <= 1
+        && s.bytes().any(|b| b.is_ascii_digit());
+    let weight: f64 = s.parse().ok().filter(|_| plain).ok_or_else(|| {
+        format!("{s:?} is not a weight: use a number such as 3 or 0.5, or `default`")
+    })?;
+    pgtide::validate_weight(weight).map_err(|e| e.to_string())?;
+    Ok(WeightSetting::Weight(weight))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
     /// Create a consumer group. Every group receives every message.
@@ -300,6 +332,26 @@ pub enum GroupCommand {
         /// The bucket size of --key-rate. Defaults to one second's worth, at least 1.
         #[arg(long, requires = "key_rate", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         key_burst: Option<u32>,
+        /// Weighted fair share: while several keys (tenants) have work, each gets deliveries in
+        /// proportion to its weight (`group weight`, 1 by default). Not with --ordered. Fixed
+        /// at creation (Postgres and memory).
+        #[arg(long, conflicts_with = "ordered")]
+        fair: bool,
+    },
+    /// Set a key's weight in a fair group (`group create --fair`): its share of deliveries
+    /// while several keys have work, against 1 for every other key (Postgres).
+    #[command(after_help = help::GROUP_WEIGHT)]
+    Weight {
+        /// Stream name.
+        stream: String,
+        /// Group name.
+        group: String,
+        /// The ordering key (`publish --key`).
+        #[arg(value_parser = parse_key)]
+        key: String,
+        /// A number between 0.01 and 1000, or `default` (1).
+        #[arg(value_parser = parse_weight)]
+        weight: WeightSetting,
     },
     /// Set or remove a group's rate limit (or, with --per-key, each key's) (Postgres).
     #[command(after_help = help::GROUP_RATE)]

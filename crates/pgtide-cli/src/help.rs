@@ -51,7 +51,13 @@ Examples:
   pgtide group create orders audit --from oldest   # every retained message too
   pgtide group create orders ship --ordered        # one key at a time, in publish order
   pgtide group create orders mail --rate 100/s     # at most 100 deliveries a second, all consumers
-  pgtide group create orders api --key-rate 2/s    # each key at most 2 a second, keys independent";
+  pgtide group create orders api --key-rate 2/s    # each key at most 2 a second, keys independent
+  pgtide group create orders jobs --fair           # keys (tenants) share deliveries by weight";
+
+pub const GROUP_WEIGHT: &str = "\
+Examples:
+  pgtide group weight orders jobs tenant-a 3         # tenant-a gets 3 shares to others' 1
+  pgtide group weight orders jobs tenant-a default   # back to 1";
 
 pub const GROUP_RATE: &str = "\
 Examples:

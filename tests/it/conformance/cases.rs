@@ -11,6 +11,10 @@ use pgtide::{
     StreamConfig, Worker,
 };
 
+pub use super::fair::{
+    fair_share_gives_no_credit_for_idleness, fair_share_is_work_conserving,
+    fair_share_retry_is_not_starved, fair_share_splits_by_weight,
+};
 pub use super::flow_control::{
     rate_limit_holds_the_group, rate_limit_per_key_holds_one_key_while_others_drain,
 };

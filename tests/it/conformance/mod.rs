@@ -2,6 +2,7 @@
 //! instance per test (its own Postgres namespace, or its own broker-side prefix).
 
 mod cases;
+pub(crate) mod fair;
 pub(crate) mod flow_control;
 pub(crate) mod ordering;
 
@@ -21,7 +22,9 @@ macro_rules! conformance {
                 event_envelope_round_trips, event_worker_dead_letters_malformed,
                 ordered_group_delivers_each_key_in_order, max_in_flight_caps_the_group,
                 pause_key_holds_one_key_while_others_drain, rate_limit_holds_the_group,
-                rate_limit_per_key_holds_one_key_while_others_drain);
+                rate_limit_per_key_holds_one_key_while_others_drain,
+                fair_share_splits_by_weight, fair_share_is_work_conserving,
+                fair_share_retry_is_not_starved, fair_share_gives_no_credit_for_idleness);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -140,6 +143,15 @@ mod slow {
             std::time::Duration::from_secs(10),
         )
         .await;
+    }
+
+    /// Issue 12.5 with the issue's sizes: tenant a with 100 000 ready, tenant b with 1 000,
+    /// one consumer fetching batches of 10: b's share while it has work is 50 % ± 10 % with
+    /// equal weights and 75 % ± 10 % with weights 1:3.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fair_share_with_the_issue_sizes_postgres() {
+        let (queue, _ns) = crate::conformance::backends::postgres().await;
+        crate::conformance::fair::fair_share_case(&queue, 100_000, 1_000, 10).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

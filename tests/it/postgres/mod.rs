@@ -1,10 +1,12 @@
 mod claim_sizes;
 mod consume;
+mod fair;
 mod hostile;
 mod late_commits;
 mod many_streams;
 mod ordering;
 mod plans;
+mod plans_fair;
 mod pooler;
 mod privileges;
 mod publish;

@@ -18,8 +18,8 @@ use uuid::Uuid;
 use crate::common::namespace;
 use pgtide::StreamConfig;
 
-const BACKLOG: i64 = 200_000;
-const BATCH: i32 = 10;
+pub(super) const BACKLOG: i64 = 200_000;
+pub(super) const BATCH: i32 = 10;
 /// Rows any plan node over a queue table may touch for a batch of ten.
 const ROW_LIMIT: f64 = 1_000.0;
 
@@ -28,6 +28,7 @@ fn is_queue_table(relation: &str) -> bool {
     relation == "delivery_state"
         || relation == "dead_letter_state"
         || relation == "dedupe"
+        || relation == "fair_keys"
         || relation.starts_with("messages")
 }
 
@@ -61,7 +62,7 @@ fn check_node(node: &Value, hashed: bool, what: &str, faults: &mut Vec<String>) 
 }
 
 /// A session with auto_explain reporting every nested plan as a JSON notice.
-async fn explaining_session(
+pub(super) async fn explaining_session(
     url: &str,
 ) -> (tokio_postgres::Client, mpsc::UnboundedReceiver<String>) {
     let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -97,7 +98,11 @@ async fn explaining_session(
 }
 
 /// Checks every plan reported so far for the statement `what`.
-fn check_plans(rx: &mut mpsc::UnboundedReceiver<String>, what: &str, faults: &mut Vec<String>) {
+pub(super) fn check_plans(
+    rx: &mut mpsc::UnboundedReceiver<String>,
+    what: &str,
+    faults: &mut Vec<String>,
+) {
     let mut seen = 0;
     while let Ok(notice) = rx.try_recv() {
         let Some(json) = notice.split_once("plan:").map(|(_, j)| j.trim()) else {
@@ -114,7 +119,7 @@ fn check_plans(rx: &mut mpsc::UnboundedReceiver<String>, what: &str, faults: &mu
     assert!(seen > 0, "{what}: auto_explain reported no plan");
 }
 
-fn render(sql: &str, ns: &str) -> String {
+pub(super) fn render(sql: &str, ns: &str) -> String {
     sql.replace("@ns@", &format!("\"{ns}\""))
 }
 

@@ -34,6 +34,7 @@ const FILES: &[&str] = &[
     "functions/core.sql",
     "functions/ordering.sql",
     "functions/flow_control.sql",
+    "functions/fair.sql",
     "functions/maintenance.sql",
     "functions/registry.sql",
     "functions/publish.sql",
@@ -103,10 +104,10 @@ async fn data(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String
         let digest: Option<String> = raw
             .query_one(
                 &format!(
-                    // Columns added by later migrations (lease_token, the ordering key's) are
+                    // Columns added by later migrations (lease_token, the ordering key's, fair) are
                     // not the old data.
-                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst}}'::text[])::text, ',' \
-                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst}}'::text[])::text)) \
+                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst,fair}}'::text[])::text, ',' \
+                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst,fair}}'::text[])::text)) \
                      FROM \"{ns}\".{table} t"
                 ),
                 &[],
@@ -259,7 +260,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "0008_lease_tokens".to_owned(),
             "0009_least_privilege".to_owned(),
             "0010_ordering".to_owned(),
-            "0011_flow_control".to_owned()
+            "0011_flow_control".to_owned(),
+            "0012_fair_share".to_owned()
         ]
     );
     assert_eq!(report.sql_files, FILES);
@@ -384,12 +386,19 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_check_publish",
             "_check_rate",
             "_check_settle",
+            "_check_weight",
             "_claim_limited",
             "_claim_ordered",
             "_come_back",
             "_default_burst",
+            "_enqueue_fair",
             "_enqueue_keyed",
             "_extend",
+            "_fair_base",
+            "_fair_ceiling",
+            "_fair_now",
+            "_fair_restamp",
+            "_fair_step",
             "_granted_functions",
             "_group_list",
             "_group_ref",
@@ -417,6 +426,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_scout_maintain",
             "_stream_list",
             "_term",
+            "_trim_fair_keys",
             "_trim_rate_buckets",
             "_visible_at",
             "ack",
@@ -430,10 +440,12 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "publish",
             "publish_bytes",
             "revoke_runtime",
+            "set_key_weight",
             "set_max_in_flight",
             "set_rate_limit",
             "streams_per_transaction",
             "term",
+            "view key_weights",
             "view keys",
         ],
         "{added:?}"

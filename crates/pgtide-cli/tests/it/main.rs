@@ -13,6 +13,7 @@ mod dashboard;
 #[path = "../../../../tests/it/common.rs"]
 mod common;
 mod exit;
+mod fair;
 mod flow;
 mod hostile;
 #[cfg(feature = "metrics")]
