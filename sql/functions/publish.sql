@@ -140,11 +140,13 @@ CREATE OR REPLACE FUNCTION @ns@._publish_batch(
 ) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    n bigint;
-    f bigint;
+    n     bigint;
+    v_sid integer;
 BEGIN
     WITH s AS (
-        SELECT id, max_payload FROM @ns@.streams WHERE name = p_stream
+        SELECT st.id, st.max_payload,
+               EXISTS (SELECT 1 FROM @ns@.groups g WHERE g.stream_id = st.id AND g.fair) AS fair
+        FROM @ns@.streams st WHERE st.name = p_stream
     ), m AS (
         INSERT INTO @ns@.messages (stream_id, id, payload, is_json, headers)
         SELECT s.id, u.id, u.payload, u.is_json, u.headers
@@ -156,21 +158,23 @@ BEGIN
         SELECT g.id, u.id, @ns@._visible_at(u.deliver_at, u.delay_us * interval '1 microsecond', u.priority)
         FROM s JOIN @ns@.groups g ON g.stream_id = s.id AND NOT g.fair,
              unnest(p_ids, p_deliver_at, p_delay_us, p_priority) AS u (id, deliver_at, delay_us, priority)
-    ), fair AS (
-        -- Fair groups stamp their deliveries (fair.sql), in group order (the keys' row locks).
-        -- A stream without fair groups reads no row here.
-        SELECT @ns@._enqueue_fair(g.id, p_ids, NULL::text[], ARRAY(
-                   SELECT @ns@._visible_at(u.deliver_at, u.delay_us * interval '1 microsecond', u.priority)
-                   FROM unnest(p_deliver_at, p_delay_us, p_priority) WITH ORDINALITY
-                        AS u (deliver_at, delay_us, priority, i)
-                   ORDER BY u.i)) AS queued
-        FROM s JOIN @ns@.groups g ON g.stream_id = s.id AND g.fair
-        ORDER BY g.id
     ), c AS (
         INSERT INTO @ns@.counter_deltas (group_id, pending)
         SELECT g.id, cardinality(p_ids) FROM s JOIN @ns@.groups g ON g.stream_id = s.id
     )
-    SELECT (SELECT count(*) FROM m), (SELECT count(*) FROM fair) INTO n, f;
+    SELECT (SELECT count(*) FROM m), (SELECT s.id FROM s WHERE s.fair) INTO n, v_sid;
+    IF v_sid IS NOT NULL THEN
+        -- Fair groups stamp their deliveries (fair.sql), in group order (the keys' row locks).
+        -- A statement of its own: the publishes of streams without fair groups do not set it
+        -- up (benches/icount: +16 % instructions for a single publish when it was a CTE above).
+        PERFORM @ns@._enqueue_fair(g.id, p_ids, NULL::text[], ARRAY(
+                    SELECT @ns@._visible_at(u.deliver_at, u.delay_us * interval '1 microsecond', u.priority)
+                    FROM unnest(p_deliver_at, p_delay_us, p_priority) WITH ORDINALITY
+                         AS u (deliver_at, delay_us, priority, i)
+                    ORDER BY u.i))
+        FROM @ns@.groups g WHERE g.stream_id = v_sid AND g.fair
+        ORDER BY g.id;
+    END IF;
     RETURN n;
 END $$;
 
