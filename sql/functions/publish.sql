@@ -104,12 +104,14 @@ BEGIN
     VALUES (s.id, p_id, p_payload, p_is_json, p_headers, p_dedupe_key, @ns@._check_key(p_key));
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
     SELECT g.id, p_id, @ns@._visible_at(p_visible_at, NULL, p_priority)
-    FROM @ns@.groups g WHERE g.stream_id = s.id AND (p_key IS NULL OR NOT g.ordered);
+    FROM @ns@.groups g WHERE g.stream_id = s.id
+      AND (p_key IS NULL OR NOT (g.ordered OR g.max_in_flight_per_key IS NOT NULL));
     IF p_key IS NOT NULL THEN
-        -- Ordered groups queue it in its key's line (ordering.sql).
+        -- Ordered groups and groups with a per-key limit queue it in its key's line (ordering.sql).
         PERFORM @ns@._enqueue_keyed(g.id, ARRAY[p_id], ARRAY[p_key],
                                     ARRAY[@ns@._visible_at(p_visible_at, NULL, p_priority)])
-        FROM @ns@.groups g WHERE g.stream_id = s.id AND g.ordered ORDER BY g.id;
+        FROM @ns@.groups g WHERE g.stream_id = s.id AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL)
+        ORDER BY g.id;
     END IF;
     INSERT INTO @ns@.counter_deltas (group_id, pending)
     SELECT g.id, 1 FROM @ns@.groups g WHERE g.stream_id = s.id;
@@ -161,7 +163,8 @@ END $$;
 
 -- The engine's path for batches in which some message has an ordering key
 -- (`sql/publish_keyed.sql`): `_publish_batch` plus the keys. Unordered groups get plain
--- deliveries; each ordered group queues keyed messages in their keys' lines (`_enqueue_keyed`,
+-- deliveries; each ordered group (or group with a per-key limit) queues keyed messages in their
+-- keys' lines (`_enqueue_keyed`,
 -- in group id order, so publishers take key locks in one global order). Returns how many
 -- messages were written (0: no such stream).
 CREATE OR REPLACE FUNCTION @ns@._publish_keyed(
@@ -200,8 +203,9 @@ BEGIN
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
     SELECT g.id, u.id, u.visible
     FROM @ns@.groups g, unnest(p_ids, p_keys, v_visible) AS u (id, key, visible)
-    WHERE g.stream_id = sid AND (u.key IS NULL OR NOT g.ordered);
-    FOR grp IN SELECT id FROM @ns@.groups WHERE stream_id = sid AND ordered ORDER BY id LOOP
+    WHERE g.stream_id = sid AND (u.key IS NULL OR NOT (g.ordered OR g.max_in_flight_per_key IS NOT NULL));
+    FOR grp IN SELECT id FROM @ns@.groups
+               WHERE stream_id = sid AND (ordered OR max_in_flight_per_key IS NOT NULL) ORDER BY id LOOP
         PERFORM @ns@._enqueue_keyed(grp, p_ids, p_keys, v_visible);
     END LOOP;
     INSERT INTO @ns@.counter_deltas (group_id, pending)

@@ -36,6 +36,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (9, "least_privilege", include_str!("../../migrations/0009_least_privilege.sql")),
     (10, "ordering", include_str!("../../migrations/0010_ordering.sql")),
     (11, "flow_control", include_str!("../../migrations/0011_flow_control.sql")),
+    (13, "key_concurrency", include_str!("../../migrations/0013_key_concurrency.sql")),
 ];
 
 /// The function and view files, in the order they are applied: a file may use what an earlier

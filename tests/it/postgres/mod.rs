@@ -1,6 +1,7 @@
 mod claim_sizes;
 mod consume;
 mod hostile;
+mod key_limits;
 mod late_commits;
 mod many_streams;
 mod ordering;

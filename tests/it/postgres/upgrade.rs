@@ -105,8 +105,8 @@ async fn data(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String
                 &format!(
                     // Columns added by later migrations (lease_token, the ordering key's) are
                     // not the old data.
-                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst}}'::text[])::text, ',' \
-                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst}}'::text[])::text)) \
+                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst,max_in_flight_per_key,key_limited}}'::text[])::text, ',' \
+                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst,max_in_flight_per_key,key_limited}}'::text[])::text)) \
                      FROM \"{ns}\".{table} t"
                 ),
                 &[],
@@ -380,6 +380,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_check_duration",
             "_check_grantee",
             "_check_key",
+            "_check_key_limit",
             "_check_name",
             "_check_publish",
             "_check_rate",
@@ -396,6 +397,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_group_stats",
             "_in_flight_room",
             "_is_ordered",
+            "_key_limit_lock",
+            "_key_room",
             "_lock_keys",
             "_lock_partitions",
             "_maintain_budget",
@@ -431,6 +434,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "publish_bytes",
             "revoke_runtime",
             "set_max_in_flight",
+            "set_max_in_flight_per_key",
             "set_rate_limit",
             "streams_per_transaction",
             "term",

@@ -15,6 +15,7 @@ mod common;
 mod exit;
 mod flow;
 mod hostile;
+mod limits;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod operations;
