@@ -259,7 +259,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "0008_lease_tokens".to_owned(),
             "0009_least_privilege".to_owned(),
             "0010_ordering".to_owned(),
-            "0011_flow_control".to_owned()
+            "0011_flow_control".to_owned(),
+            "0013_key_concurrency".to_owned()
         ]
     );
     assert_eq!(report.sql_files, FILES);
