@@ -181,3 +181,31 @@ async fn memory_set_rate_limits_at_run_time() {
         "{missing:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_per_key_limit_combines_with_max_in_flight() {
+    let q = MemoryBackend::new();
+    q.ensure_stream("s", &StreamConfig::default())
+        .await
+        .unwrap();
+    q.ensure_group_with(
+        "s",
+        "g",
+        &GroupConfig::default()
+            .max_in_flight(3)
+            .max_in_flight_per_key(2),
+    )
+    .await
+    .unwrap();
+    q.publish_batch("s", &msgs(5, Some("a"))).await.unwrap();
+    q.publish_batch("s", &msgs(5, Some("b"))).await.unwrap();
+    let c = q.consumer("s", "g", "c").await.unwrap();
+    let got = c.try_fetch(10).await.unwrap();
+    assert_eq!(got.len(), 3, "the group's room");
+    let a = got
+        .iter()
+        .filter(|d| d.message.key.as_deref() == Some("a"))
+        .count();
+    assert_eq!(a, 2, "two of key a, then one of b");
+    assert!(c.try_fetch(10).await.unwrap().is_empty());
+}

@@ -171,7 +171,7 @@ fn refs(ds: &[Delivery]) -> Vec<&Delivery> {
 /// (from the database where there is one). Neither the consumers' own count per key nor any
 /// sample ever exceeds the limit, the limit is reached (the test is not vacuous), and every
 /// message is handled once.
-pub async fn max_in_flight_per_key_holds_under_load<Q: Queue, F, Fut>(
+pub async fn max_in_flight_per_key_holds_under_load<Q: Queue + Clone + 'static, F, Fut>(
     handles: &[Q],
     limit: u32,
     keys: u32,
@@ -192,13 +192,21 @@ pub async fn max_in_flight_per_key_holds_under_load<Q: Queue, F, Fut>(
     )
     .await
     .unwrap();
-    // Key by key: the first claims meet several deliveries of one key, so a full key is met.
+    // Key by key, in small batches from another handle while the consumers run: claims meet
+    // several deliveries of one key (so a full key is met), and publishers queue behind keys
+    // whose heads are being settled at the same time.
     let msgs: Vec<OutgoingMessage> = (0..keys)
         .flat_map(|k| (0..per_key).map(move |n| keyed(&format!("k{k}"), n)))
         .collect();
-    for chunk in msgs.chunks(500) {
-        q.publish_batch("load-key-cap", chunk).await.unwrap();
-    }
+    let publisher = handles[handles.len() - 1].clone();
+    let publishing = tokio::spawn(async move {
+        for chunk in msgs.chunks(20) {
+            publisher
+                .publish_batch("load-key-cap", chunk)
+                .await
+                .unwrap();
+        }
+    });
     let total = (keys * per_key) as usize;
     let held: Arc<Mutex<HashMap<String, i64>>> = Arc::default();
     let peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
@@ -256,6 +264,7 @@ pub async fn max_in_flight_per_key_holds_under_load<Q: Queue, F, Fut>(
             "the consumers did not finish"
         );
     }
+    publishing.await.unwrap();
     let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
     assert!(peak <= i64::from(limit), "consumers held {peak} of one key");
     assert_eq!(peak, i64::from(limit), "the limit was never reached");

@@ -349,3 +349,36 @@ async fn lease_expiry_frees_the_place_and_settles_move_the_key_on() {
         (0, 0, 0, 1)
     );
 }
+
+/// With the group's `max_in_flight` the group's room bounds a claim first; with a per-key rate a
+/// head put off for want of tokens keeps its key's place (as a pause does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_limit_combines_with_max_in_flight_and_rate_limits() {
+    let ns = namespace().await;
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('s');
+         SELECT \"{n}\".create_group('s', 'capped', max_in_flight => 3, max_in_flight_per_key => 2);
+         SELECT \"{n}\".create_group('s', 'rated', key_rate => 1.0 / 60, max_in_flight_per_key => 2);
+         SELECT \"{n}\".publish('s', jsonb_build_object('n', i), key => 'a') FROM generate_series(1, 5) i;
+         SELECT \"{n}\".publish('s', jsonb_build_object('n', i), key => 'b') FROM generate_series(1, 5) i;"
+    ))
+    .await
+    .unwrap();
+    let got = read_keys(&raw, &n, "capped").await;
+    assert_eq!(got.values().sum::<i64>(), 3, "the group's room: {got:?}");
+    assert!(got.values().all(|&k| k <= 2), "{got:?}");
+    assert_eq!(read_keys(&raw, &n, "capped").await, HashMap::new());
+
+    // One token per key a minute: one of each key claimed, its second head put off (delayed,
+    // holding the key's place), the rest waiting in the lines.
+    assert_eq!(
+        read_keys(&raw, &n, "rated").await,
+        counts(&[("a", 1), ("b", 1)])
+    );
+    assert_eq!(read_keys(&raw, &n, "rated").await, HashMap::new());
+    assert_eq!(in_state(&raw, &n, "rated", "in_flight").await, 2);
+    assert_eq!(in_state(&raw, &n, "rated", "delayed").await, 2);
+    assert_eq!(in_state(&raw, &n, "rated", "waiting").await, 6);
+}
