@@ -176,6 +176,9 @@ BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
     gid := @ns@.group_id(stream, "group");
+    -- Shared with publishers: `set_max_in_flight_per_key` does not change the group's lines
+    -- between reading its limit here and parking deliveries below.
+    PERFORM pg_advisory_xact_lock_shared(@ns@._key_limit_lock(gid));
     SELECT g.stream_id, g.ordered OR g.max_in_flight_per_key IS NOT NULL,
            NOT g.ordered AND g.max_in_flight_per_key IS NOT NULL
     INTO sid, v_ordered, v_limited FROM @ns@.groups g WHERE g.id = gid;

@@ -374,7 +374,7 @@ END $$;
 -- consumer and process; the key's others wait in its line. Setting it queues the group's
 -- pending keyed deliveries in their keys' lines (leased ones first, then in id order), raising
 -- it lets lines move up at once, lowering it lets the heads beyond it finish, removing it
--- releases every line. An administrative call: it walks the group's pending deliveries (not a
+-- releases every line (the deliveries keep their keys, unused until a limit is set again). An administrative call: it walks the group's pending deliveries (not a
 -- hot path) under an exclusive lock that publishers of keyed messages to the group share.
 -- Returns false when the group does not exist.
 CREATE OR REPLACE FUNCTION @ns@.set_max_in_flight_per_key(stream text, "group" text, max_in_flight_per_key integer)
@@ -407,44 +407,54 @@ BEGIN
         -- The lines are the ordered group's own (one head per key): nothing moves.
         RETURN true;
     END IF;
+    -- Deadlock-free: the group's lock (publishers held off) first; key locks (in the one
+    -- global order, as advances take them) only before updating waiting deliveries, which no
+    -- settle touches, never before waiting for a row a settle may hold.
     IF v_cap IS NULL THEN
         IF v_old IS NOT NULL THEN
-            -- Every line released: the waiting deliveries due again at their own times.
+            -- Every line released: the waiting deliveries due again at their own times. They
+            -- keep their keys (settles of a group without the limit move no key on).
             SELECT array_agg(DISTINCT d.key) INTO v_keys FROM @ns@.delivery_state d
-            WHERE d.group_id = gid AND d.key IS NOT NULL;
+            WHERE d.group_id = gid AND d.key IS NOT NULL AND d.visible_at >= @ns@._parked_bound();
             PERFORM @ns@._lock_keys(gid, v_keys);
             UPDATE @ns@.delivery_state d
-            SET visible_at = CASE WHEN d.visible_at >= @ns@._parked_bound()
-                                  THEN greatest(now(), d.visible_at - @ns@._parked_offset())
-                                  ELSE d.visible_at END,
-                key = NULL, key_seq = NULL, key_limited = NULL
-            WHERE d.group_id = gid AND d.key IS NOT NULL;
+            SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
+            WHERE d.group_id = gid AND d.key IS NOT NULL AND d.visible_at >= @ns@._parked_bound();
         END IF;
         RETURN true;
     END IF;
     IF v_old IS NULL THEN
-        -- The group's pending keyed deliveries join their keys' lines: per key, those leased
-        -- now stay heads first, then the rest in id order up to the limit; the others wait.
-        SELECT array_agg(DISTINCT m.key) INTO v_keys FROM @ns@.delivery_state d
-        CROSS JOIN LATERAL (SELECT mm.key FROM @ns@.messages mm
-                            WHERE mm.stream_id = sid AND mm.id = d.message_id LIMIT 1) m
-        WHERE d.group_id = gid AND m.key IS NOT NULL;
-        PERFORM @ns@._lock_keys(gid, v_keys);
+        -- The group's pending deliveries without a key of their own yet join their keys'
+        -- lines: per key, those that already have one (from an earlier limit) count first,
+        -- then those leased, then the rest in id order, up to the limit; the others wait.
+        -- No key locks here: until this commits, advances read no limit and move nothing, so
+        -- nobody else changes a line; a settle may hold a row this waits for while it waits
+        -- for a key's lock, which must then be free.
         UPDATE @ns@.delivery_state d
+        -- A leased delivery is never parked (settles never touch a waiting one, which keeps
+        -- them out of this call's key locks): a key leased beyond the limit keeps its heads
+        -- until they leave, as after lowering the limit. `d.consumer` is the row as updated,
+        -- so a claim committed since the ranking counts too.
         SET key = r.key, key_seq = r.seq, key_limited = true,
-            visible_at = CASE WHEN r.place > v_cap THEN d.visible_at + @ns@._parked_offset()
+            visible_at = CASE WHEN r.place > v_cap AND d.consumer IS NULL
+                              THEN d.visible_at + @ns@._parked_offset()
                               ELSE d.visible_at END
         FROM (SELECT y.message_id, y.key, y.place, nextval('@ns@.key_seq') AS seq
-              FROM (SELECT d2.message_id, m.key,
+              FROM (SELECT d2.message_id, m.key, d2.key IS NULL AS fresh,
                            row_number() OVER (PARTITION BY m.key
-                                              ORDER BY (d2.consumer IS NOT NULL AND d2.visible_at > now()) DESC,
+                                              ORDER BY (d2.key IS NOT NULL) DESC,
+                                                       (d2.consumer IS NOT NULL) DESC,
                                                        d2.message_id) AS place
                     FROM @ns@.delivery_state d2
                     CROSS JOIN LATERAL (SELECT mm.key FROM @ns@.messages mm
                                         WHERE mm.stream_id = sid AND mm.id = d2.message_id LIMIT 1) m
-                    WHERE d2.group_id = gid AND d2.key IS NULL AND m.key IS NOT NULL) y
+                    WHERE d2.group_id = gid AND m.key IS NOT NULL) y
+              WHERE y.fresh
               ORDER BY y.message_id) r
-        WHERE d.group_id = gid AND d.message_id = r.message_id;
+        WHERE d.group_id = gid AND d.message_id = r.message_id AND d.key IS NULL;
+        -- A head settled while this ran (gone before its row was marked, so its settle moved no
+        -- key on): its key takes the next of its line now.
+        PERFORM @ns@._repair_keys(gid);
         RETURN true;
     END IF;
     -- A new limit: keys with room take the next of their lines now.
