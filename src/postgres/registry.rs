@@ -336,7 +336,7 @@ impl PgBackend {
     /// Sets (`Some`) or removes (`None`) the group's per-key concurrency limit
     /// ([`GroupConfig::max_in_flight_per_key`]). Setting it on a group without one queues the
     /// group's pending keyed deliveries in their keys' lines (those leased now keep their
-    /// leases and count first); raising it lets waiting deliveries go at once; lowering it lets
+    /// leases, count first and are never held back); raising it lets waiting deliveries go at once; lowering it lets
     /// the deliveries beyond it finish; removing it releases every waiting delivery. It walks
     /// the group's pending deliveries: an administrative call, not for a hot path. A keyed
     /// publish that commits while the limit is being set on a group without one may escape it
