@@ -214,6 +214,15 @@ pub struct GroupConfig {
     /// Needs [`crate::Capabilities::concurrency_limits`]. Set at creation; change it with
     /// [`crate::PgBackend::set_max_in_flight`]. Defaults to `None` (no limit).
     pub max_in_flight: Option<u32>,
+    /// Per-key concurrency limit: at most this many deliveries of one ordering key
+    /// ([`crate::OutgoingMessage::key`]) at once, across every consumer and process; the key's
+    /// other messages wait, in publish order, and other keys go on. Messages without a key are
+    /// not limited by it. On Postgres a delivery holds its key's place while it is ready,
+    /// delayed (a retry) or leased, and gives it up when acked, termed or dead-lettered (see
+    /// `docs/ordering.md`). An ordered group already means one per key: only `1` goes with
+    /// [`GroupConfig::ordered`]. Needs [`crate::Capabilities::concurrency_limits`]. Change it
+    /// with [`crate::PgBackend::set_max_in_flight_per_key`]. Defaults to `None` (no limit).
+    pub max_in_flight_per_key: Option<u32>,
     /// Rate limit of the whole group: a token bucket shared by every consumer and process,
     /// taken at claim time (a fetch returns at most the tokens available and then waits for
     /// the next one). Needs [`crate::Capabilities::rate_limits`]. Set at creation; change it
@@ -251,6 +260,12 @@ impl GroupConfig {
         self
     }
 
+    /// Sets [`GroupConfig::max_in_flight_per_key`].
+    pub fn max_in_flight_per_key(mut self, limit: u32) -> Self {
+        self.max_in_flight_per_key = Some(limit);
+        self
+    }
+
     /// Sets [`GroupConfig::rate_limit`].
     pub fn rate_limit(mut self, limit: crate::RateLimit) -> Self {
         self.rate_limit = Some(limit);
@@ -280,12 +295,50 @@ impl GroupConfig {
         {
             limit.validate()?;
         }
-        match self.max_in_flight {
-            Some(n) if n == 0 || n > i32::MAX as u32 => Err(crate::error::Error::InvalidConfig(
-                format!("max_in_flight must be between 1 and 2147483647, not {n}"),
-            )),
-            _ => Ok(()),
-        }
+        check_limit("max_in_flight", self.max_in_flight)?;
+        check_key_limit(self.ordered, self.max_in_flight_per_key)?;
+        check_fair_key_limit(self.fair_share, self.max_in_flight_per_key)
+    }
+}
+
+/// Fair share and a per-key limit do not combine (the SQL `create_group` and
+/// `set_max_in_flight_per_key` refuse it the same way).
+pub(crate) fn check_fair_key_limit(fair: bool, limit: Option<u32>) -> crate::error::Result<()> {
+    match limit {
+        Some(_) if fair => Err(crate::error::Error::InvalidConfig(
+            "a fair group cannot have a per-key limit: fair share and max_in_flight_per_key do not combine"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A concurrency limit fits Postgres's `integer` and is positive.
+fn check_limit(what: &str, limit: Option<u32>) -> crate::error::Result<()> {
+    match limit {
+        Some(n) if n == 0 || n > i32::MAX as u32 => Err(crate::error::Error::InvalidConfig(
+            format!("{what} must be between 1 and 2147483647, not {n}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The per-key limit's rule (SQL `_check_key_limit`): a concurrency limit, and only 1 in an
+/// ordered group (which already delivers one message of a key at a time).
+pub(crate) fn check_key_limit(ordered: bool, limit: Option<u32>) -> crate::error::Result<()> {
+    check_limit("max_in_flight_per_key", limit)?;
+    match limit {
+        Some(n) if ordered && n > 1 => Err(crate::error::Error::InvalidConfig(format!(
+            "an ordered group delivers one message of a key at a time: max_in_flight_per_key must be 1 or unset, not {n}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl GroupConfig {
+    /// The limit check of the runtime setters (`set_max_in_flight`).
+    pub(crate) fn check_max_in_flight(limit: Option<u32>) -> crate::error::Result<()> {
+        check_limit("max_in_flight", limit)
     }
 }
 

@@ -36,6 +36,7 @@ DECLARE
     v_max     integer;
     v_ordered boolean;
     v_cap     integer;
+    v_kcap    integer;
     v_rate    double precision;
     v_burst   integer;
     v_krate   double precision;
@@ -48,8 +49,8 @@ DECLARE
     c_tok     bigint[];
 BEGIN
     SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight,
-           g.rate, g.burst, g.key_rate, g.key_burst, g.fair
-    INTO sid, v_lease, v_max, v_ordered, v_cap, v_rate, v_burst, v_krate, v_kburst, v_fair
+           g.rate, g.burst, g.key_rate, g.key_burst, g.fair, g.max_in_flight_per_key
+    INTO sid, v_lease, v_max, v_ordered, v_cap, v_rate, v_burst, v_krate, v_kburst, v_fair, v_kcap
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
     IF sid IS NULL THEN
         RAISE EXCEPTION 'pgtide: group id % does not exist', p_group USING ERRCODE = 'PT003';
@@ -73,8 +74,9 @@ BEGIN
                                                        v_rate, v_burst, v_krate, v_kburst);
         RETURN;
     END IF;
-    IF v_ordered THEN
-        -- Same walk; heads that die here let their keys move on (ordering.sql).
+    IF v_ordered OR v_kcap IS NOT NULL THEN
+        -- Same walk; heads that die here let their keys move on (ordering.sql). A per-key limit
+        -- is the same lines with more heads per key.
         RETURN QUERY SELECT * FROM @ns@._claim_ordered(p_group, p_limit, p_consumer, sid, v_lease, v_max);
         RETURN;
     END IF;
@@ -151,7 +153,9 @@ DECLARE
 BEGIN
     -- Inline rather than `_is_ordered`: a SQL function called from here is parsed and planned
     -- on every call (a tenth of a claim-and-ack of ten, perf), this statement's plan is cached.
-    IF NOT coalesce((SELECT g.ordered FROM @ns@.groups g WHERE g.id = p_group), false) THEN
+    -- Groups with key lines: ordered ones and those with a per-key limit.
+    IF NOT coalesce((SELECT g.ordered OR g.max_in_flight_per_key IS NOT NULL
+                     FROM @ns@.groups g WHERE g.id = p_group), false) THEN
         RETURN QUERY
         WITH done AS (
             DELETE FROM @ns@.delivery_state d
@@ -167,7 +171,7 @@ BEGIN
         SELECT message_id FROM done;
         RETURN;
     END IF;
-    -- Ordered: the acked heads' keys move on once the deletes are seen (a statement later).
+    -- Key lines: the acked heads' keys move on once the deletes are seen (a statement later).
     WITH done AS (
         DELETE FROM @ns@.delivery_state d
         USING unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
@@ -330,8 +334,8 @@ AS $$
 $$;
 
 -- Dead letters back into the group with a fresh attempt count (all of the group's when p_ids is NULL).
--- In an ordered group a keyed message rejoins its key at the end of the line (or becomes its
--- head when the key has nothing pending).
+-- In an ordered group (or one with a per-key limit) a keyed message rejoins its key at the end
+-- of the line (or becomes a head when the key has room).
 DROP FUNCTION IF EXISTS @ns@._replay_dead(integer, uuid[]);
 CREATE OR REPLACE FUNCTION @ns@._replay_dead(p_group integer, p_ids uuid[] DEFAULT NULL)
 RETURNS SETOF uuid
@@ -342,7 +346,8 @@ DECLARE
     v_stream  integer;
     v_ordered boolean;
 BEGIN
-    SELECT g.stream_id, g.ordered INTO v_stream, v_ordered FROM @ns@.groups g WHERE g.id = p_group;
+    SELECT g.stream_id, g.ordered OR g.max_in_flight_per_key IS NOT NULL INTO v_stream, v_ordered
+    FROM @ns@.groups g WHERE g.id = p_group;
     WITH back AS (
         DELETE FROM @ns@.dead_letter_state d
         WHERE d.group_id = p_group AND (p_ids IS NULL OR d.message_id = ANY (p_ids))

@@ -107,7 +107,8 @@ BEGIN
     END LOOP;
     IF n > 0 THEN
         -- Heads may have gone with their partitions: their keys move on (ordering.sql).
-        PERFORM @ns@._repair_keys(g.id) FROM @ns@.groups g WHERE g.stream_id = p_stream_id AND g.ordered;
+        PERFORM @ns@._repair_keys(g.id) FROM @ns@.groups g
+        WHERE g.stream_id = p_stream_id AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL);
     END IF;
     RETURN n;
 END $$;

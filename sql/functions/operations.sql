@@ -171,11 +171,17 @@ DECLARE
     n_back bigint;
     n_dead bigint;
     v_ordered boolean;
+    v_limited boolean;
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
     gid := @ns@.group_id(stream, "group");
-    SELECT g.stream_id, g.ordered INTO sid, v_ordered FROM @ns@.groups g WHERE g.id = gid;
+    -- Shared with publishers: `set_max_in_flight_per_key` does not change the group's lines
+    -- between reading its limit here and parking deliveries below.
+    PERFORM pg_advisory_xact_lock_shared(@ns@._key_limit_lock(gid));
+    SELECT g.stream_id, g.ordered OR g.max_in_flight_per_key IS NOT NULL,
+           NOT g.ordered AND g.max_in_flight_per_key IS NOT NULL
+    INTO sid, v_ordered, v_limited FROM @ns@.groups g WHERE g.id = gid;
     bound := CASE WHEN from_time IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
                   ELSE @ns@.uuid_floor(greatest(from_time, 'epoch'::timestamptz)) END;
     -- One reset of a group at a time; publishes and claims go on.
@@ -184,15 +190,16 @@ BEGIN
         DELETE FROM @ns@.delivery_state d WHERE d.group_id = gid AND d.message_id < bound
         RETURNING 1
     ) SELECT count(*) INTO n_skip FROM gone;
-    -- In an ordered group keyed messages are queued behind their key's line (in id order);
-    -- `_repair_keys` then gives every key without a head its first.
+    -- In an ordered group (or one with a per-key limit: `v_limited`) keyed messages are queued
+    -- behind their key's line (in id order); `_repair_keys` then gives every key its heads.
     WITH back AS (
-        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
+        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq, key_limited)
         SELECT gid, m.id,
                least(@ns@.uuid_time(m.id), now())
                    + CASE WHEN v_ordered AND m.key IS NOT NULL THEN @ns@._parked_offset() ELSE interval '0' END,
                CASE WHEN v_ordered THEN m.key END,
-               CASE WHEN v_ordered AND m.key IS NOT NULL THEN nextval('@ns@.key_seq') END
+               CASE WHEN v_ordered AND m.key IS NOT NULL THEN nextval('@ns@.key_seq') END,
+               CASE WHEN v_limited AND m.key IS NOT NULL THEN true END
         FROM @ns@.messages m WHERE m.stream_id = sid AND m.id >= bound
         ORDER BY m.id
         ON CONFLICT (group_id, message_id) DO NOTHING
@@ -283,7 +290,8 @@ BEGIN
     DELETE FROM @ns@.messages m WHERE m.stream_id = sid AND m.id < bound;
     GET DIAGNOSTICS c = ROW_COUNT;
     -- Trimmed heads let their keys move on (ordering.sql).
-    PERFORM @ns@._repair_keys(g.id) FROM @ns@.groups g WHERE g.stream_id = sid AND g.ordered;
+    PERFORM @ns@._repair_keys(g.id) FROM @ns@.groups g
+    WHERE g.stream_id = sid AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL);
     RETURN n + c;
 END $$;
 

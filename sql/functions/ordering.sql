@@ -62,6 +62,26 @@ BEGIN
     FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) x;
 END $$;
 
+-- Per-key concurrency limit (`max_in_flight_per_key = N`, migration 0013): the same lines, but
+-- a key may have up to N heads (rows marked `key_limited`, counted through the index
+-- `delivery_state_key_slots` under the key's lock). The advisory lock (bigint space, apart from
+-- the keys' two-integer locks) that `set_max_in_flight_per_key` takes exclusively and
+-- publishers to the group take shared, so a publish never parks a delivery in a line that a
+-- concurrent removal of the limit has already released.
+CREATE OR REPLACE FUNCTION @ns@._key_limit_lock(p_group integer) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.key_limit.' || p_group)::bigint $$;
+
+-- How many more heads key `p_key` of group `p_group` may have under the per-key limit `p_cap`:
+-- counts its heads, stopping at `p_cap` (O(N), never its line). Call it holding the key's lock.
+CREATE OR REPLACE FUNCTION @ns@._key_room(p_group integer, p_key text, p_cap integer) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT greatest(p_cap - (SELECT count(*) FROM (
+        SELECT 1 FROM @ns@.delivery_state h
+        WHERE h.group_id = p_group AND h.key = p_key AND h.visible_at < @ns@._parked_bound()
+          AND h.key_limited
+        LIMIT p_cap) x)::integer, 0)
+$$;
+
 -- Queues deliveries of keyed messages in the ordered group `p_group`, in array order: a message
 -- whose key has no delivery in the group yet becomes the key's head (visible at `p_visible`);
 -- the others join the end of their key's line. Elements with a NULL key are skipped (the
@@ -75,8 +95,45 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 SET jit = off
 AS $$
 DECLARE
-    n bigint;
+    n       bigint;
+    v_cap   integer;
 BEGIN
+    IF NOT coalesce((SELECT g.ordered FROM @ns@.groups g WHERE g.id = p_group), false) THEN
+        -- A per-key limit (up to N heads per key): `set_max_in_flight_per_key` changes it under
+        -- the group's exclusive lock, so read it only once the shared one is held.
+        PERFORM pg_advisory_xact_lock_shared(@ns@._key_limit_lock(p_group));
+        PERFORM @ns@._lock_keys(p_group, p_keys);
+        SELECT g.max_in_flight_per_key INTO v_cap FROM @ns@.groups g WHERE g.id = p_group;
+        IF v_cap IS NULL THEN
+            -- The limit was removed since the caller looked: plain deliveries.
+            INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
+            SELECT p_group, x.id, x.visible
+            FROM unnest(p_ids, p_keys, p_visible) AS x (id, key, visible)
+            WHERE x.key IS NOT NULL
+            ON CONFLICT (group_id, message_id) DO NOTHING;
+        ELSE
+            -- A key whose line is empty has `v_cap` minus its heads free; the batch's first
+            -- deliveries of the key take them, the rest join the line (in array order).
+            INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq, key_limited)
+            SELECT p_group, u.id,
+                   CASE WHEN u.r <= f.free THEN u.visible ELSE u.visible + @ns@._parked_offset() END,
+                   u.key, nextval('@ns@.key_seq'), true
+            FROM (SELECT x.id, x.key, x.visible, x.i,
+                         row_number() OVER (PARTITION BY x.key ORDER BY x.i) AS r
+                  FROM unnest(p_ids, p_keys, p_visible) WITH ORDINALITY AS x (id, key, visible, i)
+                  WHERE x.key IS NOT NULL) u
+            CROSS JOIN LATERAL (
+                SELECT CASE WHEN EXISTS (SELECT 1 FROM @ns@.delivery_state l
+                                         WHERE l.group_id = p_group AND l.key = u.key
+                                           AND l.visible_at >= @ns@._parked_bound())
+                            THEN 0 ELSE @ns@._key_room(p_group, u.key, v_cap) END AS free
+            ) f
+            ORDER BY u.i
+            ON CONFLICT (group_id, message_id) DO NOTHING;
+        END IF;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        RETURN n;
+    END IF;
     PERFORM @ns@._lock_keys(p_group, p_keys);
     -- `key_seq` is taken in array order (volatile output expressions are computed after the
     -- sort), under the keys' locks: a key's line is the order its publishes committed.
@@ -85,7 +142,7 @@ BEGIN
            CASE WHEN u.i = u.first
                      AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state h
                                      WHERE h.group_id = p_group AND h.key = u.key
-                                       AND h.visible_at < @ns@._parked_bound())
+                                       AND h.visible_at < @ns@._parked_bound() AND h.key_limited IS NULL)
                      AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state l
                                      WHERE l.group_id = p_group AND l.key = u.key
                                        AND l.visible_at >= @ns@._parked_bound())
@@ -102,7 +159,8 @@ BEGIN
 END $$;
 
 -- Lets the keys `p_keys` of group `p_group` move on after their heads left the group: a key
--- without a head gets the first of its line as head, due at its own due time (or now). Returns
+-- without a head gets the first of its line as head, due at its own due time (or now); with a
+-- per-key limit N, a key gets as many of its line as it has fewer than N heads. Returns
 -- how many heads it made. SQL callers' consumers are woken at commit; the engine's pool (whose
 -- connections set `pgtide.notify = off`) wakes them itself.
 CREATE OR REPLACE FUNCTION @ns@._advance_keys(p_group integer, p_keys text[]) RETURNS bigint
@@ -111,24 +169,46 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 SET enable_sort = off SET jit = off
 AS $$
 DECLARE
-    n bigint;
+    n         bigint;
+    v_ordered boolean;
+    v_cap     integer;
 BEGIN
     IF p_keys IS NULL OR cardinality(p_keys) = 0 THEN
         RETURN 0;
     END IF;
     PERFORM @ns@._lock_keys(p_group, p_keys);
-    UPDATE @ns@.delivery_state d
-    SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
-    FROM (SELECT DISTINCT k FROM unnest(p_keys) k WHERE k IS NOT NULL) k
-    CROSS JOIN LATERAL (
-        SELECT l.message_id FROM @ns@.delivery_state l
-        WHERE l.group_id = p_group AND l.key = k.k AND l.visible_at >= @ns@._parked_bound()
-        ORDER BY l.key_seq LIMIT 1
-    ) nxt
-    WHERE d.group_id = p_group AND d.message_id = nxt.message_id
-      AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state h
-                      WHERE h.group_id = p_group AND h.key = k.k AND h.visible_at < @ns@._parked_bound());
-    GET DIAGNOSTICS n = ROW_COUNT;
+    -- Read under the keys' locks: `set_max_in_flight_per_key` changes the lines under them too.
+    SELECT g.ordered, g.max_in_flight_per_key INTO v_ordered, v_cap FROM @ns@.groups g WHERE g.id = p_group;
+    IF NOT coalesce(v_ordered, true) THEN
+        IF v_cap IS NULL THEN
+            RETURN 0;
+        END IF;
+        -- A per-key limit: each key gets as many of the first of its line as it has room for.
+        UPDATE @ns@.delivery_state d
+        SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
+        FROM (SELECT DISTINCT k FROM unnest(p_keys) k WHERE k IS NOT NULL) k
+        CROSS JOIN LATERAL (
+            SELECT l.message_id FROM @ns@.delivery_state l
+            WHERE l.group_id = p_group AND l.key = k.k AND l.visible_at >= @ns@._parked_bound()
+            ORDER BY l.key_seq LIMIT @ns@._key_room(p_group, k.k, v_cap)
+        ) nxt
+        WHERE d.group_id = p_group AND d.message_id = nxt.message_id;
+        GET DIAGNOSTICS n = ROW_COUNT;
+    ELSE
+        UPDATE @ns@.delivery_state d
+        SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
+        FROM (SELECT DISTINCT k FROM unnest(p_keys) k WHERE k IS NOT NULL) k
+        CROSS JOIN LATERAL (
+            SELECT l.message_id FROM @ns@.delivery_state l
+            WHERE l.group_id = p_group AND l.key = k.k AND l.visible_at >= @ns@._parked_bound()
+            ORDER BY l.key_seq LIMIT 1
+        ) nxt
+        WHERE d.group_id = p_group AND d.message_id = nxt.message_id
+          AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state h
+                          WHERE h.group_id = p_group AND h.key = k.k AND h.visible_at < @ns@._parked_bound()
+                            AND h.key_limited IS NULL);
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
     IF n > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
         PERFORM pg_notify('pgtide.' || @ns_lit@, s.name)
         FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
@@ -271,3 +351,116 @@ AS $$
       AND (u.token IS NULL OR d.lease_token = u.token)
     RETURNING d.message_id
 $$;
+
+---------------------------------------------------------------------------------------------------
+-- per-key concurrency limit (issue 12): `max_in_flight_per_key`
+
+-- The rule (the Rust API's `GroupConfig::validate`): NULL (no limit) or positive; an ordered
+-- group already has one per key, so only 1 (or NULL) goes with it. PT001 otherwise.
+CREATE OR REPLACE FUNCTION @ns@._check_key_limit(p_ordered boolean, p_limit integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    PERFORM @ns@._check(p_limit IS NULL OR p_limit > 0,
+        format('max_in_flight_per_key must be positive, not %s', p_limit),
+        'pass NULL for no per-key limit');
+    PERFORM @ns@._check(p_limit IS NULL OR p_limit = 1 OR NOT coalesce(p_ordered, false),
+        format('an ordered group delivers one message of a key at a time: max_in_flight_per_key must be 1 or NULL, not %s',
+               p_limit),
+        'use a group that is not ordered for more than one delivery per key at once');
+END $$;
+
+-- Sets (or, with NULL, removes) the group's per-key concurrency limit: at most
+-- `max_in_flight_per_key` deliveries of one key ready, delayed or leased at once, across every
+-- consumer and process; the key's others wait in its line. Setting it queues the group's
+-- pending keyed deliveries in their keys' lines (leased ones first, then in id order), raising
+-- it lets lines move up at once, lowering it lets the heads beyond it finish, removing it
+-- releases every line (the deliveries keep their keys, unused until a limit is set again). An administrative call: it walks the group's pending deliveries (not a
+-- hot path) under an exclusive lock that publishers of keyed messages to the group share.
+-- Returns false when the group does not exist.
+CREATE OR REPLACE FUNCTION @ns@.set_max_in_flight_per_key(stream text, "group" text, max_in_flight_per_key integer)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    gid       integer;
+    sid       integer;
+    v_ordered boolean;
+    v_fair    boolean;
+    v_old     integer;
+    v_cap     integer := max_in_flight_per_key;
+    v_keys    text[];
+BEGIN
+    PERFORM @ns@._check_name('stream', stream);
+    PERFORM @ns@._check_name('group', "group");
+    PERFORM @ns@._check_key_limit(false, v_cap);
+    SELECT g.id, g.stream_id, g.ordered, g.fair INTO gid, sid, v_ordered, v_fair
+    FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
+    WHERE s.name = stream AND g.name = "group";
+    IF gid IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM @ns@._check_key_limit(v_ordered, v_cap);
+    PERFORM @ns@._check(NOT (v_fair AND v_cap IS NOT NULL), 'a fair group cannot have a per-key limit',
+        'fair share and max_in_flight_per_key do not combine: choose one of the two');
+    -- Publishers of keyed messages to the group hold this lock shared: none is between
+    -- reading the old limit and queueing.
+    PERFORM pg_advisory_xact_lock(@ns@._key_limit_lock(gid));
+    SELECT g.max_in_flight_per_key INTO v_old FROM @ns@.groups g WHERE g.id = gid FOR NO KEY UPDATE;
+    UPDATE @ns@.groups g SET max_in_flight_per_key = v_cap WHERE g.id = gid;
+    IF v_ordered THEN
+        -- The lines are the ordered group's own (one head per key): nothing moves.
+        RETURN true;
+    END IF;
+    -- Deadlock-free: the group's lock (publishers held off) first; key locks (in the one
+    -- global order, as advances take them) only before updating waiting deliveries, which no
+    -- settle touches, never before waiting for a row a settle may hold.
+    IF v_cap IS NULL THEN
+        IF v_old IS NOT NULL THEN
+            -- Every line released: the waiting deliveries due again at their own times. They
+            -- keep their keys (settles of a group without the limit move no key on).
+            SELECT array_agg(DISTINCT d.key) INTO v_keys FROM @ns@.delivery_state d
+            WHERE d.group_id = gid AND d.key IS NOT NULL AND d.visible_at >= @ns@._parked_bound();
+            PERFORM @ns@._lock_keys(gid, v_keys);
+            UPDATE @ns@.delivery_state d
+            SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
+            WHERE d.group_id = gid AND d.key IS NOT NULL AND d.visible_at >= @ns@._parked_bound();
+        END IF;
+        RETURN true;
+    END IF;
+    IF v_old IS NULL THEN
+        -- The group's pending deliveries without a key of their own yet join their keys'
+        -- lines: per key, those that already have one (from an earlier limit) count first,
+        -- then those leased, then the rest in id order, up to the limit; the others wait.
+        -- No key locks here: until this commits, advances read no limit and move nothing, so
+        -- nobody else changes a line; a settle may hold a row this waits for while it waits
+        -- for a key's lock, which must then be free.
+        UPDATE @ns@.delivery_state d
+        -- A leased delivery is never parked (settles never touch a waiting one, which keeps
+        -- them out of this call's key locks): a key leased beyond the limit keeps its heads
+        -- until they leave, as after lowering the limit. `d.consumer` is the row as updated,
+        -- so a claim committed since the ranking counts too.
+        SET key = r.key, key_seq = r.seq, key_limited = true,
+            visible_at = CASE WHEN r.place > v_cap AND d.consumer IS NULL
+                              THEN d.visible_at + @ns@._parked_offset()
+                              ELSE d.visible_at END
+        FROM (SELECT y.message_id, y.key, y.place, nextval('@ns@.key_seq') AS seq
+              FROM (SELECT d2.message_id, m.key, d2.key IS NULL AS fresh,
+                           row_number() OVER (PARTITION BY m.key
+                                              ORDER BY (d2.key IS NOT NULL) DESC,
+                                                       (d2.consumer IS NOT NULL) DESC,
+                                                       d2.message_id) AS place
+                    FROM @ns@.delivery_state d2
+                    CROSS JOIN LATERAL (SELECT mm.key FROM @ns@.messages mm
+                                        WHERE mm.stream_id = sid AND mm.id = d2.message_id LIMIT 1) m
+                    WHERE d2.group_id = gid AND m.key IS NOT NULL) y
+              WHERE y.fresh
+              ORDER BY y.message_id) r
+        WHERE d.group_id = gid AND d.message_id = r.message_id AND d.key IS NULL;
+        -- A head settled while this ran (gone before its row was marked, so its settle moved no
+        -- key on): its key takes the next of its line now.
+        PERFORM @ns@._repair_keys(gid);
+        RETURN true;
+    END IF;
+    -- A new limit: keys with room take the next of their lines now.
+    PERFORM @ns@._repair_keys(gid);
+    RETURN true;
+END $$;

@@ -73,6 +73,7 @@ AS $$
 DECLARE
     s        record;
     existing uuid;
+    v_lined  integer[];
 BEGIN
     SELECT id, max_payload, dedupe_window INTO s FROM @ns@.streams WHERE name = p_stream;
     IF NOT FOUND THEN
@@ -102,18 +103,25 @@ BEGIN
     END IF;
     INSERT INTO @ns@.messages (stream_id, id, payload, is_json, headers, dedupe_key, key)
     VALUES (s.id, p_id, p_payload, p_is_json, p_headers, p_dedupe_key, @ns@._check_key(p_key));
+    IF p_key IS NOT NULL THEN
+        -- The groups with key lines, read once: a per-key limit set or removed meanwhile must
+        -- not leave a group out of both inserts (`_enqueue_keyed` rereads it under its lock).
+        SELECT array_agg(g.id ORDER BY g.id) INTO v_lined FROM @ns@.groups g
+        WHERE g.stream_id = s.id AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL);
+    END IF;
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
     SELECT g.id, p_id, @ns@._visible_at(p_visible_at, NULL, p_priority)
-    FROM @ns@.groups g WHERE g.stream_id = s.id AND (p_key IS NULL OR NOT g.ordered) AND NOT g.fair;
+    FROM @ns@.groups g WHERE g.stream_id = s.id AND NOT g.fair
+      AND (v_lined IS NULL OR g.id <> ALL (v_lined));
     -- Fair groups stamp it (fair.sql).
     PERFORM @ns@._enqueue_fair(g.id, ARRAY[p_id], ARRAY[p_key],
                                ARRAY[@ns@._visible_at(p_visible_at, NULL, p_priority)])
     FROM @ns@.groups g WHERE g.stream_id = s.id AND g.fair ORDER BY g.id;
-    IF p_key IS NOT NULL THEN
-        -- Ordered groups queue it in its key's line (ordering.sql).
-        PERFORM @ns@._enqueue_keyed(g.id, ARRAY[p_id], ARRAY[p_key],
+    IF v_lined IS NOT NULL THEN
+        -- Ordered groups and groups with a per-key limit queue it in its key's line (ordering.sql).
+        PERFORM @ns@._enqueue_keyed(x.id, ARRAY[p_id], ARRAY[p_key],
                                     ARRAY[@ns@._visible_at(p_visible_at, NULL, p_priority)])
-        FROM @ns@.groups g WHERE g.stream_id = s.id AND g.ordered ORDER BY g.id;
+        FROM unnest(v_lined) WITH ORDINALITY AS x (id, i) ORDER BY x.i;
     END IF;
     INSERT INTO @ns@.counter_deltas (group_id, pending)
     SELECT g.id, 1 FROM @ns@.groups g WHERE g.stream_id = s.id;
@@ -180,7 +188,8 @@ END $$;
 
 -- The engine's path for batches in which some message has an ordering key
 -- (`sql/publish_keyed.sql`): `_publish_batch` plus the keys. Unordered groups get plain
--- deliveries; each ordered group queues keyed messages in their keys' lines (`_enqueue_keyed`,
+-- deliveries; each ordered group (or group with a per-key limit) queues keyed messages in their
+-- keys' lines (`_enqueue_keyed`,
 -- in group id order, so publishers take key locks in one global order). Returns how many
 -- messages were written (0: no such stream).
 CREATE OR REPLACE FUNCTION @ns@._publish_keyed(
@@ -204,6 +213,7 @@ DECLARE
     grp       integer;
     v_fair    boolean;
     n         bigint;
+    v_lined   integer[];
 BEGIN
     SELECT id, max_payload INTO sid, v_limit FROM @ns@.streams WHERE name = p_stream;
     IF sid IS NULL THEN
@@ -217,13 +227,19 @@ BEGIN
     SELECT array_agg(@ns@._visible_at(u.deliver_at, u.delay_us * interval '1 microsecond', u.priority) ORDER BY u.i)
     INTO v_visible
     FROM unnest(p_deliver_at, p_delay_us, p_priority) WITH ORDINALITY AS u (deliver_at, delay_us, priority, i);
+    -- The groups with key lines, read once: a per-key limit set or removed meanwhile must not
+    -- leave a group out of both inserts (`_enqueue_keyed` rereads it under its lock).
+    SELECT coalesce(array_agg(g.id ORDER BY g.id), '{}') INTO v_lined FROM @ns@.groups g
+    WHERE g.stream_id = sid AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL);
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
     SELECT g.id, u.id, u.visible
     FROM @ns@.groups g, unnest(p_ids, p_keys, v_visible) AS u (id, key, visible)
-    WHERE g.stream_id = sid AND (u.key IS NULL OR NOT g.ordered) AND NOT g.fair;
-    -- Ordered groups queue keyed messages in their lines, fair groups stamp every message
-    -- (fair.sql); a group is never both.
-    FOR grp, v_fair IN SELECT id, fair FROM @ns@.groups WHERE stream_id = sid AND (ordered OR fair) ORDER BY id LOOP
+    WHERE g.stream_id = sid AND NOT g.fair AND (u.key IS NULL OR g.id <> ALL (v_lined));
+    -- Groups with key lines (ordered, or a per-key limit) queue keyed messages in their lines,
+    -- fair groups stamp every message (fair.sql); in group id order (the key locks), and a group
+    -- is never both.
+    FOR grp, v_fair IN SELECT g.id, g.fair FROM @ns@.groups g
+                       WHERE g.stream_id = sid AND (g.fair OR g.id = ANY (v_lined)) ORDER BY g.id LOOP
         IF v_fair THEN
             PERFORM @ns@._enqueue_fair(grp, p_ids, p_keys, v_visible);
         ELSE

@@ -142,12 +142,14 @@ END $$;
 -- Fixed at creation: an existing group with the other setting raises PT001.
 -- `max_in_flight`: at most this many deliveries leased at once across every consumer (NULL: no
 -- limit); set at creation, changed with `set_max_in_flight`.
+-- `max_in_flight_per_key`: at most this many deliveries of one key at once (ordering.sql;
+-- NULL: no limit; 1 or NULL in an ordered group); changed with `set_max_in_flight_per_key`.
 DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean);
 -- The rate limits joined the arguments in migration 0011: a new signature needs the DROP.
 DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean, boolean, integer);
--- `fair` joined the arguments in migration 0012: a new signature needs the DROP.
+-- `fair` joined the arguments in migration 0012 and the per-key limit in 0013.
 -- `fair`: share the group's deliveries between keys by weight (fair.sql); fixed at creation,
--- and not with `ordered`.
+-- and not with `ordered` or a per-key limit.
 DROP FUNCTION IF EXISTS @ns@.create_group(text, text, text, boolean, boolean, integer,
                                           double precision, integer, double precision, integer);
 CREATE OR REPLACE FUNCTION @ns@.create_group(stream text, "group" text, start text DEFAULT 'new',
@@ -155,7 +157,8 @@ CREATE OR REPLACE FUNCTION @ns@.create_group(stream text, "group" text, start te
                                   max_in_flight integer DEFAULT NULL,
                                   rate double precision DEFAULT NULL, burst integer DEFAULT NULL,
                                   key_rate double precision DEFAULT NULL, key_burst integer DEFAULT NULL,
-                                  fair boolean DEFAULT false)
+                                  fair boolean DEFAULT false,
+                                  max_in_flight_per_key integer DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -164,6 +167,7 @@ DECLARE
     was      boolean;
     was_fair boolean;
     n        bigint;
+    lined    boolean := ordered OR max_in_flight_per_key IS NOT NULL;
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
@@ -182,6 +186,10 @@ BEGIN
         'pass true to share deliveries between keys by weight, false (the default) for none');
     PERFORM @ns@._check(NOT (fair AND ordered), 'a group cannot be both ordered and fair',
         'an ordered group already serves its keys one at a time each: choose one of the two');
+    PERFORM @ns@._check_key_limit(ordered, max_in_flight_per_key);
+    PERFORM @ns@._check(NOT (fair AND max_in_flight_per_key IS NOT NULL),
+        'a fair group cannot have a per-key limit',
+        'fair share and max_in_flight_per_key do not combine: choose one of the two');
     sid := @ns@.stream_id(stream);
     PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.group.' || sid || '.' || "group"));
     SELECT g.ordered, g.fair INTO was, was_fair FROM @ns@.groups g WHERE g.stream_id = sid AND g.name = "group";
@@ -200,9 +208,10 @@ BEGIN
             'fair share is fixed when a group is created: delete the group and create it again to change it');
         RETURN false;
     END IF;
-    INSERT INTO @ns@.groups (stream_id, name, ordered, max_in_flight, rate, burst, key_rate, key_burst, fair)
+    INSERT INTO @ns@.groups (stream_id, name, ordered, max_in_flight, rate, burst, key_rate, key_burst, fair,
+                             max_in_flight_per_key)
     VALUES (sid, "group", ordered, max_in_flight, rate, coalesce(burst, @ns@._default_burst(rate)),
-            key_rate, coalesce(key_burst, @ns@._default_burst(key_rate)), fair)
+            key_rate, coalesce(key_burst, @ns@._default_burst(key_rate)), fair, max_in_flight_per_key)
     RETURNING id INTO gid;
     INSERT INTO @ns@.group_counters (group_id) VALUES (gid);
     IF start = 'oldest' AND fair THEN
@@ -213,19 +222,21 @@ BEGIN
               FROM @ns@.messages m WHERE m.stream_id = sid HAVING count(*) > 0) x;
         UPDATE @ns@.group_counters SET pending = n WHERE group_id = gid;
     ELSIF start = 'oldest' THEN
-        -- Ordered: keyed messages wait in their keys' lines (id order), then each key gets a head.
-        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
+        -- Ordered (or a per-key limit: `lined`): keyed messages wait in their keys' lines (id
+        -- order), then each key gets its heads.
+        INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq, key_limited)
         SELECT gid, m.id,
                @ns@.uuid_time(m.id)
-                   + CASE WHEN ordered AND m.key IS NOT NULL THEN @ns@._parked_offset() ELSE interval '0' END,
-               CASE WHEN ordered THEN m.key END,
-               CASE WHEN ordered AND m.key IS NOT NULL THEN nextval('@ns@.key_seq') END
+                   + CASE WHEN lined AND m.key IS NOT NULL THEN @ns@._parked_offset() ELSE interval '0' END,
+               CASE WHEN lined THEN m.key END,
+               CASE WHEN lined AND m.key IS NOT NULL THEN nextval('@ns@.key_seq') END,
+               CASE WHEN lined AND NOT ordered AND m.key IS NOT NULL THEN true END
         FROM @ns@.messages m WHERE m.stream_id = sid
         ORDER BY m.id
         ON CONFLICT (group_id, message_id) DO NOTHING;
         GET DIAGNOSTICS n = ROW_COUNT;
         UPDATE @ns@.group_counters SET pending = n WHERE group_id = gid;
-        IF ordered THEN
+        IF lined THEN
             PERFORM @ns@._repair_keys(gid);
         END IF;
     END IF;
@@ -305,24 +316,25 @@ $$;
 
 -- Groups of the stream `p_stream` (of every stream when NULL), by stream and name.
 -- The result gained `ordered` and `max_in_flight` (migration 0010), the rate limits (0011) and
--- `fair` (0012): a new result type needs the DROP.
+-- `fair` (0012) and `max_in_flight_per_key` (0013): a new result type needs the DROP.
 DROP FUNCTION IF EXISTS @ns@._group_list(text);
 CREATE OR REPLACE FUNCTION @ns@._group_list(p_stream text DEFAULT NULL)
 RETURNS TABLE (stream text, "group" text, created_at timestamptz, ordered boolean, max_in_flight integer,
                rate double precision, burst integer, key_rate double precision, key_burst integer,
-               fair boolean)
+               fair boolean, max_in_flight_per_key integer)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT s.name, g.name, g.created_at, g.ordered, g.max_in_flight, g.rate, g.burst, g.key_rate, g.key_burst,
-           g.fair
+           g.fair, g.max_in_flight_per_key
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
     WHERE p_stream IS NULL OR s.name = p_stream
     ORDER BY s.name, g.name
 $$;
 
--- The id of a group and whether it is ordered, by name (PT002 / PT003 when missing): what a
--- consumer needs to know about its group.
+-- The id of a group and whether it keeps key lines (ordered, or a per-key limit), by name
+-- (PT002 / PT003 when missing): what a consumer needs to know about its group.
 CREATE OR REPLACE FUNCTION @ns@._group_ref(p_stream text, p_group text)
 RETURNS TABLE (id integer, ordered boolean)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT g.id, g.ordered FROM @ns@.groups g WHERE g.id = @ns@.group_id(p_stream, p_group)
+    SELECT g.id, g.ordered OR g.max_in_flight_per_key IS NOT NULL FROM @ns@.groups g
+    WHERE g.id = @ns@.group_id(p_stream, p_group)
 $$;

@@ -53,6 +53,7 @@ impl Stream {
         let mut g = Group {
             ordered: config.ordered,
             max_in_flight: config.max_in_flight,
+            max_in_flight_per_key: config.max_in_flight_per_key,
             rate: config
                 .rate_limit
                 .map(|l| (l, super::state::Bucket::full(&l, Instant::now()))),
@@ -80,6 +81,7 @@ impl Stream {
             *g = Group {
                 ordered: g.ordered,
                 max_in_flight: g.max_in_flight,
+                max_in_flight_per_key: g.max_in_flight_per_key,
                 rate: g.rate,
                 key_rate: g.key_rate,
                 fair: g.fair.as_ref().map(super::fair::Fair::emptied),

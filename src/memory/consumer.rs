@@ -1,12 +1,14 @@
 //! [`MemoryConsumer`]: claims walk the group's pending deliveries in visibility order; settles
 //! are fenced by the attempt number, as on Postgres.
 
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use super::state::{group_not_found, Pending, Stream};
 use super::MemoryBackend;
@@ -40,8 +42,17 @@ impl MemoryConsumer {
             g.restamp(now, max);
             // Something ready was held back by a rate limit: come back then, not at once.
             let mut held = None;
+            let mut per_key = g.leased_by_key(&s.messages, now);
+            // Ready deliveries of keys at their limit stay where they are: the walk goes on
+            // past them (`skipped_to`), and a fetch that got nothing waits for a settle's
+            // wake-up or the next lease to end.
+            let mut skipped_to: Option<(Instant, u64, Uuid)> = None;
             while out.len() < max {
-                let Some(&(at, _, id)) = g.order.iter().next() else {
+                let next = match skipped_to {
+                    None => g.order.iter().next(),
+                    Some(c) => g.order.range((Excluded(c), Unbounded)).next(),
+                };
+                let Some(&(at, stamp, id)) = next else {
                     break;
                 };
                 if at > now {
@@ -73,6 +84,12 @@ impl MemoryConsumer {
                     );
                     continue;
                 }
+                if let (Some((cap, leased)), Some(k)) = (&per_key, msg.key.as_ref()) {
+                    if leased.get(k).is_some_and(|n| n >= cap) {
+                        skipped_to = Some((at, stamp, id));
+                        continue;
+                    }
+                }
                 // A key out of tokens is put off (the attempt not counted); other keys go on.
                 let key = g
                     .pending
@@ -90,6 +107,9 @@ impl MemoryConsumer {
                     }
                 }
                 let Some(p) = g.remove(&id) else { break };
+                if let (Some((_, leased)), Some(k)) = (&mut per_key, msg.key.as_ref()) {
+                    *leased.entry(k.clone()).or_default() += 1;
+                }
                 let attempts = p.attempts + 1;
                 g.claims += 1;
                 let claim = g.claims;
@@ -130,7 +150,16 @@ impl MemoryConsumer {
                     held = Some(bucket.next_token(limit, now));
                 }
             }
-            let next = g.order.iter().next().map(|(at, _, _)| *at);
+            let next = if out.is_empty() && skipped_to.is_some() {
+                // Only deliveries of full keys are ready: their places free up when a lease
+                // ends (or a settle wakes the waiters).
+                g.order
+                    .range((Excluded((now, u64::MAX, Uuid::max())), Unbounded))
+                    .next()
+                    .map(|(at, _, _)| *at)
+            } else {
+                g.order.iter().next().map(|(at, _, _)| *at)
+            };
             let next = match held {
                 Some(h) => Some(h),
                 None => next,

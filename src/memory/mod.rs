@@ -7,11 +7,13 @@
 //! polling and no scout.
 //!
 //! Files: `state.rs` (what is held), `admin.rs` (streams and groups: create, purge, stats),
-//! `consumer.rs` (claims and settles); the handle and its [`Queue`] impl are here.
+//! `consumer.rs` (claims and settles), `limits.rs` (changing a group's limits at run time); the
+//! handle and its [`Queue`] impl are here.
 
 mod admin;
 mod consumer;
 mod fair;
+mod limits;
 mod state;
 
 use std::collections::HashMap;

@@ -68,6 +68,9 @@ pub(super) struct Group {
     pub(super) lines: HashMap<String, VecDeque<(Uuid, Instant)>>,
     /// At most this many leased at once (`GroupConfig::max_in_flight`).
     pub(super) max_in_flight: Option<u32>,
+    /// At most this many of one key leased at once (`GroupConfig::max_in_flight_per_key`),
+    /// counted when claiming (an ordered group has its lines instead).
+    pub(super) max_in_flight_per_key: Option<u32>,
     /// The group's token bucket (`GroupConfig::rate_limit`), full when created.
     pub(super) rate: Option<(RateLimit, Bucket)>,
     /// Each key's rate (`GroupConfig::rate_limit_per_key`) and the keys' buckets (a missing
@@ -179,7 +182,10 @@ impl Group {
         let Some(p) = self.remove(id) else {
             return false;
         };
-        let Some(key) = p.key else { return false };
+        // With a per-key limit, the key's place is free: consumers held by it may claim again.
+        let Some(key) = p.key else {
+            return self.max_in_flight_per_key.is_some();
+        };
         let next = self.lines.get_mut(&key).and_then(VecDeque::pop_front);
         match next {
             Some((next, at)) => {
@@ -205,6 +211,25 @@ impl Group {
             .filter(|p| p.consumer.is_some() && p.visible_at > now)
             .count();
         (cap as usize).saturating_sub(leased)
+    }
+
+    /// Leased deliveries per key, when the group has a per-key limit (`None` without one, or
+    /// in an ordered group, whose lines hold one per key already).
+    pub(super) fn leased_by_key(
+        &self,
+        messages: &HashMap<Uuid, Arc<Stored>>,
+        now: Instant,
+    ) -> Option<(usize, HashMap<String, usize>)> {
+        let cap = self.max_in_flight_per_key.filter(|_| !self.ordered)? as usize;
+        let mut leased: HashMap<String, usize> = HashMap::new();
+        for (id, p) in &self.pending {
+            if p.consumer.is_some() && p.visible_at > now {
+                if let Some(k) = messages.get(id).and_then(|m| m.key.as_ref()) {
+                    *leased.entry(k.clone()).or_default() += 1;
+                }
+            }
+        }
+        Some((cap, leased))
     }
 
     /// How many deliveries the group's rate limit allows now (`usize::MAX` without one).

@@ -37,6 +37,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (10, "ordering", include_str!("../../migrations/0010_ordering.sql")),
     (11, "flow_control", include_str!("../../migrations/0011_flow_control.sql")),
     (12, "fair_share", include_str!("../../migrations/0012_fair_share.sql")),
+    (13, "key_concurrency", include_str!("../../migrations/0013_key_concurrency.sql")),
 ];
 
 /// The function and view files, in the order they are applied: a file may use what an earlier

@@ -37,6 +37,8 @@ pub struct GroupInfo {
     pub ordered: bool,
     /// Its concurrency limit ([`GroupConfig::max_in_flight`]).
     pub max_in_flight: Option<u32>,
+    /// Its per-key concurrency limit ([`GroupConfig::max_in_flight_per_key`]).
+    pub max_in_flight_per_key: Option<u32>,
     /// Its rate limit ([`GroupConfig::rate_limit`]).
     pub rate_limit: Option<crate::RateLimit>,
     /// Its per-key rate limit ([`GroupConfig::rate_limit_per_key`]).
@@ -251,6 +253,7 @@ impl PgBackend {
         let burst = config.rate_limit.map(|r| r.burst_size() as i32);
         let key_rate = config.rate_limit_per_key.map(|r| r.rate());
         let key_burst = config.rate_limit_per_key.map(|r| r.burst_size() as i32);
+        let key_limit = config.max_in_flight_per_key.map(|n| n as i32);
         self.sql_value(
             &self.inner.sql.group_create,
             &[
@@ -265,6 +268,7 @@ impl PgBackend {
                 &key_rate,
                 &key_burst,
                 &config.fair_share,
+                &key_limit,
             ],
             Ctx::group(stream, group),
         )
@@ -321,14 +325,39 @@ impl PgBackend {
     ) -> Result<()> {
         validate_name("stream", stream)?;
         validate_name("group", group)?;
-        GroupConfig {
-            max_in_flight: limit,
-            ..GroupConfig::default()
-        }
-        .validate()?;
+        GroupConfig::check_max_in_flight(limit)?;
         let limit = limit.map(|n| n as i32);
         self.update_group(
             &self.inner.sql.group_limit,
+            &[&stream, &group, &limit],
+            stream,
+            group,
+        )
+        .await
+    }
+
+    /// Sets (`Some`) or removes (`None`) the group's per-key concurrency limit
+    /// ([`GroupConfig::max_in_flight_per_key`]). Setting it on a group without one queues the
+    /// group's pending keyed deliveries in their keys' lines (those leased now keep their
+    /// leases, count first and are never held back); raising it lets waiting deliveries go at once; lowering it lets
+    /// the deliveries beyond it finish; removing it releases every waiting delivery. It walks
+    /// the group's pending deliveries: an administrative call, not for a hot path. A keyed
+    /// publish that commits while the limit is being set on a group without one may escape it
+    /// (its delivery is not queued behind its key). Fails with [`Error::GroupNotFound`] if the
+    /// group does not exist, [`Error::InvalidConfig`] for 0, a value above `i32::MAX`, or more
+    /// than 1 on an ordered group.
+    pub async fn set_max_in_flight_per_key(
+        &self,
+        stream: &str,
+        group: &str,
+        limit: Option<u32>,
+    ) -> Result<()> {
+        validate_name("stream", stream)?;
+        validate_name("group", group)?;
+        crate::config::check_key_limit(false, limit)?;
+        let limit = limit.map(|n| n as i32);
+        self.update_group(
+            &self.inner.sql.group_limit_per_key,
             &[&stream, &group, &limit],
             stream,
             group,
@@ -524,6 +553,7 @@ impl PgBackend {
                         .try_get::<_, Option<f64>>(7)?
                         .and_then(|rate| crate::RateLimit::from_stored(rate, r.try_get(8).ok()?)),
                     fair_share: r.try_get(9)?,
+                    max_in_flight_per_key: r.try_get::<_, Option<i32>>(10)?.map(|n| n.max(0) as u32),
                 })
             })
             .collect()

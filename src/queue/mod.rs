@@ -67,8 +67,9 @@ pub struct Capabilities {
     /// Backends without it accept keyed messages but neither order nor carry the key, and
     /// refuse to create ordered groups ([`crate::Error::Unsupported`]).
     pub ordering_keys: bool,
-    /// Group concurrency limits ([`crate::GroupConfig::max_in_flight`]) enforced across every
-    /// consumer and process.
+    /// Concurrency limits, of the group ([`crate::GroupConfig::max_in_flight`]) and of each
+    /// key ([`crate::GroupConfig::max_in_flight_per_key`]), enforced across every consumer and
+    /// process. Backends without it refuse such groups ([`crate::Error::Unsupported`]).
     pub concurrency_limits: bool,
     /// Rate limits ([`crate::GroupConfig::rate_limit`], [`crate::GroupConfig::rate_limit_per_key`])
     /// enforced across every consumer and process. Backends without it refuse rate-limited
@@ -147,7 +148,9 @@ pub trait Queue: Clone + Send + Sync + 'static {
                     what: "ordered groups (Capabilities::ordering_keys)",
                 });
             }
-            if config.max_in_flight.is_some() && !self.capabilities().concurrency_limits {
+            if (config.max_in_flight.is_some() || config.max_in_flight_per_key.is_some())
+                && !self.capabilities().concurrency_limits
+            {
                 return Err(crate::Error::Unsupported {
                     backend: "this",
                     what: "group concurrency limits (Capabilities::concurrency_limits)",

@@ -6,6 +6,7 @@ mod examples;
 mod faults;
 #[cfg(feature = "redis")]
 mod inbox;
+mod memory;
 mod model;
 #[cfg(feature = "otel")]
 mod otel;

@@ -10,7 +10,9 @@ use pgtide::{Backoff, GroupConfig, GroupStart, PgBackend, StreamConfig, StreamIn
 use serde_json::json;
 
 use crate::backend::Target;
-use crate::cli::{GroupCommand, RateSetting, StreamCommand, StreamOptions, WeightSetting};
+use crate::cli::{
+    GroupCommand, LimitSetting, RateSetting, StreamCommand, StreamOptions, WeightSetting,
+};
 use crate::error::{CliError, CliResult};
 use crate::human::{
     format_age, format_duration, format_time, parse_point, plural, print_table, Point,
@@ -345,6 +347,7 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             if_not_exists,
             ordered,
             max_in_flight,
+            max_in_flight_per_key,
             rate,
             burst,
             key_rate,
@@ -362,6 +365,9 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
                 .fair_share(fair);
             if let Some(limit) = max_in_flight {
                 config = config.max_in_flight(limit);
+            }
+            if let Some(limit) = max_in_flight_per_key {
+                config = config.max_in_flight_per_key(limit);
             }
             if let Some(r) = rate {
                 config = config.rate_limit(burst.map_or(r, |b| r.burst(b)));
@@ -535,6 +541,34 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
                 weight.unwrap_or(1.0)
             );
         }
+        GroupCommand::Limit {
+            stream,
+            group,
+            limit,
+            per_key,
+        } => {
+            let pg = b.require_postgres("group limit")?;
+            let limit = match limit {
+                LimitSetting::Limit(n) => Some(n),
+                LimitSetting::Off => None,
+            };
+            if per_key {
+                pg.set_max_in_flight_per_key(&stream, &group, limit).await?;
+            } else {
+                pg.set_max_in_flight(&stream, &group, limit).await?;
+            }
+            let whose = if per_key {
+                "each key of group"
+            } else {
+                "group"
+            };
+            match limit {
+                Some(n) => println!(
+                    "{whose} {group:?} of stream {stream:?}: at most {n} deliveries in flight"
+                ),
+                None => println!("{whose} {group:?} of stream {stream:?}: no concurrency limit"),
+            }
+        }
         GroupCommand::Delete { stream, group } => {
             if !b.delete_group(&stream, &group).await? {
                 return Err(CliError::not_found(format!(
@@ -552,7 +586,7 @@ pub async fn group<B: Target>(b: &B, command: GroupCommand) -> CliResult {
             if json {
                 let list: Vec<_> = groups
                     .iter()
-                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at), "ordered": g.ordered, "fair": g.fair_share, "max_in_flight": g.max_in_flight,
+                    .map(|g| json!({"stream": g.stream, "group": g.name, "created_at": format_time(g.created_at), "ordered": g.ordered, "fair": g.fair_share, "max_in_flight": g.max_in_flight, "max_in_flight_per_key": g.max_in_flight_per_key,
                         "rate": g.rate_limit.map(|r| r.rate()), "burst": g.rate_limit.map(|r| r.burst_size()),
                         "key_rate": g.rate_limit_per_key.map(|r| r.rate()), "key_burst": g.rate_limit_per_key.map(|r| r.burst_size())}))
                     .collect();

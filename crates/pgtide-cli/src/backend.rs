@@ -138,6 +138,7 @@ pub fn postgres_only(command: &Command) -> Option<&'static str> {
         Command::Group(GroupCommand::Reset { .. }) => "group reset",
         Command::Group(GroupCommand::Rate { .. }) => "group rate",
         Command::Group(GroupCommand::Weight { .. }) => "group weight",
+        Command::Group(GroupCommand::Limit { .. }) => "group limit",
         Command::Group(GroupCommand::Create { from, .. })
             if matches!(parse_point(from), Ok(Point::At(_))) =>
         {

@@ -253,6 +253,30 @@ pub enum RateSetting {
     Off,
 }
 
+/// `group limit`'s value: a count, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub enum LimitSetting {
+    /// Set this limit.
+    Limit(u32),
+    /// Remove the limit.
+    Off,
+}
+
+/// Digits only (no sign, no spaces), 1 to 2147483647 (what Postgres stores), or `off`.
+fn parse_limit_or_off(s: &str) -> Result<LimitSetting, String> {
+    if s == "off" {
+        return Ok(LimitSetting::Off);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if s.bytes().all(|b| b.is_ascii_digit()) && (1..=2_147_483_647).contains(&n) => {
+            Ok(LimitSetting::Limit(n))
+        }
+        _ => Err(format!(
+            "limit {s:?} is invalid: use a whole number from 1 to 2147483647, or `off`"
+        )),
+    }
+}
+
 fn parse_rate_or_off(s: &str) -> Result<RateSetting, String> {
     if s == "off" {
         return Ok(RateSetting::Off);
@@ -317,6 +341,11 @@ pub enum GroupCommand {
         /// process (Postgres and memory).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_147_483_647))]
         max_in_flight: Option<u32>,
+        /// At most this many deliveries of one ordering key (`publish --key`) at once, across
+        /// every consumer and process; the key's others wait, other keys go on (Postgres and
+        /// memory). Only 1 with --ordered, which already means one per key.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_147_483_647))]
+        max_in_flight_per_key: Option<u32>,
         /// Rate limit of the group, shared by every consumer and process: COUNT/UNIT such as
         /// 100/s, 30/min, 2/h, 1/5s (Postgres and memory).
         #[arg(long, value_parser = parse_rate)]
@@ -367,6 +396,21 @@ pub enum GroupCommand {
         /// least 1.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         burst: Option<u32>,
+        /// The limit of each ordering key instead of the group's.
+        #[arg(long)]
+        per_key: bool,
+    },
+    /// Set or remove a group's concurrency limit (or, with --per-key, each key's) (Postgres).
+    #[command(after_help = help::GROUP_LIMIT)]
+    Limit {
+        /// Stream name.
+        stream: String,
+        /// Group name.
+        group: String,
+        /// At most this many deliveries leased at once (1 to 2147483647); `off` removes the
+        /// limit.
+        #[arg(value_parser = parse_limit_or_off)]
+        limit: LimitSetting,
         /// The limit of each ordering key instead of the group's.
         #[arg(long)]
         per_key: bool,

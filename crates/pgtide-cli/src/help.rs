@@ -65,6 +65,12 @@ Examples:
   pgtide group rate orders api 1/s --per-key      # each key's limit
   pgtide group rate orders mail off               # remove it";
 
+pub const GROUP_LIMIT: &str = "\
+Examples:
+  pgtide group limit orders mail 5                # at most 5 leased at once
+  pgtide group limit orders api 2 --per-key       # at most 2 of each key at once
+  pgtide group limit orders mail off              # remove it";
+
 pub const GROUP_LIST: &str = "\
 Example:
   pgtide group list orders";

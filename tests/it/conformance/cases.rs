@@ -18,6 +18,7 @@ pub use super::fair::{
 pub use super::flow_control::{
     rate_limit_holds_the_group, rate_limit_per_key_holds_one_key_while_others_drain,
 };
+pub use super::key_limits::max_in_flight_per_key_caps_each_key;
 pub use super::ordering::{
     max_in_flight_caps_the_group, ordered_group_delivers_each_key_in_order,
     pause_key_holds_one_key_while_others_drain,

@@ -4,6 +4,7 @@
 mod cases;
 pub(crate) mod fair;
 pub(crate) mod flow_control;
+pub(crate) mod key_limits;
 pub(crate) mod ordering;
 
 /// Generates one `#[tokio::test]` per case for a backend made by `$make` (an async fn).
@@ -24,7 +25,8 @@ macro_rules! conformance {
                 pause_key_holds_one_key_while_others_drain, rate_limit_holds_the_group,
                 rate_limit_per_key_holds_one_key_while_others_drain,
                 fair_share_splits_by_weight, fair_share_is_work_conserving,
-                fair_share_retry_is_not_starved, fair_share_gives_no_credit_for_idleness);
+                fair_share_retry_is_not_starved, fair_share_gives_no_credit_for_idleness,
+                max_in_flight_per_key_caps_each_key);
         }
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -117,6 +119,36 @@ mod slow {
             &[queue, handle(), handle()],
             5,
             600,
+            sample,
+        )
+        .await;
+    }
+
+    /// Issue 12: max_in_flight_per_key = 3 over 20 keys, six consumers on three handles with
+    /// their own pools (standing for three processes), the most leased deliveries of one key
+    /// sampled from the database (`deliveries` view) while they run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn max_in_flight_per_key_holds_across_processes_postgres() {
+        let (queue, ns) = crate::conformance::backends::postgres().await;
+        let handle = || {
+            pgtide::PgBackend::builder(ns.url.clone())
+                .namespace(ns.namespace())
+                .pool_size(4)
+                .build()
+                .unwrap()
+        };
+        let raw = ns.raw().await;
+        let sql = format!(
+            "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM \"{}\".deliveries
+             WHERE state = 'in_flight' GROUP BY key) x",
+            ns.namespace()
+        );
+        let sample = || async { raw.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) };
+        crate::conformance::key_limits::max_in_flight_per_key_holds_under_load(
+            &[queue, handle(), handle()],
+            3,
+            20,
+            30,
             sample,
         )
         .await;

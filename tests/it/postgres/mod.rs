@@ -2,6 +2,7 @@ mod claim_sizes;
 mod consume;
 mod fair;
 mod hostile;
+mod key_limits;
 mod late_commits;
 mod many_streams;
 mod ordering;

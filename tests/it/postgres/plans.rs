@@ -373,20 +373,34 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
 /// keyed message (`_enqueue_keyed` under publish) must look lines up by index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordered_group_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
+    // With a concurrency limit too, so the claim also counts the group's leases.
+    keyed_group_statements_stay_o_batch(
+        pgtide::GroupConfig::default()
+            .ordered(true)
+            .max_in_flight(1000),
+        1,
+    )
+    .await;
+}
+
+/// The same for a group with a per-key concurrency limit (`max_in_flight_per_key = 3`): three
+/// heads per key, counted through `delivery_state_key_slots` when a publish or a settle makes
+/// another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_limited_group_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
+    keyed_group_statements_stay_o_batch(pgtide::GroupConfig::default().max_in_flight_per_key(3), 3)
+        .await;
+}
+
+/// The statements of a group with key lines (`config`, group "o"), `heads` of each key's 200
+/// deliveries at its head.
+async fn keyed_group_statements_stay_o_batch(config: pgtide::GroupConfig, heads: i64) {
     let ns = namespace().await;
     ns.create_stream("plans", &StreamConfig::default().max_deliver(3))
         .await
         .unwrap();
-    // With a concurrency limit too, so the claim also counts the group's leases.
-    ns.create_group_with(
-        "plans",
-        "o",
-        &pgtide::GroupConfig::default()
-            .ordered(true)
-            .max_in_flight(1000),
-    )
-    .await
-    .unwrap();
+    let limited = if config.ordered { "NULL" } else { "true" };
+    ns.create_group_with("plans", "o", &config).await.unwrap();
     let n = ns.namespace().to_owned();
     let raw = ns.raw().await;
     raw.batch_execute(&format!(
@@ -394,12 +408,12 @@ async fn ordered_group_statements_stay_o_batch_under_generic_plans_and_hostile_c
          SELECT s.id, \"{n}\".uuid_v7(now() - (({BACKLOG} - i) * interval '1 ms')), '{{\"n\": 1}}', true,
                 'k' || (i % 1000)
          FROM \"{n}\".streams s, generate_series(1, {BACKLOG}) i WHERE s.name = 'plans';
-         INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at, key, key_seq)
+         INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at, key, key_seq, key_limited)
          SELECT g.id, m.id,
                 \"{n}\".uuid_time(m.id) - interval '1 hour'
-                  + CASE WHEN row_number() OVER (PARTITION BY m.key ORDER BY m.id) = 1 THEN interval '0'
+                  + CASE WHEN row_number() OVER (PARTITION BY m.key ORDER BY m.id) <= {heads} THEN interval '0'
                          ELSE \"{n}\"._parked_offset() END,
-                m.key, row_number() OVER (ORDER BY m.id)
+                m.key, row_number() OVER (ORDER BY m.id), {limited}::boolean
          FROM \"{n}\".groups g JOIN \"{n}\".messages m ON m.stream_id = g.stream_id;
          SELECT setval('\"{n}\".key_seq', {BACKLOG});
          INSERT INTO \"{n}\".counter_deltas (group_id, pending) SELECT id, {BACKLOG} FROM \"{n}\".groups;

@@ -106,8 +106,8 @@ async fn data(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String
                 &format!(
                     // Columns added by later migrations (lease_token, the ordering key's, fair) are
                     // not the old data.
-                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst,fair}}'::text[])::text, ',' \
-                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst,fair}}'::text[])::text)) \
+                    "SELECT md5(string_agg((to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst,fair,max_in_flight_per_key,key_limited}}'::text[])::text, ',' \
+                     ORDER BY (to_jsonb(t) - '{{lease_token,key,key_seq,ordered,max_in_flight,rate,burst,key_rate,key_burst,fair,max_in_flight_per_key,key_limited}}'::text[])::text)) \
                      FROM \"{ns}\".{table} t"
                 ),
                 &[],
@@ -261,7 +261,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "0009_least_privilege".to_owned(),
             "0010_ordering".to_owned(),
             "0011_flow_control".to_owned(),
-            "0012_fair_share".to_owned()
+            "0012_fair_share".to_owned(),
+            "0013_key_concurrency".to_owned()
         ]
     );
     assert_eq!(report.sql_files, FILES);
@@ -382,6 +383,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_check_duration",
             "_check_grantee",
             "_check_key",
+            "_check_key_limit",
             "_check_name",
             "_check_publish",
             "_check_rate",
@@ -405,6 +407,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_group_stats",
             "_in_flight_room",
             "_is_ordered",
+            "_key_limit_lock",
+            "_key_room",
             "_lock_keys",
             "_lock_partitions",
             "_maintain_budget",
@@ -442,6 +446,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "revoke_runtime",
             "set_key_weight",
             "set_max_in_flight",
+            "set_max_in_flight_per_key",
             "set_rate_limit",
             "streams_per_transaction",
             "term",

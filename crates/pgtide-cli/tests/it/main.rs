@@ -16,6 +16,7 @@ mod exit;
 mod fair;
 mod flow;
 mod hostile;
+mod limits;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod operations;
