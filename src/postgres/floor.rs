@@ -112,9 +112,10 @@ impl ClaimFloor {
             };
         }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let due = s
-            .last_sweep
-            .is_none_or(|t| started.duration_since(t) >= SWEEP_EVERY);
+        let due = match s.last_sweep {
+            Some(t) => started.duration_since(t) >= SWEEP_EVERY,
+            None => true,
+        };
         let floor = match s.floor {
             Some(f) if !due => Some(f),
             _ => {
