@@ -258,16 +258,19 @@ impl PgConsumer {
         max: i32,
     ) -> Result<()> {
         let mut claimed = 0;
-        let mut latest = None;
+        let mut earliest: Option<chrono::DateTime<chrono::Utc>> = None;
         for r in rows {
             if r.try_get::<_, Option<Uuid>>(at)?.is_none() {
                 continue;
             }
             claimed += 1;
             let due: Option<chrono::DateTime<chrono::Utc>> = r.try_get(at + 9).unwrap_or(None);
-            latest = latest.max(due);
+            earliest = match (earliest, due) {
+                (Some(e), Some(d)) => Some(e.min(d)),
+                (e, d) => e.or(d),
+            };
         }
-        self.floor.claimed(ticket, latest, claimed < max);
+        self.floor.claimed(ticket, earliest, claimed < max);
         Ok(())
     }
 

@@ -8,10 +8,14 @@
 //! from the start visits every entry (and its heap tuple) dead since the snapshot was taken:
 //! claims grow slower the longer the snapshot is held.
 //!
-//! So claims start at a floor: the latest due time (`visible_at` before the claim) among the
-//! deliveries this process claimed for the group, minus [`SLACK`]. Deliveries become due in
-//! about the order they are published, so the walk starts just below the last claimed row and
-//! passes about `SLACK` worth of dead entries, however long the snapshot has been held.
+//! So claims start at a floor: the earliest due time (`visible_at` before the claim) in the
+//! group's latest batch this process claimed, minus [`SLACK`] (never lower than before, except
+//! after a sweep). A claim walks in due order from its floor, so nothing ready, unlocked and
+//! committed lay between its floor and its batch's first row: the walk starts just below where
+//! the last one found work and passes about `SLACK` worth of dead entries, however long the
+//! snapshot has been held. Not the batch's latest due time: a batch can hold a retry due later
+//! than a backlog it overtook (its rows locked by other claims), and a floor past that backlog
+//! would leave it to the sweeps.
 //!
 //! A ready delivery can lie below the floor: a publish whose transaction committed more than
 //! `SLACK` after it began (its `visible_at` is its transaction's `now()`), a claim that rolled
@@ -29,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-/// How far below the latest claimed due time claims start: the longest a publishing transaction
+/// How far below the earliest due time of the latest batch claims start: the longest a publishing transaction
 /// may take to commit and still be found by the next claim rather than the next sweep. Under a
 /// held snapshot a claim passes about this much of the consumed history (twice the throughput
 /// times `SLACK` dead entries: the publish-time entries and, a lease later, the claim-time ones).
@@ -130,15 +134,15 @@ impl ClaimFloor {
         }
     }
 
-    /// Records what the claim of `ticket` got: `latest_due`, the latest due time among the
+    /// Records what the claim of `ticket` got: `earliest_due`, the earliest due time among the
     /// deliveries it claimed (`None` if none), and whether it came back `short` of what it
     /// asked for.
-    pub(crate) fn claimed(&self, ticket: Ticket, latest_due: Option<DateTime<Utc>>, short: bool) {
+    pub(crate) fn claimed(&self, ticket: Ticket, earliest_due: Option<DateTime<Utc>>, short: bool) {
         if !self.enabled {
             return;
         }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let below = latest_due.and_then(|d| {
+        let below = earliest_due.and_then(|d| {
             chrono::Duration::from_std(SLACK)
                 .ok()
                 .and_then(|slack| d.checked_sub_signed(slack))
@@ -210,7 +214,7 @@ mod tests {
         assert_eq!(t.floor, None, "no floor before anything was claimed");
         f.claimed(t, Some(at(10)), false);
         let t = f.ticket();
-        assert_eq!(t.floor, Some(at(9)), "latest due minus the slack");
+        assert_eq!(t.floor, Some(at(9)), "earliest due minus the slack");
         f.claimed(t, Some(at(20)), false);
         let t = f.ticket();
         assert_eq!(t.floor, Some(at(19)));

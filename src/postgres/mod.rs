@@ -309,14 +309,14 @@ impl PgBackendBuilder {
         self
     }
 
-    /// Whether claims start at the group's claim floor: just below the latest due time this
-    /// process claimed for the group, rather than at the group's first ready delivery. With it,
-    /// claims stay fast while another session holds an old snapshot (the dead index entries of
-    /// consumed messages are not walked), and a delivery that becomes ready below the floor (a
-    /// publish committed more than a second after its transaction began, a rolled-back claim)
-    /// waits for the next claim without the floor, at most about a second (docs/semantics.md,
-    /// "Below the claim floor"). Without it every claim walks from the group's first ready
-    /// delivery. Defaults to true.
+    /// Whether claims start at the group's claim floor: a second below where this process's
+    /// latest claim of the group found its first delivery, rather than at the group's first
+    /// ready delivery. With it, claims stay fast while another session holds an old snapshot
+    /// (the dead index entries of consumed messages are not walked), and a delivery that becomes
+    /// ready below the floor (a publish committed more than a second after its transaction
+    /// began, a rolled-back claim) waits for the next claim without the floor, at most about a
+    /// second (docs/semantics.md, "Below the claim floor"). Without it every claim walks from
+    /// the group's first ready delivery. Defaults to true.
     pub fn claim_floor(mut self, enabled: bool) -> Self {
         self.claim_floor = enabled;
         self
