@@ -16,7 +16,8 @@
 //! (default `target/pgtide-bench.json`), `PGTIDE_BENCH_ONLY=statements` for the statement-mode
 //! comparison alone (prepared against unnamed statements), `=scale`, `=held-xmin` or `=collapse` for
 //! that case alone, `=ordering` for the unordered publish and consume rows with the
-//! ordered-group comparison. The run works in a fresh `bench_<random>` namespace and
+//! ordered-group comparison, `PGTIDE_BENCH_CLAIM_FLOOR=0` for claims without the claim floor
+//! (to compare, e.g. with `=held-xmin`). The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
 //! `pgtide_bench::run_worker_process`). The cases and caveats are documented in `pgtide_bench`.
 
@@ -52,6 +53,13 @@ fn main() -> ExitCode {
         Ok("consume") => Some(Only::Consume),
         _ => None,
     };
+    // `PGTIDE_BENCH_CLAIM_FLOOR=1`: claims from the claim floor (off by default, as in the
+    // engine), to compare (held xmin).
+    match std::env::var("PGTIDE_BENCH_CLAIM_FLOOR").as_deref() {
+        Ok("1" | "true" | "yes") => config.claim_floor = true,
+        Ok("0" | "false" | "no") => config.claim_floor = false,
+        _ => {}
+    }
     match std::env::var("PGTIDE_BENCH_BACKENDS").as_deref() {
         Ok("1" | "true" | "yes") => config.backends = true,
         Ok("0" | "false" | "no") => config.backends = false,

@@ -10,11 +10,24 @@
 -- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
 -- in `migrations/`, never here.
 
--- The result gained `lease_token` (migration 0008) and `key` (0010): a new result type needs the DROP.
+-- The result gained `lease_token` (migration 0008), `key` (0010) and `due_at`, and the arguments
+-- `p_floor`: a new result type or argument list needs the DROP of the old signature (a 4-argument
+-- version left beside the new one would make every 4-argument call ambiguous).
+--
+-- `p_floor` (the claim floor, docs/performance.md "Held xmin"): when set, the walk of the claim
+-- index starts at `visible_at >= p_floor` instead of the group's first entry. Under a held
+-- snapshot the entries that acks and claims leave behind cannot be removed, and they all sort
+-- before the live rows, so a claim from the start walks every one of them; a floor just below
+-- what the caller last claimed skips them. A ready row below the floor (a publish that committed
+-- late, a rolled-back claim, a priority head start) is left to the caller's next claim without a
+-- floor, which the engine makes at least once a second (`src/postgres/floor.rs`). Ordered and
+-- rate-limited groups ignore the floor. `due_at` is each claimed row's `visible_at` before the
+-- claim (when it became ready), from which the caller keeps its floor.
 DROP FUNCTION IF EXISTS @ns@._claim(integer, integer, text, interval);
-CREATE OR REPLACE FUNCTION @ns@._claim(p_group integer, p_limit integer, p_consumer text, p_lease interval DEFAULT NULL)
+CREATE OR REPLACE FUNCTION @ns@._claim(p_group integer, p_limit integer, p_consumer text, p_lease interval DEFAULT NULL,
+                                       p_floor timestamptz DEFAULT NULL)
 RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
-               lease_expired boolean, lease_token bigint, key text)
+               lease_expired boolean, lease_token bigint, key text, due_at timestamptz)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
@@ -47,6 +60,7 @@ DECLARE
     c_vis     timestamptz[];
     c_exp     boolean[];
     c_tok     bigint[];
+    c_due     timestamptz[];
 BEGIN
     SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight,
            g.rate, g.burst, g.key_rate, g.key_burst, g.fair, g.max_in_flight_per_key
@@ -67,22 +81,28 @@ BEGIN
         -- A fair group: what came due at a real time joins the virtual queue first (fair.sql),
         -- then the same walk serves the queue in stamp order.
         PERFORM @ns@._fair_restamp(p_group, p_limit);
+        -- No floor either: restamped deliveries join just below the group's virtual time.
+        p_floor := NULL;
     END IF;
     IF v_rate IS NOT NULL OR v_krate IS NOT NULL THEN
         -- Rate limits: a statement of their own (flow_control.sql), off the unlimited path.
-        RETURN QUERY SELECT * FROM @ns@._claim_limited(p_group, p_limit, p_consumer, sid, v_lease, v_max,
-                                                       v_rate, v_burst, v_krate, v_kburst);
+        RETURN QUERY SELECT l.*, NULL::timestamptz FROM @ns@._claim_limited(p_group, p_limit, p_consumer, sid,
+                                                       v_lease, v_max, v_rate, v_burst, v_krate, v_kburst) l;
         RETURN;
     END IF;
     IF v_ordered OR v_kcap IS NOT NULL THEN
         -- Same walk; heads that die here let their keys move on (ordering.sql). A per-key limit
-        -- is the same lines with more heads per key.
-        RETURN QUERY SELECT * FROM @ns@._claim_ordered(p_group, p_limit, p_consumer, sid, v_lease, v_max);
+        -- is the same lines with more heads per key. No floor: an advanced head comes back at
+        -- its old due time.
+        RETURN QUERY SELECT o.*, NULL::timestamptz FROM @ns@._claim_ordered(p_group, p_limit, p_consumer, sid,
+                                                                            v_lease, v_max) o;
         RETURN;
     END IF;
     WITH picked AS MATERIALIZED (
-        SELECT d.message_id, d.attempts, d.consumer FROM @ns@.delivery_state d
-        WHERE d.group_id = p_group AND d.visible_at <= now()
+        SELECT d.message_id, d.attempts, d.consumer, d.visible_at AS due FROM @ns@.delivery_state d
+        -- coalesce: the generic plan takes the floor as an index bound whether or not it is set
+        WHERE d.group_id = p_group AND d.visible_at >= coalesce(p_floor, '-infinity')
+          AND d.visible_at <= now()
         ORDER BY d.visible_at
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
@@ -109,25 +129,28 @@ BEGIN
         WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts < v_max
         -- a claimed row that still names a consumer was never settled: its lease expired
         RETURNING d.message_id, d.attempts, d.visible_at, p.consumer IS NOT NULL AS expired,
-                  d.lease_token
+                  d.lease_token, p.due
     )
     SELECT array_agg(c.message_id), array_agg(c.attempts), array_agg(c.visible_at),
-           array_agg(c.expired), array_agg(c.lease_token)
-    INTO c_ids, c_att, c_vis, c_exp, c_tok
+           array_agg(c.expired), array_agg(c.lease_token), array_agg(c.due)
+    INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due
     FROM claimed c;
+    IF v_fair THEN
+        c_due := NULL;   -- a fair group's stamps are virtual: the engine keeps no floor for it
+    END IF;
     IF c_ids IS NULL THEN
         RETURN;
     END IF;
     -- LATERAL ... LIMIT 1: one primary-key lookup per claimed row, never a join strategy that
     -- walks the stream's messages. EXECUTE: a one-shot plan, pruned to this stream (see above).
     RETURN QUERY EXECUTE
-        'SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key
-         FROM unnest($1, $2, $3, $4, $5) AS c (id, attempt, visible_at, expired, token)
+        'SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key, c.due
+         FROM unnest($1, $2, $3, $4, $5, $7) AS c (id, attempt, visible_at, expired, token, due)
          CROSS JOIN LATERAL (
              SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
              WHERE mm.stream_id = $6 AND mm.id = c.id LIMIT 1
          ) m'
-        USING c_ids, c_att, c_vis, c_exp, c_tok, sid;
+        USING c_ids, c_att, c_vis, c_exp, c_tok, sid, c_due;
 END $$;
 
 ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 //! `pgtide_lease_expiries_total` (claimed again after a lease ran out unsettled; labels stream,
 //! group) through the `metrics` facade.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::exec::{Caller, Exec, Statement};
+use super::floor::{ClaimFloor, Ticket};
 use super::wake::Wake;
 use super::{micros, PgBackend};
 use crate::error::{Ctx, Error, Result};
@@ -38,6 +40,8 @@ pub struct PgConsumer {
     ordered: bool,
     lease: Option<Duration>,
     metrics: ClaimMetrics,
+    /// Where this group's claims start (shared with the group's other consumers here).
+    floor: Arc<ClaimFloor>,
 }
 
 /// How many claimed rows report a lease that had expired unsettled (column `at`).
@@ -64,12 +68,14 @@ impl PgBackend {
                 stream: stream.to_owned(),
                 group: group.to_owned(),
             })?;
+        let group_id: i32 = row.try_get(0)?;
         Ok(PgConsumer {
             pg: self.clone(),
             stream: stream.to_owned(),
             group: group.to_owned(),
             name: name.to_owned(),
-            group_id: row.try_get(0)?,
+            group_id,
+            floor: self.inner.floors.of(group_id),
             ordered: row.try_get(1)?,
             lease: None,
             metrics: ClaimMetrics::new(stream, group),
@@ -152,14 +158,19 @@ impl PgConsumer {
         let max = max.clamp(1, 10_000) as i32;
         let client = self.pg.client().await?;
         let lease = self.lease.map(micros);
+        let ticket = self.floor.ticket();
         let rows = self
             .pg
             .inner
             .sql
             .claim
-            .rows(&client, &[&self.group_id, &max, &self.name, &lease])
+            .rows(
+                &client,
+                &[&self.group_id, &max, &self.name, &lease, &ticket.floor],
+            )
             .await
             .map_err(|e| self.error(e))?;
+        self.floor_moved(ticket, &rows, 0, max)?;
         let mut batch = vec![];
         let mut malformed = vec![];
         let mut come_back = None;
@@ -197,6 +208,7 @@ impl PgConsumer {
         let (ids, attempts, tokens) = fences(done);
         let client = self.pg.client().await?;
         let lease = self.lease.map(micros);
+        let ticket = self.floor.ticket();
         let rows = self
             .pg
             .inner
@@ -212,10 +224,12 @@ impl PgConsumer {
                     &self.name,
                     &lease,
                     &tokens,
+                    &ticket.floor,
                 ],
             )
             .await
             .map_err(|e| self.error(e))?;
+        self.floor_moved(ticket, &rows, 1, max)?;
         let acked: Vec<Uuid> = match rows.first() {
             Some(r) => r.try_get(0)?,
             None => vec![],
@@ -232,6 +246,32 @@ impl PgConsumer {
         self.metrics.claimed(started, &batch, || expired(&rows, 7));
         self.heads_left(acked.len());
         Ok((SettleReport::from_parts(done, acked, vec![]), batch))
+    }
+
+    /// Tells the group's floor what the claim of `ticket` got: the rows' columns start at `at`
+    /// (the id, then `due_at` nine columns on), `max` is what it asked for.
+    fn floor_moved(
+        &self,
+        ticket: Ticket,
+        rows: &[tokio_postgres::Row],
+        at: usize,
+        max: i32,
+    ) -> Result<()> {
+        let mut claimed = 0;
+        let mut earliest: Option<chrono::DateTime<chrono::Utc>> = None;
+        for r in rows {
+            if r.try_get::<_, Option<Uuid>>(at)?.is_none() {
+                continue;
+            }
+            claimed += 1;
+            let due: Option<chrono::DateTime<chrono::Utc>> = r.try_get(at + 9).unwrap_or(None);
+            earliest = match (earliest, due) {
+                (Some(e), Some(d)) => Some(e.min(d)),
+                (e, d) => e.or(d),
+            };
+        }
+        self.floor.claimed(ticket, earliest, claimed < max);
+        Ok(())
     }
 
     /// After `n` deliveries of an ordered group left it (acked or dead-lettered): their keys'
@@ -380,6 +420,12 @@ impl PgConsumer {
             let poll = match come_back {
                 Some(wait) => self.pg.poll_interval().min(wait),
                 None => self.pg.poll_interval(),
+            };
+            // A floored claim found nothing: something may be ready below the floor, which
+            // only a sweep finds, so come back for it (floor.rs) rather than wait for a wake-up.
+            let poll = match self.floor.sweep_in() {
+                Some(sweep) => poll.min(sweep),
+                None => poll,
             };
             let poll_at = (now + poll).min(deadline);
             let _waiting = self.pg.waiting();

@@ -11,6 +11,7 @@ mod background;
 mod connect;
 mod consumer;
 mod exec;
+mod floor;
 mod inbox;
 mod migrate;
 mod ops;
@@ -92,6 +93,8 @@ pub(crate) struct Inner {
     pub(crate) namespace: String,
     pub(crate) sql: Arc<Statements>,
     pub(crate) streams: Mutex<HashMap<String, (StreamInfo, Instant)>>,
+    /// Where each group's claims start (`floor.rs`), shared by the group's consumers.
+    pub(crate) floors: floor::Floors,
     pub(crate) options: Options,
     /// The notifier, listener and scout: started on first use, stopped by `shutdown()` or when
     /// the last clone is dropped.
@@ -246,6 +249,7 @@ pub struct PgBackendBuilder {
     statement_mode: Option<StatementMode>,
     listen_url: Option<String>,
     scout: background::ScoutConfig,
+    claim_floor: bool,
 }
 
 impl std::fmt::Debug for PgBackendBuilder {
@@ -312,6 +316,24 @@ impl PgBackendBuilder {
     /// NOTIFY while the pool is shared. Defaults to the main URL.
     pub fn listen_url(mut self, url: impl Into<String>) -> Self {
         self.listen_url = Some(url.into());
+        self
+    }
+
+    /// Whether claims start at the group's claim floor: a second below where this process's
+    /// latest claim of the group found its first delivery, rather than at the group's first
+    /// ready delivery. With it, claims stay fast while another session holds an old snapshot
+    /// (the dead index entries of consumed messages are not walked), and a delivery that becomes
+    /// ready below the floor (a publish committed more than a second after its transaction
+    /// began, a rolled-back claim) waits for the next claim without the floor, at most about a
+    /// second (docs/semantics.md, "Below the claim floor"). Without it every claim walks from
+    /// the group's first ready delivery. Defaults to false: an opt-in for services whose
+    /// publishing transactions are short. Where publishes commit more than a second after their
+    /// transactions began (publish inside a long transaction, an overloaded server), every such
+    /// delivery waits for a claim without the floor, which runs once a second per group and
+    /// process and takes one batch: consumption can fall to a batch a second (one held-xmin
+    /// bench run of 2026-12-03 fell to 0.36× with the floor on, unexplained).
+    pub fn claim_floor(mut self, enabled: bool) -> Self {
+        self.claim_floor = enabled;
         self
     }
 
@@ -407,6 +429,7 @@ impl PgBackendBuilder {
                 sql,
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
+                floors: floor::Floors::new(self.claim_floor),
                 options: Options {
                     notifications,
                     poll_interval,
@@ -446,6 +469,7 @@ impl PgBackend {
                 max_interval: Duration::from_secs(1),
                 maintenance_interval: Duration::from_secs(60),
             },
+            claim_floor: false,
         }
     }
 

@@ -147,6 +147,10 @@ pub struct BenchConfig {
     /// Measure only the publish and consume cases of the unordered path and the ordered-group
     /// comparison. Defaults to false.
     pub only_ordering: bool,
+    /// Whether the engine's claims start at the claim floor ([`pgtide::PgBackendBuilder::claim_floor`]);
+    /// false measures claims that always walk from the group's first entry. Defaults to false,
+    /// as the engine does (`PGTIDE_BENCH_CLAIM_FLOOR=1` turns it on).
+    pub claim_floor: bool,
 }
 
 /// A case [`BenchConfig::only`] can pick.
@@ -187,6 +191,7 @@ impl BenchConfig {
             held_xmin: Duration::from_secs(if quick { 30 } else { 120 }),
             soak: None,
             only_ordering: false,
+            claim_floor: false,
         }
     }
 }
@@ -283,6 +288,7 @@ impl<'a> Bench<'a> {
         let pg = PgBackend::builder(config.url.clone())
             .namespace(ns)
             .pool_size(config.pool_size)
+            .claim_floor(config.claim_floor)
             .build()?;
         pg.migrate().await?;
         for stream in STREAMS {

@@ -253,10 +253,11 @@ impl Bench<'_> {
             .await?;
         self.pg.ensure_group(HELD, GROUP, GroupStart::New).await?;
         self.progress(format_args!(
-            "held xmin: {rate:.0} msgs/s, {:.0} s before, {:.0} s held, {:.0} s after",
+            "held xmin: {rate:.0} msgs/s, {:.0} s before, {:.0} s held, {:.0} s after, claim floor {}",
             before.as_secs_f64(),
             hold.as_secs_f64(),
-            after.as_secs_f64()
+            after.as_secs_f64(),
+            if self.config.claim_floor { "on" } else { "off" }
         ));
         let admin = super::raw::connect(&self.config.url).await?;
         let holder = super::raw::connect(&self.config.url).await?;

@@ -1,3 +1,4 @@
+mod claim_floor;
 mod claim_sizes;
 mod consume;
 mod fair;

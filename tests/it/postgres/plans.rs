@@ -22,6 +22,8 @@ pub(super) const BACKLOG: i64 = 200_000;
 pub(super) const BATCH: i32 = 10;
 /// Rows any plan node over a queue table may touch for a batch of ten.
 const ROW_LIMIT: f64 = 1_000.0;
+/// A claim without a floor (the engine's sweeps, and SQL `read`).
+const NO_FLOOR: Option<chrono::DateTime<chrono::Utc>> = None;
 
 /// Tables whose size grows with the backlog or the history.
 fn is_queue_table(relation: &str) -> bool {
@@ -167,7 +169,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
     // Twice: the second round runs on plans the session has cached.
     for round in 0..2 {
         let rows = s
-            .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
             .await
             .unwrap();
         check_plans(&mut rx, "claim", &mut faults);
@@ -261,12 +263,58 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
                     &"c1",
                     &lease_us,
                     &tokens[8..10].to_vec(),
+                    &NO_FLOOR,
                 ],
             )
             .await
             .unwrap();
         assert_eq!(rows.len(), BATCH as usize);
         check_plans(&mut rx, "ack_and_fetch", &mut faults);
+
+        // The same with a claim floor (src/postgres/floor.rs) in the middle of the backlog:
+        // the walk starts there, and the floor is an index bound, not a filter.
+        let floor: Option<chrono::DateTime<chrono::Utc>> = s
+            .query_one("SELECT now() - interval '1 hour' - interval '100 s'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let rows = s
+            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &floor])
+            .await
+            .unwrap();
+        check_plans(&mut rx, "floored claim", &mut faults);
+        assert_eq!(
+            rows.len(),
+            BATCH as usize,
+            "floored claim returned a short batch"
+        );
+        let dues: Vec<chrono::DateTime<chrono::Utc>> =
+            rows.iter().map(|r| r.get("due_at")).collect();
+        assert!(
+            dues.iter().all(|d| Some(*d) >= floor),
+            "floored claim returned rows below its floor"
+        );
+        let f_ids: Vec<Uuid> = rows.iter().map(|r| r.get("id")).collect();
+        let f_attempts: Vec<i32> = rows.iter().map(|r| r.get("attempt")).collect();
+        let f_tokens: Vec<i64> = rows.iter().map(|r| r.get("lease_token")).collect();
+        let rows = s
+            .query(
+                &ack_claim,
+                &[
+                    &group,
+                    &f_ids,
+                    &f_attempts,
+                    &BATCH,
+                    &"c1",
+                    &lease_us,
+                    &f_tokens,
+                    &floor,
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), BATCH as usize);
+        check_plans(&mut rx, "floored ack_and_fetch", &mut faults);
 
         let new_ids: Vec<Uuid> = (0..BATCH).map(|_| Uuid::now_v7()).collect();
         let payloads: Vec<Vec<u8>> = vec![b"{}".to_vec(); BATCH as usize];
@@ -443,7 +491,7 @@ async fn keyed_group_statements_stay_o_batch(config: pgtide::GroupConfig, heads:
 
     for round in 0..2 {
         let rows = s
-            .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
             .await
             .unwrap();
         check_plans(&mut rx, "ordered claim", &mut faults);
@@ -499,7 +547,10 @@ async fn keyed_group_statements_stay_o_batch(config: pgtide::GroupConfig, heads:
 
         let (i, a, t) = slice(8, 10);
         let rows = s
-            .query(&ack_claim, &[&group, &i, &a, &BATCH, &"c1", &lease_us, &t])
+            .query(
+                &ack_claim,
+                &[&group, &i, &a, &BATCH, &"c1", &lease_us, &t, &NO_FLOOR],
+            )
             .await
             .unwrap();
         assert_eq!(rows.len(), BATCH as usize);
@@ -641,7 +692,7 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
     for round in 0..2usize {
         // Ten of one key: its one token, nine put off; then ten more of it, all put off.
         let rows = s
-            .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
             .await
             .unwrap();
         check_plans(&mut rx, "rate-limited claim", &mut faults);
@@ -655,7 +706,9 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
         let tokens: Vec<i64> = rows.iter().filter_map(|r| r.get("lease_token")).collect();
         s.query(
             &ack_claim,
-            &[&group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens],
+            &[
+                &group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens, &NO_FLOOR,
+            ],
         )
         .await
         .unwrap();
@@ -677,7 +730,7 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
     .await
     .unwrap();
     let rows = s
-        .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+        .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
         .await
         .unwrap();
     check_plans(
@@ -695,7 +748,7 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
     .await
     .unwrap();
     let rows = s
-        .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+        .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
         .await
         .unwrap();
     check_plans(&mut rx, "rate-limited claim, nothing ready", &mut faults);

@@ -1,0 +1,267 @@
+//! The claim floor: where a group's claims start their walk of the claim index.
+//!
+//! A claim walks the claim index `(group_id, visible_at)` in order from the group's first entry.
+//! Every claim moves a row's `visible_at` to its lease end and every ack deletes a row, so each
+//! consumed message leaves dead index entries where that walk starts. Vacuum and the scans
+//! themselves normally remove them; while any session holds a snapshot older than them (a long
+//! `REPEATABLE READ` transaction, a slow `pg_dump`, a replication slot) nothing may, and a claim
+//! from the start visits every entry (and its heap tuple) dead since the snapshot was taken:
+//! claims grow slower the longer the snapshot is held.
+//!
+//! So claims start at a floor: the earliest due time (`visible_at` before the claim) in the
+//! group's latest batch this process claimed, minus [`SLACK`] (never lower than before, except
+//! after a sweep). A claim walks in due order from its floor, so nothing ready, unlocked and
+//! committed lay between its floor and its batch's first row: the walk starts just below where
+//! the last one found work and passes about `SLACK` worth of dead entries, however long the
+//! snapshot has been held. Not the batch's latest due time: a batch can hold a retry due later
+//! than a backlog it overtook (its rows locked by other claims), and a floor past that backlog
+//! would leave it to the sweeps.
+//!
+//! A ready delivery can lie below the floor: a publish whose transaction committed more than
+//! `SLACK` after it began (its `visible_at` is its transaction's `now()`), a claim that rolled
+//! back, a priority head start longer than `SLACK`, a group reset to an earlier position. A claim
+//! without the floor (a sweep) finds those: the group's claims in this process make one at least
+//! every [`SWEEP_EVERY`], and a fetch that waits for work after a floored claim came back short
+//! wakes up for it. A sweep that finds deliveries lowers the floor to them, so a large batch of
+//! them (a reset) drains at the usual pace. Such a delivery thus waits at most `SWEEP_EVERY` (and
+//! a claim) once it is ready, as long as a consumer of the group fetches. Ordered and
+//! rate-limited groups never use the floor (`_claim` ignores it for them).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+/// How far below the earliest due time of the latest batch claims start: the longest a publishing transaction
+/// may take to commit and still be found by the next claim rather than the next sweep. Under a
+/// held snapshot a claim passes about this much of the consumed history (twice the throughput
+/// times `SLACK` dead entries: the publish-time entries and, a lease later, the claim-time ones).
+pub(crate) const SLACK: Duration = Duration::from_secs(1);
+
+/// The longest a group's claims in one process go without a sweep (a claim without the floor),
+/// and so the longest a ready delivery below the floor waits.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The floors of one backend's groups, by group id: every consumer of a group in this process
+/// shares its floor and its sweeps (one sweep a second per group, not per consumer).
+#[derive(Debug)]
+pub(crate) struct Floors {
+    /// `PgBackendBuilder::claim_floor`: when off, every claim is a sweep.
+    enabled: bool,
+    groups: Mutex<HashMap<i32, Arc<ClaimFloor>>>,
+}
+
+impl Floors {
+    pub(crate) fn new(enabled: bool) -> Self {
+        Floors {
+            enabled,
+            groups: Mutex::default(),
+        }
+    }
+
+    /// The floor of `group`.
+    pub(crate) fn of(&self, group: i32) -> Arc<ClaimFloor> {
+        let mut map = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(group)
+            .or_insert_with(|| {
+                Arc::new(ClaimFloor {
+                    enabled: self.enabled,
+                    state: Mutex::default(),
+                })
+            })
+            .clone()
+    }
+}
+
+/// One group's claim floor in this process.
+#[derive(Debug)]
+pub(crate) struct ClaimFloor {
+    enabled: bool,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Where floored claims start; `None` until a claim got something.
+    floor: Option<DateTime<Utc>>,
+    /// Bumped when a sweep moves the floor (possibly down): a floored claim that started before
+    /// must not raise it again over what the sweep found.
+    epoch: u64,
+    /// When the last sweep started.
+    last_sweep: Option<Instant>,
+    /// When the latest floored claim that came back short started, if no sweep started since.
+    owed_since: Option<Instant>,
+}
+
+/// What one claim was told: its floor (`None`: a sweep) and when it started.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    /// The floor to pass to `_claim`; `None` for a sweep.
+    pub(crate) floor: Option<DateTime<Utc>>,
+    epoch: u64,
+    started: Instant,
+}
+
+impl ClaimFloor {
+    /// The floor for the claim about to run. A sweep when there is no floor yet or one is due;
+    /// the claim that gets the sweep takes it, so concurrent claims keep the floor.
+    pub(crate) fn ticket(&self) -> Ticket {
+        let started = Instant::now();
+        if !self.enabled {
+            return Ticket {
+                floor: None,
+                epoch: 0,
+                started,
+            };
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let due = match s.last_sweep {
+            Some(t) => started.duration_since(t) >= SWEEP_EVERY,
+            None => true,
+        };
+        let floor = match s.floor {
+            Some(f) if !due => Some(f),
+            _ => {
+                s.last_sweep = Some(started);
+                None
+            }
+        };
+        Ticket {
+            floor,
+            epoch: s.epoch,
+            started,
+        }
+    }
+
+    /// Records what the claim of `ticket` got: `earliest_due`, the earliest due time among the
+    /// deliveries it claimed (`None` if none), and whether it came back `short` of what it
+    /// asked for.
+    pub(crate) fn claimed(&self, ticket: Ticket, earliest_due: Option<DateTime<Utc>>, short: bool) {
+        if !self.enabled {
+            return;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let below = earliest_due.and_then(|d| {
+            chrono::Duration::from_std(SLACK)
+                .ok()
+                .and_then(|slack| d.checked_sub_signed(slack))
+        });
+        match ticket.floor {
+            None => {
+                // A sweep saw everything committed before it started: whatever a floored
+                // claim that started earlier missed, it found. And it started from the
+                // group's first ready delivery, so what it got is where claims go on from,
+                // even below the floor.
+                if s.owed_since.is_some_and(|t| t <= ticket.started) {
+                    s.owed_since = None;
+                }
+                if let Some(f) = below {
+                    s.floor = Some(f);
+                    s.epoch += 1;
+                }
+            }
+            Some(_) => {
+                if short {
+                    s.owed_since = Some(
+                        s.owed_since
+                            .map_or(ticket.started, |t| t.max(ticket.started)),
+                    );
+                }
+                if let Some(f) = below {
+                    if ticket.epoch == s.epoch {
+                        s.floor = Some(s.floor.map_or(f, |old| old.max(f)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// How long a fetch that found nothing may wait before it should claim again for a sweep:
+    /// `Some` when a floored claim came back short since the last sweep started (it may have
+    /// missed a delivery below the floor), else `None` (wait for a wake-up as usual).
+    pub(crate) fn sweep_in(&self) -> Option<Duration> {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.owed_since?;
+        Some(
+            s.last_sweep
+                .map_or(Duration::ZERO, |t| SWEEP_EVERY.saturating_sub(t.elapsed())),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
+    }
+
+    #[test]
+    fn turned_off_every_claim_is_a_sweep() {
+        let f = Floors::new(false).of(1);
+        let t = f.ticket();
+        f.claimed(t, Some(at(10)), true);
+        assert_eq!(f.ticket().floor, None);
+        assert_eq!(f.sweep_in(), None);
+    }
+
+    #[test]
+    fn first_claim_sweeps_then_claims_use_the_floor_until_the_next_sweep() {
+        let f = Floors::new(true).of(1);
+        let t = f.ticket();
+        assert_eq!(t.floor, None, "no floor before anything was claimed");
+        f.claimed(t, Some(at(10)), false);
+        let t = f.ticket();
+        assert_eq!(t.floor, Some(at(9)), "earliest due minus the slack");
+        f.claimed(t, Some(at(20)), false);
+        let t = f.ticket();
+        assert_eq!(t.floor, Some(at(19)));
+        // An older batch (rows another claim skipped) never lowers it.
+        f.claimed(t, Some(at(5)), false);
+        assert_eq!(f.ticket().floor, Some(at(19)));
+        assert_eq!(f.sweep_in(), None, "nothing came back short");
+    }
+
+    #[test]
+    fn a_short_floored_claim_owes_a_sweep_and_a_sweep_that_started_later_pays_it() {
+        let f = Floors::new(true).of(1);
+        let t = f.ticket();
+        f.claimed(t, Some(at(10)), false);
+        let floored = f.ticket();
+        assert!(floored.floor.is_some());
+        f.claimed(floored, None, true);
+        let wait = f.sweep_in().expect("a sweep is owed");
+        assert!(wait <= SWEEP_EVERY);
+        // Force the sweep as if SWEEP_EVERY had passed.
+        f.state.lock().unwrap_or_else(|e| e.into_inner()).last_sweep = None;
+        let sweep = f.ticket();
+        assert_eq!(sweep.floor, None);
+        // Only one claim gets the sweep.
+        assert!(f.ticket().floor.is_some());
+        f.claimed(sweep, None, true);
+        assert_eq!(
+            f.sweep_in(),
+            None,
+            "the sweep started after the short claim"
+        );
+    }
+
+    #[test]
+    fn a_sweep_that_finds_old_deliveries_lowers_the_floor_and_wins_over_older_claims() {
+        let f = Floors::new(true).of(1);
+        let t = f.ticket();
+        f.claimed(t, Some(at(100)), false);
+        let before_sweep = f.ticket();
+        assert_eq!(before_sweep.floor, Some(at(99)));
+        f.state.lock().unwrap_or_else(|e| e.into_inner()).last_sweep = None;
+        let sweep = f.ticket();
+        // A reset put deliveries back at 10: the sweep finds them.
+        f.claimed(sweep, Some(at(10)), false);
+        assert_eq!(f.ticket().floor, Some(at(9)));
+        // A floored claim that started before the sweep must not raise the floor past them.
+        f.claimed(before_sweep, Some(at(101)), false);
+        assert_eq!(f.ticket().floor, Some(at(9)));
+    }
+}
