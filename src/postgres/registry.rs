@@ -553,7 +553,9 @@ impl PgBackend {
                         .try_get::<_, Option<f64>>(7)?
                         .and_then(|rate| crate::RateLimit::from_stored(rate, r.try_get(8).ok()?)),
                     fair_share: r.try_get(9)?,
-                    max_in_flight_per_key: r.try_get::<_, Option<i32>>(10)?.map(|n| n.max(0) as u32),
+                    max_in_flight_per_key: r
+                        .try_get::<_, Option<i32>>(10)?
+                        .map(|n| n.max(0) as u32),
                 })
             })
             .collect()

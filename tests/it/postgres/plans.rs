@@ -23,7 +23,7 @@ pub(super) const BATCH: i32 = 10;
 /// Rows any plan node over a queue table may touch for a batch of ten.
 const ROW_LIMIT: f64 = 1_000.0;
 /// A claim without a floor (the engine's sweeps, and SQL `read`).
-const NO_FLOOR: Option<chrono::DateTime<chrono::Utc>> = None;
+pub(super) const NO_FLOOR: Option<chrono::DateTime<chrono::Utc>> = None;
 
 /// Tables whose size grows with the backlog or the history.
 fn is_queue_table(relation: &str) -> bool {

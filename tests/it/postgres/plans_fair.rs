@@ -6,7 +6,7 @@
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::plans::{check_plans, explaining_session, render, BACKLOG, BATCH};
+use super::plans::{check_plans, explaining_session, render, BACKLOG, BATCH, NO_FLOOR};
 use crate::common::namespace;
 use pgtide::StreamConfig;
 
@@ -65,7 +65,7 @@ async fn fair_group_statements_stay_o_batch_under_generic_plans_and_hostile_cost
 
     for round in 0..2 {
         let rows = s
-            .query(&claim, &[&group, &BATCH, &"c1", &lease_us])
+            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
             .await
             .unwrap();
         check_plans(&mut rx, "fair claim (re-stamps due retries)", &mut faults);
@@ -76,7 +76,9 @@ async fn fair_group_statements_stay_o_batch_under_generic_plans_and_hostile_cost
         let rows = s
             .query(
                 &ack_claim,
-                &[&group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens],
+                &[
+                    &group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens, &NO_FLOOR,
+                ],
             )
             .await
             .unwrap();

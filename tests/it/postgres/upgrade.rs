@@ -389,6 +389,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_check_rate",
             "_check_settle",
             "_check_weight",
+            "_claim",
             "_claim_limited",
             "_claim_ordered",
             "_come_back",
