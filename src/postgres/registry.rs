@@ -344,8 +344,8 @@ impl PgBackend {
     /// the group's pending deliveries: an administrative call, not for a hot path. A keyed
     /// publish that commits while the limit is being set on a group without one may escape it
     /// (its delivery is not queued behind its key). Fails with [`Error::GroupNotFound`] if the
-    /// group does not exist, [`Error::InvalidConfig`] for 0, a value above `i32::MAX`, or more
-    /// than 1 on an ordered group.
+    /// group does not exist, [`Error::InvalidConfig`] for 0, a value above `i32::MAX`, more
+    /// than 1 on an ordered group, or any limit on a fair group.
     pub async fn set_max_in_flight_per_key(
         &self,
         stream: &str,

@@ -208,9 +208,16 @@ pub async fn fair_share_retry_is_not_starved<Q: Queue>(q: Q) {
         .publish("retry", keyed("late", 0).delay(delay))
         .await
         .unwrap();
-    // Wait for the due time itself (the event this case is about), with a margin for the
-    // database's clock read after ours.
-    tokio::time::sleep(delay + Duration::from_millis(100)).await;
+    // Wait for the due time itself (the event this case is about), as the queue sees it: both
+    // stop counting as delayed.
+    let deadline = std::time::Instant::now() + crate::common::WAIT;
+    while q.stats("retry", "g").await.unwrap().delayed > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retry and the delayed publish never came due"
+        );
+        tokio::task::yield_now().await;
+    }
     let mut seen_retry = false;
     let mut seen_delayed = false;
     for _ in 0..3 {
