@@ -3,7 +3,7 @@
 //! the scout holder's process killed — on a cluster of the test's own with fsync and
 //! synchronous_commit on.
 
-use super::run::{kill_a_consumer, run, ConsumerProcess, Fault};
+use super::run::{kill_a_consumer, run, ConsumerProcess, Fault, RestartLoss};
 use pgtide_testing::Cluster;
 
 /// Runs a statement on the test's cluster from a fault (faults are synchronous).
@@ -49,7 +49,7 @@ async fn postgres_loses_nothing_under_kills_and_crashes() {
         &url,
         "faults",
         vec![kill_a_consumer(), crash, scout, listeners],
-        0,
+        RestartLoss::Settles(0),
     )
     .await;
     println!("{}", report.join("\n"));
