@@ -272,16 +272,16 @@ END $$;
 CREATE OR REPLACE FUNCTION @ns@.delete_group(stream text, "group" text) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    gid  integer;
-    sid  integer;
-    fair boolean;
+    gid    integer;
+    sid    integer;
+    v_fair boolean;
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
-    SELECT g.id, g.stream_id, g.fair INTO gid, sid, fair FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
+    SELECT g.id, g.stream_id, g.fair INTO gid, sid, v_fair FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
     WHERE s.name = stream AND g.name = "group" FOR UPDATE OF g;
     IF gid IS NULL THEN RETURN false; END IF;
-    IF fair THEN
+    IF v_fair THEN
         -- `streams.fair` is recomputed under the stream's row lock, which create_group takes
         -- before adding a fair group: the groups read below include every committed one.
         PERFORM 1 FROM @ns@.streams s WHERE s.id = sid FOR NO KEY UPDATE;
@@ -291,7 +291,7 @@ BEGIN
     DELETE FROM @ns@.group_counters WHERE group_id = gid;
     DELETE FROM @ns@.counter_deltas WHERE group_id = gid;
     DELETE FROM @ns@.groups WHERE id = gid;
-    IF fair THEN
+    IF v_fair THEN
         UPDATE @ns@.streams s
         SET fair = EXISTS (SELECT 1 FROM @ns@.groups g WHERE g.stream_id = s.id AND g.fair)
         WHERE s.id = sid;
