@@ -147,11 +147,13 @@ BEGIN
     -- `key_seq` is taken in array order (volatile output expressions are computed after the
     -- sort), under the keys' locks: a key's line is the order its publishes committed. A key
     -- with no delivery in the group (neither head nor line) gets the batch's first as its head.
+    -- A scalar subquery, not NOT EXISTS: the planner may run an EXISTS as one hash of every
+    -- delivery of the group per statement (O(backlog)); a scalar one is always a probe.
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
     SELECT p_group, u.id,
            CASE WHEN u.i = u.first
-                     AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state h
-                                     WHERE h.group_id = p_group AND h.key = u.key)
+                     AND (SELECT true FROM @ns@.delivery_state h
+                          WHERE h.group_id = p_group AND h.key = u.key LIMIT 1) IS NULL
                 THEN u.visible
                 ELSE u.visible + @ns@._parked_offset() END,
            u.key, nextval('@ns@.key_seq')
