@@ -242,73 +242,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce((SELECT g.ordered FROM @ns@.groups g WHERE g.id = p_group), false)
 $$;
 
--- `_claim` of an ordered group: the same O(batch) walk of the claim index (only heads are
--- there), but heads whose last allowed attempt's lease expired are dead-lettered first, in a
--- statement of their own, so their keys can move on (`_advance_keys` must see them gone).
+-- Ordered groups and groups with a per-key limit claim through `_claim` itself now, on its
+-- cached generic plan (this function, their claim up to migration 0013, planned its statements
+-- on every call).
 DROP FUNCTION IF EXISTS @ns@._claim_ordered(integer, integer, text, integer, interval, integer);
-CREATE OR REPLACE FUNCTION @ns@._claim_ordered(p_group integer, p_limit integer, p_consumer text,
-                                               p_stream integer, p_lease interval, p_max integer)
-RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
-               lease_expired boolean, lease_token bigint, key text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
-SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
--- custom plans: see _claim (a generic plan locks every stream's partitions)
-SET plan_cache_mode = force_custom_plan
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_ids     uuid[];
-    v_att     integer[];
-    v_until   timestamptz[];
-    v_expired boolean[];
-    v_tokens  bigint[];
-    v_dead    text[];
-BEGIN
-    WITH picked AS MATERIALIZED (
-        SELECT d.message_id, d.attempts, d.consumer FROM @ns@.delivery_state d
-        WHERE d.group_id = p_group AND d.visible_at <= now()
-        ORDER BY d.visible_at
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ), exhausted AS (
-        DELETE FROM @ns@.delivery_state d USING picked p
-        WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts >= p_max
-        RETURNING d.message_id, d.attempts, d.last_error, d.key
-    ), dead AS (
-        INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
-        SELECT p_group, e.message_id, e.attempts, 'max_deliver',
-               coalesce(e.last_error, 'lease expired on attempt ' || e.attempts)
-        FROM exhausted e
-        RETURNING 1
-    ), counted AS (
-        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
-        SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
-    ), claimed AS (
-        UPDATE @ns@.delivery_state d
-        SET attempts = d.attempts + 1, visible_at = now() + p_lease, consumer = p_consumer,
-            lease_token = nextval('@ns@.lease_tokens')
-        FROM picked p
-        WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts < p_max
-        RETURNING d.message_id, d.attempts, d.visible_at, p.consumer IS NOT NULL AS expired,
-                  d.lease_token
-    )
-    SELECT (SELECT array_agg(c.message_id ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(c.attempts ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(c.visible_at ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(c.expired ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(c.lease_token ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(e.key) FROM exhausted e WHERE e.key IS NOT NULL)
-    INTO v_ids, v_att, v_until, v_expired, v_tokens, v_dead;
-    PERFORM @ns@._advance_keys(p_group, v_dead);
-    RETURN QUERY
-    SELECT c.id, c.attempt, c.until, m.payload, m.is_json, m.headers, c.expired, c.token, m.key
-    FROM unnest(v_ids, v_att, v_until, v_expired, v_tokens) AS c (id, attempt, until, expired, token)
-    CROSS JOIN LATERAL (
-        SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
-        WHERE mm.stream_id = p_stream AND mm.id = c.id LIMIT 1
-    ) m;
-END $$;
 
 ---------------------------------------------------------------------------------------------------
 -- concurrency limit (issue 12.2)

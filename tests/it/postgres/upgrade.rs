@@ -392,7 +392,6 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_check_weight",
             "_claim",
             "_claim_limited",
-            "_claim_ordered",
             "_come_back",
             "_default_burst",
             "_enqueue_fair",
