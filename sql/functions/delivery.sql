@@ -57,6 +57,7 @@ DECLARE
     v_fair    boolean;
     v_lined   boolean;
     v_dead    text[];
+    v_dead_seq bigint[];
     c_ids     uuid[];
     c_att     integer[];
     c_vis     timestamptz[];
@@ -111,7 +112,7 @@ BEGIN
         -- the lease of the last allowed attempt expired: dead-letter instead of delivering again
         DELETE FROM @ns@.delivery_state d USING picked p
         WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts >= v_max
-        RETURNING d.message_id, d.attempts, d.last_error, d.key
+        RETURNING d.message_id, d.attempts, d.last_error, d.key, d.key_seq
     ), dead AS (
         INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
         SELECT p_group, e.message_id, e.attempts, 'max_deliver',
@@ -134,13 +135,14 @@ BEGIN
     )
     SELECT array_agg(c.message_id), array_agg(c.attempts), array_agg(c.visible_at),
            array_agg(c.expired), array_agg(c.lease_token), array_agg(c.due),
-           (SELECT array_agg(e.key) FROM exhausted e WHERE e.key IS NOT NULL)
-    INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due, v_dead
+           (SELECT array_agg(e.key) FROM exhausted e WHERE e.key IS NOT NULL),
+           (SELECT array_agg(e.key_seq) FROM exhausted e WHERE e.key IS NOT NULL)
+    INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due, v_dead, v_dead_seq
     FROM claimed c;
     IF v_dead IS NOT NULL THEN
         -- Dead heads leave their keys' lines: the next of each becomes its head (a statement
         -- after the deletes, so `_advance_keys` sees them gone).
-        PERFORM @ns@._advance_keys(p_group, v_dead);
+        PERFORM @ns@._advance_keys(p_group, v_dead, v_dead_seq);
     END IF;
     IF v_fair OR v_lined THEN
         -- A fair group's stamps are virtual, and an advanced head comes back at its old due
@@ -182,6 +184,7 @@ AS $$
 DECLARE
     v_ids  uuid[];
     v_keys text[];
+    v_seqs bigint[];
 BEGIN
     -- Inline rather than `_is_ordered`: a SQL function called from here is parsed and planned
     -- on every call (a tenth of a claim-and-ack of ten, perf), this statement's plan is cached.
@@ -210,13 +213,15 @@ BEGIN
         WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
           AND (u.token IS NULL OR d.lease_token = u.token)
-        RETURNING d.message_id, d.key
+        RETURNING d.message_id, d.key, d.key_seq
     ), counted AS (
         INSERT INTO @ns@.counter_deltas (group_id, pending)
         SELECT p_group, -count(*) FROM done HAVING count(*) > 0
     )
-    SELECT array_agg(message_id), array_agg(key) FILTER (WHERE key IS NOT NULL) INTO v_ids, v_keys FROM done;
-    PERFORM @ns@._advance_keys(p_group, v_keys);
+    SELECT array_agg(message_id), array_agg(key) FILTER (WHERE key IS NOT NULL),
+           array_agg(key_seq) FILTER (WHERE key IS NOT NULL)
+    INTO v_ids, v_keys, v_seqs FROM done;
+    PERFORM @ns@._advance_keys(p_group, v_keys, v_seqs);
     RETURN QUERY SELECT x FROM unnest(v_ids) x;
 END $$;
 

@@ -171,7 +171,13 @@ END $$;
 -- per-key limit N, a key gets as many of its line as it has fewer than N heads. Returns
 -- how many heads it made. SQL callers' consumers are woken at commit; the engine's pool (whose
 -- connections set `pgtide.notify = off`) wakes them itself.
-CREATE OR REPLACE FUNCTION @ns@._advance_keys(p_group integer, p_keys text[]) RETURNS bigint
+--
+-- `p_after` (optional, one element per key): the `key_seq` of the head that left. In an ordered
+-- group nothing of the key is left below it (it was the first), so the lookup of the next one
+-- starts past it, above the index entries that the key's earlier heads left behind.
+DROP FUNCTION IF EXISTS @ns@._advance_keys(integer, text[]);
+CREATE OR REPLACE FUNCTION @ns@._advance_keys(p_group integer, p_keys text[], p_after bigint[] DEFAULT NULL)
+RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET enable_sort = off SET jit = off
@@ -206,10 +212,12 @@ BEGIN
         -- The key's first delivery: its head if it has one, else the first of its line.
         UPDATE @ns@.delivery_state d
         SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
-        FROM (SELECT DISTINCT k FROM unnest(p_keys) k WHERE k IS NOT NULL) k
+        FROM (SELECT x.k, min(x.after) AS after FROM unnest(p_keys, p_after) AS x (k, after)
+              WHERE x.k IS NOT NULL GROUP BY x.k) k
         CROSS JOIN LATERAL (
             SELECT l.message_id, l.visible_at FROM @ns@.delivery_state l
             WHERE l.group_id = p_group AND l.key = k.k
+              AND l.key_seq > coalesce(k.after, '-9223372036854775808'::bigint)
             ORDER BY l.key_seq LIMIT 1
         ) nxt
         WHERE d.group_id = p_group AND d.message_id = nxt.message_id
