@@ -163,15 +163,15 @@ BEGIN
         WHERE @ns@._payload_ok(p_stream, u.payload, s.max_payload)
         RETURNING 1
     ), d AS (
+        -- LATERAL ... OFFSET 0 (here and below): the stream's groups looked up per stream, never
+        -- a hash join that builds a table of every group for each publish (benches/icount: 8 %
+        -- of a single publish once the namespace had a few more groups than streams).
         INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at)
         SELECT g.id, u.id, @ns@._visible_at(u.deliver_at, u.delay_us * interval '1 microsecond', u.priority)
         FROM s CROSS JOIN LATERAL (SELECT g.id FROM @ns@.groups g WHERE g.stream_id = s.id AND NOT g.fair
                                    OFFSET 0) g,
              unnest(p_ids, p_deliver_at, p_delay_us, p_priority) AS u (id, deliver_at, delay_us, priority)
     ), c AS (
-        -- LATERAL ... OFFSET 0: the stream's groups looked up per stream, never a hash join that
-        -- builds a table of every group for each publish (benches/icount: 8 % of a single
-        -- publish once the namespace had a few more groups than streams).
         INSERT INTO @ns@.counter_deltas (group_id, pending)
         SELECT g.id, cardinality(p_ids)
         FROM s CROSS JOIN LATERAL (SELECT g.id FROM @ns@.groups g WHERE g.stream_id = s.id OFFSET 0) g
