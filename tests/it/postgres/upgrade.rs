@@ -631,16 +631,14 @@ async fn namespace_at_0013_with_key_lines_upgrades_to_one_key_index() {
     .unwrap();
     // Back to 0013's schema: its three key indexes, no `streams.fair`, 0014 not applied, and
     // every function file due again.
-    raw.batch_execute(
-        &format!(
-            "DROP INDEX \"{n}\".delivery_state_key;
+    raw.batch_execute(&format!(
+        "DROP INDEX \"{n}\".delivery_state_key;
              ALTER TABLE \"{n}\".streams DROP COLUMN fair;
              DELETE FROM \"{n}\"._sqlx_migrations WHERE version = 14;
              UPDATE \"{n}\"._pgtide_sql SET checksum = '\\x00';
              {}",
-            KEY_INDEXES_0013.replace("@ns@", &format!("\"{n}\""))
-        ),
-    )
+        KEY_INDEXES_0013.replace("@ns@", &format!("\"{n}\""))
+    ))
     .await
     .unwrap();
     assert!(!ns.is_migrated().await.unwrap());
