@@ -55,6 +55,9 @@ DECLARE
     v_krate   double precision;
     v_kburst  integer;
     v_fair    boolean;
+    v_lined   boolean;
+    v_dead    text[];
+    v_dead_seq bigint[];
     c_ids     uuid[];
     c_att     integer[];
     c_vis     timestamptz[];
@@ -90,13 +93,12 @@ BEGIN
                                                        v_lease, v_max, v_rate, v_burst, v_krate, v_kburst) l;
         RETURN;
     END IF;
-    IF v_ordered OR v_kcap IS NOT NULL THEN
-        -- Same walk; heads that die here let their keys move on (ordering.sql). A per-key limit
-        -- is the same lines with more heads per key. No floor: an advanced head comes back at
-        -- its old due time.
-        RETURN QUERY SELECT o.*, NULL::timestamptz FROM @ns@._claim_ordered(p_group, p_limit, p_consumer, sid,
-                                                                            v_lease, v_max) o;
-        RETURN;
+    -- Ordered groups and groups with a per-key limit (key lines, ordering.sql): the same walk
+    -- (only heads are due), on the same cached plan; heads that die here let their keys move
+    -- on below. No floor: an advanced head comes back at its old due time.
+    v_lined := v_ordered OR v_kcap IS NOT NULL;
+    IF v_lined THEN
+        p_floor := NULL;
     END IF;
     WITH picked AS MATERIALIZED (
         SELECT d.message_id, d.attempts, d.consumer, d.visible_at AS due FROM @ns@.delivery_state d
@@ -110,7 +112,7 @@ BEGIN
         -- the lease of the last allowed attempt expired: dead-letter instead of delivering again
         DELETE FROM @ns@.delivery_state d USING picked p
         WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts >= v_max
-        RETURNING d.message_id, d.attempts, d.last_error
+        RETURNING d.message_id, d.attempts, d.last_error, d.key, d.key_seq
     ), dead AS (
         INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
         SELECT p_group, e.message_id, e.attempts, 'max_deliver',
@@ -132,11 +134,20 @@ BEGIN
                   d.lease_token, p.due
     )
     SELECT array_agg(c.message_id), array_agg(c.attempts), array_agg(c.visible_at),
-           array_agg(c.expired), array_agg(c.lease_token), array_agg(c.due)
-    INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due
+           array_agg(c.expired), array_agg(c.lease_token), array_agg(c.due),
+           (SELECT array_agg(e.key) FROM exhausted e WHERE e.key IS NOT NULL),
+           (SELECT array_agg(e.key_seq) FROM exhausted e WHERE e.key IS NOT NULL)
+    INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due, v_dead, v_dead_seq
     FROM claimed c;
-    IF v_fair THEN
-        c_due := NULL;   -- a fair group's stamps are virtual: the engine keeps no floor for it
+    IF v_dead IS NOT NULL THEN
+        -- Dead heads leave their keys' lines: the next of each becomes its head (a statement
+        -- after the deletes, so `_advance_keys` sees them gone).
+        PERFORM @ns@._advance_keys(p_group, v_dead, v_dead_seq);
+    END IF;
+    IF v_fair OR v_lined THEN
+        -- A fair group's stamps are virtual, and an advanced head comes back at its old due
+        -- time: the engine keeps no floor for either.
+        c_due := NULL;
     END IF;
     IF c_ids IS NULL THEN
         RETURN;
@@ -173,6 +184,7 @@ AS $$
 DECLARE
     v_ids  uuid[];
     v_keys text[];
+    v_seqs bigint[];
 BEGIN
     -- Inline rather than `_is_ordered`: a SQL function called from here is parsed and planned
     -- on every call (a tenth of a claim-and-ack of ten, perf), this statement's plan is cached.
@@ -201,13 +213,15 @@ BEGIN
         WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
           AND (u.token IS NULL OR d.lease_token = u.token)
-        RETURNING d.message_id, d.key
+        RETURNING d.message_id, d.key, d.key_seq
     ), counted AS (
         INSERT INTO @ns@.counter_deltas (group_id, pending)
         SELECT p_group, -count(*) FROM done HAVING count(*) > 0
     )
-    SELECT array_agg(message_id), array_agg(key) FILTER (WHERE key IS NOT NULL) INTO v_ids, v_keys FROM done;
-    PERFORM @ns@._advance_keys(p_group, v_keys);
+    SELECT array_agg(message_id), array_agg(key) FILTER (WHERE key IS NOT NULL),
+           array_agg(key_seq) FILTER (WHERE key IS NOT NULL)
+    INTO v_ids, v_keys, v_seqs FROM done;
+    PERFORM @ns@._advance_keys(p_group, v_keys, v_seqs);
     RETURN QUERY SELECT x FROM unnest(v_ids) x;
 END $$;
 

@@ -3,13 +3,19 @@
 -- In an ordered group the deliveries of one key form a line. Its head is an ordinary delivery
 -- row (claimed, leased, retried, released like any other); the others wait with `visible_at`
 -- moved `_parked_offset()` past their own due time, beyond year 5000, where no claim looks.
--- The unique index `delivery_state_key_head` allows one head per key: at most one delivery of a
--- key is ready, delayed, retrying or in flight at a time, across every consumer and process.
--- When a head leaves the group (ack, term, dead letter) `_advance_keys` makes the next of the
--- line the head. Publishers (`_enqueue_keyed`) and advancers take the key's transaction-scoped
--- advisory lock, in one global order (group id, then hash of the key), and read the line only
--- after holding it: an advance never misses a delivery published concurrently, and two
--- publishers of a new key never both make a head.
+-- One head per key: at most one delivery of a key is ready, delayed, retrying or in flight at a
+-- time, across every consumer and process. When a head leaves the group (ack, term, dead letter)
+-- `_advance_keys` makes the next of the line the head. Publishers (`_enqueue_keyed`) and
+-- advancers take the key's transaction-scoped advisory lock, in one global order (group id,
+-- then hash of the key), and read the line only after holding it: an advance never misses a
+-- delivery published concurrently, and two publishers of a new key never both make a head.
+--
+-- One index, `delivery_state_key (group_id, key, key_seq) WHERE key IS NOT NULL` (migration
+-- 0014), holds every delivery of a key in line order, and the heads come first: a delivery is
+-- made a head only when its key has no delivery at all in the group, or (per-key limit) room
+-- and no waiting delivery, or as the first of the line; heads stay heads until they leave. So
+-- the first entry of a key says whether it has a head, the first N entries count its heads
+-- under a limit N, and the first waiting entry is the next head.
 --
 -- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
 -- other function files, under the namespace's migration lock) whenever its text changes; the
@@ -63,8 +69,8 @@ BEGIN
 END $$;
 
 -- Per-key concurrency limit (`max_in_flight_per_key = N`, migration 0013): the same lines, but
--- a key may have up to N heads (rows marked `key_limited`, counted through the index
--- `delivery_state_key_slots` under the key's lock). The advisory lock (bigint space, apart from
+-- a key may have up to N heads (rows marked `key_limited`, counted among the key's first
+-- entries of `delivery_state_key` under the key's lock). The advisory lock (bigint space, apart from
 -- the keys' two-integer locks) that `set_max_in_flight_per_key` takes exclusively and
 -- publishers to the group take shared, so a publish never parks a delivery in a line that a
 -- concurrent removal of the limit has already released.
@@ -72,13 +78,14 @@ CREATE OR REPLACE FUNCTION @ns@._key_limit_lock(p_group integer) RETURNS bigint
 LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.key_limit.' || p_group)::bigint $$;
 
 -- How many more heads key `p_key` of group `p_group` may have under the per-key limit `p_cap`:
--- counts its heads, stopping at `p_cap` (O(N), never its line). Call it holding the key's lock.
+-- counts the heads among its first `p_cap` deliveries in line order (the heads come first:
+-- O(N), never its line). Call it holding the key's lock.
 CREATE OR REPLACE FUNCTION @ns@._key_room(p_group integer, p_key text, p_cap integer) RETURNS integer
 LANGUAGE sql STABLE AS $$
-    SELECT greatest(p_cap - (SELECT count(*) FROM (
-        SELECT 1 FROM @ns@.delivery_state h
-        WHERE h.group_id = p_group AND h.key = p_key AND h.visible_at < @ns@._parked_bound()
-          AND h.key_limited
+    SELECT greatest(p_cap - (SELECT count(*) FILTER (WHERE x.visible_at < @ns@._parked_bound()) FROM (
+        SELECT h.visible_at FROM @ns@.delivery_state h
+        WHERE h.group_id = p_group AND h.key = p_key
+        ORDER BY h.key_seq
         LIMIT p_cap) x)::integer, 0)
 $$;
 
@@ -112,8 +119,9 @@ BEGIN
             WHERE x.key IS NOT NULL
             ON CONFLICT (group_id, message_id) DO NOTHING;
         ELSE
-            -- A key whose line is empty has `v_cap` minus its heads free; the batch's first
-            -- deliveries of the key take them, the rest join the line (in array order).
+            -- A key whose line is empty (its last delivery is not waiting) has `v_cap` minus
+            -- its heads free; the batch's first deliveries of the key take them, the rest join
+            -- the line (in array order).
             INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq, key_limited)
             SELECT p_group, u.id,
                    CASE WHEN u.r <= f.free THEN u.visible ELSE u.visible + @ns@._parked_offset() END,
@@ -123,9 +131,10 @@ BEGIN
                   FROM unnest(p_ids, p_keys, p_visible) WITH ORDINALITY AS x (id, key, visible, i)
                   WHERE x.key IS NOT NULL) u
             CROSS JOIN LATERAL (
-                SELECT CASE WHEN EXISTS (SELECT 1 FROM @ns@.delivery_state l
-                                         WHERE l.group_id = p_group AND l.key = u.key
-                                           AND l.visible_at >= @ns@._parked_bound())
+                SELECT CASE WHEN coalesce((SELECT l.visible_at >= @ns@._parked_bound()
+                                           FROM @ns@.delivery_state l
+                                           WHERE l.group_id = p_group AND l.key = u.key
+                                           ORDER BY l.key_seq DESC LIMIT 1), false)
                             THEN 0 ELSE @ns@._key_room(p_group, u.key, v_cap) END AS free
             ) f
             ORDER BY u.i
@@ -136,16 +145,15 @@ BEGIN
     END IF;
     PERFORM @ns@._lock_keys(p_group, p_keys);
     -- `key_seq` is taken in array order (volatile output expressions are computed after the
-    -- sort), under the keys' locks: a key's line is the order its publishes committed.
+    -- sort), under the keys' locks: a key's line is the order its publishes committed. A key
+    -- with no delivery in the group (neither head nor line) gets the batch's first as its head.
+    -- A scalar subquery, not NOT EXISTS: the planner may run an EXISTS as one hash of every
+    -- delivery of the group per statement (O(backlog)); a scalar one is always a probe.
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
     SELECT p_group, u.id,
            CASE WHEN u.i = u.first
-                     AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state h
-                                     WHERE h.group_id = p_group AND h.key = u.key
-                                       AND h.visible_at < @ns@._parked_bound() AND h.key_limited IS NULL)
-                     AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state l
-                                     WHERE l.group_id = p_group AND l.key = u.key
-                                       AND l.visible_at >= @ns@._parked_bound())
+                     AND (SELECT true FROM @ns@.delivery_state h
+                          WHERE h.group_id = p_group AND h.key = u.key LIMIT 1) IS NULL
                 THEN u.visible
                 ELSE u.visible + @ns@._parked_offset() END,
            u.key, nextval('@ns@.key_seq')
@@ -163,7 +171,13 @@ END $$;
 -- per-key limit N, a key gets as many of its line as it has fewer than N heads. Returns
 -- how many heads it made. SQL callers' consumers are woken at commit; the engine's pool (whose
 -- connections set `pgtide.notify = off`) wakes them itself.
-CREATE OR REPLACE FUNCTION @ns@._advance_keys(p_group integer, p_keys text[]) RETURNS bigint
+--
+-- `p_after` (optional, one element per key): the `key_seq` of the head that left. In an ordered
+-- group nothing of the key is left below it (it was the first), so the lookup of the next one
+-- starts past it, above the index entries that the key's earlier heads left behind.
+DROP FUNCTION IF EXISTS @ns@._advance_keys(integer, text[]);
+CREATE OR REPLACE FUNCTION @ns@._advance_keys(p_group integer, p_keys text[], p_after bigint[] DEFAULT NULL)
+RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET enable_sort = off SET jit = off
@@ -195,18 +209,19 @@ BEGIN
         WHERE d.group_id = p_group AND d.message_id = nxt.message_id;
         GET DIAGNOSTICS n = ROW_COUNT;
     ELSE
+        -- The key's first delivery: its head if it has one, else the first of its line.
         UPDATE @ns@.delivery_state d
         SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
-        FROM (SELECT DISTINCT k FROM unnest(p_keys) k WHERE k IS NOT NULL) k
+        FROM (SELECT x.k, min(x.after) AS after FROM unnest(p_keys, p_after) AS x (k, after)
+              WHERE x.k IS NOT NULL GROUP BY x.k) k
         CROSS JOIN LATERAL (
-            SELECT l.message_id FROM @ns@.delivery_state l
-            WHERE l.group_id = p_group AND l.key = k.k AND l.visible_at >= @ns@._parked_bound()
+            SELECT l.message_id, l.visible_at FROM @ns@.delivery_state l
+            WHERE l.group_id = p_group AND l.key = k.k
+              AND l.key_seq > coalesce(k.after, '-9223372036854775808'::bigint)
             ORDER BY l.key_seq LIMIT 1
         ) nxt
         WHERE d.group_id = p_group AND d.message_id = nxt.message_id
-          AND NOT EXISTS (SELECT 1 FROM @ns@.delivery_state h
-                          WHERE h.group_id = p_group AND h.key = k.k AND h.visible_at < @ns@._parked_bound()
-                            AND h.key_limited IS NULL);
+          AND nxt.visible_at >= @ns@._parked_bound();
         GET DIAGNOSTICS n = ROW_COUNT;
     END IF;
     IF n > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
@@ -235,73 +250,10 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT coalesce((SELECT g.ordered FROM @ns@.groups g WHERE g.id = p_group), false)
 $$;
 
--- `_claim` of an ordered group: the same O(batch) walk of the claim index (only heads are
--- there), but heads whose last allowed attempt's lease expired are dead-lettered first, in a
--- statement of their own, so their keys can move on (`_advance_keys` must see them gone).
+-- Ordered groups and groups with a per-key limit claim through `_claim` itself now, on its
+-- cached generic plan (this function, their claim up to migration 0013, planned its statements
+-- on every call).
 DROP FUNCTION IF EXISTS @ns@._claim_ordered(integer, integer, text, integer, interval, integer);
-CREATE OR REPLACE FUNCTION @ns@._claim_ordered(p_group integer, p_limit integer, p_consumer text,
-                                               p_stream integer, p_lease interval, p_max integer)
-RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
-               lease_expired boolean, lease_token bigint, key text)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
-SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
--- custom plans: see _claim (a generic plan locks every stream's partitions)
-SET plan_cache_mode = force_custom_plan
-AS $$
-#variable_conflict use_column
-DECLARE
-    v_ids     uuid[];
-    v_att     integer[];
-    v_until   timestamptz[];
-    v_expired boolean[];
-    v_tokens  bigint[];
-    v_dead    text[];
-BEGIN
-    WITH picked AS MATERIALIZED (
-        SELECT d.message_id, d.attempts, d.consumer FROM @ns@.delivery_state d
-        WHERE d.group_id = p_group AND d.visible_at <= now()
-        ORDER BY d.visible_at
-        LIMIT p_limit
-        FOR UPDATE SKIP LOCKED
-    ), exhausted AS (
-        DELETE FROM @ns@.delivery_state d USING picked p
-        WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts >= p_max
-        RETURNING d.message_id, d.attempts, d.last_error, d.key
-    ), dead AS (
-        INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
-        SELECT p_group, e.message_id, e.attempts, 'max_deliver',
-               coalesce(e.last_error, 'lease expired on attempt ' || e.attempts)
-        FROM exhausted e
-        RETURNING 1
-    ), counted AS (
-        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
-        SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
-    ), claimed AS (
-        UPDATE @ns@.delivery_state d
-        SET attempts = d.attempts + 1, visible_at = now() + p_lease, consumer = p_consumer,
-            lease_token = nextval('@ns@.lease_tokens')
-        FROM picked p
-        WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts < p_max
-        RETURNING d.message_id, d.attempts, d.visible_at, p.consumer IS NOT NULL AS expired,
-                  d.lease_token
-    )
-    SELECT (SELECT array_agg(c.message_id ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(c.attempts ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(c.visible_at ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(c.expired ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(c.lease_token ORDER BY c.message_id) FROM claimed c),
-           (SELECT array_agg(e.key) FROM exhausted e WHERE e.key IS NOT NULL)
-    INTO v_ids, v_att, v_until, v_expired, v_tokens, v_dead;
-    PERFORM @ns@._advance_keys(p_group, v_dead);
-    RETURN QUERY
-    SELECT c.id, c.attempt, c.until, m.payload, m.is_json, m.headers, c.expired, c.token, m.key
-    FROM unnest(v_ids, v_att, v_until, v_expired, v_tokens) AS c (id, attempt, until, expired, token)
-    CROSS JOIN LATERAL (
-        SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
-        WHERE mm.stream_id = p_stream AND mm.id = c.id LIMIT 1
-    ) m;
-END $$;
 
 ---------------------------------------------------------------------------------------------------
 -- concurrency limit (issue 12.2)
@@ -438,7 +390,12 @@ BEGIN
         -- them out of this call's key locks): a key leased beyond the limit keeps its heads
         -- until they leave, as after lowering the limit. `d.consumer` is the row as updated,
         -- so a claim committed since the ranking counts too.
-        SET key = r.key, key_seq = r.seq, key_limited = true,
+        -- The heads come first in a key's line (`delivery_state_key`): numbers in place order,
+        -- and a delivery left a head only because a claim leased it since the ranking goes
+        -- before every number taken (heads need no order among themselves).
+        SET key = r.key, key_limited = true,
+            key_seq = CASE WHEN r.place > v_cap AND d.consumer IS NULL THEN r.seq
+                           ELSE r.seq - 4611686018427387904 END,
             visible_at = CASE WHEN r.place > v_cap AND d.consumer IS NULL
                               THEN d.visible_at + @ns@._parked_offset()
                               ELSE d.visible_at END
@@ -453,7 +410,7 @@ BEGIN
                                         WHERE mm.stream_id = sid AND mm.id = d2.message_id LIMIT 1) m
                     WHERE d2.group_id = gid AND m.key IS NOT NULL) y
               WHERE y.fresh
-              ORDER BY y.message_id) r
+              ORDER BY y.place, y.message_id) r
         WHERE d.group_id = gid AND d.message_id = r.message_id AND d.key IS NULL;
         -- A head settled while this ran (gone before its row was marked, so its settle moved no
         -- key on): its key takes the next of its line now.

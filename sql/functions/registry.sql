@@ -191,6 +191,11 @@ BEGIN
         'a fair group cannot have a per-key limit',
         'fair share and max_in_flight_per_key do not combine: choose one of the two');
     sid := @ns@.stream_id(stream);
+    IF fair THEN
+        -- `streams.fair` is kept under the stream's row lock (see delete_group); publishers
+        -- only take a key-share lock on it.
+        PERFORM 1 FROM @ns@.streams s WHERE s.id = sid FOR NO KEY UPDATE;
+    END IF;
     PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.group.' || sid || '.' || "group"));
     SELECT g.ordered, g.fair INTO was, was_fair FROM @ns@.groups g WHERE g.stream_id = sid AND g.name = "group";
     IF FOUND THEN
@@ -214,6 +219,10 @@ BEGIN
             key_rate, coalesce(key_burst, @ns@._default_burst(key_rate)), fair, max_in_flight_per_key)
     RETURNING id INTO gid;
     INSERT INTO @ns@.group_counters (group_id) VALUES (gid);
+    IF fair THEN
+        -- In the transaction that creates the group: a publish sees both or neither.
+        UPDATE @ns@.streams s SET fair = true WHERE s.id = sid AND NOT s.fair;
+    END IF;
     IF start = 'oldest' AND fair THEN
         -- The retained backlog is stamped like a publish of it, in id order per key.
         SELECT coalesce(sum(@ns@._enqueue_fair(gid, x.ids, x.keys, x.visible)), 0) INTO n
@@ -263,18 +272,30 @@ END $$;
 CREATE OR REPLACE FUNCTION @ns@.delete_group(stream text, "group" text) RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    gid integer;
+    gid    integer;
+    sid    integer;
+    v_fair boolean;
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
-    SELECT g.id INTO gid FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
+    SELECT g.id, g.stream_id, g.fair INTO gid, sid, v_fair FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
     WHERE s.name = stream AND g.name = "group" FOR UPDATE OF g;
     IF gid IS NULL THEN RETURN false; END IF;
+    IF v_fair THEN
+        -- `streams.fair` is recomputed under the stream's row lock, which create_group takes
+        -- before adding a fair group: the groups read below include every committed one.
+        PERFORM 1 FROM @ns@.streams s WHERE s.id = sid FOR NO KEY UPDATE;
+    END IF;
     DELETE FROM @ns@.delivery_state WHERE group_id = gid;
     DELETE FROM @ns@.dead_letter_state WHERE group_id = gid;
     DELETE FROM @ns@.group_counters WHERE group_id = gid;
     DELETE FROM @ns@.counter_deltas WHERE group_id = gid;
     DELETE FROM @ns@.groups WHERE id = gid;
+    IF v_fair THEN
+        UPDATE @ns@.streams s
+        SET fair = EXISTS (SELECT 1 FROM @ns@.groups g WHERE g.stream_id = s.id AND g.fair)
+        WHERE s.id = sid;
+    END IF;
     RETURN true;
 END $$;
 

@@ -38,6 +38,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (11, "flow_control", include_str!("../../migrations/0011_flow_control.sql")),
     (12, "fair_share", include_str!("../../migrations/0012_fair_share.sql")),
     (13, "key_concurrency", include_str!("../../migrations/0013_key_concurrency.sql")),
+    (14, "key_index", include_str!("../../migrations/0014_key_index.sql")),
 ];
 
 /// The function and view files, in the order they are applied: a file may use what an earlier

@@ -286,3 +286,103 @@ async fn concurrent_keyed_publishes_into_fair_groups_never_deadlock() {
         assert_eq!(seen.len(), 6 * 30 * 6, "{g}: every message once");
     }
 }
+
+/// `streams.fair` (migration 0014), which lets `_publish_batch` skip the fair path, follows the
+/// stream's fair groups through creations and deletions, also when a fair group is created and
+/// another deleted at once; a stream that gains a fair group stamps its next publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_streams_fair_flag_follows_its_fair_groups() {
+    let ns = namespace().await;
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    let flag = |stream: &'static str| {
+        let raw = &raw;
+        let sql = format!("SELECT fair FROM \"{n}\".streams WHERE name = '{stream}'");
+        async move { raw.query_one(&sql, &[]).await.unwrap().get::<_, bool>(0) }
+    };
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('s');
+         SELECT \"{n}\".create_stream('other');
+         SELECT \"{n}\".create_group('s', 'plain');"
+    ))
+    .await
+    .unwrap();
+    assert!(!flag("s").await);
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_group('s', 'f1', fair => true);
+         SELECT \"{n}\".create_group('s', 'f2', fair => true);
+         SELECT \"{n}\".create_group('other', 'f', fair => true);"
+    ))
+    .await
+    .unwrap();
+    assert!(flag("s").await && flag("other").await);
+    // Published through `_publish_batch` (the Rust API): the fair groups get their deliveries.
+    ns.publish_batch(
+        "s",
+        &[
+            OutgoingMessage::json(&1).unwrap(),
+            OutgoingMessage::json(&2).unwrap(),
+        ],
+    )
+    .await
+    .unwrap();
+    for g in ["f1", "f2", "plain"] {
+        assert_eq!(ns.stats("s", g).await.unwrap().ready, 2, "group {g}");
+    }
+    raw.batch_execute(&format!("SELECT \"{n}\".delete_group('s', 'f1')"))
+        .await
+        .unwrap();
+    assert!(flag("s").await, "f2 is still fair");
+    raw.batch_execute(&format!("SELECT \"{n}\".delete_group('s', 'f2')"))
+        .await
+        .unwrap();
+    assert!(!flag("s").await);
+    assert!(flag("other").await);
+
+    // A fair group created while another is deleted, in two sessions at once: whichever
+    // commits last sees the other's change.
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_group('s', 'old', fair => true)"
+    ))
+    .await
+    .unwrap();
+    let (a, b) = (ns.raw().await, ns.raw().await);
+    a.batch_execute(&format!(
+        "BEGIN; SELECT \"{n}\".create_group('s', 'new', fair => true)"
+    ))
+    .await
+    .unwrap();
+    let deleting = {
+        let n = n.clone();
+        tokio::spawn(async move {
+            b.batch_execute(&format!("SELECT \"{n}\".delete_group('s', 'old')"))
+                .await
+                .unwrap();
+        })
+    };
+    // The deletion waits for the creation's row lock on the stream.
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND query LIKE '%\"{n}\".delete_group(''s'', ''old'')%'"
+    );
+    tokio::time::timeout(crate::common::WAIT, async {
+        while raw.query_one(&waiting, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+            assert!(
+                !deleting.is_finished(),
+                "delete_group did not wait for the stream's row lock"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("delete_group never waited for the stream's row lock");
+    a.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(crate::common::WAIT, deleting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        flag("s").await,
+        "the fair group created meanwhile is still there"
+    );
+}

@@ -262,7 +262,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "0010_ordering".to_owned(),
             "0011_flow_control".to_owned(),
             "0012_fair_share".to_owned(),
-            "0013_key_concurrency".to_owned()
+            "0013_key_concurrency".to_owned(),
+            "0014_key_index".to_owned()
         ]
     );
     assert_eq!(report.sql_files, FILES);
@@ -391,7 +392,6 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_check_weight",
             "_claim",
             "_claim_limited",
-            "_claim_ordered",
             "_come_back",
             "_default_burst",
             "_enqueue_fair",
@@ -588,4 +588,141 @@ async fn migrate_dropped_midway_leaves_no_lock_behind() {
     ns.ensure_stream("s", &StreamConfig::default())
         .await
         .unwrap();
+}
+
+/// The key indexes of migrations 0010 and 0013, as a namespace at 0013 has them.
+const KEY_INDEXES_0013: &str = "
+    CREATE UNIQUE INDEX delivery_state_key_head ON @ns@.delivery_state (group_id, key)
+        WHERE key IS NOT NULL AND visible_at < '5000-01-01 00:00:00+00' AND key_limited IS NULL;
+    CREATE INDEX delivery_state_key_line ON @ns@.delivery_state (group_id, key, key_seq)
+        WHERE key IS NOT NULL AND visible_at >= '5000-01-01 00:00:00+00';
+    CREATE INDEX delivery_state_key_slots ON @ns@.delivery_state (group_id, key)
+        WHERE key IS NOT NULL AND visible_at < '5000-01-01 00:00:00+00' AND key_limited;";
+
+/// A namespace at migration 0013 whose ordered and per-key limited groups hold key lines
+/// (heads and waiting deliveries; in the limited group one key numbered the way 0013's
+/// `set_max_in_flight_per_key` could leave it, a head behind a waiting delivery) upgrades to
+/// 0014's one key index: the lines are kept, renumbered where needed, and move on in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_at_0013_with_key_lines_upgrades_to_one_key_index() {
+    let ns = namespace().await;
+    let raw = ns.raw().await;
+    let n = ns.namespace().to_owned();
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('orders');
+         SELECT \"{n}\".create_group('orders', 'ord', ordered => true);
+         SELECT \"{n}\".create_group('orders', 'lim', max_in_flight_per_key => 2);
+         SELECT \"{n}\".create_group('orders', 'fair', fair => true);
+         SELECT \"{n}\".publish('orders', jsonb_build_object('k', k, 'i', i), key => 'k' || k)
+         FROM generate_series(1, 4) i, generate_series(0, 2) k ORDER BY i, k;"
+    ))
+    .await
+    .unwrap();
+    // Key k0 of `lim`: its second head numbered after its last waiting delivery.
+    raw.batch_execute(&format!(
+        "UPDATE \"{n}\".delivery_state d SET key_seq = x.top + 1
+         FROM (SELECT max(key_seq) AS top, (array_agg(message_id ORDER BY key_seq)
+                      FILTER (WHERE visible_at < '5000-01-01'))[2] AS head
+               FROM \"{n}\".delivery_state
+               WHERE group_id = \"{n}\".group_id('orders', 'lim') AND key = 'k0') x
+         WHERE d.group_id = \"{n}\".group_id('orders', 'lim') AND d.message_id = x.head;"
+    ))
+    .await
+    .unwrap();
+    // Back to 0013's schema: its three key indexes, no `streams.fair`, 0014 not applied, and
+    // every function file due again.
+    raw.batch_execute(&format!(
+        "DROP INDEX \"{n}\".delivery_state_key;
+             ALTER TABLE \"{n}\".streams DROP COLUMN fair;
+             DELETE FROM \"{n}\"._sqlx_migrations WHERE version = 14;
+             UPDATE \"{n}\"._pgtide_sql SET checksum = '\\x00';
+             {}",
+        KEY_INDEXES_0013.replace("@ns@", &format!("\"{n}\""))
+    ))
+    .await
+    .unwrap();
+    assert!(!ns.is_migrated().await.unwrap());
+
+    let report = ns.migrate().await.unwrap();
+    assert_eq!(report.migrations, vec!["0014_key_index".to_owned()]);
+    assert!(ns.is_migrated().await.unwrap());
+    let indexes: Vec<String> = raw
+        .query(
+            "SELECT indexname::text FROM pg_indexes
+             WHERE schemaname = $1 AND tablename = 'delivery_state' ORDER BY 1",
+            &[&n],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        [
+            "delivery_state_claim",
+            "delivery_state_key",
+            "delivery_state_pkey"
+        ]
+    );
+    // In every line the heads come first.
+    let broken: i64 = raw
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM (
+                   SELECT group_id, key FROM \"{n}\".delivery_state WHERE key IS NOT NULL
+                   GROUP BY group_id, key
+                   HAVING max(key_seq) FILTER (WHERE visible_at < '5000-01-01')
+                        > min(key_seq) FILTER (WHERE visible_at >= '5000-01-01')) x"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(broken, 0, "a line with a head behind a waiting delivery");
+    let fair: bool = raw
+        .query_one(
+            &format!("SELECT fair FROM \"{n}\".streams WHERE name = 'orders'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(fair, "streams.fair is set for a stream with a fair group");
+
+    // The lines move on: `ord` one per key at a time, in publish order; `lim` two per key.
+    let read = |group: &'static str| {
+        let sql = format!(
+            "SELECT r.payload->>'k', (r.payload->>'i')::int, r.id
+             FROM \"{n}\".read('orders', '{group}', 'c', 100) r ORDER BY 1, 2"
+        );
+        let ack = format!("SELECT \"{n}\".ack('orders', '{group}', $1)");
+        let raw = &raw;
+        async move {
+            let rows = raw.query(&sql, &[]).await.unwrap();
+            let got: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let ids: Vec<Uuid> = rows.iter().map(|r| r.get(2)).collect();
+            let acked: i32 = raw.query_one(&ack, &[&ids]).await.unwrap().get(0);
+            assert_eq!(acked as usize, ids.len());
+            got
+        }
+    };
+    for i in 1..=4 {
+        let want: Vec<(String, i32)> = (0..3).map(|k| (k.to_string(), i)).collect();
+        assert_eq!(read("ord").await, want, "ordered group, round {i}");
+    }
+    assert!(read("ord").await.is_empty());
+    let mut lim: Vec<(String, i32)> = read("lim").await;
+    assert_eq!(lim.len(), 6, "two heads per key: {lim:?}");
+    lim.extend(read("lim").await);
+    assert!(read("lim").await.is_empty());
+    lim.sort();
+    assert_eq!(
+        lim,
+        (0..3)
+            .flat_map(|k| (1..=4).map(move |i| (k.to_string(), i)))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(read("fair").await.len(), 12);
 }
