@@ -33,11 +33,9 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
 -- backlog would make claims O(backlog)). The claim itself touches only unpartitioned tables and
 -- runs on its cached generic plan: planning it afresh cost two thirds of a claim of ten (perf,
--- docs/performance.md). The message lookup is planned on every call instead (EXECUTE below):
--- a generic plan of it takes the stream as a parameter, and PostgreSQL 15 locks every partition
--- of every stream before pruning it at run time (thousands of locks per claim with many
--- streams, which fill the server's lock table); a one-shot plan prunes to the stream's
--- partitions when planning.
+-- docs/performance.md). The message lookup, on the partitioned `messages`, is the stream's own
+-- function (`_lookup_define`): a generic plan of a lookup that takes the stream as a parameter
+-- would lock every partition of every stream (PostgreSQL 15 prunes them only at run time).
 SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
 SET plan_cache_mode = force_generic_plan
@@ -141,17 +139,57 @@ BEGIN
     IF c_ids IS NULL THEN
         RETURN;
     END IF;
-    -- LATERAL ... LIMIT 1: one primary-key lookup per claimed row, never a join strategy that
-    -- walks the stream's messages. EXECUTE: a one-shot plan, pruned to this stream (see above).
-    RETURN QUERY EXECUTE
-        'SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key, c.due
-         FROM unnest($1, $2, $3, $4, $5, $7) AS c (id, attempt, visible_at, expired, token, due)
-         CROSS JOIN LATERAL (
-             SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
-             WHERE mm.stream_id = $6 AND mm.id = c.id LIMIT 1
-         ) m'
-        USING c_ids, c_att, c_vis, c_exp, c_tok, sid, c_due;
+    -- The messages, through the stream's own lookup function (`_lookup_define` below): its
+    -- statement names the stream as a constant, so its cached plan holds only this stream's
+    -- partitions. The EXECUTE here plans a function call, not the lookup.
+    RETURN QUERY EXECUTE 'SELECT * FROM @ns@._lookup_s' || sid || '($1, $2, $3, $4, $5, $6)'
+        USING c_ids, c_att, c_vis, c_exp, c_tok, c_due;
 END $$;
+
+-- Each stream's message lookup for `_claim`: `@ns@._lookup_s<stream id>` takes the claimed
+-- deliveries (arrays in `_claim`'s order) and returns `_claim`'s rows, with each message's columns
+-- from one primary-key lookup (LATERAL ... LIMIT 1, never a join strategy that walks the
+-- stream's messages).
+--
+-- Why one function per stream: a lookup whose statement takes the stream as a parameter either
+-- is planned afresh on every claim (a third of a claim of ten and its ack, icount, as `_claim`
+-- did through EXECUTE until 2026-12-04) or runs on a generic plan, which holds every partition
+-- of every stream, and PostgreSQL 15 locks all of them before pruning at run time (thousands of
+-- locks per claim with many streams, which fill the server's lock table). Here the stream is a
+-- constant in the statement's text, so its cached generic plan prunes to the stream's own
+-- partitions when it is made: one plan per stream and session, re-made only when the stream's
+-- partitions change. The SET clauses pin that plan to index lookups whoever calls first; the
+-- function is not SECURITY DEFINER (`_claim`, the owner, calls it), so a runtime role calling it
+-- directly reads nothing.
+--
+-- Created by `create_stream`, re-created for every stream whenever this file is applied (below),
+-- dropped by `delete_stream`.
+CREATE OR REPLACE FUNCTION @ns@._lookup_define(p_stream integer) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    EXECUTE format($f$
+        CREATE OR REPLACE FUNCTION @ns@.%I(c_ids uuid[], c_att integer[], c_vis timestamptz[], c_exp boolean[],
+                                           c_tok bigint[], c_due timestamptz[])
+        RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean,
+                       headers jsonb, lease_expired boolean, lease_token bigint, key text, due_at timestamptz)
+        LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+        SET enable_seqscan = off SET enable_bitmapscan = off SET plan_cache_mode = force_generic_plan
+        AS $b$
+        BEGIN
+            RETURN QUERY
+            SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key, c.due
+            FROM unnest(c_ids, c_att, c_vis, c_exp, c_tok, c_due) AS c (id, attempt, visible_at, expired, token, due)
+            CROSS JOIN LATERAL (
+                SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
+                WHERE mm.stream_id = %s AND mm.id = c.id LIMIT 1
+            ) m;
+        END $b$
+        $f$, '_lookup_s' || p_stream, p_stream);
+    EXECUTE format('REVOKE ALL ON FUNCTION @ns@.%I FROM PUBLIC', '_lookup_s' || p_stream);
+END $$;
+
+-- Every stream's lookup, as this file defines it (a stream created by a release before it has none).
+SELECT @ns@._lookup_define(s.id) FROM @ns@.streams s ORDER BY s.id;
 
 ---------------------------------------------------------------------------------------------------
 -- settle. Every settle is fenced: the delivery must still be leased (consumer set) and, when the

@@ -74,6 +74,8 @@ BEGIN
                                 'max_locks_per_transaction (now %s)', 6, @ns@.streams_per_transaction(),
                                 current_setting('max_locks_per_transaction'));
     END;
+    -- `_claim`'s message lookup for this stream (delivery.sql).
+    PERFORM @ns@._lookup_define(sid);
     RETURN true;
 END $$;
 
@@ -133,6 +135,7 @@ BEGIN
     DELETE FROM @ns@.counter_deltas WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.dedupe WHERE stream_id = sid;
     EXECUTE format('DROP TABLE %I.%I', @ns_lit@, 'messages_s' || sid);
+    EXECUTE format('DROP FUNCTION IF EXISTS %I.%I', @ns_lit@, '_lookup_s' || sid);
     DELETE FROM @ns@.streams WHERE id = sid;
     RETURN true;
 END $$;
