@@ -64,6 +64,8 @@ BEGIN
                        @ns_lit@, 'messages_s' || sid, @ns_lit@, sid);
         EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.%I DEFAULT',
                        @ns_lit@, 'messages_s' || sid || '_default', @ns_lit@, 'messages_s' || sid);
+        -- `_claim`'s message lookup for this stream (delivery.sql).
+        PERFORM @ns@._lookup_define(sid);
     EXCEPTION WHEN out_of_memory THEN
         -- "out of shared memory": the lock table is full, nearly always because this transaction
         -- created hundreds of streams. Say so, with what to do, as a pgtide error.
@@ -74,8 +76,6 @@ BEGIN
                                 'max_locks_per_transaction (now %s)', 6, @ns@.streams_per_transaction(),
                                 current_setting('max_locks_per_transaction'));
     END;
-    -- `_claim`'s message lookup for this stream (delivery.sql).
-    PERFORM @ns@._lookup_define(sid);
     RETURN true;
 END $$;
 
