@@ -174,11 +174,21 @@ END $$;
 -- dropped by `delete_stream`.
 CREATE OR REPLACE FUNCTION @ns@._lookup_define(p_stream integer) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f regprocedure;
 BEGIN
-    -- Whatever arguments an earlier version of this file gave it.
-    PERFORM @ns@._lookup_drop(p_stream);
+    -- Versions with other arguments go; the current one is replaced in place (a claim running
+    -- meanwhile keeps calling the function it resolved). A new result type needs new arguments.
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = @ns_lit@::regnamespace AND p.proname = '_lookup_s' || p_stream
+               AND p.oid IS DISTINCT FROM to_regprocedure(format(
+                   '@ns@.%I(uuid[], integer[], timestamptz[], boolean[], bigint[], timestamptz[], uuid, uuid)',
+                   '_lookup_s' || p_stream))
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', f);
+    END LOOP;
     EXECUTE format($f$
-        CREATE FUNCTION @ns@.%I(c_ids uuid[], c_att integer[], c_vis timestamptz[], c_exp boolean[],
+        CREATE OR REPLACE FUNCTION @ns@.%I(c_ids uuid[], c_att integer[], c_vis timestamptz[], c_exp boolean[],
                                            c_tok bigint[], c_due timestamptz[], c_lo uuid, c_hi uuid)
         RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean,
                        headers jsonb, lease_expired boolean, lease_token bigint, key text, due_at timestamptz)
