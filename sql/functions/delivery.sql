@@ -60,7 +60,6 @@ DECLARE
     c_tok     bigint[];
     c_due     timestamptz[];
     x_ids     uuid[];
-    c_sorted  uuid[];
 BEGIN
     SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight,
            g.rate, g.burst, g.key_rate, g.key_burst, g.fair, g.max_in_flight_per_key
@@ -119,9 +118,8 @@ BEGIN
     )
     SELECT array_agg(c.message_id), array_agg(c.attempts), array_agg(c.visible_at),
            array_agg(c.expired), array_agg(c.lease_token), array_agg(c.due),
-           (SELECT array_agg(p.message_id) FROM picked p WHERE p.attempts >= v_max),
-           array_agg(c.message_id ORDER BY c.message_id)
-    INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due, x_ids, c_sorted
+           (SELECT array_agg(p.message_id) FROM picked p WHERE p.attempts >= v_max)
+    INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due, x_ids
     FROM claimed c;
     IF x_ids IS NOT NULL THEN
         -- The lease of the last allowed attempt expired: dead-letter instead of delivering again.
@@ -150,8 +148,8 @@ BEGIN
     -- The messages, through the stream's own lookup function (`_lookup_define` below): its
     -- statement names the stream as a constant, so its cached plan holds only this stream's
     -- partitions. The EXECUTE here plans a function call, not the lookup.
-    RETURN QUERY EXECUTE 'SELECT * FROM @ns@._lookup_s' || sid || '($1, $2, $3, $4, $5, $6, $7, $8)'
-        USING c_ids, c_att, c_vis, c_exp, c_tok, c_due, c_sorted[1], c_sorted[cardinality(c_sorted)];
+    RETURN QUERY EXECUTE 'SELECT * FROM @ns@._lookup_s' || sid || '($1, $2, $3, $4, $5, $6)'
+        USING c_ids, c_att, c_vis, c_exp, c_tok, c_due;
 END $$;
 
 -- Each stream's message lookup for `_claim`: `@ns@._lookup_s<stream id>` takes the claimed
@@ -182,14 +180,14 @@ BEGIN
     FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
              WHERE p.pronamespace = @ns_lit@::regnamespace AND p.proname = '_lookup_s' || p_stream
                AND p.oid IS DISTINCT FROM to_regprocedure(format(
-                   '@ns@.%I(uuid[], integer[], timestamptz[], boolean[], bigint[], timestamptz[], uuid, uuid)',
+                   '@ns@.%I(uuid[], integer[], timestamptz[], boolean[], bigint[], timestamptz[])',
                    '_lookup_s' || p_stream))
     LOOP
         EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
     EXECUTE format($f$
         CREATE OR REPLACE FUNCTION @ns@.%I(c_ids uuid[], c_att integer[], c_vis timestamptz[], c_exp boolean[],
-                                           c_tok bigint[], c_due timestamptz[], c_lo uuid, c_hi uuid)
+                                           c_tok bigint[], c_due timestamptz[])
         RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean,
                        headers jsonb, lease_expired boolean, lease_token bigint, key text, due_at timestamptz)
         LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -201,14 +199,14 @@ BEGIN
             FROM unnest(c_ids, c_att, c_vis, c_exp, c_tok, c_due) AS c (id, attempt, visible_at, expired, token, due)
             CROSS JOIN LATERAL (
                 SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
-                WHERE mm.stream_id = %s AND mm.id = c.id AND mm.id BETWEEN c_lo AND c_hi LIMIT 1
+                WHERE mm.stream_id = %s AND mm.id = c.id LIMIT 1
             ) m;
         END $b$
         $f$, '_lookup_s' || p_stream, p_stream);
     EXECUTE format('REVOKE ALL ON FUNCTION @ns@.%I FROM PUBLIC', '_lookup_s' || p_stream);
 END $$;
 
--- Drops the lookup function of stream `p_stream` (`delete_stream`, `_lookup_define`).
+-- Drops the lookup function of stream `p_stream` (`delete_stream`).
 CREATE OR REPLACE FUNCTION @ns@._lookup_drop(p_stream integer) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
