@@ -483,17 +483,17 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
 
     // The stream created by the released migrations got its lookup function from the upgrade.
     let ids: Vec<String> = raw
-        .query(&format!("SELECT '_lookup_s' || id FROM \"{n}\".streams"), &[])
+        .query(
+            &format!("SELECT '_lookup_s' || id FROM \"{n}\".streams"),
+            &[],
+        )
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(ids.len(), 1);
-    assert_eq!(
-        lookups(&raw, n).await,
-        [format!("orders: {}", ids[0])]
-    );
+    assert_eq!(lookups(&raw, n).await, [format!("orders: {}", ids[0])]);
 
     // And the namespace now equals a freshly installed one.
     let fresh = namespace().await;
