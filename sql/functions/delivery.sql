@@ -173,37 +173,46 @@ END $$;
 CREATE OR REPLACE FUNCTION @ns@._lookup_define(p_stream integer) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    f regprocedure;
+    f      regprocedure;
+    v_name text := '_lookup_s' || p_stream;
+    v_args text := 'uuid[], integer[], timestamptz[], boolean[], bigint[], timestamptz[]';
+    v_sets text := 'SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off '
+                   'SET plan_cache_mode = force_generic_plan';
+    v_body text;
 BEGIN
+    -- The settings are repeated in the body, so that any change to the function changes its text.
+    v_body := format($b$
+-- %s
+BEGIN
+    RETURN QUERY
+    SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key, c.due
+    FROM unnest(c_ids, c_att, c_vis, c_exp, c_tok, c_due) AS c (id, attempt, visible_at, expired, token, due)
+    CROSS JOIN LATERAL (
+        SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
+        WHERE mm.stream_id = %s AND mm.id = c.id LIMIT 1
+    ) m;
+END
+$b$, v_sets, p_stream);
+    -- Unchanged (this file re-applied for another reason): nothing to do, so a migrate() of a
+    -- namespace with thousands of streams takes no lock per stream.
+    IF EXISTS (SELECT 1 FROM pg_proc p
+               WHERE p.oid = to_regprocedure(format('@ns@.%I(%s)', v_name, v_args)) AND p.prosrc = v_body) THEN
+        RETURN;
+    END IF;
     -- Versions with other arguments go; the current one is replaced in place (a claim running
     -- meanwhile keeps calling the function it resolved). A new result type needs new arguments.
     FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
-             WHERE p.pronamespace = @ns_lit@::regnamespace AND p.proname = '_lookup_s' || p_stream
-               AND p.oid IS DISTINCT FROM to_regprocedure(format(
-                   '@ns@.%I(uuid[], integer[], timestamptz[], boolean[], bigint[], timestamptz[])',
-                   '_lookup_s' || p_stream))
+             WHERE p.pronamespace = @ns_lit@::regnamespace AND p.proname = v_name
+               AND p.oid IS DISTINCT FROM to_regprocedure(format('@ns@.%I(%s)', v_name, v_args))
     LOOP
         EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
-    EXECUTE format($f$
-        CREATE OR REPLACE FUNCTION @ns@.%I(c_ids uuid[], c_att integer[], c_vis timestamptz[], c_exp boolean[],
-                                           c_tok bigint[], c_due timestamptz[])
-        RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean,
-                       headers jsonb, lease_expired boolean, lease_token bigint, key text, due_at timestamptz)
-        LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-        SET enable_seqscan = off SET enable_bitmapscan = off SET plan_cache_mode = force_generic_plan
-        AS $b$
-        BEGIN
-            RETURN QUERY
-            SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key, c.due
-            FROM unnest(c_ids, c_att, c_vis, c_exp, c_tok, c_due) AS c (id, attempt, visible_at, expired, token, due)
-            CROSS JOIN LATERAL (
-                SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
-                WHERE mm.stream_id = %s AND mm.id = c.id LIMIT 1
-            ) m;
-        END $b$
-        $f$, '_lookup_s' || p_stream, p_stream);
-    EXECUTE format('REVOKE ALL ON FUNCTION @ns@.%I FROM PUBLIC', '_lookup_s' || p_stream);
+    EXECUTE format('CREATE OR REPLACE FUNCTION @ns@.%I(c_ids uuid[], c_att integer[], c_vis timestamptz[], c_exp boolean[],
+                                                   c_tok bigint[], c_due timestamptz[])
+                    RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean,
+                                   headers jsonb, lease_expired boolean, lease_token bigint, key text, due_at timestamptz)
+                    LANGUAGE plpgsql %s AS %L', v_name, v_sets, v_body);
+    EXECUTE format('REVOKE ALL ON FUNCTION @ns@.%I(%s) FROM PUBLIC', v_name, v_args);
 END $$;
 
 -- Drops the lookup function of stream `p_stream` (`delete_stream`).
