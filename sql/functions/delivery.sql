@@ -33,11 +33,9 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
 -- backlog would make claims O(backlog)). The claim itself touches only unpartitioned tables and
 -- runs on its cached generic plan: planning it afresh cost two thirds of a claim of ten (perf,
--- docs/performance.md). The message lookup is planned on every call instead (EXECUTE below):
--- a generic plan of it takes the stream as a parameter, and PostgreSQL 15 locks every partition
--- of every stream before pruning it at run time (thousands of locks per claim with many
--- streams, which fill the server's lock table); a one-shot plan prunes to the stream's
--- partitions when planning.
+-- docs/performance.md). The message lookup, on the partitioned `messages`, is the stream's own
+-- function (`_lookup_define`): a generic plan of a lookup that takes the stream as a parameter
+-- would lock every partition of every stream (PostgreSQL 15 prunes them only at run time).
 SET enable_sort = off SET enable_bitmapscan = off SET enable_seqscan = off
 SET enable_hashjoin = off SET enable_mergejoin = off SET jit = off
 SET plan_cache_mode = force_generic_plan
@@ -64,6 +62,7 @@ DECLARE
     c_exp     boolean[];
     c_tok     bigint[];
     c_due     timestamptz[];
+    x_ids     uuid[];
 BEGIN
     SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight,
            g.rate, g.burst, g.key_rate, g.key_burst, g.fair, g.max_in_flight_per_key
@@ -108,20 +107,6 @@ BEGIN
         ORDER BY d.visible_at
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
-    ), exhausted AS (
-        -- the lease of the last allowed attempt expired: dead-letter instead of delivering again
-        DELETE FROM @ns@.delivery_state d USING picked p
-        WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts >= v_max
-        RETURNING d.message_id, d.attempts, d.last_error, d.key, d.key_seq
-    ), dead AS (
-        INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
-        SELECT p_group, e.message_id, e.attempts, 'max_deliver',
-               coalesce(e.last_error, 'lease expired on attempt ' || e.attempts)
-        FROM exhausted e
-        RETURNING 1
-    ), counted AS (
-        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
-        SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
     ), claimed AS (
         UPDATE @ns@.delivery_state d
         SET attempts = d.attempts + 1, visible_at = now() + v_lease, consumer = p_consumer,
@@ -135,14 +120,34 @@ BEGIN
     )
     SELECT array_agg(c.message_id), array_agg(c.attempts), array_agg(c.visible_at),
            array_agg(c.expired), array_agg(c.lease_token), array_agg(c.due),
-           (SELECT array_agg(e.key) FROM exhausted e WHERE e.key IS NOT NULL),
-           (SELECT array_agg(e.key_seq) FROM exhausted e WHERE e.key IS NOT NULL)
-    INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due, v_dead, v_dead_seq
+           (SELECT array_agg(p.message_id) FROM picked p WHERE p.attempts >= v_max)
+    INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due, x_ids
     FROM claimed c;
-    IF v_dead IS NOT NULL THEN
-        -- Dead heads leave their keys' lines: the next of each becomes its head (a statement
-        -- after the deletes, so `_advance_keys` sees them gone).
-        PERFORM @ns@._advance_keys(p_group, v_dead, v_dead_seq);
+    IF x_ids IS NOT NULL THEN
+        -- The lease of the last allowed attempt expired: dead-letter instead of delivering again.
+        -- A statement of its own, run only when there is one (the claim above holds their locks):
+        -- three more modifying CTEs on every claim cost more than this second statement does.
+        WITH exhausted AS (
+            DELETE FROM @ns@.delivery_state d
+            WHERE d.group_id = p_group AND d.message_id = ANY (x_ids)
+            RETURNING d.message_id, d.attempts, d.last_error, d.key, d.key_seq
+        ), dead AS (
+            INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
+            SELECT p_group, e.message_id, e.attempts, 'max_deliver',
+                   coalesce(e.last_error, 'lease expired on attempt ' || e.attempts)
+            FROM exhausted e
+            RETURNING 1
+        ), counted AS (
+            INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
+            SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
+        )
+        SELECT array_agg(e.key), array_agg(e.key_seq) INTO v_dead, v_dead_seq
+        FROM exhausted e WHERE e.key IS NOT NULL;
+        IF v_dead IS NOT NULL THEN
+            -- Dead heads leave their keys' lines: the next of each becomes its head (a statement
+            -- after the deletes, so `_advance_keys` sees them gone).
+            PERFORM @ns@._advance_keys(p_group, v_dead, v_dead_seq);
+        END IF;
     END IF;
     IF v_fair OR v_lined THEN
         -- A fair group's stamps are virtual, and an advanced head comes back at its old due
@@ -152,17 +157,91 @@ BEGIN
     IF c_ids IS NULL THEN
         RETURN;
     END IF;
-    -- LATERAL ... LIMIT 1: one primary-key lookup per claimed row, never a join strategy that
-    -- walks the stream's messages. EXECUTE: a one-shot plan, pruned to this stream (see above).
-    RETURN QUERY EXECUTE
-        'SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key, c.due
-         FROM unnest($1, $2, $3, $4, $5, $7) AS c (id, attempt, visible_at, expired, token, due)
-         CROSS JOIN LATERAL (
-             SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
-             WHERE mm.stream_id = $6 AND mm.id = c.id LIMIT 1
-         ) m'
-        USING c_ids, c_att, c_vis, c_exp, c_tok, sid, c_due;
+    -- The messages, through the stream's own lookup function (`_lookup_define` below): its
+    -- statement names the stream as a constant, so its cached plan holds only this stream's
+    -- partitions. The EXECUTE here plans a function call, not the lookup.
+    RETURN QUERY EXECUTE 'SELECT * FROM @ns@._lookup_s' || sid || '($1, $2, $3, $4, $5, $6)'
+        USING c_ids, c_att, c_vis, c_exp, c_tok, c_due;
 END $$;
+
+-- Each stream's message lookup for `_claim`: `@ns@._lookup_s<stream id>` takes the claimed
+-- deliveries (arrays in `_claim`'s order) and returns `_claim`'s rows, with each message's columns
+-- from one primary-key lookup (LATERAL ... LIMIT 1, never a join strategy that walks the
+-- stream's messages).
+--
+-- Why one function per stream: a lookup whose statement takes the stream as a parameter either
+-- is planned afresh on every claim (a third of a claim of ten and its ack, icount, as `_claim`
+-- did through EXECUTE until 2026-12-04) or runs on a generic plan, which holds every partition
+-- of every stream, and PostgreSQL 15 locks all of them before pruning at run time (thousands of
+-- locks per claim with many streams, which fill the server's lock table). Here the stream is a
+-- constant in the statement's text, so its cached generic plan prunes to the stream's own
+-- partitions when it is made: one plan per stream and session, re-made only when the stream's
+-- partitions change. The SET clauses pin that plan to index lookups whoever calls first; the
+-- function is not SECURITY DEFINER (`_claim`, the owner, calls it), so a runtime role calling it
+-- directly reads nothing.
+--
+-- Created by `create_stream`, re-created for every stream whenever this file is applied (below),
+-- dropped by `delete_stream`.
+CREATE OR REPLACE FUNCTION @ns@._lookup_define(p_stream integer) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f      regprocedure;
+    v_name text := '_lookup_s' || p_stream;
+    v_args text := 'uuid[], integer[], timestamptz[], boolean[], bigint[], timestamptz[]';
+    v_sets text := 'SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off '
+                   'SET plan_cache_mode = force_generic_plan';
+    v_body text;
+BEGIN
+    -- The settings are repeated in the body, so that any change to the function changes its text.
+    v_body := format($b$
+-- %s
+BEGIN
+    RETURN QUERY
+    SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key, c.due
+    FROM unnest(c_ids, c_att, c_vis, c_exp, c_tok, c_due) AS c (id, attempt, visible_at, expired, token, due)
+    CROSS JOIN LATERAL (
+        SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
+        WHERE mm.stream_id = %s AND mm.id = c.id LIMIT 1
+    ) m;
+END
+$b$, v_sets, p_stream);
+    -- Unchanged (this file re-applied for another reason): nothing to do, so a migrate() of a
+    -- namespace with thousands of streams takes no lock per stream.
+    IF EXISTS (SELECT 1 FROM pg_proc p
+               WHERE p.oid = to_regprocedure(format('@ns@.%I(%s)', v_name, v_args)) AND p.prosrc = v_body) THEN
+        RETURN;
+    END IF;
+    -- Versions with other arguments go; the current one is replaced in place (a claim running
+    -- meanwhile keeps calling the function it resolved). A new result type needs new arguments.
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = @ns_lit@::regnamespace AND p.proname = v_name
+               AND p.oid IS DISTINCT FROM to_regprocedure(format('@ns@.%I(%s)', v_name, v_args))
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', f);
+    END LOOP;
+    EXECUTE format('CREATE OR REPLACE FUNCTION @ns@.%I(c_ids uuid[], c_att integer[], c_vis timestamptz[], c_exp boolean[],
+                                                   c_tok bigint[], c_due timestamptz[])
+                    RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean,
+                                   headers jsonb, lease_expired boolean, lease_token bigint, key text, due_at timestamptz)
+                    LANGUAGE plpgsql %s AS %L', v_name, v_sets, v_body);
+    EXECUTE format('REVOKE ALL ON FUNCTION @ns@.%I(%s) FROM PUBLIC', v_name, v_args);
+END $$;
+
+-- Drops the lookup function of stream `p_stream` (`delete_stream`).
+CREATE OR REPLACE FUNCTION @ns@._lookup_drop(p_stream integer) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = @ns_lit@::regnamespace AND p.proname = '_lookup_s' || p_stream
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', f);
+    END LOOP;
+END $$;
+
+-- Every stream's lookup, as this file defines it (a stream created by a release before it has none).
+SELECT @ns@._lookup_define(s.id) FROM @ns@.streams s ORDER BY s.id;
 
 ---------------------------------------------------------------------------------------------------
 -- settle. Every settle is fenced: the delivery must still be leased (consumer set) and, when the

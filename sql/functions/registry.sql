@@ -64,6 +64,8 @@ BEGIN
                        @ns_lit@, 'messages_s' || sid, @ns_lit@, sid);
         EXECUTE format('CREATE TABLE %I.%I PARTITION OF %I.%I DEFAULT',
                        @ns_lit@, 'messages_s' || sid || '_default', @ns_lit@, 'messages_s' || sid);
+        -- `_claim`'s message lookup for this stream (delivery.sql).
+        PERFORM @ns@._lookup_define(sid);
     EXCEPTION WHEN out_of_memory THEN
         -- "out of shared memory": the lock table is full, nearly always because this transaction
         -- created hundreds of streams. Say so, with what to do, as a pgtide error.
@@ -133,6 +135,7 @@ BEGIN
     DELETE FROM @ns@.counter_deltas WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.dedupe WHERE stream_id = sid;
     EXECUTE format('DROP TABLE %I.%I', @ns_lit@, 'messages_s' || sid);
+    PERFORM @ns@._lookup_drop(sid);
     DELETE FROM @ns@.streams WHERE id = sid;
     RETURN true;
 END $$;

@@ -188,8 +188,10 @@ async fn too_many_streams_in_one_transaction_is_a_typed_error() {
 /// A claim locks its own stream's partitions, not every stream's: under a generic plan the
 /// message lookup (stream id as a parameter) made PostgreSQL 15 lock all partitions of all
 /// streams before pruning at run time — thousands of locks per claim with many streams, which
-/// filled the lock table of the whole server. `_claim` pins custom plans; this session forces
-/// generic ones, so the test fails without the pin.
+/// filled the lock table of the whole server. `_claim` reads the messages through the stream's own
+/// lookup function (`_lookup_s<id>`, whose statement names the stream as a constant, so even its
+/// generic plan holds only that stream's partitions); this session forces generic plans, so the
+/// test fails if the lookup ever takes the stream as a parameter again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_lock_their_own_stream_not_every_stream() {
     let ns = namespace().await;

@@ -317,3 +317,78 @@ async fn any_backend_migrates_a_new_namespace() {
         .await
         .unwrap();
 }
+
+/// Every stream has its own message lookup for `_claim` (`_lookup_s<stream id>`), created with
+/// the stream, runnable by no one but the namespace's functions, and dropped with the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_stream_has_its_lookup_until_it_is_deleted() {
+    let ns = namespace().await;
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    for s in ["a", "b"] {
+        ns.create_stream(s, &StreamConfig::default()).await.unwrap();
+        ns.create_group(s, "g", GroupStart::New).await.unwrap();
+        ns.publish(s, json(serde_json::json!({ "s": s })))
+            .await
+            .unwrap();
+    }
+    // (stream, lookup function, whether PUBLIC may run it)
+    let lookups = || async {
+        raw.query(
+            &format!(
+                "SELECT s.name, p.proname::text,
+                        EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                                WHERE a.grantee = 0)
+                   FROM \"{n}\".streams s
+                   LEFT JOIN pg_proc p
+                     ON p.pronamespace = $1::text::regnamespace AND p.proname = '_lookup_s' || s.id
+                  ORDER BY s.name"
+            ),
+            &[&n],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, Option<String>>(1).is_some(),
+                r.get::<_, Option<bool>>(2),
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        lookups().await,
+        [
+            ("a".to_owned(), true, Some(false)),
+            ("b".to_owned(), true, Some(false))
+        ]
+    );
+    // Claims read the payload through it.
+    let got = ns
+        .consumer("b", "g", "c")
+        .await
+        .unwrap()
+        .try_fetch(10)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&got[0].message.payload).unwrap(),
+        serde_json::json!({ "s": "b" })
+    );
+
+    assert!(ns.delete_stream("a").await.unwrap());
+    assert_eq!(lookups().await, [("b".to_owned(), true, Some(false))]);
+    let left: i64 = raw
+        .query_one(
+            "SELECT count(*) FROM pg_proc
+              WHERE pronamespace = $1::text::regnamespace AND proname ~ '^_lookup_s[0-9]+$'",
+            &[&n],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1, "delete_stream left its lookup function behind");
+}

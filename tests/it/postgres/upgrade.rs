@@ -136,12 +136,15 @@ async fn data(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String
     out
 }
 
-/// Every function and view of the namespace, with its definition (namespace name taken out).
+/// Every function and view of the namespace, with its definition (namespace name taken out),
+/// except the streams' own lookup functions (`_lookup_s<stream id>`, one per stream: see
+/// [`lookups`]).
 async fn definitions(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String, String> {
     raw.query(
         "SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',
                 replace(pg_get_functiondef(p.oid), $1::text, '<ns>')
            FROM pg_proc p WHERE p.pronamespace = $1::text::regnamespace
+            AND p.proname !~ '^_lookup_s[0-9]+$'
          UNION ALL
          SELECT 'view ' || viewname, replace(definition, $1::text, '<ns>')
            FROM pg_views WHERE schemaname = $1::text",
@@ -151,6 +154,25 @@ async fn definitions(raw: &tokio_postgres::Client, ns: &str) -> BTreeMap<String,
     .unwrap()
     .iter()
     .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// The streams' lookup functions (`_claim` reads messages through them), as `stream: function`.
+async fn lookups(raw: &tokio_postgres::Client, ns: &str) -> Vec<String> {
+    raw.query(
+        &format!(
+            "SELECT s.name || ': ' || coalesce(p.proname::text, 'none')
+               FROM \"{ns}\".streams s
+               LEFT JOIN pg_proc p
+                 ON p.pronamespace = $1::text::regnamespace AND p.proname = '_lookup_s' || s.id
+              ORDER BY s.name"
+        ),
+        &[&ns],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
     .collect()
 }
 
@@ -412,6 +434,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_key_room",
             "_lock_keys",
             "_lock_partitions",
+            "_lookup_define",
+            "_lookup_drop",
             "_maintain_budget",
             "_max_batch",
             "_migration_status",
@@ -456,6 +480,20 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
         ],
         "{added:?}"
     );
+
+    // The stream created by the released migrations got its lookup function from the upgrade.
+    let ids: Vec<String> = raw
+        .query(
+            &format!("SELECT '_lookup_s' || id FROM \"{n}\".streams"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(lookups(&raw, n).await, [format!("orders: {}", ids[0])]);
 
     // And the namespace now equals a freshly installed one.
     let fresh = namespace().await;
