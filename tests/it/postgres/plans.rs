@@ -759,3 +759,89 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
         faults.join("\n")
     );
 }
+
+/// Plans a session caches while the queue is tiny and has no statistics stay O(batch) after the
+/// backlog has grown (nothing re-plans them until statistics change): the claim's lease update,
+/// the acks and the message lookup must not come to walk the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_cached_on_a_tiny_unanalysed_queue_stay_o_batch_after_it_grows() {
+    let ns = namespace().await;
+    ns.stream_with_groups("tiny", StreamConfig::default(), &["g"])
+        .await;
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    let group: i32 = raw
+        .query_one(&format!("SELECT id FROM \"{n}\".groups"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let load = |count: i64| {
+        format!(
+            "INSERT INTO \"{n}\".messages (stream_id, id, payload, is_json)
+             SELECT s.id, \"{n}\".uuid_v7(now() - ((1000000 - i) * interval '1 ms')), '{{\"n\": 1}}', true
+             FROM \"{n}\".streams s, generate_series(1, {count}) i WHERE s.name = 'tiny';
+             INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at)
+             SELECT g.id, m.id, \"{n}\".uuid_time(m.id) - interval '1 hour'
+             FROM \"{n}\".groups g JOIN \"{n}\".messages m ON m.stream_id = g.stream_id
+             ON CONFLICT DO NOTHING;
+             INSERT INTO \"{n}\".counter_deltas (group_id, pending) SELECT id, {count} FROM \"{n}\".groups;"
+        )
+    };
+    // A hundred rows, never analysed (six rounds of ten leave some ready).
+    raw.batch_execute(&load(100)).await.unwrap();
+    let (s, mut rx) = explaining_session(&ns.url).await;
+    let claim = render(include_str!("../../../sql/claim.sql"), &n);
+    let ack_claim = render(include_str!("../../../sql/ack_claim.sql"), &n);
+    let lease_us: i64 = 30_000_000;
+    let mut faults = vec![];
+    // Six rounds on the tiny queue: past the plan cache's five custom plans.
+    let mut held: Vec<tokio_postgres::Row> = vec![];
+    for _ in 0..6 {
+        let ids: Vec<Uuid> = held.iter().map(|r| r.get("id")).collect();
+        let attempts: Vec<i32> = held.iter().map(|r| r.get("attempt")).collect();
+        let tokens: Vec<i64> = held.iter().map(|r| r.get("lease_token")).collect();
+        held = s
+            .query(
+                &ack_claim,
+                &[
+                    &group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens, &NO_FLOOR,
+                ],
+            )
+            .await
+            .unwrap();
+        while rx.try_recv().is_ok() {}
+    }
+    // The backlog grows behind the session's back, still without statistics.
+    raw.batch_execute(&load(BACKLOG)).await.unwrap();
+    for round in 0..2 {
+        let ids: Vec<Uuid> = held.iter().map(|r| r.get("id")).collect();
+        let attempts: Vec<i32> = held.iter().map(|r| r.get("attempt")).collect();
+        let tokens: Vec<i64> = held.iter().map(|r| r.get("lease_token")).collect();
+        held = s
+            .query(
+                &ack_claim,
+                &[
+                    &group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens, &NO_FLOOR,
+                ],
+            )
+            .await
+            .unwrap();
+        check_plans(
+            &mut rx,
+            &format!("ack_and_fetch after growth, round {round}"),
+            &mut faults,
+        );
+        assert_eq!(held.len(), BATCH as usize, "a short batch");
+    }
+    let rows = s
+        .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+        .await
+        .unwrap();
+    check_plans(&mut rx, "claim after growth", &mut faults);
+    assert_eq!(rows.len(), BATCH as usize);
+    assert!(
+        faults.is_empty(),
+        "O(backlog) plans:\n{}",
+        faults.join("\n")
+    );
+}
