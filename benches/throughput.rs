@@ -15,7 +15,7 @@
 //! `AMQP_URL` when built with their feature), `PGTIDE_BENCH_JSON` for the JSON report path
 //! (default `target/pgtide-bench.json`), `PGTIDE_BENCH_ONLY=statements` for the statement-mode
 //! comparison alone (prepared against unnamed statements), `=scale`, `=held-xmin` or `=collapse` for
-//! that case alone, `=ordering` for the unordered publish and consume rows with the
+//! that case alone, `=trigger` for the publish rows and the wake-up cost, `=ordering` for the unordered publish and consume rows with the
 //! ordered-group comparison, `PGTIDE_BENCH_CLAIM_FLOOR=0` for claims without the claim floor
 //! (to compare, e.g. with `=held-xmin`). The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
@@ -51,6 +51,7 @@ fn main() -> ExitCode {
         Ok("held-xmin") => Some(Only::HeldXmin),
         Ok("collapse") => Some(Only::Collapse),
         Ok("consume") => Some(Only::Consume),
+        Ok("trigger") => Some(Only::Trigger),
         _ => None,
     };
     // `PGTIDE_BENCH_CLAIM_FLOOR=1`: claims from the claim floor (off by default, as in the

@@ -166,6 +166,8 @@ pub enum Only {
     /// Consume at batch 10 and 100 against the raw DELETE loop, then the worker drain
     /// (`postgres.rs`, `workers.rs`).
     Consume,
+    /// The publish rows against raw INSERTs, then the wake-up cost (`postgres.rs`, `trigger.rs`).
+    Trigger,
 }
 
 impl BenchConfig {
@@ -392,6 +394,12 @@ impl<'a> Bench<'a> {
             if self.config.backends {
                 out.backends = self.backend_rows().await?;
             }
+        }
+        if only == Some(Only::Trigger) {
+            self.publish_cases(&mut out.baselines, &mut out.cases)
+                .await?;
+            self.trigger_cases(&mut out.baselines, &mut out.cases)
+                .await?;
         }
         if only == Some(Only::Consume) {
             let consume = self

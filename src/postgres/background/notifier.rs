@@ -1,11 +1,20 @@
-//! The coalescing notifier: publishes made by the engine's own pool do not fire the NOTIFY
-//! trigger (`pgtide.notify = off` on those connections); instead they poke the notifier, which
-//! sends one `pg_notify` per stream for everything poked while its previous NOTIFY was in flight.
-//! Coalescing costs no fixed delay: at low rates every publish is notified at once.
+//! The adaptive notifier: publishes made by the engine's own pool do not fire the NOTIFY
+//! trigger (`pgtide.notify = off` on those connections). Each publish wakes consumers one of two
+//! ways:
+//!
+//! * **in its own transaction** (`sql/publish_wake.sql`) when it is the only publish of this
+//!   process in flight and no other in-transaction notifier is committing (an advisory key
+//!   taken without waiting): nothing then contends for PostgreSQL's notify lock, and the NOTIFY
+//!   costs neither a second transaction nor a second round trip;
+//! * otherwise **coalesced**: it pokes the notifier task, which sends one `pg_notify` per stream
+//!   for everything poked while its previous NOTIFY was in flight, so concurrent publishers never
+//!   queue on the notify lock. Coalescing costs no fixed delay: at low rates every poke is sent
+//!   at once.
 //!
 //! Pending payloads live in the [`Notifier`], outside the task, so a restarted task loses none.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,14 +26,47 @@ use super::{lock, Shared, Wake};
 /// Least time between two NOTIFYs of the coalescing notifier.
 const NOTIFY_GAP: Duration = Duration::from_millis(1);
 
-/// Coalesces wake-ups into few NOTIFY statements.
+/// Coalesces wake-ups into few NOTIFY statements, and counts the publishes in flight that decide
+/// between notifying in the transaction and coalescing.
 #[derive(Default)]
 pub(crate) struct Notifier {
     pending: Mutex<BTreeSet<String>>,
     ready: Notify,
+    /// Publishes of this process between their start and their commit.
+    publishing: AtomicUsize,
+}
+
+/// One publish in flight (see [`Notifier::publishing`]); dropping it, however the publish ends,
+/// takes it off the count.
+pub(crate) struct Publishing<'a> {
+    notifier: &'a Notifier,
+    alone: bool,
+}
+
+impl Publishing<'_> {
+    /// Whether no other publish of this process was in flight when this one started: then it
+    /// may notify inside its own transaction.
+    pub(crate) fn alone(&self) -> bool {
+        self.alone
+    }
+}
+
+impl Drop for Publishing<'_> {
+    fn drop(&mut self) {
+        self.notifier.publishing.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Notifier {
+    /// Counts one publish in flight until the guard is dropped.
+    pub(crate) fn publishing(&self) -> Publishing<'_> {
+        let before = self.publishing.fetch_add(1, Ordering::Relaxed);
+        Publishing {
+            notifier: self,
+            alone: before == 0,
+        }
+    }
+
     pub(crate) fn poke(&self, wake: Wake) {
         if wake == Wake::All {
             return;
