@@ -60,7 +60,7 @@ fn ready_now(msgs: &[OutgoingMessage]) -> bool {
         m.dedupe_key.is_none()
             && m.key.is_none()
             && m.deliver_at.is_none()
-            && m.delay.is_none_or(|d| d.is_zero())
+            && m.delay.map_or(true, |d| d.is_zero())
     })
 }
 
