@@ -166,7 +166,8 @@ pub enum Only {
     /// Consume at batch 10 and 100 against the raw DELETE loop, then the worker drain
     /// (`postgres.rs`, `workers.rs`).
     Consume,
-    /// The publish rows against raw INSERTs, then the wake-up cost (`postgres.rs`, `trigger.rs`).
+    /// The publish rows against raw INSERTs, the wake-up cost, then commit → handler latency
+    /// (`postgres.rs`, `trigger.rs`, `latency.rs`).
     Trigger,
 }
 
@@ -400,6 +401,7 @@ impl<'a> Bench<'a> {
                 .await?;
             self.trigger_cases(&mut out.baselines, &mut out.cases)
                 .await?;
+            out.wakeups = self.wakeup_cases(&mut out.cases).await?;
         }
         if only == Some(Only::Consume) {
             let consume = self
