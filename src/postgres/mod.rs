@@ -301,8 +301,10 @@ impl PgBackendBuilder {
 
     /// Whether a publish that is the only one of this handle in flight sends its NOTIFY inside
     /// its own transaction (when no other in-transaction notifier is committing), rather than
-    /// through the coalescing notifier after the commit. Defaults to true. For benchmarks and
-    /// tests that compare the two ways; not a stable interface.
+    /// through the coalescing notifier after the commit. Defaults to false: measured slower
+    /// (docs/performance.md, "Wake-ups on publish"), since every such publish wakes every
+    /// listener where the notifier coalesces. For benchmarks and tests that compare the two
+    /// ways; not a stable interface.
     #[doc(hidden)]
     pub fn notify_in_transaction(mut self, enabled: bool) -> Self {
         self.notify_in_transaction = enabled;
@@ -485,7 +487,7 @@ impl PgBackend {
                 maintenance_interval: Duration::from_secs(60),
             },
             claim_floor: false,
-            notify_in_transaction: true,
+            notify_in_transaction: false,
         }
     }
 

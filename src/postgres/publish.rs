@@ -158,7 +158,8 @@ impl PgBackend {
         let msgs = crate::otel::traced(msgs);
         let msgs = &*msgs;
         // Counted from before the pool checkout, so publishers queued for a connection count as
-        // concurrent. The one publish in flight notifies in its transaction; see `notifier.rs`.
+        // concurrent. With the opt-in `notify_in_transaction`, the one publish in flight
+        // notifies in its transaction; see `notifier.rs`.
         let publishing = self.inner.background.publishing();
         let options = &self.inner.options;
         let wake = (options.notifications

@@ -3,11 +3,11 @@
 //!
 //! * floor: the engine's publish statement (`sql/publish.sql`) on raw connections with
 //!   `SET pgtide.notify = off` and no notifier: no wake-up at all;
-//! * engine: [`pgtide::PgBackend::publish`], whose pool sets `pgtide.notify = off`; a publish
-//!   alone in flight notifies inside its transaction, others poke the coalescing notifier, which
-//!   sends `pg_notify` after the commit;
-//! * engine, coalescing only: the same with every publish poking the notifier (the engine before
-//!   the in-transaction NOTIFY), so the two are compared in the same run;
+//! * engine: [`pgtide::PgBackend::publish`], whose pool sets `pgtide.notify = off` and pokes the
+//!   coalescing notifier, which sends `pg_notify` after the commit;
+//! * engine, NOTIFY in the transaction: the same on a handle built with the opt-in
+//!   `notify_in_transaction(true)`, where a publish alone in flight notifies inside its own
+//!   transaction, so the two ways are compared in the same run;
 //! * engine without wake-ups: the same on a handle built with `notifications(false)`, which
 //!   tells the engine's own overhead (pool, checks) apart from the notifier's;
 //! * SQL: the floor's statement on the same raw connections with the setting reset, so the
@@ -42,14 +42,14 @@ const FLOOR: usize = 0;
 const ENGINE: usize = 1;
 const QUIET: usize = 2;
 const SQL: usize = 3;
-const COALESCE: usize = 4;
+const IN_TRANSACTION: usize = 4;
 
 /// What the sides publish with.
 struct Sides {
     raw: Vec<Raw<PublishInput>>,
     engine: Vec<(PgBackend, OutgoingMessage)>,
     quiet: Vec<(PgBackend, OutgoingMessage)>,
-    coalesce: Vec<(PgBackend, OutgoingMessage)>,
+    in_transaction: Vec<(PgBackend, OutgoingMessage)>,
     received: Arc<AtomicU64>,
 }
 
@@ -70,16 +70,22 @@ impl Bench<'_> {
             .pool_size(PUBLISHERS[1])
             .notifications(false)
             .build()?;
-        let coalesce = PgBackend::builder(url)
+        let in_transaction = PgBackend::builder(url)
             .namespace(self.ns)
             .pool_size(PUBLISHERS[1])
-            .notify_in_transaction(false)
+            .notify_in_transaction(true)
             .build()?;
         let outcome = self
-            .trigger_with(&listener, &input, [&quiet, &coalesce], baselines, cases)
+            .trigger_with(
+                &listener,
+                &input,
+                [&quiet, &in_transaction],
+                baselines,
+                cases,
+            )
             .await;
         quiet.shutdown().await;
-        coalesce.shutdown().await;
+        in_transaction.shutdown().await;
         outcome
     }
 
@@ -87,7 +93,7 @@ impl Bench<'_> {
         &self,
         listener: &Listener,
         input: &Arc<PublishInput>,
-        [quiet, coalesce]: [&PgBackend; 2],
+        [quiet, in_transaction]: [&PgBackend; 2],
         baselines: &mut Vec<Case>,
         cases: &mut Vec<Case>,
     ) -> Step<()> {
@@ -104,7 +110,7 @@ impl Bench<'_> {
                 raw: raw_clients(&self.config.url, n, &sql, input.clone()).await?,
                 engine: vec![(self.pg.clone(), self.msg.clone()); n],
                 quiet: vec![(quiet.clone(), self.msg.clone()); n],
-                coalesce: vec![(coalesce.clone(), self.msg.clone()); n],
+                in_transaction: vec![(in_transaction.clone(), self.msg.clone()); n],
                 received: listener.received(),
             };
             let sums = self
@@ -132,7 +138,7 @@ impl Bench<'_> {
             ));
             cases.push(
                 Case::compared(
-                    format!("publish engine (adaptive notifier) vs floor, {publishers}"),
+                    format!("publish engine (notifier) vs floor, {publishers}"),
                     rate(ENGINE),
                     Unit::PerSecond,
                     rate(FLOOR),
@@ -146,15 +152,15 @@ impl Bench<'_> {
             );
             cases.push(
                 Case::against(
-                    format!("publish engine (coalescing only) vs floor, {publishers}"),
-                    rate(COALESCE),
+                    format!("publish engine (NOTIFY in the transaction) vs floor, {publishers}"),
+                    rate(IN_TRANSACTION),
                     Unit::PerSecond,
                     rate(FLOOR),
                 )
                 .note(Some(format!(
-                    "{}; the engine (adaptive) is {:.2}x this",
-                    per_100(COALESCE),
-                    rate(ENGINE) / rate(COALESCE).max(f64::MIN_POSITIVE)
+                    "{}; the engine (notifier) is {:.2}x this",
+                    per_100(IN_TRANSACTION),
+                    rate(ENGINE) / rate(IN_TRANSACTION).max(f64::MIN_POSITIVE)
                 ))),
             );
             cases.push(
@@ -190,7 +196,15 @@ async fn run_side(
     let t = match side {
         ENGINE => run_workers(sides.engine.clone(), warmup, window, publish_trigger).await?,
         QUIET => run_workers(sides.quiet.clone(), warmup, window, publish_trigger).await?,
-        COALESCE => run_workers(sides.coalesce.clone(), warmup, window, publish_trigger).await?,
+        IN_TRANSACTION => {
+            run_workers(
+                sides.in_transaction.clone(),
+                warmup,
+                window,
+                publish_trigger,
+            )
+            .await?
+        }
         _ => run_workers(sides.raw.clone(), warmup, window, raw_publish).await?,
     };
     let before = at_start.await.unwrap_or(0);

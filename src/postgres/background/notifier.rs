@@ -1,15 +1,16 @@
-//! The adaptive notifier: publishes made by the engine's own pool do not fire the NOTIFY
-//! trigger (`pgtide.notify = off` on those connections). Each publish wakes consumers one of two
-//! ways:
+//! The coalescing notifier: publishes made by the engine's own pool do not fire the NOTIFY
+//! trigger (`pgtide.notify = off` on those connections); instead they poke the notifier, which
+//! sends one `pg_notify` per stream for everything poked while its previous NOTIFY was in flight,
+//! so publishers never queue on PostgreSQL's notify lock and a busy stream costs listeners far
+//! fewer than one NOTIFY per publish. Coalescing costs no fixed delay: at low rates every poke is
+//! sent at once.
 //!
-//! * **in its own transaction** (`sql/publish_wake.sql`) when it is the only publish of this
-//!   process in flight and no other in-transaction notifier is committing (an advisory key
-//!   taken without waiting): nothing then contends for PostgreSQL's notify lock, and the NOTIFY
-//!   costs neither a second transaction nor a second round trip;
-//! * otherwise **coalesced**: it pokes the notifier task, which sends one `pg_notify` per stream
-//!   for everything poked while its previous NOTIFY was in flight, so concurrent publishers never
-//!   queue on the notify lock. Coalescing costs no fixed delay: at low rates every poke is sent
-//!   at once.
+//! Opt-in (`notify_in_transaction`, off by default): a publish that is the only one of this
+//! process in flight, and finds no other in-transaction notifier committing (an advisory key
+//! taken without waiting), sends its NOTIFY **in its own transaction** (`sql/publish_wake.sql`)
+//! and pokes nobody. It saves the notifier's transaction but gives up coalescing: measured
+//! 0.35–0.43× the coalescing notifier at one publisher with a listener connected (every publish
+//! then wakes every listener), the same at 16 (docs/performance.md).
 //!
 //! Pending payloads live in the [`Notifier`], outside the task, so a restarted task loses none.
 

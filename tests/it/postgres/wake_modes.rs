@@ -1,7 +1,7 @@
-//! The adaptive notifier's two ways of waking consumers: a publish alone in flight notifies inside
-//! its own transaction (`sql/publish_wake.sql`); a publish among others, or one that finds the
-//! advisory key taken, pokes the coalescing notifier. Either way a waiting consumer with a 1 h
-//! fallback poll must wake at once: a lost wake-up shows as a fetch that times out.
+//! The opt-in in-transaction NOTIFY (`notify_in_transaction`): a publish alone in flight notifies
+//! inside its own transaction (`sql/publish_wake.sql`); a publish among others, or one that finds
+//! the advisory key taken, pokes the coalescing notifier. Either way a waiting consumer with a
+//! 1 h fallback poll must wake at once: a lost wake-up shows as a fetch that times out.
 
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,7 @@ async fn publish_while_waiting(
 ) -> (Duration, PgBackend) {
     let publisher = handle(&ns.url, ns.namespace())
         .pool_size(concurrency)
+        .notify_in_transaction(true)
         .build()
         .unwrap();
     let waiter = tokio::spawn({
@@ -138,7 +139,10 @@ async fn sixteen_concurrent_publishers_lose_no_wake_up() {
 async fn a_batch_alone_notifies_and_wakes() {
     let ns = namespace().await;
     let (side, c) = waiting_side(&ns).await;
-    let publisher = handle(&ns.url, ns.namespace()).build().unwrap();
+    let publisher = handle(&ns.url, ns.namespace())
+        .notify_in_transaction(true)
+        .build()
+        .unwrap();
     let waiter = tokio::spawn({
         let c = c.clone();
         async move {
