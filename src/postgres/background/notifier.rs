@@ -9,7 +9,7 @@
 //! process in flight, and finds no other in-transaction notifier committing (an advisory key
 //! taken without waiting), sends its NOTIFY **in its own transaction** (`sql/publish_wake.sql`)
 //! and pokes nobody. It saves the notifier's transaction but gives up coalescing: measured
-//! 0.27–0.43× the coalescing notifier at one publisher with a listener connected (every publish
+//! 0.27–0.88× the coalescing notifier at one publisher with a listener connected (every publish
 //! then wakes every listener), 0.97–1.33× at 16 (docs/performance.md).
 //!
 //! Pending payloads live in the [`Notifier`], outside the task, so a restarted task loses none.
