@@ -15,7 +15,8 @@
 //! `AMQP_URL` when built with their feature), `PGTIDE_BENCH_JSON` for the JSON report path
 //! (default `target/pgtide-bench.json`), `PGTIDE_BENCH_ONLY=statements` for the statement-mode
 //! comparison alone (prepared against unnamed statements), `=scale`, `=held-xmin` or `=collapse` for
-//! that case alone, `=ordering` for the unordered publish and consume rows with the
+//! that case alone, `=trigger` for the publish rows, the wake-up cost and the commit → handler
+//! latency, `PGTIDE_BENCH_PHASE=<seconds>` for longer (or shorter) phases, `=ordering` for the unordered publish and consume rows with the
 //! ordered-group comparison, `PGTIDE_BENCH_CLAIM_FLOOR=0` for claims without the claim floor
 //! (to compare, e.g. with `=held-xmin`). The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
@@ -43,6 +44,15 @@ fn main() -> ExitCode {
     config.progress = true;
     // Started again with no arguments, this executable runs a worker process (see above).
     config.worker_args = Some(vec![]);
+    // `PGTIDE_BENCH_PHASE=30`: seconds per side of each comparison (longer phases for a noisy
+    // machine), as `pgtide bench --phase`.
+    if let Some(secs) = std::env::var("PGTIDE_BENCH_PHASE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+    {
+        config.phase = std::time::Duration::from_secs_f64(secs);
+    }
     let only = std::env::var("PGTIDE_BENCH_ONLY");
     config.only_ordering = matches!(only.as_deref(), Ok("ordering"));
     config.only_statement_modes = matches!(only.as_deref(), Ok("statements"));
@@ -51,6 +61,7 @@ fn main() -> ExitCode {
         Ok("held-xmin") => Some(Only::HeldXmin),
         Ok("collapse") => Some(Only::Collapse),
         Ok("consume") => Some(Only::Consume),
+        Ok("trigger") => Some(Only::Trigger),
         _ => None,
     };
     // `PGTIDE_BENCH_CLAIM_FLOOR=1`: claims from the claim floor (off by default, as in the

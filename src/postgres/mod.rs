@@ -106,6 +106,9 @@ pub(crate) struct Inner {
 pub(crate) struct Options {
     pub notifications: bool,
     pub poll_interval: Duration,
+    /// Whether a publish alone in flight may notify inside its transaction (see
+    /// `background/notifier.rs`); when off, every publish coalesces.
+    pub notify_in_transaction: bool,
 }
 
 /// How long stream metadata (payload limit) is cached before it is read again.
@@ -250,6 +253,7 @@ pub struct PgBackendBuilder {
     listen_url: Option<String>,
     scout: background::ScoutConfig,
     claim_floor: bool,
+    notify_in_transaction: bool,
 }
 
 impl std::fmt::Debug for PgBackendBuilder {
@@ -292,6 +296,18 @@ impl PgBackendBuilder {
     /// `listen_url` (a pooler is assumed), where it defaults to false.
     pub fn notifications(mut self, enabled: bool) -> Self {
         self.notifications = Some(enabled);
+        self
+    }
+
+    /// Whether a publish that is the only one of this handle in flight sends its NOTIFY inside
+    /// its own transaction (when no other in-transaction notifier is committing), rather than
+    /// through the coalescing notifier after the commit. Defaults to false: measured slower
+    /// (docs/performance.md, "Wake-ups on publish"), since every such publish wakes every
+    /// listener where the notifier coalesces. For benchmarks and tests that compare the two
+    /// ways; not a stable interface.
+    #[doc(hidden)]
+    pub fn notify_in_transaction(mut self, enabled: bool) -> Self {
+        self.notify_in_transaction = enabled;
         self
     }
 
@@ -433,6 +449,7 @@ impl PgBackendBuilder {
                 options: Options {
                     notifications,
                     poll_interval,
+                    notify_in_transaction: self.notify_in_transaction,
                 },
                 background,
             }),
@@ -470,6 +487,7 @@ impl PgBackend {
                 maintenance_interval: Duration::from_secs(60),
             },
             claim_floor: false,
+            notify_in_transaction: false,
         }
     }
 

@@ -52,6 +52,24 @@ impl Columns {
     }
 }
 
+/// Whether every message is ready at once and takes the unordered fast path: only such a batch
+/// may notify inside its transaction (`sql/publish_wake.sql`); delayed ones hint the scout
+/// through the notifier, as before.
+fn ready_now(msgs: &[OutgoingMessage]) -> bool {
+    msgs.iter().all(|m| {
+        m.dedupe_key.is_none()
+            && m.key.is_none()
+            && m.deliver_at.is_none()
+            && m.delay.map_or(true, |d| d.is_zero())
+    })
+}
+
+/// What [`PgBackend::run_publish`] wrote, and whether it notified inside the transaction.
+struct Published {
+    receipts: Vec<PublishReceipt>,
+    notified: bool,
+}
+
 /// A batch split into the fast path and the dedupe-keyed messages, with ids assigned.
 struct Plan {
     receipts: Vec<PublishReceipt>,
@@ -139,23 +157,37 @@ impl PgBackend {
         let sent_ms = chrono::Utc::now().timestamp_millis();
         let msgs = crate::otel::traced(msgs);
         let msgs = &*msgs;
+        // Counted from before the pool checkout, so publishers queued for a connection count as
+        // concurrent. With the opt-in `notify_in_transaction`, the one publish in flight
+        // notifies in its transaction; see `notifier.rs`.
+        let publishing = self.inner.background.publishing();
+        let options = &self.inner.options;
+        let wake = (options.notifications
+            && options.notify_in_transaction
+            && publishing.alone()
+            && ready_now(msgs))
+        .then(|| self.inner.background.channel());
         let mut client = self.client().await?;
-        let receipts = if msgs.iter().all(|m| m.dedupe_key.is_none()) {
+        let published = if msgs.iter().all(|m| m.dedupe_key.is_none()) {
             match self.statement_mode() {
-                StatementMode::Prepared => self.run_publish(&*client, stream, msgs).await?,
-                StatementMode::Unnamed => self.run_publish_quiet(&client, stream, msgs).await?,
+                StatementMode::Prepared => self.run_publish(&*client, stream, msgs, wake).await?,
+                StatementMode::Unnamed => {
+                    self.run_publish_quiet(&client, stream, msgs, wake).await?
+                }
             }
         } else {
             let tx = client.transaction().await?;
-            let receipts = self.run_publish(&Caller(&*tx), stream, msgs).await?;
+            let published = self.run_publish(&Caller(&*tx), stream, msgs, None).await?;
             tx.commit().await?;
-            receipts
+            published
         };
         drop(client);
-        // Our pool's connections do not fire the NOTIFY trigger: wake consumers after commit.
-        self.wake_after_publish(msgs, stream, &receipts, sent_ms);
-        metrics::published(stream, &receipts);
-        Ok(receipts)
+        drop(publishing);
+        // Our pool's connections do not fire the NOTIFY trigger: unless the publish notified in
+        // its transaction, wake consumers after commit.
+        self.wake_after_publish(msgs, stream, &published, sent_ms);
+        metrics::published(stream, &published.receipts);
+        Ok(published.receipts)
     }
 
     /// The fast path in unnamed mode: BEGIN with the trigger turned off for this transaction
@@ -167,25 +199,27 @@ impl PgBackend {
         client: &deadpool_postgres::ClientWrapper,
         stream: &str,
         msgs: &[OutgoingMessage],
-    ) -> Result<Vec<PublishReceipt>> {
-        let (begun, receipts, committed) = tokio::join!(
+        wake: Option<&str>,
+    ) -> Result<Published> {
+        let (begun, published, committed) = tokio::join!(
             client.batch_execute(QUIET_BEGIN),
-            self.run_publish(client, stream, msgs),
+            self.run_publish(client, stream, msgs, wake),
             client.batch_execute("COMMIT"),
         );
         begun?;
-        let receipts = receipts?;
+        let published = published?;
         committed?;
-        Ok(receipts)
+        Ok(published)
     }
 
     fn wake_after_publish(
         &self,
         msgs: &[OutgoingMessage],
         stream: &str,
-        receipts: &[PublishReceipt],
+        published: &Published,
         sent_ms: i64,
     ) {
+        let receipts = &published.receipts;
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut ready = false;
         let mut due: Option<i64> = None;
@@ -208,7 +242,7 @@ impl PgBackend {
                 ready = true;
             }
         }
-        if ready {
+        if ready && !published.notified {
             self.poke(Wake::Stream(stream.into()));
         }
         if let Some(ms) = due {
@@ -231,22 +265,30 @@ impl PgBackend {
         self.check_publish(stream, msgs).await?;
         let msgs = crate::otel::traced(msgs);
         let msgs = &*msgs;
-        let receipts = self.run_publish(&Caller(client), stream, msgs).await?;
+        let receipts = self
+            .run_publish(&Caller(client), stream, msgs, None)
+            .await?
+            .receipts;
         metrics::published(stream, &receipts);
         Ok(receipts)
     }
 
+    /// Runs the publish statements on `client`. `wake`, the namespace's channel, asks the fast
+    /// path to notify inside the transaction (`sql/publish_wake.sql`); it is ignored for keyed
+    /// batches, and whether the NOTIFY was sent comes back in [`Published::notified`].
     async fn run_publish<E: Exec>(
         &self,
         client: &E,
         stream: &str,
         msgs: &[OutgoingMessage],
-    ) -> Result<Vec<PublishReceipt>> {
+        wake: Option<&str>,
+    ) -> Result<Published> {
         let ctx = || Ctx {
             stream: Some(stream),
             group: None,
         };
         let mut plan = plan(msgs);
+        let mut notified = false;
         if !plan.fast.ids.is_empty() {
             let f = &plan.fast;
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![
@@ -259,17 +301,24 @@ impl PgBackend {
                 &f.delay_us,
                 &f.priority,
             ];
+            let wake = wake.filter(|_| !f.keyed());
             let statement = if f.keyed() {
                 params.push(&f.keys);
                 &self.inner.sql.publish_keyed
+            } else if let Some(channel) = &wake {
+                params.push(channel);
+                &self.inner.sql.publish_wake
             } else {
                 &self.inner.sql.publish
             };
-            let n: i64 = client
+            let row = client
                 .run_one(statement, &params)
                 .await
-                .map_err(|e| Error::from_pg(e, ctx()))?
-                .try_get(0)?;
+                .map_err(|e| Error::from_pg(e, ctx()))?;
+            let n: i64 = row.try_get(0)?;
+            if wake.is_some() {
+                notified = row.try_get(1)?;
+            }
             if n == 0 {
                 self.forget_stream(stream);
                 return Err(Error::StreamNotFound(stream.to_owned()));
@@ -300,7 +349,10 @@ impl PgBackend {
                 duplicate: row.try_get(1)?,
             };
         }
-        Ok(plan.receipts)
+        Ok(Published {
+            receipts: plan.receipts,
+            notified,
+        })
     }
 
     /// Publishes inside the caller's sqlx transaction (`&mut *tx`): the messages exist if and

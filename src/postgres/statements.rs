@@ -58,6 +58,7 @@ macro_rules! statements {
 statements! {
     // hot paths: prepared, and checked for O(batch) plans by tests/it/postgres/plans.rs
     publish => "publish.sql" [TEXT, UUID_ARRAY, BYTEA_ARRAY, BOOL_ARRAY, JSONB_ARRAY, TIMESTAMPTZ_ARRAY, INT8_ARRAY, INT4_ARRAY],
+    publish_wake => "publish_wake.sql" [TEXT, UUID_ARRAY, BYTEA_ARRAY, BOOL_ARRAY, JSONB_ARRAY, TIMESTAMPTZ_ARRAY, INT8_ARRAY, INT4_ARRAY, TEXT],
     publish_keyed => "publish_keyed.sql" [TEXT, UUID_ARRAY, BYTEA_ARRAY, BOOL_ARRAY, JSONB_ARRAY, TIMESTAMPTZ_ARRAY, INT8_ARRAY, INT4_ARRAY, TEXT_ARRAY],
     publish_one => "publish_one.sql" [TEXT, UUID, BYTEA, BOOL, JSONB, TIMESTAMPTZ, INT8, TEXT, INT4, TEXT],
     claim => "claim.sql" [INT4, INT4, TEXT, INT8, TIMESTAMPTZ],

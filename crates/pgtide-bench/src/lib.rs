@@ -166,6 +166,9 @@ pub enum Only {
     /// Consume at batch 10 and 100 against the raw DELETE loop, then the worker drain
     /// (`postgres.rs`, `workers.rs`).
     Consume,
+    /// The publish rows against raw INSERTs, the wake-up cost, then commit → handler latency
+    /// (`postgres.rs`, `trigger.rs`, `latency.rs`).
+    Trigger,
 }
 
 impl BenchConfig {
@@ -392,6 +395,13 @@ impl<'a> Bench<'a> {
             if self.config.backends {
                 out.backends = self.backend_rows().await?;
             }
+        }
+        if only == Some(Only::Trigger) {
+            self.publish_cases(&mut out.baselines, &mut out.cases)
+                .await?;
+            self.trigger_cases(&mut out.baselines, &mut out.cases)
+                .await?;
+            out.wakeups = self.wakeup_cases(&mut out.cases).await?;
         }
         if only == Some(Only::Consume) {
             let consume = self

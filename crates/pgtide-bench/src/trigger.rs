@@ -1,10 +1,13 @@
-//! What the wake-up mechanism costs a publisher (issue 3, item 1), at 1 and 16 publishers, four
+//! What the wake-up mechanism costs a publisher (issue 3, item 1), at 1 and 16 publishers, five
 //! sides alternating in rounds:
 //!
 //! * floor: the engine's publish statement (`sql/publish.sql`) on raw connections with
 //!   `SET pgtide.notify = off` and no notifier: no wake-up at all;
 //! * engine: [`pgtide::PgBackend::publish`], whose pool sets `pgtide.notify = off` and pokes the
 //!   coalescing notifier, which sends `pg_notify` after the commit;
+//! * engine, NOTIFY in the transaction: the same on a handle built with the opt-in
+//!   `notify_in_transaction(true)`, where a publish alone in flight notifies inside its own
+//!   transaction, so the two ways are compared in the same run;
 //! * engine without wake-ups: the same on a handle built with `notifications(false)`, which
 //!   tells the engine's own overhead (pool, checks) apart from the notifier's;
 //! * SQL: the floor's statement on the same raw connections with the setting reset, so the
@@ -39,12 +42,14 @@ const FLOOR: usize = 0;
 const ENGINE: usize = 1;
 const QUIET: usize = 2;
 const SQL: usize = 3;
+const IN_TRANSACTION: usize = 4;
 
 /// What the sides publish with.
 struct Sides {
     raw: Vec<Raw<PublishInput>>,
     engine: Vec<(PgBackend, OutgoingMessage)>,
     quiet: Vec<(PgBackend, OutgoingMessage)>,
+    in_transaction: Vec<(PgBackend, OutgoingMessage)>,
     received: Arc<AtomicU64>,
 }
 
@@ -65,10 +70,22 @@ impl Bench<'_> {
             .pool_size(PUBLISHERS[1])
             .notifications(false)
             .build()?;
+        let in_transaction = PgBackend::builder(url)
+            .namespace(self.ns)
+            .pool_size(PUBLISHERS[1])
+            .notify_in_transaction(true)
+            .build()?;
         let outcome = self
-            .trigger_with(&listener, &input, &quiet, baselines, cases)
+            .trigger_with(
+                &listener,
+                &input,
+                [&quiet, &in_transaction],
+                baselines,
+                cases,
+            )
             .await;
         quiet.shutdown().await;
+        in_transaction.shutdown().await;
         outcome
     }
 
@@ -76,7 +93,7 @@ impl Bench<'_> {
         &self,
         listener: &Listener,
         input: &Arc<PublishInput>,
-        quiet: &PgBackend,
+        [quiet, in_transaction]: [&PgBackend; 2],
         baselines: &mut Vec<Case>,
         cases: &mut Vec<Case>,
     ) -> Step<()> {
@@ -93,10 +110,11 @@ impl Bench<'_> {
                 raw: raw_clients(&self.config.url, n, &sql, input.clone()).await?,
                 engine: vec![(self.pg.clone(), self.msg.clone()); n],
                 quiet: vec![(quiet.clone(), self.msg.clone()); n],
+                in_transaction: vec![(in_transaction.clone(), self.msg.clone()); n],
                 received: listener.received(),
             };
             let sums = self
-                .alternate_n(4, |i, w, d| run_side(&sides, i, w, d))
+                .alternate_n(5, |i, w, d| run_side(&sides, i, w, d))
                 .await?;
             let rate = |i: usize| sums[i].0.rate();
             let per_100 = |i: usize| {
@@ -133,6 +151,19 @@ impl Bench<'_> {
                 ))),
             );
             cases.push(
+                Case::against(
+                    format!("publish engine (NOTIFY in the transaction) vs floor, {publishers}"),
+                    rate(IN_TRANSACTION),
+                    Unit::PerSecond,
+                    rate(FLOOR),
+                )
+                .note(Some(format!(
+                    "{}; the engine (notifier) is {:.2}x this",
+                    per_100(IN_TRANSACTION),
+                    rate(ENGINE) / rate(IN_TRANSACTION).max(f64::MIN_POSITIVE)
+                ))),
+            );
+            cases.push(
                 Case::compared(
                     format!("publish SQL (trigger on) vs floor, {publishers}"),
                     rate(SQL),
@@ -165,6 +196,15 @@ async fn run_side(
     let t = match side {
         ENGINE => run_workers(sides.engine.clone(), warmup, window, publish_trigger).await?,
         QUIET => run_workers(sides.quiet.clone(), warmup, window, publish_trigger).await?,
+        IN_TRANSACTION => {
+            run_workers(
+                sides.in_transaction.clone(),
+                warmup,
+                window,
+                publish_trigger,
+            )
+            .await?
+        }
         _ => run_workers(sides.raw.clone(), warmup, window, raw_publish).await?,
     };
     let before = at_start.await.unwrap_or(0);

@@ -2,7 +2,7 @@
 //!
 //! | service | job | runs |
 //! |---|---|---|
-//! | notifier | coalesces pokes from the pool's publishes into few NOTIFYs | on first publish/settle that wakes someone, or with the scout |
+//! | notifier | coalesces pokes from the pool's publishes into few NOTIFYs (opt-in: a publish alone in flight notifies in its own transaction instead) | on first publish/settle that wakes someone, or with the scout |
 //! | listener | one LISTEN connection per handle, fanned out on the wake bus | with the scout, when notifications are on |
 //! | elector | the scout lease: acquire, renew, step down, resign | on the first wait of a consumer, or `start_scout()` |
 //! | due-waker | wakes streams whose delayed work or expired leases came due | with the elector, acts only while elected |
@@ -304,6 +304,16 @@ impl Background {
     /// Publishes a wake-up to other processes through the notifier.
     pub(crate) fn poke(&self, wake: Wake) {
         self.shared.notifier.poke(wake);
+    }
+
+    /// Counts one publish in flight until the guard is dropped; see [`notifier`].
+    pub(crate) fn publishing(&self) -> notifier::Publishing<'_> {
+        self.shared.notifier.publishing()
+    }
+
+    /// The namespace's notification channel, `pgtide.<ns>`.
+    pub(crate) fn channel(&self) -> &str {
+        &self.shared.channel
     }
 
     /// A receiver of the wake bus.

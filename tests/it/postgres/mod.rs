@@ -19,5 +19,6 @@ mod sql_checks;
 mod sql_surface;
 mod tls;
 mod upgrade;
+mod wake_modes;
 mod wakeups;
 mod worker;

@@ -1,0 +1,164 @@
+//! The opt-in in-transaction NOTIFY (`notify_in_transaction`): a publish alone in flight notifies
+//! inside its own transaction (`sql/publish_wake.sql`); a publish among others, or one that finds
+//! the advisory key taken, pokes the coalescing notifier. Either way a waiting consumer with a
+//! 1 h fallback poll must wake at once: a lost wake-up shows as a fetch that times out.
+
+use std::time::{Duration, Instant};
+
+use pgtide::{PgBackend, PgConsumer, StreamConfig};
+
+use super::wakeups::{handle, until_waiting, HOUR};
+use crate::common::{json, namespace, wait_for, TestNs, WAIT};
+
+/// The advisory key every in-transaction notifier holds until its commit ends.
+const WAKE_KEY: (i32, i32) = (1_885_828_196, 1);
+
+/// A consumer side with a 1 h fallback poll whose listener is connected.
+async fn waiting_side(ns: &TestNs) -> (PgBackend, PgConsumer) {
+    ns.stream_with_groups("s", StreamConfig::default(), &["g"])
+        .await;
+    let side = handle(&ns.url, ns.namespace())
+        .poll_interval(HOUR)
+        .build()
+        .unwrap();
+    let c = side.consumer("s", "g", "c").await.unwrap();
+    assert!(c
+        .fetch(1, Duration::from_millis(1))
+        .await
+        .unwrap()
+        .is_empty());
+    wait_for(&mut side.watch_listener(), WAIT, "listener", |s| {
+        s.connected
+    })
+    .await;
+    (side, c)
+}
+
+/// Publishes `n` messages from a fresh handle, one per call, `concurrency` at a time, while the
+/// consumer waits; returns how long the first wake-up took and the publisher (for its tasks).
+async fn publish_while_waiting(
+    ns: &TestNs,
+    side: &PgBackend,
+    c: &PgConsumer,
+    n: usize,
+    concurrency: usize,
+) -> (Duration, PgBackend) {
+    let publisher = handle(&ns.url, ns.namespace())
+        .pool_size(concurrency)
+        .notify_in_transaction(true)
+        .build()
+        .unwrap();
+    let waiter = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let mut got = c.fetch(n, WAIT).await.unwrap().len();
+            let at = Instant::now();
+            // The rest (leased, never acked): every later commit must wake this consumer
+            // again, since its fallback poll is an hour away.
+            while got < n {
+                let more = c.fetch(n - got, WAIT).await.unwrap().len();
+                assert!(more > 0, "a wake-up was lost: {got} of {n} after {WAIT:?}");
+                got += more;
+            }
+            at
+        }
+    });
+    until_waiting(side, 1).await;
+    let sent = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..concurrency {
+        let publisher = publisher.clone();
+        tasks.spawn(async move {
+            for i in (worker..n).step_by(concurrency) {
+                publisher
+                    .publish("s", json(serde_json::json!(i)))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let at = waiter.await.unwrap();
+    (at - sent, publisher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_alone_notifies_in_its_transaction() {
+    let ns = namespace().await;
+    let (side, c) = waiting_side(&ns).await;
+    // Another test's in-transaction publish may hold the key for a moment: then this publish
+    // coalesces (and starts the publisher's notifier). One of a few tries must notify in its
+    // transaction, which starts no background task in the publisher.
+    let mut in_transaction = false;
+    for _ in 0..20 {
+        let (took, publisher) = publish_while_waiting(&ns, &side, &c, 1, 1).await;
+        assert!(took < Duration::from_secs(1), "woke after {took:?}");
+        if publisher.background_tasks() == 0 {
+            in_transaction = true;
+            break;
+        }
+    }
+    assert!(in_transaction, "no publish notified inside its transaction");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_finding_the_key_taken_hands_the_wake_up_to_the_notifier() {
+    let ns = namespace().await;
+    let (side, c) = waiting_side(&ns).await;
+    let mut raw = ns.raw().await;
+    let holder = raw.transaction().await.unwrap();
+    holder
+        .execute(
+            "SELECT pg_advisory_xact_lock($1, $2)",
+            &[&WAKE_KEY.0, &WAKE_KEY.1],
+        )
+        .await
+        .unwrap();
+    let (took, publisher) = publish_while_waiting(&ns, &side, &c, 1, 1).await;
+    assert!(took < Duration::from_secs(1), "woke after {took:?}");
+    assert!(
+        publisher.background_tasks() > 0,
+        "the publish should have poked the coalescing notifier"
+    );
+    holder.rollback().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_publishers_lose_no_wake_up() {
+    let ns = namespace().await;
+    let (side, c) = waiting_side(&ns).await;
+    for _ in 0..3 {
+        let (took, _publisher) = publish_while_waiting(&ns, &side, &c, 64, 16).await;
+        assert!(took < Duration::from_secs(1), "woke after {took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_alone_notifies_and_wakes() {
+    let ns = namespace().await;
+    let (side, c) = waiting_side(&ns).await;
+    let publisher = handle(&ns.url, ns.namespace())
+        .notify_in_transaction(true)
+        .build()
+        .unwrap();
+    let waiter = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let got = c.fetch(100, WAIT).await.unwrap();
+            (got.len(), Instant::now())
+        }
+    });
+    until_waiting(&side, 1).await;
+    let sent = Instant::now();
+    let batch: Vec<_> = (0..100).map(|i| json(serde_json::json!(i))).collect();
+    publisher.publish_batch("s", &batch).await.unwrap();
+    let (got, at) = waiter.await.unwrap();
+    assert!(got >= 1);
+    assert!(
+        at - sent < Duration::from_secs(1),
+        "woke after {:?}",
+        at - sent
+    );
+}
