@@ -5,34 +5,13 @@
 
 use std::time::{Duration, Instant};
 
-use pgtide::{PgBackend, PgConsumer, StreamConfig};
+use pgtide::{PgBackend, PgConsumer};
 
-use super::wakeups::{handle, until_waiting, HOUR};
-use crate::common::{json, namespace, wait_for, TestNs, WAIT};
+use super::wakeups::{handle, until_waiting, waiting_side};
+use crate::common::{json, namespace, TestNs, WAIT};
 
 /// The advisory key every in-transaction notifier holds until its commit ends.
 const WAKE_KEY: (i32, i32) = (1_885_828_196, 1);
-
-/// A consumer side with a 1 h fallback poll whose listener is connected.
-async fn waiting_side(ns: &TestNs) -> (PgBackend, PgConsumer) {
-    ns.stream_with_groups("s", StreamConfig::default(), &["g"])
-        .await;
-    let side = handle(&ns.url, ns.namespace())
-        .poll_interval(HOUR)
-        .build()
-        .unwrap();
-    let c = side.consumer("s", "g", "c").await.unwrap();
-    assert!(c
-        .fetch(1, Duration::from_millis(1))
-        .await
-        .unwrap()
-        .is_empty());
-    wait_for(&mut side.watch_listener(), WAIT, "listener", |s| {
-        s.connected
-    })
-    .await;
-    (side, c)
-}
 
 /// Publishes `n` messages from a fresh handle, one per call, `concurrency` at a time, while the
 /// consumer waits; returns how long the first wake-up took and the publisher (for its tasks).

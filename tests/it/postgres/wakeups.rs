@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use pgtide::{PgBackend, StreamConfig};
+use pgtide::{PgBackend, PgConsumer, StreamConfig};
 
-use crate::common::{json, namespace, wait_for, WAIT};
+use crate::common::{json, namespace, wait_for, TestNs, WAIT};
 
 pub(super) const HOUR: Duration = Duration::from_secs(3600);
 
@@ -28,26 +28,31 @@ pub(super) async fn until_waiting(pg: &PgBackend, n: usize) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn notification_wakes_a_waiting_consumer_without_polling() {
-    let ns = namespace().await;
+/// A consumer side with a 1 h fallback poll whose listener is connected.
+pub(super) async fn waiting_side(ns: &TestNs) -> (PgBackend, PgConsumer) {
     ns.stream_with_groups("s", StreamConfig::default(), &["g"])
         .await;
-    let consumer_side = handle(&ns.url, ns.namespace())
+    let side = handle(&ns.url, ns.namespace())
         .poll_interval(HOUR)
         .build()
         .unwrap();
-    let c = consumer_side.consumer("s", "g", "c").await.unwrap();
-    // Warm up: the listener is connected once the first wait has subscribed.
+    let c = side.consumer("s", "g", "c").await.unwrap();
     assert!(c
         .fetch(1, Duration::from_millis(1))
         .await
         .unwrap()
         .is_empty());
-    wait_for(&mut consumer_side.watch_listener(), WAIT, "listener", |s| {
+    wait_for(&mut side.watch_listener(), WAIT, "listener", |s| {
         s.connected
     })
     .await;
+    (side, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notification_wakes_a_waiting_consumer_without_polling() {
+    let ns = namespace().await;
+    let (consumer_side, c) = waiting_side(&ns).await;
 
     // 1. From another handle's pool (coalescing notifier).
     let waiter = tokio::spawn({
@@ -93,20 +98,8 @@ async fn notification_wakes_a_waiting_consumer_without_polling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_reconnects_after_its_backend_is_killed_and_misses_nothing() {
     let ns = namespace().await;
-    ns.stream_with_groups("s", StreamConfig::default(), &["g"])
-        .await;
-    let side = handle(&ns.url, ns.namespace())
-        .poll_interval(HOUR)
-        .build()
-        .unwrap();
-    let c = side.consumer("s", "g", "c").await.unwrap();
-    assert!(c
-        .fetch(1, Duration::from_millis(1))
-        .await
-        .unwrap()
-        .is_empty());
+    let (side, c) = waiting_side(&ns).await;
     let mut listener = side.watch_listener();
-    wait_for(&mut listener, WAIT, "listener", |s| s.connected).await;
     let raw = ns.raw().await;
     let channel = format!("pgtide.{}", ns.namespace());
     let killed: i64 = raw
