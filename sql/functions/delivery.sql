@@ -10,9 +10,9 @@
 -- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
 -- in `migrations/`, never here.
 
--- The result gained `lease_token` (migration 0008), `key` (0010) and `due_at`, and the arguments
--- `p_floor`: a new result type or argument list needs the DROP of the old signature (a 4-argument
--- version left beside the new one would make every 4-argument call ambiguous).
+-- The result gained `lease_token` (migration 0008), `key` (0010), `due_at` and `acked`, and the
+-- arguments `p_floor` and the acks (`p_ack_*`): a new result type or argument list needs the DROP
+-- of the old signature (a shorter version left beside the new one would make its calls ambiguous).
 --
 -- `p_floor` (the claim floor, docs/performance.md "Held xmin"): when set, the walk of the claim
 -- index starts at `visible_at >= p_floor` instead of the group's first entry. Under a held
@@ -23,11 +23,20 @@
 -- floor, which the engine makes at least once a second (`src/postgres/floor.rs`). Ordered and
 -- rate-limited groups ignore the floor. `due_at` is each claimed row's `visible_at` before the
 -- claim (when it became ready), from which the caller keeps its floor.
+--
+-- `p_ack_ids` (with `p_ack_attempts` and `p_ack_tokens`, as `_ack` takes them): deliveries to
+-- ack before the claim, in the same function (`ack_and_fetch`, sql/ack_claim.sql). One function
+-- instead of `_ack` and then `_claim` saves a call with its own `SET` block and group read, and
+-- the statement around them (docs/performance.md "One function for ack_and_fetch"). `acked` is
+-- the ids the acks removed, in a first row of its own without an id (none when the acks removed
+-- nothing); the claimed rows' `acked` is NULL.
 DROP FUNCTION IF EXISTS @ns@._claim(integer, integer, text, interval);
+DROP FUNCTION IF EXISTS @ns@._claim(integer, integer, text, interval, timestamptz);
 CREATE OR REPLACE FUNCTION @ns@._claim(p_group integer, p_limit integer, p_consumer text, p_lease interval DEFAULT NULL,
-                                       p_floor timestamptz DEFAULT NULL)
+                                       p_floor timestamptz DEFAULT NULL, p_ack_ids uuid[] DEFAULT NULL,
+                                       p_ack_attempts integer[] DEFAULT NULL, p_ack_tokens bigint[] DEFAULT NULL)
 RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean, headers jsonb,
-               lease_expired boolean, lease_token bigint, key text, due_at timestamptz)
+               lease_expired boolean, lease_token bigint, key text, due_at timestamptz, acked uuid[])
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 -- Pin the plan to an ordered scan of the claim index that stops at LIMIT, whatever the
 -- statistics say (fresh queue tables have none, and a bitmap scan plus sort of the whole
@@ -54,8 +63,6 @@ DECLARE
     v_kburst  integer;
     v_fair    boolean;
     v_lined   boolean;
-    v_dead    text[];
-    v_dead_seq bigint[];
     c_ids     uuid[];
     c_att     integer[];
     c_vis     timestamptz[];
@@ -63,6 +70,7 @@ DECLARE
     c_tok     bigint[];
     c_due     timestamptz[];
     x_ids     uuid[];
+    v_acked   uuid[];
 BEGIN
     SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight,
            g.rate, g.burst, g.key_rate, g.key_burst, g.fair, g.max_in_flight_per_key
@@ -70,6 +78,35 @@ BEGIN
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
     IF sid IS NULL THEN
         RAISE EXCEPTION 'pgtide: group id % does not exist', p_group USING ERRCODE = 'PT003';
+    END IF;
+    -- Ordered groups and groups with a per-key limit (key lines, ordering.sql).
+    v_lined := v_ordered OR v_kcap IS NOT NULL;
+    IF cardinality(p_ack_ids) > 0 THEN
+        IF v_lined THEN
+            -- Key lines: `_ack`'s own path (the acked heads' keys move on).
+            v_acked := ARRAY(SELECT a.x FROM @ns@._ack(p_group, p_ack_ids, p_ack_attempts, p_ack_tokens) AS a (x));
+        ELSE
+            -- `_ack`'s statement for groups without key lines (keep the two alike).
+            WITH done AS (
+                DELETE FROM @ns@.delivery_state d
+                USING unnest(p_ack_ids, p_ack_attempts, p_ack_tokens) AS u(id, attempt, token)
+                WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+                  AND (u.attempt IS NULL OR d.attempts = u.attempt)
+                  AND (u.token IS NULL OR d.lease_token = u.token)
+                RETURNING d.message_id
+            ), counted AS (
+                INSERT INTO @ns@.counter_deltas (group_id, pending)
+                SELECT p_group, -count(*) FROM done HAVING count(*) > 0
+            )
+            SELECT array_agg(dn.message_id) INTO v_acked FROM done dn;
+        END IF;
+        IF cardinality(v_acked) > 0 THEN
+            -- The acks in a row of their own, the first (the OUT columns but `acked` are NULL):
+            -- RETURN NEXT runs no statement, and the claimed rows do not carry the ids.
+            acked := v_acked;
+            RETURN NEXT;
+            acked := NULL;
+        END IF;
     END IF;
     IF v_cap IS NOT NULL THEN
         -- A limited group: claims take turns (the group's row lock, held to commit) and take
@@ -88,14 +125,13 @@ BEGIN
     END IF;
     IF v_rate IS NOT NULL OR v_krate IS NOT NULL THEN
         -- Rate limits: a statement of their own (flow_control.sql), off the unlimited path.
-        RETURN QUERY SELECT l.*, NULL::timestamptz FROM @ns@._claim_limited(p_group, p_limit, p_consumer, sid,
+        RETURN QUERY SELECT l.*, NULL::timestamptz, NULL::uuid[] FROM @ns@._claim_limited(p_group, p_limit, p_consumer, sid,
                                                        v_lease, v_max, v_rate, v_burst, v_krate, v_kburst) l;
         RETURN;
     END IF;
-    -- Ordered groups and groups with a per-key limit (key lines, ordering.sql): the same walk
-    -- (only heads are due), on the same cached plan; heads that die here let their keys move
-    -- on below. No floor: an advanced head comes back at its old due time.
-    v_lined := v_ordered OR v_kcap IS NOT NULL;
+    -- Key lines: the same walk (only heads are due), on the same cached plan; heads that die
+    -- here let their keys move on below. No floor: an advanced head comes back at its old due
+    -- time.
     IF v_lined THEN
         p_floor := NULL;
     END IF;
@@ -124,30 +160,10 @@ BEGIN
     INTO c_ids, c_att, c_vis, c_exp, c_tok, c_due, x_ids
     FROM claimed c;
     IF x_ids IS NOT NULL THEN
-        -- The lease of the last allowed attempt expired: dead-letter instead of delivering again.
-        -- A statement of its own, run only when there is one (the claim above holds their locks):
-        -- three more modifying CTEs on every claim cost more than this second statement does.
-        WITH exhausted AS (
-            DELETE FROM @ns@.delivery_state d
-            WHERE d.group_id = p_group AND d.message_id = ANY (x_ids)
-            RETURNING d.message_id, d.attempts, d.last_error, d.key, d.key_seq
-        ), dead AS (
-            INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
-            SELECT p_group, e.message_id, e.attempts, 'max_deliver',
-                   coalesce(e.last_error, 'lease expired on attempt ' || e.attempts)
-            FROM exhausted e
-            RETURNING 1
-        ), counted AS (
-            INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
-            SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
-        )
-        SELECT array_agg(e.key), array_agg(e.key_seq) INTO v_dead, v_dead_seq
-        FROM exhausted e WHERE e.key IS NOT NULL;
-        IF v_dead IS NOT NULL THEN
-            -- Dead heads leave their keys' lines: the next of each becomes its head (a statement
-            -- after the deletes, so `_advance_keys` sees them gone).
-            PERFORM @ns@._advance_keys(p_group, v_dead, v_dead_seq);
-        END IF;
+        -- The lease of the last allowed attempt expired: dead-letter instead of delivering again,
+        -- in a statement of its own, run only when there is one (the claim above holds their
+        -- locks): three more modifying CTEs on every claim cost more than this call does.
+        PERFORM @ns@._bury_exhausted(p_group, x_ids);
     END IF;
     IF v_fair OR v_lined THEN
         -- A fair group's stamps are virtual, and an advanced head comes back at its old due
@@ -160,8 +176,48 @@ BEGIN
     -- The messages, through the stream's own lookup function (`_lookup_define` below): its
     -- statement names the stream as a constant, so its cached plan holds only this stream's
     -- partitions. The EXECUTE here plans a function call, not the lookup.
-    RETURN QUERY EXECUTE 'SELECT * FROM @ns@._lookup_s' || sid || '($1, $2, $3, $4, $5, $6)'
-        USING c_ids, c_att, c_vis, c_exp, c_tok, c_due;
+    -- It returns `_claim`'s row type as it is (`acked` NULL: the acks have their own row), so
+    -- the rows pass through without a projection.
+    RETURN QUERY EXECUTE 'SELECT * FROM @ns@._lookup_s' || sid || '($1, $2, $3, $4, $5, $6, $7)'
+        USING c_ids, c_att, c_vis, c_exp, c_tok, c_due, NULL::uuid[];
+END $$;
+
+-- Dead-letters deliveries whose last allowed attempt's lease expired (`_claim`, `_claim_limited`):
+-- the caller picked them under lock and checked their attempts. Returns how many were buried.
+CREATE OR REPLACE FUNCTION @ns@._bury_exhausted(p_group integer, p_ids uuid[]) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
+SET jit = off
+AS $$
+DECLARE
+    v_n    integer;
+    v_keys text[];
+    v_seqs bigint[];
+BEGIN
+    WITH exhausted AS (
+        DELETE FROM @ns@.delivery_state d
+        WHERE d.group_id = p_group AND d.message_id = ANY (p_ids)
+        RETURNING d.message_id, d.attempts, d.last_error, d.key, d.key_seq
+    ), dead AS (
+        INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
+        SELECT p_group, e.message_id, e.attempts, 'max_deliver',
+               coalesce(e.last_error, 'lease expired on attempt ' || e.attempts)
+        FROM exhausted e
+        RETURNING 1
+    ), counted AS (
+        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
+        SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
+    )
+    SELECT count(*), array_agg(e.key) FILTER (WHERE e.key IS NOT NULL),
+           array_agg(e.key_seq) FILTER (WHERE e.key IS NOT NULL)
+    INTO v_n, v_keys, v_seqs
+    FROM exhausted e;
+    IF v_keys IS NOT NULL THEN
+        -- Dead heads leave their keys' lines: the next of each becomes its head (a statement
+        -- after the deletes, so `_advance_keys` sees them gone).
+        PERFORM @ns@._advance_keys(p_group, v_keys, v_seqs);
+    END IF;
+    RETURN v_n;
 END $$;
 
 -- Each stream's message lookup for `_claim`: `@ns@._lookup_s<stream id>` takes the claimed
@@ -176,8 +232,9 @@ END $$;
 -- locks per claim with many streams, which fill the server's lock table). Here the stream is a
 -- constant in the statement's text, so its cached generic plan prunes to the stream's own
 -- partitions when it is made: one plan per stream and session, re-made only when the stream's
--- partitions change. The SET clauses pin that plan to index lookups whoever calls first; the
--- function is not SECURITY DEFINER (`_claim`, the owner, calls it), so a runtime role calling it
+-- partitions change. It has no SET clauses (saving their save and restore on every claim): its
+-- only caller, `_claim`, runs it under `_claim`'s settings, which pin its plan to index lookups;
+-- it is not SECURITY DEFINER (`_claim`, the owner, calls it), so a runtime role calling it
 -- directly reads nothing.
 --
 -- Created by `create_stream`, re-created for every stream whenever this file is applied (below),
@@ -187,24 +244,22 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     f      regprocedure;
     v_name text := '_lookup_s' || p_stream;
-    v_args text := 'uuid[], integer[], timestamptz[], boolean[], bigint[], timestamptz[]';
-    v_sets text := 'SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET enable_bitmapscan = off '
-                   'SET plan_cache_mode = force_generic_plan';
+    v_args text := 'uuid[], integer[], timestamptz[], boolean[], bigint[], timestamptz[], uuid[]';
     v_body text;
 BEGIN
-    -- The settings are repeated in the body, so that any change to the function changes its text.
+    -- The first line says what changed last, so that any change to the function changes its text.
     v_body := format($b$
 -- %s
 BEGIN
     RETURN QUERY
-    SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key, c.due
+    SELECT c.id, c.attempt, c.visible_at, m.payload, m.is_json, m.headers, c.expired, c.token, m.key, c.due, c_acked
     FROM unnest(c_ids, c_att, c_vis, c_exp, c_tok, c_due) AS c (id, attempt, visible_at, expired, token, due)
     CROSS JOIN LATERAL (
         SELECT mm.payload, mm.is_json, mm.headers, mm.key FROM @ns@.messages mm
         WHERE mm.stream_id = %s AND mm.id = c.id LIMIT 1
     ) m;
 END
-$b$, v_sets, p_stream);
+$b$, 'no SET clauses: run under _claim''s settings', p_stream);
     -- Unchanged (this file re-applied for another reason): nothing to do, so a migrate() of a
     -- namespace with thousands of streams takes no lock per stream.
     IF EXISTS (SELECT 1 FROM pg_proc p
@@ -220,10 +275,11 @@ $b$, v_sets, p_stream);
         EXECUTE format('DROP FUNCTION %s', f);
     END LOOP;
     EXECUTE format('CREATE OR REPLACE FUNCTION @ns@.%I(c_ids uuid[], c_att integer[], c_vis timestamptz[], c_exp boolean[],
-                                                   c_tok bigint[], c_due timestamptz[])
+                                                   c_tok bigint[], c_due timestamptz[], c_acked uuid[])
                     RETURNS TABLE (id uuid, attempt integer, lease_expires_at timestamptz, payload bytea, is_json boolean,
-                                   headers jsonb, lease_expired boolean, lease_token bigint, key text, due_at timestamptz)
-                    LANGUAGE plpgsql %s AS %L', v_name, v_sets, v_body);
+                                   headers jsonb, lease_expired boolean, lease_token bigint, key text, due_at timestamptz,
+                                   acked uuid[])
+                    LANGUAGE plpgsql AS %L', v_name, v_body);
     EXECUTE format('REVOKE ALL ON FUNCTION @ns@.%I(%s) FROM PUBLIC', v_name, v_args);
 END $$;
 

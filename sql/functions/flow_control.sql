@@ -135,7 +135,7 @@ DECLARE
     v_take_exp  boolean[];
     v_take_keys text[];
     v_defer_keys text[];
-    v_dead_keys text[];
+    v_exhausted uuid[];
     v_dead      integer := 0;
     v_take      uuid[];
     v_defer     uuid[];
@@ -185,25 +185,12 @@ BEGIN
         RETURN;
     END IF;
 
-    -- 2.
-    WITH exhausted AS (
-        DELETE FROM @ns@.delivery_state d
-        USING unnest(v_ids, v_att) AS u (id, att)
-        WHERE d.group_id = p_group AND d.message_id = u.id AND u.att >= p_max
-        RETURNING d.message_id, d.attempts, d.last_error, d.key
-    ), dead AS (
-        INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
-        SELECT p_group, e.message_id, e.attempts, 'max_deliver',
-               coalesce(e.last_error, 'lease expired on attempt ' || e.attempts)
-        FROM exhausted e
-        RETURNING 1
-    ), counted AS (
-        INSERT INTO @ns@.counter_deltas (group_id, pending, dead)
-        SELECT p_group, -count(*), count(*) FROM dead HAVING count(*) > 0
-    )
-    SELECT count(*), array_agg(e.key) FILTER (WHERE e.key IS NOT NULL)
-    INTO v_dead, v_dead_keys FROM exhausted e;
-    PERFORM @ns@._advance_keys(p_group, v_dead_keys);
+    -- 2. Deliveries whose last allowed attempt's lease expired go to the dead letters
+    -- (delivery.sql), in a statement of its own only when there are some.
+    SELECT array_agg(u.id) INTO v_exhausted FROM unnest(v_ids, v_att) AS u (id, att) WHERE u.att >= p_max;
+    IF v_exhausted IS NOT NULL THEN
+        v_dead := @ns@._bury_exhausted(p_group, v_exhausted);
+    END IF;
 
     -- 3.
     v_n := NULL;

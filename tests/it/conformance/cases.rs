@@ -656,6 +656,17 @@ pub async fn ack_and_fetch_acks_then_claims<Q: Queue>(q: Q) {
         assert_eq!(report.lost.len(), done.len(), "{report:?}");
         assert!(report.settled.is_empty(), "{report:?}");
     }
+    // Nothing left to claim: the acks are still applied and reported.
+    let last = publish_n(&q, "ackfetch", 1).await;
+    let got = fetch_n(&c, 1).await;
+    assert_eq!(got.iter().map(|d| d.id()).collect::<Vec<_>>(), last);
+    let (report, next) = c
+        .ack_and_fetch(&got.iter().collect::<Vec<_>>(), 2)
+        .await
+        .unwrap();
+    assert_eq!(report.settled, last, "{report:?}");
+    assert!(report.lost.is_empty(), "{report:?}");
+    assert!(next.is_empty(), "claimed {next:?} from an empty group");
     assert!(c
         .fetch(10, Duration::from_millis(300))
         .await

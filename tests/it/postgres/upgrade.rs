@@ -402,6 +402,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_ack",
             "_advance_keys",
             "_apply_grant",
+            "_bury_exhausted",
             "_check",
             "_check_duration",
             "_check_grantee",
