@@ -196,9 +196,14 @@ impl VacuumStatus {
             warnings.push(w);
         }
         for t in &self.tables {
-            let many = t.dead_rows >= NEGLECTED_DEAD_ROWS && t.dead_rows as f64 >= 0.2 * t.live_rows as f64;
+            let many = t.dead_rows >= NEGLECTED_DEAD_ROWS
+                && t.dead_rows as f64 >= 0.2 * t.live_rows as f64;
             let stale = t.vacuumed_at().map_or(true, |at| {
-                self.at.signed_duration_since(at).to_std().unwrap_or_default() > NEGLECTED_AFTER
+                self.at
+                    .signed_duration_since(at)
+                    .to_std()
+                    .unwrap_or_default()
+                    > NEGLECTED_AFTER
             });
             if many && stale {
                 let last = match t.vacuumed_at() {
@@ -255,9 +260,17 @@ impl VacuumTracker {
             }
             let due = if t.autovacuum {
                 // Autovacuum keeps up while some vacuum ran within the grace of the need arising.
-                let since = *self.needed_since.entry(name.to_owned()).or_insert(status.at);
+                let since = *self
+                    .needed_since
+                    .entry(name.to_owned())
+                    .or_insert(status.at);
                 let start = t.vacuumed_at().map_or(since, |v| v.max(since));
-                status.at.signed_duration_since(start).to_std().unwrap_or_default() >= grace
+                status
+                    .at
+                    .signed_duration_since(start)
+                    .to_std()
+                    .unwrap_or_default()
+                    >= grace
             } else {
                 true
             };
@@ -371,21 +384,35 @@ mod tests {
         let mut t = table("delivery_state", 500_000, 100, true);
         t.last_autovacuum = Some(t0 - chrono::Duration::hours(1));
         let at = |secs| t0 + chrono::Duration::seconds(secs);
-        assert!(tracker.plan(&status(at(0), vec![t.clone()]), &config()).vacuum.is_empty());
-        assert!(tracker.plan(&status(at(179), vec![t.clone()]), &config()).vacuum.is_empty());
+        assert!(tracker
+            .plan(&status(at(0), vec![t.clone()]), &config())
+            .vacuum
+            .is_empty());
+        assert!(tracker
+            .plan(&status(at(179), vec![t.clone()]), &config())
+            .vacuum
+            .is_empty());
         assert_eq!(
-            tracker.plan(&status(at(180), vec![t.clone()]), &config()).vacuum,
+            tracker
+                .plan(&status(at(180), vec![t.clone()]), &config())
+                .vacuum,
             vec!["delivery_state"]
         );
         // A vacuum in between restarts the grace.
         tracker.vacuumed(&["delivery_state"]);
         t.last_vacuum = Some(at(180));
-        assert!(tracker.plan(&status(at(200), vec![t.clone()]), &config()).vacuum.is_empty());
+        assert!(tracker
+            .plan(&status(at(200), vec![t.clone()]), &config())
+            .vacuum
+            .is_empty());
         // Falling under the threshold forgets the need.
         let mut low = t.clone();
         low.dead_rows = 10;
         tracker.plan(&status(at(300), vec![low]), &config());
-        assert!(tracker.plan(&status(at(400), vec![t]), &config()).vacuum.is_empty());
+        assert!(tracker
+            .plan(&status(at(400), vec![t]), &config())
+            .vacuum
+            .is_empty());
     }
 
     #[test]
@@ -419,7 +446,10 @@ mod tests {
         denied.can_vacuum = false;
         let w = status(now, vec![denied]).warnings();
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("autovacuum is off for delivery_state"), "{w:?}");
+        assert!(
+            w[0].contains("autovacuum is off for delivery_state"),
+            "{w:?}"
+        );
         assert!(w[0].contains("may not vacuum delivery_state"), "{w:?}");
         assert!(w[1].contains("nothing vacuums it"), "{w:?}");
 
