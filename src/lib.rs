@@ -86,9 +86,9 @@ pub use crate::nats::{NatsBackend, NatsConsumer, NatsOptions};
 pub use crate::postgres::{connect_raw, redact_url, RawConnection};
 #[cfg(feature = "postgres")]
 pub use crate::postgres::{
-    migration_sql, GroupInfo, Inbox, KeyInfo, ListenerStatus, MaintenanceReport, MigrateReport,
-    PgBackend, PgBackendBuilder, PgConsumer, ScoutLease, ScoutStatus, StatementMode, StreamInfo,
-    DEFAULT_NAMESPACE,
+    migration_sql, GroupInfo, HotTable, Inbox, KeyInfo, ListenerStatus, MaintenanceReport,
+    MigrateReport, PgBackend, PgBackendBuilder, PgConsumer, ScoutLease, ScoutStatus, StatementMode,
+    StreamInfo, VacuumStatus, DEFAULT_NAMESPACE,
 };
 pub use crate::queue::{
     Capabilities, DeadLetter, Delivery, Envelope, Event, GroupStats, Headers, Message,

@@ -399,6 +399,9 @@ impl Bench<'_> {
             duration.as_secs_f64()
         ));
         let admin = super::raw::connect(&self.config.url).await?;
+        // A scout runs, as beside any consuming service (the bench's consumers never wait, so
+        // none would start one): it wakes, and vacuums the hot tables where autovacuum is off.
+        self.pg.start_scout();
         let load = self.start_load(SOAK, rate).await?;
         let maintainer = {
             let (pg, stop) = (self.pg.clone(), load.stop.clone());

@@ -624,6 +624,13 @@ pub struct ScoutArgs {
     /// How often maintenance runs (partitions, retention, dedupe window).
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub maintenance_interval: Duration,
+    /// How often the scout checks whether the hot tables need a VACUUM that autovacuum does not
+    /// run (see docs/production.md, Vacuum).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub vacuum_interval: Duration,
+    /// Never VACUUM the hot tables, even where autovacuum is off (leave it to a job of yours).
+    #[arg(long)]
+    pub no_vacuum: bool,
     /// How often the per-group gauges are refreshed (with --metrics-listen).
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     pub stats_interval: Duration,

@@ -235,6 +235,8 @@ fn postgres(global: &Global, command: &Command, url: &BackendUrl) -> CliResult<P
                 .pool_size(4)
                 .scout_ttl(args.ttl)
                 .maintenance_interval(args.maintenance_interval)
+                .vacuum_interval(args.vacuum_interval)
+                .scout_vacuum(!args.no_vacuum)
         }
         // `consume` too: its claims share the pool with this process's scout and notifier, and
         // an interrupted fetch needs no statement order on one connection (see `consume.rs`).

@@ -241,11 +241,14 @@ pub async fn run<B: Target>(b: &B, args: StatsArgs) -> CliResult {
 struct Check {
     name: &'static str,
     ok: bool,
+    /// Passes, but needs attention (shown as WARN; does not make the namespace unhealthy).
+    warn: bool,
     detail: String,
 }
 
 /// `health`: exit 0 when the database answers, the namespace is current, a scout holds the
-/// lease and (with `--max-lag`) no group lags more; exit 4 with the reasons otherwise.
+/// lease and (with `--max-lag`) no group lags more; exit 4 with the reasons otherwise. Vacuum
+/// (autovacuum off, hot tables nothing vacuums) is a warning: it degrades, it does not stop.
 pub async fn health(global: &Global, json: bool, max_lag: Option<Duration>) -> CliResult<u8> {
     let url = crate::backend::postgres_url(global, "health")?;
     let pg = crate::backend::pg_builder(global, url, Duration::from_secs(5))
@@ -253,7 +256,15 @@ pub async fn health(global: &Global, json: bool, max_lag: Option<Duration>) -> C
         .build()?;
     let ns = pg.namespace().to_owned();
     let mut checks = vec![];
-    let mut check = |name, ok, detail: String| checks.push(Check { name, ok, detail });
+    let mut vacuum_warns = false;
+    let mut check = |name, ok, detail: String| {
+        checks.push(Check {
+            name,
+            ok,
+            warn: false,
+            detail,
+        })
+    };
     match pg.is_migrated().await {
         Err(e) => check("database", false, CliError::from(e).message),
         Ok(migrated) => {
@@ -278,6 +289,23 @@ pub async fn health(global: &Global, json: bool, max_lag: Option<Duration>) -> C
                         "no scout holds the lease: run `pgtide scout` or a consuming process (delayed messages and expired leases wait for the fallback poll)".to_owned(),
                     ),
                     Err(e) => check("scout", false, CliError::from(e).message),
+                }
+                match pg.vacuum_status().await {
+                    Ok(status) => {
+                        let warnings = status.warnings();
+                        if warnings.is_empty() {
+                            check(
+                                "vacuum",
+                                true,
+                                "autovacuum is on for the hot tables and none is neglected"
+                                    .to_owned(),
+                            );
+                        } else {
+                            vacuum_warns = true;
+                            check("vacuum", true, warnings.join("; "));
+                        }
+                    }
+                    Err(e) => check("vacuum", false, CliError::from(e).message),
                 }
                 if let Some(max) = max_lag {
                     match pg.stats_all().await {
@@ -321,11 +349,14 @@ pub async fn health(global: &Global, json: bool, max_lag: Option<Duration>) -> C
         }
     }
     pg.shutdown().await;
+    for c in &mut checks {
+        c.warn = c.name == "vacuum" && vacuum_warns;
+    }
     let healthy = checks.iter().all(|c| c.ok);
     if json {
         let list: Vec<_> = checks
             .iter()
-            .map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail}))
+            .map(|c| json!({"check": c.name, "ok": c.ok, "warning": c.warn, "detail": c.detail}))
             .collect();
         println!(
             "{}",
@@ -335,7 +366,11 @@ pub async fn health(global: &Global, json: bool, max_lag: Option<Duration>) -> C
         for c in &checks {
             println!(
                 "{:<4}  {:<10}  {}",
-                if c.ok { "ok" } else { "FAIL" },
+                match (c.ok, c.warn) {
+                    (false, _) => "FAIL",
+                    (true, true) => "WARN",
+                    (true, false) => "ok",
+                },
                 c.name,
                 c.detail
             );

@@ -30,6 +30,7 @@ pub(crate) struct ScoutConfig {
     pub ttl: Duration,
     pub max_interval: Duration,
     pub maintenance_interval: Duration,
+    pub vacuum: crate::postgres::vacuum::VacuumConfig,
 }
 
 /// What this process knows about the scout role.
@@ -45,9 +46,20 @@ pub struct ScoutStatus {
     pub last_check_at: Option<DateTime<Utc>>,
     /// When maintenance last ran (leader only).
     pub last_maintenance_at: Option<DateTime<Utc>>,
+    /// When the scout last read the hot tables' statistics to decide on a vacuum (leader only;
+    /// never when the scout's vacuum is turned off).
+    pub last_vacuum_check_at: Option<DateTime<Utc>>,
+    /// When this process last vacuumed hot tables as scout.
+    pub last_vacuum_at: Option<DateTime<Utc>>,
+    /// How many hot tables this process vacuumed as scout (a table counts once per VACUUM).
+    pub vacuumed_tables: u64,
+    /// Hot tables that needed a vacuum at the last check which this process's role may not
+    /// vacuum (not their owner): the scout skips them, and they stay unvacuumed unless
+    /// autovacuum or a job of the owner does it.
+    pub vacuum_denied: Vec<String>,
     /// Lease queries that failed in a row; the scout steps down after two.
     pub failed_renewals: u32,
-    /// How many times a scout task (elector, due-waker, maintainer) failed and was restarted.
+    /// How many times a scout task (elector, due-waker, maintainer, vacuumer) failed and was restarted.
     pub restarts: u64,
     /// The last failure of a scout task, when there was one.
     pub last_error: Option<String>,

@@ -7,6 +7,7 @@
 //! | elector | the scout lease: acquire, renew, step down, resign | on the first wait of a consumer, or `start_scout()` |
 //! | due-waker | wakes streams whose delayed work or expired leases came due | with the elector, acts only while elected |
 //! | maintainer | `maintain()` every maintenance interval | with the elector, acts only while elected |
+//! | vacuumer | `VACUUM` of the hot tables that need it and autovacuum leaves alone, checked every vacuum interval | with the elector unless turned off, acts only while elected |
 //!
 //! Every service is started in one place, [`Background::ensure`], the first time the handle
 //! needs it (a handle built outside a runtime, or one that only runs migrations, starts
@@ -25,6 +26,7 @@ mod elector;
 mod listener;
 mod maintainer;
 mod notifier;
+mod vacuumer;
 pub(crate) mod wake;
 
 use std::future::Future;
@@ -72,7 +74,8 @@ pub(crate) struct Shared {
     /// How many LISTEN sessions connected: every one after the first is a reconnect.
     listener_sessions: AtomicU64,
     scout_status: watch::Sender<ScoutStatus>,
-    /// The term this process leads under; the due-waker and the maintainer act only while set.
+    /// The term this process leads under; the due-waker, the maintainer and the vacuumer act
+    /// only while set.
     elected: watch::Sender<Option<i64>>,
     lease: Mutex<elector::LeaseState>,
     /// Fetches blocked waiting for a wake-up (see [`Background::waiting`]).
@@ -85,7 +88,7 @@ pub(crate) mod services {
     pub const NOTIFIER: u8 = 1;
     /// The LISTEN connection.
     pub const LISTENER: u8 = 2;
-    /// The scout: elector, due-waker and maintainer.
+    /// The scout: elector, due-waker, maintainer and vacuumer.
     pub const SCOUT: u8 = 4;
 }
 
@@ -97,6 +100,7 @@ enum Service {
     Elector,
     DueWaker,
     Maintainer,
+    Vacuumer,
 }
 
 impl Service {
@@ -107,6 +111,7 @@ impl Service {
             Service::Elector => "scout elector",
             Service::DueWaker => "scout due-waker",
             Service::Maintainer => "scout maintainer",
+            Service::Vacuumer => "scout vacuumer",
         }
     }
 
@@ -123,6 +128,10 @@ impl Service {
             Service::DueWaker => (Duration::from_millis(100), Duration::from_secs(5)),
             Service::Maintainer => {
                 let every = scout.maintenance_interval.min(Duration::from_secs(30));
+                (every, every)
+            }
+            Service::Vacuumer => {
+                let every = scout.vacuum.interval.min(Duration::from_secs(30));
                 (every, every)
             }
         }
@@ -213,6 +222,9 @@ impl Background {
             self.spawn(Service::Elector, elector::run);
             self.spawn(Service::DueWaker, due_waker::run);
             self.spawn(Service::Maintainer, maintainer::run);
+            if self.shared.scout.vacuum.enabled {
+                self.spawn(Service::Vacuumer, vacuumer::run);
+            }
         }
         self.started.store(started | missing, Ordering::Release);
     }
@@ -364,7 +376,7 @@ impl Shared {
                 s.restarts += 1;
                 s.last_error = Some(error);
             }),
-            Service::Elector | Service::DueWaker | Service::Maintainer => {
+            Service::Elector | Service::DueWaker | Service::Maintainer | Service::Vacuumer => {
                 self.scout_status.send_modify(|s| {
                     s.restarts += 1;
                     s.last_error = Some(format!("{}: {error}", service.name()));

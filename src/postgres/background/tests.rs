@@ -31,6 +31,7 @@ fn background() -> Background {
             ttl: Duration::from_secs(10),
             max_interval: Duration::from_secs(1),
             maintenance_interval: Duration::from_secs(60),
+            vacuum: Default::default(),
         },
     })
 }

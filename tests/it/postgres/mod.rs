@@ -19,6 +19,7 @@ mod sql_checks;
 mod sql_surface;
 mod tls;
 mod upgrade;
+mod vacuum;
 mod wake_modes;
 mod wakeups;
 mod worker;

@@ -24,7 +24,7 @@ use crate::common::{eventually, json, namespace, sqlstate, unique, TestNs, WAIT}
 pub(crate) struct Role {
     pub(crate) name: String,
     /// The test database's URL with this role as the user.
-    url: String,
+    pub(crate) url: String,
     admin_url: String,
 }
 

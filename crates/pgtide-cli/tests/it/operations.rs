@@ -514,3 +514,42 @@ async fn cli_read_only_role_reads_stats_and_cannot_publish_then_is_revoked() {
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_health_warns_when_autovacuum_is_off_for_the_hot_tables() {
+    let ns = namespace().await;
+    ns.raw()
+        .await
+        .batch_execute(&format!(
+            "ALTER TABLE \"{}\".delivery_state SET (autovacuum_enabled = false)",
+            ns.namespace()
+        ))
+        .await
+        .unwrap();
+    let r = pgtide(&ns, &["health"]).await;
+    // No scout runs: that fails; the vacuum line only warns.
+    assert!(r.stdout.contains("FAIL  scout"), "{r:?}");
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("WARN  vacuum"))
+        .unwrap_or_else(|| panic!("no vacuum warning: {r:?}"));
+    assert!(
+        line.contains("autovacuum is off") && line.contains("delivery_state"),
+        "{line}"
+    );
+    let r = pgtide(&ns, &["health", "--json"]).await;
+    let checks = r.json()["checks"].clone();
+    let vacuum = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "vacuum")
+        .cloned()
+        .unwrap_or_else(|| panic!("{checks}"));
+    assert_eq!(
+        (&vacuum["ok"], &vacuum["warning"]),
+        (&serde_json::json!(true), &serde_json::json!(true)),
+        "{vacuum}"
+    );
+}
