@@ -28,4 +28,4 @@ FROM @ns@.delivery_state d JOIN @ns@.groups g ON g.id = d.group_id
 WHERE g.ordered AND d.key IS NOT NULL;
 DROP INDEX @ns@.delivery_state_key;
 CREATE INDEX delivery_state_key ON @ns@.delivery_state (group_id, key, key_seq)
-    WHERE key_limited OR (key IS NOT NULL AND visible_at >= '5000-01-01 00:00:00+00');
+    WHERE key IS NOT NULL AND (key_limited OR visible_at >= '5000-01-01 00:00:00+00');

@@ -109,6 +109,7 @@ AS $$
 DECLARE
     n       bigint;
     v_cap   integer;
+    v_fresh text[];
 BEGIN
     IF NOT coalesce((SELECT g.ordered FROM @ns@.groups g WHERE g.id = p_group), false) THEN
         -- A per-key limit (up to N heads per key): `set_max_in_flight_per_key` changes it under
@@ -149,27 +150,27 @@ BEGIN
         RETURN n;
     END IF;
     PERFORM @ns@._lock_keys(p_group, p_keys);
-    -- `key_seq` is taken in array order (volatile output expressions are computed after the
-    -- sort), under the keys' locks: a key's line is the order its publishes committed. A key
-    -- with no delivery in the group (no `key_heads` row: one unique probe per key of the batch)
-    -- gets the batch's first as its head, and its row.
-    WITH u AS MATERIALIZED (
-        SELECT x.id, x.key, x.visible, x.i, min(x.i) OVER (PARTITION BY x.key) AS first
-        FROM unnest(p_ids, p_keys, p_visible) WITH ORDINALITY AS x (id, key, visible, i)
-        WHERE x.key IS NOT NULL
-    ), fresh AS (
+    -- A key with no delivery in the group has no `key_heads` row: inserting one (one unique
+    -- probe per key of the batch, under the key's lock) says which keys get a head.
+    WITH fresh AS (
         INSERT INTO @ns@.key_heads (group_id, key)
-        SELECT p_group, u.key FROM u WHERE u.i = u.first
+        SELECT p_group, k FROM unnest(p_keys) k WHERE k IS NOT NULL
         ON CONFLICT (group_id, key) DO NOTHING
         RETURNING key
     )
+    SELECT array_agg(f.key) INTO v_fresh FROM fresh f;
+    -- `key_seq` is taken in array order (volatile output expressions are computed after the
+    -- sort), under the keys' locks: a key's line is the order its publishes committed. A fresh
+    -- key's first message of the batch is its head; the others join the line.
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
     SELECT p_group, u.id,
-           CASE WHEN u.i = u.first AND u.key IN (SELECT f.key FROM fresh f)
+           CASE WHEN u.i = u.first AND u.key = ANY (v_fresh)
                 THEN u.visible
                 ELSE u.visible + @ns@._parked_offset() END,
            u.key, nextval('@ns@.key_seq')
-    FROM u
+    FROM (SELECT x.id, x.key, x.visible, x.i, min(x.i) OVER (PARTITION BY x.key) AS first
+          FROM unnest(p_ids, p_keys, p_visible) WITH ORDINALITY AS x (id, key, visible, i)
+          WHERE x.key IS NOT NULL) u
     ORDER BY u.i
     ON CONFLICT (group_id, message_id) DO NOTHING;
     GET DIAGNOSTICS n = ROW_COUNT;
