@@ -97,7 +97,10 @@ $$;
 -- Queues deliveries of keyed messages in the ordered group `p_group`, in array order: a message
 -- whose key has no delivery in the group yet becomes the key's head (visible at `p_visible`);
 -- the others join the end of their key's line. Elements with a NULL key are skipped (the
--- caller queues them as plain deliveries). A message already pending in the group is skipped.
+-- caller queues them as plain deliveries). In a group with a per-key limit a message already
+-- pending in the group is skipped; in an ordered group the ids must not be pending there (a
+-- publish's are new; `_replay_dead` passes those that are as keyless): the arbiter check of an
+-- ON CONFLICT costs a keyed publish as much as the probe `key_heads` saves.
 -- Counters are the caller's.
 CREATE OR REPLACE FUNCTION @ns@._enqueue_keyed(p_group integer, p_ids uuid[], p_keys text[],
                                                p_visible timestamptz[])
@@ -171,8 +174,7 @@ BEGIN
     FROM (SELECT x.id, x.key, x.visible, x.i, min(x.i) OVER (PARTITION BY x.key) AS first
           FROM unnest(p_ids, p_keys, p_visible) WITH ORDINALITY AS x (id, key, visible, i)
           WHERE x.key IS NOT NULL) u
-    ORDER BY u.i
-    ON CONFLICT (group_id, message_id) DO NOTHING;
+    ORDER BY u.i;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;
