@@ -801,7 +801,14 @@ async fn namespace_at_0014_with_key_lines_upgrades_to_key_heads() {
         .await
         .unwrap();
     let got: Vec<(String, i32)> = leased.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(got, [("0".to_owned(), 1), ("1".to_owned(), 1), ("2".to_owned(), 1)]);
+    assert_eq!(
+        got,
+        [
+            ("0".to_owned(), 1),
+            ("1".to_owned(), 1),
+            ("2".to_owned(), 1)
+        ]
+    );
     // Back to 0014's schema: its key index (every keyed delivery), no `key_heads`, 0015 not
     // applied, and every function file due again.
     raw.batch_execute(&format!(
@@ -824,7 +831,10 @@ async fn namespace_at_0014_with_key_lines_upgrades_to_key_heads() {
          WHERE h.group_id = \"{n}\".group_id('orders', 'ord')"
     );
     let heads: String = raw.query_one(&heads_sql, &[]).await.unwrap().get(0);
-    assert_eq!(heads, "k0,k1,k2", "one key_heads row per key of the ordered group");
+    assert_eq!(
+        heads, "k0,k1,k2",
+        "one key_heads row per key of the ordered group"
+    );
     let others: i64 = raw
         .query_one(
             &format!(
