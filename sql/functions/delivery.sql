@@ -533,7 +533,11 @@ BEGIN
         RETURN;
     END IF;
     IF v_ordered THEN
-        SELECT array_agg(m.key ORDER BY u.i) INTO v_keys
+        -- A message somehow pending in the group already goes as keyless, so that the insert
+        -- below skips it (`_enqueue_keyed` expects ids not pending in an ordered group).
+        SELECT array_agg(CASE WHEN EXISTS (SELECT 1 FROM @ns@.delivery_state p
+                                           WHERE p.group_id = p_group AND p.message_id = u.id)
+                              THEN NULL ELSE m.key END ORDER BY u.i) INTO v_keys
         FROM unnest(v_ids) WITH ORDINALITY AS u (id, i)
         LEFT JOIN LATERAL (SELECT mm.key FROM @ns@.messages mm
                            WHERE mm.stream_id = v_stream AND mm.id = u.id LIMIT 1) m ON true;

@@ -10,12 +10,17 @@
 -- then hash of the key), and read the line only after holding it: an advance never misses a
 -- delivery published concurrently, and two publishers of a new key never both make a head.
 --
--- One index, `delivery_state_key (group_id, key, key_seq) WHERE key IS NOT NULL` (migration
--- 0014), holds every delivery of a key in line order, and the heads come first: a delivery is
--- made a head only when its key has no delivery at all in the group, or (per-key limit) room
--- and no waiting delivery, or as the first of the line; heads stay heads until they leave. So
--- the first entry of a key says whether it has a head, the first N entries count its heads
--- under a limit N, and the first waiting entry is the next head.
+-- Ordered groups (migration 0015): `key_heads (group_id, key)` has a row while the key has a
+-- delivery in the group (its head, and maybe a line behind it), inserted by the publish that
+-- makes the head and deleted by the advance that finds the line empty, both under the key's
+-- lock; bulk paths reconcile it (`_repair_keys`). `delivery_state_key (group_id, key, key_seq)`
+-- holds the waiting deliveries of every line in line order (the first is the next head), but
+-- not the heads of ordered groups: claiming and advancing a head writes no entry there.
+--
+-- Groups with a per-key limit (migration 0013) keep every keyed delivery in that index
+-- (`key_limited`), and the heads come first: a delivery is made a head only when its key has no
+-- delivery at all in the group, or room and no waiting delivery, or as the first of the line;
+-- heads stay heads until they leave. So the first N entries count its heads under a limit N.
 --
 -- `migrate()` re-applies this file (after the versioned migrations, in one transaction with the
 -- other function files, under the namespace's migration lock) whenever its text changes; the
@@ -84,7 +89,7 @@ CREATE OR REPLACE FUNCTION @ns@._key_room(p_group integer, p_key text, p_cap int
 LANGUAGE sql STABLE AS $$
     SELECT greatest(p_cap - (SELECT count(*) FILTER (WHERE x.visible_at < @ns@._parked_bound()) FROM (
         SELECT h.visible_at FROM @ns@.delivery_state h
-        WHERE h.group_id = p_group AND h.key = p_key
+        WHERE h.group_id = p_group AND h.key = p_key AND h.key_limited
         ORDER BY h.key_seq
         LIMIT p_cap) x)::integer, 0)
 $$;
@@ -92,7 +97,10 @@ $$;
 -- Queues deliveries of keyed messages in the ordered group `p_group`, in array order: a message
 -- whose key has no delivery in the group yet becomes the key's head (visible at `p_visible`);
 -- the others join the end of their key's line. Elements with a NULL key are skipped (the
--- caller queues them as plain deliveries). A message already pending in the group is skipped.
+-- caller queues them as plain deliveries). In a group with a per-key limit a message already
+-- pending in the group is skipped; in an ordered group the ids must not be pending there (a
+-- publish's are new; `_replay_dead` passes those that are as keyless): the arbiter check of an
+-- ON CONFLICT costs a keyed publish as much as the probe `key_heads` saves.
 -- Counters are the caller's.
 CREATE OR REPLACE FUNCTION @ns@._enqueue_keyed(p_group integer, p_ids uuid[], p_keys text[],
                                                p_visible timestamptz[])
@@ -104,6 +112,7 @@ AS $$
 DECLARE
     n       bigint;
     v_cap   integer;
+    v_fresh text[];
 BEGIN
     IF NOT coalesce((SELECT g.ordered FROM @ns@.groups g WHERE g.id = p_group), false) THEN
         -- A per-key limit (up to N heads per key): `set_max_in_flight_per_key` changes it under
@@ -133,7 +142,7 @@ BEGIN
             CROSS JOIN LATERAL (
                 SELECT CASE WHEN coalesce((SELECT l.visible_at >= @ns@._parked_bound()
                                            FROM @ns@.delivery_state l
-                                           WHERE l.group_id = p_group AND l.key = u.key
+                                           WHERE l.group_id = p_group AND l.key = u.key AND l.key_limited
                                            ORDER BY l.key_seq DESC LIMIT 1), false)
                             THEN 0 ELSE @ns@._key_room(p_group, u.key, v_cap) END AS free
             ) f
@@ -144,24 +153,28 @@ BEGIN
         RETURN n;
     END IF;
     PERFORM @ns@._lock_keys(p_group, p_keys);
+    -- A key with no delivery in the group has no `key_heads` row: inserting one (one unique
+    -- probe per key of the batch, under the key's lock) says which keys get a head.
+    WITH fresh AS (
+        INSERT INTO @ns@.key_heads (group_id, key)
+        SELECT p_group, k FROM unnest(p_keys) k WHERE k IS NOT NULL
+        ON CONFLICT (group_id, key) DO NOTHING
+        RETURNING key
+    )
+    SELECT array_agg(f.key) INTO v_fresh FROM fresh f;
     -- `key_seq` is taken in array order (volatile output expressions are computed after the
-    -- sort), under the keys' locks: a key's line is the order its publishes committed. A key
-    -- with no delivery in the group (neither head nor line) gets the batch's first as its head.
-    -- A scalar subquery, not NOT EXISTS: the planner may run an EXISTS as one hash of every
-    -- delivery of the group per statement (O(backlog)); a scalar one is always a probe.
+    -- sort), under the keys' locks: a key's line is the order its publishes committed. A fresh
+    -- key's first message of the batch is its head; the others join the line.
     INSERT INTO @ns@.delivery_state (group_id, message_id, visible_at, key, key_seq)
     SELECT p_group, u.id,
-           CASE WHEN u.i = u.first
-                     AND (SELECT true FROM @ns@.delivery_state h
-                          WHERE h.group_id = p_group AND h.key = u.key LIMIT 1) IS NULL
+           CASE WHEN u.i = u.first AND u.key = ANY (v_fresh)
                 THEN u.visible
                 ELSE u.visible + @ns@._parked_offset() END,
            u.key, nextval('@ns@.key_seq')
     FROM (SELECT x.id, x.key, x.visible, x.i, min(x.i) OVER (PARTITION BY x.key) AS first
           FROM unnest(p_ids, p_keys, p_visible) WITH ORDINALITY AS x (id, key, visible, i)
           WHERE x.key IS NOT NULL) u
-    ORDER BY u.i
-    ON CONFLICT (group_id, message_id) DO NOTHING;
+    ORDER BY u.i;
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;
@@ -172,9 +185,13 @@ END $$;
 -- how many heads it made. SQL callers' consumers are woken at commit; the engine's pool (whose
 -- connections set `pgtide.notify = off`) wakes them itself.
 --
+-- In an ordered group the keys' heads have left (settles and dead letters call this after
+-- deleting them; one head per key): a key whose line is empty has no delivery left, and its
+-- `key_heads` row goes. Bulk paths call `_repair_keys` instead.
+--
 -- `p_after` (optional, one element per key): the `key_seq` of the head that left. In an ordered
 -- group nothing of the key is left below it (it was the first), so the lookup of the next one
--- starts past it, above the index entries that the key's earlier heads left behind.
+-- starts past it, above the index entries that the key's earlier promoted deliveries left behind.
 DROP FUNCTION IF EXISTS @ns@._advance_keys(integer, text[]);
 CREATE OR REPLACE FUNCTION @ns@._advance_keys(p_group integer, p_keys text[], p_after bigint[] DEFAULT NULL)
 RETURNS bigint
@@ -209,20 +226,29 @@ BEGIN
         WHERE d.group_id = p_group AND d.message_id = nxt.message_id;
         GET DIAGNOSTICS n = ROW_COUNT;
     ELSE
-        -- The key's first delivery: its head if it has one, else the first of its line.
-        UPDATE @ns@.delivery_state d
-        SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
-        FROM (SELECT x.k, min(x.after) AS after FROM unnest(p_keys, p_after) AS x (k, after)
-              WHERE x.k IS NOT NULL GROUP BY x.k) k
-        CROSS JOIN LATERAL (
-            SELECT l.message_id, l.visible_at FROM @ns@.delivery_state l
-            WHERE l.group_id = p_group AND l.key = k.k
-              AND l.key_seq > coalesce(k.after, '-9223372036854775808'::bigint)
-            ORDER BY l.key_seq LIMIT 1
-        ) nxt
-        WHERE d.group_id = p_group AND d.message_id = nxt.message_id
-          AND nxt.visible_at >= @ns@._parked_bound();
-        GET DIAGNOSTICS n = ROW_COUNT;
+        -- Each key's first waiting delivery becomes its head; a key without one has no delivery
+        -- left in the group, and loses its `key_heads` row.
+        WITH nxt AS MATERIALIZED (
+            SELECT k.k, w.message_id
+            FROM (SELECT x.k, min(x.after) AS after FROM unnest(p_keys, p_after) AS x (k, after)
+                  WHERE x.k IS NOT NULL GROUP BY x.k) k
+            LEFT JOIN LATERAL (
+                SELECT l.message_id FROM @ns@.delivery_state l
+                WHERE l.group_id = p_group AND l.key = k.k AND l.visible_at >= @ns@._parked_bound()
+                  AND l.key_seq > coalesce(k.after, '-9223372036854775808'::bigint)
+                ORDER BY l.key_seq LIMIT 1
+            ) w ON true
+        ), moved AS (
+            UPDATE @ns@.delivery_state d
+            SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
+            FROM nxt
+            WHERE d.group_id = p_group AND d.message_id = nxt.message_id
+            RETURNING 1
+        ), emptied AS (
+            DELETE FROM @ns@.key_heads h USING nxt
+            WHERE nxt.message_id IS NULL AND h.group_id = p_group AND h.key = nxt.k
+        )
+        SELECT count(*) INTO n FROM moved;
     END IF;
     IF n > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
         PERFORM pg_notify('pgtide.' || @ns_lit@, s.name)
@@ -232,16 +258,58 @@ BEGIN
 END $$;
 
 -- After a bulk change to an ordered group (a reset, a trim, retention, a group created from the
--- oldest message): every key whose line has no head gets one. Walks the group's waiting
--- deliveries once: an administrative path, never a claim's.
+-- oldest message): every key whose line has no head gets one, and `key_heads` is made to match
+-- the group's deliveries (a row for each key with one, none for the others), under the locks of
+-- every key concerned. Walks the group's keyed deliveries: an administrative path, never a
+-- claim's. Groups with a per-key limit: each key gets the heads it has room for.
 CREATE OR REPLACE FUNCTION @ns@._repair_keys(p_group integer) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_keys text[];
+    n      bigint;
 BEGIN
-    SELECT array_agg(DISTINCT l.key) INTO v_keys FROM @ns@.delivery_state l
-    WHERE l.group_id = p_group AND l.key IS NOT NULL AND l.visible_at >= @ns@._parked_bound();
-    RETURN @ns@._advance_keys(p_group, v_keys);
+    IF NOT @ns@._is_ordered(p_group) THEN
+        SELECT array_agg(DISTINCT l.key) INTO v_keys FROM @ns@.delivery_state l
+        WHERE l.group_id = p_group AND l.key IS NOT NULL AND l.visible_at >= @ns@._parked_bound();
+        RETURN @ns@._advance_keys(p_group, v_keys);
+    END IF;
+    SELECT array_agg(DISTINCT x.key) INTO v_keys FROM (
+        SELECT h.key::text AS key FROM @ns@.key_heads h WHERE h.group_id = p_group
+        UNION ALL
+        SELECT d.key FROM @ns@.delivery_state d WHERE d.group_id = p_group AND d.key IS NOT NULL) x;
+    IF v_keys IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM @ns@._lock_keys(p_group, v_keys);
+    -- Read again under the locks: publishes and settles of these keys wait for them.
+    WITH present AS MATERIALIZED (
+        SELECT d.key, bool_or(d.visible_at < @ns@._parked_bound()) AS headed,
+               min(d.key_seq) FILTER (WHERE d.visible_at >= @ns@._parked_bound()) AS first_seq
+        FROM @ns@.delivery_state d
+        WHERE d.group_id = p_group AND d.key = ANY (v_keys)
+        GROUP BY d.key
+    ), moved AS (
+        UPDATE @ns@.delivery_state d
+        SET visible_at = greatest(now(), d.visible_at - @ns@._parked_offset())
+        FROM present p
+        WHERE NOT p.headed AND d.group_id = p_group AND d.key = p.key AND d.key_seq = p.first_seq
+          AND d.visible_at >= @ns@._parked_bound()
+        RETURNING 1
+    ), gone AS (
+        DELETE FROM @ns@.key_heads h
+        WHERE h.group_id = p_group AND h.key = ANY (v_keys)
+          AND NOT EXISTS (SELECT 1 FROM present p WHERE p.key = h.key)
+    ), added AS (
+        INSERT INTO @ns@.key_heads (group_id, key)
+        SELECT p_group, p.key FROM present p
+        ON CONFLICT (group_id, key) DO NOTHING
+    )
+    SELECT count(*) INTO n FROM moved;
+    IF n > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+        PERFORM pg_notify('pgtide.' || @ns_lit@, s.name)
+        FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
+    END IF;
+    RETURN n;
 END $$;
 
 -- Whether group `p_group` is ordered (false for a missing group).

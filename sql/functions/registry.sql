@@ -130,6 +130,7 @@ BEGIN
     PERFORM 1 FROM @ns@.streams WHERE id = sid FOR UPDATE;
     IF NOT FOUND THEN RETURN false; END IF;
     DELETE FROM @ns@.delivery_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    DELETE FROM @ns@.key_heads WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.dead_letter_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.group_counters WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.counter_deltas WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
@@ -290,6 +291,7 @@ BEGIN
         PERFORM 1 FROM @ns@.streams s WHERE s.id = sid FOR NO KEY UPDATE;
     END IF;
     DELETE FROM @ns@.delivery_state WHERE group_id = gid;
+    DELETE FROM @ns@.key_heads WHERE group_id = gid;
     DELETE FROM @ns@.dead_letter_state WHERE group_id = gid;
     DELETE FROM @ns@.group_counters WHERE group_id = gid;
     DELETE FROM @ns@.counter_deltas WHERE group_id = gid;
@@ -319,6 +321,8 @@ BEGIN
     SELECT count(*) INTO n FROM @ns@.delivery_state
     WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.delivery_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
+    -- Every key of the stream's ordered groups is left without deliveries (ordering.sql).
+    DELETE FROM @ns@.key_heads WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.dead_letter_state WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.counter_deltas WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     UPDATE @ns@.group_counters SET pending = 0, dead = 0

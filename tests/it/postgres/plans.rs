@@ -471,6 +471,9 @@ async fn keyed_group_statements_stay_o_batch(config: pgtide::GroupConfig, heads:
                          ELSE \"{n}\"._parked_offset() END,
                 m.key, row_number() OVER (ORDER BY m.id), {limited}::boolean
          FROM \"{n}\".groups g JOIN \"{n}\".messages m ON m.stream_id = g.stream_id;
+         INSERT INTO \"{n}\".key_heads (group_id, key)
+         SELECT DISTINCT d.group_id, d.key FROM \"{n}\".delivery_state d
+         JOIN \"{n}\".groups g ON g.id = d.group_id WHERE g.ordered;
          SELECT setval('\"{n}\".key_seq', {BACKLOG});
          INSERT INTO \"{n}\".counter_deltas (group_id, pending) SELECT id, {BACKLOG} FROM \"{n}\".groups;
          ANALYZE \"{n}\".messages, \"{n}\".delivery_state, \"{n}\".streams, \"{n}\".groups;"

@@ -285,7 +285,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "0011_flow_control".to_owned(),
             "0012_fair_share".to_owned(),
             "0013_key_concurrency".to_owned(),
-            "0014_key_index".to_owned()
+            "0014_key_index".to_owned(),
+            "0015_key_heads".to_owned()
         ]
     );
     assert_eq!(report.sql_files, FILES);
@@ -668,12 +669,13 @@ async fn namespace_at_0013_with_key_lines_upgrades_to_one_key_index() {
     ))
     .await
     .unwrap();
-    // Back to 0013's schema: its three key indexes, no `streams.fair`, 0014 not applied, and
-    // every function file due again.
+    // Back to 0013's schema: its three key indexes, no `streams.fair`, no `key_heads`, 0014 and
+    // 0015 not applied, and every function file due again.
     raw.batch_execute(&format!(
         "DROP INDEX \"{n}\".delivery_state_key;
+             DROP TABLE \"{n}\".key_heads;
              ALTER TABLE \"{n}\".streams DROP COLUMN fair;
-             DELETE FROM \"{n}\"._sqlx_migrations WHERE version = 14;
+             DELETE FROM \"{n}\"._sqlx_migrations WHERE version >= 14;
              UPDATE \"{n}\"._pgtide_sql SET checksum = '\\x00';
              {}",
         KEY_INDEXES_0013.replace("@ns@", &format!("\"{n}\""))
@@ -683,7 +685,10 @@ async fn namespace_at_0013_with_key_lines_upgrades_to_one_key_index() {
     assert!(!ns.is_migrated().await.unwrap());
 
     let report = ns.migrate().await.unwrap();
-    assert_eq!(report.migrations, vec!["0014_key_index".to_owned()]);
+    assert_eq!(
+        report.migrations,
+        vec!["0014_key_index".to_owned(), "0015_key_heads".to_owned()]
+    );
     assert!(ns.is_migrated().await.unwrap());
     let indexes: Vec<String> = raw
         .query(
@@ -764,4 +769,155 @@ async fn namespace_at_0013_with_key_lines_upgrades_to_one_key_index() {
             .collect::<Vec<_>>()
     );
     assert_eq!(read("fair").await.len(), 12);
+}
+
+/// A namespace at migration 0014 whose ordered group holds live key lines (heads in flight,
+/// waiting deliveries behind them) and whose per-key limited group holds lines too upgrades to
+/// 0015: `key_heads` gets one row per key of the ordered group, the key index loses the ordered
+/// heads, and the lines move on in publish order; a key whose line empties loses its row, and
+/// its next publish is its head again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_at_0014_with_key_lines_upgrades_to_key_heads() {
+    let ns = namespace().await;
+    let raw = ns.raw().await;
+    let n = ns.namespace().to_owned();
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('orders');
+         SELECT \"{n}\".create_group('orders', 'ord', ordered => true);
+         SELECT \"{n}\".create_group('orders', 'lim', max_in_flight_per_key => 2);
+         SELECT \"{n}\".publish('orders', jsonb_build_object('k', k, 'i', i), key => 'k' || k)
+         FROM generate_series(1, 4) i, generate_series(0, 2) k ORDER BY i, k;"
+    ))
+    .await
+    .unwrap();
+    // The ordered group's heads in flight across the upgrade.
+    let leased = raw
+        .query(
+            &format!(
+                "SELECT r.payload->>'k', (r.payload->>'i')::int, r.id, r.lease_token
+                 FROM \"{n}\".read('orders', 'ord', 'c', 100) r ORDER BY 1"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i32)> = leased.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        got,
+        [
+            ("0".to_owned(), 1),
+            ("1".to_owned(), 1),
+            ("2".to_owned(), 1)
+        ]
+    );
+    // Back to 0014's schema: its key index (every keyed delivery), no `key_heads`, 0015 not
+    // applied, and every function file due again.
+    raw.batch_execute(&format!(
+        "DROP TABLE \"{n}\".key_heads;
+         DROP INDEX \"{n}\".delivery_state_key;
+         CREATE INDEX delivery_state_key ON \"{n}\".delivery_state (group_id, key, key_seq)
+             WHERE key IS NOT NULL;
+         DELETE FROM \"{n}\"._sqlx_migrations WHERE version = 15;
+         UPDATE \"{n}\"._pgtide_sql SET checksum = '\\x00';"
+    ))
+    .await
+    .unwrap();
+    assert!(!ns.is_migrated().await.unwrap());
+
+    let report = ns.migrate().await.unwrap();
+    assert_eq!(report.migrations, vec!["0015_key_heads".to_owned()]);
+    assert!(ns.is_migrated().await.unwrap());
+    let heads_sql = format!(
+        "SELECT coalesce(string_agg(h.key, ',' ORDER BY h.key), '') FROM \"{n}\".key_heads h
+         WHERE h.group_id = \"{n}\".group_id('orders', 'ord')"
+    );
+    let heads: String = raw.query_one(&heads_sql, &[]).await.unwrap().get(0);
+    assert_eq!(
+        heads, "k0,k1,k2",
+        "one key_heads row per key of the ordered group"
+    );
+    let others: i64 = raw
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{n}\".key_heads h
+                 WHERE h.group_id <> \"{n}\".group_id('orders', 'ord')"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(others, 0, "key_heads rows only for ordered groups");
+    let predicate: String = raw
+        .query_one(
+            "SELECT pg_get_expr(i.indpred, i.indrelid) FROM pg_index i
+             WHERE i.indexrelid = to_regclass(format('%I.delivery_state_key', $1::text))",
+            &[&n],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        predicate.contains("key_limited") && predicate.contains("visible_at"),
+        "the key index holds waiting and per-key limited deliveries only: {predicate}"
+    );
+
+    // The heads leased before the upgrade settle; the lines move on in publish order.
+    let ids: Vec<Uuid> = leased.iter().map(|r| r.get(2)).collect();
+    let tokens: Vec<i64> = leased.iter().map(|r| r.get(3)).collect();
+    let acked: i32 = raw
+        .query_one(
+            &format!("SELECT \"{n}\".ack('orders', 'ord', $1, $2)"),
+            &[&ids, &tokens],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(acked, 3);
+    let read = |group: &'static str| {
+        let sql = format!(
+            "SELECT r.payload->>'k', (r.payload->>'i')::int, r.id
+             FROM \"{n}\".read('orders', '{group}', 'c', 100) r ORDER BY 1, 2"
+        );
+        let ack = format!("SELECT \"{n}\".ack('orders', '{group}', $1)");
+        let raw = &raw;
+        async move {
+            let rows = raw.query(&sql, &[]).await.unwrap();
+            let got: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let ids: Vec<Uuid> = rows.iter().map(|r| r.get(2)).collect();
+            let acked: i32 = raw.query_one(&ack, &[&ids]).await.unwrap().get(0);
+            assert_eq!(acked as usize, ids.len());
+            got
+        }
+    };
+    for i in 2..=4 {
+        let want: Vec<(String, i32)> = (0..3).map(|k| (k.to_string(), i)).collect();
+        assert_eq!(read("ord").await, want, "ordered group, round {i}");
+    }
+    assert!(read("ord").await.is_empty());
+    let heads: String = raw.query_one(&heads_sql, &[]).await.unwrap().get(0);
+    assert_eq!(heads, "", "drained keys keep no key_heads row");
+    // A drained key's next message is its head at once; one behind it waits.
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".publish('orders', jsonb_build_object('k', 0, 'i', i), key => 'k0')
+         FROM generate_series(5, 6) i ORDER BY i;"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(read("ord").await, [("0".to_owned(), 5)]);
+    assert_eq!(read("ord").await, [("0".to_owned(), 6)]);
+    assert!(read("ord").await.is_empty());
+
+    let mut lim: Vec<(String, i32)> = read("lim").await;
+    assert_eq!(lim.len(), 6, "two heads per key: {lim:?}");
+    lim.extend(read("lim").await);
+    lim.extend(read("lim").await);
+    assert!(read("lim").await.is_empty());
+    lim.sort();
+    let mut want: Vec<(String, i32)> = (0..3)
+        .flat_map(|k| (1..=4).map(move |i| (k.to_string(), i)))
+        .collect();
+    want.extend([("0".to_owned(), 5), ("0".to_owned(), 6)]);
+    want.sort();
+    assert_eq!(lim, want);
 }
