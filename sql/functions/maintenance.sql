@@ -65,6 +65,9 @@ DECLARE
     p       record;
     n       integer := 0;
     keep    interval;
+    -- (group, key) of the keyed deliveries removed, for `_repair_keys`
+    v_lost_groups integer[] := '{}';
+    v_lost_keys   text[] := '{}';
 BEGIN
     PERFORM @ns@._check(at IS NOT NULL, 'at must not be NULL', 'leave it out for now()');
     PERFORM @ns@._lock_partitions();
@@ -84,10 +87,14 @@ BEGIN
         ), gone AS (
             DELETE FROM @ns@.delivery_state d USING doomed x
             WHERE d.group_id = x.group_id AND d.message_id = x.message_id
-            RETURNING d.group_id
+            RETURNING d.group_id, d.key
+        ), counted AS (
+            INSERT INTO @ns@.counter_deltas (group_id, pending)
+            SELECT group_id, -count(*) FROM gone GROUP BY group_id
         )
-        INSERT INTO @ns@.counter_deltas (group_id, pending)
-        SELECT group_id, -count(*) FROM gone GROUP BY group_id;
+        SELECT v_lost_groups || coalesce(array_agg(x.group_id), '{}'), v_lost_keys || coalesce(array_agg(x.key), '{}')
+        INTO v_lost_groups, v_lost_keys
+        FROM (SELECT DISTINCT g2.group_id, g2.key FROM gone g2 WHERE g2.key IS NOT NULL) x;
         WITH doomed AS (
             SELECT d.group_id, d.message_id FROM @ns@.dead_letter_state d
             WHERE d.group_id IN (SELECT g.id FROM @ns@.groups g WHERE g.stream_id = p_stream_id)
@@ -105,10 +112,15 @@ BEGIN
         DELETE FROM @ns@.partitions WHERE stream_id = p_stream_id AND lower = p.lower;
         n := n + 1;
     END LOOP;
-    IF n > 0 THEN
-        -- Heads may have gone with their partitions: their keys move on (ordering.sql).
-        PERFORM @ns@._repair_keys(g.id) FROM @ns@.groups g
-        WHERE g.stream_id = p_stream_id AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL);
+    IF cardinality(v_lost_keys) > 0 THEN
+        -- Heads may have gone with their partitions: their keys move on (ordering.sql). Only the
+        -- keys of the deliveries removed, so the pass holds a lock per key it touched, not per
+        -- key of the group.
+        PERFORM @ns@._repair_keys(g.id, ARRAY(SELECT u.k FROM unnest(v_lost_groups, v_lost_keys) AS u (gid, k)
+                                             WHERE u.gid = g.id))
+        FROM @ns@.groups g
+        WHERE g.stream_id = p_stream_id AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL)
+          AND g.id = ANY (v_lost_groups);
     END IF;
     RETURN n;
 END $$;

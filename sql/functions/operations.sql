@@ -236,6 +236,9 @@ DECLARE
     p       record;
     n       bigint := 0;
     c       bigint;
+    -- (group, key) of the keyed deliveries removed, for `_repair_keys`
+    v_lost_groups integer[];
+    v_lost_keys   text[];
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check(max_age IS NOT NULL OR max_len IS NOT NULL, 'trim needs max_age or max_len',
@@ -266,10 +269,14 @@ BEGIN
     WITH gone AS (
         DELETE FROM @ns@.delivery_state d USING @ns@.groups g
         WHERE g.stream_id = sid AND d.group_id = g.id AND d.message_id < bound
-        RETURNING d.group_id
+        RETURNING d.group_id, d.key
+    ), counted AS (
+        INSERT INTO @ns@.counter_deltas (group_id, pending)
+        SELECT group_id, -count(*) FROM gone GROUP BY group_id
     )
-    INSERT INTO @ns@.counter_deltas (group_id, pending)
-    SELECT group_id, -count(*) FROM gone GROUP BY group_id;
+    SELECT coalesce(array_agg(x.group_id), '{}'), coalesce(array_agg(x.key), '{}')
+    INTO v_lost_groups, v_lost_keys
+    FROM (SELECT DISTINCT g2.group_id, g2.key FROM gone g2 WHERE g2.key IS NOT NULL) x;
     WITH gone AS (
         DELETE FROM @ns@.dead_letter_state d USING @ns@.groups g
         WHERE g.stream_id = sid AND d.group_id = g.id AND d.message_id < bound
@@ -289,9 +296,13 @@ BEGIN
     END LOOP;
     DELETE FROM @ns@.messages m WHERE m.stream_id = sid AND m.id < bound;
     GET DIAGNOSTICS c = ROW_COUNT;
-    -- Trimmed heads let their keys move on (ordering.sql).
-    PERFORM @ns@._repair_keys(g.id) FROM @ns@.groups g
-    WHERE g.stream_id = sid AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL);
+    -- Trimmed heads let their keys move on (ordering.sql): only the keys of the deliveries
+    -- removed, a lock per key touched rather than per key of the group.
+    PERFORM @ns@._repair_keys(g.id, ARRAY(SELECT u.k FROM unnest(v_lost_groups, v_lost_keys) AS u (gid, k)
+                                         WHERE u.gid = g.id))
+    FROM @ns@.groups g
+    WHERE g.stream_id = sid AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL)
+      AND g.id = ANY (v_lost_groups);
     RETURN n + c;
 END $$;
 

@@ -262,21 +262,36 @@ END $$;
 -- the group's deliveries (a row for each key with one, none for the others), under the locks of
 -- every key concerned. Walks the group's keyed deliveries: an administrative path, never a
 -- claim's. Groups with a per-key limit: each key gets the heads it has room for.
-CREATE OR REPLACE FUNCTION @ns@._repair_keys(p_group integer) RETURNS bigint
+--
+-- `p_keys`: only these keys (a trim or retention pass passes the keys of the deliveries it
+-- removed, NULL: every key of the group). Each key concerned is an advisory lock held to commit,
+-- and advisory locks fill the server's shared lock table (max_locks_per_transaction x
+-- max_connections entries): a daily retention pass that locked every key of a group with
+-- thousands of keys in flight would fail with "out of shared memory".
+DROP FUNCTION IF EXISTS @ns@._repair_keys(integer);
+CREATE OR REPLACE FUNCTION @ns@._repair_keys(p_group integer, p_keys text[] DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_keys text[];
     n      bigint;
 BEGIN
+    IF p_keys IS NOT NULL AND cardinality(p_keys) = 0 THEN
+        RETURN 0;
+    END IF;
     IF NOT @ns@._is_ordered(p_group) THEN
         SELECT array_agg(DISTINCT l.key) INTO v_keys FROM @ns@.delivery_state l
-        WHERE l.group_id = p_group AND l.key IS NOT NULL AND l.visible_at >= @ns@._parked_bound();
+        WHERE l.group_id = p_group AND l.key IS NOT NULL AND l.visible_at >= @ns@._parked_bound()
+          AND (p_keys IS NULL OR l.key = ANY (p_keys));
         RETURN @ns@._advance_keys(p_group, v_keys);
     END IF;
-    SELECT array_agg(DISTINCT x.key) INTO v_keys FROM (
-        SELECT h.key::text AS key FROM @ns@.key_heads h WHERE h.group_id = p_group
-        UNION ALL
-        SELECT d.key FROM @ns@.delivery_state d WHERE d.group_id = p_group AND d.key IS NOT NULL) x;
+    IF p_keys IS NOT NULL THEN
+        SELECT array_agg(DISTINCT k) INTO v_keys FROM unnest(p_keys) k WHERE k IS NOT NULL;
+    ELSE
+        SELECT array_agg(DISTINCT x.key) INTO v_keys FROM (
+            SELECT h.key::text AS key FROM @ns@.key_heads h WHERE h.group_id = p_group
+            UNION ALL
+            SELECT d.key FROM @ns@.delivery_state d WHERE d.group_id = p_group AND d.key IS NOT NULL) x;
+    END IF;
     IF v_keys IS NULL THEN
         RETURN 0;
     END IF;
