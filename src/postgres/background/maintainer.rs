@@ -11,7 +11,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::{wait_elected, Shared};
+use super::{sleep_elected, wait_elected, Shared, Slept};
 use crate::postgres::MaintenanceReport;
 
 /// Runs until `token` is cancelled.
@@ -27,23 +27,10 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
                 .scout_status
                 .send_modify(|s| s.last_maintenance_at = Some(Utc::now()));
             let next = tokio::time::Instant::now() + shared.scout.maintenance_interval;
-            let still_elected = loop {
-                tokio::select! {
-                    biased;
-                    _ = token.cancelled() => return Ok(()),
-                    changed = elected.changed() => {
-                        if changed.is_err() {
-                            return Ok(());
-                        }
-                        if *elected.borrow_and_update() != Some(term) {
-                            break false;
-                        }
-                    }
-                    _ = tokio::time::sleep_until(next) => break true,
-                }
-            };
-            if !still_elected {
-                break;
+            match sleep_elected(&mut elected, term, next, &token).await {
+                Slept::StillElected => {}
+                Slept::TermEnded => break,
+                Slept::Stop => return Ok(()),
             }
         }
     }

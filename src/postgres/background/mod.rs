@@ -401,6 +401,41 @@ async fn wait_elected(
     }
 }
 
+/// What ended a leader's sleep ([`sleep_elected`]).
+enum Slept {
+    /// The time came and this process still leads under the same term.
+    StillElected,
+    /// The term ended (stepped down, or another term began): wait to be elected again.
+    TermEnded,
+    /// Cancelled, or the elector is gone: stop.
+    Stop,
+}
+
+/// Sleeps until `until` while this process leads under `term` (the maintainer's and the
+/// vacuumer's cadence).
+async fn sleep_elected(
+    elected: &mut watch::Receiver<Option<i64>>,
+    term: i64,
+    until: tokio::time::Instant,
+    token: &CancellationToken,
+) -> Slept {
+    loop {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return Slept::Stop,
+            changed = elected.changed() => {
+                if changed.is_err() {
+                    return Slept::Stop;
+                }
+                if *elected.borrow_and_update() != Some(term) {
+                    return Slept::TermEnded;
+                }
+            }
+            _ = tokio::time::sleep_until(until) => return Slept::StillElected,
+        }
+    }
+}
+
 /// Locks a mutex whose data stays valid even if a holder panicked (plain counters and sets).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)

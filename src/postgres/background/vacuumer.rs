@@ -16,7 +16,7 @@ use chrono::Utc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{wait_elected, Shared};
+use super::{sleep_elected, wait_elected, Shared, Slept};
 use crate::postgres::vacuum::{VacuumStatus, VacuumTracker};
 
 /// Runs until `token` is cancelled.
@@ -34,23 +34,10 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
                 return Ok(());
             }
             let next = Instant::now() + shared.scout.vacuum.interval;
-            let still_elected = loop {
-                tokio::select! {
-                    biased;
-                    _ = token.cancelled() => return Ok(()),
-                    changed = elected.changed() => {
-                        if changed.is_err() {
-                            return Ok(());
-                        }
-                        if *elected.borrow_and_update() != Some(term) {
-                            break false;
-                        }
-                    }
-                    _ = tokio::time::sleep_until(next) => break true,
-                }
-            };
-            if !still_elected {
-                break;
+            match sleep_elected(&mut elected, term, next, &token).await {
+                Slept::StillElected => {}
+                Slept::TermEnded => break,
+                Slept::Stop => return Ok(()),
             }
         }
     }
