@@ -13,6 +13,9 @@ use tokio::sync::watch;
 use crate::common::{json, raw_client as connect, wait_for, WAIT};
 use pgtide_testing::Cluster;
 
+/// The lease of `terminated_backends_recover_and_lose_nothing`'s stream.
+const LEASE: Duration = Duration::from_secs(3);
+
 /// A handle on `url` with stream `s`, group `g` and a scout started (its lease short, so a
 /// replacement takes over fast).
 async fn scouted(url: &str, namespace: &str) -> PgBackend {
@@ -42,6 +45,13 @@ async fn terminated_backends_recover_and_lose_nothing() {
     let cluster = Cluster::start(&[]);
     let url = cluster.url();
     let pg = scouted(&url, "sessions").await;
+    // A claim whose backend is terminated after its commit but before its rows reach the client
+    // leaves deliveries leased to a consumer that never saw them: they come back when the lease
+    // expires (at-least-once), so the lease is short here and the drain below waits for it. On a
+    // loaded machine that window is wide enough to be hit (seen in CI beside a soak).
+    let mut config = StreamConfig::default();
+    config.lease = LEASE;
+    pg.update_stream("s", &config).await.unwrap();
     wait_for(&mut pg.watch_scout(), WAIT, "a scout", |s| s.is_leader).await;
     wait_for(&mut pg.watch_listener(), WAIT, "the listener", |s| {
         s.connected
@@ -159,10 +169,10 @@ async fn terminated_backends_recover_and_lose_nothing() {
     });
     let stop_drain = CancellationToken::new();
     let drain_run = tokio::spawn(drain.run(stop_drain.clone()));
-    crate::common::eventually(WAIT, "every confirmed publish handled", done).await;
-    stop_drain.cancel();
-    drain_run.await.unwrap().unwrap();
-    tokio::time::timeout(WAIT, async {
+    crate::common::eventually(WAIT + LEASE, "every confirmed publish handled", done).await;
+    // The drain goes on until the group is empty: a delivery handled but whose ack died with its
+    // backend comes back after its lease, and is acked again.
+    tokio::time::timeout(WAIT + LEASE, async {
         loop {
             match pg.stats("s", "g").await {
                 Ok(s) if s.ready == 0 && s.in_flight == 0 && s.dead == 0 => break,
@@ -172,6 +182,8 @@ async fn terminated_backends_recover_and_lose_nothing() {
     })
     .await
     .expect("the group drained");
+    stop_drain.cancel();
+    drain_run.await.unwrap().unwrap();
     assert_eq!(pg.background_tasks(), tasks, "a background task died");
     println!(
         "{} handled, {publish_failures} publishes failed (retryable), worker report {report:?}",
