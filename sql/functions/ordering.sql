@@ -80,8 +80,9 @@ LANGUAGE sql IMMUTABLE AS $$ SELECT 256 $$;
 CREATE OR REPLACE FUNCTION @ns@._lock_keys(p_group integer, p_keys text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_held integer;
-    v_n    integer;
+    v_held  integer;
+    v_n     integer;
+    v_space integer := hashtext(@ns_lit@ || '.keys.' || p_group);
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'pgtide: ordered groups need READ COMMITTED transactions, not %',
@@ -101,8 +102,10 @@ BEGIN
         RETURN;
     END IF;
     PERFORM pg_advisory_xact_lock_shared(@ns@._lines_lock(p_group));
-    -- One statement for the whole batch: the locks are taken as the sorted rows come out.
-    PERFORM pg_advisory_xact_lock(p_group, x.h)
+    -- One statement for the whole batch: the locks are taken as the sorted rows come out. The
+    -- first half names the namespace and the group (advisory locks are per database: another
+    -- namespace's group with the same id must neither wait for these nor deadlock with them).
+    PERFORM pg_advisory_xact_lock(v_space, x.h)
     FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) x;
     GET DIAGNOSTICS v_n = ROW_COUNT;
     IF v_n > 0 THEN

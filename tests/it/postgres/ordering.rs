@@ -430,3 +430,48 @@ async fn a_reset_of_many_keys_holds_a_bounded_number_of_locks() {
         .count();
     assert_eq!(ready, 3000, "one head per key");
 }
+
+/// Key locks name their namespace: advisory locks are per database, and two namespaces whose
+/// groups have the same id must not wait for (or deadlock with) each other's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_locks_of_another_namespace_do_not_block() {
+    let (a, b) = (namespace().await, namespace().await);
+    let (na, nb) = (a.namespace().to_owned(), b.namespace().to_owned());
+    let mut ra = a.raw().await;
+    let rb = b.raw().await;
+    let mut ids = vec![];
+    for (raw, n) in [(&ra, &na), (&rb, &nb)] {
+        raw.batch_execute(&format!(
+            "SELECT \"{n}\".create_stream('s');
+             SELECT \"{n}\".create_group('s', 'o', ordered => true);"
+        ))
+        .await
+        .unwrap();
+        let id: i32 = raw
+            .query_one(&format!("SELECT \"{n}\".group_id('s', 'o')"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        ids.push(id);
+    }
+    assert_eq!(ids[0], ids[1], "both namespaces' groups have the same id");
+    let tx = ra.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "SELECT \"{na}\".publish('s', '{{\"n\": 1}}', key => 'customer-42')"
+    ))
+    .await
+    .unwrap();
+    rb.batch_execute(&format!(
+        "SET lock_timeout = '2s';
+         SELECT \"{nb}\".publish('s', '{{\"n\": 1}}', key => 'customer-42');"
+    ))
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    for (raw, n) in [(&ra, &na), (&rb, &nb)] {
+        assert_eq!(
+            lines(raw, n, "o").await,
+            [("customer-42".to_owned(), 1, "ready".to_owned())]
+        );
+    }
+}
