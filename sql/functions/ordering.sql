@@ -59,7 +59,7 @@ END $$;
 -- the group's key locks holds it shared first (`_lock_keys`); holding it exclusively is holding
 -- every key of the group at once, with one lock-table entry.
 CREATE OR REPLACE FUNCTION @ns@._lines_lock(p_group integer) RETURNS bigint
-LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.lines.' || p_group)::bigint $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.lines.' || p_group::text)::bigint $$;
 
 -- How many key locks one transaction holds at most (`_lock_keys`). Advisory locks live in the
 -- server's shared lock table, max_locks_per_transaction x (max_connections + background
@@ -123,7 +123,7 @@ END $$;
 -- publishers to the group take shared, so a publish never parks a delivery in a line that a
 -- concurrent removal of the limit has already released.
 CREATE OR REPLACE FUNCTION @ns@._key_limit_lock(p_group integer) RETURNS bigint
-LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.key_limit.' || p_group)::bigint $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.key_limit.' || p_group::text)::bigint $$;
 
 -- How many more heads key `p_key` of group `p_group` may have under the per-key limit `p_cap`:
 -- counts the heads among its first `p_cap` deliveries in line order (the heads come first:
