@@ -860,7 +860,7 @@ async fn hot_sql_helpers_are_inlined() {
     let n = ns.namespace().to_owned();
     let raw = ns.raw().await;
     raw.batch_execute(
-        "CREATE TEMP TABLE args (i int, ts timestamptz, d interval, f float8, u uuid, k text)",
+        "CREATE TEMP TABLE args (i int, ts timestamptz, d interval, f float8, u uuid, k text, b bytea)",
     )
     .await
     .unwrap();
@@ -875,6 +875,7 @@ async fn hot_sql_helpers_are_inlined() {
         "_fair_step(f)",
         "_default_burst(f)",
         "_refill(f, ts, f, i, ts)",
+        "_payload_ok(k, b, i)",
     ] {
         let plan: Vec<String> = raw
             .query(
