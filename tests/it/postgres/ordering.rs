@@ -475,3 +475,51 @@ async fn key_locks_of_another_namespace_do_not_block() {
         );
     }
 }
+
+/// Through the Rust API: one `publish_batch` of 10 000 messages with distinct keys into a stream
+/// with an ordered group and a per-key limited group succeeds (a lock per key would fill the
+/// server's lock table: about 7 800 entries with the defaults), and every key gets its head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_ten_thousand_keys_publishes() {
+    let ns = namespace().await;
+    ns.pg
+        .create_stream("s", &pgtide::StreamConfig::default())
+        .await
+        .unwrap();
+    ns.pg
+        .create_group_with("s", "o", &pgtide::GroupConfig::default().ordered(true))
+        .await
+        .unwrap();
+    ns.pg
+        .create_group_with(
+            "s",
+            "lim",
+            &pgtide::GroupConfig::default().max_in_flight_per_key(1),
+        )
+        .await
+        .unwrap();
+    let msgs: Vec<pgtide::OutgoingMessage> = (0..10_000)
+        .map(|i| {
+            pgtide::OutgoingMessage::json(&serde_json::json!({ "n": i }))
+                .unwrap()
+                .key(format!("customer-{i}"))
+        })
+        .collect();
+    let receipts = ns.pg.publish_batch("s", &msgs).await.unwrap();
+    assert_eq!(receipts.len(), 10_000);
+    let raw = ns.raw().await;
+    let n = ns.namespace().to_owned();
+    for group in ["o", "lim"] {
+        let ready: i64 = raw
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM \"{n}\".deliveries WHERE \"group\" = $1 AND state = 'ready'"
+                ),
+                &[&group],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(ready, 10_000, "group {group}: one head per key");
+    }
+}
