@@ -518,6 +518,11 @@ DECLARE
     v_stream  integer;
     v_ordered boolean;
 BEGIN
+    -- One at a time with the group's resets (`reset_group`, the same locks in the same order):
+    -- a reset queueing the same message between the check of what is pending below and the
+    -- insert would make the ordered insert fail on the unique key, or deadlock on the keys.
+    PERFORM pg_advisory_xact_lock_shared(@ns@._key_limit_lock(p_group));
+    PERFORM pg_advisory_xact_lock(hashtext(@ns_lit@ || '.reset.' || p_group));
     SELECT g.stream_id, g.ordered OR g.max_in_flight_per_key IS NOT NULL INTO v_stream, v_ordered
     FROM @ns@.groups g WHERE g.id = p_group;
     WITH back AS (

@@ -68,12 +68,35 @@ BEGIN
     END IF;
 END $$;
 
+-- The group's lines lock (bigint space, apart from the keys' two-integer locks): every taker of
+-- the group's key locks holds it shared first (`_lock_keys`); holding it exclusively is holding
+-- every key of the group at once, with one lock-table entry.
+CREATE OR REPLACE FUNCTION @ns@._lines_lock(p_group integer) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.lines.' || p_group::text)::bigint $$;
+
+-- How many key locks one transaction holds at most (`_lock_keys`). Advisory locks live in the
+-- server's shared lock table, max_locks_per_transaction x (max_connections + background
+-- processes) entries for every session together (about 7 800 with the defaults): a reset, a
+-- retention pass, a replay or one transaction publishing to thousands of keys of a group would
+-- fill it, and then every session's next lock fails with "out of shared memory".
+CREATE OR REPLACE FUNCTION @ns@._key_lock_budget() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 256 $$;
+
 -- Takes the advisory locks of the keys `p_keys` of group `p_group` for the rest of the
--- transaction, in the one global order. The line is read afresh by every statement after this
--- one only under READ COMMITTED; a caller's REPEATABLE READ or SERIALIZABLE transaction would
--- read an old line, so it is refused.
+-- transaction, in the one global order: the group's lines lock shared, then the keys by hash.
+-- A call that would take the transaction past `_key_lock_budget()` key locks (counted in the
+-- transaction-local setting `pgtide.key_locks`, rolled back with a savepoint as its locks are)
+-- takes the lines lock exclusively instead, and so does every later call of the transaction:
+-- the group's other publishers and settles of keyed deliveries then wait for its commit.
+-- The line is read afresh by every statement after this one only under READ COMMITTED; a
+-- caller's REPEATABLE READ or SERIALIZABLE transaction would read an old line, so it is refused.
 CREATE OR REPLACE FUNCTION @ns@._lock_keys(p_group integer, p_keys text[]) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_held  integer;
+    v_n     integer;
+    v_space integer := hashtext(@ns_lit@ || '.keys.' || p_group);
+    v_void  text;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'pgtide: ordered groups need READ COMMITTED transactions, not %',
@@ -81,9 +104,29 @@ BEGIN
             USING ERRCODE = 'PT001',
                   HINT = 'publish keyed messages and settle deliveries of ordered groups in READ COMMITTED transactions';
     END IF;
-    -- One statement for the whole batch: the locks are taken as the sorted rows come out.
-    PERFORM pg_advisory_xact_lock(p_group, x.h)
+    IF p_keys IS NULL OR cardinality(p_keys) = 0 THEN
+        RETURN;
+    END IF;
+    v_held := coalesce(nullif(current_setting('pgtide.key_locks', true), '')::integer, 0);
+    IF v_held + cardinality(p_keys) > @ns@._key_lock_budget() THEN
+        PERFORM pg_advisory_xact_lock(@ns@._lines_lock(p_group));
+        IF v_held < @ns@._key_lock_budget() THEN
+            PERFORM set_config('pgtide.key_locks', @ns@._key_lock_budget()::text, true);
+        END IF;
+        RETURN;
+    END IF;
+    -- Calls as assignments, not PERFORM: a simple expression skips the executor start-up that
+    -- a PERFORM costs (about 8 000 instructions a message in a claim-and-ack of ten).
+    v_void := pg_advisory_xact_lock_shared(@ns@._lines_lock(p_group))::text;
+    -- One statement for the whole batch: the locks are taken as the sorted rows come out. The
+    -- first half names the namespace and the group (advisory locks are per database: another
+    -- namespace's group with the same id must neither wait for these nor deadlock with them).
+    PERFORM pg_advisory_xact_lock(v_space, x.h)
     FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(p_keys) k WHERE k IS NOT NULL ORDER BY 1) x;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_n > 0 THEN
+        v_void := set_config('pgtide.key_locks', (v_held + v_n)::text, true);
+    END IF;
 END $$;
 
 -- Per-key concurrency limit (`max_in_flight_per_key = N`, migration 0013): the same lines, but
@@ -93,7 +136,7 @@ END $$;
 -- publishers to the group take shared, so a publish never parks a delivery in a line that a
 -- concurrent removal of the limit has already released.
 CREATE OR REPLACE FUNCTION @ns@._key_limit_lock(p_group integer) RETURNS bigint
-LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.key_limit.' || p_group)::bigint $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.key_limit.' || p_group::text)::bigint $$;
 
 -- How many more heads key `p_key` of group `p_group` may have under the per-key limit `p_cap`:
 -- counts the heads among its first `p_cap` deliveries in line order (the heads come first:
@@ -289,10 +332,9 @@ END $$;
 -- claim's. Groups with a per-key limit: each key gets the heads it has room for.
 --
 -- `p_keys`: only these keys (a trim or retention pass passes the keys of the deliveries it
--- removed, NULL: every key of the group). Each key concerned is an advisory lock held to commit,
--- and advisory locks fill the server's shared lock table (max_locks_per_transaction x
--- max_connections entries): a daily retention pass that locked every key of a group with
--- thousands of keys in flight would fail with "out of shared memory".
+-- removed, NULL: every key of the group). Beyond `_key_lock_budget()` keys, `_lock_keys` takes
+-- the group's lines lock exclusively instead of a lock per key (which would fill the server's
+-- lock table): the group's keyed publishes and settles then wait for this transaction's commit.
 DROP FUNCTION IF EXISTS @ns@._repair_keys(integer);
 CREATE OR REPLACE FUNCTION @ns@._repair_keys(p_group integer, p_keys text[] DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

@@ -204,6 +204,11 @@ impl PgBackend {
             // process's migration lock (see SESSION_SETTINGS).
             ("statement_timeout", "0".to_owned()),
             ("idle_in_transaction_session_timeout", "0".to_owned()),
+            // Migrations repair key lines, whose functions need READ COMMITTED.
+            (
+                "default_transaction_isolation",
+                crate::postgres::connect::option_value("read committed"),
+            ),
         ]);
         let mut conn = PgConnection::connect_with(&options).await.map_err(|e| {
             match crate::postgres::connect_problem(&e) {

@@ -121,9 +121,12 @@ const STREAM_CACHE_TTL: Duration = Duration::from_secs(5);
 /// queries; in pgtide's sessions it would cancel migrations and maintenance midway and kill the
 /// pooled sessions between a claim and its settle. pgtide's statements are short and bounded by
 /// their batch sizes, and it waits for messages on the client side, so it needs neither.
+/// A database- or role-wide `default_transaction_isolation` above READ COMMITTED would make
+/// claims fail with serialization errors and ordered groups refuse every settle and keyed
+/// publish: pgtide's statements are written for READ COMMITTED, so its sessions pin it.
 /// See docs/production.md, "Lost connections and server settings".
-pub(crate) const SESSION_SETTINGS: &str =
-    "-c statement_timeout=0 -c idle_in_transaction_session_timeout=0";
+pub(crate) const SESSION_SETTINGS: &str = "-c statement_timeout=0 \
+     -c idle_in_transaction_session_timeout=0 -c default_transaction_isolation=read\\ committed";
 
 impl std::fmt::Debug for PgBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -206,7 +206,11 @@ impl ConnectConfig {
             o = o.application_name(name);
         }
         if let Some(options) = self.pg.get_options() {
-            o = o.options(server_settings(options)?);
+            o = o.options(
+                server_settings(options)?
+                    .into_iter()
+                    .map(|(k, v)| (k, option_value(&v))),
+            );
         }
         o = o.ssl_mode(match self.mode {
             SslMode::Disable => PgSslMode::Disable,
@@ -291,6 +295,20 @@ fn fill_from_env(pg: &mut tokio_postgres::Config, env: Env<'_>) {
             pg.password(password);
         }
     }
+}
+
+/// A setting's value as sqlx writes it into the startup `options` (`-c key=value`, which it does
+/// not escape): backslashes and whitespace escaped, as the server splits the string on them
+/// (`search_path=a\ b`, `default_transaction_isolation=read\ committed`).
+pub(crate) fn option_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if c == '\\' || c.is_whitespace() {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// `-c key=value` and `--key=value` settings of a libpq `options` string, for sqlx (which
@@ -514,5 +532,8 @@ mod tests {
             ]
         );
         assert!(server_settings("-x").is_err());
+        assert_eq!(option_value("read committed"), "read\\ committed");
+        assert_eq!(option_value("a\\b"), "a\\\\b");
+        assert_eq!(option_value("0"), "0");
     }
 }

@@ -322,3 +322,204 @@ async fn a_trim_locks_only_the_keys_of_what_it_removed() {
         "every remaining key has its head"
     );
 }
+
+/// Advisory locks held by the connection `tx` runs on.
+async fn advisory_locks(tx: &tokio_postgres::Transaction<'_>) -> i64 {
+    tx.query_one(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// One transaction that publishes to thousands of keys of an ordered group holds a bounded
+/// number of advisory locks (past its budget, the group's lines lock exclusively), so it cannot
+/// fill the server's lock table; meanwhile the group's other keyed publishers wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_transaction_publishing_many_keys_holds_a_bounded_number_of_locks() {
+    let ns = namespace().await;
+    let n = ns.namespace().to_owned();
+    let mut raw = ns.raw().await;
+    let other = ns.raw().await;
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('s');
+         SELECT \"{n}\".create_group('s', 'o', ordered => true);
+         SELECT \"{n}\".create_group('s', 'plain');"
+    ))
+    .await
+    .unwrap();
+    let tx = raw.transaction().await.unwrap();
+    // One publish per key: 2 000 calls of the key rule.
+    tx.batch_execute(&format!(
+        "SELECT \"{n}\".publish('s', jsonb_build_object('n', i), key => 'k' || i)
+         FROM generate_series(1, 2000) i;"
+    ))
+    .await
+    .unwrap();
+    let locks = advisory_locks(&tx).await;
+    assert!(
+        locks <= 260,
+        "2 000 keyed publishes in one transaction hold {locks} advisory locks"
+    );
+    // Another keyed publisher of the group waits for this transaction (its lock times out).
+    other
+        .batch_execute("SET lock_timeout = '300ms'")
+        .await
+        .unwrap();
+    assert_eq!(
+        sqlstate(
+            &other,
+            &format!("SELECT \"{n}\".publish('s', '{{\"n\": 0}}', key => 'elsewhere')")
+        )
+        .await,
+        "55P03",
+        "the group's lines are held exclusively"
+    );
+    tx.commit().await.unwrap();
+    other
+        .batch_execute(&format!(
+            "RESET lock_timeout;
+             SELECT \"{n}\".publish('s', '{{\"n\": 0}}', key => 'elsewhere');"
+        ))
+        .await
+        .unwrap();
+    let lines = lines(&raw, &n, "o").await;
+    assert_eq!(lines.len(), 2001);
+    assert!(
+        lines.iter().all(|(_, _, state)| state == "ready"),
+        "every key has its head"
+    );
+}
+
+/// A reset of an ordered group with thousands of keys repairs every key under the group's lines
+/// lock, not a lock per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_of_many_keys_holds_a_bounded_number_of_locks() {
+    let ns = namespace().await;
+    let n = ns.namespace().to_owned();
+    let mut raw = ns.raw().await;
+    raw.batch_execute(&format!(
+        "SELECT \"{n}\".create_stream('s');
+         SELECT \"{n}\".create_group('s', 'o', ordered => true);
+         SELECT \"{n}\".publish('s', jsonb_build_object('n', i), key => 'k' || (i % 3000))
+         FROM generate_series(1, 6000) i;
+         -- every delivery gone, so that the reset queues every key again
+         DELETE FROM \"{n}\".delivery_state d USING \"{n}\".groups g
+         WHERE g.id = d.group_id AND g.name = 'o';
+         DELETE FROM \"{n}\".key_heads;"
+    ))
+    .await
+    .unwrap();
+    let tx = raw.transaction().await.unwrap();
+    tx.batch_execute(&format!("SELECT \"{n}\".reset_group('s', 'o')"))
+        .await
+        .unwrap();
+    let locks = advisory_locks(&tx).await;
+    assert!(
+        locks <= 10,
+        "a reset of 3 000 keys holds {locks} advisory locks"
+    );
+    tx.commit().await.unwrap();
+    let lines = lines(&raw, &n, "o").await;
+    assert_eq!(lines.len(), 6000);
+    let ready = lines
+        .iter()
+        .filter(|(_, _, state)| state == "ready")
+        .count();
+    assert_eq!(ready, 3000, "one head per key");
+}
+
+/// Key locks name their namespace: advisory locks are per database, and two namespaces whose
+/// groups have the same id must not wait for (or deadlock with) each other's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_locks_of_another_namespace_do_not_block() {
+    let (a, b) = (namespace().await, namespace().await);
+    let (na, nb) = (a.namespace().to_owned(), b.namespace().to_owned());
+    let mut ra = a.raw().await;
+    let rb = b.raw().await;
+    let mut ids = vec![];
+    for (raw, n) in [(&ra, &na), (&rb, &nb)] {
+        raw.batch_execute(&format!(
+            "SELECT \"{n}\".create_stream('s');
+             SELECT \"{n}\".create_group('s', 'o', ordered => true);"
+        ))
+        .await
+        .unwrap();
+        let id: i32 = raw
+            .query_one(&format!("SELECT \"{n}\".group_id('s', 'o')"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        ids.push(id);
+    }
+    assert_eq!(ids[0], ids[1], "both namespaces' groups have the same id");
+    let tx = ra.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "SELECT \"{na}\".publish('s', '{{\"n\": 1}}', key => 'customer-42')"
+    ))
+    .await
+    .unwrap();
+    rb.batch_execute(&format!(
+        "SET lock_timeout = '2s';
+         SELECT \"{nb}\".publish('s', '{{\"n\": 1}}', key => 'customer-42');"
+    ))
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    for (raw, n) in [(&ra, &na), (&rb, &nb)] {
+        assert_eq!(
+            lines(raw, n, "o").await,
+            [("customer-42".to_owned(), 1, "ready".to_owned())]
+        );
+    }
+}
+
+/// Through the Rust API: one `publish_batch` of 10 000 messages with distinct keys into a stream
+/// with an ordered group and a per-key limited group succeeds (a lock per key would fill the
+/// server's lock table: about 7 800 entries with the defaults), and every key gets its head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_ten_thousand_keys_publishes() {
+    let ns = namespace().await;
+    ns.pg
+        .create_stream("s", &pgtide::StreamConfig::default())
+        .await
+        .unwrap();
+    ns.pg
+        .create_group_with("s", "o", &pgtide::GroupConfig::default().ordered(true))
+        .await
+        .unwrap();
+    ns.pg
+        .create_group_with(
+            "s",
+            "lim",
+            &pgtide::GroupConfig::default().max_in_flight_per_key(1),
+        )
+        .await
+        .unwrap();
+    let msgs: Vec<pgtide::OutgoingMessage> = (0..10_000)
+        .map(|i| {
+            pgtide::OutgoingMessage::json(&serde_json::json!({ "n": i }))
+                .unwrap()
+                .key(format!("customer-{i}"))
+        })
+        .collect();
+    let receipts = ns.pg.publish_batch("s", &msgs).await.unwrap();
+    assert_eq!(receipts.len(), 10_000);
+    let raw = ns.raw().await;
+    let n = ns.namespace().to_owned();
+    for group in ["o", "lim"] {
+        let ready: i64 = raw
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM \"{n}\".deliveries WHERE \"group\" = $1 AND state = 'ready'"
+                ),
+                &[&group],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(ready, 10_000, "group {group}: one head per key");
+    }
+}

@@ -564,3 +564,63 @@ async fn migrate_keeps_the_grants_of_recorded_roles_when_functions_are_re_create
         .get(0);
     assert!(!public, "PUBLIC must not run the re-created function");
 }
+
+/// A role whose default isolation is SERIALIZABLE (a DBA's `ALTER ROLE … SET
+/// default_transaction_isolation`) still publishes keyed messages into an ordered group and
+/// settles them: pgtide's sessions pin READ COMMITTED, which its claims and key lines are
+/// written for (before, every keyed publish and settle of an ordered group failed with PT001).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_defaulting_to_serializable_uses_ordered_groups() {
+    let ns = namespace().await;
+    ns.create_stream("s", &StreamConfig::default())
+        .await
+        .unwrap();
+    ns.create_group_with("s", "o", &pgtide::GroupConfig::default().ordered(true))
+        .await
+        .unwrap();
+    let role = Role::create(&ns, "ser").await;
+    ns.grant_runtime(&role.name).await.unwrap();
+    ns.raw()
+        .await
+        .batch_execute(&format!(
+            "ALTER ROLE \"{}\" SET default_transaction_isolation = 'serializable'",
+            role.name
+        ))
+        .await
+        .unwrap();
+    let isolation: String = role
+        .raw()
+        .await
+        .query_one("SHOW default_transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        isolation, "serializable",
+        "the role's own sessions default to it"
+    );
+    let rt = role.backend(&ns);
+    let msgs: Vec<pgtide::OutgoingMessage> = (0..4)
+        .map(|i| json(serde_json::json!({ "i": i })).key(format!("k{}", i % 2)))
+        .collect();
+    rt.publish_batch("s", &msgs).await.unwrap();
+    let c = rt.consumer("s", "o", "c").await.unwrap();
+    let mut seen = vec![];
+    for _ in 0..2 {
+        let batch = c.fetch(10, WAIT).await.unwrap();
+        assert_eq!(batch.len(), 2, "one head per key");
+        for d in &batch {
+            seen.push(
+                d.json::<serde_json::Value>().unwrap()["i"]
+                    .as_i64()
+                    .unwrap(),
+            );
+        }
+        c.ack_batch(&batch.iter().collect::<Vec<_>>())
+            .await
+            .unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, [0, 1, 2, 3]);
+    rt.shutdown().await;
+}
