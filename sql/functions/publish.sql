@@ -225,8 +225,9 @@ BEGIN
     IF sid IS NULL THEN
         RETURN 0;
     END IF;
+    PERFORM @ns@._check_keys(p_keys);
     INSERT INTO @ns@.messages (stream_id, id, payload, is_json, headers, key)
-    SELECT sid, u.id, u.payload, u.is_json, u.headers, @ns@._check_key(u.key)
+    SELECT sid, u.id, u.payload, u.is_json, u.headers, u.key
     FROM unnest(p_ids, p_payloads, p_is_json, p_headers, p_keys) AS u (id, payload, is_json, headers, key)
     WHERE @ns@._payload_ok(p_stream, u.payload, v_limit);
     GET DIAGNOSTICS n = ROW_COUNT;

@@ -29,7 +29,7 @@
 //! | collapse condition | claim + ack round trips at the large vs a 10 000 backlog after a fresh `ANALYZE`, on connections with `plan_cache_mode = force_generic_plan` |
 //! | held xmin | a steady load at half the measured drain maximum (claims, acks, 1 in 20 nacked once) before, during and after another session holds `BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1` for [`BenchConfig::held_xmin`]; acked/s, claim p50/p99 and backlog per interval |
 //! | soak | only with [`BenchConfig::soak`], instead of every other case: the same steady load with 2-minute retention and `maintain()` every 30 s, a row a minute with table and index sizes |
-//! | ordered group | 4 consumers looping `ack_and_fetch` (B = 10 and 100) on an ordered group whose backlog spreads over 1 000 ordering keys, against an unordered group with the same keyed messages; `publish_batch` of 100 keyed messages into a stream with an ordered group against 100 unkeyed |
+//! | ordered group | 4 consumers looping `ack_and_fetch` (B = 10 and 100) on an ordered group whose backlog spreads over 1 000 ordering keys, against an unordered group with the same keyed messages; `publish_batch` of 100 keyed messages into a stream with an ordered group against 100 unkeyed (a group created after them keeps both sides off the right end of `delivery_state`'s indexes) |
 //! | backends | with [`BenchConfig::backends`]: publish (1 per call; 100 per call), consume (4 consumers, `ack_and_fetch` of 100) and publish → fetch latency through [`pgtide::AnyBackend`] on Postgres, memory, and NATS / Redis / RabbitMQ when built with their feature and their server answers |
 //!
 //! Raw baselines use tokio-postgres directly with prepared statements, one connection per

@@ -409,6 +409,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_check_grantee",
             "_check_key",
             "_check_key_limit",
+            "_check_keys",
             "_check_name",
             "_check_publish",
             "_check_rate",
