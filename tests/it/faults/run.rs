@@ -173,6 +173,7 @@ pub enum RestartLoss {
     /// kill can lose all of it (nats-server 2.9 lost a new consumer's whole ack state once under
     /// load, and redelivered the group's stream). Nothing may be lost either way; duplicates are
     /// then bounded by one redelivery of everything published per restart.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
     Anything,
 }
 
