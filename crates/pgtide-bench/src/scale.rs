@@ -13,7 +13,8 @@
 //!   Their fallback poll is set to one hour, so the count is what they cost beyond it: the
 //!   transactions of the database (`pg_stat_database`) over a window, per handle;
 //! - then a publish every 20 ms to one of those 200 streams: publish return → its consumer's
-//!   `fetch` returns.
+//!   `fetch` returns; a first round wakes every consumer once, then 300 wake-ups (1000 in a
+//!   full run) give the p99.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -235,13 +236,16 @@ impl Bench<'_> {
             ))),
         );
 
-        let samples = if self.config.quick { 100 } else { 300 };
+        // Measured after every consumer woke once (below); 300 so that the p99 is not the
+        // second-worst sample of a hundred.
+        let samples = if self.config.quick { 300 } else { 1000 };
         let mut latencies = vec![];
+        let mut first_wakes = vec![];
         let mut publish_errors: Option<(u32, String)> = None;
         let mut early: HashMap<Uuid, Instant> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         let sent_from = Instant::now();
-        for i in 0..samples {
+        for i in 0..IDLE_CONSUMERS + samples {
             tick.tick().await;
             let stream = &streams[(i * 7919) % IDLE_CONSUMERS];
             let receipt = match pg.publish(stream, self.msg.clone()).await {
@@ -265,11 +269,19 @@ impl Bench<'_> {
                     Ok(None) | Err(_) => break None,
                 }
             };
-            latencies.push(got.map_or(Duration::from_secs(2), |at| {
+            let latency = got.map_or(Duration::from_secs(2), |at| {
                 at.saturating_duration_since(published)
-            }));
+            });
+            // A first round wakes each consumer once (`i` walks every stream once first); it is
+            // reported apart, so the p99 is that of wake-ups in steady state.
+            if i < IDLE_CONSUMERS {
+                first_wakes.push(latency);
+            } else {
+                latencies.push(latency);
+            }
         }
-        let rate = samples as f64 / sent_from.elapsed().as_secs_f64();
+        let rate = (IDLE_CONSUMERS + samples) as f64 / sent_from.elapsed().as_secs_f64();
+        let first = Summary::of(first_wakes);
         let wake = Summary::of(latencies);
         wakeups.push(wake.timing(
             format!("publish -> fetch, {IDLE_CONSUMERS} idle consumers on {HANDLES} handles"),
@@ -281,7 +293,14 @@ impl Bench<'_> {
                 wake.p99_ms,
                 Unit::Millis,
             )
-            .target(Target::ValueAtMost(5.0)),
+            .target(Target::ValueAtMost(5.0))
+            .note(Some(format!(
+                "p50 {:.2} ms over {samples} wake-ups, after a first round that woke each consumer \
+                 once (p50 {:.2} ms, p99 {:.2} ms); the consumers drained the spread-publish \
+                 backlog when they started, so their streams are no longer new to the pooled \
+                 connections in either",
+                wake.p50_ms, first.p50_ms, first.p99_ms
+            ))),
         );
         if let Some((n, e)) = publish_errors {
             cases.push(
