@@ -158,13 +158,13 @@ impl PgBackend {
         let msgs = crate::otel::traced(msgs);
         let msgs = &*msgs;
         // Counted from before the pool checkout, so publishers queued for a connection count as
-        // concurrent. With the opt-in `notify_in_transaction`, the one publish in flight
-        // notifies in its transaction; see `notifier.rs`.
+        // concurrent. A quiet publish (alone, and the process's first in `QUIET`) notifies in
+        // its transaction, as does every one alone in flight with the hidden
+        // `notify_in_transaction`; the others poke the coalescing notifier. See `notifier.rs`.
         let publishing = self.inner.background.publishing();
         let options = &self.inner.options;
         let wake = (options.notifications
-            && options.notify_in_transaction
-            && publishing.alone()
+            && (publishing.quiet() || options.notify_in_transaction && publishing.alone())
             && ready_now(msgs))
         .then(|| self.inner.background.channel());
         let mut client = self.client().await?;

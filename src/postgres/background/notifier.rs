@@ -5,19 +5,24 @@
 //! fewer than one NOTIFY per publish. Coalescing costs no fixed delay: at low rates every poke is
 //! sent at once.
 //!
-//! Opt-in (`notify_in_transaction`, off by default): a publish that is the only one of this
-//! process in flight, and finds no other in-transaction notifier committing (an advisory key
-//! taken without waiting), sends its NOTIFY **in its own transaction** (`sql/publish_wake.sql`)
-//! and pokes nobody. It saves the notifier's transaction but gives up coalescing: measured
-//! 0.27–0.88× the coalescing notifier at one publisher with a listener connected (every publish
-//! then wakes every listener), 0.97–1.33× at 16 (docs/performance.md).
+//! A publish that is the only one of this process in flight, and finds no other in-transaction
+//! notifier committing (an advisory key taken without waiting), may send its NOTIFY **in its own
+//! transaction** (`sql/publish_wake.sql`) and poke nobody. That saves the notifier's transaction
+//! (a second round trip, and a wait for PostgreSQL's notify lock behind other commits: the
+//! largest part of an idle consumer's wake-up tail under load, docs/performance.md "Idle
+//! wake-up tail") but gives up coalescing: measured 0.27–0.88× the coalescing notifier for one
+//! publisher publishing back to back with a listener connected (every publish then wakes every
+//! listener), 0.97–1.33× at 16. So by default only a *quiet* publish notifies in its
+//! transaction: one that starts at least [`QUIET`] after this process's previous publish ended,
+//! when coalescing has nothing to gather anyway. `notify_in_transaction` (hidden, for the
+//! benches) makes every publish alone in flight do it.
 //!
 //! Pending payloads live in the [`Notifier`], outside the task, so a restarted task loses none.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -27,6 +32,11 @@ use super::{lock, Shared, Wake};
 /// Least time between two NOTIFYs of the coalescing notifier.
 const NOTIFY_GAP: Duration = Duration::from_millis(1);
 
+/// How long after this process's previous publish ended a publish counts as quiet: it may
+/// notify in its own transaction by default. Publishers that follow each other closer than this
+/// coalesce.
+pub(crate) const QUIET: Duration = Duration::from_millis(5);
+
 /// Coalesces wake-ups into few NOTIFY statements, and counts the publishes in flight that decide
 /// between notifying in the transaction and coalescing.
 #[derive(Default)]
@@ -35,6 +45,8 @@ pub(crate) struct Notifier {
     ready: Notify,
     /// Publishes of this process between their start and their commit.
     publishing: AtomicUsize,
+    /// When the last publish of this process ended (None: none yet).
+    last_end: Mutex<Option<Instant>>,
 }
 
 /// One publish in flight (see [`Notifier::publishing`]); dropping it, however the publish ends,
@@ -42,6 +54,7 @@ pub(crate) struct Notifier {
 pub(crate) struct Publishing<'a> {
     notifier: &'a Notifier,
     alone: bool,
+    quiet: bool,
 }
 
 impl Publishing<'_> {
@@ -50,10 +63,17 @@ impl Publishing<'_> {
     pub(crate) fn alone(&self) -> bool {
         self.alone
     }
+
+    /// Whether this publish is alone and started at least [`QUIET`] after the previous one
+    /// ended: then it notifies inside its own transaction by default.
+    pub(crate) fn quiet(&self) -> bool {
+        self.alone && self.quiet
+    }
 }
 
 impl Drop for Publishing<'_> {
     fn drop(&mut self) {
+        *lock(&self.notifier.last_end) = Some(Instant::now());
         self.notifier.publishing.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -62,9 +82,14 @@ impl Notifier {
     /// Counts one publish in flight until the guard is dropped.
     pub(crate) fn publishing(&self) -> Publishing<'_> {
         let before = self.publishing.fetch_add(1, Ordering::Relaxed);
+        let quiet = match *lock(&self.last_end) {
+            Some(end) => end.elapsed() >= QUIET,
+            None => true,
+        };
         Publishing {
             notifier: self,
             alone: before == 0,
+            quiet,
         }
     }
 

@@ -141,3 +141,64 @@ async fn a_batch_alone_notifies_and_wakes() {
         at - sent
     );
 }
+
+/// By default (no `notify_in_transaction`) a quiet publish, the first of its handle, notifies
+/// in its own transaction and starts no notifier; publishes back to back after it coalesce
+/// through the notifier; no wake-up is lost either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_quiet_publish_notifies_in_its_transaction() {
+    let ns = namespace().await;
+    let (side, c) = waiting_side(&ns).await;
+    // Another test's in-transaction publish may hold the key for a moment: then this publish
+    // coalesces. One of a few tries must notify in its transaction.
+    let mut in_transaction = false;
+    for _ in 0..20 {
+        let publisher = handle(&ns.url, ns.namespace()).build().unwrap();
+        let waiter = tokio::spawn({
+            let c = c.clone();
+            async move { c.fetch(1, WAIT).await.unwrap().len() }
+        });
+        until_waiting(&side, 1).await;
+        publisher
+            .publish("s", json(serde_json::json!(0)))
+            .await
+            .unwrap();
+        assert_eq!(
+            waiter.await.unwrap(),
+            1,
+            "the quiet publish woke the consumer"
+        );
+        if publisher.background_tasks() == 0 {
+            in_transaction = true;
+            // Back to back now: these coalesce, and every one is delivered.
+            let waiter = tokio::spawn({
+                let c = c.clone();
+                async move {
+                    let mut got = 0;
+                    while got < 20 {
+                        let more = c.fetch(20 - got, WAIT).await.unwrap().len();
+                        assert!(more > 0, "a wake-up was lost: {got} of 20");
+                        got += more;
+                    }
+                }
+            });
+            until_waiting(&side, 1).await;
+            for i in 0..20 {
+                publisher
+                    .publish("s", json(serde_json::json!(i)))
+                    .await
+                    .unwrap();
+            }
+            waiter.await.unwrap();
+            assert!(
+                publisher.background_tasks() > 0,
+                "back-to-back publishes poked the coalescing notifier"
+            );
+            break;
+        }
+    }
+    assert!(
+        in_transaction,
+        "no quiet publish notified inside its transaction"
+    );
+}
