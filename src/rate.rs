@@ -99,6 +99,7 @@ impl RateLimit {
     }
 
     /// The limit as stored (deliveries per second, burst), checked.
+    #[cfg(feature = "postgres")]
     pub(crate) fn from_stored(rate: f64, burst: Option<i32>) -> Option<Self> {
         let limit = RateLimit {
             per_second: rate,
