@@ -284,14 +284,7 @@ async fn a_trim_locks_only_the_keys_of_what_it_removed() {
         trimmed, 1,
         "only the first message is older than the newest 1000"
     );
-    let locks: i64 = tx
-        .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let locks = advisory_locks(&tx).await;
     assert!(
         locks <= 5,
         "the trim holds {locks} advisory locks: a lock per key of the group, not per key it touched"
