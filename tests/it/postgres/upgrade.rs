@@ -642,6 +642,33 @@ const KEY_INDEXES_0013: &str = "
     CREATE INDEX delivery_state_key_slots ON @ns@.delivery_state (group_id, key)
         WHERE key IS NOT NULL AND visible_at < '5000-01-01 00:00:00+00' AND key_limited;";
 
+/// Reads up to 100 deliveries of `group` of stream `orders` through SQL `read`, acks them all
+/// (checking every ack counted), and returns their `(k, i)` payload fields in order.
+async fn read_and_ack(raw: &tokio_postgres::Client, n: &str, group: &str) -> Vec<(String, i32)> {
+    let rows = raw
+        .query(
+            &format!(
+                "SELECT r.payload->>'k', (r.payload->>'i')::int, r.id
+                 FROM \"{n}\".read('orders', '{group}', 'c', 100) r ORDER BY 1, 2"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.get(2)).collect();
+    let acked: i32 = raw
+        .query_one(
+            &format!("SELECT \"{n}\".ack('orders', '{group}', $1)"),
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(acked as usize, ids.len());
+    got
+}
+
 /// A namespace at migration 0013 whose ordered and per-key limited groups hold key lines
 /// (heads and waiting deliveries; in the limited group one key numbered the way 0013's
 /// `set_max_in_flight_per_key` could leave it, a head behind a waiting delivery) upgrades to
@@ -739,22 +766,7 @@ async fn namespace_at_0013_with_key_lines_upgrades_to_one_key_index() {
     assert!(fair, "streams.fair is set for a stream with a fair group");
 
     // The lines move on: `ord` one per key at a time, in publish order; `lim` two per key.
-    let read = |group: &'static str| {
-        let sql = format!(
-            "SELECT r.payload->>'k', (r.payload->>'i')::int, r.id
-             FROM \"{n}\".read('orders', '{group}', 'c', 100) r ORDER BY 1, 2"
-        );
-        let ack = format!("SELECT \"{n}\".ack('orders', '{group}', $1)");
-        let raw = &raw;
-        async move {
-            let rows = raw.query(&sql, &[]).await.unwrap();
-            let got: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            let ids: Vec<Uuid> = rows.iter().map(|r| r.get(2)).collect();
-            let acked: i32 = raw.query_one(&ack, &[&ids]).await.unwrap().get(0);
-            assert_eq!(acked as usize, ids.len());
-            got
-        }
-    };
+    let read = |group: &'static str| read_and_ack(&raw, &n, group);
     for i in 1..=4 {
         let want: Vec<(String, i32)> = (0..3).map(|k| (k.to_string(), i)).collect();
         assert_eq!(read("ord").await, want, "ordered group, round {i}");
@@ -877,22 +889,7 @@ async fn namespace_at_0014_with_key_lines_upgrades_to_key_heads() {
         .unwrap()
         .get(0);
     assert_eq!(acked, 3);
-    let read = |group: &'static str| {
-        let sql = format!(
-            "SELECT r.payload->>'k', (r.payload->>'i')::int, r.id
-             FROM \"{n}\".read('orders', '{group}', 'c', 100) r ORDER BY 1, 2"
-        );
-        let ack = format!("SELECT \"{n}\".ack('orders', '{group}', $1)");
-        let raw = &raw;
-        async move {
-            let rows = raw.query(&sql, &[]).await.unwrap();
-            let got: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            let ids: Vec<Uuid> = rows.iter().map(|r| r.get(2)).collect();
-            let acked: i32 = raw.query_one(&ack, &[&ids]).await.unwrap().get(0);
-            assert_eq!(acked as usize, ids.len());
-            got
-        }
-    };
+    let read = |group: &'static str| read_and_ack(&raw, &n, group);
     for i in 2..=4 {
         let want: Vec<(String, i32)> = (0..3).map(|k| (k.to_string(), i)).collect();
         assert_eq!(read("ord").await, want, "ordered group, round {i}");
