@@ -33,5 +33,6 @@ LEFT JOIN (SELECT s.relid, s.relname, s.n_dead_tup, s.n_live_tup, s.last_vacuum,
            JOIN pg_catalog.pg_class c ON c.oid = s.relid
            WHERE s.schemaname = @ns_lit@
              AND s.relname IN ('delivery_state', 'counter_deltas', 'dead_letter_state', 'dedupe',
-                               'group_counters', 'rate_buckets', 'fair_keys', 'scout_lease')) t ON true
+                               'group_counters', 'rate_buckets', 'fair_keys', 'scout_lease',
+                               'wake_waiters')) t ON true
 ORDER BY t.relname

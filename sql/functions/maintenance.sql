@@ -208,6 +208,7 @@ BEGIN
     GET DIAGNOSTICS dedupe_removed = ROW_COUNT;
     PERFORM @ns@._trim_rate_buckets();
     PERFORM @ns@._trim_fair_keys();
+    PERFORM @ns@._trim_wake_waiters();
     PERFORM @ns@.fold_counters();
     RETURN NEXT;
 END $$;

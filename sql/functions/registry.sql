@@ -135,6 +135,7 @@ BEGIN
     DELETE FROM @ns@.group_counters WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.counter_deltas WHERE group_id IN (SELECT id FROM @ns@.groups WHERE stream_id = sid);
     DELETE FROM @ns@.dedupe WHERE stream_id = sid;
+    DELETE FROM @ns@.wake_waiters WHERE stream_id = sid;
     EXECUTE format('DROP TABLE %I.%I', @ns_lit@, 'messages_s' || sid);
     PERFORM @ns@._lookup_drop(sid);
     DELETE FROM @ns@.streams WHERE id = sid;

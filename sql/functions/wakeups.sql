@@ -9,20 +9,140 @@
 -- this file (and dependants recreated in the same file). Tables, indexes and data changes belong
 -- in `migrations/`, never here.
 
+-- The wake lock of stream `p_stream` (an advisory key of its own, namespaced like the key locks:
+-- another namespace's stream with the same id never shares it).
+CREATE OR REPLACE FUNCTION @ns@._wake_lock(p_stream integer) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$ SELECT hashtext(@ns_lit@ || '.wake.' || p_stream::text)::bigint $$;
+
+-- How many wake locks one transaction takes at most. Advisory locks live in the server's shared
+-- lock table; a transaction publishing to more streams than this notifies the rest without one.
+CREATE OR REPLACE FUNCTION @ns@._wake_lock_budget() RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$ SELECT 64 $$;
+
+-- The NOTIFY trigger: one `pg_notify` per stream with new ready work, sent only when the stream
+-- has a registered waiter (`wake_waiters`), or when this publish cannot rule one out.
+--
+-- Why a skipped NOTIFY loses no wake-up. A publisher takes the stream's wake lock shared without
+-- waiting and, in a later statement (a new snapshot under READ COMMITTED), looks for a
+-- registration; it skips the NOTIFY only when the lock was free and no registration is visible,
+-- and it holds the lock until its transaction ends. A registrar (`_wake_register`) inserts its
+-- row, then takes the same lock exclusively, waiting, in the same transaction, and its consumers
+-- claim again once it has committed. For every publisher, one of these holds:
+--   * it took the lock before the registrar asked for it: the registrar waits for its commit,
+--     so the claim that follows the registration sees its messages;
+--   * it tried while the registrar waited for or held the lock: the try fails (a waiting
+--     exclusive request makes a new shared one conflict), and it notifies;
+--   * it took the lock after the registrar released it at commit: its snapshot sees the row, and
+--     it notifies as long as the row stays.
+-- Under REPEATABLE READ or SERIALIZABLE the snapshot is the transaction's, older than the lock,
+-- so such a publish notifies as before; so does one that set `pgtide.notify = always`, and one
+-- past the transaction's lock budget. Publishers never wait for the lock.
 CREATE OR REPLACE FUNCTION @ns@._notify_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    due timestamptz;
+    due    timestamptz;
+    v_ready integer[];
+    v_free  integer[] := '{}';
+    v_held  integer;
 BEGIN
-    PERFORM pg_notify('pgtide.' || @ns_lit@, s.name)
-    FROM @ns@.streams s
-    WHERE s.id IN (SELECT g.stream_id FROM @ns@.groups g
-                   WHERE g.id IN (SELECT n.group_id FROM new_rows n WHERE n.visible_at <= now()));
+    SELECT array_agg(DISTINCT g.stream_id ORDER BY g.stream_id) INTO v_ready
+    FROM @ns@.groups g
+    WHERE g.id IN (SELECT n.group_id FROM new_rows n WHERE n.visible_at <= now());
+    IF v_ready IS NOT NULL THEN
+        IF current_setting('transaction_isolation') = 'read committed'
+           AND coalesce(current_setting('pgtide.notify', true), '') <> 'always' THEN
+            v_held := coalesce(nullif(current_setting('pgtide.wake_locks', true), '')::integer, 0);
+            IF v_held + cardinality(v_ready) <= @ns@._wake_lock_budget() THEN
+                SELECT coalesce(array_agg(x.id), '{}') INTO v_free
+                FROM unnest(v_ready) x(id)
+                WHERE pg_try_advisory_xact_lock_shared(@ns@._wake_lock(x.id));
+                -- Counted per call: a stream locked again by a later statement counts twice,
+                -- which only ends the budget sooner. Rolled back with a savepoint, as the locks.
+                PERFORM set_config('pgtide.wake_locks', (v_held + cardinality(v_free))::text, true);
+            END IF;
+        END IF;
+        -- A statement after the locks: under READ COMMITTED its snapshot is newer than them.
+        PERFORM pg_notify('pgtide.' || @ns_lit@, s.name)
+        FROM @ns@.streams s
+        WHERE s.id = ANY (v_ready)
+          AND (s.id <> ALL (v_free)
+               OR EXISTS (SELECT 1 FROM @ns@.wake_waiters w WHERE w.stream_id = s.id));
+    END IF;
     SELECT min(n.visible_at) INTO due FROM new_rows n WHERE n.visible_at > now();
     IF due IS NOT NULL THEN
         PERFORM pg_notify('pgtide.' || @ns_lit@, '@' || floor(extract(epoch FROM due) * 1000)::bigint);
     END IF;
     RETURN NULL;
+END $$;
+
+-- Registers process `p_holder` (whose LISTEN session is backend `p_pid`) as waiting for wake-ups
+-- of stream `p_stream`, then waits until every publisher that may have missed the registration
+-- has committed (the protocol above `_notify_inserted`). Returns true when it is in force: a
+-- claim that starts after this commits sees every message whose NOTIFY was skipped. Returns false
+-- when a publishing transaction still held the stream's wake lock after `p_wait` (a long caller
+-- transaction): the row is in place and every later publisher notifies, so the caller calls again
+-- later to wait out the rest. NULL: no such stream. The lock wait is bounded by `p_wait` (at most
+-- a second); publishers never queue behind it, their tries fail at once and they notify.
+CREATE OR REPLACE FUNCTION @ns@._wake_register(p_stream text, p_holder text, p_pid integer, p_wait interval)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_id integer;
+BEGIN
+    PERFORM @ns@._check_name('stream', p_stream);
+    PERFORM @ns@._check(p_holder IS NOT NULL AND length(p_holder) BETWEEN 1 AND 200,
+        'holder must be 1 to 200 characters', 'the process id of the registrar');
+    PERFORM @ns@._check(p_pid IS NOT NULL AND p_pid > 0, 'pid must be a backend process id',
+        'pg_backend_pid() of the LISTEN session');
+    PERFORM @ns@._check(p_wait IS NOT NULL AND p_wait >= interval '0' AND p_wait <= interval '1 second',
+        'wait must be between 0 and 1 second', 'how long to wait for publishing transactions');
+    SELECT id INTO v_id FROM @ns@.streams WHERE name = p_stream;
+    IF v_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO @ns@.wake_waiters AS w (stream_id, holder, listener_pid)
+    VALUES (v_id, p_holder, p_pid)
+    ON CONFLICT (stream_id, holder) DO UPDATE SET listener_pid = excluded.listener_pid, since = now()
+    WHERE w.listener_pid <> excluded.listener_pid;
+    -- Milliseconds, rounded up: a zero lock_timeout would wait for ever.
+    PERFORM set_config('lock_timeout',
+        greatest(1, ceil(extract(epoch FROM p_wait) * 1000))::bigint::text || 'ms', true);
+    BEGIN
+        PERFORM pg_advisory_xact_lock(@ns@._wake_lock(v_id));
+    EXCEPTION WHEN lock_not_available THEN
+        RETURN false;
+    END;
+    RETURN true;
+END $$;
+
+-- Takes back the registrations of `p_holder` for the streams `p_streams` (NULL: all of them).
+-- Returns how many rows went.
+CREATE OR REPLACE FUNCTION @ns@._wake_release(p_streams text[], p_holder text) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    PERFORM @ns@._check(p_holder IS NOT NULL AND length(p_holder) BETWEEN 1 AND 200,
+        'holder must be 1 to 200 characters', 'the process id of the registrar');
+    DELETE FROM @ns@.wake_waiters w
+    WHERE w.holder = p_holder
+      AND (p_streams IS NULL
+           OR w.stream_id IN (SELECT s.id FROM @ns@.streams s WHERE s.name = ANY (p_streams)));
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END $$;
+
+-- Registrations whose LISTEN session is gone (the process was killed, or its listener
+-- reconnected and registers under its new session): for `maintain()`.
+CREATE OR REPLACE FUNCTION @ns@._trim_wake_waiters() RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    DELETE FROM @ns@.wake_waiters w
+    WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.listener_pid);
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
 END $$;
 
 -- Takes the lease if it is free or expired, or renews it for the current holder and term.

@@ -428,6 +428,10 @@ impl PgConsumer {
                 None => poll,
             };
             let poll_at = (now + poll).min(deadline);
+            if wakes.is_some() {
+                // SQL publishes notify only streams with a waiter registered (registrar.rs).
+                self.pg.before_wait(&self.stream);
+            }
             let _waiting = self.pg.waiting();
             let wait = async {
                 match wakes.as_mut() {

@@ -40,6 +40,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (13, "key_concurrency", include_str!("../../migrations/0013_key_concurrency.sql")),
     (14, "key_index", include_str!("../../migrations/0014_key_index.sql")),
     (15, "key_heads", include_str!("../../migrations/0015_key_heads.sql")),
+    (16, "wake_waiters", include_str!("../../migrations/0016_wake_waiters.sql")),
 ];
 
 /// The function and view files, in the order they are applied: a file may use what an earlier

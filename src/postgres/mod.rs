@@ -582,6 +582,11 @@ impl PgBackend {
         Some(self.inner.background.subscribe())
     }
 
+    /// A fetch of `stream` found nothing and is about to wait (see the registrar).
+    pub(crate) fn before_wait(&self, stream: &str) {
+        self.inner.background.before_wait(stream);
+    }
+
     /// Counts a fetch as blocked waiting for a wake-up until the guard is dropped (see
     /// [`PgBackend::watch_waiting_fetches`]).
     pub(crate) fn waiting(&self) -> background::Waiting {

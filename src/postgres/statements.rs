@@ -119,6 +119,8 @@ statements! {
     migrate_table => "migrate_table.sql" [TEXT],
     // background
     notify => "notify.sql" [TEXT, TEXT_ARRAY],
+    wake_register => "wake_register.sql" [TEXT, TEXT, INT4, INT8],
+    wake_release => "wake_release.sql" [TEXT_ARRAY, TEXT],
 }
 
 impl PgBackend {

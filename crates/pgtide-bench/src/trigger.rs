@@ -11,11 +11,16 @@
 //! * engine without wake-ups: the same on a handle built with `notifications(false)`, which
 //!   tells the engine's own overhead (pool, checks) apart from the notifier's;
 //! * SQL: the floor's statement on the same raw connections with the setting reset, so the
-//!   statement-level trigger NOTIFYs inside every publishing transaction, as for publishers that
-//!   go through SQL (psql, application triggers, `<ns>.publish(…)`).
+//!   statement-level trigger runs, as for publishers that go through SQL (psql, application
+//!   triggers, `<ns>.publish(…)`). No consumer waits, so it sends no NOTIFY: busy consumers, or
+//!   none, cost SQL publishers nothing (the trigger notifies only streams with a registered
+//!   waiter, `sql/functions/wakeups.sql`);
+//! * SQL, a consumer waiting: the same with a registration of the stream held throughout (as an
+//!   idle consumer's process holds one), so every publish NOTIFYs inside its transaction: the
+//!   worst case, and what every SQL publish cost before registrations.
 //!
-//! A raw LISTEN on the namespace channel stands for the consumers of a real deployment and
-//! counts the notifications each side sends while measured.
+//! A raw LISTEN on the namespace channel counts the notifications each side sends while
+//! measured.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +48,9 @@ const ENGINE: usize = 1;
 const QUIET: usize = 2;
 const SQL: usize = 3;
 const IN_TRANSACTION: usize = 4;
+const SQL_WAITER: usize = 5;
+/// The holder id of the registration the SQL-with-a-waiter side holds.
+const WAITER: &str = "bench-waiter";
 
 /// What the sides publish with.
 struct Sides {
@@ -51,6 +59,8 @@ struct Sides {
     quiet: Vec<(PgBackend, OutgoingMessage)>,
     in_transaction: Vec<(PgBackend, OutgoingMessage)>,
     received: Arc<AtomicU64>,
+    /// The namespace (validated by the library).
+    ns: String,
 }
 
 impl Bench<'_> {
@@ -103,7 +113,7 @@ impl Bench<'_> {
             .replace("@ns@", &format!("\"{}\"", self.ns));
         for n in PUBLISHERS {
             self.progress(format_args!(
-                "trigger cost: floor vs engine vs engine without wake-ups vs SQL (trigger), {}",
+                "trigger cost: floor vs engine vs engine without wake-ups vs SQL (trigger) vs SQL with a waiter, {}",
                 plural(n, "publisher")
             ));
             let sides = Sides {
@@ -112,9 +122,10 @@ impl Bench<'_> {
                 quiet: vec![(quiet.clone(), self.msg.clone()); n],
                 in_transaction: vec![(in_transaction.clone(), self.msg.clone()); n],
                 received: listener.received(),
+                ns: self.ns.to_owned(),
             };
             let sums = self
-                .alternate_n(5, |i, w, d| run_side(&sides, i, w, d))
+                .alternate_n(6, |i, w, d| run_side(&sides, i, w, d))
                 .await?;
             let rate = |i: usize| sums[i].0.rate();
             let per_100 = |i: usize| {
@@ -165,13 +176,22 @@ impl Bench<'_> {
             );
             cases.push(
                 Case::compared(
-                    format!("publish SQL (trigger on) vs floor, {publishers}"),
+                    format!("publish SQL (trigger on, no consumer waiting) vs floor, {publishers}"),
                     rate(SQL),
                     Unit::PerSecond,
                     rate(FLOOR),
                     Target::RatioAtLeast(TARGET),
                 )
                 .note(Some(per_100(SQL))),
+            );
+            cases.push(
+                Case::against(
+                    format!("publish SQL (trigger on, a consumer waiting) vs floor, {publishers}"),
+                    rate(SQL_WAITER),
+                    Unit::PerSecond,
+                    rate(FLOOR),
+                )
+                .note(Some(per_100(SQL_WAITER))),
             );
         }
         Ok(())
@@ -185,8 +205,21 @@ async fn run_side(
     warmup: Duration,
     window: Duration,
 ) -> Step<(Throughput, u64)> {
-    if side == FLOOR || side == SQL {
-        set_notify(&sides.raw, side == SQL).await?;
+    if matches!(side, FLOOR | SQL | SQL_WAITER) {
+        set_notify(&sides.raw, side != FLOOR).await?;
+    }
+    // The waiter's registration, held by the first publisher's session (alive all along, so
+    // `maintain()` keeps it) for this side only.
+    if let Some(first) = sides.raw.first() {
+        let sql = if side == SQL_WAITER {
+            format!(
+                "SELECT \"{}\"._wake_register('{TRIGGER}', '{WAITER}', pg_backend_pid(), '0')",
+                sides.ns
+            )
+        } else {
+            format!("SELECT \"{}\"._wake_release(NULL, '{WAITER}')", sides.ns)
+        };
+        first.client.batch_execute(&sql).await?;
     }
     let received = sides.received.clone();
     let at_start = tokio::spawn(async move {

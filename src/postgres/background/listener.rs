@@ -39,6 +39,7 @@ struct Connected<'a>(&'a Shared);
 
 impl Drop for Connected<'_> {
     fn drop(&mut self) {
+        self.0.listener_pid.store(0, Ordering::Release);
         self.0.listener.send_if_modified(|s| {
             let was = s.connected;
             s.connected = false;
@@ -66,23 +67,29 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
     let keep_alive = "SELECT set_config('idle_session_timeout', '0', false) \
                       WHERE current_setting('server_version_num')::int >= 140000";
     let listen = format!("LISTEN \"{}\"", shared.channel);
+    // The session's backend pid names this process's wake-up registrations (registrar.rs).
+    let Some(row) = drive(
+        client.query_one("SELECT pg_backend_pid()", &[]),
+        &mut messages,
+        &token,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let pid: i32 = row.try_get(0)?;
     for statement in [keep_alive, &listen] {
-        let run = client.batch_execute(statement);
-        tokio::pin!(run);
-        loop {
-            tokio::select! {
-                biased;
-                _ = token.cancelled() => return Ok(()),
-                r = &mut run => break r?,
-                m = messages.next() => match m {
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(closed()),
-                },
-            }
+        if drive(client.batch_execute(statement), &mut messages, &token)
+            .await?
+            .is_none()
+        {
+            return Ok(());
         }
     }
     let _connected = Connected(&shared);
+    // Registrations of an earlier session are void; the catch-up below makes every fetch ask anew.
+    shared.registry.reconnected();
+    shared.listener_pid.store(pid, Ordering::Release);
     let reconnect = shared.listener_sessions.fetch_add(1, Ordering::Relaxed) > 0;
     shared.listener.send_modify(|s| {
         s.connected = true;
@@ -104,8 +111,38 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
                     shared
                         .listener
                         .send_modify(|s| s.last_notification_at = Some(Utc::now()));
-                    let _ = shared.bus.send(Wake::parse(n.payload()));
+                    match Wake::parse(n.payload()) {
+                        Wake::Stream(stream) => shared.registry.heard(stream, &shared.bus),
+                        wake => {
+                            let _ = shared.bus.send(wake);
+                        }
+                    }
                 }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(closed()),
+            },
+        }
+    }
+}
+
+/// Runs `request` on the session while polling its connection, which carries the reply. `None`
+/// when `token` is cancelled first.
+async fn drive<T, M>(
+    request: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    messages: &mut M,
+    token: &CancellationToken,
+) -> crate::Result<Option<T>>
+where
+    M: futures_util::Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin,
+{
+    tokio::pin!(request);
+    loop {
+        tokio::select! {
+            biased;
+            _ = token.cancelled() => return Ok(None),
+            r = &mut request => return Ok(Some(r?)),
+            m = messages.next() => match m {
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(closed()),

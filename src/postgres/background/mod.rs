@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | notifier | coalesces pokes from the pool's publishes into few NOTIFYs (opt-in: a publish alone in flight notifies in its own transaction instead) | on first publish/settle that wakes someone, or with the scout |
 //! | listener | one LISTEN connection per handle, fanned out on the wake bus | with the scout, when notifications are on |
+//! | registrar | registers the streams whose local fetches wait, so SQL publishes notify only those | with the listener |
 //! | elector | the scout lease: acquire, renew, step down, resign | on the first wait of a consumer, or `start_scout()` |
 //! | due-waker | wakes streams whose delayed work or expired leases came due | with the elector, acts only while elected |
 //! | maintainer | `maintain()` every maintenance interval | with the elector, acts only while elected |
@@ -26,12 +27,13 @@ mod elector;
 mod listener;
 mod maintainer;
 mod notifier;
+mod registrar;
 mod vacuumer;
 pub(crate) mod wake;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -73,6 +75,10 @@ pub(crate) struct Shared {
     listener: watch::Sender<ListenerStatus>,
     /// How many LISTEN sessions connected: every one after the first is a reconnect.
     listener_sessions: AtomicU64,
+    /// The backend pid of the LISTEN session, 0 while there is none.
+    listener_pid: AtomicI32,
+    /// The streams this process's fetches wait on (see [`registrar`]).
+    registry: registrar::Registry,
     scout_status: watch::Sender<ScoutStatus>,
     /// The term this process leads under; the due-waker, the maintainer and the vacuumer act
     /// only while set.
@@ -97,6 +103,7 @@ pub(crate) mod services {
 enum Service {
     Notifier,
     Listener,
+    Registrar,
     Elector,
     DueWaker,
     Maintainer,
@@ -108,6 +115,7 @@ impl Service {
         match self {
             Service::Notifier => "notifier",
             Service::Listener => "listener",
+            Service::Registrar => "registrar",
             Service::Elector => "scout elector",
             Service::DueWaker => "scout due-waker",
             Service::Maintainer => "scout maintainer",
@@ -120,7 +128,9 @@ impl Service {
     fn backoff(self, scout: &ScoutConfig) -> (Duration, Duration) {
         match self {
             Service::Notifier => (Duration::from_millis(20), Duration::from_secs(2)),
-            Service::Listener => (Duration::from_millis(50), Duration::from_secs(5)),
+            Service::Listener | Service::Registrar => {
+                (Duration::from_millis(50), Duration::from_secs(5))
+            }
             Service::Elector => {
                 let max = (scout.ttl / 6).max(Duration::from_millis(50));
                 (Duration::from_millis(50).min(max), max)
@@ -183,6 +193,8 @@ impl Background {
                 notifier: Notifier::default(),
                 listener: watch::Sender::new(ListenerStatus::default()),
                 listener_sessions: AtomicU64::new(0),
+                listener_pid: AtomicI32::new(0),
+                registry: registrar::Registry::default(),
                 scout_status: watch::Sender::new(ScoutStatus::default()),
                 elected: watch::Sender::new(None),
                 lease: Mutex::default(),
@@ -213,6 +225,7 @@ impl Background {
         }
         if missing & services::LISTENER != 0 {
             self.spawn(Service::Listener, listener::run);
+            self.spawn(Service::Registrar, registrar::run);
         }
         if missing & services::SCOUT != 0 {
             let holder = self.shared.holder.clone();
@@ -296,6 +309,9 @@ impl Background {
         self.tracker.wait().await;
         // The elector resigns when it stops; this covers one stopped while waiting to restart.
         elector::resign_if_held(&self.shared).await;
+        if self.started.load(Ordering::Acquire) & services::LISTENER != 0 {
+            registrar::release_all(&self.shared).await;
+        }
     }
 
     /// Stops every task at once, as a crash would: no resign, no flush.
@@ -350,6 +366,12 @@ impl Background {
     pub(crate) fn watch_waiting(&self) -> watch::Receiver<usize> {
         self.shared.waiting.subscribe()
     }
+
+    /// A fetch of `stream` found nothing and is about to wait: makes sure SQL publishes to the
+    /// stream notify (see [`registrar`]).
+    pub(crate) fn before_wait(&self, stream: &str) {
+        self.shared.registry.before_wait(stream);
+    }
 }
 
 impl Drop for Background {
@@ -383,8 +405,10 @@ impl Shared {
                 })
             }
             // No status of its own: its NOTIFYs stand in for the trigger's, and the fallback
-            // poller covers a lasting outage. The warning above is the record.
-            Service::Notifier => {}
+            // poller covers a lasting outage. The warning above is the record. Without the
+            // registrar, SQL publishes skip their NOTIFY and the fallback poller wakes the
+            // waiting fetches.
+            Service::Notifier | Service::Registrar => {}
         }
     }
 }

@@ -21,5 +21,6 @@ mod tls;
 mod upgrade;
 mod vacuum;
 mod wake_modes;
+mod wake_registrations;
 mod wakeups;
 mod worker;

@@ -383,6 +383,17 @@ async fn unnamed_publishes_keep_the_notify_trigger_quiet() {
         .batch_execute(&format!("LISTEN \"pgtide.{ns}\""))
         .await
         .unwrap();
+    // Both streams have a waiter registered (this session): the trigger, were it on, would
+    // notify them (an unregistered stream's SQL publish sends no NOTIFY, see registrar.rs).
+    for stream in ["quiet", "loud"] {
+        listener
+            .execute(
+                &format!("SELECT \"{ns}\"._wake_register($1, 'test', pg_backend_pid(), '0')"),
+                &[&stream],
+            )
+            .await
+            .unwrap();
+    }
     pg.publish("quiet", json(serde_json::json!(1)))
         .await
         .unwrap();

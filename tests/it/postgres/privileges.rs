@@ -416,8 +416,33 @@ async fn a_runtime_role_publishes_consumes_settles_and_runs_the_scout() {
         seen.lock().unwrap().len() == n_msgs
     })
     .await;
+    // Idle, the worker's process registers as waiting, as the runtime role (`_wake_register`),
+    // so the role's SQL publish notifies and the worker takes it long before its 30 s poll.
+    let owner = ns.raw().await;
+    let registered = format!("SELECT count(*) FROM \"{n}\".wake_waiters");
+    let deadline = std::time::Instant::now() + WAIT;
+    while owner
+        .query_one(&registered, &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    raw.execute(&format!("SELECT \"{n}\".publish('t', '1000')"), &[])
+        .await
+        .unwrap();
+    eventually(WAIT, "the worker handled the SQL publish", || {
+        seen.lock().unwrap().contains(&1000)
+    })
+    .await;
     token.cancel();
-    assert_eq!(run.await.unwrap().unwrap().acked, n_msgs as u64);
+    assert_eq!(run.await.unwrap().unwrap().acked, n_msgs as u64 + 1);
 
     // The scout: elected, due checks and maintenance, and seen by `health`'s query.
     rt.start_scout();

@@ -286,7 +286,8 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "0012_fair_share".to_owned(),
             "0013_key_concurrency".to_owned(),
             "0014_key_index".to_owned(),
-            "0015_key_heads".to_owned()
+            "0015_key_heads".to_owned(),
+            "0016_wake_waiters".to_owned()
         ]
     );
     assert_eq!(report.sql_files, FILES);
@@ -358,6 +359,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_claim",
             "_extend",
             "_nack",
+            "_notify_inserted",
             "_publish",
             "_purge_dead",
             "_release",
@@ -462,7 +464,12 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_term",
             "_trim_fair_keys",
             "_trim_rate_buckets",
+            "_trim_wake_waiters",
             "_visible_at",
+            "_wake_lock",
+            "_wake_lock_budget",
+            "_wake_register",
+            "_wake_release",
             "ack",
             "create_group",
             "ensure_partitions",
@@ -699,11 +706,12 @@ async fn namespace_at_0013_with_key_lines_upgrades_to_one_key_index() {
     ))
     .await
     .unwrap();
-    // Back to 0013's schema: its three key indexes, no `streams.fair`, no `key_heads`, 0014 and
-    // 0015 not applied, and every function file due again.
+    // Back to 0013's schema: its three key indexes, no `streams.fair`, no `key_heads`, no
+    // `wake_waiters`, 0014 to 0016 not applied, and every function file due again.
     raw.batch_execute(&format!(
         "DROP INDEX \"{n}\".delivery_state_key;
              DROP TABLE \"{n}\".key_heads;
+             DROP TABLE \"{n}\".wake_waiters;
              ALTER TABLE \"{n}\".streams DROP COLUMN fair;
              DELETE FROM \"{n}\"._sqlx_migrations WHERE version >= 14;
              UPDATE \"{n}\"._pgtide_sql SET checksum = '\\x00';
@@ -717,7 +725,11 @@ async fn namespace_at_0013_with_key_lines_upgrades_to_one_key_index() {
     let report = ns.migrate().await.unwrap();
     assert_eq!(
         report.migrations,
-        vec!["0014_key_index".to_owned(), "0015_key_heads".to_owned()]
+        vec![
+            "0014_key_index".to_owned(),
+            "0015_key_heads".to_owned(),
+            "0016_wake_waiters".to_owned()
+        ]
     );
     assert!(ns.is_migrated().await.unwrap());
     let indexes: Vec<String> = raw
