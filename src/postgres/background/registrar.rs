@@ -5,16 +5,18 @@
 //! A fetch that found nothing and is about to wait checks that a registration of its stream is
 //! in force ([`Registry::before_wait`]). If not, it asks for one and waits as usual; the registrar task writes the row and waits out the
 //! publishers that may have missed it (`_wake_register`), then wakes the stream's local fetches,
-//! which claim again. When the listener hears a notification for a stream, the registration has
-//! done its job: it is taken back ([`Registry::heard`]), so a stream whose consumers keep up is
-//! notified about once per idle spell rather than once per publish. Reconnecting the listener
+//! which claim again. When the listener hears a second notification for a stream before any of
+//! its fetches went idle again, publishers are outrunning the consumers: the registration is
+//! taken back ([`Registry::heard`]), so a burst is notified about once per idle spell of the
+//! consumers rather than once per publish. A trickle (one notification, the fetch idle again)
+//! keeps its registration and costs no extra statement. Reconnecting the listener
 //! voids every registration (a crash empties the unlogged table, and the rows name the old LISTEN
 //! session).
 //!
 //! Only SQL publishes (the INSERT trigger) consult the registrations; the engine's own
 //! publishes notify through the coalescing notifier as before.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +32,9 @@ use crate::postgres::micros;
 const WAIT_OUT: Duration = Duration::from_millis(100);
 /// When a wait-out timed out (a long publishing transaction), how soon it is tried again.
 const RETRY: Duration = Duration::from_millis(100);
+/// Notifications heard for a stream, with none of its fetches going idle in between, that take
+/// its registration back.
+const RELEASE_AFTER: u32 = 2;
 /// How long [`release_all`] may take at shutdown.
 const RELEASE_ALL: Duration = Duration::from_secs(2);
 
@@ -51,6 +56,8 @@ pub(crate) struct Registry {
 struct State {
     /// Streams whose registration is in force.
     in_force: HashSet<Arc<str>>,
+    /// Notifications heard per stream since one of its fetches last went idle.
+    heard: HashMap<Arc<str>, u32>,
     /// Streams whose registration was asked for and is not in force yet.
     pending: HashSet<Arc<str>>,
     ops: VecDeque<Op>,
@@ -72,6 +79,9 @@ impl Registry {
     /// registration taken back since then ([`Registry::heard`]) woke it.
     pub(crate) fn before_wait(&self, stream: &str) -> bool {
         let mut state = lock(&self.state);
+        if let Some(heard) = state.heard.get_mut(stream) {
+            *heard = 0;
+        }
         if state.in_force.contains(stream) || state.pending.contains(stream) {
             return false;
         }
@@ -83,12 +93,22 @@ impl Registry {
         true
     }
 
-    /// The listener heard a notification for `stream`: wakes its local fetches on `bus` and
-    /// takes the registration back. Both under the registry's lock, so a fetch that looks
-    /// afterwards finds none and asks anew, and one that looked before is woken.
+    /// The listener heard a notification for `stream`: wakes its local fetches on `bus` and, at
+    /// the second one heard before any of them went idle again, takes the registration back.
+    /// Both under the registry's lock, so a fetch that looks afterwards finds none and asks anew,
+    /// and one that looked before is woken.
     pub(super) fn heard(&self, stream: Arc<str>, bus: &tokio::sync::broadcast::Sender<Wake>) {
         let mut state = lock(&self.state);
         let _ = bus.send(Wake::Stream(stream.clone()));
+        if !state.in_force.contains(&stream) {
+            return;
+        }
+        let heard = state.heard.entry(stream.clone()).or_insert(0);
+        *heard += 1;
+        if *heard < RELEASE_AFTER {
+            return;
+        }
+        state.heard.remove(&stream);
         if state.in_force.remove(&stream) {
             state.ops.push_back(Op::Release(stream));
             drop(state);
@@ -102,6 +122,7 @@ impl Registry {
         let mut state = lock(&self.state);
         state.session += 1;
         state.in_force.clear();
+        state.heard.clear();
         state.pending.clear();
         state.retries.clear();
         state.ops.retain(|op| matches!(op, Op::Release(_)));
@@ -288,7 +309,15 @@ mod tests {
         assert_eq!(registry.in_force(), vec![Arc::<str>::from("s")]);
         assert!(!registry.before_wait("s"), "in force");
 
-        // Heard: the local fetches are woken, the registration is void and taken back.
+        // Heard once, then a fetch went idle again: a trickle keeps its registration.
+        registry.heard("s".into(), &tx);
+        assert_eq!(rx.try_recv().unwrap(), Wake::Stream("s".into()));
+        assert!(!registry.before_wait("s"));
+        registry.heard("s".into(), &tx);
+        assert_eq!(rx.try_recv().unwrap(), Wake::Stream("s".into()));
+        assert_eq!(registry.in_force(), vec![Arc::<str>::from("s")]);
+        // Heard a second time with no fetch idle in between (a burst): the local fetches are
+        // woken, the registration is void and taken back.
         registry.heard("s".into(), &tx);
         assert_eq!(rx.try_recv().unwrap(), Wake::Stream("s".into()));
         assert!(registry.in_force().is_empty());

@@ -869,7 +869,6 @@ async fn hot_sql_helpers_are_inlined() {
         "_key_limit_lock(i)",
         "_key_lock_budget()",
         "_wake_lock(i)",
-        "_wake_lock_budget()",
         "_parked_offset()",
         "_parked_bound()",
         "_visible_at(ts, d, i)",

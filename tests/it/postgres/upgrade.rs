@@ -467,7 +467,6 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_trim_wake_waiters",
             "_visible_at",
             "_wake_lock",
-            "_wake_lock_budget",
             "_wake_register",
             "_wake_release",
             "ack",

@@ -127,16 +127,20 @@ async fn a_sql_publish_notifies_only_while_a_consumer_waits() {
     assert_eq!(next(&mut heard).await, "s");
     c.ack(&got[0]).await.unwrap();
 
-    // Heard, the registration is taken back: the next publish nobody waits for is quiet again.
-    until_registrations(&raw, &ns, 0).await;
+    // Heard once, the registration stays (a trickle costs no statement); a second notification
+    // before the consumer went idle again means publishers outrun it: taken back, so the next
+    // publish nobody waits for is quiet again.
+    assert_eq!(registrations(&raw, &ns).await, 1);
     sql_publish(&raw, &ns, "s", 3).await;
+    assert_eq!(next(&mut heard).await, "s");
+    until_registrations(&raw, &ns, 0).await;
+    sql_publish(&raw, &ns, "s", 4).await;
     mark(&raw, &ns).await;
     assert_eq!(next(&mut heard).await, "!mark");
 
     // Shutting down takes back the registration of a fetch that was waiting.
-    let waiter = fetch_one(&c);
-    let got = waiter.await.unwrap().0;
-    assert_eq!(got.len(), 1, "the third message");
+    let got = c.fetch(2, WAIT).await.unwrap();
+    assert_eq!(got.len(), 2, "the third and fourth messages");
     let waiter = tokio::spawn({
         let c = c.clone();
         async move { c.fetch(1, HOUR).await }
@@ -250,7 +254,7 @@ async fn a_long_publishing_transaction_is_waited_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn repeatable_read_always_and_past_the_budget_publishes_notify() {
+async fn repeatable_read_and_always_publishes_notify_and_wake_locks_stay_bounded() {
     let ns = namespace().await;
     ns.stream_with_groups("s", StreamConfig::default(), &["g"])
         .await;
@@ -260,11 +264,26 @@ async fn repeatable_read_always_and_past_the_budget_publishes_notify() {
     let advisory =
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()";
 
-    // READ COMMITTED, nobody waiting: quiet, and the wake lock is held until the commit.
+    // READ COMMITTED, nobody waiting: quiet, and the group's wake lock (`_wake_lock`, the key
+    // the trigger computes inline) is held until the commit.
     let tx = raw.transaction().await.unwrap();
     tx.execute(&format!("SELECT \"{n}\".publish('s', '1'::jsonb)"), &[])
         .await
         .unwrap();
+    let held: i64 = tx
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM pg_locks l
+                 WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.mode = 'ShareLock'
+                   AND ((l.classid::int8 << 32) | l.objid::int8)
+                       = \"{n}\"._wake_lock(\"{n}\".group_id('s', 'g'))"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 1);
     assert_eq!(
         tx.query_one(advisory, &[]).await.unwrap().get::<_, i64>(0),
         1
@@ -286,6 +305,23 @@ async fn repeatable_read_always_and_past_the_budget_publishes_notify() {
     raw.batch_execute("COMMIT").await.unwrap();
     assert_eq!(next(&mut heard).await, "s");
 
+    // A registration waiting for (or holding) the group's wake lock: the publisher's try fails
+    // and it notifies, with no row to see yet.
+    let mut registrar = ns.raw().await;
+    let holding = registrar.transaction().await.unwrap();
+    holding
+        .execute(
+            &format!(
+                "SELECT pg_advisory_xact_lock(\"{n}\"._wake_lock(\"{n}\".group_id('s', 'g')))"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    sql_publish(&raw, &ns, "s", 20).await;
+    assert_eq!(next(&mut heard).await, "s");
+    holding.rollback().await.unwrap();
+
     // `pgtide.notify = always`: for listeners of one's own.
     raw.batch_execute(&format!(
         "SET pgtide.notify = always; SELECT \"{n}\".publish('s', '3'::jsonb); RESET pgtide.notify"
@@ -293,20 +329,26 @@ async fn repeatable_read_always_and_past_the_budget_publishes_notify() {
     .await
     .unwrap();
     assert_eq!(next(&mut heard).await, "s");
+    assert_eq!(ns.stats("s", "g").await.unwrap().ready, 4);
 
-    // Past the transaction's lock budget: no lock, a NOTIFY.
+    // One transaction publishing to 100 groups holds one wake lock per bucket: at most 64.
+    let fan: Vec<String> = (0..100).map(|i| format!("f{i}")).collect();
+    let names: Vec<&str> = fan.iter().map(String::as_str).collect();
+    ns.stream_with_groups("wide", StreamConfig::default(), &names)
+        .await;
     raw.batch_execute(&format!(
-        "BEGIN; SET LOCAL pgtide.wake_locks = 64; SELECT \"{n}\".publish('s', '4'::jsonb);"
+        "BEGIN; SELECT \"{n}\".publish('wide', '1'::jsonb);"
     ))
     .await
     .unwrap();
     assert_eq!(
         raw.query_one(advisory, &[]).await.unwrap().get::<_, i64>(0),
-        0
+        64
     );
     raw.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(next(&mut heard).await, "s");
-    assert_eq!(ns.stats("s", "g").await.unwrap().ready, 4);
+    mark(&raw, &ns).await;
+    assert_eq!(next(&mut heard).await, "!mark");
+    assert_eq!(ns.stats("wide", "f99").await.unwrap().ready, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
