@@ -30,7 +30,9 @@ pub struct ListenerStatus {
     pub reconnects: u64,
     /// How many times the listener task failed (connection lost, panic) and was restarted.
     pub restarts: u64,
-    /// The last failure, when there was one.
+    /// The last failure, when there was one: the listener's, or its registrar's (prefixed
+    /// `registrar:`; while the registrar fails, SQL publishes reach waiting consumers only at
+    /// their fallback poll).
     pub last_error: Option<String>,
 }
 

@@ -404,11 +404,14 @@ impl Shared {
                     s.last_error = Some(format!("{}: {error}", service.name()));
                 })
             }
+            // Without the registrar, SQL publishes skip their NOTIFY and only the fallback
+            // poller wakes the waiting fetches for them: shown with the listener's status.
+            Service::Registrar => self.listener.send_modify(|s| {
+                s.last_error = Some(format!("registrar: {error}"));
+            }),
             // No status of its own: its NOTIFYs stand in for the trigger's, and the fallback
-            // poller covers a lasting outage. The warning above is the record. Without the
-            // registrar, SQL publishes skip their NOTIFY and the fallback poller wakes the
-            // waiting fetches.
-            Service::Notifier | Service::Registrar => {}
+            // poller covers a lasting outage. The warning above is the record.
+            Service::Notifier => {}
         }
     }
 }

@@ -409,3 +409,41 @@ async fn registrations_check_their_input_and_maintain_drops_those_of_gone_sessio
     ns.delete_stream("s").await.unwrap();
     assert_eq!(registrations(&raw, &ns).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_registrar_shows_in_the_listener_status_and_the_poller_still_delivers() {
+    let ns = namespace().await;
+    ns.stream_with_groups("s", StreamConfig::default(), &["g"])
+        .await;
+    let n = ns.namespace();
+    let raw = ns.raw().await;
+    // Registration fails as it would for a role that may not run it.
+    raw.batch_execute(&format!(
+        "ALTER FUNCTION \"{n}\"._wake_register(text, text, integer, interval) RENAME TO _wake_register_gone"
+    ))
+    .await
+    .unwrap();
+    let side = handle(&ns.url, n)
+        .poll_interval(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let c = side.consumer("s", "g", "c").await.unwrap();
+    let waiter = fetch_one(&c);
+    crate::common::wait_for(
+        &mut side.watch_listener(),
+        WAIT,
+        "the registrar's failure",
+        |s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("registrar:"))
+        },
+    )
+    .await;
+    // Unregistered, the SQL publish sends no NOTIFY; the fallback poll still finds it.
+    sql_publish(&raw, &ns, "s", 1).await;
+    let (got, _) = waiter.await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(registrations(&raw, &ns).await, 0);
+    side.shutdown().await;
+}
