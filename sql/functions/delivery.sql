@@ -89,8 +89,9 @@ BEGIN
             -- `_ack`'s statement for groups without key lines (keep the two alike).
             WITH done AS (
                 DELETE FROM @ns@.delivery_state d
-                USING unnest(p_ack_ids, p_ack_attempts, p_ack_tokens) AS u(id, attempt, token)
-                WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+                USING (SELECT p_group AS gid, v.* FROM unnest(p_ack_ids, p_ack_attempts, p_ack_tokens)
+                       AS v (id, attempt, token) OFFSET 0) AS u
+                WHERE d.group_id = u.gid AND d.message_id = u.id AND d.consumer IS NOT NULL
                   AND (u.attempt IS NULL OR d.attempts = u.attempt)
                   AND (u.token IS NULL OR d.lease_token = u.token)
                 RETURNING d.message_id
@@ -312,7 +313,12 @@ CREATE OR REPLACE FUNCTION @ns@._ack(p_group integer, p_ids uuid[], p_attempts i
                                      p_tokens bigint[] DEFAULT NULL)
 RETURNS SETOF uuid
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
--- Settles look deliveries up by primary key, never by scanning or hashing the table.
+-- Settles look deliveries up by primary key, never by scanning or hashing the table. The ids come
+-- from a subquery that also carries the group (`OFFSET 0`: not flattened), so the table has no
+-- condition of its own and each delivery is a probe of the key from the ids: on statistics taken
+-- while the group was empty (a backlog filled since the last ANALYZE), `d.group_id = p_group`
+-- had the planner scan the whole group once instead, for every ack (65 ms at 1 M;
+-- tests/it/postgres/plans.rs).
 SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off
 SET jit = off
 AS $$
@@ -329,8 +335,8 @@ BEGIN
         RETURN QUERY
         WITH done AS (
             DELETE FROM @ns@.delivery_state d
-            USING unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
-            WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+            USING (SELECT p_group AS gid, v.* FROM unnest(p_ids, p_attempts, p_tokens) AS v (id, attempt, token) OFFSET 0) AS u
+            WHERE d.group_id = u.gid AND d.message_id = u.id AND d.consumer IS NOT NULL
               AND (u.attempt IS NULL OR d.attempts = u.attempt)
               AND (u.token IS NULL OR d.lease_token = u.token)
             RETURNING d.message_id
@@ -344,8 +350,8 @@ BEGIN
     -- Key lines: the acked heads' keys move on once the deletes are seen (a statement later).
     WITH done AS (
         DELETE FROM @ns@.delivery_state d
-        USING unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
-        WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+        USING (SELECT p_group AS gid, v.* FROM unnest(p_ids, p_attempts, p_tokens) AS v (id, attempt, token) OFFSET 0) AS u
+        WHERE d.group_id = u.gid AND d.message_id = u.id AND d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
           AND (u.token IS NULL OR d.lease_token = u.token)
         RETURNING d.message_id, d.key, d.key_seq
@@ -384,12 +390,12 @@ BEGIN
     SELECT s.max_deliver, s.backoff, s.backoff_jitter INTO v_max, v_backoff, v_jitter
     FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id WHERE g.id = p_group;
     WITH t AS MATERIALIZED (
-        SELECT d.message_id, d.attempts, u.delay, u.error
+        SELECT d.message_id, d.attempts, u.delay, u.error, u.gid
         FROM @ns@.delivery_state d
-        JOIN unnest(p_ids, p_attempts, p_delays, p_errors, p_tokens)
-             AS u(id, attempt, delay, error, token)
-          ON d.message_id = u.id
-        WHERE d.group_id = p_group AND d.consumer IS NOT NULL
+        JOIN (SELECT p_group AS gid, v.* FROM unnest(p_ids, p_attempts, p_delays, p_errors, p_tokens)
+              AS v (id, attempt, delay, error, token) OFFSET 0) AS u
+          ON d.group_id = u.gid AND d.message_id = u.id
+        WHERE d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
           AND (u.token IS NULL OR d.lease_token = u.token)
         FOR UPDATE OF d
@@ -400,11 +406,11 @@ BEGIN
                 t.delay,
                 v_backoff[least(t.attempts, cardinality(v_backoff))] * (1 + v_jitter * (random() * 2 - 1)))
         FROM t
-        WHERE d.group_id = p_group AND d.message_id = t.message_id AND t.attempts < v_max
+        WHERE d.group_id = t.gid AND d.message_id = t.message_id AND t.attempts < v_max
         RETURNING d.message_id
     ), exhausted AS (
         DELETE FROM @ns@.delivery_state d USING t
-        WHERE d.group_id = p_group AND d.message_id = t.message_id AND t.attempts >= v_max
+        WHERE d.group_id = t.gid AND d.message_id = t.message_id AND t.attempts >= v_max
         RETURNING d.message_id, d.attempts, t.error, d.key
     ), buried AS (
         INSERT INTO @ns@.dead_letter_state (group_id, message_id, attempts, reason, error)
@@ -445,8 +451,9 @@ DECLARE
 BEGIN
     WITH gone AS (
         DELETE FROM @ns@.delivery_state d
-        USING unnest(p_ids, p_attempts, p_reasons, p_tokens) AS u(id, attempt, reason, token)
-        WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+        USING (SELECT p_group AS gid, v.* FROM unnest(p_ids, p_attempts, p_reasons, p_tokens)
+               AS v (id, attempt, reason, token) OFFSET 0) AS u
+        WHERE d.group_id = u.gid AND d.message_id = u.id AND d.consumer IS NOT NULL
           AND (u.attempt IS NULL OR d.attempts = u.attempt)
           AND (u.token IS NULL OR d.lease_token = u.token)
         RETURNING d.message_id, d.attempts, coalesce(u.reason, 'terminated') AS reason, d.last_error, d.key
@@ -478,8 +485,8 @@ AS $$
     SET visible_at = now() + coalesce(p_lease, (SELECT s.lease FROM @ns@.groups g
                                                 JOIN @ns@.streams s ON s.id = g.stream_id
                                                 WHERE g.id = p_group))
-    FROM unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
-    WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+    FROM (SELECT p_group AS gid, v.* FROM unnest(p_ids, p_attempts, p_tokens) AS v (id, attempt, token) OFFSET 0) AS u
+    WHERE d.group_id = u.gid AND d.message_id = u.id AND d.consumer IS NOT NULL
       AND (u.attempt IS NULL OR d.attempts = u.attempt)
       AND (u.token IS NULL OR d.lease_token = u.token)
     RETURNING d.message_id, d.visible_at
@@ -498,8 +505,8 @@ AS $$
     UPDATE @ns@.delivery_state d
     SET visible_at = now(), consumer = NULL, lease_token = NULL,
         attempts = greatest(d.attempts - 1, 0)
-    FROM unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
-    WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+    FROM (SELECT p_group AS gid, v.* FROM unnest(p_ids, p_attempts, p_tokens) AS v (id, attempt, token) OFFSET 0) AS u
+    WHERE d.group_id = u.gid AND d.message_id = u.id AND d.consumer IS NOT NULL
       AND (u.attempt IS NULL OR d.attempts = u.attempt)
       AND (u.token IS NULL OR d.lease_token = u.token)
     RETURNING d.message_id

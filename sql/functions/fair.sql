@@ -168,8 +168,8 @@ BEGIN
     v := @ns@._fair_now(p_group);
     UPDATE @ns@.delivery_state d
     SET visible_at = v - (n - u.i + 1) * interval '1 microsecond'
-    FROM unnest(v_ids) WITH ORDINALITY AS u (id, i)
-    WHERE d.group_id = p_group AND d.message_id = u.id;
+    FROM (SELECT p_group AS gid, v.* FROM unnest(v_ids) WITH ORDINALITY AS v (id, i) OFFSET 0) AS u
+    WHERE d.group_id = u.gid AND d.message_id = u.id;
     RETURN n;
 END $$;
 

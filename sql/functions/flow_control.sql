@@ -242,8 +242,8 @@ BEGIN
         -- Put off, the attempt not counted; a lease that had expired is over (its holder's
         -- settles are refused, as after a release).
         UPDATE @ns@.delivery_state d SET visible_at = u.due, consumer = NULL, lease_token = NULL
-        FROM unnest(v_defer, v_defer_at) AS u (id, due)
-        WHERE d.group_id = p_group AND d.message_id = u.id;
+        FROM (SELECT p_group AS gid, v.* FROM unnest(v_defer, v_defer_at) AS v (id, due) OFFSET 0) AS u
+        WHERE d.group_id = u.gid AND d.message_id = u.id;
     END IF;
     IF p_key_rate IS NOT NULL THEN
         -- The keys' tokens taken, and their horizons moved past what was put off.

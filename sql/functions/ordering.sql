@@ -447,8 +447,8 @@ AS $$
     UPDATE @ns@.delivery_state d
     SET visible_at = greatest(p_until, now()), consumer = NULL, lease_token = NULL,
         attempts = greatest(d.attempts - 1, 0)
-    FROM unnest(p_ids, p_attempts, p_tokens) AS u(id, attempt, token)
-    WHERE d.group_id = p_group AND d.message_id = u.id AND d.consumer IS NOT NULL
+    FROM (SELECT p_group AS gid, v.* FROM unnest(p_ids, p_attempts, p_tokens) AS v (id, attempt, token) OFFSET 0) AS u
+    WHERE d.group_id = u.gid AND d.message_id = u.id AND d.consumer IS NOT NULL
       AND (u.attempt IS NULL OR d.attempts = u.attempt)
       AND (u.token IS NULL OR d.lease_token = u.token)
     RETURNING d.message_id

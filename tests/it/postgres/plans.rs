@@ -850,6 +850,96 @@ async fn plans_cached_on_a_tiny_unanalysed_queue_stay_o_batch_after_it_grows() {
     );
 }
 
+/// Statistics taken while a group was empty say it holds about one row. Once its backlog has
+/// grown (before the next ANALYZE), every settle must still look its deliveries up by key, on
+/// custom and generic plans alike: with the group's index scan outside the join loop, an ack of
+/// ten walked the whole group (65 ms a claim+ack at 1 M in the bench's claim-latency case on a
+/// fresh cluster, 2026-12-05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settles_stay_o_batch_when_statistics_missed_the_group() {
+    let ns = namespace().await;
+    for stream in ["old", "new"] {
+        ns.stream_with_groups(stream, StreamConfig::default(), &["g"])
+            .await;
+    }
+    let n = ns.namespace().to_owned();
+    let raw = ns.raw().await;
+    let load = |stream: &str, count: i64| {
+        format!(
+            "INSERT INTO \"{n}\".messages (stream_id, id, payload, is_json)
+             SELECT s.id, \"{n}\".uuid_v7(now() - ((1000000 - i) * interval '1 ms')), '{{\"n\": 1}}', true
+             FROM \"{n}\".streams s, generate_series(1, {count}) i WHERE s.name = '{stream}';
+             INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at)
+             SELECT g.id, m.id, \"{n}\".uuid_time(m.id) - interval '1 hour'
+             FROM \"{n}\".groups g JOIN \"{n}\".streams s ON s.id = g.stream_id
+             JOIN \"{n}\".messages m ON m.stream_id = g.stream_id
+             WHERE s.name = '{stream}'
+             ON CONFLICT DO NOTHING;"
+        )
+    };
+    raw.batch_execute(&load("old", 20_000)).await.unwrap();
+    raw.batch_execute(&format!(
+        "ANALYZE \"{n}\".delivery_state; ANALYZE \"{n}\".messages;"
+    ))
+    .await
+    .unwrap();
+    raw.batch_execute(&load("new", BACKLOG)).await.unwrap();
+    let group: i32 = raw
+        .query_one(&format!("SELECT \"{n}\".group_id('new', 'g')"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (s, mut rx) = explaining_session(&ns.url).await;
+    let claim = render(include_str!("../../../sql/claim.sql"), &n);
+    let settles = [
+        ("ack", render(include_str!("../../../sql/ack.sql"), &n)),
+        ("nack", render(include_str!("../../../sql/nack.sql"), &n)),
+        ("term", render(include_str!("../../../sql/term.sql"), &n)),
+        (
+            "extend",
+            render(include_str!("../../../sql/extend.sql"), &n),
+        ),
+        (
+            "release",
+            render(include_str!("../../../sql/release.sql"), &n),
+        ),
+    ];
+    let lease_us: i64 = 30_000_000;
+    let mut faults = vec![];
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        s.batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        for (what, sql) in &settles {
+            let held = s
+                .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+                .await
+                .unwrap();
+            check_plans(&mut rx, &format!("claim ({mode})"), &mut faults);
+            assert_eq!(held.len(), BATCH as usize);
+            let ids: Vec<Uuid> = held.iter().map(|r| r.get("id")).collect();
+            let attempts: Vec<i32> = held.iter().map(|r| r.get("attempt")).collect();
+            let tokens: Vec<i64> = held.iter().map(|r| r.get("lease_token")).collect();
+            let texts: Vec<String> = vec!["x".to_owned(); ids.len()];
+            let delays: Vec<i64> = vec![1_000_000; ids.len()];
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = match *what {
+                "nack" => vec![&group, &ids, &attempts, &tokens, &delays, &texts],
+                "term" => vec![&group, &ids, &attempts, &tokens, &texts],
+                "extend" => vec![&group, &ids, &attempts, &tokens, &lease_us],
+                _ => vec![&group, &ids, &attempts, &tokens],
+            };
+            let settled = s.query(sql, &params).await.unwrap();
+            assert_eq!(settled.len(), BATCH as usize, "{what} ({mode})");
+            check_plans(&mut rx, &format!("{what} ({mode})"), &mut faults);
+        }
+    }
+    assert!(
+        faults.is_empty(),
+        "O(backlog) plans:\n{}",
+        faults.join("\n")
+    );
+}
+
 /// The small SQL helpers that hot paths call per statement or per row are inlined by the
 /// planner. One that is not runs as a SQL function call, with its own executor start-up, every
 /// time: `_lines_lock` (`… || p_group`, whose integer concatenation is only STABLE, in an
