@@ -771,6 +771,25 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
     );
 }
 
+/// `count` messages of `stream`, a ready delivery of each in every group of the stream, and the
+/// counts, written directly (faster than publishing for the plan tests' backlogs).
+fn backlog_sql(n: &str, stream: &str, count: i64) -> String {
+    format!(
+        "INSERT INTO \"{n}\".messages (stream_id, id, payload, is_json)
+         SELECT s.id, \"{n}\".uuid_v7(now() - ((1000000 - i) * interval '1 ms')), '{{\"n\": 1}}', true
+         FROM \"{n}\".streams s, generate_series(1, {count}) i WHERE s.name = '{stream}';
+         INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at)
+         SELECT g.id, m.id, \"{n}\".uuid_time(m.id) - interval '1 hour'
+         FROM \"{n}\".groups g JOIN \"{n}\".streams s ON s.id = g.stream_id
+         JOIN \"{n}\".messages m ON m.stream_id = g.stream_id
+         WHERE s.name = '{stream}'
+         ON CONFLICT DO NOTHING;
+         INSERT INTO \"{n}\".counter_deltas (group_id, pending)
+         SELECT g.id, {count} FROM \"{n}\".groups g JOIN \"{n}\".streams s ON s.id = g.stream_id
+         WHERE s.name = '{stream}';"
+    )
+}
+
 /// Plans a session caches while the queue is tiny and has no statistics stay O(batch) after the
 /// backlog has grown (nothing re-plans them until statistics change): the claim's lease update,
 /// the acks and the message lookup must not come to walk the group.
@@ -786,18 +805,7 @@ async fn plans_cached_on_a_tiny_unanalysed_queue_stay_o_batch_after_it_grows() {
         .await
         .unwrap()
         .get(0);
-    let load = |count: i64| {
-        format!(
-            "INSERT INTO \"{n}\".messages (stream_id, id, payload, is_json)
-             SELECT s.id, \"{n}\".uuid_v7(now() - ((1000000 - i) * interval '1 ms')), '{{\"n\": 1}}', true
-             FROM \"{n}\".streams s, generate_series(1, {count}) i WHERE s.name = 'tiny';
-             INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at)
-             SELECT g.id, m.id, \"{n}\".uuid_time(m.id) - interval '1 hour'
-             FROM \"{n}\".groups g JOIN \"{n}\".messages m ON m.stream_id = g.stream_id
-             ON CONFLICT DO NOTHING;
-             INSERT INTO \"{n}\".counter_deltas (group_id, pending) SELECT id, {count} FROM \"{n}\".groups;"
-        )
-    };
+    let load = |count: i64| backlog_sql(&n, "tiny", count);
     // A hundred rows, never analysed (six rounds of ten leave some ready).
     raw.batch_execute(&load(100)).await.unwrap();
     let (s, mut rx) = explaining_session(&ns.url).await;
@@ -864,19 +872,7 @@ async fn settles_stay_o_batch_when_statistics_missed_the_group() {
     }
     let n = ns.namespace().to_owned();
     let raw = ns.raw().await;
-    let load = |stream: &str, count: i64| {
-        format!(
-            "INSERT INTO \"{n}\".messages (stream_id, id, payload, is_json)
-             SELECT s.id, \"{n}\".uuid_v7(now() - ((1000000 - i) * interval '1 ms')), '{{\"n\": 1}}', true
-             FROM \"{n}\".streams s, generate_series(1, {count}) i WHERE s.name = '{stream}';
-             INSERT INTO \"{n}\".delivery_state (group_id, message_id, visible_at)
-             SELECT g.id, m.id, \"{n}\".uuid_time(m.id) - interval '1 hour'
-             FROM \"{n}\".groups g JOIN \"{n}\".streams s ON s.id = g.stream_id
-             JOIN \"{n}\".messages m ON m.stream_id = g.stream_id
-             WHERE s.name = '{stream}'
-             ON CONFLICT DO NOTHING;"
-        )
-    };
+    let load = |stream: &str, count: i64| backlog_sql(&n, stream, count);
     raw.batch_execute(&load("old", 20_000)).await.unwrap();
     raw.batch_execute(&format!(
         "ANALYZE \"{n}\".delivery_state; ANALYZE \"{n}\".messages;"
