@@ -64,7 +64,7 @@ fn main() -> ExitCode {
         Ok("trigger") => Some(Only::Trigger),
         _ => None,
     };
-    // `PGTIDE_BENCH_CLAIM_FLOOR=1`: claims from the claim floor (off by default, as in the
+    // `PGTIDE_BENCH_CLAIM_FLOOR=0`: claims without the claim floor (on by default, as in the
     // engine), to compare (held xmin).
     match std::env::var("PGTIDE_BENCH_CLAIM_FLOOR").as_deref() {
         Ok("1" | "true" | "yes") => config.claim_floor = true,

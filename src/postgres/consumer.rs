@@ -154,6 +154,16 @@ impl PgConsumer {
             return Ok((vec![], None));
         }
         self.check_lease()?;
+        let (batch, come_back) = self.claim_once(max).await?;
+        if batch.is_empty() && come_back.is_none() && self.floor.sweep_now() {
+            // Nothing from the floor up: what is ready lies below it (floor.rs).
+            return self.claim_once(max).await;
+        }
+        Ok((batch, come_back))
+    }
+
+    /// One claim statement, from the group's floor or a sweep as the floor says.
+    async fn claim_once(&self, max: usize) -> Result<(Vec<Delivery>, Option<Duration>)> {
         let started = metrics::start();
         let max = max.clamp(1, 10_000) as i32;
         let client = self.pg.client().await?;
@@ -245,7 +255,14 @@ impl PgConsumer {
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 7));
         self.heads_left(acked.len());
-        Ok((SettleReport::from_parts(done, acked, vec![]), batch))
+        drop(client);
+        let report = SettleReport::from_parts(done, acked, vec![]);
+        if batch.is_empty() && self.floor.sweep_now() {
+            // Nothing from the floor up: what is ready lies below it (floor.rs).
+            let (batch, _) = self.claim_once(max as usize).await?;
+            return Ok((report, batch));
+        }
+        Ok((report, batch))
     }
 
     /// Tells the group's floor what the claim of `ticket` got: the rows' columns start at `at`

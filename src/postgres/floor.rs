@@ -20,12 +20,16 @@
 //! A ready delivery can lie below the floor: a publish whose transaction committed more than
 //! `SLACK` after it began (its `visible_at` is its transaction's `now()`), a claim that rolled
 //! back, a priority head start longer than `SLACK`, a group reset to an earlier position. A claim
-//! without the floor (a sweep) finds those: the group's claims in this process make one at least
-//! every [`SWEEP_EVERY`], and a fetch that waits for work after a floored claim came back short
-//! wakes up for it. A sweep that finds deliveries lowers the floor to them, so a large batch of
-//! them (a reset) drains at the usual pace. Such a delivery thus waits at most `SWEEP_EVERY` (and
-//! a claim) once it is ready, as long as a consumer of the group fetches. Ordered and
-//! rate-limited groups never use the floor (`_claim` ignores it for them).
+//! without the floor (a sweep) finds those. A floored claim that finds nothing is followed at
+//! once by a sweep unless one started after it did (whatever it missed, that sweep saw), so a
+//! consumer that has caught up gets such a delivery in the same call. While floored claims keep
+//! finding work, the group's claims in this process sweep at least every [`SWEEP_EVERY`] (the
+//! builder's `claim_sweep_interval`), and a fetch that waits for work after a floored claim came
+//! back short wakes up for it. A sweep that finds deliveries lowers the floor to them, so a large
+//! batch of them (a reset) drains at the usual pace. Such a delivery thus waits at most a sweep
+//! interval (and a claim) once it is ready, as long as a consumer of the group fetches. Ordered
+//! and rate-limited groups never use the floor (`_claim` ignores it for them). On by default
+//! (`PgBackendBuilder::claim_floor`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,7 +44,8 @@ use chrono::{DateTime, Utc};
 pub(crate) const SLACK: Duration = Duration::from_secs(1);
 
 /// The longest a group's claims in one process go without a sweep (a claim without the floor),
-/// and so the longest a ready delivery below the floor waits.
+/// and so the longest a ready delivery below the floor waits, by default
+/// (`PgBackendBuilder::claim_sweep_interval`).
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The floors of one backend's groups, by group id: every consumer of a group in this process
@@ -49,13 +54,16 @@ pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct Floors {
     /// `PgBackendBuilder::claim_floor`: when off, every claim is a sweep.
     enabled: bool,
+    /// `PgBackendBuilder::claim_sweep_interval`.
+    sweep_every: Duration,
     groups: Mutex<HashMap<i32, Arc<ClaimFloor>>>,
 }
 
 impl Floors {
-    pub(crate) fn new(enabled: bool) -> Self {
+    pub(crate) fn new(enabled: bool, sweep_every: Duration) -> Self {
         Floors {
             enabled,
+            sweep_every,
             groups: Mutex::default(),
         }
     }
@@ -67,6 +75,7 @@ impl Floors {
             .or_insert_with(|| {
                 Arc::new(ClaimFloor {
                     enabled: self.enabled,
+                    sweep_every: self.sweep_every,
                     state: Mutex::default(),
                 })
             })
@@ -78,6 +87,7 @@ impl Floors {
 #[derive(Debug)]
 pub(crate) struct ClaimFloor {
     enabled: bool,
+    sweep_every: Duration,
     state: Mutex<State>,
 }
 
@@ -90,8 +100,14 @@ struct State {
     epoch: u64,
     /// When the last sweep started.
     last_sweep: Option<Instant>,
+    /// When the latest sweep that finished started: a sweep is running while `last_sweep` is
+    /// later (or it failed, until the next one finishes).
+    last_done: Option<Instant>,
     /// When the latest floored claim that came back short started, if no sweep started since.
     owed_since: Option<Instant>,
+    /// A floored claim found nothing and no sweep started after it did: the next claim sweeps,
+    /// whenever the last sweep was.
+    sweep_now: bool,
 }
 
 /// What one claim was told: its floor (`None`: a sweep) and when it started.
@@ -116,14 +132,16 @@ impl ClaimFloor {
             };
         }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let due = match s.last_sweep {
-            Some(t) => started.duration_since(t) >= SWEEP_EVERY,
-            None => true,
-        };
+        let due = s.sweep_now
+            || match s.last_sweep {
+                Some(t) => started.duration_since(t) >= self.sweep_every,
+                None => true,
+            };
         let floor = match s.floor {
             Some(f) if !due => Some(f),
             _ => {
                 s.last_sweep = Some(started);
+                s.sweep_now = false;
                 None
             }
         };
@@ -156,12 +174,27 @@ impl ClaimFloor {
                 if s.owed_since.is_some_and(|t| t <= ticket.started) {
                     s.owed_since = None;
                 }
+                s.last_done = Some(
+                    s.last_done
+                        .map_or(ticket.started, |t| t.max(ticket.started)),
+                );
                 if let Some(f) = below {
                     s.floor = Some(f);
                     s.epoch += 1;
                 }
             }
             Some(_) => {
+                // Nothing from the floor up: whatever is ready lies below it (a publish that
+                // committed late, a priority head start), so sweep at once rather than up to
+                // a sweep interval later. A sweep that started after this claim did saw
+                // everything it could have missed. Not while another sweep runs: under a held
+                // snapshot each one walks the dead entries, and consumers that caught up must
+                // not all walk them at once (the periodic sweep, owed below, follows).
+                let swept_since = matches!(s.last_sweep, Some(sweep) if sweep >= ticket.started);
+                let sweeping = s.last_sweep > s.last_done;
+                if earliest_due.is_none() && !swept_since && !sweeping {
+                    s.sweep_now = true;
+                }
                 if short {
                     s.owed_since = Some(
                         s.owed_since
@@ -177,16 +210,28 @@ impl ClaimFloor {
         }
     }
 
+    /// Whether the next claim should be a sweep at once: a claim from the floor found nothing
+    /// and no sweep started after it did.
+    pub(crate) fn sweep_now(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sweep_now
+    }
+
     /// How long a fetch that found nothing may wait before it should claim again for a sweep:
     /// `Some` when a floored claim came back short since the last sweep started (it may have
-    /// missed a delivery below the floor), else `None` (wait for a wake-up as usual).
+    /// missed a delivery below the floor; zero when it came back empty), else
+    /// `None` (wait for a wake-up as usual).
     pub(crate) fn sweep_in(&self) -> Option<Duration> {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.sweep_now {
+            return Some(Duration::ZERO);
+        }
         s.owed_since?;
-        Some(
-            s.last_sweep
-                .map_or(Duration::ZERO, |t| SWEEP_EVERY.saturating_sub(t.elapsed())),
-        )
+        Some(s.last_sweep.map_or(Duration::ZERO, |t| {
+            self.sweep_every.saturating_sub(t.elapsed())
+        }))
     }
 }
 
@@ -200,7 +245,7 @@ mod tests {
 
     #[test]
     fn turned_off_every_claim_is_a_sweep() {
-        let f = Floors::new(false).of(1);
+        let f = Floors::new(false, SWEEP_EVERY).of(1);
         let t = f.ticket();
         f.claimed(t, Some(at(10)), true);
         assert_eq!(f.ticket().floor, None);
@@ -209,7 +254,7 @@ mod tests {
 
     #[test]
     fn first_claim_sweeps_then_claims_use_the_floor_until_the_next_sweep() {
-        let f = Floors::new(true).of(1);
+        let f = Floors::new(true, SWEEP_EVERY).of(1);
         let t = f.ticket();
         assert_eq!(t.floor, None, "no floor before anything was claimed");
         f.claimed(t, Some(at(10)), false);
@@ -226,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_short_floored_claim_owes_a_sweep_and_a_sweep_that_started_later_pays_it() {
-        let f = Floors::new(true).of(1);
+        let f = Floors::new(true, SWEEP_EVERY).of(1);
         let t = f.ticket();
         f.claimed(t, Some(at(10)), false);
         let floored = f.ticket();
@@ -250,7 +295,7 @@ mod tests {
 
     #[test]
     fn a_sweep_that_finds_old_deliveries_lowers_the_floor_and_wins_over_older_claims() {
-        let f = Floors::new(true).of(1);
+        let f = Floors::new(true, SWEEP_EVERY).of(1);
         let t = f.ticket();
         f.claimed(t, Some(at(100)), false);
         let before_sweep = f.ticket();
@@ -263,5 +308,65 @@ mod tests {
         // A floored claim that started before the sweep must not raise the floor past them.
         f.claimed(before_sweep, Some(at(101)), false);
         assert_eq!(f.ticket().floor, Some(at(9)));
+    }
+
+    #[test]
+    fn an_empty_floored_claim_sweeps_at_once_unless_a_sweep_began_after_it() {
+        let f = Floors::new(true, SWEEP_EVERY).of(1);
+        let t = f.ticket();
+        f.claimed(t, Some(at(100)), false);
+        // Within SWEEP_EVERY of that sweep, a short floored claim that got something owes a
+        // sweep later, not now.
+        let floored = f.ticket();
+        assert!(floored.floor.is_some());
+        f.claimed(floored, Some(at(100)), true);
+        assert!(!f.sweep_now());
+        assert!(f.sweep_in().is_some_and(|d| d > Duration::ZERO));
+        // One that found nothing: sweep at once.
+        let empty = f.ticket();
+        assert!(empty.floor.is_some());
+        f.claimed(empty, None, true);
+        assert!(f.sweep_now());
+        assert_eq!(f.sweep_in(), Some(Duration::ZERO));
+        let sweep = f.ticket();
+        assert_eq!(sweep.floor, None, "the next claim sweeps");
+        assert!(f.ticket().floor.is_some(), "one sweep, not one per claim");
+        // A floored claim that started before that sweep and found nothing: the sweep,
+        // which saw everything committed before it started, answers it.
+        let before = Ticket {
+            started: sweep.started - Duration::from_millis(1),
+            ..empty
+        };
+        f.claimed(before, None, true);
+        assert!(!f.sweep_now());
+        f.claimed(sweep, None, true);
+        // One that started after the sweep and found nothing: another sweep.
+        let after = f.ticket();
+        f.claimed(after, None, true);
+        assert!(f.sweep_now());
+        // But not while a sweep runs: the periodic one follows.
+        let running = f.ticket();
+        assert_eq!(running.floor, None);
+        let during = f.ticket();
+        assert!(during.floor.is_some());
+        f.claimed(during, None, true);
+        assert!(!f.sweep_now(), "a second sweep beside a running one");
+        assert!(f.sweep_in().is_some(), "the periodic sweep is owed");
+        f.claimed(running, None, true);
+        let after = f.ticket();
+        f.claimed(after, None, true);
+        assert!(
+            f.sweep_now(),
+            "once it finished, an empty claim sweeps again"
+        );
+    }
+
+    #[test]
+    fn turned_off_nothing_is_owed() {
+        let f = Floors::new(false, SWEEP_EVERY).of(1);
+        let t = f.ticket();
+        f.claimed(t, None, true);
+        assert!(!f.sweep_now());
+        assert_eq!(f.sweep_in(), None);
     }
 }

@@ -258,6 +258,7 @@ pub struct PgBackendBuilder {
     listen_url: Option<String>,
     scout: background::ScoutConfig,
     claim_floor: bool,
+    claim_sweep_interval: Duration,
     notify_in_transaction: bool,
 }
 
@@ -347,15 +348,25 @@ impl PgBackendBuilder {
     /// (the dead index entries of consumed messages are not walked), and a delivery that becomes
     /// ready below the floor (a publish committed more than a second after its transaction
     /// began, a rolled-back claim) waits for the next claim without the floor, at most about a
-    /// second (docs/semantics.md, "Below the claim floor"). Without it every claim walks from
-    /// the group's first ready delivery. Defaults to false: an opt-in for services whose
-    /// publishing transactions are short. Where publishes commit more than a second after their
-    /// transactions began (publish inside a long transaction, an overloaded server), every such
-    /// delivery waits for a claim without the floor, which runs once a second per group and
-    /// process and takes one batch: consumption can fall to a batch a second (one held-xmin
-    /// bench run of 2026-12-03 fell to 0.36× with the floor on, unexplained).
+    /// second (docs/semantics.md, "Below the claim floor"); a fetch woken by a publish whose
+    /// claim from the floor finds nothing sweeps at once. Without it every claim walks from the
+    /// group's first ready delivery, and under an old snapshot held for minutes claims slow
+    /// down in proportion to what was consumed meanwhile (docs/performance.md, held xmin).
+    /// Defaults to true; turn it off where most publishes commit more than a second after their
+    /// transactions began and the second matters more than held snapshots.
     pub fn claim_floor(mut self, enabled: bool) -> Self {
         self.claim_floor = enabled;
+        self
+    }
+
+    /// With the claim floor on, the longest a group's claims in one process go without a claim
+    /// that ignores the floor (a sweep), and so the longest a delivery that became ready below
+    /// the floor waits while the group's consumers claim. Each sweep walks the group from its
+    /// first ready delivery, which under a held snapshot costs what a claim without the floor
+    /// costs. Defaults to 1 s; clamped to 10 ms – 1 hour.
+    pub fn claim_sweep_interval(mut self, interval: Duration) -> Self {
+        self.claim_sweep_interval =
+            interval.clamp(Duration::from_millis(10), Duration::from_secs(3600));
         self
     }
 
@@ -478,7 +489,7 @@ impl PgBackendBuilder {
                 sql,
                 namespace: self.namespace,
                 streams: Mutex::new(HashMap::new()),
-                floors: floor::Floors::new(self.claim_floor),
+                floors: floor::Floors::new(self.claim_floor, self.claim_sweep_interval),
                 options: Options {
                     notifications,
                     poll_interval,
@@ -520,7 +531,8 @@ impl PgBackend {
                 maintenance_interval: Duration::from_secs(60),
                 vacuum: vacuum::VacuumConfig::default(),
             },
-            claim_floor: false,
+            claim_floor: true,
+            claim_sweep_interval: floor::SWEEP_EVERY,
             notify_in_transaction: false,
         }
     }

@@ -146,6 +146,75 @@ async fn a_claim_rolled_back_below_the_floor_is_delivered_again() {
     }
 }
 
+/// Publishes a message with a minute's head start: its delivery lies below a floor the
+/// consumers' claims left about a second under the present.
+async fn publish_ahead(ns: &TestNs) -> Uuid {
+    let m = pgtide::OutgoingMessage::json(&serde_json::json!("ahead"))
+        .unwrap()
+        .priority(60);
+    ns.publish("s", m).await.unwrap().id
+}
+
+/// Publishes one message and consumes it: the floor moves to a second below it.
+async fn consume_one(ns: &TestNs, c: &PgConsumer) {
+    let id = ns
+        .publish("s", json(serde_json::json!("plain")))
+        .await
+        .unwrap()
+        .id;
+    let got = c.fetch(10, WAIT).await.unwrap();
+    assert_eq!(got.iter().map(|d| d.id()).collect::<Vec<_>>(), vec![id]);
+    c.ack_batch(&got.iter().collect::<Vec<_>>()).await.unwrap();
+}
+
+/// A claim from the floor that finds nothing is followed at once by a sweep: a delivery below
+/// the floor (here a priority head start of a minute, longer than the consumers' lag) is
+/// claimed by the fetch its publish wakes and by a `try_fetch`. Sweeps are otherwise an hour
+/// apart and the fallback poll is an hour, so nothing else could deliver it within the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_finds_nothing_from_the_floor_sweeps_at_once() {
+    let ns = namespace().await;
+    ns.stream_with_groups("s", StreamConfig::default(), &["g"])
+        .await;
+    let pg = handle(&ns.url, ns.namespace())
+        .claim_sweep_interval(HOUR)
+        .poll_interval(HOUR)
+        .build()
+        .unwrap();
+    let c = pg.consumer("s", "g", "c").await.unwrap();
+    // The first claim sweeps (no floor yet); the later ones claim from the floor.
+    consume_one(&ns, &c).await;
+    consume_one(&ns, &c).await;
+
+    // A waiting fetch, woken by the publish.
+    let fetching = tokio::spawn(async move {
+        let got = c.fetch(10, WAIT).await.unwrap();
+        (c, got)
+    });
+    // The fetch registers its stream just before it waits, after it subscribed to wake-ups.
+    let raw = ns.raw().await;
+    super::wake_registrations::until_registrations(&raw, &ns, 1).await;
+    let early = publish_ahead(&ns).await;
+    let (c, got) = fetching.await.unwrap();
+    assert_eq!(
+        got.iter().map(|d| d.id()).collect::<Vec<_>>(),
+        vec![early],
+        "the fetch woken for a delivery below the floor came back without it"
+    );
+    c.ack_batch(&got.iter().collect::<Vec<_>>()).await.unwrap();
+
+    // A try_fetch, which does not wait.
+    consume_one(&ns, &c).await;
+    consume_one(&ns, &c).await;
+    let early = publish_ahead(&ns).await;
+    let got = c.try_fetch(10).await.unwrap();
+    assert_eq!(
+        got.iter().map(|d| d.id()).collect::<Vec<_>>(),
+        vec![early],
+        "try_fetch came back without the delivery below the floor"
+    );
+}
+
 /// Index entries one `_claim` returned to its walk (dead ones included: a held snapshot keeps
 /// them from being marked dead), counted in the claim's own transaction, which is rolled back.
 async fn entries_walked(

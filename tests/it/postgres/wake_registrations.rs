@@ -61,7 +61,7 @@ async fn registrations(raw: &tokio_postgres::Client, ns: &TestNs) -> i64 {
 }
 
 /// Waits until the namespace has `n` registrations.
-async fn until_registrations(raw: &tokio_postgres::Client, ns: &TestNs, n: i64) {
+pub(super) async fn until_registrations(raw: &tokio_postgres::Client, ns: &TestNs, n: i64) {
     let deadline = Instant::now() + WAIT;
     loop {
         let now = registrations(raw, ns).await;

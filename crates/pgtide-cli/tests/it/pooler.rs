@@ -132,15 +132,27 @@ async fn cli_listen_url_migrates_and_wakes_consumers_through_pgbouncer() {
         .await
         .unwrap();
     tokio::spawn(conn);
-    let listeners: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE query = format('LISTEN %I', $1::text)",
-            &[&format!("pgtide.{}", ns.namespace())],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(listeners, 1, "the consumer does not listen");
+    // The listener connects beside the first fetch, which may have found the first message
+    // before it listened: wait for its session (no event announces it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listeners: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = format('LISTEN %I', $1::text)",
+                &[&format!("pgtide.{}", ns.namespace())],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if listeners == 1 {
+            break;
+        }
+        assert!(
+            listeners == 0 && Instant::now() < deadline,
+            "{listeners} LISTEN sessions: the consumer does not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for i in 1..=3 {
         let sent = Instant::now();
         let id = publish(i).await;
