@@ -144,31 +144,38 @@ impl PgConsumer {
     /// Cancel safety: if dropped after the claim committed, the claimed deliveries become visible
     /// again when their lease expires; nothing is lost.
     pub async fn try_fetch(&self, max: usize) -> Result<Vec<Delivery>> {
-        Ok(self.claim(max).await?.0)
+        Ok(self.claim(max, false).await?.0)
     }
 
     /// [`PgConsumer::try_fetch`], and when a rate limit left the batch empty, how long until
     /// a claim may get something (the claim's row without an id, `flow_control.sql`).
-    async fn claim(&self, max: usize) -> Result<(Vec<Delivery>, Option<Duration>)> {
+    /// `patient`: the caller waits for work when this finds nothing (`fetch`), so a sweep after
+    /// a slow one may wait (floor.rs).
+    async fn claim(&self, max: usize, patient: bool) -> Result<(Vec<Delivery>, Option<Duration>)> {
         if max == 0 {
             return Ok((vec![], None));
         }
         self.check_lease()?;
-        let (batch, come_back) = self.claim_once(max).await?;
-        if batch.is_empty() && come_back.is_none() && self.floor.sweep_now() {
+        let (batch, come_back) = self.claim_once(max, false).await?;
+        if batch.is_empty() && come_back.is_none() && self.floor.sweep_now(patient) {
             // Nothing from the floor up: what is ready lies below it (floor.rs).
-            return self.claim_once(max).await;
+            return self.claim_once(max, true).await;
         }
         Ok((batch, come_back))
     }
 
-    /// One claim statement, from the group's floor or a sweep as the floor says.
-    async fn claim_once(&self, max: usize) -> Result<(Vec<Delivery>, Option<Duration>)> {
+    /// One claim statement, from the group's floor or a sweep as the floor says (always a sweep
+    /// when `sweep`).
+    async fn claim_once(
+        &self,
+        max: usize,
+        sweep: bool,
+    ) -> Result<(Vec<Delivery>, Option<Duration>)> {
         let started = metrics::start();
         let max = max.clamp(1, 10_000) as i32;
         let client = self.pg.client().await?;
         let lease = self.lease.map(micros);
-        let ticket = self.floor.ticket();
+        let ticket = self.floor.ticket(sweep);
         let rows = self
             .pg
             .inner
@@ -218,7 +225,7 @@ impl PgConsumer {
         let (ids, attempts, tokens) = fences(done);
         let client = self.pg.client().await?;
         let lease = self.lease.map(micros);
-        let ticket = self.floor.ticket();
+        let ticket = self.floor.ticket(false);
         let rows = self
             .pg
             .inner
@@ -257,9 +264,9 @@ impl PgConsumer {
         self.heads_left(acked.len());
         drop(client);
         let report = SettleReport::from_parts(done, acked, vec![]);
-        if batch.is_empty() && self.floor.sweep_now() {
+        if batch.is_empty() && self.floor.sweep_now(true) {
             // Nothing from the floor up: what is ready lies below it (floor.rs).
-            let (batch, _) = self.claim_once(max as usize).await?;
+            let (batch, _) = self.claim_once(max as usize, true).await?;
             return Ok((report, batch));
         }
         Ok((report, batch))
@@ -427,7 +434,7 @@ impl PgConsumer {
         // Subscribe before the first claim so a publish between the claim and the wait still wakes us.
         let mut wakes = self.pg.subscribe();
         loop {
-            let (batch, come_back) = self.claim(max).await?;
+            let (batch, come_back) = self.claim(max, true).await?;
             let now = tokio::time::Instant::now();
             if !batch.is_empty() || now >= deadline || stopped() {
                 return Ok(batch);

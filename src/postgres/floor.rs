@@ -48,6 +48,14 @@ pub(crate) const SLACK: Duration = Duration::from_secs(1);
 /// (`PgBackendBuilder::claim_sweep_interval`).
 pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
+/// A sweep slower than this makes the next ones wait [`SWEEP_REST`] times as long as it took
+/// (counted from its start), so that sweeps take at most about a tenth of one connection's time
+/// when each walks a long history (under a held snapshot).
+const SLOW_SWEEP: Duration = Duration::from_millis(20);
+
+/// See [`SLOW_SWEEP`].
+const SWEEP_REST: u32 = 10;
+
 /// The floors of one backend's groups, by group id: every consumer of a group in this process
 /// shares its floor and its sweeps (one sweep a second per group, not per consumer).
 #[derive(Debug)]
@@ -56,6 +64,8 @@ pub(crate) struct Floors {
     enabled: bool,
     /// `PgBackendBuilder::claim_sweep_interval`.
     sweep_every: Duration,
+    /// [`SLOW_SWEEP`] (tests set it out of reach).
+    slow_sweep: Duration,
     groups: Mutex<HashMap<i32, Arc<ClaimFloor>>>,
 }
 
@@ -64,6 +74,7 @@ impl Floors {
         Floors {
             enabled,
             sweep_every,
+            slow_sweep: SLOW_SWEEP,
             groups: Mutex::default(),
         }
     }
@@ -76,6 +87,7 @@ impl Floors {
                 Arc::new(ClaimFloor {
                     enabled: self.enabled,
                     sweep_every: self.sweep_every,
+                    slow_sweep: self.slow_sweep,
                     state: Mutex::default(),
                 })
             })
@@ -88,6 +100,7 @@ impl Floors {
 pub(crate) struct ClaimFloor {
     enabled: bool,
     sweep_every: Duration,
+    slow_sweep: Duration,
     state: Mutex<State>,
 }
 
@@ -103,11 +116,13 @@ struct State {
     /// When the latest sweep that finished started: a sweep is running while `last_sweep` is
     /// later (or it failed, until the next one finishes).
     last_done: Option<Instant>,
+    /// How long the latest sweep that finished took.
+    last_took: Duration,
     /// When the latest floored claim that came back short started, if no sweep started since.
     owed_since: Option<Instant>,
-    /// A floored claim found nothing and no sweep started after it did: the next claim sweeps,
-    /// whenever the last sweep was.
-    sweep_now: bool,
+    /// When the latest floored claim that found nothing started, if no sweep started since: the
+    /// next claim sweeps as soon as no sweep runs and the last one rested.
+    empty_since: Option<Instant>,
 }
 
 /// What one claim was told: its floor (`None`: a sweep) and when it started.
@@ -120,9 +135,10 @@ pub(crate) struct Ticket {
 }
 
 impl ClaimFloor {
-    /// The floor for the claim about to run. A sweep when there is no floor yet or one is due;
-    /// the claim that gets the sweep takes it, so concurrent claims keep the floor.
-    pub(crate) fn ticket(&self) -> Ticket {
+    /// The floor for the claim about to run. A sweep when there is no floor yet or one is due,
+    /// or when `sweep` asks for one; the claim that gets the sweep takes it, so concurrent
+    /// claims keep the floor.
+    pub(crate) fn ticket(&self, sweep: bool) -> Ticket {
         let started = Instant::now();
         if !self.enabled {
             return Ticket {
@@ -132,16 +148,17 @@ impl ClaimFloor {
             };
         }
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let due = s.sweep_now
+        let every = self.sweep_every.max(s.rest(self.slow_sweep));
+        let due = sweep
+            || s.answer_empty_now(self.slow_sweep)
             || match s.last_sweep {
-                Some(t) => started.duration_since(t) >= self.sweep_every,
+                Some(t) => started.duration_since(t) >= every,
                 None => true,
             };
         let floor = match s.floor {
             Some(f) if !due => Some(f),
             _ => {
                 s.last_sweep = Some(started);
-                s.sweep_now = false;
                 None
             }
         };
@@ -174,10 +191,14 @@ impl ClaimFloor {
                 if s.owed_since.is_some_and(|t| t <= ticket.started) {
                     s.owed_since = None;
                 }
+                if s.empty_since.is_some_and(|t| t <= ticket.started) {
+                    s.empty_since = None;
+                }
                 s.last_done = Some(
                     s.last_done
                         .map_or(ticket.started, |t| t.max(ticket.started)),
                 );
+                s.last_took = ticket.started.elapsed();
                 if let Some(f) = below {
                     s.floor = Some(f);
                     s.epoch += 1;
@@ -187,13 +208,13 @@ impl ClaimFloor {
                 // Nothing from the floor up: whatever is ready lies below it (a publish that
                 // committed late, a priority head start), so sweep at once rather than up to
                 // a sweep interval later. A sweep that started after this claim did saw
-                // everything it could have missed. Not while another sweep runs: under a held
-                // snapshot each one walks the dead entries, and consumers that caught up must
-                // not all walk them at once (the periodic sweep, owed below, follows).
+                // everything it could have missed.
                 let swept_since = matches!(s.last_sweep, Some(sweep) if sweep >= ticket.started);
-                let sweeping = s.last_sweep > s.last_done;
-                if earliest_due.is_none() && !swept_since && !sweeping {
-                    s.sweep_now = true;
+                if earliest_due.is_none() && !swept_since {
+                    s.empty_since = Some(
+                        s.empty_since
+                            .map_or(ticket.started, |t| t.max(ticket.started)),
+                    );
                 }
                 if short {
                     s.owed_since = Some(
@@ -210,13 +231,17 @@ impl ClaimFloor {
         }
     }
 
-    /// Whether the next claim should be a sweep at once: a claim from the floor found nothing
-    /// and no sweep started after it did.
-    pub(crate) fn sweep_now(&self) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sweep_now
+    /// Whether the next claim should be a sweep at once: a claim from the floor found nothing,
+    /// no sweep started after it did and none runs, and (for a `patient` caller, one that waits
+    /// for work anyway) the last one rested. A caller that does not wait (`try_fetch`) gets its
+    /// sweep even after a slow one.
+    pub(crate) fn sweep_now(&self, patient: bool) -> bool {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if patient {
+            s.answer_empty_now(self.slow_sweep)
+        } else {
+            s.answer_empty_now(Duration::MAX)
+        }
     }
 
     /// How long a fetch that found nothing may wait before it should claim again for a sweep:
@@ -225,13 +250,50 @@ impl ClaimFloor {
     /// `None` (wait for a wake-up as usual).
     pub(crate) fn sweep_in(&self) -> Option<Duration> {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.sweep_now {
-            return Some(Duration::ZERO);
+        if s.empty_since.is_some() {
+            let since = s.last_sweep.map_or(Duration::MAX, |t| t.elapsed());
+            return Some(if s.sweeping() {
+                // Come back about when it ends.
+                s.last_took.max(SLOW_SWEEP)
+            } else {
+                s.rest(self.slow_sweep).saturating_sub(since)
+            });
         }
         s.owed_since?;
-        Some(s.last_sweep.map_or(Duration::ZERO, |t| {
-            self.sweep_every.saturating_sub(t.elapsed())
-        }))
+        let every = self.sweep_every.max(s.rest(self.slow_sweep));
+        Some(
+            s.last_sweep
+                .map_or(Duration::ZERO, |t| every.saturating_sub(t.elapsed())),
+        )
+    }
+}
+
+impl State {
+    /// Whether a sweep started and has not finished (or failed, until the next one finishes).
+    fn sweeping(&self) -> bool {
+        self.last_sweep > self.last_done
+    }
+
+    /// Whether a floored claim that found nothing is to be answered by a sweep now: not while
+    /// another sweep runs (under a held snapshot each walks the dead entries, and consumers that
+    /// caught up must not all walk them at once), nor before a slow one rested.
+    fn answer_empty_now(&self, slow: Duration) -> bool {
+        self.empty_since.is_some()
+            && !self.sweeping()
+            && match self.last_sweep {
+                Some(t) => t.elapsed() >= self.rest(slow),
+                None => true,
+            }
+    }
+
+    /// How long after a sweep started the next one waits at least: ten times as long as the
+    /// latest took, if that was `slow` ([`SLOW_SWEEP`]).
+    fn rest(&self, slow: Duration) -> Duration {
+        if self.last_took >= slow {
+            self.last_took.saturating_mul(SWEEP_REST)
+        } else {
+            Duration::ZERO
+        }
     }
 }
 
@@ -239,52 +301,59 @@ impl ClaimFloor {
 mod tests {
     use super::*;
 
+    /// A group's floor whose sweeps never count as slow, whatever the machine's load.
+    fn floor(enabled: bool) -> Arc<ClaimFloor> {
+        let mut floors = Floors::new(enabled, SWEEP_EVERY);
+        floors.slow_sweep = Duration::MAX;
+        floors.of(1)
+    }
+
     fn at(secs: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
     }
 
     #[test]
     fn turned_off_every_claim_is_a_sweep() {
-        let f = Floors::new(false, SWEEP_EVERY).of(1);
-        let t = f.ticket();
+        let f = floor(false);
+        let t = f.ticket(false);
         f.claimed(t, Some(at(10)), true);
-        assert_eq!(f.ticket().floor, None);
+        assert_eq!(f.ticket(false).floor, None);
         assert_eq!(f.sweep_in(), None);
     }
 
     #[test]
     fn first_claim_sweeps_then_claims_use_the_floor_until_the_next_sweep() {
-        let f = Floors::new(true, SWEEP_EVERY).of(1);
-        let t = f.ticket();
+        let f = floor(true);
+        let t = f.ticket(false);
         assert_eq!(t.floor, None, "no floor before anything was claimed");
         f.claimed(t, Some(at(10)), false);
-        let t = f.ticket();
+        let t = f.ticket(false);
         assert_eq!(t.floor, Some(at(9)), "earliest due minus the slack");
         f.claimed(t, Some(at(20)), false);
-        let t = f.ticket();
+        let t = f.ticket(false);
         assert_eq!(t.floor, Some(at(19)));
         // An older batch (rows another claim skipped) never lowers it.
         f.claimed(t, Some(at(5)), false);
-        assert_eq!(f.ticket().floor, Some(at(19)));
+        assert_eq!(f.ticket(false).floor, Some(at(19)));
         assert_eq!(f.sweep_in(), None, "nothing came back short");
     }
 
     #[test]
     fn a_short_floored_claim_owes_a_sweep_and_a_sweep_that_started_later_pays_it() {
-        let f = Floors::new(true, SWEEP_EVERY).of(1);
-        let t = f.ticket();
+        let f = floor(true);
+        let t = f.ticket(false);
         f.claimed(t, Some(at(10)), false);
-        let floored = f.ticket();
+        let floored = f.ticket(false);
         assert!(floored.floor.is_some());
         f.claimed(floored, None, true);
         let wait = f.sweep_in().expect("a sweep is owed");
         assert!(wait <= SWEEP_EVERY);
         // Force the sweep as if SWEEP_EVERY had passed.
         f.state.lock().unwrap_or_else(|e| e.into_inner()).last_sweep = None;
-        let sweep = f.ticket();
+        let sweep = f.ticket(false);
         assert_eq!(sweep.floor, None);
         // Only one claim gets the sweep.
-        assert!(f.ticket().floor.is_some());
+        assert!(f.ticket(false).floor.is_some());
         f.claimed(sweep, None, true);
         assert_eq!(
             f.sweep_in(),
@@ -295,42 +364,45 @@ mod tests {
 
     #[test]
     fn a_sweep_that_finds_old_deliveries_lowers_the_floor_and_wins_over_older_claims() {
-        let f = Floors::new(true, SWEEP_EVERY).of(1);
-        let t = f.ticket();
+        let f = floor(true);
+        let t = f.ticket(false);
         f.claimed(t, Some(at(100)), false);
-        let before_sweep = f.ticket();
+        let before_sweep = f.ticket(false);
         assert_eq!(before_sweep.floor, Some(at(99)));
         f.state.lock().unwrap_or_else(|e| e.into_inner()).last_sweep = None;
-        let sweep = f.ticket();
+        let sweep = f.ticket(false);
         // A reset put deliveries back at 10: the sweep finds them.
         f.claimed(sweep, Some(at(10)), false);
-        assert_eq!(f.ticket().floor, Some(at(9)));
+        assert_eq!(f.ticket(false).floor, Some(at(9)));
         // A floored claim that started before the sweep must not raise the floor past them.
         f.claimed(before_sweep, Some(at(101)), false);
-        assert_eq!(f.ticket().floor, Some(at(9)));
+        assert_eq!(f.ticket(false).floor, Some(at(9)));
     }
 
     #[test]
     fn an_empty_floored_claim_sweeps_at_once_unless_a_sweep_began_after_it() {
-        let f = Floors::new(true, SWEEP_EVERY).of(1);
-        let t = f.ticket();
+        let f = floor(true);
+        let t = f.ticket(false);
         f.claimed(t, Some(at(100)), false);
         // Within SWEEP_EVERY of that sweep, a short floored claim that got something owes a
         // sweep later, not now.
-        let floored = f.ticket();
+        let floored = f.ticket(false);
         assert!(floored.floor.is_some());
         f.claimed(floored, Some(at(100)), true);
-        assert!(!f.sweep_now());
+        assert!(!f.sweep_now(true));
         assert!(f.sweep_in().is_some_and(|d| d > Duration::ZERO));
         // One that found nothing: sweep at once.
-        let empty = f.ticket();
+        let empty = f.ticket(false);
         assert!(empty.floor.is_some());
         f.claimed(empty, None, true);
-        assert!(f.sweep_now());
+        assert!(f.sweep_now(true));
         assert_eq!(f.sweep_in(), Some(Duration::ZERO));
-        let sweep = f.ticket();
+        let sweep = f.ticket(false);
         assert_eq!(sweep.floor, None, "the next claim sweeps");
-        assert!(f.ticket().floor.is_some(), "one sweep, not one per claim");
+        assert!(
+            f.ticket(false).floor.is_some(),
+            "one sweep, not one per claim"
+        );
         // A floored claim that started before that sweep and found nothing: the sweep,
         // which saw everything committed before it started, answers it.
         let before = Ticket {
@@ -338,35 +410,74 @@ mod tests {
             ..empty
         };
         f.claimed(before, None, true);
-        assert!(!f.sweep_now());
+        assert!(!f.sweep_now(true));
         f.claimed(sweep, None, true);
         // One that started after the sweep and found nothing: another sweep.
-        let after = f.ticket();
+        let after = f.ticket(false);
         f.claimed(after, None, true);
-        assert!(f.sweep_now());
+        assert!(f.sweep_now(true));
         // But not while a sweep runs: the periodic one follows.
-        let running = f.ticket();
+        let running = f.ticket(false);
         assert_eq!(running.floor, None);
-        let during = f.ticket();
+        let during = f.ticket(false);
         assert!(during.floor.is_some());
         f.claimed(during, None, true);
-        assert!(!f.sweep_now(), "a second sweep beside a running one");
+        assert!(!f.sweep_now(true), "a second sweep beside a running one");
         assert!(f.sweep_in().is_some(), "the periodic sweep is owed");
-        f.claimed(running, None, true);
-        let after = f.ticket();
-        f.claimed(after, None, true);
-        assert!(
-            f.sweep_now(),
-            "once it finished, an empty claim sweeps again"
+        assert_eq!(
+            f.sweep_in(),
+            Some(SLOW_SWEEP),
+            "come back about when the running sweep ends"
         );
+        f.claimed(running, None, true);
+        // The running sweep started before that claim: once it finished, the next claim
+        // sweeps for it.
+        assert!(f.sweep_now(true));
+        assert_eq!(f.ticket(false).floor, None);
     }
 
     #[test]
     fn turned_off_nothing_is_owed() {
-        let f = Floors::new(false, SWEEP_EVERY).of(1);
-        let t = f.ticket();
+        let f = floor(false);
+        let t = f.ticket(false);
         f.claimed(t, None, true);
-        assert!(!f.sweep_now());
+        assert!(!f.sweep_now(true));
         assert_eq!(f.sweep_in(), None);
+    }
+
+    #[test]
+    fn slow_sweeps_rest_ten_times_as_long_as_they_took() {
+        let f = Floors::new(true, Duration::from_millis(50)).of(1);
+        // A first sweep that took 100 ms.
+        let past = Instant::now()
+            .checked_sub(Duration::from_millis(100))
+            .unwrap();
+        let epoch = {
+            let mut s = f.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.last_sweep = Some(past);
+            s.epoch
+        };
+        let slow = Ticket {
+            floor: None,
+            epoch,
+            started: past,
+        };
+        f.claimed(slow, Some(at(10)), true);
+        // The sweep interval (50 ms) has passed, but not its rest (1 s): claims keep the floor,
+        // and one that finds nothing does not sweep at once either.
+        let floored = f.ticket(false);
+        assert!(floored.floor.is_some());
+        f.claimed(floored, None, true);
+        assert!(!f.sweep_now(true));
+        assert!(
+            f.sweep_now(false),
+            "a caller that does not wait sweeps anyway"
+        );
+        let wait = f.sweep_in().unwrap();
+        assert!(wait > Duration::from_millis(500), "{wait:?}");
+        // Once it is over, the next claim sweeps.
+        f.state.lock().unwrap_or_else(|e| e.into_inner()).last_sweep =
+            Instant::now().checked_sub(Duration::from_secs(60));
+        assert_eq!(f.ticket(false).floor, None);
     }
 }
