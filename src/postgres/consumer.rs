@@ -265,9 +265,16 @@ impl PgConsumer {
         drop(client);
         let report = SettleReport::from_parts(done, acked, vec![]);
         if batch.is_empty() && self.floor.sweep_now(true) {
-            // Nothing from the floor up: what is ready lies below it (floor.rs).
-            let (batch, _) = self.claim_once(max as usize, true).await?;
-            return Ok((report, batch));
+            // Nothing from the floor up: what is ready lies below it (floor.rs). The acks are
+            // committed: a failed sweep must not hide their report (the next claim fails too).
+            return match self.claim_once(max as usize, true).await {
+                Ok((batch, _)) => Ok((report, batch)),
+                Err(e) => {
+                    tracing::warn!(stream = %self.stream, group = %self.group, error = %e,
+                        "pgtide: the sweep after ack_and_fetch failed");
+                    Ok((report, vec![]))
+                }
+            };
         }
         Ok((report, batch))
     }

@@ -28,7 +28,7 @@
 //! back short wakes up for it. A sweep that finds deliveries lowers the floor to them, so a large
 //! batch of them (a reset) drains at the usual pace. Such a delivery thus waits at most a sweep
 //! interval (and a claim) once it is ready, as long as a consumer of the group fetches. Ordered
-//! and rate-limited groups never use the floor (`_claim` ignores it for them). On by default
+//! and rate-limited groups never use the floor (`_claim` ignores it for them). Off by default
 //! (`PgBackendBuilder::claim_floor`).
 
 use std::collections::HashMap;

@@ -352,8 +352,10 @@ impl PgBackendBuilder {
     /// claim from the floor finds nothing sweeps at once. Without it every claim walks from the
     /// group's first ready delivery, and under an old snapshot held for minutes claims slow
     /// down in proportion to what was consumed meanwhile (docs/performance.md, held xmin).
-    /// Defaults to true; turn it off where most publishes commit more than a second after their
-    /// transactions began and the second matters more than held snapshots.
+    /// Defaults to false. On, it keeps throughput under a snapshot held for minutes (0.61–0.69×
+    /// of the level before over a 2-minute hold, against 0.14× off); it stays off by default
+    /// because one full bench run with it on showed a publish → handler p99 of 0.86 s that is
+    /// not explained yet (docs/performance.md, "The claim floor: sweeps after empty claims").
     pub fn claim_floor(mut self, enabled: bool) -> Self {
         self.claim_floor = enabled;
         self
@@ -363,7 +365,8 @@ impl PgBackendBuilder {
     /// that ignores the floor (a sweep), and so the longest a delivery that became ready below
     /// the floor waits while the group's consumers claim. Each sweep walks the group from its
     /// first ready delivery, which under a held snapshot costs what a claim without the floor
-    /// costs. Defaults to 1 s; clamped to 10 ms – 1 hour.
+    /// costs; a sweep that took longer than 20 ms makes the next one wait at least ten times as
+    /// long as it took, whatever this says. Defaults to 1 s; clamped to 10 ms – 1 hour.
     pub fn claim_sweep_interval(mut self, interval: Duration) -> Self {
         self.claim_sweep_interval =
             interval.clamp(Duration::from_millis(10), Duration::from_secs(3600));
@@ -531,7 +534,7 @@ impl PgBackend {
                 maintenance_interval: Duration::from_secs(60),
                 vacuum: vacuum::VacuumConfig::default(),
             },
-            claim_floor: true,
+            claim_floor: false,
             claim_sweep_interval: floor::SWEEP_EVERY,
             notify_in_transaction: false,
         }

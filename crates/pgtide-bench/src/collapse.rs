@@ -40,6 +40,7 @@ impl Bench<'_> {
             .await?;
         let url = with_setting(&self.config.url, "plan_cache_mode=force_generic_plan");
         let generic = PgBackend::builder(url.clone())
+            .claim_floor(self.config.claim_floor)
             .namespace(ns)
             .pool_size(4)
             .build()?;

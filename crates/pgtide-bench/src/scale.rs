@@ -75,6 +75,7 @@ impl Bench<'_> {
     ) -> Step<()> {
         let n = self.config.scale_streams.max(IDLE_CONSUMERS);
         let pg = PgBackend::builder(url)
+            .claim_floor(self.config.claim_floor)
             .namespace(self.ns)
             .pool_size(self.config.pool_size)
             .build()?;
@@ -184,6 +185,7 @@ impl Bench<'_> {
         let stop = tokio_util::sync::CancellationToken::new();
         for h in 0..HANDLES {
             let handle = PgBackend::builder(url)
+                .claim_floor(self.config.claim_floor)
                 .namespace(self.ns)
                 .pool_size(4)
                 .poll_interval(Duration::from_secs(3600))

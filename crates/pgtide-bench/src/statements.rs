@@ -39,6 +39,7 @@ impl Bench<'_> {
         cases: &mut Vec<Case>,
     ) -> Step<()> {
         let unnamed = PgBackend::builder(self.config.url.clone())
+            .claim_floor(self.config.claim_floor)
             .namespace(self.ns)
             .pool_size(self.config.pool_size)
             .statement_mode(StatementMode::Unnamed)

@@ -76,11 +76,13 @@ impl Bench<'_> {
             payload: self.msg.payload().to_vec(),
         });
         let quiet = PgBackend::builder(url)
+            .claim_floor(self.config.claim_floor)
             .namespace(self.ns)
             .pool_size(PUBLISHERS[1])
             .notifications(false)
             .build()?;
         let in_transaction = PgBackend::builder(url)
+            .claim_floor(self.config.claim_floor)
             .namespace(self.ns)
             .pool_size(PUBLISHERS[1])
             .notify_in_transaction(true)

@@ -54,6 +54,8 @@ struct WorkerSpec {
     /// The worker's prefetch; `None`: its default (adaptive claims).
     #[serde(default)]
     prefetch: Option<usize>,
+    /// [`crate::BenchConfig::claim_floor`].
+    claim_floor: bool,
 }
 
 /// Handler starts of one drain: how many, the last one, and a signal at `target`.
@@ -121,6 +123,7 @@ pub async fn run_worker_process() -> Result<()> {
         std::env::var(WORKER_PROCESS_ENV).map_err(|e| process_error(WORKER_PROCESS_ENV, e))?;
     let spec: WorkerSpec = serde_json::from_str(&spec)?;
     let pg = PgBackend::builder(&spec.url)
+        .claim_floor(spec.claim_floor)
         .namespace(&spec.namespace)
         .pool_size(4)
         .build()?;
@@ -306,6 +309,7 @@ impl Bench<'_> {
         let mut workers = JoinSet::new();
         for i in 0..PROCESSES {
             let pg = PgBackend::builder(self.config.url.as_str())
+                .claim_floor(self.config.claim_floor)
                 .namespace(self.ns)
                 .pool_size(4)
                 .build()?;
@@ -348,6 +352,7 @@ impl Bench<'_> {
                 name: format!("process-{i}"),
                 concurrency: CONCURRENCY,
                 prefetch,
+                claim_floor: self.config.claim_floor,
             })?;
             let mut child = Command::new(&exe)
                 .args(args)

@@ -177,6 +177,7 @@ async fn a_claim_that_finds_nothing_from_the_floor_sweeps_at_once() {
     ns.stream_with_groups("s", StreamConfig::default(), &["g"])
         .await;
     let pg = handle(&ns.url, ns.namespace())
+        .claim_floor(true)
         .claim_sweep_interval(HOUR)
         .poll_interval(HOUR)
         .build()
