@@ -410,7 +410,9 @@ struct Spread {
 
 async fn publish_spread(s: Spread) -> Result<Option<u64>> {
     let i = if s.one {
-        0
+        // The last stream: the idle consumers below sit on the first ones, and a backlog of the
+        // one-stream rounds would keep one of them draining through the idle window.
+        s.streams.len().saturating_sub(1)
     } else {
         s.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % s.streams.len()
     };
