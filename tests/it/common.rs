@@ -129,10 +129,23 @@ pub fn execute_detached(url: &str, sql: &str) {
             .build()
             .unwrap();
         rt.block_on(async move {
-            if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-                tokio::spawn(conn);
-                let _ = client.batch_execute(&sql).await;
+            // A namespace's DROP can lose a deadlock to a background task of a handle still
+            // shutting down (the scout's partition maintenance): try again rather than leak it.
+            let mut last = None;
+            for _ in 0..5 {
+                match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    Ok((client, conn)) => {
+                        tokio::spawn(conn);
+                        match client.batch_execute(&sql).await {
+                            Ok(()) => return,
+                            Err(e) => last = Some(e.to_string()),
+                        }
+                    }
+                    Err(e) => last = Some(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            eprintln!("cleanup failed: {sql}: {}", last.unwrap_or_default());
         });
     })
     .join();
