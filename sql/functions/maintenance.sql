@@ -141,17 +141,154 @@ BEGIN
         SET pending = c.pending + excluded.pending, dead = c.dead + excluded.dead;
 END $$;
 
--- One maintenance pass: partitions ahead, retention, dedupe window, counters. Returns a summary.
+-- The slots of one stream that have no partition overlapping them: now and three intervals
+-- ahead, computed as ensure_partition does.
+CREATE OR REPLACE FUNCTION @ns@._missing_slots(p_stream integer, at timestamptz)
+RETURNS SETOF timestamptz
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT slot.at_i
+    FROM @ns@.streams st
+    CROSS JOIN LATERAL (
+        SELECT at + st.partition_interval * i AS at_i,
+               floor(extract(epoch FROM st.partition_interval) * 1000)::bigint AS w_ms
+        FROM generate_series(0, 3) i
+    ) slot
+    CROSS JOIN LATERAL (
+        SELECT floor(extract(epoch FROM slot.at_i) * 1000)::bigint / slot.w_ms * slot.w_ms AS lo_ms
+    ) b
+    WHERE st.id = p_stream
+      AND NOT EXISTS (
+        SELECT 1 FROM @ns@.partitions p
+        WHERE p.stream_id = st.id AND p.lower < to_timestamp((b.lo_ms + slot.w_ms) / 1000.0)
+          AND p.upper > to_timestamp(b.lo_ms / 1000.0))
+    ORDER BY slot.at_i
+$$;
+
+-- The first stream after `after` (by id) with partition work at `at`: a partition past its
+-- retention, or a slot without a partition. NULL when none. One query over the streams in id
+-- order that stops at the first with work, so a pass with nothing to do stays cheap with
+-- thousands of streams.
+CREATE OR REPLACE FUNCTION @ns@._maintain_next(at timestamptz, after integer)
+RETURNS integer
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT st.id FROM @ns@.streams st
+    WHERE st.id > coalesce(after, -1)
+      AND (EXISTS (SELECT 1 FROM @ns@.partitions p
+                   WHERE p.stream_id = st.id AND p.upper <= at - st.retention)
+           OR EXISTS (SELECT 1 FROM @ns@._missing_slots(st.id, at)))
+    ORDER BY st.id
+    LIMIT 1
+$$;
+
+-- One stream's partition work: drops its partitions past retention (the same test as
+-- drop_expired_partitions), then creates the partitions its slots lack.
 --
--- A pass creates and drops at most 64 partitions (`_maintain_budget()`): every relation created
--- or dropped stays locked to commit, and the lock table is shared by the whole server, so a
--- namespace of a thousand streams whose partitions all come due at once (the first pass after
--- they were created, or the day their first partitions expire) would otherwise fail with "out of
--- shared memory" on every pass. A pass that used its whole budget leaves the rest to the next
--- one: the Rust `maintain()` and the scout repeat it, each in its own transaction, until a pass
--- does less; `SELECT maintain()` from psql or pg_cron does the same over successive calls.
--- Streams are walked by one query each for missing and expired partitions, not one call per
--- stream, so a pass with nothing to do stays cheap with thousands of streams.
+-- Partition DDL locks the stream's tables hard: creating a partition takes an ACCESS EXCLUSIVE
+-- lock on the stream's default partition (PostgreSQL scans it for rows of the new range), and
+-- dropping one locks the stream's table; every claim of the stream reads the stream's partitions
+-- (`_lookup_s<id>`), so it waits until the transaction that took the lock ends. So a lock that is
+-- not granted within 100 ms (a long transaction reading the stream, a VACUUM) is not waited for:
+-- a waiting request would queue every claim of the stream behind it. The stream's work is then
+-- undone (`skipped`) and left to the next pass. The scout runs each stream's work in its own
+-- transaction (`_maintain_step`), so a claim waits at most for its own stream's DDL.
+CREATE OR REPLACE FUNCTION @ns@._maintain_stream(p_stream integer, at timestamptz,
+                                                 OUT created integer, OUT dropped integer,
+                                                 OUT skipped boolean)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
+SET lock_timeout = '100ms' AS $$
+DECLARE
+    slot timestamptz;
+BEGIN
+    created := 0;
+    dropped := 0;
+    skipped := false;
+    BEGIN
+        PERFORM @ns@._lock_partitions();
+        dropped := @ns@.drop_expired_partitions(p_stream, at);
+        FOR slot IN SELECT m FROM @ns@._missing_slots(p_stream, at) m LOOP
+            IF @ns@.ensure_partition(p_stream, slot) THEN
+                created := created + 1;
+            END IF;
+        END LOOP;
+    EXCEPTION WHEN lock_not_available THEN
+        created := 0;
+        dropped := 0;
+        skipped := true;
+    END;
+END $$;
+
+-- The rest of a maintenance pass, after the partitions: the dedupe window, rate buckets, fair
+-- keys, wake-up registrations, counters. Returns how many dedupe keys it removed.
+CREATE OR REPLACE FUNCTION @ns@._maintain_rest(at timestamptz) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+DECLARE
+    n integer;
+BEGIN
+    DELETE FROM @ns@.dedupe WHERE expires_at < at;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM @ns@._trim_rate_buckets();
+    PERFORM @ns@._trim_fair_keys();
+    PERFORM @ns@._trim_wake_waiters();
+    PERFORM @ns@.fold_counters();
+    RETURN n;
+END $$;
+
+-- A pass "as if" later drops partitions before their retention is up: only for members of the
+-- owner role (retention tests, backfills), never for a runtime role. A minute of slack covers the
+-- clock of a client that passes its own now.
+CREATE OR REPLACE FUNCTION @ns@._check_maintain_at(at timestamptz) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM @ns@._check(at IS NOT NULL, 'at must not be NULL', 'leave it out for now()');
+    IF at > now() + interval '1 minute' AND NOT pg_has_role(session_user,
+            (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = @ns_lit@), 'MEMBER') THEN
+        RAISE EXCEPTION 'pgtide: maintain() at a future time (%) is reserved to the namespace owner', at
+            USING ERRCODE = '42501', HINT = 'leave at out (now), or run as the owner';
+    END IF;
+END $$;
+
+-- One step of a maintenance pass, in its own transaction (the scout and the Rust `maintain()`
+-- call it until it returns no stream): the partition work of the first stream after `after`
+-- that has any (`_maintain_stream`), or, when none is left, the rest of the pass
+-- (`_maintain_rest`, its count in `dedupe_removed`) with `stream_id` NULL. Each step locks one
+-- stream's tables, so a stream's claims never wait for another stream's DDL, and the lock table
+-- never fills however many streams come due at once.
+CREATE OR REPLACE FUNCTION @ns@._maintain_step(at timestamptz, after integer,
+                                               OUT stream_id integer, OUT partitions_created integer,
+                                               OUT partitions_dropped integer, OUT partitions_skipped integer,
+                                               OUT dedupe_removed integer)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+DECLARE
+    w record;
+BEGIN
+    PERFORM @ns@._check_maintain_at(at);
+    partitions_created := 0;
+    partitions_dropped := 0;
+    partitions_skipped := 0;
+    dedupe_removed := 0;
+    stream_id := @ns@._maintain_next(at, after);
+    IF stream_id IS NULL THEN
+        dedupe_removed := @ns@._maintain_rest(at);
+        RETURN;
+    END IF;
+    SELECT * INTO w FROM @ns@._maintain_stream(stream_id, at);
+    partitions_created := w.created;
+    partitions_dropped := w.dropped;
+    partitions_skipped := CASE WHEN w.skipped THEN 1 ELSE 0 END;
+END $$;
+
+-- One maintenance pass in one transaction (`SELECT maintain()` from psql or pg_cron): partitions
+-- ahead, retention, dedupe window, counters. Returns a summary.
+--
+-- A pass creates and drops at most about 64 partitions (`_maintain_budget()`; it stops after the
+-- stream that reached it): every relation created or dropped stays locked to commit, and the
+-- lock table is shared by the whole server, so a namespace of a thousand streams whose
+-- partitions all come due at once (the first pass after they were created, or the day their
+-- first partitions expire) would otherwise fail with "out of shared memory". A pass that used its
+-- whole budget leaves the rest to the next call. A stream whose locks were not granted within
+-- 100 ms is left to the next call too (`_maintain_stream`). Every stream's claims wait for the
+-- DDL of the streams before it until the pass commits: the scout and the Rust `maintain()` run
+-- `_maintain_step` instead, one stream per transaction.
 CREATE OR REPLACE FUNCTION @ns@._maintain_budget() RETURNS integer
 LANGUAGE sql IMMUTABLE AS $$ SELECT 64 $$;
 
@@ -159,56 +296,22 @@ CREATE OR REPLACE FUNCTION @ns@.maintain(at timestamptz DEFAULT now())
 RETURNS TABLE (partitions_created integer, partitions_dropped integer, dedupe_removed integer)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
-    s      record;
+    sid    integer := -1;
+    w      record;
     budget integer := @ns@._maintain_budget();
 BEGIN
-    PERFORM @ns@._check(at IS NOT NULL, 'at must not be NULL', 'leave it out for now()');
-    -- A pass "as if" later drops partitions before their retention is up: only for members of
-    -- the owner role (retention tests, backfills), never for a runtime role. A minute of slack
-    -- covers the clock of a client that passes its own now.
-    IF at > now() + interval '1 minute' AND NOT pg_has_role(session_user,
-            (SELECT n.nspowner FROM pg_namespace n WHERE n.nspname = @ns_lit@), 'MEMBER') THEN
-        RAISE EXCEPTION 'pgtide: maintain() at a future time (%) is reserved to the namespace owner', at
-            USING ERRCODE = '42501', HINT = 'leave at out (now), or run as the owner';
-    END IF;
+    PERFORM @ns@._check_maintain_at(at);
     PERFORM @ns@._lock_partitions();
     partitions_created := 0;
     partitions_dropped := 0;
-    -- Expired first: retention is what frees space. The same test as drop_expired_partitions.
-    FOR s IN SELECT DISTINCT p.stream_id FROM @ns@.partitions p JOIN @ns@.streams st ON st.id = p.stream_id
-             WHERE p.upper <= at - st.retention ORDER BY p.stream_id LOOP
-        EXIT WHEN partitions_created + partitions_dropped >= budget;
-        partitions_dropped := partitions_dropped + @ns@.drop_expired_partitions(s.stream_id, at);
-    END LOOP;
-    -- The slots (now and three intervals ahead) with no partition overlapping them, computed as
-    -- ensure_partition does.
-    FOR s IN
-        SELECT st.id, slot.at_i
-        FROM @ns@.streams st
-        CROSS JOIN LATERAL (
-            SELECT at + st.partition_interval * i AS at_i,
-                   floor(extract(epoch FROM st.partition_interval) * 1000)::bigint AS w_ms
-            FROM generate_series(0, 3) i
-        ) slot
-        CROSS JOIN LATERAL (
-            SELECT floor(extract(epoch FROM slot.at_i) * 1000)::bigint / slot.w_ms * slot.w_ms AS lo_ms
-        ) b
-        WHERE NOT EXISTS (
-            SELECT 1 FROM @ns@.partitions p
-            WHERE p.stream_id = st.id AND p.lower < to_timestamp((b.lo_ms + slot.w_ms) / 1000.0)
-              AND p.upper > to_timestamp(b.lo_ms / 1000.0))
-        ORDER BY st.id, slot.at_i
     LOOP
         EXIT WHEN partitions_created + partitions_dropped >= budget;
-        IF @ns@.ensure_partition(s.id, s.at_i) THEN
-            partitions_created := partitions_created + 1;
-        END IF;
+        sid := @ns@._maintain_next(at, sid);
+        EXIT WHEN sid IS NULL;
+        SELECT * INTO w FROM @ns@._maintain_stream(sid, at);
+        partitions_created := partitions_created + w.created;
+        partitions_dropped := partitions_dropped + w.dropped;
     END LOOP;
-    DELETE FROM @ns@.dedupe WHERE expires_at < at;
-    GET DIAGNOSTICS dedupe_removed = ROW_COUNT;
-    PERFORM @ns@._trim_rate_buckets();
-    PERFORM @ns@._trim_fair_keys();
-    PERFORM @ns@._trim_wake_waiters();
-    PERFORM @ns@.fold_counters();
+    dedupe_removed := @ns@._maintain_rest(at);
     RETURN NEXT;
 END $$;

@@ -34,7 +34,7 @@ LANGUAGE sql IMMUTABLE AS $$
                  '_claim', '_ack', '_nack', '_term', '_extend', '_release', '_pause',
                  'read', 'ack', 'nack', 'term', 'in_progress', 'extend', 'release_consumer',
                  'create_stream', 'ensure_partitions', 'streams_per_transaction', 'create_group', 'maintain',
-                 '_scout_acquire', '_scout_resign', '_scout_due', '_scout_maintain',
+                 '_maintain_step', '_scout_acquire', '_scout_resign', '_scout_due', '_scout_maintain',
                  '_wake_register', '_wake_release'] END
 $$;
 

@@ -201,11 +201,25 @@ $$;
 
 -- The scout's maintenance pass, fenced: runs `maintain()` only while `p_holder` still holds the
 -- lease under `p_term` (no row otherwise). Runtime roles read no table; this reads the lease as
--- the owner.
+-- the owner. Kept for the scouts of older releases during a rolling upgrade (they call this one);
+-- this release's scout runs the steps below, one stream per transaction.
 CREATE OR REPLACE FUNCTION @ns@._scout_maintain(p_holder text, p_term bigint)
 RETURNS TABLE (partitions_created integer, partitions_dropped integer, dedupe_removed integer)
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT m.partitions_created, m.partitions_dropped, m.dedupe_removed FROM @ns@.maintain() m
+    WHERE EXISTS (SELECT 1 FROM @ns@.scout_lease l
+                  WHERE l.holder = p_holder AND l.term = p_term AND l.expires_at > now())
+$$;
+
+-- One step of the scout's maintenance pass (`_maintain_step`), fenced: runs only while
+-- `p_holder` still holds the lease under `p_term` (no row otherwise). Runtime roles read no
+-- table; this reads the lease as the owner.
+CREATE OR REPLACE FUNCTION @ns@._scout_maintain(p_holder text, p_term bigint, p_after integer)
+RETURNS TABLE (stream_id integer, partitions_created integer, partitions_dropped integer,
+               partitions_skipped integer, dedupe_removed integer)
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT m.stream_id, m.partitions_created, m.partitions_dropped, m.partitions_skipped, m.dedupe_removed
+    FROM @ns@._maintain_step(now(), p_after) m
     WHERE EXISTS (SELECT 1 FROM @ns@.scout_lease l
                   WHERE l.holder = p_holder AND l.term = p_term AND l.expires_at > now())
 $$;

@@ -20,36 +20,44 @@ pub struct MaintenanceReport {
     pub partitions_dropped: i32,
     /// Expired dedupe keys removed.
     pub dedupe_removed: i32,
+    /// Streams whose partition work was put off to the next pass because a lock it needs was not
+    /// granted within 100 ms (a long transaction reading the stream's messages, a VACUUM of its
+    /// default partition): waiting would hold up every claim of the stream behind the request.
+    pub streams_skipped: i32,
 }
 
-/// Most partitions one SQL `maintain()` call creates or drops (`_maintain_budget()` in
-/// `sql/functions/maintenance.sql`); a pass that reaches it leaves the rest to the next pass.
-pub(crate) const MAINTAIN_BUDGET: i32 = 64;
+/// One step of a maintenance pass (`_maintain_step`): one stream's partition work, or, with no
+/// stream, the rest of the pass.
+pub(crate) struct MaintenanceStep {
+    /// The stream whose partitions this step worked on; `None`: the pass is done.
+    pub(crate) stream: Option<i32>,
+    pub(crate) report: MaintenanceReport,
+}
 
-impl MaintenanceReport {
-    pub(crate) fn from_row(row: &tokio_postgres::Row) -> Result<MaintenanceReport> {
-        Ok(MaintenanceReport {
-            partitions_created: row.try_get(0)?,
-            partitions_dropped: row.try_get(1)?,
-            dedupe_removed: row.try_get(2)?,
+impl MaintenanceStep {
+    pub(crate) fn from_row(row: &tokio_postgres::Row) -> Result<MaintenanceStep> {
+        Ok(MaintenanceStep {
+            stream: row.try_get(0)?,
+            report: MaintenanceReport {
+                partitions_created: row.try_get(1)?,
+                partitions_dropped: row.try_get(2)?,
+                streams_skipped: row.try_get(3)?,
+                dedupe_removed: row.try_get(4)?,
+            },
         })
     }
+}
 
-    /// Whether this pass stopped at [`MAINTAIN_BUDGET`], so another pass has work left.
-    pub(crate) fn budget_used(&self) -> bool {
-        self.partitions_created
-            .saturating_add(self.partitions_dropped)
-            >= MAINTAIN_BUDGET
-    }
-
-    fn add(&mut self, pass: MaintenanceReport) {
+impl MaintenanceReport {
+    pub(crate) fn add(&mut self, step: MaintenanceReport) {
         self.partitions_created = self
             .partitions_created
-            .saturating_add(pass.partitions_created);
+            .saturating_add(step.partitions_created);
         self.partitions_dropped = self
             .partitions_dropped
-            .saturating_add(pass.partitions_dropped);
-        self.dedupe_removed = self.dedupe_removed.saturating_add(pass.dedupe_removed);
+            .saturating_add(step.partitions_dropped);
+        self.dedupe_removed = self.dedupe_removed.saturating_add(step.dedupe_removed);
+        self.streams_skipped = self.streams_skipped.saturating_add(step.streams_skipped);
     }
 }
 
@@ -104,9 +112,10 @@ impl PgBackend {
     /// Maintenance: creates partitions ahead, drops partitions past retention, removes expired
     /// dedupe keys and folds counters. The scout runs this; it is safe to call by hand.
     ///
-    /// One SQL `maintain()` call creates or drops at most 64 partitions (each
-    /// relation stays locked to commit, and the server's lock table is shared); this repeats it,
-    /// each pass its own transaction, until a pass does less, and returns the sum.
+    /// Each stream's partition work runs in a transaction of its own (`_maintain_step`), so a
+    /// stream's claims wait at most for that stream's DDL and the server's lock table never fills,
+    /// however many streams come due at once. A stream whose locks are not granted within 100 ms
+    /// is counted in [`MaintenanceReport::streams_skipped`] and left to the next pass.
     pub async fn maintain(&self) -> Result<MaintenanceReport> {
         self.maintain_at(Utc::now()).await
     }
@@ -114,14 +123,16 @@ impl PgBackend {
     /// [`PgBackend::maintain`] as if the time were `at` (for retention tests and backfills).
     pub async fn maintain_at(&self, at: DateTime<Utc>) -> Result<MaintenanceReport> {
         let mut total = MaintenanceReport::default();
+        let mut after = -1i32;
         loop {
             let row = self
-                .sql_row(&self.inner.sql.maintain, &[&at], Ctx::default())
+                .sql_row(&self.inner.sql.maintain, &[&at, &after], Ctx::default())
                 .await?;
-            let pass = MaintenanceReport::from_row(&row)?;
-            total.add(pass);
-            if !pass.budget_used() {
-                return Ok(total);
+            let step = MaintenanceStep::from_row(&row)?;
+            total.add(step.report);
+            match step.stream {
+                Some(stream) => after = stream,
+                None => return Ok(total),
             }
         }
     }

@@ -96,7 +96,7 @@ statements! {
     grant_runtime => "grant_runtime.sql" [TEXT, BOOL],
     revoke_runtime => "revoke_runtime.sql" [TEXT],
     publish_counts => "publish_counts.sql" [],
-    maintain => "maintain.sql" [TIMESTAMPTZ],
+    maintain => "maintain.sql" [TIMESTAMPTZ, INT4],
     dead_letters => "dead_letters.sql" [TEXT, TEXT, UUID, INT8],
     dead_replay => "dead_replay.sql" [TEXT, TEXT, UUID_ARRAY],
     dead_purge => "dead_purge.sql" [TEXT, TEXT, UUID_ARRAY],
@@ -105,7 +105,7 @@ statements! {
     scout_lease => "scout_lease.sql" [],
     scout_acquire => "scout_acquire.sql" [TEXT, INT8, INT8],
     scout_resign => "scout_resign.sql" [TEXT, INT8],
-    scout_maintain => "scout_maintain.sql" [TEXT, INT8],
+    scout_maintain => "scout_maintain.sql" [TEXT, INT8, INT4],
     vacuum_tables => "vacuum_tables.sql" [],
     // migrate
     migrate_schema => "migrate_schema.sql" [],

@@ -12,6 +12,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use super::{sleep_elected, wait_elected, Shared, Slept};
+use crate::postgres::admin::MaintenanceStep;
 use crate::postgres::MaintenanceReport;
 
 /// Runs until `token` is cancelled.
@@ -36,22 +37,35 @@ pub(super) async fn run(shared: Arc<Shared>, token: CancellationToken) -> crate:
     }
 }
 
-/// Repeats the fenced pass while one stops at its partition budget (a namespace of many streams
-/// whose partitions come due together), each pass its own transaction so its locks stay few.
+/// One pass: the fenced steps, each its own transaction and one stream's partition work, until a
+/// step reports no stream (it did the rest of the pass). A stream whose locks were not granted in
+/// time is left to the next pass, with a warning.
 async fn maintain(shared: &Shared, term: i64) -> crate::Result<()> {
     let client = shared.pool.get().await?;
+    let mut after = -1i32;
+    let mut pass = MaintenanceReport::default();
     loop {
         // Fenced: runs only while this holder still has this term (no row otherwise).
         let rows = shared
             .sql
             .scout_maintain
-            .rows(&client, &[&shared.holder, &term])
+            .rows(&client, &[&shared.holder, &term, &after])
             .await?;
         let Some(row) = rows.first() else {
             return Ok(());
         };
-        if !MaintenanceReport::from_row(row)?.budget_used() {
-            return Ok(());
+        let step = MaintenanceStep::from_row(row)?;
+        pass.add(step.report);
+        match step.stream {
+            Some(stream) => after = stream,
+            None => break,
         }
     }
+    if pass.streams_skipped > 0 {
+        tracing::warn!(
+            streams = pass.streams_skipped,
+            "pgtide scout: partition maintenance of some streams waited over 100 ms for a lock (a long transaction reading them?); retrying next pass"
+        );
+    }
+    Ok(())
 }
