@@ -17,7 +17,7 @@
 //! comparison alone (prepared against unnamed statements), `=scale`, `=held-xmin` or `=collapse` for
 //! that case alone, `=trigger` for the publish rows, the wake-up cost and the commit → handler
 //! latency, `PGTIDE_BENCH_PHASE=<seconds>` for longer (or shorter) phases, `=ordering` for the unordered publish and consume rows with the
-//! ordered-group comparison, `PGTIDE_BENCH_CLAIM_FLOOR=1` for claims from the claim floor
+//! ordered-group comparison, `PGTIDE_BENCH_CLAIM_FLOOR=0` for claims without the claim floor
 //! (to compare, e.g. with `=held-xmin`). The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
 //! `pgtide_bench::run_worker_process`). The cases and caveats are documented in `pgtide_bench`.
@@ -64,8 +64,8 @@ fn main() -> ExitCode {
         Ok("trigger") => Some(Only::Trigger),
         _ => None,
     };
-    // `PGTIDE_BENCH_CLAIM_FLOOR=1`: claims from the claim floor (off by default, as in the
-    // engine), to compare (held xmin).
+    // `PGTIDE_BENCH_CLAIM_FLOOR=0`: claims that walk from the group's first entry (the claim
+    // floor is on by default, as in the engine), to compare (held xmin).
     match std::env::var("PGTIDE_BENCH_CLAIM_FLOOR").as_deref() {
         Ok("1" | "true" | "yes") => config.claim_floor = true,
         Ok("0" | "false" | "no") => config.claim_floor = false,

@@ -352,10 +352,10 @@ impl PgBackendBuilder {
     /// claim from the floor finds nothing sweeps at once. Without it every claim walks from the
     /// group's first ready delivery, and under an old snapshot held for minutes claims slow
     /// down in proportion to what was consumed meanwhile (docs/performance.md, held xmin).
-    /// Defaults to false. On, it keeps throughput under a snapshot held for minutes (0.61–0.69×
-    /// of the level before over a 2-minute hold, against 0.14× off); it stays off by default
-    /// because one full bench run with it on showed a publish → handler p99 of 0.86 s that is
-    /// not explained yet (docs/performance.md, "The claim floor: sweeps after empty claims").
+    /// Defaults to true: it keeps throughput under a snapshot held for minutes (0.61–0.69× of
+    /// the level before over a 2-minute hold, against 0.14× off). Turn it off where every
+    /// claim must see every ready delivery at once, whatever its due time, and no long
+    /// transactions run beside the queue.
     pub fn claim_floor(mut self, enabled: bool) -> Self {
         self.claim_floor = enabled;
         self
@@ -534,7 +534,7 @@ impl PgBackend {
                 maintenance_interval: Duration::from_secs(60),
                 vacuum: vacuum::VacuumConfig::default(),
             },
-            claim_floor: false,
+            claim_floor: true,
             claim_sweep_interval: floor::SWEEP_EVERY,
             notify_in_transaction: false,
         }

@@ -149,7 +149,7 @@ pub struct BenchConfig {
     pub only_ordering: bool,
     /// Whether the engine's claims start at the claim floor ([`pgtide::PgBackendBuilder::claim_floor`]);
     /// false measures claims that always walk from the group's first entry. Every case's handles
-    /// use it. Defaults to false, as the engine does (`PGTIDE_BENCH_CLAIM_FLOOR=1` turns it on).
+    /// use it. Defaults to true, as the engine does (`PGTIDE_BENCH_CLAIM_FLOOR=0` turns it off).
     pub claim_floor: bool,
 }
 
@@ -194,7 +194,7 @@ impl BenchConfig {
             held_xmin: Duration::from_secs(if quick { 30 } else { 120 }),
             soak: None,
             only_ordering: false,
-            claim_floor: false,
+            claim_floor: true,
         }
     }
 }
