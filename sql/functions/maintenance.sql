@@ -44,6 +44,10 @@ BEGIN
     -- same order as purge_stream, which locks the stream's table with every partition. Taking the
     -- default partition first (the DELETE) and the parent last deadlocked with a purge.
     EXECUTE format('LOCK TABLE %I.%I IN SHARE UPDATE EXCLUSIVE MODE', @ns_lit@, parent);
+    -- The ATTACH below needs the default partition exclusively: take it before moving rows and
+    -- building the key, so that a lock not granted in time (maintenance waits briefly,
+    -- `_maintain_stream`) costs no work that is then rolled back.
+    EXECUTE format('LOCK TABLE %I.%I IN ACCESS EXCLUSIVE MODE', @ns_lit@, parent || '_default');
     EXECUTE format('CREATE TABLE %I.%I (LIKE %I.messages INCLUDING DEFAULTS)', @ns_lit@, tbl, @ns_lit@);
     EXECUTE format('WITH moved AS (DELETE FROM %I.%I WHERE id >= $1 AND id < $2 RETURNING *) '
                    'INSERT INTO %I.%I SELECT * FROM moved',
@@ -142,10 +146,11 @@ BEGIN
 END $$;
 
 -- The slots of one stream that have no partition overlapping them: now and three intervals
--- ahead, computed as ensure_partition does.
+-- ahead, computed as ensure_partition does. No SET clause (so that it is inlined into its callers,
+-- SECURITY DEFINER functions that set the search path); not granted to any role.
 CREATE OR REPLACE FUNCTION @ns@._missing_slots(p_stream integer, at timestamptz)
 RETURNS SETOF timestamptz
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT slot.at_i
     FROM @ns@.streams st
     CROSS JOIN LATERAL (
@@ -167,10 +172,10 @@ $$;
 -- The first stream after `after` (by id) with partition work at `at`: a partition past its
 -- retention, or a slot without a partition. NULL when none. One query over the streams in id
 -- order that stops at the first with work, so a pass with nothing to do stays cheap with
--- thousands of streams.
+-- thousands of streams. No SET clause, as `_missing_slots`.
 CREATE OR REPLACE FUNCTION @ns@._maintain_next(at timestamptz, after integer)
 RETURNS integer
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT st.id FROM @ns@.streams st
     WHERE st.id > coalesce(after, -1)
       AND (EXISTS (SELECT 1 FROM @ns@.partitions p
@@ -181,40 +186,51 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- One stream's partition work: drops its partitions past retention (the same test as
--- drop_expired_partitions), then creates the partitions its slots lack.
+-- drop_expired_partitions), then creates the partitions its slots lack. The caller holds the
+-- namespace's partition lock (`_lock_partitions`).
 --
 -- Partition DDL locks the stream's tables hard: creating a partition takes an ACCESS EXCLUSIVE
 -- lock on the stream's default partition (PostgreSQL scans it for rows of the new range), and
 -- dropping one locks the stream's table; every claim of the stream reads the stream's partitions
--- (`_lookup_s<id>`), so it waits until the transaction that took the lock ends. So a lock that is
--- not granted within 100 ms (a long transaction reading the stream, a VACUUM) is not waited for:
--- a waiting request would queue every claim of the stream behind it. The stream's work is then
--- undone (`skipped`) and left to the next pass. The scout runs each stream's work in its own
--- transaction (`_maintain_step`), so a claim waits at most for its own stream's DDL.
-CREATE OR REPLACE FUNCTION @ns@._maintain_stream(p_stream integer, at timestamptz,
+-- (`_lookup_s<id>`), so it waits until the transaction that took the lock ends. And a lock
+-- request that waits (for a long transaction reading the stream, a VACUUM) queues every later
+-- claim of the stream behind it. So the locks are waited for at most `p_lock_wait` (clamped to
+-- 10 ms – 10 s; the scout starts at 100 ms and doubles it while streams keep being skipped): the
+-- drop, and each partition, is undone when its lock is not granted in time (`skipped`), and left
+-- to the next pass. The scout runs each stream's work in its own transaction (`_maintain_step`),
+-- so a claim waits at most for its own stream's DDL.
+CREATE OR REPLACE FUNCTION @ns@._maintain_stream(p_stream integer, at timestamptz, p_lock_wait interval,
                                                  OUT created integer, OUT dropped integer,
                                                  OUT skipped boolean)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off
-SET lock_timeout = '100ms' AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $$
 DECLARE
-    slot timestamptz;
+    slot   timestamptz;
+    v_wait text := current_setting('lock_timeout');
+    v_ms   bigint := (extract(epoch FROM greatest(least(coalesce(p_lock_wait, interval '100 ms'),
+                                                          interval '10 s'), interval '10 ms')) * 1000)::bigint;
 BEGIN
     created := 0;
     dropped := 0;
     skipped := false;
+    -- For this function's statements only (restored below; an error aborts the transaction).
+    PERFORM set_config('lock_timeout', v_ms || 'ms', true);
     BEGIN
-        PERFORM @ns@._lock_partitions();
         dropped := @ns@.drop_expired_partitions(p_stream, at);
-        FOR slot IN SELECT m FROM @ns@._missing_slots(p_stream, at) m LOOP
+    EXCEPTION WHEN lock_not_available THEN
+        skipped := true;
+    END;
+    FOR slot IN SELECT m FROM @ns@._missing_slots(p_stream, at) m LOOP
+        BEGIN
             IF @ns@.ensure_partition(p_stream, slot) THEN
                 created := created + 1;
             END IF;
-        END LOOP;
-    EXCEPTION WHEN lock_not_available THEN
-        created := 0;
-        dropped := 0;
-        skipped := true;
-    END;
+        EXCEPTION WHEN lock_not_available THEN
+            -- The next slot needs the same locks.
+            skipped := true;
+            EXIT;
+        END;
+    END LOOP;
+    PERFORM set_config('lock_timeout', v_wait, true);
 END $$;
 
 -- The rest of a maintenance pass, after the partitions: the dedupe window, rate buckets, fair
@@ -249,11 +265,13 @@ END $$;
 
 -- One step of a maintenance pass, in its own transaction (the scout and the Rust `maintain()`
 -- call it until it returns no stream): the partition work of the first stream after `after`
--- that has any (`_maintain_stream`), or, when none is left, the rest of the pass
--- (`_maintain_rest`, its count in `dedupe_removed`) with `stream_id` NULL. Each step locks one
--- stream's tables, so a stream's claims never wait for another stream's DDL, and the lock table
--- never fills however many streams come due at once.
-CREATE OR REPLACE FUNCTION @ns@._maintain_step(at timestamptz, after integer,
+-- that has any (`_maintain_stream`, waiting at most `p_lock_wait` for a lock of the stream), or,
+-- when none is left, the rest of the pass (`_maintain_rest`, its count in `dedupe_removed`) with
+-- `stream_id` NULL. Each step locks one stream's tables, so a stream's claims never wait for
+-- another stream's DDL, and the lock table never fills however many streams come due at once.
+-- The namespace's partition lock is taken first and waited for as long as it takes (no claim
+-- takes it: a trim or a by-hand maintain() holding it holds up no consumer).
+CREATE OR REPLACE FUNCTION @ns@._maintain_step(at timestamptz, after integer, p_lock_wait interval DEFAULT interval '100 ms',
                                                OUT stream_id integer, OUT partitions_created integer,
                                                OUT partitions_dropped integer, OUT partitions_skipped integer,
                                                OUT dedupe_removed integer)
@@ -271,7 +289,8 @@ BEGIN
         dedupe_removed := @ns@._maintain_rest(at);
         RETURN;
     END IF;
-    SELECT * INTO w FROM @ns@._maintain_stream(stream_id, at);
+    PERFORM @ns@._lock_partitions();
+    SELECT * INTO w FROM @ns@._maintain_stream(stream_id, at, p_lock_wait);
     partitions_created := w.created;
     partitions_dropped := w.dropped;
     partitions_skipped := CASE WHEN w.skipped THEN 1 ELSE 0 END;
@@ -280,13 +299,13 @@ END $$;
 -- One maintenance pass in one transaction (`SELECT maintain()` from psql or pg_cron): partitions
 -- ahead, retention, dedupe window, counters. Returns a summary.
 --
--- A pass creates and drops at most about 64 partitions (`_maintain_budget()`; it stops after the
--- stream that reached it): every relation created or dropped stays locked to commit, and the
+-- A pass creates and drops about 64 partitions at most (`_maintain_budget()`; it stops after the
+-- stream that reached it, so it may report a few more): every relation created or dropped stays locked to commit, and the
 -- lock table is shared by the whole server, so a namespace of a thousand streams whose
 -- partitions all come due at once (the first pass after they were created, or the day their
 -- first partitions expire) would otherwise fail with "out of shared memory". A pass that used its
--- whole budget leaves the rest to the next call. A stream whose locks were not granted within
--- 100 ms is left to the next call too (`_maintain_stream`). Every stream's claims wait for the
+-- whole budget (64 or more) leaves the rest to the next call. A stream whose locks were not
+-- granted within 100 ms is left to the next call too (`_maintain_stream`). Every stream's claims wait for the
 -- DDL of the streams before it until the pass commits: the scout and the Rust `maintain()` run
 -- `_maintain_step` instead, one stream per transaction.
 CREATE OR REPLACE FUNCTION @ns@._maintain_budget() RETURNS integer
@@ -308,7 +327,7 @@ BEGIN
         EXIT WHEN partitions_created + partitions_dropped >= budget;
         sid := @ns@._maintain_next(at, sid);
         EXIT WHEN sid IS NULL;
-        SELECT * INTO w FROM @ns@._maintain_stream(sid, at);
+        SELECT * INTO w FROM @ns@._maintain_stream(sid, at, interval '100 ms');
         partitions_created := partitions_created + w.created;
         partitions_dropped := partitions_dropped + w.dropped;
     END LOOP;

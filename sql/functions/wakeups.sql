@@ -214,12 +214,12 @@ $$;
 -- One step of the scout's maintenance pass (`_maintain_step`), fenced: runs only while
 -- `p_holder` still holds the lease under `p_term` (no row otherwise). Runtime roles read no
 -- table; this reads the lease as the owner.
-CREATE OR REPLACE FUNCTION @ns@._scout_maintain(p_holder text, p_term bigint, p_after integer)
+CREATE OR REPLACE FUNCTION @ns@._scout_maintain(p_holder text, p_term bigint, p_after integer, p_lock_wait interval)
 RETURNS TABLE (stream_id integer, partitions_created integer, partitions_dropped integer,
                partitions_skipped integer, dedupe_removed integer)
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT m.stream_id, m.partitions_created, m.partitions_dropped, m.partitions_skipped, m.dedupe_removed
-    FROM @ns@._maintain_step(now(), p_after) m
+    FROM @ns@._maintain_step(now(), p_after, p_lock_wait) m
     WHERE EXISTS (SELECT 1 FROM @ns@.scout_lease l
                   WHERE l.holder = p_holder AND l.term = p_term AND l.expires_at > now())
 $$;

@@ -13,6 +13,7 @@ use crate::queue::{headers_from_json, DeadLetter, GroupStats};
 
 /// What one maintenance pass did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct MaintenanceReport {
     /// Partitions created ahead.
     pub partitions_created: i32,
@@ -20,9 +21,11 @@ pub struct MaintenanceReport {
     pub partitions_dropped: i32,
     /// Expired dedupe keys removed.
     pub dedupe_removed: i32,
-    /// Streams whose partition work was put off to the next pass because a lock it needs was not
-    /// granted within 100 ms (a long transaction reading the stream's messages, a VACUUM of its
-    /// default partition): waiting would hold up every claim of the stream behind the request.
+    /// Streams whose partition work (or part of it) was put off to the next pass because a lock
+    /// it needs was not granted within 100 ms (a long transaction reading the stream's messages,
+    /// a VACUUM of its default partition): waiting would hold up every claim of the stream
+    /// behind the request. The scout waits twice as long on each pass that still skips some,
+    /// up to 6.4 s.
     pub streams_skipped: i32,
 }
 

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::exec::{Caller, Exec, Statement};
-use super::floor::{ClaimFloor, Ticket};
+use super::floor::{ClaimFloor, Claiming};
 use super::wake::Wake;
 use super::{micros, PgBackend};
 use crate::error::{Ctx, Error, Result};
@@ -175,7 +175,7 @@ impl PgConsumer {
         let max = max.clamp(1, 10_000) as i32;
         let client = self.pg.client().await?;
         let lease = self.lease.map(micros);
-        let ticket = self.floor.ticket(sweep);
+        let claim = self.floor.start(sweep);
         let rows = self
             .pg
             .inner
@@ -183,11 +183,11 @@ impl PgConsumer {
             .claim
             .rows(
                 &client,
-                &[&self.group_id, &max, &self.name, &lease, &ticket.floor],
+                &[&self.group_id, &max, &self.name, &lease, &claim.floor()],
             )
             .await
             .map_err(|e| self.error(e))?;
-        self.floor_moved(ticket, &rows, 0, max)?;
+        self.floor_moved(claim, &rows, 0, max)?;
         let mut batch = vec![];
         let mut malformed = vec![];
         let mut come_back = None;
@@ -225,7 +225,7 @@ impl PgConsumer {
         let (ids, attempts, tokens) = fences(done);
         let client = self.pg.client().await?;
         let lease = self.lease.map(micros);
-        let ticket = self.floor.ticket(false);
+        let claim = self.floor.start(false);
         let rows = self
             .pg
             .inner
@@ -241,12 +241,12 @@ impl PgConsumer {
                     &self.name,
                     &lease,
                     &tokens,
-                    &ticket.floor,
+                    &claim.floor(),
                 ],
             )
             .await
             .map_err(|e| self.error(e))?;
-        self.floor_moved(ticket, &rows, 1, max)?;
+        self.floor_moved(claim, &rows, 1, max)?;
         let acked: Vec<Uuid> = match rows.first() {
             Some(r) => r.try_get(0)?,
             None => vec![],
@@ -279,11 +279,11 @@ impl PgConsumer {
         Ok((report, batch))
     }
 
-    /// Tells the group's floor what the claim of `ticket` got: the rows' columns start at `at`
+    /// Tells the group's floor what `claim` got: the rows' columns start at `at`
     /// (the id, then `due_at` nine columns on), `max` is what it asked for.
     fn floor_moved(
         &self,
-        ticket: Ticket,
+        claim: Claiming<'_>,
         rows: &[tokio_postgres::Row],
         at: usize,
         max: i32,
@@ -301,7 +301,7 @@ impl PgConsumer {
                 (e, d) => e.or(d),
             };
         }
-        self.floor.claimed(ticket, earliest, claimed < max);
+        claim.claimed(earliest, claimed < max);
         Ok(())
     }
 

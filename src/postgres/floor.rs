@@ -113,8 +113,8 @@ struct State {
     epoch: u64,
     /// When the last sweep started.
     last_sweep: Option<Instant>,
-    /// When the latest sweep that finished started: a sweep is running while `last_sweep` is
-    /// later (or it failed, until the next one finishes).
+    /// When the latest sweep that ended (with a result, or failed or dropped: [`Claiming`])
+    /// started: a sweep is running while `last_sweep` is later.
     last_done: Option<Instant>,
     /// How long the latest sweep that finished took.
     last_took: Duration,
@@ -231,6 +231,31 @@ impl ClaimFloor {
         }
     }
 
+    /// [`ClaimFloor::ticket`] for a claim about to run, as a guard: if the claim ends without
+    /// reporting what it got ([`Claiming::claimed`]) because it failed or its future was dropped,
+    /// the guard tells the floor (see [`ClaimFloor::abandoned`]).
+    pub(crate) fn start(&self, sweep: bool) -> Claiming<'_> {
+        Claiming {
+            floor: self,
+            ticket: self.ticket(sweep),
+            reported: false,
+        }
+    }
+
+    /// The claim of `ticket` ended without a result. A sweep no longer runs, so waiting fetches
+    /// do not keep coming back for its end, and the next can start; what a floored claim missed
+    /// before it is still owed (nothing was seen).
+    pub(crate) fn abandoned(&self, ticket: Ticket) {
+        if !self.enabled || ticket.floor.is_some() {
+            return;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.last_done = Some(
+            s.last_done
+                .map_or(ticket.started, |t| t.max(ticket.started)),
+        );
+    }
+
     /// Whether the next claim should be a sweep at once: a claim from the floor found nothing,
     /// no sweep started after it did and none runs, and (for a `patient` caller, one that waits
     /// for work anyway) the last one rested. A caller that does not wait (`try_fetch`) gets its
@@ -268,8 +293,37 @@ impl ClaimFloor {
     }
 }
 
+/// A claim under way ([`ClaimFloor::start`]).
+#[derive(Debug)]
+pub(crate) struct Claiming<'a> {
+    floor: &'a ClaimFloor,
+    ticket: Ticket,
+    reported: bool,
+}
+
+impl Claiming<'_> {
+    /// The floor to pass to `_claim`; `None` for a sweep.
+    pub(crate) fn floor(&self) -> Option<DateTime<Utc>> {
+        self.ticket.floor
+    }
+
+    /// [`ClaimFloor::claimed`] for this claim.
+    pub(crate) fn claimed(mut self, earliest_due: Option<DateTime<Utc>>, short: bool) {
+        self.reported = true;
+        self.floor.claimed(self.ticket, earliest_due, short);
+    }
+}
+
+impl Drop for Claiming<'_> {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.floor.abandoned(self.ticket);
+        }
+    }
+}
+
 impl State {
-    /// Whether a sweep started and has not finished (or failed, until the next one finishes).
+    /// Whether a sweep started and has not ended.
     fn sweeping(&self) -> bool {
         self.last_sweep > self.last_done
     }
@@ -310,6 +364,25 @@ mod tests {
 
     fn at(secs: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_sweep_that_ended_without_a_result_does_not_hold_off_the_next() {
+        let f = floor(true);
+        let t = f.ticket(false);
+        f.claimed(t, Some(at(10)), false);
+        // A sweep whose future was dropped (or which failed) before it reported.
+        let sweep = f.start(true);
+        assert_eq!(sweep.floor(), None);
+        drop(sweep);
+        let t = f.ticket(false);
+        assert!(t.floor.is_some());
+        f.claimed(t, None, true);
+        assert!(
+            f.sweep_now(true),
+            "a floored claim that found nothing sweeps at once: no sweep runs"
+        );
+        assert_eq!(f.sweep_in(), Some(Duration::ZERO));
     }
 
     #[test]

@@ -105,7 +105,7 @@ statements! {
     scout_lease => "scout_lease.sql" [],
     scout_acquire => "scout_acquire.sql" [TEXT, INT8, INT8],
     scout_resign => "scout_resign.sql" [TEXT, INT8],
-    scout_maintain => "scout_maintain.sql" [TEXT, INT8, INT4],
+    scout_maintain => "scout_maintain.sql" [TEXT, INT8, INT4, INT8],
     vacuum_tables => "vacuum_tables.sql" [],
     // migrate
     migrate_schema => "migrate_schema.sql" [],

@@ -285,14 +285,12 @@ async fn maintenance_skips_a_stream_it_cannot_lock_and_locks_one_stream_at_a_tim
     let step = |after: i32| {
         let (raw, n) = (&raw, &n);
         async move {
-            let r = raw
-                .query_one(
-                    &format!(
-                        "SELECT stream_id, partitions_created, partitions_skipped FROM \"{n}\"._maintain_step(now(), $1)"
-                    ),
-                    &[&after],
-                )
+            let sql = format!(
+                "SELECT stream_id, partitions_created, partitions_skipped FROM \"{n}\"._maintain_step(now(), $1)"
+            );
+            let r = tokio::time::timeout(Duration::from_secs(60), raw.query_one(&sql, &[&after]))
                 .await
+                .expect("the step waited for the reader")
                 .unwrap();
             (
                 r.get::<_, Option<i32>>(0),
