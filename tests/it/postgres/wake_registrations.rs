@@ -11,8 +11,8 @@ use futures_util::StreamExt;
 use pgtide::{Delivery, PgBackend, PgConsumer, StreamConfig};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::wakeups::{handle, until_waiting, waiting_side, HOUR};
-use crate::common::{namespace, sqlstate, TestNs, WAIT};
+use super::wakeups::{handle, until_waiting, waiting_side, waiting_side_with, HOUR};
+use crate::common::{namespace, sqlstate, wait_for, TestNs, WAIT};
 
 /// A raw LISTEN on the namespace's channel: its payloads, in arrival order.
 async fn listen(ns: &TestNs) -> (tokio_postgres::Client, UnboundedReceiver<String>) {
@@ -97,7 +97,16 @@ fn fetch_one(c: &PgConsumer) -> tokio::task::JoinHandle<(Vec<Delivery>, Instant)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sql_publish_notifies_only_while_a_consumer_waits() {
     let ns = namespace().await;
-    let (side, c) = waiting_side(&ns).await;
+    // The scout's due checks also NOTIFY a stream with newly visible deliveries (a publish nobody
+    // claimed yet): its first check runs when it is elected, the next one not within the test.
+    let (side, c) = waiting_side_with(&ns, |b| b.scout_max_interval(HOUR)).await;
+    wait_for(
+        &mut side.watch_scout(),
+        WAIT,
+        "the scout's first due check",
+        |s| s.last_check_at.is_some(),
+    )
+    .await;
     let raw = ns.raw().await;
     let (_listener, mut heard) = listen(&ns).await;
 

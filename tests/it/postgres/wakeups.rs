@@ -30,10 +30,17 @@ pub(super) async fn until_waiting(pg: &PgBackend, n: usize) {
 
 /// A consumer side with a 1 h fallback poll whose listener is connected.
 pub(super) async fn waiting_side(ns: &TestNs) -> (PgBackend, PgConsumer) {
+    waiting_side_with(ns, |b| b).await
+}
+
+/// [`waiting_side`] with more builder settings.
+pub(super) async fn waiting_side_with(
+    ns: &TestNs,
+    tweak: impl FnOnce(pgtide::PgBackendBuilder) -> pgtide::PgBackendBuilder,
+) -> (PgBackend, PgConsumer) {
     ns.stream_with_groups("s", StreamConfig::default(), &["g"])
         .await;
-    let side = handle(&ns.url, ns.namespace())
-        .poll_interval(HOUR)
+    let side = tweak(handle(&ns.url, ns.namespace()).poll_interval(HOUR))
         .build()
         .unwrap();
     let c = side.consumer("s", "g", "c").await.unwrap();
