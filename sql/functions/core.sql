@@ -32,6 +32,19 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT to_timestamp(('x' || lpad(substr(replace(id::text, '-', ''), 1, 12), 16, '0'))::bit(64)::bigint / 1000.0)
 $$;
 
+-- A lease's fence token (`delivery_state.lease_token`): 62 random bits, drawn afresh by every
+-- claim, from 1 to 2^62 (never 0, which the engine sends for a delivery without a token). Not a sequence: claims commit without waiting for their WAL flush (the engine's
+-- `synchronous_claims`, docs/semantics.md "Claims and crashes"), and a sequence advance lost in a
+-- crash could hand a lost claim's token to the next claim of the same delivery, which the lost
+-- claim's holder would then settle. A random token repeats for one delivery with odds of 2^-62.
+-- `random()` is seeded from the operating system's random source in every session (only a
+-- session that calls `setseed()` makes it predictable, for itself). Plain SQL, so the claims
+-- inline it (no call per row).
+CREATE OR REPLACE FUNCTION @ns@._lease_token() RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    SELECT (((random() * 1073741823)::int8 << 32) | (random() * 4294967295)::int8) + 1
+$$;
+
 CREATE OR REPLACE FUNCTION @ns@.valid_name(name text) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$ SELECT name ~ '^[a-z0-9][a-z0-9._-]{0,63}$' $$;
 

@@ -147,8 +147,8 @@ BEGIN
     ), claimed AS (
         UPDATE @ns@.delivery_state d
         SET attempts = d.attempts + 1, visible_at = now() + v_lease, consumer = p_consumer,
-            -- the fence: never the same value twice, whatever happens to attempts
-            lease_token = nextval('@ns@.lease_tokens')
+            -- the fence: a fresh random token, whatever happens to attempts (core.sql)
+            lease_token = @ns@._lease_token()
         FROM picked p
         WHERE d.group_id = p_group AND d.message_id = p.message_id AND p.attempts < v_max
         -- a claimed row that still names a consumer was never settled: its lease expired
@@ -302,11 +302,11 @@ SELECT @ns@._lookup_define(s.id) FROM @ns@.streams s ORDER BY s.id;
 
 ---------------------------------------------------------------------------------------------------
 -- settle. Every settle is fenced: the delivery must still be leased (consumer set) and, when the
--- caller passes lease tokens, still be held under the token its claim returned (tokens are never
--- reused: a release, a replay or a later claim always means a new one). A consumer whose lease
--- lapsed and whose delivery was claimed again changes nothing. Callers that pass no token are
--- fenced only by the lease (and by attempt numbers, kept for callers from before the tokens).
--- Each returns the ids it settled.
+-- caller passes lease tokens, still be held under the token its claim returned (a release, a
+-- replay or a later claim always draws a new random token, `_lease_token`, even after a crash
+-- lost the claim that drew the old one). A consumer whose lease lapsed and whose delivery was
+-- claimed again changes nothing. Callers that pass no token are fenced only by the lease (and by
+-- attempt numbers, kept for callers from before the tokens). Each returns the ids it settled.
 
 DROP FUNCTION IF EXISTS @ns@._ack(integer, uuid[], integer[]);
 CREATE OR REPLACE FUNCTION @ns@._ack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,

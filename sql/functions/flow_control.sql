@@ -263,7 +263,7 @@ BEGIN
     WITH claimed AS (
         UPDATE @ns@.delivery_state d
         SET attempts = d.attempts + 1, visible_at = now() + p_lease, consumer = p_consumer,
-            lease_token = nextval('@ns@.lease_tokens')
+            lease_token = @ns@._lease_token()
         FROM unnest(v_take, v_take_exp) AS t (id, expired)
         WHERE d.group_id = p_group AND d.message_id = t.id
         RETURNING d.message_id, d.attempts, d.visible_at, t.expired, d.lease_token

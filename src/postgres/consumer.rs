@@ -83,9 +83,9 @@ impl PgBackend {
     }
 }
 
-/// The fence token a claim gave a delivery. Tokens come from a sequence and are never reused, so
-/// a handle from before a release, a replay or a lapsed lease cannot settle the next holder's
-/// delivery. A delivery without one (not claimed through this engine) gets 0, which no claim
+/// The fence token a claim gave a delivery. Every claim draws a new random one (SQL
+/// `_lease_token`), so a handle from before a release, a replay, a lapsed lease or a claim lost
+/// in a crash cannot settle the next holder's delivery. A delivery without one (not claimed through this engine) gets 0, which no claim
 /// ever gets: its settles are refused, never unfenced.
 fn lease_token(d: &Delivery) -> i64 {
     d.token::<i64>().copied().unwrap_or(0)
@@ -176,6 +176,7 @@ impl PgConsumer {
         let client = self.pg.client().await?;
         let lease = self.lease.map(micros);
         let claim = self.floor.start(sweep);
+        let no_flush = !self.pg.inner.options.synchronous_claims;
         let rows = self
             .pg
             .inner
@@ -183,7 +184,14 @@ impl PgConsumer {
             .claim
             .rows(
                 &client,
-                &[&self.group_id, &max, &self.name, &lease, &claim.floor()],
+                &[
+                    &self.group_id,
+                    &max,
+                    &self.name,
+                    &lease,
+                    &claim.floor(),
+                    &no_flush,
+                ],
             )
             .await
             .map_err(|e| self.error(e))?;
@@ -226,6 +234,7 @@ impl PgConsumer {
         let client = self.pg.client().await?;
         let lease = self.lease.map(micros);
         let claim = self.floor.start(false);
+        let no_flush = !self.pg.inner.options.synchronous_claims;
         let rows = self
             .pg
             .inner
@@ -242,6 +251,7 @@ impl PgConsumer {
                     &lease,
                     &tokens,
                     &claim.floor(),
+                    &no_flush,
                 ],
             )
             .await

@@ -5,6 +5,7 @@
 mod broker_tls;
 #[cfg(any(feature = "nats", feature = "redis"))]
 mod brokers;
+mod claims;
 mod postgres;
 mod run;
 mod sessions;

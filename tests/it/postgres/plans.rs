@@ -24,6 +24,8 @@ pub(super) const BATCH: i32 = 10;
 const ROW_LIMIT: f64 = 1_000.0;
 /// A claim without a floor (the engine's sweeps, and SQL `read`).
 pub(super) const NO_FLOOR: Option<chrono::DateTime<chrono::Utc>> = None;
+/// Claims commit without waiting for the flush (the engine's default, `synchronous_claims(false)`).
+pub(super) const ASYNC_CLAIM: bool = true;
 
 /// Tables whose size grows with the backlog or the history.
 fn is_queue_table(relation: &str) -> bool {
@@ -177,7 +179,10 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
     // Twice: the second round runs on plans the session has cached.
     for round in 0..2 {
         let rows = s
-            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+            .query(
+                &claim,
+                &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR, &ASYNC_CLAIM],
+            )
             .await
             .unwrap();
         check_plans(&mut rx, "claim", &mut faults);
@@ -272,6 +277,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
                     &lease_us,
                     &tokens[8..10].to_vec(),
                     &NO_FLOOR,
+                    &ASYNC_CLAIM,
                 ],
             )
             .await
@@ -287,7 +293,10 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
             .unwrap()
             .get(0);
         let rows = s
-            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &floor])
+            .query(
+                &claim,
+                &[&group, &BATCH, &"c1", &lease_us, &floor, &ASYNC_CLAIM],
+            )
             .await
             .unwrap();
         check_plans(&mut rx, "floored claim", &mut faults);
@@ -317,6 +326,7 @@ async fn hot_statements_stay_o_batch_under_generic_plans_and_hostile_costs() {
                     &lease_us,
                     &f_tokens,
                     &floor,
+                    &ASYNC_CLAIM,
                 ],
             )
             .await
@@ -502,7 +512,10 @@ async fn keyed_group_statements_stay_o_batch(config: pgtide::GroupConfig, heads:
 
     for round in 0..2 {
         let rows = s
-            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+            .query(
+                &claim,
+                &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR, &ASYNC_CLAIM],
+            )
             .await
             .unwrap();
         check_plans(&mut rx, "ordered claim", &mut faults);
@@ -560,7 +573,17 @@ async fn keyed_group_statements_stay_o_batch(config: pgtide::GroupConfig, heads:
         let rows = s
             .query(
                 &ack_claim,
-                &[&group, &i, &a, &BATCH, &"c1", &lease_us, &t, &NO_FLOOR],
+                &[
+                    &group,
+                    &i,
+                    &a,
+                    &BATCH,
+                    &"c1",
+                    &lease_us,
+                    &t,
+                    &NO_FLOOR,
+                    &ASYNC_CLAIM,
+                ],
             )
             .await
             .unwrap();
@@ -703,7 +726,10 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
     for round in 0..2usize {
         // Ten of one key: its one token, nine put off; then ten more of it, all put off.
         let rows = s
-            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+            .query(
+                &claim,
+                &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR, &ASYNC_CLAIM],
+            )
             .await
             .unwrap();
         check_plans(&mut rx, "rate-limited claim", &mut faults);
@@ -718,7 +744,15 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
         s.query(
             &ack_claim,
             &[
-                &group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens, &NO_FLOOR,
+                &group,
+                &ids,
+                &attempts,
+                &BATCH,
+                &"c1",
+                &lease_us,
+                &tokens,
+                &NO_FLOOR,
+                &ASYNC_CLAIM,
             ],
         )
         .await
@@ -741,7 +775,10 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
     .await
     .unwrap();
     let rows = s
-        .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+        .query(
+            &claim,
+            &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR, &ASYNC_CLAIM],
+        )
         .await
         .unwrap();
     check_plans(
@@ -759,7 +796,10 @@ async fn rate_limited_claims_stay_o_batch_under_generic_plans_and_hostile_costs(
     .await
     .unwrap();
     let rows = s
-        .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+        .query(
+            &claim,
+            &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR, &ASYNC_CLAIM],
+        )
         .await
         .unwrap();
     check_plans(&mut rx, "rate-limited claim, nothing ready", &mut faults);
@@ -828,7 +868,15 @@ async fn plans_cached_on_a_tiny_unanalysed_queue_stay_o_batch_after_it_grows() {
             s.query(
                 &ack_claim,
                 &[
-                    &group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens, &NO_FLOOR,
+                    &group,
+                    &ids,
+                    &attempts,
+                    &BATCH,
+                    &"c1",
+                    &lease_us,
+                    &tokens,
+                    &NO_FLOOR,
+                    &ASYNC_CLAIM,
                 ],
             )
             .await
@@ -846,7 +894,10 @@ async fn plans_cached_on_a_tiny_unanalysed_queue_stay_o_batch_after_it_grows() {
         }
     }
     let rows = s
-        .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+        .query(
+            &claim,
+            &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR, &ASYNC_CLAIM],
+        )
         .await
         .unwrap();
     check_plans(&mut rx, "claim after growth", &mut faults);
@@ -908,7 +959,10 @@ async fn settles_stay_o_batch_when_statistics_missed_the_group() {
             .unwrap();
         for (what, sql) in &settles {
             let held = s
-                .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+                .query(
+                    &claim,
+                    &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR, &ASYNC_CLAIM],
+                )
                 .await
                 .unwrap();
             check_plans(&mut rx, &format!("claim ({mode})"), &mut faults);
@@ -963,6 +1017,7 @@ async fn hot_sql_helpers_are_inlined() {
         "_default_burst(f)",
         "_refill(f, ts, f, i, ts)",
         "_payload_ok(k, b, i)",
+        "_lease_token()",
     ] {
         let plan: Vec<String> = raw
             .query(

@@ -7,7 +7,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::plans::{
-    check_plans, claimed_rows, explaining_session, render, BACKLOG, BATCH, NO_FLOOR,
+    check_plans, claimed_rows, explaining_session, render, ASYNC_CLAIM, BACKLOG, BATCH, NO_FLOOR,
 };
 use crate::common::namespace;
 use pgtide::StreamConfig;
@@ -67,7 +67,10 @@ async fn fair_group_statements_stay_o_batch_under_generic_plans_and_hostile_cost
 
     for round in 0..2 {
         let rows = s
-            .query(&claim, &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR])
+            .query(
+                &claim,
+                &[&group, &BATCH, &"c1", &lease_us, &NO_FLOOR, &ASYNC_CLAIM],
+            )
             .await
             .unwrap();
         check_plans(&mut rx, "fair claim (re-stamps due retries)", &mut faults);
@@ -79,7 +82,15 @@ async fn fair_group_statements_stay_o_batch_under_generic_plans_and_hostile_cost
             .query(
                 &ack_claim,
                 &[
-                    &group, &ids, &attempts, &BATCH, &"c1", &lease_us, &tokens, &NO_FLOOR,
+                    &group,
+                    &ids,
+                    &attempts,
+                    &BATCH,
+                    &"c1",
+                    &lease_us,
+                    &tokens,
+                    &NO_FLOOR,
+                    &ASYNC_CLAIM,
                 ],
             )
             .await

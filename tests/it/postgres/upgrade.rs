@@ -439,6 +439,7 @@ async fn released_namespace_upgrades_in_place_with_its_data() {
             "_key_limit_lock",
             "_key_lock_budget",
             "_key_room",
+            "_lease_token",
             "_lines_lock",
             "_lock_keys",
             "_lock_partitions",
