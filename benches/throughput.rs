@@ -17,7 +17,8 @@
 //! comparison alone (prepared against unnamed statements), `=scale`, `=held-xmin` or `=collapse` for
 //! that case alone, `=trigger` for the publish rows, the wake-up cost and the commit → handler
 //! latency, `PGTIDE_BENCH_PHASE=<seconds>` for longer (or shorter) phases, `=ordering` for the unordered publish and consume rows with the
-//! ordered-group comparison, `PGTIDE_BENCH_CLAIM_FLOOR=0` for claims without the claim floor
+//! ordered-group comparison, `PGTIDE_BENCH_CLAIM_FLOOR=0` for claims without the claim floor,
+//! `PGTIDE_BENCH_SYNC_CLAIMS=1` for claims that wait for their WAL flush
 //! (to compare, e.g. with `=held-xmin`). The run works in a fresh `bench_<random>` namespace and
 //! drops it. The worker case starts this executable twice more as worker processes (see
 //! `pgtide_bench::run_worker_process`). The cases and caveats are documented in `pgtide_bench`.
@@ -69,6 +70,12 @@ fn main() -> ExitCode {
     match std::env::var("PGTIDE_BENCH_CLAIM_FLOOR").as_deref() {
         Ok("1" | "true" | "yes") => config.claim_floor = true,
         Ok("0" | "false" | "no") => config.claim_floor = false,
+        _ => {}
+    }
+    // `PGTIDE_BENCH_SYNC_CLAIMS=1`: claims that wait for their WAL flush, to compare (latency).
+    match std::env::var("PGTIDE_BENCH_SYNC_CLAIMS").as_deref() {
+        Ok("1" | "true" | "yes") => config.synchronous_claims = true,
+        Ok("0" | "false" | "no") => config.synchronous_claims = false,
         _ => {}
     }
     match std::env::var("PGTIDE_BENCH_BACKENDS").as_deref() {

@@ -6,7 +6,7 @@
 //! constant) at the large backlog against the small one: an O(backlog) plan shows as a ratio far
 //! above 1.
 
-use pgtide::{GroupStart, PgBackend, StreamConfig};
+use pgtide::{GroupStart, StreamConfig};
 
 use super::harness::{short, Step};
 use super::report::Summary;
@@ -39,8 +39,9 @@ impl Bench<'_> {
             ))
             .await?;
         let url = with_setting(&self.config.url, "plan_cache_mode=force_generic_plan");
-        let generic = PgBackend::builder(url.clone())
-            .claim_floor(self.config.claim_floor)
+        let generic = self
+            .config
+            .engine(url.clone())
             .namespace(ns)
             .pool_size(4)
             .build()?;

@@ -131,16 +131,8 @@ impl Accumulate for E2eSamples {
 impl Bench<'_> {
     pub(super) async fn wakeup_cases(&self, cases: &mut Vec<Case>) -> Step<Vec<Timing>> {
         let (url, ns) = (self.config.url.as_str(), self.ns);
-        let consumers = PgBackend::builder(url)
-            .claim_floor(self.config.claim_floor)
-            .namespace(ns)
-            .pool_size(8)
-            .build()?;
-        let publisher = PgBackend::builder(url)
-            .claim_floor(self.config.claim_floor)
-            .namespace(ns)
-            .pool_size(4)
-            .build()?;
+        let consumers = self.config.engine(url).namespace(ns).pool_size(8).build()?;
+        let publisher = self.config.engine(url).namespace(ns).pool_size(4).build()?;
         let token = CancellationToken::new();
         let _stop = token.clone().drop_guard();
         let starts = Arc::new(Starts::default());

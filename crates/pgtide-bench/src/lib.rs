@@ -151,6 +151,20 @@ pub struct BenchConfig {
     /// false measures claims that always walk from the group's first entry. Every case's handles
     /// use it. Defaults to true, as the engine does (`PGTIDE_BENCH_CLAIM_FLOOR=0` turns it off).
     pub claim_floor: bool,
+    /// Whether the engine's claims wait for their WAL flush
+    /// ([`pgtide::PgBackendBuilder::synchronous_claims`]). Every case's handles use it. Defaults
+    /// to false, as the engine does (`PGTIDE_BENCH_SYNC_CLAIMS=1` turns it on).
+    pub synchronous_claims: bool,
+}
+
+impl BenchConfig {
+    /// A handle builder for `url` with the engine settings under measure (the claim floor,
+    /// synchronous claims).
+    pub(crate) fn engine(&self, url: impl Into<String>) -> pgtide::PgBackendBuilder {
+        PgBackend::builder(url)
+            .claim_floor(self.claim_floor)
+            .synchronous_claims(self.synchronous_claims)
+    }
 }
 
 /// A case [`BenchConfig::only`] can pick.
@@ -195,6 +209,7 @@ impl BenchConfig {
             soak: None,
             only_ordering: false,
             claim_floor: true,
+            synchronous_claims: false,
         }
     }
 }
@@ -288,10 +303,10 @@ impl<'a> Bench<'a> {
         let started_at = chrono::Utc::now();
         let started = Instant::now();
         let machine = machine(admin).await?;
-        let pg = PgBackend::builder(config.url.clone())
+        let pg = config
+            .engine(config.url.clone())
             .namespace(ns)
             .pool_size(config.pool_size)
-            .claim_floor(config.claim_floor)
             .build()?;
         pg.migrate().await?;
         for stream in STREAMS {

@@ -74,8 +74,9 @@ impl Bench<'_> {
         wakeups: &mut Vec<Timing>,
     ) -> Step<()> {
         let n = self.config.scale_streams.max(IDLE_CONSUMERS);
-        let pg = PgBackend::builder(url)
-            .claim_floor(self.config.claim_floor)
+        let pg = self
+            .config
+            .engine(url)
             .namespace(self.ns)
             .pool_size(self.config.pool_size)
             .build()?;
@@ -184,8 +185,9 @@ impl Bench<'_> {
         let mut tasks = JoinSet::new();
         let stop = tokio_util::sync::CancellationToken::new();
         for h in 0..HANDLES {
-            let handle = PgBackend::builder(url)
-                .claim_floor(self.config.claim_floor)
+            let handle = self
+                .config
+                .engine(url)
                 .namespace(self.ns)
                 .pool_size(4)
                 .poll_interval(Duration::from_secs(3600))

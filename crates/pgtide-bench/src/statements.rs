@@ -38,8 +38,9 @@ impl Bench<'_> {
         baselines: &mut Vec<Case>,
         cases: &mut Vec<Case>,
     ) -> Step<()> {
-        let unnamed = PgBackend::builder(self.config.url.clone())
-            .claim_floor(self.config.claim_floor)
+        let unnamed = self
+            .config
+            .engine(self.config.url.clone())
             .namespace(self.ns)
             .pool_size(self.config.pool_size)
             .statement_mode(StatementMode::Unnamed)

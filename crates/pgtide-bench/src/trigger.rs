@@ -75,14 +75,16 @@ impl Bench<'_> {
             stream: TRIGGER.to_owned(),
             payload: self.msg.payload().to_vec(),
         });
-        let quiet = PgBackend::builder(url)
-            .claim_floor(self.config.claim_floor)
+        let quiet = self
+            .config
+            .engine(url)
             .namespace(self.ns)
             .pool_size(PUBLISHERS[1])
             .notifications(false)
             .build()?;
-        let in_transaction = PgBackend::builder(url)
-            .claim_floor(self.config.claim_floor)
+        let in_transaction = self
+            .config
+            .engine(url)
             .namespace(self.ns)
             .pool_size(PUBLISHERS[1])
             .notify_in_transaction(true)

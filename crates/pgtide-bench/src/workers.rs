@@ -56,6 +56,9 @@ struct WorkerSpec {
     prefetch: Option<usize>,
     /// [`crate::BenchConfig::claim_floor`].
     claim_floor: bool,
+    /// [`crate::BenchConfig::synchronous_claims`].
+    #[serde(default)]
+    synchronous_claims: bool,
 }
 
 /// Handler starts of one drain: how many, the last one, and a signal at `target`.
@@ -124,6 +127,7 @@ pub async fn run_worker_process() -> Result<()> {
     let spec: WorkerSpec = serde_json::from_str(&spec)?;
     let pg = PgBackend::builder(&spec.url)
         .claim_floor(spec.claim_floor)
+        .synchronous_claims(spec.synchronous_claims)
         .namespace(&spec.namespace)
         .pool_size(4)
         .build()?;
@@ -308,8 +312,9 @@ impl Bench<'_> {
         let mut handles = vec![];
         let mut workers = JoinSet::new();
         for i in 0..PROCESSES {
-            let pg = PgBackend::builder(self.config.url.as_str())
-                .claim_floor(self.config.claim_floor)
+            let pg = self
+                .config
+                .engine(self.config.url.as_str())
                 .namespace(self.ns)
                 .pool_size(4)
                 .build()?;
@@ -353,6 +358,7 @@ impl Bench<'_> {
                 concurrency: CONCURRENCY,
                 prefetch,
                 claim_floor: self.config.claim_floor,
+                synchronous_claims: self.config.synchronous_claims,
             })?;
             let mut child = Command::new(&exe)
                 .args(args)
