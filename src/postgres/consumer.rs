@@ -85,8 +85,9 @@ impl PgBackend {
 
 /// The fence token a claim gave a delivery. Every claim draws a new random one (SQL
 /// `_lease_token`), so a handle from before a release, a replay, a lapsed lease or a claim lost
-/// in a crash cannot settle the next holder's delivery. A delivery without one (not claimed through this engine) gets 0, which no claim
-/// ever gets: its settles are refused, never unfenced.
+/// in a crash cannot settle the next holder's delivery. A delivery without one (not claimed
+/// through this engine) gets 0, which no claim ever gets: its settles are refused, never
+/// unfenced.
 fn lease_token(d: &Delivery) -> i64 {
     d.token::<i64>().copied().unwrap_or(0)
 }
