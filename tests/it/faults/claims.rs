@@ -121,72 +121,103 @@ async fn held(url: &str, id: uuid::Uuid) -> (Option<String>, Option<i64>) {
     (row.get(0), row.get(1))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_lost_in_a_crash_leaves_its_holder_fenced() {
+/// A cluster of its own, one message published, claimed by consumer "first" while the WAL
+/// writer was stopped, then the crash (`crash_with_wal_writer_stopped`).
+struct Crashed {
+    _cluster: Cluster,
+    url: String,
+    pg: PgBackend,
+    first: pgtide::PgConsumer,
+    id: uuid::Uuid,
+    claimed: pgtide::Delivery,
+}
+
+async fn claim_then_crash(synchronous_claims: bool) -> Crashed {
     let cluster = Cluster::start(&["checkpoint_timeout = '1h'", "autovacuum = off"]);
     let url = cluster.url();
-    let pg = handle(&url, false).await;
-    let published = pg.publish("s", json(serde_json::json!(1))).await.unwrap();
+    let pg = handle(&url, synchronous_claims).await;
+    let id = pg
+        .publish("s", json(serde_json::json!(1)))
+        .await
+        .unwrap()
+        .id;
     let first = pg.consumer("s", "g", "first").await.unwrap();
-
-    let mut lost = vec![];
+    let mut claimed = vec![];
     crash_with_wal_writer_stopped(&url, async {
-        lost = first.try_fetch(1).await.unwrap();
+        claimed = first.try_fetch(1).await.unwrap();
     })
     .await;
-    assert_eq!(lost.len(), 1);
-    assert_eq!(lost[0].id(), published.id);
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id(), id);
+    Crashed {
+        _cluster: cluster,
+        url,
+        pg,
+        first,
+        id,
+        claimed: claimed.remove(0),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_lost_in_a_crash_leaves_its_holder_fenced() {
+    let Crashed {
+        _cluster,
+        url,
+        pg,
+        first,
+        id,
+        claimed,
+    } = claim_then_crash(false).await;
 
     // The premise: the crash lost the claim (the delivery is ready again, no holder).
-    assert_eq!(held(&url, published.id).await, (None, None));
+    assert_eq!(held(&url, id).await, (None, None));
 
     // A second consumer claims it again, under a token of its own.
     let second = pg.consumer("s", "g", "second").await.unwrap();
     let again = retry("the second claim", || second.try_fetch(1)).await;
     assert_eq!(again.len(), 1);
-    assert_eq!(again[0].id(), published.id);
-    let (holder, token) = held(&url, published.id).await;
+    assert_eq!(again[0].id(), id);
+    let (holder, token) = held(&url, id).await;
     assert_eq!(holder.as_deref(), Some("second"));
     assert!(token.is_some());
 
     // The first consumer still believes it holds the delivery: its ack changes nothing.
-    let (holder_then, delivery) = (&first, &lost[0]);
+    let (first, claimed) = (&first, &claimed);
     let report = retry("the lost claim's ack", || async move {
-        holder_then.ack_batch(&[delivery]).await
+        first.ack_batch(&[claimed]).await
     })
     .await;
     assert!(report.settled.is_empty(), "{report:?}");
-    assert_eq!(report.lost, vec![published.id]);
-    assert_eq!(
-        held(&url, published.id).await,
-        (Some("second".into()), token)
-    );
+    assert_eq!(report.lost, vec![id]);
+    assert_eq!(held(&url, id).await, (Some("second".into()), token));
 
     // The second's ack settles it.
     let report = second.ack_batch(&[&again[0]]).await.unwrap();
-    assert_eq!(report.settled, vec![published.id]);
+    assert_eq!(report.settled, vec![id]);
     pg.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synchronous_claims_survive_the_same_crash() {
-    let cluster = Cluster::start(&["checkpoint_timeout = '1h'", "autovacuum = off"]);
-    let url = cluster.url();
-    let pg = handle(&url, true).await;
-    let published = pg.publish("s", json(serde_json::json!(1))).await.unwrap();
-    let consumer = pg.consumer("s", "g", "c").await.unwrap();
-    let mut claimed = vec![];
-    crash_with_wal_writer_stopped(&url, async {
-        claimed = consumer.try_fetch(1).await.unwrap();
-    })
-    .await;
-    assert_eq!(claimed.len(), 1);
+    let Crashed {
+        _cluster,
+        url,
+        pg,
+        first,
+        id,
+        claimed,
+    } = claim_then_crash(true).await;
     // The claim waited for its flush: it survived, and its holder's ack settles it.
-    let (holder, token) = held(&url, published.id).await;
-    assert_eq!(holder.as_deref(), Some("c"));
+    let (holder, token) = held(&url, id).await;
+    assert_eq!(holder.as_deref(), Some("first"));
     assert!(token.is_some());
-    let (c, delivery) = (&consumer, &claimed[0]);
-    let report = retry("the ack", || async move { c.ack_batch(&[delivery]).await }).await;
-    assert_eq!(report.settled, vec![published.id]);
+    let (first, claimed) = (&first, &claimed);
+    let report = retry(
+        "the ack",
+        || async move { first.ack_batch(&[claimed]).await },
+    )
+    .await;
+    assert_eq!(report.settled, vec![id]);
     pg.shutdown().await;
 }
