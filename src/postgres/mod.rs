@@ -312,7 +312,7 @@ impl PgBackendBuilder {
     /// Whether every publish that is the only one of this handle in flight sends its NOTIFY
     /// inside its own transaction (when no other in-transaction notifier is committing), rather
     /// than through the coalescing notifier after the commit. Defaults to false: then only a
-    /// quiet publish (alone, and at least 5 ms after the handle's previous publish ended) does;
+    /// quiet publish (alone, and at least 1 ms after the handle's previous publish ended) does;
     /// back-to-back publishes measured slower that way (docs/performance.md, "Wake-ups on
     /// publish"), since every such publish wakes every listener where the notifier coalesces.
     /// For benchmarks and tests that compare the two ways; not a stable interface.

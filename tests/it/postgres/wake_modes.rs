@@ -142,6 +142,44 @@ async fn a_batch_alone_notifies_and_wakes() {
     );
 }
 
+/// A publish that starts a few milliseconds after the previous one ended is quiet too: it would
+/// get a NOTIFY of its own from the coalescing notifier anyway (its least gap is 1 ms), so it
+/// notifies in its transaction, as a steady trickle of publishes (say 500 a second) does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_a_few_milliseconds_after_the_last_is_quiet() {
+    let ns = namespace().await;
+    let (_side, c) = waiting_side(&ns).await;
+    // Another test's in-transaction publish may hold the key for a moment: then a publish
+    // coalesces and starts the notifier. One of a few tries must stay in its transactions.
+    let mut quiet = false;
+    for _ in 0..20 {
+        let publisher = handle(&ns.url, ns.namespace()).build().unwrap();
+        for i in 0..3 {
+            publisher
+                .publish("s", json(serde_json::json!(i)))
+                .await
+                .unwrap();
+            // The gap under test, not a wait for an event.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        if publisher.background_tasks() == 0 {
+            quiet = true;
+            break;
+        }
+    }
+    assert!(
+        quiet,
+        "publishes 3 ms apart went through the coalescing notifier"
+    );
+    // Nothing was lost on the way.
+    let mut got = 0;
+    while got < 3 {
+        let more = c.fetch(100, WAIT).await.unwrap().len();
+        assert!(more > 0, "a message was lost: {got} found");
+        got += more;
+    }
+}
+
 /// By default (no `notify_in_transaction`) a quiet publish, the first of its handle, notifies
 /// in its own transaction and starts no notifier; publishes back to back after it coalesce
 /// through the notifier; no wake-up is lost either way.
