@@ -16,7 +16,8 @@
 //! (default `target/pgtide-bench.json`), `PGTIDE_BENCH_ONLY=statements` for the statement-mode
 //! comparison alone (prepared against unnamed statements), `=scale`, `=held-xmin` or `=collapse` for
 //! that case alone, `=trigger` for the publish rows, the wake-up cost and the commit → handler
-//! latency, `PGTIDE_BENCH_PHASE=<seconds>` for longer (or shorter) phases, `=ordering` for the unordered publish and consume rows with the
+//! latency, `=latency` for that latency and the delayed messages' lateness alone,
+//! `PGTIDE_BENCH_PHASE=<seconds>` for longer (or shorter) phases, `=ordering` for the unordered publish and consume rows with the
 //! ordered-group comparison, `PGTIDE_BENCH_CLAIM_FLOOR=0` for claims without the claim floor,
 //! `PGTIDE_BENCH_SYNC_CLAIMS=1` for claims that wait for their WAL flush
 //! (to compare, e.g. with `=held-xmin`). The run works in a fresh `bench_<random>` namespace and
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
         Ok("collapse") => Some(Only::Collapse),
         Ok("consume") => Some(Only::Consume),
         Ok("trigger") => Some(Only::Trigger),
+        Ok("latency") => Some(Only::Latency),
         _ => None,
     };
     // `PGTIDE_BENCH_CLAIM_FLOOR=0`: claims that walk from the group's first entry (the claim

@@ -324,9 +324,11 @@ impl Bench<'_> {
             if sent < from {
                 continue;
             }
-            let next = arrivals.partition_point(|at| *at < returned);
+            // The first NOTIFY after the publish call began: one sent in the publishing
+            // transaction arrives with its commit, before the call returns (counted as 0).
+            let next = arrivals.partition_point(|at| *at < sent);
             if let Some(at) = arrivals.get(next) {
-                samples.heard.push(at.duration_since(returned));
+                samples.heard.push(at.saturating_duration_since(returned));
             }
             match start {
                 Some(s) => {

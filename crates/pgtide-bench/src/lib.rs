@@ -183,6 +183,8 @@ pub enum Only {
     /// The publish rows against raw INSERTs, the wake-up cost, then commit → handler latency
     /// (`postgres.rs`, `trigger.rs`, `latency.rs`).
     Trigger,
+    /// Commit → handler latency and the delayed messages' lateness alone (`latency.rs`).
+    Latency,
 }
 
 impl BenchConfig {
@@ -416,6 +418,9 @@ impl<'a> Bench<'a> {
                 .await?;
             self.trigger_cases(&mut out.baselines, &mut out.cases)
                 .await?;
+            out.wakeups = self.wakeup_cases(&mut out.cases).await?;
+        }
+        if only == Some(Only::Latency) {
             out.wakeups = self.wakeup_cases(&mut out.cases).await?;
         }
         if only == Some(Only::Consume) {

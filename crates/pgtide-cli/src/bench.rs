@@ -28,6 +28,8 @@ pub async fn run(url: &str, args: BenchArgs, backend: Option<String>) -> CliResu
         BenchCase::HeldXmin => Only::HeldXmin,
         BenchCase::Collapse => Only::Collapse,
         BenchCase::Consume => Only::Consume,
+        BenchCase::Trigger => Only::Trigger,
+        BenchCase::Latency => Only::Latency,
     });
     if let Some(n) = args.streams {
         config.scale_streams = n as usize;

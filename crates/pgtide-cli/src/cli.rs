@@ -701,4 +701,8 @@ pub enum BenchCase {
     Collapse,
     /// Consume at batch 10 and 100 against the raw DELETE loop, then the worker drain.
     Consume,
+    /// The publish rows against raw INSERTs, the wake-up cost, then the latency cases.
+    Trigger,
+    /// Publish commit → handler start at 500 msg/s, and delayed messages' lateness.
+    Latency,
 }
