@@ -14,8 +14,8 @@
 //! publisher publishing back to back with a listener connected (every publish then wakes every
 //! listener), 0.97–1.33× at 16. So by default only a *quiet* publish notifies in its
 //! transaction: one that starts at least [`QUIET`] after this process's previous publish ended,
-//! when coalescing has nothing to gather anyway (at 500 publishes a second from one task, the
-//! in-transaction NOTIFY took commit → handler p50 from 0.68 to 0.55 ms: docs/performance.md).
+//! when coalescing has nothing to gather anyway (at 500 publishes a second from one task the
+//! NOTIFY then arrives with the commit, a round trip earlier: docs/performance.md).
 //! `notify_in_transaction` (hidden, for the benches) makes every publish alone in flight do it.
 //!
 //! Pending payloads live in the [`Notifier`], outside the task, so a restarted task loses none.
