@@ -308,6 +308,33 @@ SELECT @ns@._lookup_define(s.id) FROM @ns@.streams s ORDER BY s.id;
 -- claimed again changes nothing. Callers that pass no token are fenced only by the lease (and by
 -- attempt numbers, kept for callers from before the tokens). Each returns the ids it settled.
 
+-- Whether a settle in group `p_group` may let a waiting consumer claim something it could not
+-- before: the group has a concurrency limit (a settle that ends a lease makes room) or key lines
+-- (the key's next delivery becomes its head). Read at the time of the settle, never cached, so a
+-- limit set while consumers run counts at once. The engine's settle statements return it (its
+-- pool's connections do not notify: the engine wakes the group's consumers itself after the
+-- commit); the settles of SQL callers notify at commit (`_wake_room`, `_advance_keys`).
+CREATE OR REPLACE FUNCTION @ns@._settle_wakes(p_group integer) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN coalesce((SELECT g.ordered OR g.max_in_flight IS NOT NULL OR g.max_in_flight_per_key IS NOT NULL
+                     FROM @ns@.groups g WHERE g.id = p_group), false);
+END $$;
+
+-- After `p_settled` deliveries of group `p_group` let go of their leases: when the group has a
+-- concurrency limit, a consumer may be waiting for the room they made, so SQL callers notify the
+-- stream at commit. The engine's pool (`pgtide.notify = off`) wakes the consumers itself.
+-- Called only from the settles (which run as the namespace owner, on their own search_path).
+CREATE OR REPLACE FUNCTION @ns@._wake_room(p_group integer, p_settled bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_settled > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+        PERFORM pg_notify('pgtide.' || @ns_lit@, s.name)
+        FROM @ns@.groups g JOIN @ns@.streams s ON s.id = g.stream_id
+        WHERE g.id = p_group AND g.max_in_flight IS NOT NULL;
+    END IF;
+END $$;
+
 DROP FUNCTION IF EXISTS @ns@._ack(integer, uuid[], integer[]);
 CREATE OR REPLACE FUNCTION @ns@._ack(p_group integer, p_ids uuid[], p_attempts integer[] DEFAULT NULL,
                                      p_tokens bigint[] DEFAULT NULL)
@@ -326,6 +353,7 @@ DECLARE
     v_ids  uuid[];
     v_keys text[];
     v_seqs bigint[];
+    v_n    bigint;
 BEGIN
     -- Inline rather than `_is_ordered`: a SQL function called from here is parsed and planned
     -- on every call (a tenth of a claim-and-ack of ten, perf), this statement's plan is cached.
@@ -345,6 +373,11 @@ BEGIN
             SELECT p_group, -count(*) FROM done HAVING count(*) > 0
         )
         SELECT message_id FROM done;
+        GET DIAGNOSTICS v_n = ROW_COUNT;
+        IF v_n > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+            -- Inside the check: the engine's hot path calls nothing more.
+            PERFORM @ns@._wake_room(p_group, v_n);
+        END IF;
         RETURN;
     END IF;
     -- Key lines: the acked heads' keys move on once the deletes are seen (a statement later).
@@ -363,6 +396,7 @@ BEGIN
            array_agg(key_seq) FILTER (WHERE key IS NOT NULL)
     INTO v_ids, v_keys, v_seqs FROM done;
     PERFORM @ns@._advance_keys(p_group, v_keys, v_seqs);
+    PERFORM @ns@._wake_room(p_group, coalesce(cardinality(v_ids), 0));
     RETURN QUERY SELECT x FROM unnest(v_ids) x;
 END $$;
 
@@ -427,6 +461,7 @@ BEGIN
           SELECT e.message_id, true, e.key FROM exhausted e) r;
     -- A dead head lets its key move on (ordered groups; nothing to do elsewhere).
     PERFORM @ns@._advance_keys(p_group, v_keys);
+    PERFORM @ns@._wake_room(p_group, coalesce(cardinality(v_ids), 0));
     RETURN QUERY SELECT x.id, x.dead FROM unnest(v_ids, v_dead) AS x (id, dead);
     -- SQL callers (not the engine's pool, which hints after its commit): a transactional hint,
     -- delivered at commit, so the scout also covers a retry committed after its due time.
@@ -468,6 +503,7 @@ BEGIN
     SELECT array_agg(message_id), array_agg(key) FILTER (WHERE key IS NOT NULL) INTO v_ids, v_keys FROM gone;
     -- A dead-lettered head lets the next delivery of its key go (ordered groups).
     PERFORM @ns@._advance_keys(p_group, v_keys);
+    PERFORM @ns@._wake_room(p_group, coalesce(cardinality(v_ids), 0));
     RETURN QUERY SELECT x FROM unnest(v_ids) x;
 END $$;
 

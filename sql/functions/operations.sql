@@ -31,7 +31,7 @@ LANGUAGE sql IMMUTABLE AS $$
                  '_parked_bound', '_parked_offset']
            || CASE WHEN p_read_only THEN '{}'::text[] ELSE ARRAY[
                  'uuid_v7', '_visible_at', '_publish', '_publish_batch', '_publish_keyed', 'publish', 'publish_bytes',
-                 '_claim', '_ack', '_nack', '_term', '_extend', '_release', '_pause',
+                 '_claim', '_ack', '_nack', '_term', '_extend', '_release', '_pause', '_settle_wakes',
                  'read', 'ack', 'nack', 'term', 'in_progress', 'extend', 'release_consumer',
                  'create_stream', 'ensure_partitions', 'streams_per_transaction', 'create_group', 'maintain',
                  '_maintain_step', '_scout_acquire', '_scout_resign', '_scout_due', '_scout_maintain',

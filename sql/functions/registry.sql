@@ -271,7 +271,15 @@ BEGIN
         'pass NULL to remove the limit');
     UPDATE @ns@.groups g SET max_in_flight = set_max_in_flight.max_in_flight
     FROM @ns@.streams s WHERE s.id = g.stream_id AND s.name = stream AND g.name = "group";
-    RETURN FOUND;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    -- A raised or removed limit makes room: wake the consumers waiting for it at commit (the
+    -- engine's pool, which does not notify, wakes them itself).
+    IF coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+        PERFORM pg_notify('pgtide.' || @ns_lit@, stream);
+    END IF;
+    RETURN true;
 END $$;
 
 CREATE OR REPLACE FUNCTION @ns@.delete_group(stream text, "group" text) RETURNS boolean

@@ -35,13 +35,20 @@ pub struct PgConsumer {
     group: String,
     name: String,
     group_id: i32,
-    /// The group is ordered: a settle that ends a key's head may make the key's next delivery
-    /// ready, so it wakes the group's consumers (the engine's pool does not fire the trigger).
-    ordered: bool,
     lease: Option<Duration>,
     metrics: ClaimMetrics,
     /// Where this group's claims start (shared with the group's other consumers here).
     floor: Arc<ClaimFloor>,
+}
+
+/// Whether a settle's rows say that it may let a waiting consumer claim more (column `at`,
+/// `wakes`: the group has a concurrency limit or key lines, `_settle_wakes` in
+/// sql/functions/delivery.sql). Only rows of settled deliveries carry it; none: nothing settled.
+fn settle_wakes(rows: &[tokio_postgres::Row], at: usize) -> Result<bool> {
+    Ok(match rows.first() {
+        Some(r) => r.try_get::<_, Option<bool>>(at)?.unwrap_or(false),
+        None => false,
+    })
 }
 
 /// How many claimed rows report a lease that had expired unsettled (column `at`).
@@ -76,7 +83,6 @@ impl PgBackend {
             name: name.to_owned(),
             group_id,
             floor: self.inner.floors.of(group_id),
-            ordered: row.try_get(1)?,
             lease: None,
             metrics: ClaimMetrics::new(stream, group),
         })
@@ -272,7 +278,7 @@ impl PgConsumer {
         self.term_malformed(&*client, &malformed).await?;
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 7));
-        self.heads_left(acked.len());
+        self.room_made(!acked.is_empty() && settle_wakes(&rows, 11)?);
         drop(client);
         let report = SettleReport::from_parts(done, acked, vec![]);
         if batch.is_empty() && self.floor.sweep_now(true) {
@@ -316,11 +322,13 @@ impl PgConsumer {
         Ok(())
     }
 
-    /// After `n` deliveries of an ordered group left it (acked or dead-lettered): their keys'
-    /// next deliveries may be ready now, and the pool's connections do not notify, so wake the
-    /// group's consumers (coalesced with other wake-ups into few NOTIFYs).
-    fn heads_left(&self, n: usize) {
-        if self.ordered && n > 0 {
+    /// After a settle whose statement said it `wakes` (see [`settle_wakes`]): the room it made
+    /// in a capped group, or the next deliveries of the keys whose heads left, may be claimed
+    /// now, and the pool's connections do not notify, so wake the group's consumers (coalesced
+    /// with other wake-ups into few NOTIFYs). Read with every settle, never cached: a limit set
+    /// while this consumer runs counts at once.
+    fn room_made(&self, wakes: bool) {
+        if wakes {
             self.pg.poke(Wake::Stream(self.stream.as_str().into()));
         }
     }
@@ -525,7 +533,7 @@ impl PgConsumer {
         let rows = self
             .run_settle(&*client, &self.pg.inner.sql.ack, ds, &[])
             .await?;
-        self.heads_left(rows.len());
+        self.room_made(settle_wakes(&rows, 1)?);
         Ok(SettleReport::from_parts(
             ds,
             rows.iter()
@@ -608,7 +616,7 @@ impl PgConsumer {
             .await?;
         let (mut settled, mut dead) = (vec![], vec![]);
         let mut at_ms = 0i64;
-        for r in rows {
+        for r in &rows {
             if r.try_get::<_, bool>(1)? {
                 dead.push(r.try_get(0)?);
             } else {
@@ -616,7 +624,7 @@ impl PgConsumer {
                 at_ms = r.try_get(2)?;
             }
         }
-        self.heads_left(dead.len());
+        self.room_made(settle_wakes(&rows, 3)?);
         if !settled.is_empty() {
             // Sent after the commit, with a due time no later than the retries' (the nack's
             // now() plus the delay, in the database's clock): the scout then also covers a
@@ -647,7 +655,7 @@ impl PgConsumer {
         let rows = self
             .run_settle(&*client, &self.pg.inner.sql.term, ds, &[&reasons])
             .await?;
-        self.heads_left(rows.len());
+        self.room_made(settle_wakes(&rows, 1)?);
         Ok(SettleReport::from_parts(
             ds,
             vec![],
@@ -716,6 +724,7 @@ impl PgConsumer {
             // The scout wakes the group when the pause ends (the pool does not notify).
             self.pg.poke(Wake::Due(until.timestamp_millis()));
         }
+        self.room_made(settle_wakes(&rows, 1)?);
         Ok(SettleReport::from_parts(
             ds,
             rows.iter()

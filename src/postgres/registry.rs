@@ -333,7 +333,10 @@ impl PgBackend {
             stream,
             group,
         )
-        .await
+        .await?;
+        // A raised or removed limit makes room, and the pool's connections do not notify.
+        self.poke(super::wake::Wake::Stream(stream.into()));
+        Ok(())
     }
 
     /// Sets (`Some`) or removes (`None`) the group's per-key concurrency limit

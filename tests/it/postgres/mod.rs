@@ -1,3 +1,4 @@
+mod capped_wakes;
 mod claim_floor;
 mod claim_sizes;
 mod consume;

@@ -1,0 +1,279 @@
+//! Room in a group with a concurrency limit wakes the consumers waiting for it: a settle that
+//! ends a lease, or a raised limit, must reach a consumer whose claim found the group full,
+//! from whichever handle or SQL session it comes, without waiting for the fallback poll (set to
+//! an hour here).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgtide::{
+    CancellationToken, Delivery, GroupConfig, GroupStart, Outcome, PgBackend, PgConsumer,
+    StreamConfig, Worker,
+};
+
+use super::wakeups::{handle, until_waiting, HOUR};
+use crate::common::{eventually, json, namespace, wait_for, TestNs, WAIT};
+
+/// How the delivery holding the group's only slot is let go.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Ack,
+    Term,
+    /// A retry an hour away: the slot frees now, the delivery stays out of reach.
+    Nack,
+    /// A pause an hour away: the same.
+    Pause,
+    SqlAck,
+    SqlTerm,
+    SqlNack,
+    /// The limit goes from 1 to 2 (through the engine).
+    Raise,
+    /// The same, in SQL.
+    SqlRaise,
+}
+
+/// A handle that finds room only by a wake-up: a 1 h fallback poll, no claim floor (its sweeps
+/// would come back within a second), and a scout that checks for newly visible work only when
+/// told to (its periodic check would wake the stream within a second of the publish).
+fn quiet_handle(ns: &TestNs) -> PgBackend {
+    handle(&ns.url, ns.namespace())
+        .poll_interval(HOUR)
+        .claim_floor(false)
+        .scout_max_interval(HOUR)
+        .build()
+        .unwrap()
+}
+
+/// A consumer side of its own (standing for another process) with a 1 h fallback poll and a
+/// connected listener. The stream must be empty.
+async fn waiting_side(ns: &TestNs, stream: &str) -> (PgBackend, PgConsumer) {
+    let side = quiet_handle(ns);
+    let c = side.consumer(stream, "g", "waiter").await.unwrap();
+    // The first fetch starts the listener and, as it waits out its timeout, asks for the
+    // stream's registration (nothing is published yet).
+    assert!(c
+        .fetch(1, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .is_empty());
+    wait_for(&mut side.watch_listener(), WAIT, "listener", |s| {
+        s.connected
+    })
+    .await;
+    // That fetch also registered the stream for SQL publishes' wake-ups (registrar.rs), and the
+    // registrar wakes the stream's fetches once the registration is in force: let that happen
+    // now, so that no later wait is cut short by it.
+    let raw = ns.raw().await;
+    let sql = format!(
+        "SELECT count(*) FROM \"{q}\".wake_waiters w JOIN \"{q}\".streams s ON s.id = w.stream_id \
+         WHERE s.name = $1",
+        q = ns.namespace()
+    );
+    let deadline = Instant::now() + WAIT;
+    while raw
+        .query_one(&sql, &[&stream])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "no registration of {stream}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (side, c)
+}
+
+/// Holds the only slot of a group limited to one, lets a consumer of another handle wait for
+/// room, settles as `how`, and returns how long the waiter took to get the next delivery.
+async fn woken_after(ns: &TestNs, stream: &str, how: Settle, limited_late: bool) -> Duration {
+    ns.create_stream(stream, &StreamConfig::default())
+        .await
+        .unwrap();
+    if limited_late {
+        ns.create_group(stream, "g", GroupStart::New).await.unwrap();
+    } else {
+        ns.create_group_with(stream, "g", &GroupConfig::default().max_in_flight(1))
+            .await
+            .unwrap();
+    }
+    // Both consumers exist before the limit when `limited_late`: what they learnt of the group
+    // when they were made must not decide whether their settles wake anyone.
+    let holding_side = quiet_handle(ns);
+    let holder = holding_side.consumer(stream, "g", "holder").await.unwrap();
+    let (side, waiter) = waiting_side(ns, stream).await;
+    let raw = ns.raw().await;
+    let q = ns.namespace();
+    if limited_late {
+        raw.execute(
+            &format!("SELECT \"{q}\".set_max_in_flight('{stream}', 'g', 1)"),
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    ns.publish_batch(
+        stream,
+        &[json(serde_json::json!(0)), json(serde_json::json!(1))],
+    )
+    .await
+    .unwrap();
+    let held = holder.fetch(5, WAIT).await.unwrap();
+    assert_eq!(held.len(), 1, "the limit lets one go");
+    assert!(
+        waiter.try_fetch(1).await.unwrap().is_empty(),
+        "the group is full"
+    );
+
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move {
+            let got = waiter.fetch(1, WAIT * 2).await.unwrap();
+            (got, Instant::now())
+        }
+    });
+    until_waiting(&side, 1).await;
+    let d = &held[0];
+    let ids = format!("ARRAY['{}']::uuid[]", d.id());
+    let sent = Instant::now();
+    match how {
+        Settle::Ack => holder.ack(d).await.unwrap(),
+        Settle::Term => holder.term(d, "done with it").await.unwrap(),
+        Settle::Nack => holder.nack(d, Some(HOUR), None).await.unwrap(),
+        Settle::Pause => {
+            let report = holder
+                .pause_batch(&[d], chrono::Utc::now() + chrono::Duration::hours(1))
+                .await
+                .unwrap();
+            assert_eq!(report.settled, [d.id()]);
+        }
+        Settle::SqlAck => {
+            let n: i32 = raw
+                .query_one(&format!("SELECT \"{q}\".ack('{stream}', 'g', {ids})"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1);
+        }
+        Settle::SqlTerm => {
+            let n: i32 = raw
+                .query_one(&format!("SELECT \"{q}\".term('{stream}', 'g', {ids})"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1);
+        }
+        Settle::SqlNack => {
+            let n: i32 = raw
+                .query_one(
+                    &format!("SELECT \"{q}\".nack('{stream}', 'g', {ids}, interval '1 hour')"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1);
+        }
+        Settle::Raise => ns.set_max_in_flight(stream, "g", Some(2)).await.unwrap(),
+        Settle::SqlRaise => {
+            raw.execute(
+                &format!("SELECT \"{q}\".set_max_in_flight('{stream}', 'g', 2)"),
+                &[],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let (got, at) = waiting.await.unwrap();
+    assert_eq!(got.len(), 1, "{how:?}: the waiter got nothing");
+    assert_ne!(got[0].id(), d.id(), "{how:?}");
+    side.shutdown().await;
+    holding_side.shutdown().await;
+    at - sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_made_in_a_capped_group_wakes_a_consumer_waiting_for_it() {
+    let ns = namespace().await;
+    for (i, how) in [
+        Settle::Ack,
+        Settle::Term,
+        Settle::Nack,
+        Settle::Pause,
+        Settle::SqlAck,
+        Settle::SqlTerm,
+        Settle::SqlNack,
+        Settle::Raise,
+        Settle::SqlRaise,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let took = woken_after(&ns, &format!("s{i}"), how, false).await;
+        assert!(
+            took < Duration::from_secs(2),
+            "{how:?}: woken after {took:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_set_after_the_consumers_were_made_still_wakes_them() {
+    let ns = namespace().await;
+    for (i, how) in [Settle::Ack, Settle::SqlAck].into_iter().enumerate() {
+        let took = woken_after(&ns, &format!("late{i}"), how, true).await;
+        assert!(
+            took < Duration::from_secs(2),
+            "{how:?}: woken after {took:?}"
+        );
+    }
+}
+
+/// A worker of a capped group whose handlers finish while its next claim waits for room: the
+/// acks it settles meanwhile must let that claim go on, not leave it to the fallback poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_drains_a_capped_group_with_slow_handlers() {
+    let ns = namespace().await;
+    ns.create_stream("s", &StreamConfig::default())
+        .await
+        .unwrap();
+    ns.create_group_with("s", "g", &GroupConfig::default().max_in_flight(2))
+        .await
+        .unwrap();
+    let n = 40;
+    ns.publish_batch(
+        "s",
+        &(0..n)
+            .map(|i| json(serde_json::json!(i)))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let side = quiet_handle(&ns);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::new(side.consumer("s", "g", "w").await.unwrap(), {
+        let handled = handled.clone();
+        move |_: Delivery| {
+            let handled = handled.clone();
+            async move {
+                // Work that outlasts the worker's next claim: its acks arrive while it waits.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(Outcome::Ack)
+            }
+        }
+    })
+    .concurrency(8);
+    let token = CancellationToken::new();
+    let run = tokio::spawn(worker.run(token.clone()));
+    eventually(WAIT * 2, "the capped backlog drained", || {
+        handled.load(Ordering::SeqCst) == n
+    })
+    .await;
+    token.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.acked, n as u64);
+    let s = ns.stats("s", "g").await.unwrap();
+    assert_eq!((s.ready, s.in_flight), (0, 0));
+    side.shutdown().await;
+}
