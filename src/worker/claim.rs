@@ -2,16 +2,20 @@
 //! keeps handlers busy while the next claim is under way and starts well within a lease (see
 //! `pace.rs`: up to the prefetch when handlers are quick, little more than the free slots when
 //! they are slow). Acks of finished
-//! handlers ride along with the claim (one round trip, one commit on Postgres); when nothing is
-//! ready it waits for work and flushes acks that arrive meanwhile on their own.
+//! handlers ride along with the claim (one round trip, one commit on Postgres) while claims come
+//! back full; once little is ready they are settled beside the claims, on a task of their own, so
+//! that a claim after a wake-up never waits for an ack's commit. When nothing is ready the step
+//! waits for work.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::run::Run;
-use super::settle::{backoff, flush_acks};
+use super::settle::{backoff, flush_acks, Counters};
 use crate::error::{Error, Result};
 use crate::queue::Delivery;
 use crate::queue::QueueConsumer;
@@ -63,6 +67,12 @@ impl<C: QueueConsumer> Run<C> {
     /// Acks what finished and claims up to the claim size: deliveries beyond the free slots wait
     /// (leased, and extended) for the next free slot, so claims stay large when handlers are
     /// quick. `None` if cancelled while waiting for work.
+    ///
+    /// While claims come back full, acks ride with the next claim (one round trip, one commit).
+    /// Once a claim comes back short, the next one will likely find little or nothing and wait
+    /// for a wake-up; an ack's commit waits for its WAL flush, so a claim that carried acks would
+    /// hold the next wake-up's claim behind that flush. Then acks are settled beside the claim,
+    /// on a task of their own (`acking`), and the claim goes alone.
     async fn claim_batch(&mut self, token: &CancellationToken) -> Result<Option<Vec<Delivery>>> {
         self.pending_acks
             .extend(std::iter::from_fn(|| self.ack_rx.try_recv().ok()));
@@ -71,28 +81,76 @@ impl<C: QueueConsumer> Run<C> {
         let max = self
             .pace
             .claim_size(free, self.config.concurrency, self.prefetch, self.lease);
-        let done: Vec<&Delivery> = self.pending_acks.iter().collect();
-        let started = std::time::Instant::now();
-        let (report, batch) = self.consumer.ack_and_fetch(&done, max).await?;
-        self.pace.record_claim(started.elapsed());
-        self.counters.acked(&report);
-        self.pending_acks.clear();
-        if !batch.is_empty() {
-            return Ok(Some(batch));
+        if self.drained {
+            self.ack_beside();
         }
+        if !self.drained || !self.pending_acks.is_empty() {
+            let done: Vec<&Delivery> = self.pending_acks.iter().collect();
+            let started = std::time::Instant::now();
+            let (report, batch) = self.consumer.ack_and_fetch(&done, max).await?;
+            self.pace.record_claim(started.elapsed());
+            self.counters.acked(&report);
+            self.pending_acks.clear();
+            self.drained = batch.len() < max;
+            if !batch.is_empty() {
+                return Ok(Some(batch));
+            }
+        }
+        // `fetch` claims once more before it waits: a wake-up is only missed if its publish
+        // came after the subscription that `fetch` takes first.
         let wait = self.consumer.fetch(max, Duration::from_secs(3600));
         tokio::pin!(wait);
         loop {
             tokio::select! {
                 biased;
                 _ = token.cancelled() => return Ok(None),
-                r = &mut wait => return r.map(Some),
-                Some(d) = self.ack_rx.recv() => {
-                    let mut acks = vec![d];
-                    acks.extend(std::iter::from_fn(|| self.ack_rx.try_recv().ok()));
-                    flush_acks(&self.consumer, acks, &self.counters).await;
+                r = &mut wait => {
+                    let batch = r?;
+                    self.drained = batch.len() < max;
+                    return Ok(Some(batch));
+                }
+                _ = joined(&mut self.acking), if self.acking.is_some() => self.acking = None,
+                Some(d) = self.ack_rx.recv(), if self.acking.is_none() => {
+                    self.pending_acks.push(d);
+                    self.pending_acks
+                        .extend(std::iter::from_fn(|| self.ack_rx.try_recv().ok()));
+                    self.acking = Some(spawn_acks(&self.consumer, &mut self.pending_acks, &self.counters));
                 }
             }
+        }
+    }
+
+    /// Settles the pending acks on a task of their own, unless one is still settling earlier
+    /// acks (then they ride with the next claim).
+    fn ack_beside(&mut self) {
+        if self.acking.as_ref().is_some_and(JoinHandle::is_finished) {
+            self.acking = None;
+        }
+        if self.acking.is_none() && !self.pending_acks.is_empty() {
+            self.acking = Some(spawn_acks(
+                &self.consumer,
+                &mut self.pending_acks,
+                &self.counters,
+            ));
+        }
+    }
+}
+
+/// Starts settling `acks` (taken, leaving it empty) on a task of its own.
+fn spawn_acks<C: QueueConsumer>(
+    consumer: &C,
+    acks: &mut Vec<Delivery>,
+    counters: &Arc<Counters>,
+) -> JoinHandle<()> {
+    let (consumer, acks, counters) = (consumer.clone(), std::mem::take(acks), counters.clone());
+    tokio::spawn(async move { flush_acks(&consumer, acks, &counters).await })
+}
+
+/// Waits for the settle task in `acking`, if there is one; a panic in it is logged.
+pub(super) async fn joined(acking: &mut Option<JoinHandle<()>>) {
+    if let Some(handle) = acking {
+        if let Err(e) = handle.await {
+            tracing::error!(error = %e, "pgtide worker: settling acks failed; their deliveries will be redelivered");
         }
     }
 }

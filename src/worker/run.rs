@@ -40,6 +40,12 @@ pub(super) struct Run<C: QueueConsumer> {
     pub(super) ack_rx: mpsc::UnboundedReceiver<Delivery>,
     /// Acks taken off `ack_rx` and not yet confirmed by the backend.
     pub(super) pending_acks: Vec<Delivery>,
+    /// Acks being settled on their own, beside the claim step (`claim.rs`): at most one such
+    /// settle at a time.
+    pub(super) acking: Option<JoinHandle<()>>,
+    /// Whether the last claim came back with less than it asked for: little is ready, so the
+    /// next claim is likely to find nothing, and acks are settled beside it rather than with it.
+    pub(super) drained: bool,
     pub(super) handlers: JoinSet<()>,
     /// The stream's lease, if the backend knows it: claims are sized and held leases extended
     /// by it.
@@ -80,6 +86,8 @@ impl<C: QueueConsumer> Run<C> {
             ack_tx,
             ack_rx,
             pending_acks: vec![],
+            acking: None,
+            drained: false,
             handlers: JoinSet::new(),
             lease,
             pace: Arc::default(),

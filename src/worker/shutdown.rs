@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use super::claim::joined;
 use super::run::Run;
 use super::settle::flush_acks;
 use super::WorkerReport;
@@ -24,6 +25,7 @@ impl<C: QueueConsumer> Run<C> {
             ack_tx,
             mut ack_rx,
             mut pending_acks,
+            mut acking,
             mut handlers,
             ..
         } = self;
@@ -39,6 +41,8 @@ impl<C: QueueConsumer> Run<C> {
                 }
             }
         }
+        // Acks settled beside the claims finish first; what is left goes in one last settle.
+        joined(&mut acking).await;
         // Every job is done: closing the channels lets the settler finish what is queued.
         drop(settle_tx);
         drop(ack_tx);

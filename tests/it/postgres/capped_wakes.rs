@@ -277,3 +277,49 @@ async fn a_worker_drains_a_capped_group_with_slow_handlers() {
     assert_eq!((s.ready, s.in_flight), (0, 0));
     side.shutdown().await;
 }
+
+/// The same for an ordered group with a single key: each ack makes the key's next message its
+/// head, which only a claim after the ack's commit can see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_drains_a_single_key_ordered_group() {
+    let ns = namespace().await;
+    ns.create_stream("s", &StreamConfig::default())
+        .await
+        .unwrap();
+    ns.create_group_with("s", "g", &GroupConfig::default().ordered(true))
+        .await
+        .unwrap();
+    let n = 30;
+    ns.publish_batch(
+        "s",
+        &(0..n)
+            .map(|i| json(serde_json::json!(i)).key("k"))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    let side = quiet_handle(&ns);
+    let seen = Arc::new(std::sync::Mutex::new(vec![]));
+    let worker = Worker::new(side.consumer("s", "g", "w").await.unwrap(), {
+        let seen = seen.clone();
+        move |d: Delivery| {
+            let seen = seen.clone();
+            async move {
+                let i: i64 = d.json().map_err(|e| e.to_string())?;
+                seen.lock().unwrap().push(i);
+                Ok::<_, String>(Outcome::Ack)
+            }
+        }
+    })
+    .concurrency(4);
+    let token = CancellationToken::new();
+    let run = tokio::spawn(worker.run(token.clone()));
+    eventually(WAIT * 2, "the key's line drained", || {
+        seen.lock().unwrap().len() == n as usize
+    })
+    .await;
+    token.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(*seen.lock().unwrap(), (0..n).collect::<Vec<i64>>());
+    side.shutdown().await;
+}

@@ -1,10 +1,12 @@
-//! The worker's adaptive claim sizes against real Postgres: claims grow towards the prefetch
-//! while handlers keep up, never pass it, and stay small when handlers are slow (so that nothing
-//! claimed waits past its lease).
+//! The worker's claims against real Postgres: claims grow towards the prefetch while handlers
+//! keep up, never pass it, and stay small when handlers are slow (so that nothing claimed waits
+//! past its lease); once little is ready, acks are settled beside the claims, so a slow ack never
+//! holds up the claim of the next message.
 //!
-//! `Recorded` wraps a real `PgConsumer` and forwards every call unchanged; it only writes down
-//! how many deliveries each claim asked for and got.
+//! `Recorded` wraps a real `PgConsumer` and forwards every call unchanged; it writes down how
+//! many deliveries each claim asked for and got, and can hold every ack at a gate.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,14 +23,35 @@ type Claim = (usize, usize);
 struct Recorded {
     inner: PgConsumer,
     claims: Arc<Mutex<Vec<Claim>>>,
+    /// Acks (alone or riding with a claim) wait here for a permit; `None`: they go at once.
+    gate: Option<Arc<Gate>>,
+}
+
+/// Holds acks until opened (closed: no permits), counting those that arrived.
+struct Gate {
+    open: tokio::sync::Semaphore,
+    arrived: AtomicUsize,
 }
 
 impl Recorded {
+    fn new(inner: PgConsumer) -> Self {
+        Recorded {
+            inner,
+            claims: Arc::default(),
+            gate: None,
+        }
+    }
     fn note(&self, asked: usize, got: usize) {
         self.claims.lock().unwrap().push((asked, got));
     }
     fn claims(&self) -> Vec<Claim> {
         self.claims.lock().unwrap().clone()
+    }
+    async fn pass_gate(&self, acks: usize) {
+        if let (Some(gate), true) = (&self.gate, acks > 0) {
+            gate.arrived.fetch_add(1, Ordering::SeqCst);
+            drop(gate.open.acquire().await.unwrap());
+        }
     }
 }
 
@@ -56,6 +79,7 @@ impl QueueConsumer for Recorded {
         Ok(got)
     }
     async fn ack_batch(&self, ds: &[&Delivery]) -> Result<SettleReport> {
+        self.pass_gate(ds.len()).await;
         self.inner.ack_batch(ds).await
     }
     async fn nack_batch(
@@ -80,6 +104,7 @@ impl QueueConsumer for Recorded {
         done: &[&Delivery],
         max: usize,
     ) -> Result<(SettleReport, Vec<Delivery>)> {
+        self.pass_gate(done.len()).await;
         let (report, got) = self.inner.ack_and_fetch(done, max).await?;
         self.note(max, got.len());
         Ok((report, got))
@@ -100,10 +125,7 @@ async fn quick_handlers_grow_claims_up_to_the_prefetch_and_no_further() {
     )
     .await
     .unwrap();
-    let consumer = Recorded {
-        inner: ns.consumer("s", "g", "w").await.unwrap(),
-        claims: Arc::default(),
-    };
+    let consumer = Recorded::new(ns.consumer("s", "g", "w").await.unwrap());
     let handled = Arc::new(Mutex::new(0usize));
     let worker = Worker::new(consumer.clone(), {
         let handled = handled.clone();
@@ -154,10 +176,7 @@ async fn slow_handlers_keep_claims_within_half_a_lease() {
     )
     .await
     .unwrap();
-    let consumer = Recorded {
-        inner: ns.consumer("s", "g", "w").await.unwrap(),
-        claims: Arc::default(),
-    };
+    let consumer = Recorded::new(ns.consumer("s", "g", "w").await.unwrap());
     let handled = Arc::new(Mutex::new(0usize));
     let worker = Worker::new(consumer.clone(), {
         let handled = handled.clone();
@@ -187,4 +206,61 @@ async fn slow_handlers_keep_claims_within_half_a_lease() {
         claims.iter().all(|&(asked, _)| asked <= 2 + 3),
         "a slow worker claimed more than starts within half a lease: {claims:?}"
     );
+}
+
+/// At a trickle, a message published while the previous message's ack is still settling reaches
+/// its handler at once: the ack does not ride with the claim, nor hold up the wait for work.
+/// (Before, the worker sent it with its next claim, or settled it inline while it waited, and a
+/// slow ack commit delayed the next message's claim by as much.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_ack_does_not_hold_up_the_next_claim() {
+    let ns = namespace().await;
+    ns.stream_with_groups("s", StreamConfig::default(), &["g"])
+        .await;
+    let gate = Arc::new(Gate {
+        open: tokio::sync::Semaphore::new(0),
+        arrived: AtomicUsize::new(0),
+    });
+    let consumer = Recorded {
+        gate: Some(gate.clone()),
+        ..Recorded::new(ns.consumer("s", "g", "w").await.unwrap())
+    };
+    let handled = Arc::new(Mutex::new(vec![]));
+    let worker = Worker::new(consumer.clone(), {
+        let handled = handled.clone();
+        move |d: Delivery| {
+            handled.lock().unwrap().push(d.id());
+            async { Ok::<_, String>(Outcome::Ack) }
+        }
+    })
+    .concurrency(4);
+    let token = pgtide::CancellationToken::new();
+    let run = tokio::spawn(worker.run(token.clone()));
+
+    let first = ns.publish("s", json(serde_json::json!(1))).await.unwrap();
+    eventually(WAIT, "the first message handled", || {
+        handled.lock().unwrap().contains(&first.id)
+    })
+    .await;
+    eventually(WAIT, "its ack held at the gate", || {
+        gate.arrived.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    let second = ns.publish("s", json(serde_json::json!(2))).await.unwrap();
+    eventually(
+        WAIT,
+        "the second message handled while the first ack waits",
+        || handled.lock().unwrap().contains(&second.id),
+    )
+    .await;
+    assert_eq!(
+        ns.stats("s", "g").await.unwrap().in_flight,
+        2,
+        "both messages stay leased while the gate holds their acks"
+    );
+
+    gate.open.add_permits(tokio::sync::Semaphore::MAX_PERMITS);
+    token.cancel();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.acked, 2, "{report:?}");
 }
