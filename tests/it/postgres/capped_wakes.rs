@@ -192,10 +192,22 @@ async fn woken_after(ns: &TestNs, stream: &str, how: Settle, limited_late: bool)
     at - sent
 }
 
+/// Runs [`woken_after`] for each way in `hows`, each on a stream of its own, and checks that
+/// the waiter was woken well before its fetch's timeout (20 s; the poll is an hour).
+async fn each_wakes(ns: &TestNs, prefix: &str, hows: &[Settle], limited_late: bool) {
+    for (i, &how) in hows.iter().enumerate() {
+        let took = woken_after(ns, &format!("{prefix}{i}"), how, limited_late).await;
+        assert!(
+            took < Duration::from_secs(2),
+            "{how:?}: woken after {took:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_made_in_a_capped_group_wakes_a_consumer_waiting_for_it() {
     let ns = namespace().await;
-    for (i, how) in [
+    let hows = [
         Settle::Ack,
         Settle::Term,
         Settle::Nack,
@@ -205,28 +217,32 @@ async fn room_made_in_a_capped_group_wakes_a_consumer_waiting_for_it() {
         Settle::SqlNack,
         Settle::Raise,
         Settle::SqlRaise,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let took = woken_after(&ns, &format!("s{i}"), how, false).await;
-        assert!(
-            took < Duration::from_secs(2),
-            "{how:?}: woken after {took:?}"
-        );
-    }
+    ];
+    each_wakes(&ns, "s", &hows, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_set_after_the_consumers_were_made_still_wakes_them() {
     let ns = namespace().await;
-    for (i, how) in [Settle::Ack, Settle::SqlAck].into_iter().enumerate() {
-        let took = woken_after(&ns, &format!("late{i}"), how, true).await;
-        assert!(
-            took < Duration::from_secs(2),
-            "{how:?}: woken after {took:?}"
-        );
-    }
+    each_wakes(&ns, "late", &[Settle::Ack, Settle::SqlAck], true).await;
+}
+
+/// Stream `s` with group `g` made with `config`, and `n` messages 0, 1, … (with `key`).
+async fn backlog(ns: &TestNs, config: &GroupConfig, n: i64, key: Option<&str>) {
+    ns.create_stream("s", &StreamConfig::default())
+        .await
+        .unwrap();
+    ns.create_group_with("s", "g", config).await.unwrap();
+    let msgs: Vec<_> = (0..n)
+        .map(|i| {
+            let m = json(serde_json::json!(i));
+            match key {
+                Some(k) => m.key(k),
+                None => m,
+            }
+        })
+        .collect();
+    ns.publish_batch("s", &msgs).await.unwrap();
 }
 
 /// A worker of a capped group whose handlers finish while its next claim waits for room: the
@@ -234,21 +250,8 @@ async fn a_limit_set_after_the_consumers_were_made_still_wakes_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_drains_a_capped_group_with_slow_handlers() {
     let ns = namespace().await;
-    ns.create_stream("s", &StreamConfig::default())
-        .await
-        .unwrap();
-    ns.create_group_with("s", "g", &GroupConfig::default().max_in_flight(2))
-        .await
-        .unwrap();
     let n = 40;
-    ns.publish_batch(
-        "s",
-        &(0..n)
-            .map(|i| json(serde_json::json!(i)))
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .unwrap();
+    backlog(&ns, &GroupConfig::default().max_in_flight(2), n, None).await;
     let side = quiet_handle(&ns);
     let handled = Arc::new(AtomicUsize::new(0));
     let worker = Worker::new(side.consumer("s", "g", "w").await.unwrap(), {
@@ -267,7 +270,7 @@ async fn a_worker_drains_a_capped_group_with_slow_handlers() {
     let token = CancellationToken::new();
     let run = tokio::spawn(worker.run(token.clone()));
     eventually(WAIT * 2, "the capped backlog drained", || {
-        handled.load(Ordering::SeqCst) == n
+        handled.load(Ordering::SeqCst) == n as usize
     })
     .await;
     token.cancel();
@@ -283,21 +286,8 @@ async fn a_worker_drains_a_capped_group_with_slow_handlers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_drains_a_single_key_ordered_group() {
     let ns = namespace().await;
-    ns.create_stream("s", &StreamConfig::default())
-        .await
-        .unwrap();
-    ns.create_group_with("s", "g", &GroupConfig::default().ordered(true))
-        .await
-        .unwrap();
     let n = 30;
-    ns.publish_batch(
-        "s",
-        &(0..n)
-            .map(|i| json(serde_json::json!(i)).key("k"))
-            .collect::<Vec<_>>(),
-    )
-    .await
-    .unwrap();
+    backlog(&ns, &GroupConfig::default().ordered(true), n, Some("k")).await;
     let side = quiet_handle(&ns);
     let seen = Arc::new(std::sync::Mutex::new(vec![]));
     let worker = Worker::new(side.consumer("s", "g", "w").await.unwrap(), {
