@@ -330,11 +330,19 @@ $$;
 
 CREATE OR REPLACE FUNCTION @ns@.release_consumer(stream text, "group" text, consumer text) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
 BEGIN
     PERFORM @ns@._check_name('stream', stream);
     PERFORM @ns@._check_name('group', "group");
     PERFORM @ns@._check_name('consumer', consumer);
-    RETURN @ns@._release_consumer(@ns@.group_id(stream, "group"), consumer);
+    n := @ns@._release_consumer(@ns@.group_id(stream, "group"), consumer);
+    -- What came back is ready at once: wake the stream's consumers at commit (the engine's pool,
+    -- which does not notify, wakes them itself).
+    IF n > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+        PERFORM pg_notify('pgtide.' || @ns_lit@, stream);
+    END IF;
+    RETURN n;
 END $$;
 
 ---------------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ enum Settle {
     Raise,
     /// The same, in SQL.
     SqlRaise,
+    /// `release_consumer` in SQL: the held delivery is ready again at once.
+    SqlRelease,
 }
 
 /// A handle that finds room only by a wake-up: a 1 h fallback poll, no claim floor (its sweeps
@@ -175,6 +177,17 @@ async fn woken_after(ns: &TestNs, stream: &str, how: Settle, limited_late: bool)
             assert_eq!(n, 1);
         }
         Settle::Raise => ns.set_max_in_flight(stream, "g", Some(2)).await.unwrap(),
+        Settle::SqlRelease => {
+            let n: i64 = raw
+                .query_one(
+                    &format!("SELECT \"{q}\".release_consumer('{stream}', 'g', 'holder')"),
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 1);
+        }
         Settle::SqlRaise => {
             raw.execute(
                 &format!("SELECT \"{q}\".set_max_in_flight('{stream}', 'g', 2)"),
@@ -186,7 +199,9 @@ async fn woken_after(ns: &TestNs, stream: &str, how: Settle, limited_late: bool)
     }
     let (got, at) = waiting.await.unwrap();
     assert_eq!(got.len(), 1, "{how:?}: the waiter got nothing");
-    assert_ne!(got[0].id(), d.id(), "{how:?}");
+    if !matches!(how, Settle::SqlRelease) {
+        assert_ne!(got[0].id(), d.id(), "{how:?}");
+    }
     side.shutdown().await;
     holding_side.shutdown().await;
     at - sent
@@ -217,6 +232,7 @@ async fn room_made_in_a_capped_group_wakes_a_consumer_waiting_for_it() {
         Settle::SqlNack,
         Settle::Raise,
         Settle::SqlRaise,
+        Settle::SqlRelease,
     ];
     each_wakes(&ns, "s", &hows, false).await;
 }
