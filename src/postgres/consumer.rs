@@ -409,13 +409,15 @@ impl PgConsumer {
         let attempts: Vec<i32> = malformed.iter().map(|m| m.1).collect();
         let tokens: Vec<i64> = malformed.iter().map(|m| m.2).collect();
         let reasons = vec![crate::worker::MALFORMED; malformed.len()];
-        client
+        let rows = client
             .run(
                 &self.pg.inner.sql.term,
                 &[&self.group_id, &ids, &attempts, &tokens, &reasons],
             )
             .await
             .map_err(|e| self.error(e))?;
+        // Dead-lettered on the way: the room they held in a capped group is free again.
+        self.room_made(settle_wakes(&rows, 1)?);
         Ok(())
     }
 

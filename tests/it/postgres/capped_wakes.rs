@@ -329,3 +329,46 @@ async fn a_worker_drains_a_single_key_ordered_group() {
     assert_eq!(*seen.lock().unwrap(), (0..n).collect::<Vec<i64>>());
     side.shutdown().await;
 }
+
+/// A claim that takes an undecodable message moves it to the dead letters on the way: the room it
+/// held in a capped group is free at once, and the next claim must hear of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_dead_lettered_on_the_way_frees_its_room() {
+    let ns = namespace().await;
+    ns.create_stream("m", &StreamConfig::default())
+        .await
+        .unwrap();
+    ns.create_group_with("m", "g", &GroupConfig::default().max_in_flight(1))
+        .await
+        .unwrap();
+    let (side, c) = waiting_side(&ns, "m").await;
+    let raw = ns.raw().await;
+    let q = ns.namespace();
+    let deep = super::hostile::deep_headers(10_000);
+    let before = side.listener_status().last_notification_at;
+    raw.batch_execute(&format!(
+        "SELECT \"{q}\".publish('m', '1', headers => '{deep}'::jsonb); \
+         SELECT \"{q}\".publish('m', '2')"
+    ))
+    .await
+    .unwrap();
+    // The publish's own NOTIFY is heard before the fetch below waits, so that it cannot be
+    // what wakes it.
+    wait_for(&mut side.watch_listener(), WAIT, "the publish heard", |s| {
+        s.last_notification_at != before
+    })
+    .await;
+    let started = Instant::now();
+    let got = c.fetch(1, WAIT * 2).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].json::<i64>().unwrap(), 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "woken after {:?}",
+        started.elapsed()
+    );
+    let dead = ns.dead_letters("m", "g", 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "malformed");
+    side.shutdown().await;
+}

@@ -142,7 +142,7 @@ async fn durations_past_the_rule_are_rejected_by_the_sql_functions() {
 }
 
 /// A JSON object nested `depth` deep, as SQL text: past serde_json's recursion limit.
-fn deep_headers(depth: usize) -> String {
+pub(super) fn deep_headers(depth: usize) -> String {
     format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth))
 }
 
