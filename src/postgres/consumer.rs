@@ -44,10 +44,12 @@ pub struct PgConsumer {
 /// Whether a settle's rows say that it may let a waiting consumer claim more (column `at`,
 /// `wakes`: the group has a concurrency limit or key lines, `_settle_wakes` in
 /// sql/functions/delivery.sql). Only rows of settled deliveries carry it; none: nothing settled.
-fn settle_wakes(rows: &[tokio_postgres::Row], at: usize) -> Result<bool> {
-    Ok(match rows.first() {
-        Some(r) => r.try_get::<_, Option<bool>>(at)?.unwrap_or(false),
-        None => false,
+/// The settle has committed when this is read, so a value that does not decode must not fail
+/// it: it counts as a wake-up (one empty claim at worst).
+fn settle_wakes(rows: &[tokio_postgres::Row], at: usize) -> bool {
+    rows.first().is_some_and(|r| {
+        r.try_get::<_, Option<bool>>(at)
+            .map_or(true, |w| w.unwrap_or(false))
     })
 }
 
@@ -278,7 +280,7 @@ impl PgConsumer {
         self.term_malformed(&*client, &malformed).await?;
         batch.sort_by_key(|d| d.message.id);
         self.metrics.claimed(started, &batch, || expired(&rows, 7));
-        self.room_made(!acked.is_empty() && settle_wakes(&rows, 11)?);
+        self.room_made(!acked.is_empty() && settle_wakes(&rows, 11));
         drop(client);
         let report = SettleReport::from_parts(done, acked, vec![]);
         if batch.is_empty() && self.floor.sweep_now(true) {
@@ -417,7 +419,7 @@ impl PgConsumer {
             .await
             .map_err(|e| self.error(e))?;
         // Dead-lettered on the way: the room they held in a capped group is free again.
-        self.room_made(settle_wakes(&rows, 1)?);
+        self.room_made(settle_wakes(&rows, 1));
         Ok(())
     }
 
@@ -535,7 +537,7 @@ impl PgConsumer {
         let rows = self
             .run_settle(&*client, &self.pg.inner.sql.ack, ds, &[])
             .await?;
-        self.room_made(settle_wakes(&rows, 1)?);
+        self.room_made(settle_wakes(&rows, 1));
         Ok(SettleReport::from_parts(
             ds,
             rows.iter()
@@ -626,7 +628,7 @@ impl PgConsumer {
                 at_ms = r.try_get(2)?;
             }
         }
-        self.room_made(settle_wakes(&rows, 3)?);
+        self.room_made(settle_wakes(&rows, 3));
         if !settled.is_empty() {
             // Sent after the commit, with a due time no later than the retries' (the nack's
             // now() plus the delay, in the database's clock): the scout then also covers a
@@ -657,7 +659,7 @@ impl PgConsumer {
         let rows = self
             .run_settle(&*client, &self.pg.inner.sql.term, ds, &[&reasons])
             .await?;
-        self.room_made(settle_wakes(&rows, 1)?);
+        self.room_made(settle_wakes(&rows, 1));
         Ok(SettleReport::from_parts(
             ds,
             vec![],
@@ -726,7 +728,7 @@ impl PgConsumer {
             // The scout wakes the group when the pause ends (the pool does not notify).
             self.pg.poke(Wake::Due(until.timestamp_millis()));
         }
-        self.room_made(settle_wakes(&rows, 1)?);
+        self.room_made(settle_wakes(&rows, 1));
         Ok(SettleReport::from_parts(
             ds,
             rows.iter()
