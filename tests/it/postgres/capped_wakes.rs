@@ -12,7 +12,7 @@ use pgtide::{
     StreamConfig, Worker,
 };
 
-use super::wakeups::{handle, until_waiting, HOUR};
+use super::wakeups::{handle, listening, until_waiting, HOUR};
 use crate::common::{eventually, json, namespace, wait_for, TestNs, WAIT};
 
 /// How the delivery holding the group's only slot is let go.
@@ -35,6 +35,16 @@ enum Settle {
     SqlRelease,
 }
 
+/// Runs the SQL settle `call` (returning how many it settled) and checks that it settled one.
+async fn settles_one(raw: &tokio_postgres::Client, call: &str) {
+    let n: i64 = raw
+        .query_one(&format!("SELECT ({call})::int8"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "{call}");
+}
+
 /// A handle that finds room only by a wake-up: a 1 h fallback poll, no claim floor (its sweeps
 /// would come back within a second), and a scout that checks for newly visible work only when
 /// told to (its periodic check would wake the stream within a second of the publish).
@@ -54,15 +64,7 @@ async fn waiting_side(ns: &TestNs, stream: &str) -> (PgBackend, PgConsumer) {
     let c = side.consumer(stream, "g", "waiter").await.unwrap();
     // The first fetch starts the listener and, as it waits out its timeout, asks for the
     // stream's registration (nothing is published yet).
-    assert!(c
-        .fetch(1, Duration::from_millis(100))
-        .await
-        .unwrap()
-        .is_empty());
-    wait_for(&mut side.watch_listener(), WAIT, "listener", |s| {
-        s.connected
-    })
-    .await;
+    listening(&side, &c, Duration::from_millis(100)).await;
     // That fetch also registered the stream for SQL publishes' wake-ups (registrar.rs), and the
     // registrar wakes the stream's fetches once the registration is in force: let that happen
     // now, so that no later wait is cut short by it.
@@ -149,44 +151,18 @@ async fn woken_after(ns: &TestNs, stream: &str, how: Settle, limited_late: bool)
                 .unwrap();
             assert_eq!(report.settled, [d.id()]);
         }
-        Settle::SqlAck => {
-            let n: i32 = raw
-                .query_one(&format!("SELECT \"{q}\".ack('{stream}', 'g', {ids})"), &[])
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(n, 1);
-        }
+        Settle::SqlAck => settles_one(&raw, &format!("\"{q}\".ack('{stream}', 'g', {ids})")).await,
         Settle::SqlTerm => {
-            let n: i32 = raw
-                .query_one(&format!("SELECT \"{q}\".term('{stream}', 'g', {ids})"), &[])
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(n, 1);
+            settles_one(&raw, &format!("\"{q}\".term('{stream}', 'g', {ids})")).await
         }
         Settle::SqlNack => {
-            let n: i32 = raw
-                .query_one(
-                    &format!("SELECT \"{q}\".nack('{stream}', 'g', {ids}, interval '1 hour')"),
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(n, 1);
+            let call = format!("\"{q}\".nack('{stream}', 'g', {ids}, interval '1 hour')");
+            settles_one(&raw, &call).await
         }
         Settle::Raise => ns.set_max_in_flight(stream, "g", Some(2)).await.unwrap(),
         Settle::SqlRelease => {
-            let n: i64 = raw
-                .query_one(
-                    &format!("SELECT \"{q}\".release_consumer('{stream}', 'g', 'holder')"),
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            assert_eq!(n, 1);
+            let call = format!("\"{q}\".release_consumer('{stream}', 'g', 'holder')");
+            settles_one(&raw, &call).await
         }
         Settle::SqlRaise => {
             raw.execute(

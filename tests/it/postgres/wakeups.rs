@@ -44,16 +44,18 @@ pub(super) async fn waiting_side_with(
         .build()
         .unwrap();
     let c = side.consumer("s", "g", "c").await.unwrap();
-    assert!(c
-        .fetch(1, Duration::from_millis(1))
-        .await
-        .unwrap()
-        .is_empty());
+    listening(&side, &c, Duration::from_millis(1)).await;
+    (side, c)
+}
+
+/// Starts `side`'s listener with a first fetch of `c` (which must find nothing, waiting up to
+/// `timeout`), and waits until the listener is connected.
+pub(super) async fn listening(side: &PgBackend, c: &PgConsumer, timeout: Duration) {
+    assert!(c.fetch(1, timeout).await.unwrap().is_empty());
     wait_for(&mut side.watch_listener(), WAIT, "listener", |s| {
         s.connected
     })
     .await;
-    (side, c)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
