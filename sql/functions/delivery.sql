@@ -350,16 +350,19 @@ SET enable_seqscan = off SET enable_bitmapscan = off SET enable_hashjoin = off S
 SET jit = off
 AS $$
 DECLARE
-    v_ids  uuid[];
-    v_keys text[];
-    v_seqs bigint[];
-    v_n    bigint;
+    v_ids    uuid[];
+    v_keys   text[];
+    v_seqs   bigint[];
+    v_n      bigint;
+    v_lines  boolean;
+    v_capped boolean;
 BEGIN
     -- Inline rather than `_is_ordered`: a SQL function called from here is parsed and planned
     -- on every call (a tenth of a claim-and-ack of ten, perf), this statement's plan is cached.
     -- Groups with key lines: ordered ones and those with a per-key limit.
-    IF NOT coalesce((SELECT g.ordered OR g.max_in_flight_per_key IS NOT NULL
-                     FROM @ns@.groups g WHERE g.id = p_group), false) THEN
+    SELECT g.ordered OR g.max_in_flight_per_key IS NOT NULL, g.max_in_flight IS NOT NULL
+    INTO v_lines, v_capped FROM @ns@.groups g WHERE g.id = p_group;
+    IF NOT coalesce(v_lines, false) THEN
         RETURN QUERY
         WITH done AS (
             DELETE FROM @ns@.delivery_state d
@@ -373,9 +376,9 @@ BEGIN
             SELECT p_group, -count(*) FROM done HAVING count(*) > 0
         )
         SELECT message_id FROM done;
-        GET DIAGNOSTICS v_n = ROW_COUNT;
-        IF v_n > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
-            -- Inside the check: the engine's hot path calls nothing more.
+        -- Only a capped group's acks wake anyone: an uncapped group's hot path checks nothing more.
+        IF v_capped THEN
+            GET DIAGNOSTICS v_n = ROW_COUNT;
             PERFORM @ns@._wake_room(p_group, v_n);
         END IF;
         RETURN;
