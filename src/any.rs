@@ -299,6 +299,9 @@ impl QueueConsumer for AnyConsumer {
     fn name(&self) -> &str {
         dispatch!(AnyConsumer, self, c => QueueConsumer::name(c))
     }
+    fn settles_wake_fetches(&self) -> bool {
+        dispatch!(AnyConsumer, self, c => QueueConsumer::settles_wake_fetches(c))
+    }
     async fn lease(&self) -> Option<Duration> {
         dispatch!(AnyConsumer, self, c => QueueConsumer::lease(c).await)
     }

@@ -216,6 +216,9 @@ BEGIN
     IF n_back - n_skip <> 0 OR n_dead <> 0 THEN
         INSERT INTO @ns@.counter_deltas (group_id, pending, dead) VALUES (gid, n_back - n_skip, -n_dead);
     END IF;
+    -- Deliveries skipped while leased leave room in a capped group (what came back notifies
+    -- through the NOTIFY trigger).
+    PERFORM @ns@._wake_room(gid, n_skip);
     skipped := n_skip;
     queued := n_back;
     RETURN NEXT;
@@ -304,6 +307,11 @@ BEGIN
     FROM @ns@.groups g
     WHERE g.stream_id = sid AND (g.ordered OR g.max_in_flight_per_key IS NOT NULL)
       AND g.id = ANY (v_lost_groups);
+    -- Deliveries removed while leased leave room in a group with a concurrency limit: wake the
+    -- stream's consumers at commit (the engine's pool, which does not notify, wakes them itself).
+    IF n + c > 0 AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+        PERFORM pg_notify('pgtide.' || @ns_lit@, stream);
+    END IF;
     RETURN n + c;
 END $$;
 

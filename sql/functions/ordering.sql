@@ -508,6 +508,12 @@ BEGIN
     PERFORM pg_advisory_xact_lock(@ns@._key_limit_lock(gid));
     SELECT g.max_in_flight_per_key INTO v_old FROM @ns@.groups g WHERE g.id = gid FOR NO KEY UPDATE;
     UPDATE @ns@.groups g SET max_in_flight_per_key = v_cap WHERE g.id = gid;
+    -- A raised or removed limit lets waiting deliveries go: wake the stream's consumers at commit
+    -- (sent only then, so after the lines below have moved; the engine's pool, which does not
+    -- notify, wakes them itself).
+    IF v_cap IS DISTINCT FROM v_old AND coalesce(current_setting('pgtide.notify', true), '') <> 'off' THEN
+        PERFORM pg_notify('pgtide.' || @ns_lit@, stream);
+    END IF;
     IF v_ordered THEN
         -- The lines are the ordered group's own (one head per key): nothing moves.
         RETURN true;

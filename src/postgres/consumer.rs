@@ -770,6 +770,13 @@ impl QueueConsumer for PgConsumer {
         PgConsumer::name(self)
     }
 
+    fn settles_wake_fetches(&self) -> bool {
+        // Settles that make room poke the stream through the notifier (`room_made`); without
+        // notifications nothing carries the poke, and a waiting fetch finds the room only at
+        // its next poll.
+        self.pg.notifications_enabled()
+    }
+
     async fn lease(&self) -> Option<Duration> {
         PgConsumer::lease(self).await
     }

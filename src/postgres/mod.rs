@@ -612,6 +612,11 @@ impl PgBackend {
         background.poke(wake);
     }
 
+    /// Whether this handle sends and hears wake-ups (see [`PgBackendBuilder::notifications`]).
+    pub(crate) fn notifications_enabled(&self) -> bool {
+        self.inner.options.notifications
+    }
+
     /// Subscribes to wake-ups, starting the listener (and the scout candidate) on first use.
     pub(crate) fn subscribe(&self) -> Option<broadcast::Receiver<wake::Wake>> {
         self.start_scout();

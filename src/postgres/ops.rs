@@ -133,7 +133,8 @@ impl PgBackend {
             )
             .await?;
         let (skipped, queued): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-        if queued > 0 {
+        // What came back is ready; what was skipped while leased left room in a capped group.
+        if queued > 0 || skipped > 0 {
             self.poke(Wake::Stream(stream.into()));
         }
         Ok((skipped.max(0) as u64, queued.max(0) as u64))
@@ -167,6 +168,10 @@ impl PgBackend {
                 Ctx::stream(stream),
             )
             .await?;
+        // Deliveries removed while leased left room in a capped group.
+        if n > 0 {
+            self.poke(Wake::Stream(stream.into()));
+        }
         Ok(n.max(0) as u64)
     }
 

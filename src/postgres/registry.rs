@@ -365,7 +365,10 @@ impl PgBackend {
             stream,
             group,
         )
-        .await
+        .await?;
+        // A raised or removed limit lets waiting deliveries go.
+        self.poke(super::wake::Wake::Stream(stream.into()));
+        Ok(())
     }
 
     /// Sets (`Some`) or removes (`None`) the group's rate limit ([`GroupConfig::rate_limit`]).

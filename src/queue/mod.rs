@@ -249,6 +249,15 @@ pub trait QueueConsumer: Clone + Send + Sync + 'static {
     /// The lease a fetch grants, if known (the worker extends leases at half of it).
     fn lease(&self) -> impl Future<Output = Option<Duration>> + Send;
 
+    /// Whether this consumer's settles wake the fetches waiting on its group, in any process,
+    /// when they make room: an ack, nack, term or pause in a group with a concurrency limit, or
+    /// one that lets an ordered key's next message go. The worker settles acks beside its
+    /// claims only when they do; otherwise the acks ride with the next claim, which then sees
+    /// the room they made. `false` unless the backend says so (Postgres with notifications on).
+    fn settles_wake_fetches(&self) -> bool {
+        false
+    }
+
     /// Claims up to `max` ready deliveries without waiting. `max` 0 claims nothing and returns
     /// an empty batch.
     fn try_fetch(&self, max: usize) -> impl Future<Output = Result<Vec<Delivery>>> + Send;

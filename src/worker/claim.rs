@@ -4,12 +4,15 @@
 //! they are slow). Acks of finished
 //! handlers ride along with the claim (one round trip, one commit on Postgres) while claims come
 //! back full; once little is ready they are settled beside the claims, on a task of their own, so
-//! that a claim after a wake-up never waits for an ack's commit. When nothing is ready the step
-//! waits for work.
+//! that a claim after a wake-up never waits for an ack's commit. That needs settles that wake
+//! waiting claims ([`QueueConsumer::settles_wake_fetches`]); without them (Postgres polling with
+//! notifications off, other backends) acks keep riding with the claims. When nothing is ready
+//! the step waits for work.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -81,7 +84,9 @@ impl<C: QueueConsumer> Run<C> {
         let max = self
             .pace
             .claim_size(free, self.config.concurrency, self.prefetch, self.lease);
-        if self.drained {
+        // Beside only where the acks' commit wakes the claim that waits for the room they make
+        // (a capped or ordered group); elsewhere the claim must carry them to see it.
+        if self.drained && self.consumer.settles_wake_fetches() {
             self.ack_beside();
         }
         if !self.drained || !self.pending_acks.is_empty() {
@@ -124,7 +129,10 @@ impl<C: QueueConsumer> Run<C> {
     /// acks (then they ride with the next claim).
     fn ack_beside(&mut self) {
         if self.acking.as_ref().is_some_and(JoinHandle::is_finished) {
-            self.acking = None;
+            // Finished: its result is ready at once, and a panic in it is logged.
+            if let Some(Err(e)) = self.acking.take().and_then(FutureExt::now_or_never) {
+                settle_task_failed(&e);
+            }
         }
         if self.acking.is_none() && !self.pending_acks.is_empty() {
             self.acking = Some(spawn_acks(
@@ -150,7 +158,12 @@ fn spawn_acks<C: QueueConsumer>(
 pub(super) async fn joined(acking: &mut Option<JoinHandle<()>>) {
     if let Some(handle) = acking {
         if let Err(e) = handle.await {
-            tracing::error!(error = %e, "pgtide worker: settling acks failed; their deliveries will be redelivered");
+            settle_task_failed(&e);
         }
     }
+}
+
+/// Logs a settle task that panicked or was cancelled.
+fn settle_task_failed(e: &tokio::task::JoinError) {
+    tracing::error!(error = %e, "pgtide worker: settling acks failed; their deliveries will be redelivered");
 }

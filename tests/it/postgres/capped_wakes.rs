@@ -33,6 +33,10 @@ enum Settle {
     SqlRaise,
     /// `release_consumer` in SQL: the held delivery is ready again at once.
     SqlRelease,
+    /// The stream trimmed to its newest message: the held delivery goes with its message.
+    Trim,
+    /// The same, in SQL.
+    SqlTrim,
 }
 
 /// Runs the SQL settle `call` (returning how many it settled) and checks that it settled one.
@@ -164,6 +168,14 @@ async fn woken_after(ns: &TestNs, stream: &str, how: Settle, limited_late: bool)
             let call = format!("\"{q}\".release_consumer('{stream}', 'g', 'holder')");
             settles_one(&raw, &call).await
         }
+        Settle::Trim => {
+            let removed = ns.trim_stream(stream, None, Some(1)).await.unwrap();
+            assert_eq!(removed, 1);
+        }
+        Settle::SqlTrim => {
+            let call = format!("\"{q}\".trim_stream('{stream}', max_len => 1)");
+            settles_one(&raw, &call).await
+        }
         Settle::SqlRaise => {
             raw.execute(
                 &format!("SELECT \"{q}\".set_max_in_flight('{stream}', 'g', 2)"),
@@ -209,6 +221,8 @@ async fn room_made_in_a_capped_group_wakes_a_consumer_waiting_for_it() {
         Settle::Raise,
         Settle::SqlRaise,
         Settle::SqlRelease,
+        Settle::Trim,
+        Settle::SqlTrim,
     ];
     each_wakes(&ns, "s", &hows, false).await;
 }
@@ -278,9 +292,43 @@ async fn a_worker_drains_a_capped_group_with_slow_handlers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_drains_a_single_key_ordered_group() {
     let ns = namespace().await;
-    let n = 30;
-    backlog(&ns, &GroupConfig::default().ordered(true), n, Some("k")).await;
-    let side = quiet_handle(&ns);
+    let config = GroupConfig::default().ordered(true);
+    backlog(&ns, &config, 30, Some("k")).await;
+    drains_in_order(&ns, quiet_handle(&ns), 30, 4).await;
+}
+
+/// A handle that polls (notifications off), once an hour: nothing wakes a waiting claim.
+fn polling_handle(ns: &TestNs) -> PgBackend {
+    handle(&ns.url, ns.namespace())
+        .notifications(false)
+        .poll_interval(HOUR)
+        .claim_floor(false)
+        .build()
+        .unwrap()
+}
+
+/// Without notifications a settle wakes nobody, so a worker's acks must ride with its next claim
+/// for that claim to see the room they made (a claim beside them would wait for the next poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_worker_drains_a_single_key_ordered_group() {
+    let ns = namespace().await;
+    let config = GroupConfig::default().ordered(true);
+    backlog(&ns, &config, 30, Some("k")).await;
+    drains_in_order(&ns, polling_handle(&ns), 30, 1).await;
+}
+
+/// The same for a group whose concurrency limit the worker fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_worker_drains_a_capped_group() {
+    let ns = namespace().await;
+    let config = GroupConfig::default().max_in_flight(1);
+    backlog(&ns, &config, 30, None).await;
+    drains_in_order(&ns, polling_handle(&ns), 30, 1).await;
+}
+
+/// Runs a worker of `concurrency` on the backlog of group `g` (messages 0..n) until it has
+/// handled them all, which must come in order; then checks the group is empty.
+async fn drains_in_order(ns: &TestNs, side: PgBackend, n: i64, concurrency: usize) {
     let seen = Arc::new(std::sync::Mutex::new(vec![]));
     let worker = Worker::new(side.consumer("s", "g", "w").await.unwrap(), {
         let seen = seen.clone();
@@ -293,16 +341,19 @@ async fn a_worker_drains_a_single_key_ordered_group() {
             }
         }
     })
-    .concurrency(4);
+    .concurrency(concurrency);
     let token = CancellationToken::new();
     let run = tokio::spawn(worker.run(token.clone()));
-    eventually(WAIT * 2, "the key's line drained", || {
+    eventually(WAIT * 2, "the backlog drained", || {
         seen.lock().unwrap().len() == n as usize
     })
     .await;
     token.cancel();
-    run.await.unwrap().unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.acked, n as u64);
     assert_eq!(*seen.lock().unwrap(), (0..n).collect::<Vec<i64>>());
+    let s = ns.stats("s", "g").await.unwrap();
+    assert_eq!((s.ready, s.in_flight), (0, 0));
     side.shutdown().await;
 }
 

@@ -65,6 +65,9 @@ impl QueueConsumer for Recorded {
     fn name(&self) -> &str {
         self.inner.name()
     }
+    fn settles_wake_fetches(&self) -> bool {
+        self.inner.settles_wake_fetches()
+    }
     async fn lease(&self) -> Option<Duration> {
         self.inner.lease().await
     }
