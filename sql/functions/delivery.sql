@@ -71,6 +71,7 @@ DECLARE
     c_due     timestamptz[];
     x_ids     uuid[];
     v_acked   uuid[];
+    v_buried  integer := 0;
 BEGIN
     SELECT s.id, coalesce(p_lease, s.lease), s.max_deliver, g.ordered, g.max_in_flight,
            g.rate, g.burst, g.key_rate, g.key_burst, g.fair, g.max_in_flight_per_key
@@ -164,7 +165,7 @@ BEGIN
         -- The lease of the last allowed attempt expired: dead-letter instead of delivering again,
         -- in a statement of its own, run only when there is one (the claim above holds their
         -- locks): three more modifying CTEs on every claim cost more than this call does.
-        PERFORM @ns@._bury_exhausted(p_group, x_ids);
+        v_buried := @ns@._bury_exhausted(p_group, x_ids);
     END IF;
     IF v_fair OR v_lined THEN
         -- A fair group's stamps are virtual, and an advanced head comes back at its old due
@@ -172,6 +173,12 @@ BEGIN
         c_due := NULL;
     END IF;
     IF c_ids IS NULL THEN
+        IF v_lined AND v_buried > 0 THEN
+            -- Dead heads let their keys' next messages go, which this claim did not see (they
+            -- moved in a later statement): nothing claimed, but come back at once. The engine's
+            -- pool does not notify, so nothing else would wake a fetch for them.
+            RETURN QUERY SELECT c.*, NULL::timestamptz, NULL::uuid[] FROM @ns@._come_back(interval '0') c;
+        END IF;
         RETURN;
     END IF;
     -- The messages, through the stream's own lookup function (`_lookup_define` below): its

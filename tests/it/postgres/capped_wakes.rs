@@ -399,3 +399,50 @@ async fn a_malformed_message_dead_lettered_on_the_way_frees_its_room() {
     assert_eq!(dead[0].reason, "malformed");
     side.shutdown().await;
 }
+
+/// A claim that finds an ordered key's head on its last attempt, its lease run out, moves it to
+/// the dead letters and lets the key's next message go, in a later statement than its own walk:
+/// the fetch must claim again for that message, since nothing else wakes it (the engine's pool
+/// does not notify, and this handle's scout and poll look only once an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_dead_letters_a_keys_head_comes_back_for_the_next() {
+    let ns = namespace().await;
+    ns.create_stream("b", &StreamConfig::default().max_deliver(1))
+        .await
+        .unwrap();
+    ns.create_group_with("b", "g", &GroupConfig::default().ordered(true))
+        .await
+        .unwrap();
+    // Registered for wake-ups before anything is published: a registration coming into force
+    // wakes the stream's fetches, which would hide what this checks.
+    let (side, waiter) = waiting_side(&ns, "b").await;
+    let msgs = [
+        json(serde_json::json!(0)).key("k"),
+        json(serde_json::json!(1)).key("k"),
+    ];
+    ns.publish_batch("b", &msgs).await.unwrap();
+    let lease = Duration::from_millis(200);
+    let holder = side
+        .consumer("b", "g", "holder")
+        .await
+        .unwrap()
+        .with_lease(lease);
+    let held = holder.try_fetch(5).await.unwrap();
+    assert_eq!(held.len(), 1, "only the key's head goes");
+    // Its only attempt's lease runs out.
+    let expires = held[0].lease_expires_at;
+    eventually(WAIT, "the head's lease expired", || {
+        chrono::Utc::now() > expires + chrono::Duration::milliseconds(50)
+    })
+    .await;
+    // Without a second claim the fetch finds the next message only at its timeout's last claim.
+    let started = Instant::now();
+    let got = waiter.fetch(1, WAIT * 2).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < WAIT, "the key's next message claimed after {took:?}");
+    assert_eq!(got.len(), 1, "the key's next message was not claimed");
+    assert_eq!(got[0].json::<i64>().unwrap(), 1);
+    let dead = ns.stats("b", "g").await.unwrap().dead;
+    assert_eq!(dead, 1, "the head went to the dead letters");
+    side.shutdown().await;
+}
