@@ -3,7 +3,6 @@
 //! from whichever handle or SQL session it comes, without waiting for the fallback poll (set to
 //! an hour here).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -256,35 +255,10 @@ async fn backlog(ns: &TestNs, config: &GroupConfig, n: i64, key: Option<&str>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_drains_a_capped_group_with_slow_handlers() {
     let ns = namespace().await;
-    let n = 40;
-    backlog(&ns, &GroupConfig::default().max_in_flight(2), n, None).await;
-    let side = quiet_handle(&ns);
-    let handled = Arc::new(AtomicUsize::new(0));
-    let worker = Worker::new(side.consumer("s", "g", "w").await.unwrap(), {
-        let handled = handled.clone();
-        move |_: Delivery| {
-            let handled = handled.clone();
-            async move {
-                // Work that outlasts the worker's next claim: its acks arrive while it waits.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                handled.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, String>(Outcome::Ack)
-            }
-        }
-    })
-    .concurrency(8);
-    let token = CancellationToken::new();
-    let run = tokio::spawn(worker.run(token.clone()));
-    eventually(WAIT * 2, "the capped backlog drained", || {
-        handled.load(Ordering::SeqCst) == n as usize
-    })
-    .await;
-    token.cancel();
-    let report = run.await.unwrap().unwrap();
-    assert_eq!(report.acked, n as u64);
-    let s = ns.stats("s", "g").await.unwrap();
-    assert_eq!((s.ready, s.in_flight), (0, 0));
-    side.shutdown().await;
+    backlog(&ns, &GroupConfig::default().max_in_flight(2), 40, None).await;
+    // Work that outlasts the worker's next claim: its acks arrive while it waits.
+    let handled = drain(&ns, quiet_handle(&ns), 40, 8, Duration::from_millis(20)).await;
+    assert_eq!(handled.len(), 40);
 }
 
 /// The same for an ordered group with a single key: each ack makes the key's next message its
@@ -327,14 +301,31 @@ async fn a_polling_worker_drains_a_capped_group() {
 }
 
 /// Runs a worker of `concurrency` on the backlog of group `g` (messages 0..n) until it has
-/// handled them all, which must come in order; then checks the group is empty.
+/// handled them all, which must come in order.
 async fn drains_in_order(ns: &TestNs, side: PgBackend, n: i64, concurrency: usize) {
+    let handled = drain(ns, side, n, concurrency, Duration::ZERO).await;
+    assert_eq!(handled, (0..n).collect::<Vec<i64>>());
+}
+
+/// Runs a worker of `concurrency`, whose handlers each take `work`, on the backlog of group `g`
+/// until it has handled `n` messages; checks that it acked them all and left the group empty,
+/// then shuts `side` down. Returns the messages in the order they were handled.
+async fn drain(
+    ns: &TestNs,
+    side: PgBackend,
+    n: i64,
+    concurrency: usize,
+    work: Duration,
+) -> Vec<i64> {
     let seen = Arc::new(std::sync::Mutex::new(vec![]));
     let worker = Worker::new(side.consumer("s", "g", "w").await.unwrap(), {
         let seen = seen.clone();
         move |d: Delivery| {
             let seen = seen.clone();
             async move {
+                if !work.is_zero() {
+                    tokio::time::sleep(work).await;
+                }
                 let i: i64 = d.json().map_err(|e| e.to_string())?;
                 seen.lock().unwrap().push(i);
                 Ok::<_, String>(Outcome::Ack)
@@ -351,10 +342,11 @@ async fn drains_in_order(ns: &TestNs, side: PgBackend, n: i64, concurrency: usiz
     token.cancel();
     let report = run.await.unwrap().unwrap();
     assert_eq!(report.acked, n as u64);
-    assert_eq!(*seen.lock().unwrap(), (0..n).collect::<Vec<i64>>());
     let s = ns.stats("s", "g").await.unwrap();
     assert_eq!((s.ready, s.in_flight), (0, 0));
     side.shutdown().await;
+    let handled = seen.lock().unwrap().clone();
+    handled
 }
 
 /// A claim that takes an undecodable message moves it to the dead letters on the way: the room it
